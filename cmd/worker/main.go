@@ -1,0 +1,59 @@
+// Command worker is the libvirt worker of the Stretchy CI machine
+// provisioner. "worker run" serves provision and teardown requests from NATS
+// JetStream on one host; "worker submit" and "worker events" drive and watch
+// it from a shell.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+const usage = `usage: worker <command> [flags]
+
+commands:
+  run       serve requests on this host (the default)
+  submit    publish a provision or teardown request
+  events    print lifecycle events, past and live
+
+Run "worker <command> -h" for the flags of a command. Every flag can also be
+set through the environment variable named in its help text.
+`
+
+func main() {
+	args := os.Args[1:]
+	cmd := "run"
+	if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
+		cmd, args = args[0], args[1:]
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	var err error
+	switch cmd {
+	case "run":
+		err = runCommand(ctx, args)
+	case "submit":
+		err = submitCommand(ctx, args)
+	case "events":
+		err = eventsCommand(ctx, args)
+	case "help", "-h", "--help":
+		fmt.Print(usage)
+		return
+	default:
+		fmt.Fprintf(os.Stderr, "worker: unknown command %q\n\n%s", cmd, usage)
+		os.Exit(2)
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "worker %s: %v\n", cmd, err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,135 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
+	"github.com/stretchy-ci/libvirt-worker/internal/worker"
+	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+)
+
+func newLogger(format, level string) *slog.Logger {
+	var lv slog.Level
+	_ = lv.UnmarshalText([]byte(level))
+	opts := &slog.HandlerOptions{Level: lv}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+func runCommand(ctx context.Context, args []string) error {
+	var cfg Config
+	fs := flag.NewFlagSet("worker run", flag.ContinueOnError)
+	cfg.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	log := newLogger(cfg.LogFormat, cfg.LogLevel)
+
+	natsURL := cfg.NATSURL
+	if natsURL == "" {
+		if err := os.MkdirAll(cfg.NATSDataDir, 0o700); err != nil {
+			return fmt.Errorf("nats data dir: %w", err)
+		}
+		srv, err := embedded.Start(embedded.Options{StoreDir: cfg.NATSDataDir, Port: cfg.NATSPort})
+		if err != nil {
+			return err
+		}
+		defer func() {
+			srv.Shutdown()
+			srv.WaitForShutdown()
+		}()
+		natsURL = srv.ClientURL()
+		log.Info("started embedded nats", "url", natsURL, "data_dir", cfg.NATSDataDir)
+	}
+
+	nc, err := nats.Connect(natsURL,
+		nats.Name("stretchy-libvirt-worker "+cfg.Host),
+		nats.MaxReconnects(-1),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			log.Warn("nats disconnected", "error", err)
+		}),
+		nats.ReconnectHandler(func(c *nats.Conn) {
+			log.Info("nats reconnected", "url", c.ConnectedUrlRedacted())
+		}),
+	)
+	if err != nil {
+		return fmt.Errorf("connect to nats %s: %w", redactURL(natsURL), err)
+	}
+	defer nc.Drain()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	consumers, err := bus.Ensure(ctx, js, bus.Topology{
+		Host: cfg.Host, EventsMaxAge: cfg.EventsMaxAge, AckWait: cfg.AckWait, MaxDeliver: cfg.MaxDeliver,
+	})
+	if err != nil {
+		return err
+	}
+
+	lv, err := provision.Dial(ctx, cfg.LibvirtURI)
+	if err != nil {
+		return err
+	}
+	defer lv.Disconnect()
+
+	pub := bus.NewPublisher(js)
+	life := lifecycle.New(lifecycle.Config{
+		Host:     cfg.Host,
+		Machines: provision.New(lv, provision.Options{DomainType: cfg.DomainType}),
+		Events:   pub,
+		Seqs:     pub,
+	})
+	w := worker.New(worker.Config{
+		Parallelism: cfg.Parallelism, MaxVMs: cfg.MaxVMs, AckWait: cfg.AckWait,
+		MaxDeliver: cfg.MaxDeliver, ShutdownGrace: cfg.ShutdownGrace,
+		OnSettle: func(s worker.Settlement) {
+			attrs := []any{"op", s.Op, "job_id", s.JobID, "attempt", s.Attempt, "outcome", s.Outcome}
+			switch {
+			case s.Err == nil:
+				log.Info("request settled", attrs...)
+			case s.Outcome == "term":
+				log.Warn("request refused", append(attrs, "error", s.Err)...)
+			default:
+				log.Error("request failed", append(attrs, "error", s.Err)...)
+			}
+		},
+	}, consumers, life)
+
+	log.Info("worker started", "host", cfg.Host, "libvirt_uri", cfg.LibvirtURI,
+		"parallelism", cfg.Parallelism, "max_vms", cfg.MaxVMs, "nats_url", redactURL(natsURL))
+	if err := w.Run(ctx); err != nil {
+		return err
+	}
+	st := w.Stats()
+	log.Info("worker stopped", "provisions", st.Provisions, "teardowns", st.Teardowns, "running_machines", life.Active())
+	return nil
+}
+
+// redactURL hides credentials in NATS URLs before they are logged.
+func redactURL(s string) string {
+	parts := strings.Split(s, ",")
+	for i, p := range parts {
+		if at := strings.LastIndex(p, "@"); at >= 0 {
+			if scheme := strings.Index(p, "://"); scheme >= 0 && scheme < at {
+				parts[i] = p[:scheme+3] + "REDACTED@" + p[at+1:]
+			}
+		}
+	}
+	return strings.Join(parts, ",")
+}

@@ -1,0 +1,72 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+)
+
+// Publisher publishes lifecycle events to the event stream.
+type Publisher struct {
+	js jetstream.JetStream
+}
+
+// NewPublisher returns a Publisher over js.
+func NewPublisher(js jetstream.JetStream) *Publisher { return &Publisher{js: js} }
+
+// Publish stores ev in the event stream and returns once the server has
+// acknowledged it. msgID makes retried publishes of the same event a no-op
+// within the stream's duplicate window. Failed attempts are retried with
+// backoff until ctx ends.
+func (p *Publisher) Publish(ctx context.Context, ev messages.Event, msgID string) error {
+	data, err := messages.Marshal(&ev)
+	if err != nil {
+		return err
+	}
+	subject := messages.EventSubject(ev.Host, ev.JobID, ev.State)
+	backoff := 100 * time.Millisecond
+	retry := time.NewTimer(0)
+	defer retry.Stop()
+	<-retry.C
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err = p.js.Publish(pctx, subject, data, jetstream.WithMsgID(msgID), jetstream.WithExpectStream(messages.EventsStream))
+		cancel()
+		if err == nil {
+			return nil
+		}
+		retry.Reset(backoff)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("publish event %s: %w", msgID, errors.Join(err, ctx.Err()))
+		case <-retry.C:
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+// LastSeq returns the seq of the newest event of jobID, or 0 when the job
+// has none.
+func (p *Publisher) LastSeq(ctx context.Context, jobID string) (uint64, error) {
+	s, err := p.js.Stream(ctx, messages.EventsStream)
+	if err != nil {
+		return 0, fmt.Errorf("event stream: %w", err)
+	}
+	raw, err := s.GetLastMsgForSubject(ctx, messages.EventFilter("", jobID, ""))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("last event of job %s: %w", jobID, err)
+	}
+	ev, err := messages.DecodeEvent(raw.Data)
+	if err != nil {
+		return 0, fmt.Errorf("last event of job %s: %w", jobID, err)
+	}
+	return ev.Seq, nil
+}

@@ -1,0 +1,239 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+)
+
+// Machines creates, starts and removes job machines. *provision.Provisioner
+// implements it.
+type Machines interface {
+	Clone(ctx context.Context, s provision.Spec) (provision.Machine, error)
+	Start(ctx context.Context, jobID string) error
+	Remove(ctx context.Context, jobID string) (existed bool, err error)
+	Lookup(ctx context.Context, jobID string) (provision.Machine, bool, error)
+	List(ctx context.Context) ([]provision.Machine, error)
+}
+
+// Publisher makes an event durable. Publishing twice with the same msgID
+// stores the event once.
+type Publisher interface {
+	Publish(ctx context.Context, ev messages.Event, msgID string) error
+}
+
+// SeqSource tells the highest event sequence already published for a job,
+// so that a job picked up again after a restart continues its numbering.
+type SeqSource interface {
+	LastSeq(ctx context.Context, jobID string) (uint64, error)
+}
+
+// Config wires a Manager.
+type Config struct {
+	// Host is this worker's host id, carried in every event.
+	Host     string
+	Machines Machines
+	Events   Publisher
+	// Seqs is optional; without it a job's numbering starts at 1 whenever
+	// this process first sees the job.
+	Seqs SeqSource
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// Remember is how long finished jobs are remembered so that a repeated
+	// provision request does not create a second machine; 0 means 24h.
+	Remember time.Duration
+}
+
+// Delivery describes the request message being handled.
+type Delivery struct {
+	// Attempt is the message's delivery count, from 1.
+	Attempt int
+	// Final is true when the message will not be delivered again, so a
+	// transient failure must be reported as final.
+	Final bool
+}
+
+// ErrSuperseded is returned by Provision when a teardown request for the
+// same job arrived while the machine was being built; the teardown reports
+// the job's end.
+var ErrSuperseded = errors.New("provision superseded by teardown")
+
+// Failure is a permanent failure that has been reported with a failed event.
+// The request that caused it must not be retried.
+type Failure struct {
+	Code messages.ErrorCode
+	Err  error
+}
+
+func (f *Failure) Error() string { return fmt.Sprintf("%s: %v", f.Code, f.Err) }
+func (f *Failure) Unwrap() error { return f.Err }
+
+// Manager runs job lifecycles for one host. It is safe for concurrent use.
+type Manager struct {
+	cfg Config
+
+	mu       sync.Mutex
+	jobs     map[string]*job
+	reserved int                  // machines promised to requests not yet read
+	done     map[string]time.Time // finished jobs, for idempotency
+	changed  chan struct{}        // closed on every change of the job set
+}
+
+type job struct {
+	id       string
+	image    string
+	domain   string
+	seq      uint64
+	deadline time.Time
+	running  bool
+	// cancel stops an in-flight provision; nil once the machine runs.
+	cancel context.CancelCauseFunc
+	// built is closed when the provision operation has returned.
+	built   chan struct{}
+	tearing bool
+}
+
+// New returns a Manager.
+func New(cfg Config) *Manager {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Remember == 0 {
+		cfg.Remember = 24 * time.Hour
+	}
+	return &Manager{
+		cfg:     cfg,
+		jobs:    make(map[string]*job),
+		done:    make(map[string]time.Time),
+		changed: make(chan struct{}),
+	}
+}
+
+// notifyLocked wakes every waiting Reserve. m.mu must be held.
+func (m *Manager) notifyLocked() {
+	close(m.changed)
+	m.changed = make(chan struct{})
+}
+
+// Active returns the number of jobs that have, or are building, a machine.
+func (m *Manager) Active() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.jobs)
+}
+
+// Reserve waits until one more machine fits under max, counting the jobs
+// that have a machine and earlier reservations, and reserves room for it.
+// The caller reads a provision request only then, and calls release once
+// that request was handled (its job, if any, then counts on its own).
+func (m *Manager) Reserve(ctx context.Context, max int) (release func(), err error) {
+	for {
+		m.mu.Lock()
+		if len(m.jobs)+m.reserved < max {
+			m.reserved++
+			m.mu.Unlock()
+			var once sync.Once
+			return func() {
+				once.Do(func() {
+					m.mu.Lock()
+					m.reserved--
+					m.notifyLocked()
+					m.mu.Unlock()
+				})
+			}, nil
+		}
+		ch := m.changed
+		m.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-ch:
+		}
+	}
+}
+
+// Expired returns the running jobs whose deadline has passed and that are
+// not being torn down yet.
+func (m *Manager) Expired() []string {
+	now := m.cfg.Now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var ids []string
+	for id, j := range m.jobs {
+		if j.running && !j.tearing && !j.deadline.IsZero() && now.After(j.deadline) {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// track registers a new job record unless the job is known; it reports
+// whether the record is new.
+func (m *Manager) track(j *job) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.forgetOldLocked()
+	if _, ok := m.jobs[j.id]; ok {
+		return false
+	}
+	if _, ok := m.done[j.id]; ok {
+		return false
+	}
+	m.jobs[j.id] = j
+	m.notifyLocked()
+	return true
+}
+
+// untrack drops a job record; finished marks the job as done for good.
+func (m *Manager) untrack(id string, finished bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.jobs, id)
+	if finished {
+		m.done[id] = m.cfg.Now()
+	}
+	m.notifyLocked()
+}
+
+func (m *Manager) forgetOldLocked() {
+	cutoff := m.cfg.Now().Add(-m.cfg.Remember)
+	for id, t := range m.done {
+		if t.Before(cutoff) {
+			delete(m.done, id)
+		}
+	}
+}
+
+// startSeq initialises a new record's event numbering.
+func (m *Manager) startSeq(ctx context.Context, j *job) {
+	if m.cfg.Seqs == nil {
+		return
+	}
+	if last, err := m.cfg.Seqs.LastSeq(ctx, j.id); err == nil {
+		j.seq = last
+	}
+}
+
+// emit publishes the next event of j. Events of one job are emitted by one
+// goroutine at a time, so j.seq needs no lock beyond the call order.
+func (m *Manager) emit(ctx context.Context, j *job, state messages.State, d Delivery, phase time.Duration, reason string, e *messages.Error) error {
+	j.seq++
+	ev := messages.Event{
+		V: messages.SchemaVersion, JobID: j.id, Host: m.cfg.Host, Image: j.image, Domain: j.domain,
+		State: state, Time: m.cfg.Now().UTC(), Seq: j.seq, Attempt: d.Attempt,
+		PhaseMS: phase.Milliseconds(), Reason: reason, Error: e,
+	}
+	msgID := fmt.Sprintf("%s:%s:%d", j.id, state, d.Attempt)
+	if e != nil && e.Code == messages.CodeUnknownJob {
+		msgID += ":unknown"
+	}
+	if err := m.cfg.Events.Publish(ctx, ev, msgID); err != nil {
+		return fmt.Errorf("publish %s event of job %s: %w", state, j.id, err)
+	}
+	return nil
+}

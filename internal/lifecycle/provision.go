@@ -1,0 +1,187 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+)
+
+// cleanupTimeout bounds the rollback of a failed provision and the
+// publishing of its failed event, which run even when ctx has ended.
+const cleanupTimeout = 2 * time.Minute
+
+// Provision builds and boots the machine for req, publishing an event at
+// each step, and returns once the machine runs. A job that already has a
+// machine on this host, or had one recently, is left alone and nil is
+// returned: requests are idempotent by job id.
+//
+// On failure everything created for the job is removed first. A permanent
+// failure (or any failure on the final delivery) is reported with a failed
+// event and returned as *Failure; other errors are transient and the
+// request should be delivered again.
+func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Delivery) error {
+	pctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	j := &job{
+		id: req.JobID, image: req.Image, domain: messages.DomainName(req.JobID),
+		deadline: req.Deadline(), cancel: cancel, built: make(chan struct{}),
+	}
+	if !m.track(j) {
+		return nil
+	}
+	defer close(j.built)
+	m.startSeq(ctx, j)
+
+	err := m.build(pctx, j, req, d)
+	if err == nil {
+		m.mu.Lock()
+		j.running, j.cancel = true, nil
+		m.mu.Unlock()
+		return nil
+	}
+
+	cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer ccancel()
+	if _, rerr := m.cfg.Machines.Remove(cctx, j.id); rerr != nil {
+		// The machine may still exist: let the request come again, which
+		// removes the leftover before building anew.
+		m.untrack(j.id, false)
+		return errors.Join(err, rerr)
+	}
+	if errors.Is(context.Cause(pctx), ErrSuperseded) {
+		// The waiting teardown reports the end of the job.
+		return ErrSuperseded
+	}
+	code, permanent := classify(err)
+	if !permanent && !d.Final {
+		m.untrack(j.id, false)
+		return err
+	}
+	perr := m.emit(cctx, j, messages.StateFailed, d, 0, "", &messages.Error{Code: code, Message: err.Error()})
+	if perr != nil {
+		m.untrack(j.id, false)
+		return errors.Join(err, perr)
+	}
+	m.untrack(j.id, true)
+	return &Failure{Code: code, Err: err}
+}
+
+// build runs the steps of a provision; it returns at the first error.
+func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d Delivery) error {
+	mach, found, err := m.cfg.Machines.Lookup(ctx, j.id)
+	if err != nil {
+		return err
+	}
+	if found {
+		if mach.Running {
+			// An earlier delivery of this request got as far as
+			// starting the machine before its worker stopped.
+			return m.emit(ctx, j, messages.StateRunning, d, 0, "adopted", nil)
+		}
+		// A half-built leftover of an earlier delivery.
+		if _, err := m.cfg.Machines.Remove(ctx, j.id); err != nil {
+			return err
+		}
+	}
+
+	if err := m.emit(ctx, j, messages.StateAccepted, d, m.since(req.RequestedAt), "", nil); err != nil {
+		return err
+	}
+	if err := m.emit(ctx, j, messages.StateCloning, d, 0, "", nil); err != nil {
+		return err
+	}
+	start := m.cfg.Now()
+	_, err = m.cfg.Machines.Clone(ctx, provision.Spec{
+		JobID: j.id, Image: req.Image, Host: m.cfg.Host, RunnerKind: string(req.Runner.Kind),
+		RequestedAt: req.RequestedAt, Deadline: j.deadline,
+	})
+	if err != nil {
+		return &stepError{code: cloneCode(err), err: err}
+	}
+	if err := m.emit(ctx, j, messages.StateCloned, d, m.since(start), "", nil); err != nil {
+		return err
+	}
+	if err := m.emit(ctx, j, messages.StateBooting, d, 0, "", nil); err != nil {
+		return err
+	}
+	start = m.cfg.Now()
+	if err := m.cfg.Machines.Start(ctx, j.id); err != nil {
+		return &stepError{code: messages.CodeBootFailed, err: err}
+	}
+	return m.emit(ctx, j, messages.StateRunning, d, m.since(start), "", nil)
+}
+
+func (m *Manager) since(t time.Time) time.Duration {
+	if t.IsZero() {
+		return 0
+	}
+	d := m.cfg.Now().Sub(t)
+	if d < 0 {
+		return 0
+	}
+	return d
+}
+
+// stepError attaches the error code of the step that failed.
+type stepError struct {
+	code messages.ErrorCode
+	err  error
+}
+
+func (e *stepError) Error() string { return e.err.Error() }
+func (e *stepError) Unwrap() error { return e.err }
+
+func cloneCode(err error) messages.ErrorCode {
+	switch {
+	case errors.Is(err, provision.ErrImageNotFound):
+		return messages.CodeImageNotFound
+	case errors.Is(err, provision.ErrImageInvalid):
+		return messages.CodeImageInvalid
+	}
+	return messages.CodeCloneFailed
+}
+
+// classify returns the code of err and whether retrying cannot help. Lost
+// connections, shutdown and unpublished events are transient; what libvirt
+// refused for this request is permanent.
+func classify(err error) (messages.ErrorCode, bool) {
+	var se *stepError
+	code := messages.CodeInternal
+	if errors.As(err, &se) {
+		code = se.code
+	}
+	switch {
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return messages.CodeShutdown, false
+	case provision.IsUnavailable(err):
+		return code, false
+	case se != nil:
+		return code, true
+	}
+	return code, false
+}
+
+// Reject reports a request that cannot be served (it does not decode or
+// validate) with a failed event when its job id is readable and the job is
+// not one this host is serving, and returns the *Failure to settle it with.
+func (m *Manager) Reject(ctx context.Context, jobID, image string, code messages.ErrorCode, cause error, d Delivery) error {
+	f := &Failure{Code: code, Err: cause}
+	if jobID == "" {
+		return f
+	}
+	m.mu.Lock()
+	_, busy := m.jobs[jobID]
+	m.mu.Unlock()
+	if busy {
+		return f
+	}
+	j := &job{id: jobID, image: image}
+	m.startSeq(ctx, j)
+	if err := m.emit(ctx, j, messages.StateFailed, d, 0, "", &messages.Error{Code: code, Message: cause.Error()}); err != nil {
+		return err
+	}
+	return f
+}

@@ -1,0 +1,8 @@
+// Package worker is the loop that feeds JetStream requests to the job
+// lifecycle: it pulls a request only when an operation slot is free (no
+// prefetch that could outlive its ack deadline), stops taking provisions
+// while the host is at capacity but keeps taking teardowns, keeps long
+// operations alive with progress heartbeats, tears down machines past their
+// deadline, and settles every message (ack, nak with delay, or terminate)
+// in one place.
+package worker

@@ -1,0 +1,372 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/sourcegraph/conc"
+
+	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+)
+
+// Config tunes a Worker. Zero values mean the defaults.
+type Config struct {
+	// Parallelism bounds concurrent operations (a provision until its
+	// machine runs, or a teardown); default 3.
+	Parallelism int
+	// MaxVMs bounds the managed machines on this host; default 8.
+	MaxVMs int
+	// AckWait and MaxDeliver must match the consumers' settings.
+	AckWait    time.Duration
+	MaxDeliver int
+	// ShutdownGrace is how long operations in flight may continue after
+	// Run's context ends; then they are cancelled, rolled back and their
+	// requests handed back for redelivery. Default 60s.
+	ShutdownGrace time.Duration
+	// PullWait bounds one pull request; default 5s.
+	PullWait time.Duration
+	// DeadlineCheck is how often deadlines are checked; default 1s.
+	DeadlineCheck time.Duration
+	// OnSettle, when set, is told how each message was settled.
+	OnSettle func(Settlement)
+}
+
+// Settlement says how one request message was settled.
+type Settlement struct {
+	Op      string // "provision" or "teardown"
+	JobID   string
+	Attempt int
+	Outcome string // "ack", "term", "nak"
+	Err     error
+}
+
+// Stats are the worker's own accounting.
+type Stats struct {
+	InFlight    int64 // operations running now
+	MaxInFlight int64 // highest InFlight seen
+	Provisions  int64 // provision messages settled
+	Teardowns   int64 // teardown messages settled (deadline teardowns excluded)
+}
+
+// Worker pulls requests for one host and runs them through a lifecycle
+// manager.
+type Worker struct {
+	cfg  Config
+	cons bus.Consumers
+	life *lifecycle.Manager
+
+	slots chan struct{}
+
+	inFlight, maxInFlight, provisions, teardowns atomic.Int64
+}
+
+// New returns a Worker reading from cons.
+func New(cfg Config, cons bus.Consumers, life *lifecycle.Manager) *Worker {
+	if cfg.Parallelism <= 0 {
+		cfg.Parallelism = 3
+	}
+	if cfg.MaxVMs <= 0 {
+		cfg.MaxVMs = 8
+	}
+	if cfg.AckWait <= 0 {
+		cfg.AckWait = bus.DefaultAckWait
+	}
+	if cfg.MaxDeliver <= 0 {
+		cfg.MaxDeliver = bus.DefaultMaxDeliver
+	}
+	if cfg.ShutdownGrace <= 0 {
+		cfg.ShutdownGrace = 60 * time.Second
+	}
+	if cfg.PullWait <= 0 {
+		cfg.PullWait = 5 * time.Second
+	}
+	if cfg.DeadlineCheck <= 0 {
+		cfg.DeadlineCheck = time.Second
+	}
+	return &Worker{cfg: cfg, cons: cons, life: life, slots: make(chan struct{}, cfg.Parallelism)}
+}
+
+// Stats returns a snapshot of the worker's accounting.
+func (w *Worker) Stats() Stats {
+	return Stats{
+		InFlight: w.inFlight.Load(), MaxInFlight: w.maxInFlight.Load(),
+		Provisions: w.provisions.Load(), Teardowns: w.teardowns.Load(),
+	}
+}
+
+// Run takes over the managed machines already on the host, then serves
+// requests until ctx ends. It then stops pulling, lets operations in
+// flight finish within the shutdown grace and returns nil. Running
+// machines are left running; the next Run adopts them.
+func (w *Worker) Run(ctx context.Context) error {
+	if err := w.life.Reconcile(ctx); err != nil {
+		return err
+	}
+	opCtx, cancelOps := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelOps()
+
+	var ops conc.WaitGroup
+	var loops conc.WaitGroup
+	loops.Go(func() { w.teardownLoop(ctx, opCtx, &ops) })
+	loops.Go(func() { w.provisionLoop(ctx, opCtx, &ops) })
+	loops.Go(func() { w.deadlineLoop(ctx, opCtx, &ops) })
+	loops.Wait()
+
+	grace := time.AfterFunc(w.cfg.ShutdownGrace, cancelOps)
+	defer grace.Stop()
+	ops.Wait()
+	return nil
+}
+
+// acquire takes an operation slot; it fails only when ctx ends.
+func (w *Worker) acquire(ctx context.Context) bool {
+	select {
+	case w.slots <- struct{}{}:
+	case <-ctx.Done():
+		return false
+	}
+	n := w.inFlight.Add(1)
+	for {
+		m := w.maxInFlight.Load()
+		if n <= m || w.maxInFlight.CompareAndSwap(m, n) {
+			break
+		}
+	}
+	return true
+}
+
+func (w *Worker) release() {
+	w.inFlight.Add(-1)
+	<-w.slots
+}
+
+// next pulls at most one message from the first consumer that has one,
+// waiting up to PullWait on the last.
+func (w *Worker) next(ctx context.Context, consumers ...jetstream.Consumer) jetstream.Msg {
+	for i, c := range consumers {
+		var batch jetstream.MessageBatch
+		var err error
+		if i < len(consumers)-1 {
+			batch, err = c.FetchNoWait(1)
+		} else {
+			pctx, cancel := context.WithTimeout(ctx, w.cfg.PullWait)
+			defer cancel()
+			batch, err = c.Fetch(1, jetstream.FetchContext(pctx))
+		}
+		if err != nil {
+			w.pause(ctx)
+			return nil
+		}
+		for msg := range batch.Messages() {
+			return msg
+		}
+	}
+	return nil
+}
+
+// pause waits a moment after a failed pull so an unreachable server is not
+// hammered.
+func (w *Worker) pause(ctx context.Context) {
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
+
+func (w *Worker) teardownLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
+	for ctx.Err() == nil {
+		if !w.acquire(ctx) {
+			return
+		}
+		msg := w.next(ctx, w.cons.Teardown)
+		if msg == nil {
+			w.release()
+			continue
+		}
+		ops.Go(func() {
+			defer w.release()
+			w.handleTeardown(opCtx, msg)
+		})
+	}
+}
+
+func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
+	for ctx.Err() == nil {
+		unreserve, err := w.life.Reserve(ctx, w.cfg.MaxVMs)
+		if err != nil {
+			return
+		}
+		if !w.acquire(ctx) {
+			unreserve()
+			return
+		}
+		msg := w.next(ctx, w.cons.Pinned, w.cons.Provision)
+		if msg == nil {
+			w.release()
+			unreserve()
+			continue
+		}
+		ops.Go(func() {
+			defer w.release()
+			defer unreserve()
+			w.handleProvision(opCtx, msg)
+		})
+	}
+}
+
+func (w *Worker) deadlineLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
+	tick := time.NewTicker(w.cfg.DeadlineCheck)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		for _, id := range w.life.Expired() {
+			if !w.acquire(ctx) {
+				return
+			}
+			ops.Go(func() {
+				defer w.release()
+				cause := &messages.Error{Code: messages.CodeDeadlineExceeded, Message: "the machine reached its maximum lifetime"}
+				err := w.life.Teardown(opCtx, id, messages.ReasonDeadline, cause, lifecycle.Delivery{Attempt: 1})
+				if w.cfg.OnSettle != nil && err != nil {
+					w.cfg.OnSettle(Settlement{Op: "deadline", JobID: id, Attempt: 1, Outcome: "retry", Err: err})
+				}
+			})
+		}
+	}
+}
+
+func (w *Worker) delivery(msg jetstream.Msg) lifecycle.Delivery {
+	d := lifecycle.Delivery{Attempt: 1}
+	if meta, err := msg.Metadata(); err == nil {
+		d.Attempt = int(meta.NumDelivered)
+	}
+	d.Final = d.Attempt >= w.cfg.MaxDeliver
+	return d
+}
+
+func (w *Worker) handleProvision(ctx context.Context, msg jetstream.Msg) {
+	d := w.delivery(msg)
+	stop := w.heartbeat(msg)
+	jobID, err := w.provision(ctx, msg.Data(), d)
+	stop()
+	w.provisions.Add(1)
+	w.settle(msg, "provision", jobID, d, err)
+}
+
+func (w *Worker) provision(ctx context.Context, data []byte, d lifecycle.Delivery) (string, error) {
+	req, err := messages.DecodeProvision(data)
+	if err != nil {
+		id := messages.PeekJobID(data)
+		return id, w.life.Reject(ctx, id, "", messages.CodeBadMessage, err, d)
+	}
+	if err := req.Validate(); err != nil {
+		id := ""
+		if messages.ValidJobID(req.JobID) {
+			id = req.JobID
+		}
+		return id, w.life.Reject(ctx, id, "", rejectCode(err), err, d)
+	}
+	return req.JobID, w.life.Provision(ctx, req, d)
+}
+
+func (w *Worker) handleTeardown(ctx context.Context, msg jetstream.Msg) {
+	d := w.delivery(msg)
+	stop := w.heartbeat(msg)
+	jobID, err := w.teardown(ctx, msg.Data(), d)
+	stop()
+	w.teardowns.Add(1)
+	w.settle(msg, "teardown", jobID, d, err)
+}
+
+func (w *Worker) teardown(ctx context.Context, data []byte, d lifecycle.Delivery) (string, error) {
+	req, err := messages.DecodeTeardown(data)
+	if err != nil {
+		id := messages.PeekJobID(data)
+		return id, w.life.Reject(ctx, id, "", messages.CodeBadMessage, err, d)
+	}
+	if err := req.Validate(); err != nil {
+		return "", w.life.Reject(ctx, "", "", rejectCode(err), err, d)
+	}
+	return req.JobID, w.life.Teardown(ctx, req.JobID, messages.ReasonRequested, nil, d)
+}
+
+func rejectCode(err error) messages.ErrorCode {
+	if errors.Is(err, messages.ErrUnsupportedVersion) {
+		return messages.CodeUnsupportedVersion
+	}
+	return messages.CodeInvalidRequest
+}
+
+// heartbeat tells the server every third of AckWait that msg is still being
+// worked on, until the returned stop is called.
+func (w *Worker) heartbeat(msg jetstream.Msg) (stop func()) {
+	done := make(chan struct{})
+	var wg conc.WaitGroup
+	wg.Go(func() {
+		t := time.NewTicker(w.cfg.AckWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				_ = msg.InProgress() // a lost heartbeat at worst means a redelivery
+			}
+		}
+	})
+	return func() {
+		close(done)
+		wg.Wait()
+	}
+}
+
+// settle is the one place where an operation's result becomes an
+// acknowledgement: success acks (after the events are durable), permanent
+// failures terminate the message (their failed event is already out), and
+// everything else is handed back for redelivery with backoff.
+func (w *Worker) settle(msg jetstream.Msg, op, jobID string, d lifecycle.Delivery, err error) {
+	s := Settlement{Op: op, JobID: jobID, Attempt: d.Attempt, Err: err}
+	var f *lifecycle.Failure
+	var aerr error
+	switch {
+	case err == nil || errors.Is(err, lifecycle.ErrSuperseded):
+		s.Outcome, s.Err = "ack", nil
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		aerr = msg.DoubleAck(ctx)
+		cancel()
+	case errors.As(err, &f):
+		s.Outcome = "term"
+		aerr = msg.TermWithReason(string(f.Code))
+	default:
+		s.Outcome = "nak"
+		aerr = msg.NakWithDelay(backoff(d.Attempt))
+	}
+	if aerr != nil {
+		s.Err = errors.Join(s.Err, fmt.Errorf("%s message: %w", s.Outcome, aerr))
+	}
+	if w.cfg.OnSettle != nil {
+		w.cfg.OnSettle(s)
+	}
+}
+
+// backoff is the redelivery delay after a transient failure of the given
+// delivery: 2s, 4s, 8s, ... capped at one minute.
+func backoff(attempt int) time.Duration {
+	d := 2 * time.Second
+	for i := 1; i < attempt && d < time.Minute; i++ {
+		d *= 2
+	}
+	return min(d, time.Minute)
+}

@@ -1,0 +1,77 @@
+package messages
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// ErrTooLarge is returned for payloads above MaxMessageSize.
+var ErrTooLarge = errors.New("message too large")
+
+// ErrMalformed is returned for payloads that are not a msgpack map of the
+// expected shape.
+var ErrMalformed = errors.New("malformed message")
+
+// Marshal encodes v (a Provision, Teardown or Event) as msgpack.
+func Marshal(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := msgpack.NewEncoder(&buf)
+	enc.UseCompactInts(true)
+	if err := enc.Encode(v); err != nil {
+		return nil, fmt.Errorf("encode %T: %w", v, err)
+	}
+	return buf.Bytes(), nil
+}
+
+func unmarshal(data []byte, v any) error {
+	if len(data) > MaxMessageSize {
+		return fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(data), MaxMessageSize)
+	}
+	dec := msgpack.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%w: %v", ErrMalformed, err)
+	}
+	return nil
+}
+
+// DecodeProvision decodes a provision request; it does not validate it.
+func DecodeProvision(data []byte) (Provision, error) {
+	var p Provision
+	err := unmarshal(data, &p)
+	return p, err
+}
+
+// DecodeTeardown decodes a teardown request; it does not validate it.
+func DecodeTeardown(data []byte) (Teardown, error) {
+	var t Teardown
+	err := unmarshal(data, &t)
+	return t, err
+}
+
+// DecodeEvent decodes an event.
+func DecodeEvent(data []byte) (Event, error) {
+	var e Event
+	err := unmarshal(data, &e)
+	return e, err
+}
+
+// PeekJobID returns the job id of a payload that may not decode as a whole,
+// so that a failure can still be reported for the right job. It returns ""
+// when no valid job id can be read.
+func PeekJobID(data []byte) string {
+	if len(data) > MaxMessageSize {
+		return ""
+	}
+	var m map[string]any
+	if err := msgpack.Unmarshal(data, &m); err != nil {
+		return ""
+	}
+	id, _ := m["job_id"].(string)
+	if !ValidJobID(id) {
+		return ""
+	}
+	return id
+}

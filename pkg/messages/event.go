@@ -1,0 +1,99 @@
+package messages
+
+import "time"
+
+// State is a step of a job's lifecycle as reported in events.
+type State string
+
+// Lifecycle states in the order a successful job passes them. TornDown and
+// Failed are terminal: a job's last event has one of them.
+const (
+	StateAccepted    State = "accepted"
+	StateCloning     State = "cloning"
+	StateCloned      State = "cloned"
+	StateBooting     State = "booting"
+	StateRunning     State = "running"
+	StateTearingDown State = "tearing_down"
+	StateTornDown    State = "torn_down"
+	StateFailed      State = "failed"
+)
+
+// States lists every state in lifecycle order.
+var States = []State{
+	StateAccepted, StateCloning, StateCloned, StateBooting, StateRunning,
+	StateTearingDown, StateTornDown, StateFailed,
+}
+
+// Terminal reports whether no further event follows s for the same job.
+func (s State) Terminal() bool { return s == StateTornDown || s == StateFailed }
+
+// Valid reports whether s is a known state.
+func (s State) Valid() bool {
+	for _, k := range States {
+		if s == k {
+			return true
+		}
+	}
+	return false
+}
+
+// Event reports one step of a job's lifecycle. Events are published on
+// EventSubject and kept in EventsStream.
+type Event struct {
+	V     int    `msgpack:"v"`
+	JobID string `msgpack:"job_id"`
+	Host  string `msgpack:"host"`
+	Image string `msgpack:"image,omitempty"`
+	// Domain is the libvirt domain of the job's machine, once known.
+	Domain string    `msgpack:"domain,omitempty"`
+	State  State     `msgpack:"state"`
+	Time   time.Time `msgpack:"time"`
+	// Seq numbers the events of one job from 1, in the order they happened.
+	Seq uint64 `msgpack:"seq"`
+	// Attempt is the delivery count of the request message that caused the
+	// event; it is above 1 when a request was redelivered.
+	Attempt int `msgpack:"attempt"`
+	// PhaseMS is how long, in milliseconds, the phase that this event ends
+	// took: for cloned the cloning, for running the boot.
+	PhaseMS int64 `msgpack:"phase_ms"`
+	// Reason says why a teardown began (tearing_down) or what triggered the
+	// event, as a short machine-readable word.
+	Reason string `msgpack:"reason,omitempty"`
+	// Error is set on failed events and on torn_down events that did not
+	// find a machine.
+	Error *Error `msgpack:"error,omitempty"`
+}
+
+// Error is a machine-readable code with a message for people.
+type Error struct {
+	Code    ErrorCode `msgpack:"code"`
+	Message string    `msgpack:"message"`
+}
+
+// ErrorCode classifies failures for machines reading events.
+type ErrorCode string
+
+// Error codes carried in events.
+const (
+	CodeBadMessage         ErrorCode = "bad_message"
+	CodeInvalidRequest     ErrorCode = "invalid_request"
+	CodeUnsupportedVersion ErrorCode = "unsupported_version"
+	CodeImageNotFound      ErrorCode = "image_not_found"
+	CodeImageInvalid       ErrorCode = "image_invalid"
+	CodeCloneFailed        ErrorCode = "clone_failed"
+	CodeBootFailed         ErrorCode = "boot_failed"
+	CodeBootTimeout        ErrorCode = "boot_timeout"
+	CodeDeadlineExceeded   ErrorCode = "deadline_exceeded"
+	CodeUnknownJob         ErrorCode = "unknown_job"
+	CodeTeardownFailed     ErrorCode = "teardown_failed"
+	CodeShutdown           ErrorCode = "shutdown"
+	CodeInternal           ErrorCode = "internal"
+)
+
+// Teardown reasons carried in tearing_down events.
+const (
+	ReasonRequested  = "requested"
+	ReasonDeadline   = "deadline"
+	ReasonFailed     = "failed"
+	ReasonPoweredOff = "powered_off"
+)

@@ -1,0 +1,120 @@
+package messages
+
+import (
+	"time"
+)
+
+// SchemaVersion is the major version of this contract, carried in every
+// message's "v" field. Adding optional fields does not change it.
+const SchemaVersion = 1
+
+// MaxMessageSize bounds every request payload. Larger payloads are refused
+// before they are decoded.
+const MaxMessageSize = 64 << 10
+
+// Defaults and bounds for the optional durations of a provision request.
+const (
+	DefaultBootTimeout = 5 * time.Minute
+	MaxBootTimeout     = time.Hour
+	DefaultMaxLifetime = 6 * time.Hour
+	MaxMaxLifetime     = 7 * 24 * time.Hour
+)
+
+// RunnerKind selects the CI runner the worker starts in the machine.
+type RunnerKind string
+
+// Runner kinds. RunnerNone boots the machine and starts nothing; it is torn
+// down by a teardown request or at its deadline, which is useful to check an
+// image.
+const (
+	RunnerNone    RunnerKind = "none"
+	RunnerForgejo RunnerKind = "forgejo"
+	RunnerGitHub  RunnerKind = "github"
+	RunnerJenkins RunnerKind = "jenkins"
+)
+
+// Provision asks a worker to create, boot and hand a machine to one job.
+// It is published on ProvisionSubject, or on HostProvisionSubject to pin it
+// to one host.
+type Provision struct {
+	// V is the schema version, SchemaVersion.
+	V int `msgpack:"v"`
+	// JobID identifies the job and is the idempotency key: a worker never
+	// creates a second machine for a job it already has one for.
+	JobID string `msgpack:"job_id"`
+	// Image is the name of the shut-off libvirt domain that is cloned.
+	Image string `msgpack:"image"`
+	// Runner says which runner to start in the machine, with its settings.
+	Runner Runner `msgpack:"runner"`
+	// BootTimeoutS bounds, in seconds, the time from starting the machine
+	// until it is ready; 0 means DefaultBootTimeout.
+	BootTimeoutS int64 `msgpack:"boot_timeout_s,omitempty"`
+	// MaxLifetimeS bounds, in seconds, the machine's whole life counted from
+	// RequestedAt; 0 means DefaultMaxLifetime.
+	MaxLifetimeS int64 `msgpack:"max_lifetime_s,omitempty"`
+	// RequestedAt is when the orchestrator made the decision.
+	RequestedAt time.Time `msgpack:"requested_at"`
+}
+
+// Runner is the runner section of a provision request: a kind and the
+// settings of that kind. Exactly the section named by Kind is read.
+type Runner struct {
+	Kind    RunnerKind     `msgpack:"kind"`
+	Forgejo *ForgejoRunner `msgpack:"forgejo,omitempty"`
+	GitHub  *GitHubRunner  `msgpack:"github,omitempty"`
+	Jenkins *JenkinsAgent  `msgpack:"jenkins,omitempty"`
+}
+
+// ForgejoRunner holds what `forgejo-runner one-job` needs for an ephemeral
+// runner the orchestrator registered through Forgejo's API.
+type ForgejoRunner struct {
+	URL    string   `msgpack:"url"`
+	UUID   string   `msgpack:"uuid"`
+	Token  string   `msgpack:"token"` // secret
+	Labels []string `msgpack:"labels"`
+	Handle string   `msgpack:"handle,omitempty"`
+}
+
+// GitHubRunner holds the just-in-time configuration the orchestrator
+// obtained from GitHub's generate-jitconfig endpoint.
+type GitHubRunner struct {
+	JITConfig string `msgpack:"jit_config"` // secret
+}
+
+// JenkinsAgent holds what an inbound Jenkins agent needs to connect.
+type JenkinsAgent struct {
+	URL       string `msgpack:"url"`
+	AgentName string `msgpack:"agent_name"`
+	Secret    string `msgpack:"secret"` // secret
+	WorkDir   string `msgpack:"work_dir,omitempty"`
+}
+
+// Teardown asks the worker on one host to remove the machine of a job. It is
+// published on TeardownSubject of the host named in the job's events.
+type Teardown struct {
+	V           int       `msgpack:"v"`
+	JobID       string    `msgpack:"job_id"`
+	Reason      string    `msgpack:"reason,omitempty"`
+	RequestedAt time.Time `msgpack:"requested_at"`
+}
+
+// BootTimeout returns the effective boot timeout of p.
+func (p *Provision) BootTimeout() time.Duration {
+	if p.BootTimeoutS == 0 {
+		return DefaultBootTimeout
+	}
+	return time.Duration(p.BootTimeoutS) * time.Second
+}
+
+// MaxLifetime returns the effective maximum lifetime of p.
+func (p *Provision) MaxLifetime() time.Duration {
+	if p.MaxLifetimeS == 0 {
+		return DefaultMaxLifetime
+	}
+	return time.Duration(p.MaxLifetimeS) * time.Second
+}
+
+// Deadline is the instant the machine of p is torn down at the latest.
+func (p *Provision) Deadline() time.Time {
+	return p.RequestedAt.Add(p.MaxLifetime())
+}

@@ -1,0 +1,297 @@
+package messages
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden msgpack fixtures")
+
+var requestedAt = time.Date(2026, 11, 27, 5, 0, 0, 0, time.UTC)
+
+func goldenCases() map[string]any {
+	return map[string]any{
+		"provision_none_v1": &Provision{
+			V: 1, JobID: "job-42", Image: "debian-12", Runner: Runner{Kind: RunnerNone},
+			BootTimeoutS: 60, MaxLifetimeS: 3600, RequestedAt: requestedAt,
+		},
+		"provision_forgejo_v1": &Provision{
+			V: 1, JobID: "fj-1", Image: "debian-12",
+			Runner: Runner{Kind: RunnerForgejo, Forgejo: &ForgejoRunner{
+				URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f",
+				Token: "s3cr3t-token", Labels: []string{"debian-12", "x86_64"}, Handle: "h-77",
+			}},
+			RequestedAt: requestedAt,
+		},
+		"provision_github_v1": &Provision{
+			V: 1, JobID: "gh-1", Image: "ubuntu-24.04",
+			Runner:      Runner{Kind: RunnerGitHub, GitHub: &GitHubRunner{JITConfig: "eyJqaXQiOiJjb25maWcifQ=="}},
+			RequestedAt: requestedAt,
+		},
+		"provision_jenkins_v1": &Provision{
+			V: 1, JobID: "jk-1", Image: "freebsd-14",
+			Runner: Runner{Kind: RunnerJenkins, Jenkins: &JenkinsAgent{
+				URL: "https://jenkins.example.org/", AgentName: "stretchy-jk-1", Secret: "abcdef0123", WorkDir: "/home/stretchy/work",
+			}},
+			RequestedAt: requestedAt,
+		},
+		"teardown_v1": &Teardown{V: 1, JobID: "job-42", Reason: "job finished", RequestedAt: requestedAt},
+		"event_running_v1": &Event{
+			V: 1, JobID: "job-42", Host: "host-a", Image: "debian-12", Domain: "stretchy-job-42",
+			State: StateRunning, Time: requestedAt.Add(9 * time.Second), Seq: 5, Attempt: 1, PhaseMS: 4200,
+		},
+		"event_failed_v1": &Event{
+			V: 1, JobID: "job-43", Host: "host-a", Image: "nope", State: StateFailed,
+			Time: requestedAt, Seq: 2, Attempt: 1,
+			Error: &Error{Code: CodeImageNotFound, Message: `image "nope" is not defined on host-a`},
+		},
+	}
+}
+
+// TestGolden pins the encoding of every message kind. Run with -update after
+// a deliberate change of the contract, and update docs/protocol.md with it.
+func TestGolden(t *testing.T) {
+	for name, v := range goldenCases() {
+		t.Run(name, func(t *testing.T) {
+			got, err := Marshal(v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join("testdata", name+".msgpack")
+			if *update {
+				if err := os.WriteFile(path, got, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("read fixture (run go test -update once): %v", err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("encoding drifted from %s:\n got %x\nwant %x", path, got, want)
+			}
+			// The fixture decodes back to the same value.
+			back := reflect.New(reflect.TypeOf(v).Elem()).Interface()
+			if err := msgpack.Unmarshal(want, back); err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(normalize(back), normalize(v)) {
+				t.Fatalf("round trip changed the value:\n got %+v\nwant %+v", back, v)
+			}
+		})
+	}
+}
+
+// normalize makes times comparable with DeepEqual (decoded times are local).
+func normalize(v any) any {
+	switch m := v.(type) {
+	case *Provision:
+		c := *m
+		c.RequestedAt = c.RequestedAt.UTC()
+		return c
+	case *Teardown:
+		c := *m
+		c.RequestedAt = c.RequestedAt.UTC()
+		return c
+	case *Event:
+		c := *m
+		c.Time = c.Time.UTC()
+		return c
+	}
+	return v
+}
+
+// TestFixturesAreMapsWithNames checks the property other languages rely on:
+// every message is a map keyed by field name.
+func TestFixturesAreMapsWithNames(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("testdata", "provision_forgejo_v1.msgpack"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := msgpack.Unmarshal(data, &m); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"v", "job_id", "image", "runner", "requested_at"} {
+		if _, ok := m[k]; !ok {
+			t.Errorf("key %q missing from %v", k, m)
+		}
+	}
+	if _, ok := m["boot_timeout_s"]; ok {
+		t.Error("zero optional field boot_timeout_s should be omitted")
+	}
+}
+
+func TestUnknownFieldsIgnored(t *testing.T) {
+	newer := map[string]any{
+		"v": 1, "job_id": "j1", "image": "img", "requested_at": requestedAt,
+		"runner":        map[string]any{"kind": "none", "future_knob": true},
+		"priority":      7,
+		"labels_future": []string{"a", "b"},
+	}
+	data, err := msgpack.Marshal(newer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := DecodeProvision(data)
+	if err != nil {
+		t.Fatalf("a message with unknown fields must decode: %v", err)
+	}
+	if err := p.Validate(); err != nil {
+		t.Fatalf("and validate: %v", err)
+	}
+	if p.JobID != "j1" || p.Image != "img" || p.Runner.Kind != RunnerNone {
+		t.Fatalf("decoded %+v", p)
+	}
+}
+
+func TestDecodeRejects(t *testing.T) {
+	tests := []struct {
+		name string
+		data []byte
+		want error
+	}{
+		{"not msgpack", []byte("hello, world"), ErrMalformed},
+		{"truncated", mustMarshal(t, goldenCases()["provision_none_v1"])[:10], ErrMalformed},
+		{"array instead of map", mustMarshal(t, []any{1, "j1"}), ErrMalformed},
+		{"wrong type for job_id", mustMarshal(t, map[string]any{"v": 1, "job_id": 12}), ErrMalformed},
+		{"too large", make([]byte, MaxMessageSize+1), ErrTooLarge},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := DecodeProvision(tt.data)
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("got %v, want %v", err, tt.want)
+			}
+		})
+	}
+}
+
+func mustMarshal(t *testing.T, v any) []byte {
+	t.Helper()
+	b, err := msgpack.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestProvisionValidate(t *testing.T) {
+	valid := func() Provision {
+		return *goldenCases()["provision_forgejo_v1"].(*Provision)
+	}
+	tests := []struct {
+		name   string
+		mutate func(*Provision)
+		want   string // substring of the error; "" means valid
+	}{
+		{"valid", func(*Provision) {}, ""},
+		{"version 2", func(p *Provision) { p.V = 2 }, "unsupported schema version"},
+		{"version missing", func(p *Provision) { p.V = 0 }, "unsupported schema version"},
+		{"job id empty", func(p *Provision) { p.JobID = "" }, "job_id"},
+		{"job id with slash", func(p *Provision) { p.JobID = "a/b" }, "job_id"},
+		{"job id with dots", func(p *Provision) { p.JobID = ".." }, "job_id"},
+		{"job id with NUL", func(p *Provision) { p.JobID = "a\x00b" }, "job_id"},
+		{"job id with xml", func(p *Provision) { p.JobID = "a<b>" }, "job_id"},
+		{"job id lookalike", func(p *Provision) { p.JobID = "jоb" }, "job_id"}, // Cyrillic о
+		{"job id too long", func(p *Provision) { p.JobID = strings.Repeat("a", 65) }, "job_id"},
+		{"job id 64", func(p *Provision) { p.JobID = strings.Repeat("a", 64) }, ""},
+		{"image managed", func(p *Provision) { p.Image = "stretchy-x" }, "reserved"},
+		{"image xml", func(p *Provision) { p.Image = "a'/><x" }, "image"},
+		{"image empty", func(p *Provision) { p.Image = "" }, "image"},
+		{"negative boot timeout", func(p *Provision) { p.BootTimeoutS = -1 }, "boot_timeout_s"},
+		{"absurd lifetime", func(p *Provision) { p.MaxLifetimeS = 1 << 40 }, "max_lifetime_s"},
+		{"no requested_at", func(p *Provision) { p.RequestedAt = time.Time{} }, "requested_at"},
+		{"unknown kind", func(p *Provision) { p.Runner.Kind = "buildkite" }, "runner.kind"},
+		{"missing section", func(p *Provision) { p.Runner.Forgejo = nil }, "runner.forgejo: missing"},
+		{"two sections", func(p *Provision) { p.Runner.GitHub = &GitHubRunner{JITConfig: "x"} }, "only the section"},
+		{"url with credentials", func(p *Provision) { p.Runner.Forgejo.URL = "https://u:pw@x.org/" }, "credentials"},
+		{"url with newline", func(p *Provision) { p.Runner.Forgejo.URL = "https://x.org/\nHost: y" }, "runner.forgejo.url"},
+		{"url ftp", func(p *Provision) { p.Runner.Forgejo.URL = "ftp://x.org/" }, "scheme"},
+		{"no labels", func(p *Provision) { p.Runner.Forgejo.Labels = nil }, "labels"},
+		{"label with control", func(p *Provision) { p.Runner.Forgejo.Labels = []string{"a\tb"} }, "labels[0]"},
+		{"no token", func(p *Provision) { p.Runner.Forgejo.Token = "" }, "token: missing"},
+		{"label with unicode and spaces", func(p *Provision) { p.Runner.Forgejo.Labels = []string{"ubuntu latest", "日本語"} }, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := valid()
+			f := *p.Runner.Forgejo
+			p.Runner.Forgejo = &f
+			tt.mutate(&p)
+			err := p.Validate()
+			if tt.want == "" {
+				if err != nil {
+					t.Fatalf("want valid, got %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("want error containing %q, got %v", tt.want, err)
+			}
+		})
+	}
+}
+
+func TestValidationNeverEchoesSecrets(t *testing.T) {
+	const secret = "PLANTED-SECRET-\x01-value"
+	p := Provision{V: 1, JobID: "j", Image: "i", RequestedAt: requestedAt,
+		Runner: Runner{Kind: RunnerJenkins, Jenkins: &JenkinsAgent{URL: "https://user:" + secret + "@x/", AgentName: "a", Secret: secret}}}
+	err := p.Validate()
+	if err == nil {
+		t.Fatal("want an error")
+	}
+	if strings.Contains(err.Error(), "PLANTED-SECRET") {
+		t.Fatalf("error repeats a secret: %v", err)
+	}
+}
+
+func TestPeekJobID(t *testing.T) {
+	tests := []struct {
+		name string
+		data []byte
+		want string
+	}{
+		{"valid map, bad other field", mustMarshal(t, map[string]any{"job_id": "j7", "v": "one"}), "j7"},
+		{"invalid id", mustMarshal(t, map[string]any{"job_id": "../etc"}), ""},
+		{"garbage", []byte{0xc1, 0x00}, ""},
+		{"no id", mustMarshal(t, map[string]any{"image": "x"}), ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := PeekJobID(tt.data); got != tt.want {
+				t.Fatalf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestTerminalStates(t *testing.T) {
+	for _, s := range States {
+		want := s == StateTornDown || s == StateFailed
+		if s.Terminal() != want {
+			t.Errorf("%s.Terminal() = %v", s, s.Terminal())
+		}
+	}
+}
+
+func TestSubjects(t *testing.T) {
+	if got := EventSubject("h1", "j1", StateRunning); got != "stretchy.LIBVIRT.evt.h1.j1.running" {
+		t.Errorf("EventSubject = %q", got)
+	}
+	if got := EventFilter("", "j1", ""); got != "stretchy.LIBVIRT.evt.*.j1.*" {
+		t.Errorf("EventFilter = %q", got)
+	}
+	if got := TeardownSubject("h1"); got != "stretchy.LIBVIRT.req.host.h1.teardown" {
+		t.Errorf("TeardownSubject = %q", got)
+	}
+}

@@ -1,0 +1,472 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+)
+
+// fakeMachines is a stateful stand-in for the provisioner, for cases a real
+// libvirtd cannot produce on demand.
+type fakeMachines struct {
+	mu       sync.Mutex
+	images   map[string]bool
+	machines map[string]*provision.Machine
+	cloneErr error
+	startErr error
+	// cloneGate, when set, blocks Clone until closed or ctx ends.
+	cloneGate chan struct{}
+	clones    int
+	removes   int
+}
+
+func newFakeMachines() *fakeMachines {
+	return &fakeMachines{images: map[string]bool{"debian": true}, machines: map[string]*provision.Machine{}}
+}
+
+func (f *fakeMachines) Clone(ctx context.Context, s provision.Spec) (provision.Machine, error) {
+	if f.cloneGate != nil {
+		select {
+		case <-f.cloneGate:
+		case <-ctx.Done():
+			return provision.Machine{}, ctx.Err()
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.clones++
+	if f.cloneErr != nil {
+		return provision.Machine{}, f.cloneErr
+	}
+	if !f.images[s.Image] {
+		return provision.Machine{}, fmt.Errorf("image %s: %w", s.Image, provision.ErrImageNotFound)
+	}
+	name := provision.DomainName(s.JobID)
+	if _, ok := f.machines[s.JobID]; ok {
+		return provision.Machine{}, provision.ErrExists
+	}
+	m := &provision.Machine{Name: name, JobID: s.JobID, Image: s.Image, Host: s.Host, Deadline: s.Deadline, Volumes: []string{"/pool/" + name + "-vda.qcow2"}}
+	f.machines[s.JobID] = m
+	return *m, nil
+}
+
+func (f *fakeMachines) Start(_ context.Context, jobID string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.startErr != nil {
+		return f.startErr
+	}
+	m, ok := f.machines[jobID]
+	if !ok {
+		return provision.ErrNotFound
+	}
+	m.Running = true
+	return nil
+}
+
+func (f *fakeMachines) Remove(_ context.Context, jobID string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.removes++
+	_, ok := f.machines[jobID]
+	delete(f.machines, jobID)
+	return ok, nil
+}
+
+func (f *fakeMachines) Lookup(_ context.Context, jobID string) (provision.Machine, bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m, ok := f.machines[jobID]
+	if !ok {
+		return provision.Machine{}, false, nil
+	}
+	return *m, true, nil
+}
+
+func (f *fakeMachines) List(context.Context) ([]provision.Machine, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []provision.Machine
+	for _, m := range f.machines {
+		out = append(out, *m)
+	}
+	return out, nil
+}
+
+func (f *fakeMachines) count() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.machines)
+}
+
+// recorder keeps published events and deduplicates by msgID like JetStream.
+type recorder struct {
+	mu     sync.Mutex
+	events []messages.Event
+	ids    map[string]bool
+	fail   error
+}
+
+func (r *recorder) Publish(_ context.Context, ev messages.Event, msgID string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.fail != nil {
+		return r.fail
+	}
+	if r.ids == nil {
+		r.ids = map[string]bool{}
+	}
+	if r.ids[msgID] {
+		return nil
+	}
+	r.ids[msgID] = true
+	r.events = append(r.events, ev)
+	return nil
+}
+
+func (r *recorder) LastSeq(_ context.Context, jobID string) (uint64, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var last uint64
+	for _, ev := range r.events {
+		if ev.JobID == jobID {
+			last = max(last, ev.Seq)
+		}
+	}
+	return last, nil
+}
+
+func (r *recorder) states(jobID string) []messages.State {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []messages.State
+	for _, ev := range r.events {
+		if ev.JobID == jobID {
+			out = append(out, ev.State)
+		}
+	}
+	return out
+}
+
+func (r *recorder) last(jobID string) messages.Event {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var ev messages.Event
+	for _, e := range r.events {
+		if e.JobID == jobID {
+			ev = e
+		}
+	}
+	return ev
+}
+
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+type fixture struct {
+	m   *Manager
+	fm  *fakeMachines
+	rec *recorder
+	clk *clock
+}
+
+func newFixture() fixture {
+	fm, rec := newFakeMachines(), &recorder{}
+	clk := &clock{t: time.Date(2026, 11, 27, 6, 0, 0, 0, time.UTC)}
+	m := New(Config{Host: "h1", Machines: fm, Events: rec, Seqs: rec, Now: clk.Now})
+	return fixture{m, fm, rec, clk}
+}
+
+func (fx fixture) request(jobID, image string) messages.Provision {
+	return messages.Provision{
+		V: 1, JobID: jobID, Image: image, Runner: messages.Runner{Kind: messages.RunnerNone},
+		MaxLifetimeS: 600, RequestedAt: fx.clk.Now(),
+	}
+}
+
+var first = Delivery{Attempt: 1}
+
+var happy = []messages.State{
+	messages.StateAccepted, messages.StateCloning, messages.StateCloned,
+	messages.StateBooting, messages.StateRunning,
+}
+
+func TestProvisionAndTeardown(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	if err := fx.m.Provision(ctx, fx.request("j1", "debian"), first); err != nil {
+		t.Fatal(err)
+	}
+	if got := fx.rec.states("j1"); !slices.Equal(got, happy) {
+		t.Fatalf("events %v, want %v", got, happy)
+	}
+	if fx.m.Active() != 1 {
+		t.Fatalf("Active = %d", fx.m.Active())
+	}
+	if err := fx.m.Teardown(ctx, "j1", messages.ReasonRequested, nil, first); err != nil {
+		t.Fatal(err)
+	}
+	want := append(slices.Clone(happy), messages.StateTearingDown, messages.StateTornDown)
+	if got := fx.rec.states("j1"); !slices.Equal(got, want) {
+		t.Fatalf("events %v, want %v", got, want)
+	}
+	for i, ev := range fx.rec.events {
+		if ev.Seq != uint64(i+1) || ev.Host != "h1" || ev.Image != "debian" || ev.Domain != "stretchy-j1" {
+			t.Errorf("event %d = %+v", i, ev)
+		}
+	}
+	if fx.fm.count() != 0 || fx.m.Active() != 0 {
+		t.Fatalf("left %d machines, %d active", fx.fm.count(), fx.m.Active())
+	}
+}
+
+func TestProvisionIsIdempotent(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	for range 2 {
+		if err := fx.m.Provision(ctx, fx.request("j1", "debian"), first); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if fx.fm.clones != 1 || len(fx.rec.events) != len(happy) {
+		t.Fatalf("clones=%d events=%d", fx.fm.clones, len(fx.rec.events))
+	}
+	// A finished job is remembered too.
+	if err := fx.m.Teardown(ctx, "j1", messages.ReasonRequested, nil, first); err != nil {
+		t.Fatal(err)
+	}
+	if err := fx.m.Provision(ctx, fx.request("j1", "debian"), Delivery{Attempt: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if fx.fm.clones != 1 || fx.fm.count() != 0 {
+		t.Fatalf("a finished job was provisioned again: clones=%d machines=%d", fx.fm.clones, fx.fm.count())
+	}
+}
+
+func TestProvisionFailures(t *testing.T) {
+	unavailable := fmt.Errorf("libvirt: %w", io.EOF)
+	tests := []struct {
+		name      string
+		image     string
+		cloneErr  error
+		startErr  error
+		delivery  Delivery
+		wantCode  messages.ErrorCode // "" means transient: no failed event
+		wantState []messages.State
+	}{
+		{"unknown image", "nope", nil, nil, first, messages.CodeImageNotFound,
+			[]messages.State{messages.StateAccepted, messages.StateCloning, messages.StateFailed}},
+		{"invalid image", "debian", fmt.Errorf("x: %w", provision.ErrImageInvalid), nil, first, messages.CodeImageInvalid,
+			[]messages.State{messages.StateAccepted, messages.StateCloning, messages.StateFailed}},
+		{"start refused", "debian", nil, errors.New("qemu died"), first, messages.CodeBootFailed,
+			append(slices.Clone(happy[:4]), messages.StateFailed)},
+		{"libvirt gone", "debian", unavailable, nil, first, "",
+			[]messages.State{messages.StateAccepted, messages.StateCloning}},
+		{"libvirt gone on final delivery", "debian", unavailable, nil, Delivery{Attempt: 5, Final: true}, messages.CodeCloneFailed,
+			[]messages.State{messages.StateAccepted, messages.StateCloning, messages.StateFailed}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			fx := newFixture()
+			fx.fm.cloneErr, fx.fm.startErr = tt.cloneErr, tt.startErr
+			err := fx.m.Provision(context.Background(), fx.request("j1", tt.image), tt.delivery)
+			var f *Failure
+			if tt.wantCode == "" {
+				if err == nil || errors.As(err, &f) {
+					t.Fatalf("want a transient error, got %v", err)
+				}
+			} else {
+				if !errors.As(err, &f) || f.Code != tt.wantCode {
+					t.Fatalf("want Failure %s, got %v", tt.wantCode, err)
+				}
+				if ev := fx.rec.last("j1"); ev.Error == nil || ev.Error.Code != tt.wantCode || ev.Error.Message == "" {
+					t.Fatalf("failed event %+v", ev)
+				}
+			}
+			if got := fx.rec.states("j1"); !slices.Equal(got, tt.wantState) {
+				t.Fatalf("events %v, want %v", got, tt.wantState)
+			}
+			if fx.fm.count() != 0 || fx.m.Active() != 0 {
+				t.Fatalf("left %d machines, %d active", fx.fm.count(), fx.m.Active())
+			}
+		})
+	}
+}
+
+func TestTransientFailureRetriesCleanly(t *testing.T) {
+	fx := newFixture()
+	fx.fm.startErr = fmt.Errorf("libvirt: %w", io.EOF)
+	if err := fx.m.Provision(context.Background(), fx.request("j1", "debian"), first); err == nil {
+		t.Fatal("want an error")
+	}
+	fx.fm.startErr = nil
+	if err := fx.m.Provision(context.Background(), fx.request("j1", "debian"), Delivery{Attempt: 2}); err != nil {
+		t.Fatalf("retry: %v", err)
+	}
+	ev := fx.rec.last("j1")
+	if ev.State != messages.StateRunning || ev.Attempt != 2 {
+		t.Fatalf("last event %+v", ev)
+	}
+	// Numbering continues over attempts.
+	if ev.Seq != uint64(len(fx.rec.events)) {
+		t.Fatalf("seq %d after %d events", ev.Seq, len(fx.rec.events))
+	}
+}
+
+func TestTeardownUnknownJob(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	if err := fx.m.Teardown(ctx, "ghost", messages.ReasonRequested, nil, first); err != nil {
+		t.Fatal(err)
+	}
+	ev := fx.rec.last("ghost")
+	if ev.State != messages.StateTornDown || ev.Error == nil || ev.Error.Code != messages.CodeUnknownJob {
+		t.Fatalf("event %+v", ev)
+	}
+	if fx.fm.removes != 0 {
+		t.Fatal("nothing should have been removed")
+	}
+}
+
+func TestTeardownDuringProvision(t *testing.T) {
+	fx := newFixture()
+	fx.fm.cloneGate = make(chan struct{}) // Clone blocks until cancelled
+	ctx := context.Background()
+	provErr := make(chan error, 1)
+	go func() { provErr <- fx.m.Provision(ctx, fx.request("j1", "debian"), first) }()
+	waitFor(t, func() bool { return len(fx.rec.states("j1")) == 2 }) // accepted, cloning
+	if err := fx.m.Teardown(ctx, "j1", messages.ReasonRequested, nil, first); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-provErr; !errors.Is(err, ErrSuperseded) {
+		t.Fatalf("provision returned %v", err)
+	}
+	want := []messages.State{messages.StateAccepted, messages.StateCloning, messages.StateTearingDown, messages.StateTornDown}
+	if got := fx.rec.states("j1"); !slices.Equal(got, want) {
+		t.Fatalf("events %v, want %v", got, want)
+	}
+	if fx.fm.count() != 0 || fx.m.Active() != 0 {
+		t.Fatal("leftovers")
+	}
+}
+
+func TestDeadline(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	if err := fx.m.Provision(ctx, fx.request("j1", "debian"), first); err != nil {
+		t.Fatal(err)
+	}
+	if got := fx.m.Expired(); len(got) != 0 {
+		t.Fatalf("expired too early: %v", got)
+	}
+	fx.clk.Advance(601 * time.Second)
+	if got := fx.m.Expired(); !slices.Equal(got, []string{"j1"}) {
+		t.Fatalf("Expired = %v", got)
+	}
+	cause := &messages.Error{Code: messages.CodeDeadlineExceeded, Message: "too old"}
+	if err := fx.m.Teardown(ctx, "j1", messages.ReasonDeadline, cause, first); err != nil {
+		t.Fatal(err)
+	}
+	ev := fx.rec.last("j1")
+	if ev.State != messages.StateFailed || ev.Error.Code != messages.CodeDeadlineExceeded || ev.Reason != messages.ReasonDeadline {
+		t.Fatalf("last event %+v", ev)
+	}
+}
+
+func TestReserve(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	if err := fx.m.Provision(ctx, fx.request("j1", "debian"), first); err != nil {
+		t.Fatal(err)
+	}
+	release, err := fx.m.Reserve(ctx, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if _, err := fx.m.Reserve(short, 2); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a third machine fit under max 2: %v", err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		r, err := fx.m.Reserve(ctx, 2)
+		if err == nil {
+			r()
+		}
+		got <- err
+	}()
+	release()
+	release() // idempotent
+	if err := <-got; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestReconcile(t *testing.T) {
+	fx := newFixture()
+	fx.fm.machines["run"] = &provision.Machine{Name: "stretchy-run", JobID: "run", Image: "debian", Running: true}
+	fx.fm.machines["half"] = &provision.Machine{Name: "stretchy-half", JobID: "half", Image: "debian"}
+	if err := fx.m.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := fx.fm.machines["half"]; ok {
+		t.Fatal("a stopped leftover was kept")
+	}
+	if fx.m.Active() != 1 {
+		t.Fatalf("Active = %d, want the running machine adopted", fx.m.Active())
+	}
+	if err := fx.m.Teardown(context.Background(), "run", messages.ReasonRequested, nil, first); err != nil {
+		t.Fatal(err)
+	}
+	if got := fx.rec.states("run"); !slices.Equal(got, []messages.State{messages.StateTearingDown, messages.StateTornDown}) {
+		t.Fatalf("events %v", got)
+	}
+}
+
+func TestRejectReportsFailedOnce(t *testing.T) {
+	fx := newFixture()
+	err := fx.m.Reject(context.Background(), "bad", "", messages.CodeInvalidRequest, errors.New("image: missing"), first)
+	var f *Failure
+	if !errors.As(err, &f) || f.Code != messages.CodeInvalidRequest {
+		t.Fatalf("got %v", err)
+	}
+	if got := fx.rec.states("bad"); !slices.Equal(got, []messages.State{messages.StateFailed}) {
+		t.Fatalf("events %v", got)
+	}
+	// Without a readable job id there is nobody to report to.
+	if err := fx.m.Reject(context.Background(), "", "", messages.CodeBadMessage, errors.New("x"), first); !errors.As(err, &f) {
+		t.Fatalf("got %v", err)
+	}
+	if len(fx.rec.events) != 1 {
+		t.Fatalf("%d events", len(fx.rec.events))
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 5s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}

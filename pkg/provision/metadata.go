@@ -1,0 +1,119 @@
+package provision
+
+import (
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+)
+
+const (
+	// metadataNS is the XML namespace of the element this package keeps in
+	// a managed domain's <metadata>; libvirt keeps one element per namespace.
+	metadataNS = "https://stretchy-ci.dev/xmlns/libvirt-worker/1"
+	// metadataPrefix is the namespace prefix used in the domain XML.
+	metadataPrefix = "stretchy"
+	// metadataElement is the local name of that element.
+	metadataElement = "machine"
+)
+
+// machineMetadata is the <stretchy:machine> element. Its children carry no
+// namespace so that one struct both encodes (with the prefixed name set in
+// XMLName) and decodes (where encoding/xml resolves the prefix to
+// metadataNS).
+type machineMetadata struct {
+	XMLName     xml.Name
+	XMLNS       string   `xml:"xmlns:stretchy,attr,omitempty"`
+	JobID       string   `xml:"job_id"`
+	Image       string   `xml:"image"`
+	Host        string   `xml:"host,omitempty"`
+	RunnerKind  string   `xml:"runner_kind,omitempty"`
+	RequestedAt string   `xml:"requested_at,omitempty"`
+	Deadline    string   `xml:"deadline,omitempty"`
+	Volumes     []string `xml:"volumes>volume"`
+}
+
+// encodeMetadata returns the element to place inside <metadata> for m.
+func encodeMetadata(m Machine) (string, error) {
+	md := machineMetadata{
+		XMLName:     xml.Name{Local: metadataPrefix + ":" + metadataElement},
+		XMLNS:       metadataNS,
+		JobID:       m.JobID,
+		Image:       m.Image,
+		Host:        m.Host,
+		RunnerKind:  m.RunnerKind,
+		RequestedAt: formatTime(m.RequestedAt),
+		Deadline:    formatTime(m.Deadline),
+		Volumes:     m.Volumes,
+	}
+	b, err := xml.Marshal(md)
+	if err != nil {
+		return "", fmt.Errorf("encode metadata: %w", err)
+	}
+	return string(b), nil
+}
+
+// decodeMetadata finds this package's element in doc and fills in m's
+// recorded fields; m.Name and m.Running are left alone. doc is either what
+// virDomainGetMetadata returns for metadataNS, the element with its
+// namespace stripped, or the inner XML of <metadata>, where the element must
+// be in metadataNS to be told apart from other applications' elements.
+func decodeMetadata(doc string, m *Machine) error {
+	dec := xml.NewDecoder(strings.NewReader(doc))
+	for {
+		tok, err := dec.Token()
+		if errors.Is(err, io.EOF) {
+			return errors.New("decode metadata: no " + metadataElement + " element in namespace " + metadataNS)
+		}
+		if err != nil {
+			return fmt.Errorf("decode metadata: %w", err)
+		}
+		start, ok := tok.(xml.StartElement)
+		if !ok {
+			continue
+		}
+		if start.Name.Local != metadataElement || (start.Name.Space != metadataNS && start.Name.Space != "") {
+			// Only top-level elements count.
+			if err := dec.Skip(); err != nil {
+				return fmt.Errorf("decode metadata: %w", err)
+			}
+			continue
+		}
+		var md machineMetadata
+		if err := dec.DecodeElement(&md, &start); err != nil {
+			return fmt.Errorf("decode metadata: %w", err)
+		}
+		requested, err := parseTime(md.RequestedAt)
+		if err != nil {
+			return fmt.Errorf("decode metadata: requested_at: %w", err)
+		}
+		deadline, err := parseTime(md.Deadline)
+		if err != nil {
+			return fmt.Errorf("decode metadata: deadline: %w", err)
+		}
+		m.JobID = md.JobID
+		m.Image = md.Image
+		m.Host = md.Host
+		m.RunnerKind = md.RunnerKind
+		m.RequestedAt = requested
+		m.Deadline = deadline
+		m.Volumes = md.Volumes
+		return nil
+	}
+}
+
+func formatTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.Format(time.RFC3339Nano)
+}
+
+func parseTime(s string) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, nil
+	}
+	return time.Parse(time.RFC3339Nano, s)
+}

@@ -1,0 +1,89 @@
+package provision
+
+import (
+	"reflect"
+	"regexp"
+	"testing"
+	"time"
+
+	"libvirt.org/go/libvirtxml"
+)
+
+func TestMetadataRoundTrip(t *testing.T) {
+	tests := []struct {
+		name string
+		m    Machine
+	}{
+		{"all fields", Machine{
+			JobID: "job-1", Image: "tiny-linux", Host: "host-a", RunnerKind: "forgejo",
+			RequestedAt: time.Date(2026, 3, 4, 5, 6, 7, 891000000, time.UTC),
+			Deadline:    time.Date(2026, 3, 4, 7, 6, 7, 0, time.FixedZone("CET", 3600)),
+			Volumes:     []string{"/pool/stretchy-job-1-vda.qcow2", "/pool/stretchy-job-1-vdb.qcow2"},
+		}},
+		{"zero times and no volumes", Machine{JobID: "j", Image: "img"}},
+		{"text needing escapes", Machine{JobID: "j", Image: "a<b>&'\"", Host: "h"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			inner, err := encodeMetadata(tt.m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Through a whole domain document, as libvirt stores it.
+			def, err := cloneXML(image(nil), clonePlan{Name: "stretchy-j", UUID: "u", Metadata: inner})
+			if err != nil {
+				t.Fatal(err)
+			}
+			doc, err := def.Marshal()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !regexp.MustCompile(`<stretchy:machine xmlns:stretchy="https://stretchy-ci.dev/xmlns/libvirt-worker/1">`).MatchString(doc) {
+				t.Errorf("metadata element not in the stretchy namespace:\n%s", doc)
+			}
+			var back libvirtxml.Domain
+			if err := back.Unmarshal(doc); err != nil {
+				t.Fatal(err)
+			}
+			var got Machine
+			if err := decodeMetadata(back.Metadata.XML, &got); err != nil {
+				t.Fatalf("decodeMetadata: %v", err)
+			}
+			if !got.RequestedAt.Equal(tt.m.RequestedAt) || !got.Deadline.Equal(tt.m.Deadline) {
+				t.Errorf("times = %v, %v; want %v, %v", got.RequestedAt, got.Deadline, tt.m.RequestedAt, tt.m.Deadline)
+			}
+			got.RequestedAt, got.Deadline = tt.m.RequestedAt, tt.m.Deadline
+			if !reflect.DeepEqual(got, tt.m) {
+				t.Errorf("round trip = %+v, want %+v", got, tt.m)
+			}
+		})
+	}
+}
+
+func TestDecodeMetadata(t *testing.T) {
+	tests := []struct {
+		name    string
+		doc     string
+		wantJob string
+		wantErr bool
+	}{
+		{"as virDomainGetMetadata returns it", "<machine>\n  <job_id>a</job_id>\n</machine>", "a", false},
+		{"in the default namespace", `<machine xmlns="https://stretchy-ci.dev/xmlns/libvirt-worker/1"><job_id>a</job_id></machine>`, "a", false},
+		{"among other applications' elements", `<x:y xmlns:x="urn:x"><machine>no</machine></x:y><s:machine xmlns:s="https://stretchy-ci.dev/xmlns/libvirt-worker/1"><job_id>b</job_id></s:machine>`, "b", false},
+		{"other namespace only", `<machine xmlns="urn:other"><job_id>c</job_id></machine>`, "", true},
+		{"bad time", `<machine xmlns="https://stretchy-ci.dev/xmlns/libvirt-worker/1"><deadline>soon</deadline></machine>`, "", true},
+		{"broken XML", `<machine xmlns="https://stretchy-ci.dev/xmlns/libvirt-worker/1"><job_id>`, "", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var m Machine
+			err := decodeMetadata(tt.doc, &m)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v, want error: %v", err, tt.wantErr)
+			}
+			if m.JobID != tt.wantJob {
+				t.Errorf("job = %q, want %q", m.JobID, tt.wantJob)
+			}
+		})
+	}
+}

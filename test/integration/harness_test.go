@@ -1,0 +1,391 @@
+package integration
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
+	"github.com/stretchy-ci/libvirt-worker/internal/worker"
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+)
+
+const (
+	libvirtSocket = "/var/run/libvirt/libvirt-sock"
+	testHost      = "itest"
+)
+
+func testImage() string {
+	if v := os.Getenv("STRETCHY_TEST_IMAGE"); v != "" {
+		return v
+	}
+	return "tiny-linux"
+}
+
+// requireLibvirt skips the test when libvirtd is not there, or fails it when
+// the environment says it must be (CI).
+func requireLibvirt(tb testing.TB) {
+	tb.Helper()
+	if _, err := os.Stat(libvirtSocket); err != nil {
+		if os.Getenv("STRETCHY_REQUIRE_LIBVIRT") == "1" {
+			tb.Fatalf("libvirtd socket %s: %v (run: go tool task libvirt:up image)", libvirtSocket, err)
+		}
+		tb.Skipf("no libvirtd (%v); run: go tool task libvirt:up image", err)
+	}
+}
+
+// dialLibvirt connects to the system libvirtd for the test's duration.
+func dialLibvirt(tb testing.TB) *libvirt.Libvirt {
+	tb.Helper()
+	requireLibvirt(tb)
+	l, err := provision.Dial(context.Background(), "qemu:///system")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { _ = l.Disconnect() })
+	if _, err := l.DomainLookupByName(testImage()); err != nil {
+		tb.Fatalf("test image %q is not defined (run: go tool task image): %v", testImage(), err)
+	}
+	return l
+}
+
+// startNATS runs an in-process JetStream server for one test.
+func startNATS(tb testing.TB) (*nats.Conn, jetstream.JetStream) {
+	tb.Helper()
+	srv, err := embedded.Start(embedded.Options{StoreDir: tb.TempDir(), Port: -1})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+	})
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return nc, js
+}
+
+// runID marks the job ids of this test process, so that its leftover
+// check is not confused by other packages' tests running at the same time.
+var runID = func() string {
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	return "it" + hex.EncodeToString(b)
+}()
+
+// uniqueJob returns a job id that no earlier run used.
+func uniqueJob(prefix string) string {
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return runID + "-" + prefix + "-" + hex.EncodeToString(b)
+}
+
+type workerOptions struct {
+	Parallelism   int
+	MaxVMs        int
+	AckWait       time.Duration
+	ShutdownGrace time.Duration
+}
+
+// runningWorker is a worker serving in the test process.
+type runningWorker struct {
+	w    *worker.Worker
+	life *lifecycle.Manager
+	stop func() error
+
+	mu      sync.Mutex
+	settled []worker.Settlement
+}
+
+func (rw *runningWorker) settlements() []worker.Settlement {
+	rw.mu.Lock()
+	defer rw.mu.Unlock()
+	return append([]worker.Settlement(nil), rw.settled...)
+}
+
+// startWorker runs a worker like "worker run" does, against js and the
+// system libvirtd, until the test ends or stop is called.
+func startWorker(tb testing.TB, js jetstream.JetStream, l *libvirt.Libvirt, o workerOptions) *runningWorker {
+	tb.Helper()
+	if o.AckWait == 0 {
+		o.AckWait = 10 * time.Second
+	}
+	ctx := context.Background()
+	cons, err := bus.Ensure(ctx, js, bus.Topology{Host: testHost, AckWait: o.AckWait, MaxDeliver: 5})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	pub := bus.NewPublisher(js)
+	rw := &runningWorker{}
+	rw.life = lifecycle.New(lifecycle.Config{
+		Host: testHost, Machines: provision.New(l, provision.Options{DomainType: "qemu"}),
+		Events: pub, Seqs: pub,
+	})
+	rw.w = worker.New(worker.Config{
+		Parallelism: o.Parallelism, MaxVMs: o.MaxVMs, AckWait: o.AckWait, MaxDeliver: 5,
+		ShutdownGrace: o.ShutdownGrace, PullWait: time.Second, DeadlineCheck: 200 * time.Millisecond,
+		OnSettle: func(s worker.Settlement) {
+			rw.mu.Lock()
+			rw.settled = append(rw.settled, s)
+			rw.mu.Unlock()
+		},
+	}, cons, rw.life)
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- rw.w.Run(runCtx) }()
+	var once sync.Once
+	var runErr error
+	rw.stop = func() error {
+		once.Do(func() {
+			cancel()
+			runErr = <-done
+		})
+		return runErr
+	}
+	tb.Cleanup(func() {
+		if err := rw.stop(); err != nil {
+			tb.Errorf("worker.Run: %v", err)
+		}
+	})
+	return rw
+}
+
+// eventLog follows the event stream for the test's duration.
+type eventLog struct {
+	mu     sync.Mutex
+	events []messages.Event
+	bad    int
+	notify chan struct{}
+}
+
+func followEvents(tb testing.TB, js jetstream.JetStream) *eventLog {
+	tb.Helper()
+	if _, err := bus.Ensure(context.Background(), js, bus.Topology{Host: testHost}); err != nil {
+		tb.Fatal(err)
+	}
+	el := &eventLog{notify: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = bus.ReadEvents(ctx, js, messages.EventFilter("", "", ""), jetstream.DeliverAllPolicy, true,
+			func(_ uint64, ev messages.Event, err error) error {
+				el.mu.Lock()
+				if err != nil {
+					el.bad++
+				} else {
+					el.events = append(el.events, ev)
+				}
+				close(el.notify)
+				el.notify = make(chan struct{})
+				el.mu.Unlock()
+				return nil
+			})
+	}()
+	tb.Cleanup(func() {
+		cancel()
+		<-done
+		if el.bad > 0 {
+			tb.Errorf("%d undecodable events", el.bad)
+		}
+	})
+	return el
+}
+
+func (el *eventLog) of(jobID string) []messages.Event {
+	el.mu.Lock()
+	defer el.mu.Unlock()
+	var out []messages.Event
+	for _, ev := range el.events {
+		if ev.JobID == jobID {
+			out = append(out, ev)
+		}
+	}
+	return out
+}
+
+func (el *eventLog) states(jobID string) []messages.State {
+	var out []messages.State
+	for _, ev := range el.of(jobID) {
+		out = append(out, ev.State)
+	}
+	return out
+}
+
+// wait blocks until cond holds over the events or the timeout passes.
+func (el *eventLog) wait(tb testing.TB, timeout time.Duration, what string, cond func([]messages.Event) bool) {
+	tb.Helper()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		el.mu.Lock()
+		ok := cond(el.events)
+		ch := el.notify
+		el.mu.Unlock()
+		if ok {
+			return
+		}
+		select {
+		case <-ch:
+		case <-deadline.C:
+			tb.Fatalf("timed out after %s waiting for %s; events:\n%s", timeout, what, el.dump())
+		}
+	}
+}
+
+// waitState waits for an event of jobID in state.
+func (el *eventLog) waitState(tb testing.TB, jobID string, state messages.State, timeout time.Duration) messages.Event {
+	tb.Helper()
+	var got messages.Event
+	el.wait(tb, timeout, fmt.Sprintf("%s of job %s", state, jobID), func(evs []messages.Event) bool {
+		for _, ev := range evs {
+			if ev.JobID == jobID && ev.State == state {
+				got = ev
+				return true
+			}
+		}
+		return false
+	})
+	return got
+}
+
+func (el *eventLog) dump() string {
+	el.mu.Lock()
+	defer el.mu.Unlock()
+	var b strings.Builder
+	for _, ev := range el.events {
+		fmt.Fprintf(&b, "  %s seq=%d %s attempt=%d reason=%s", ev.JobID, ev.Seq, ev.State, ev.Attempt, ev.Reason)
+		if ev.Error != nil {
+			fmt.Fprintf(&b, " error=%s: %s", ev.Error.Code, ev.Error.Message)
+		}
+		b.WriteByte('\n')
+	}
+	return b.String()
+}
+
+func provisionRequest(jobID string) messages.Provision {
+	return messages.Provision{
+		V: messages.SchemaVersion, JobID: jobID, Image: testImage(),
+		Runner:       messages.Runner{Kind: messages.RunnerNone},
+		BootTimeoutS: 60, MaxLifetimeS: 600, RequestedAt: time.Now().UTC(),
+	}
+}
+
+// publish sends raw bytes as a request, without a message id, so that
+// the same payload can be delivered twice.
+func publish(tb testing.TB, js jetstream.JetStream, subject string, data []byte) {
+	tb.Helper()
+	if _, err := js.Publish(context.Background(), subject, data); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+func submitProvision(tb testing.TB, js jetstream.JetStream, jobID string) {
+	tb.Helper()
+	if _, err := bus.SubmitProvision(context.Background(), js, provisionRequest(jobID), ""); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+func submitTeardown(tb testing.TB, js jetstream.JetStream, jobID string) {
+	tb.Helper()
+	req := messages.Teardown{V: 1, JobID: jobID, Reason: "test", RequestedAt: time.Now().UTC()}
+	if _, err := bus.SubmitTeardown(context.Background(), js, req, testHost); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// managedLeftovers lists the stretchy- domains and volumes of this test
+// process's jobs on the host.
+func managedLeftovers(tb testing.TB, l *libvirt.Libvirt) []string {
+	tb.Helper()
+	left, err := leftovers(l)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return left
+}
+
+func leftovers(l *libvirt.Libvirt) ([]string, error) {
+	var out []string
+	doms, _, err := l.ConnectListAllDomains(1, 0)
+	if err != nil {
+		return nil, fmt.Errorf("list domains: %w", err)
+	}
+	for _, d := range doms {
+		if strings.HasPrefix(d.Name, messages.DomainName(runID)) {
+			out = append(out, "domain "+d.Name)
+		}
+	}
+	pools, _, err := l.ConnectListAllStoragePools(1, 0)
+	if err != nil {
+		return nil, fmt.Errorf("list pools: %w", err)
+	}
+	for _, p := range pools {
+		_ = l.StoragePoolRefresh(p, 0)
+		vols, _, err := l.StoragePoolListAllVolumes(p, 1, 0)
+		if err != nil {
+			continue // an inactive pool
+		}
+		for _, v := range vols {
+			if strings.HasPrefix(v.Name, messages.DomainName(runID)) {
+				out = append(out, "volume "+v.Key)
+			}
+		}
+	}
+	return out, nil
+}
+
+// requestsLeft returns how many requests are still in the work queue.
+func requestsLeft(tb testing.TB, js jetstream.JetStream) uint64 {
+	tb.Helper()
+	s, err := js.Stream(context.Background(), messages.RequestsStream)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	info, err := s.Info(context.Background())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return info.State.Msgs
+}
+
+// TestMain fails the suite when anything of its jobs is left on the host
+// after all tests ran.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if _, err := os.Stat(libvirtSocket); code == 0 && err == nil {
+		l, err := provision.Dial(context.Background(), "qemu:///system")
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "FAIL: check for leftovers: %v\n", err)
+			os.Exit(1)
+		}
+		left, err := leftovers(l)
+		_ = l.Disconnect()
+		if err != nil || len(left) > 0 {
+			fmt.Fprintf(os.Stderr, "FAIL: managed resources left after the suite: %v %v\n", left, err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}

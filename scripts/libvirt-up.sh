@@ -67,12 +67,14 @@ if ! pgrep -x libvirtd >/dev/null; then
   log "started libvirtd"
 fi
 
-# Wait (bounded) for libvirtd to answer.
-deadline=$((SECONDS + 30))
+# Wait (bounded) for libvirtd to answer. The first answer after a fresh start
+# can take ~10 s (QEMU capability probe), longer on a busy 2-core machine.
+wait_s="${LIBVIRT_WAIT_SECONDS:-60}"
+deadline=$((SECONDS + wait_s))
 until virsh -c "$LIBVIRT_URI" version >/dev/null 2>&1; do
   if [ "$SECONDS" -ge "$deadline" ]; then
     virsh -c "$LIBVIRT_URI" version >&2 || true
-    die "libvirtd did not answer on $LIBVIRT_URI within 30 s (is /run/libvirt/libvirt-sock there? see /var/log/libvirt/)"
+    die "libvirtd did not answer on $LIBVIRT_URI within $wait_s s (is /run/libvirt/libvirt-sock there? see /var/log/libvirt/)"
   fi
   sleep 0.2
 done

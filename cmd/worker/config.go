@@ -17,20 +17,22 @@ import (
 // Config is everything "worker run" is configured with, from flags and
 // environment variables.
 type Config struct {
-	Host          string
-	NATSURL       string
-	NATSDataDir   string
-	NATSPort      int
-	LibvirtURI    string
-	DomainType    string
-	Parallelism   int
-	MaxVMs        int
-	AckWait       time.Duration
-	MaxDeliver    int
-	EventsMaxAge  time.Duration
-	ShutdownGrace time.Duration
-	LogFormat     string
-	LogLevel      string
+	Host           string
+	NATSURL        string
+	NATSDataDir    string
+	NATSPort       int
+	LibvirtURI     string
+	DomainType     string
+	Parallelism    int
+	MaxVMs         int
+	AckWait        time.Duration
+	MaxDeliver     int
+	EventsMaxAge   time.Duration
+	RequestsMaxAge time.Duration
+	Replicas       int
+	ShutdownGrace  time.Duration
+	LogFormat      string
+	LogLevel       string
 }
 
 // env-backed flag helpers: the environment sets the default, the flag wins.
@@ -87,6 +89,8 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.DurationVar(&c.AckWait, "ack-wait", envDuration("STRETCHY_ACK_WAIT", 30*time.Second), "time a request may go unacknowledged before another worker gets it (STRETCHY_ACK_WAIT)")
 	fs.IntVar(&c.MaxDeliver, "max-deliver", envInt("STRETCHY_MAX_DELIVER", 5), "deliveries of one request before it is given up (STRETCHY_MAX_DELIVER)")
 	fs.DurationVar(&c.EventsMaxAge, "events-max-age", envDuration("STRETCHY_EVENTS_MAX_AGE", 30*24*time.Hour), "how long the event stream keeps events (STRETCHY_EVENTS_MAX_AGE)")
+	fs.DurationVar(&c.RequestsMaxAge, "requests-max-age", envDuration("STRETCHY_REQUESTS_MAX_AGE", 24*time.Hour), "how long a request waits for a worker before it is dropped (STRETCHY_REQUESTS_MAX_AGE)")
+	fs.IntVar(&c.Replicas, "replicas", envInt("STRETCHY_REPLICAS", 1), "stream replicas in a clustered NATS (STRETCHY_REPLICAS)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", envDuration("STRETCHY_SHUTDOWN_GRACE", 60*time.Second), "time operations in flight get to finish on SIGTERM (STRETCHY_SHUTDOWN_GRACE)")
 	fs.StringVar(&c.LogFormat, "log-format", envString("STRETCHY_LOG_FORMAT", "text"), `"text" or "json" (STRETCHY_LOG_FORMAT)`)
 	fs.StringVar(&c.LogLevel, "log-level", envString("STRETCHY_LOG_LEVEL", "info"), `"debug", "info", "warn" or "error" (STRETCHY_LOG_LEVEL)`)
@@ -127,6 +131,12 @@ func (c *Config) Validate() error {
 	}
 	if c.EventsMaxAge < time.Minute {
 		bad("--events-max-age %s: must be at least 1m", c.EventsMaxAge)
+	}
+	if c.RequestsMaxAge < time.Minute {
+		bad("--requests-max-age %s: must be at least 1m", c.RequestsMaxAge)
+	}
+	if c.Replicas < 1 || c.Replicas > 5 {
+		bad("--replicas %d: must be between 1 and 5", c.Replicas)
 	}
 	switch c.LogFormat {
 	case "text", "json":

@@ -76,7 +76,8 @@ func runCommand(ctx context.Context, args []string) error {
 		return fmt.Errorf("jetstream: %w", err)
 	}
 	consumers, err := bus.Ensure(ctx, js, bus.Topology{
-		Host: cfg.Host, EventsMaxAge: cfg.EventsMaxAge, AckWait: cfg.AckWait, MaxDeliver: cfg.MaxDeliver,
+		Host: cfg.Host, EventsMaxAge: cfg.EventsMaxAge, RequestsMaxAge: cfg.RequestsMaxAge,
+		AckWait: cfg.AckWait, MaxDeliver: cfg.MaxDeliver, Replicas: cfg.Replicas,
 	})
 	if err != nil {
 		return err
@@ -93,7 +94,7 @@ func runCommand(ctx context.Context, args []string) error {
 		Host:     cfg.Host,
 		Machines: provision.New(lv, provision.Options{DomainType: cfg.DomainType}),
 		Events:   pub,
-		Seqs:     pub,
+		History:  pub,
 	})
 	w := worker.New(worker.Config{
 		Parallelism: cfg.Parallelism, MaxVMs: cfg.MaxVMs, AckWait: cfg.AckWait,

@@ -50,23 +50,23 @@ func (p *Publisher) Publish(ctx context.Context, ev messages.Event, msgID string
 	}
 }
 
-// LastSeq returns the seq of the newest event of jobID, or 0 when the job
+// LastEvent returns the newest event of jobID; found is false when the job
 // has none.
-func (p *Publisher) LastSeq(ctx context.Context, jobID string) (uint64, error) {
+func (p *Publisher) LastEvent(ctx context.Context, jobID string) (messages.Event, bool, error) {
 	s, err := p.js.Stream(ctx, messages.EventsStream)
 	if err != nil {
-		return 0, fmt.Errorf("event stream: %w", err)
+		return messages.Event{}, false, fmt.Errorf("event stream: %w", err)
 	}
 	raw, err := s.GetLastMsgForSubject(ctx, messages.EventFilter("", jobID, ""))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return 0, nil
+		return messages.Event{}, false, nil
 	}
 	if err != nil {
-		return 0, fmt.Errorf("last event of job %s: %w", jobID, err)
+		return messages.Event{}, false, fmt.Errorf("last event of job %s: %w", jobID, err)
 	}
 	ev, err := messages.DecodeEvent(raw.Data)
 	if err != nil {
-		return 0, fmt.Errorf("last event of job %s: %w", jobID, err)
+		return messages.Event{}, false, fmt.Errorf("last event of job %s: %w", jobID, err)
 	}
-	return ev.Seq, nil
+	return ev, true, nil
 }

@@ -17,6 +17,10 @@ type Topology struct {
 	Host string
 	// EventsMaxAge is how long events are kept; default 30 days.
 	EventsMaxAge time.Duration
+	// RequestsMaxAge is how long a request waits for a worker before the
+	// stream drops it (a pinned request for a host that is gone); default
+	// 24h.
+	RequestsMaxAge time.Duration
 	// AckWait is how long a delivered request may go without an ack or a
 	// progress heartbeat before it is delivered again; default 30s.
 	AckWait time.Duration
@@ -28,9 +32,10 @@ type Topology struct {
 
 // Defaults of Topology.
 const (
-	DefaultEventsMaxAge = 30 * 24 * time.Hour
-	DefaultAckWait      = 30 * time.Second
-	DefaultMaxDeliver   = 5
+	DefaultEventsMaxAge   = 30 * 24 * time.Hour
+	DefaultRequestsMaxAge = 24 * time.Hour
+	DefaultAckWait        = 30 * time.Second
+	DefaultMaxDeliver     = 5
 	// DuplicateWindow is the streams' window for Nats-Msg-Id duplicates.
 	DuplicateWindow = 2 * time.Minute
 	// SharedProvisionConsumer is the durable consumer all workers share for
@@ -41,6 +46,9 @@ const (
 func (t Topology) withDefaults() Topology {
 	if t.EventsMaxAge == 0 {
 		t.EventsMaxAge = DefaultEventsMaxAge
+	}
+	if t.RequestsMaxAge == 0 {
+		t.RequestsMaxAge = DefaultRequestsMaxAge
 	}
 	if t.AckWait == 0 {
 		t.AckWait = DefaultAckWait
@@ -82,6 +90,7 @@ func RequestStreamConfig(t Topology) jetstream.StreamConfig {
 		Replicas:    t.Replicas,
 		Duplicates:  DuplicateWindow,
 		MaxMsgSize:  messages.MaxMessageSize,
+		MaxAge:      t.RequestsMaxAge,
 	}
 }
 

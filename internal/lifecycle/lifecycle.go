@@ -27,10 +27,11 @@ type Publisher interface {
 	Publish(ctx context.Context, ev messages.Event, msgID string) error
 }
 
-// SeqSource tells the highest event sequence already published for a job,
-// so that a job picked up again after a restart continues its numbering.
-type SeqSource interface {
-	LastSeq(ctx context.Context, jobID string) (uint64, error)
+// History tells the newest event already published for a job, so that a job
+// picked up again after a restart continues its numbering and the worker
+// knows how far it got.
+type History interface {
+	LastEvent(ctx context.Context, jobID string) (ev messages.Event, found bool, err error)
 }
 
 // Config wires a Manager.
@@ -39,9 +40,9 @@ type Config struct {
 	Host     string
 	Machines Machines
 	Events   Publisher
-	// Seqs is optional; without it a job's numbering starts at 1 whenever
-	// this process first sees the job.
-	Seqs SeqSource
+	// History is optional; without it a job's numbering starts at 1
+	// whenever this process first sees the job.
+	History History
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 	// Remember is how long finished jobs are remembered so that a repeated
@@ -56,6 +57,18 @@ type Delivery struct {
 	// Final is true when the message will not be delivered again, so a
 	// transient failure must be reported as final.
 	Final bool
+	// Origin names what started a step that no request caused (deadline,
+	// reconcile); Attempt is 0 then.
+	Origin string
+}
+
+// msgID is the event's Nats-Msg-Id: retried publishes of the same step
+// are stored once.
+func (d Delivery) msgID(jobID string, state messages.State) string {
+	if d.Origin != "" {
+		return fmt.Sprintf("%s:%s:%s", jobID, state, d.Origin)
+	}
+	return fmt.Sprintf("%s:%s:%d", jobID, state, d.Attempt)
 }
 
 // ErrSuperseded is returned by Provision when a teardown request for the
@@ -96,6 +109,8 @@ type job struct {
 	// built is closed when the provision operation has returned.
 	built   chan struct{}
 	tearing bool
+	// retryAt delays the next deadline teardown after a failed one.
+	retryAt time.Time
 }
 
 // New returns a Manager.
@@ -165,7 +180,7 @@ func (m *Manager) Expired() []string {
 	defer m.mu.Unlock()
 	var ids []string
 	for id, j := range m.jobs {
-		if j.running && !j.tearing && !j.deadline.IsZero() && now.After(j.deadline) {
+		if j.running && !j.tearing && !j.deadline.IsZero() && now.After(j.deadline) && !now.Before(j.retryAt) {
 			ids = append(ids, id)
 		}
 	}
@@ -209,31 +224,36 @@ func (m *Manager) forgetOldLocked() {
 	}
 }
 
-// startSeq initialises a new record's event numbering.
-func (m *Manager) startSeq(ctx context.Context, j *job) {
-	if m.cfg.Seqs == nil {
-		return
+// startSeq continues a new record's event numbering from the job's newest
+// published event, which it returns (State is empty when there is none or
+// the history cannot be read).
+func (m *Manager) startSeq(ctx context.Context, j *job) messages.Event {
+	if m.cfg.History == nil {
+		return messages.Event{}
 	}
-	if last, err := m.cfg.Seqs.LastSeq(ctx, j.id); err == nil {
-		j.seq = last
+	last, found, err := m.cfg.History.LastEvent(ctx, j.id)
+	if err != nil || !found {
+		return messages.Event{}
 	}
+	j.seq = last.Seq
+	return last
 }
 
 // emit publishes the next event of j. Events of one job are emitted by one
 // goroutine at a time, so j.seq needs no lock beyond the call order.
 func (m *Manager) emit(ctx context.Context, j *job, state messages.State, d Delivery, phase time.Duration, reason string, e *messages.Error) error {
-	j.seq++
 	ev := messages.Event{
 		V: messages.SchemaVersion, JobID: j.id, Host: m.cfg.Host, Image: j.image, Domain: j.domain,
-		State: state, Time: m.cfg.Now().UTC(), Seq: j.seq, Attempt: d.Attempt,
+		State: state, Time: m.cfg.Now().UTC(), Seq: j.seq + 1, Attempt: d.Attempt,
 		PhaseMS: phase.Milliseconds(), Reason: reason, Error: e,
 	}
-	msgID := fmt.Sprintf("%s:%s:%d", j.id, state, d.Attempt)
+	msgID := d.msgID(j.id, state)
 	if e != nil && e.Code == messages.CodeUnknownJob {
 		msgID += ":unknown"
 	}
 	if err := m.cfg.Events.Publish(ctx, ev, msgID); err != nil {
 		return fmt.Errorf("publish %s event of job %s: %w", state, j.id, err)
 	}
+	j.seq++
 	return nil
 }

@@ -132,16 +132,17 @@ func (r *recorder) Publish(_ context.Context, ev messages.Event, msgID string) e
 	return nil
 }
 
-func (r *recorder) LastSeq(_ context.Context, jobID string) (uint64, error) {
+func (r *recorder) LastEvent(_ context.Context, jobID string) (messages.Event, bool, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var last uint64
+	var last messages.Event
+	found := false
 	for _, ev := range r.events {
 		if ev.JobID == jobID {
-			last = max(last, ev.Seq)
+			last, found = ev, true
 		}
 	}
-	return last, nil
+	return last, found, nil
 }
 
 func (r *recorder) states(jobID string) []messages.State {
@@ -190,7 +191,7 @@ type fixture struct {
 func newFixture() fixture {
 	fm, rec := newFakeMachines(), &recorder{}
 	clk := &clock{t: time.Date(2026, 11, 27, 6, 0, 0, 0, time.UTC)}
-	m := New(Config{Host: "h1", Machines: fm, Events: rec, Seqs: rec, Now: clk.Now})
+	m := New(Config{Host: "h1", Machines: fm, Events: rec, History: rec, Now: clk.Now})
 	return fixture{m, fm, rec, clk}
 }
 
@@ -421,24 +422,118 @@ func TestReserve(t *testing.T) {
 }
 
 func TestReconcile(t *testing.T) {
+	ev := func(job string, seq uint64, state messages.State) messages.Event {
+		return messages.Event{V: 1, JobID: job, Host: "h1", State: state, Seq: seq}
+	}
+	tests := []struct {
+		name     string
+		running  bool
+		history  []messages.Event
+		kept     bool
+		want     []messages.State // events published by Reconcile
+		wantCode messages.ErrorCode
+	}{
+		{"running, running published", true,
+			[]messages.Event{ev("j", 4, messages.StateBooting), ev("j", 5, messages.StateRunning)},
+			true, nil, ""},
+		{"running, stopped before publishing running", true,
+			[]messages.Event{ev("j", 4, messages.StateBooting)},
+			true, []messages.State{messages.StateRunning}, ""},
+		{"stopped after running", false,
+			[]messages.Event{ev("j", 5, messages.StateRunning)},
+			false, []messages.State{messages.StateTearingDown, messages.StateFailed}, messages.CodeMachineStopped},
+		{"half built", false,
+			[]messages.Event{ev("j", 3, messages.StateCloned)},
+			false, nil, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			fx := newFixture()
+			fx.rec.events = append(fx.rec.events, tt.history...)
+			fx.fm.machines["j"] = &provision.Machine{Name: "stretchy-j", JobID: "j", Image: "debian", Running: tt.running}
+			// Not the worker's: the name carries no valid job id.
+			fx.fm.machines["x.y"] = &provision.Machine{Name: "stretchy-x.y", JobID: "x.y"}
+			if err := fx.m.Reconcile(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := fx.fm.machines["x.y"]; !ok {
+				t.Fatal("a domain with an invalid job id was removed")
+			}
+			if _, ok := fx.fm.machines["j"]; ok != tt.kept {
+				t.Fatalf("machine kept = %v, want %v", ok, tt.kept)
+			}
+			got := fx.rec.states("j")[len(tt.history):]
+			if !slices.Equal(got, tt.want) {
+				t.Fatalf("published %v, want %v", got, tt.want)
+			}
+			for i, e := range fx.rec.events[len(tt.history):] {
+				if want := tt.history[len(tt.history)-1].Seq + uint64(i) + 1; e.Seq != want {
+					t.Errorf("event %s has seq %d, want %d (numbering continues)", e.State, e.Seq, want)
+				}
+			}
+			if tt.wantCode != "" {
+				if last := fx.rec.last("j"); last.Error == nil || last.Error.Code != tt.wantCode {
+					t.Fatalf("last event %+v", last)
+				}
+			}
+			if tt.kept != (fx.m.Active() == 1) {
+				t.Fatalf("Active = %d", fx.m.Active())
+			}
+			if !tt.kept && len(tt.want) == 0 {
+				// The request was never acknowledged: its redelivery builds anew.
+				if err := fx.m.Provision(context.Background(), fx.request("j", "debian"), Delivery{Attempt: 2}); err != nil {
+					t.Fatal(err)
+				}
+				if fx.rec.last("j").State != messages.StateRunning {
+					t.Fatalf("the redelivered provision did not run: %v", fx.rec.states("j"))
+				}
+			}
+		})
+	}
+}
+
+func TestTeardownBeforeProvisionPreventsMachine(t *testing.T) {
 	fx := newFixture()
-	fx.fm.machines["run"] = &provision.Machine{Name: "stretchy-run", JobID: "run", Image: "debian", Running: true}
-	fx.fm.machines["half"] = &provision.Machine{Name: "stretchy-half", JobID: "half", Image: "debian"}
-	if err := fx.m.Reconcile(context.Background()); err != nil {
+	ctx := context.Background()
+	if err := fx.m.Teardown(ctx, "early", messages.ReasonRequested, nil, first); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := fx.fm.machines["half"]; ok {
-		t.Fatal("a stopped leftover was kept")
-	}
-	if fx.m.Active() != 1 {
-		t.Fatalf("Active = %d, want the running machine adopted", fx.m.Active())
-	}
-	if err := fx.m.Teardown(context.Background(), "run", messages.ReasonRequested, nil, first); err != nil {
+	if err := fx.m.Provision(ctx, fx.request("early", "debian"), first); err != nil {
 		t.Fatal(err)
 	}
-	if got := fx.rec.states("run"); !slices.Equal(got, []messages.State{messages.StateTearingDown, messages.StateTornDown}) {
-		t.Fatalf("events %v", got)
+	if fx.fm.clones != 0 {
+		t.Fatal("a machine was built for a job already torn down")
 	}
+}
+
+func TestFinalTeardownFailureIsReported(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	if err := fx.m.Provision(ctx, fx.request("j1", "debian"), first); err != nil {
+		t.Fatal(err)
+	}
+	fm := &failingRemove{fakeMachines: fx.fm}
+	fx.m.cfg.Machines = fm
+	if err := fx.m.Teardown(ctx, "j1", messages.ReasonRequested, nil, first); err == nil {
+		t.Fatal("want an error")
+	}
+	if last := fx.rec.last("j1"); last.State != messages.StateTearingDown {
+		t.Fatalf("a non-final failure published %s", last.State)
+	}
+	err := fx.m.Teardown(ctx, "j1", messages.ReasonRequested, nil, Delivery{Attempt: 5, Final: true})
+	var f *Failure
+	if !errors.As(err, &f) || f.Code != messages.CodeTeardownFailed {
+		t.Fatalf("got %v", err)
+	}
+	if last := fx.rec.last("j1"); last.State != messages.StateFailed || last.Error.Code != messages.CodeTeardownFailed {
+		t.Fatalf("last event %+v", last)
+	}
+}
+
+type failingRemove struct{ *fakeMachines }
+
+func (f *failingRemove) Remove(context.Context, string) (bool, error) {
+	return false, errors.New("libvirt refused")
 }
 
 func TestRejectReportsFailedOnce(t *testing.T) {

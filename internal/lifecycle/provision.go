@@ -25,9 +25,15 @@ const cleanupTimeout = 2 * time.Minute
 func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Delivery) error {
 	pctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
+	// The lifetime counts from the request, but never from the future: a
+	// skewed orchestrator clock must not make a machine immortal.
+	start := req.RequestedAt
+	if now := m.cfg.Now(); start.After(now) {
+		start = now
+	}
 	j := &job{
 		id: req.JobID, image: req.Image, domain: messages.DomainName(req.JobID),
-		deadline: req.Deadline(), cancel: cancel, built: make(chan struct{}),
+		deadline: start.Add(req.MaxLifetime()), cancel: cancel, built: make(chan struct{}),
 	}
 	if !m.track(j) {
 		return nil
@@ -79,7 +85,7 @@ func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d D
 		if mach.Running {
 			// An earlier delivery of this request got as far as
 			// starting the machine before its worker stopped.
-			return m.emit(ctx, j, messages.StateRunning, d, 0, "adopted", nil)
+			return m.emit(ctx, j, messages.StateRunning, d, 0, messages.ReasonAdopted, nil)
 		}
 		// A half-built leftover of an earlier delivery.
 		if _, err := m.cfg.Machines.Remove(ctx, j.id); err != nil {
@@ -164,9 +170,11 @@ func classify(err error) (messages.ErrorCode, bool) {
 	return code, false
 }
 
-// Reject reports a request that cannot be served (it does not decode or
-// validate) with a failed event when its job id is readable and the job is
-// not one this host is serving, and returns the *Failure to settle it with.
+// Reject reports a provision request that cannot be served (it does not
+// decode or validate) with a failed event when its job id is readable and
+// the job is neither served nor finished by this host, and returns the
+// *Failure to settle it with. Pass no job id for other requests: a bad
+// teardown must not declare a job failed.
 func (m *Manager) Reject(ctx context.Context, jobID, image string, code messages.ErrorCode, cause error, d Delivery) error {
 	f := &Failure{Code: code, Err: cause}
 	if jobID == "" {
@@ -174,8 +182,9 @@ func (m *Manager) Reject(ctx context.Context, jobID, image string, code messages
 	}
 	m.mu.Lock()
 	_, busy := m.jobs[jobID]
+	_, finished := m.done[jobID]
 	m.mu.Unlock()
-	if busy {
+	if busy || finished {
 		return f
 	}
 	j := &job{id: jobID, image: image}

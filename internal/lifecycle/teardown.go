@@ -3,6 +3,7 @@ package lifecycle
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
@@ -34,7 +35,9 @@ func (m *Manager) Teardown(ctx context.Context, jobID, reason string, cause *mes
 		select {
 		case <-j.built:
 		case <-ctx.Done():
-			m.setTearing(j, false)
+			m.mu.Lock()
+			j.tearing = false
+			m.mu.Unlock()
 			return ctx.Err()
 		}
 		m.mu.Lock()
@@ -54,10 +57,16 @@ func (m *Manager) Teardown(ctx context.Context, jobID, reason string, cause *mes
 		if !found {
 			u := &job{id: jobID}
 			m.startSeq(ctx, u)
-			return m.emit(ctx, u, messages.StateTornDown, d, 0, reason, &messages.Error{
+			err := m.emit(ctx, u, messages.StateTornDown, d, 0, reason, &messages.Error{
 				Code:    messages.CodeUnknownJob,
 				Message: fmt.Sprintf("host %s has no machine for job %s", m.cfg.Host, jobID),
 			})
+			if err == nil {
+				// A provision of the job arriving later must not build a
+				// machine nobody will tear down.
+				m.untrack(jobID, true)
+			}
+			return err
 		}
 		j = adopted(mach)
 		j.tearing = true
@@ -69,32 +78,51 @@ func (m *Manager) Teardown(ctx context.Context, jobID, reason string, cause *mes
 	return m.remove(ctx, j, reason, cause, d)
 }
 
-func (m *Manager) setTearing(j *job, v bool) {
-	m.mu.Lock()
-	j.tearing = v
-	m.mu.Unlock()
-}
-
 func (m *Manager) remove(ctx context.Context, j *job, reason string, cause *messages.Error, d Delivery) error {
 	if err := m.emit(ctx, j, messages.StateTearingDown, d, 0, reason, nil); err != nil {
-		m.setTearing(j, false)
+		m.retryLater(j)
 		return err
 	}
 	start := m.cfg.Now()
 	if _, err := m.cfg.Machines.Remove(ctx, j.id); err != nil {
-		m.setTearing(j, false)
-		return fmt.Errorf("remove machine of job %s: %w", j.id, err)
+		err = fmt.Errorf("remove machine of job %s: %w", j.id, err)
+		if d.Final {
+			// Nobody will ask again: say so, and stop tracking a machine
+			// that the next reconciliation will find and retry.
+			if perr := m.emit(ctx, j, messages.StateFailed, d, m.since(start), reason,
+				&messages.Error{Code: messages.CodeTeardownFailed, Message: err.Error()}); perr != nil {
+				m.retryLater(j)
+				return perr
+			}
+			m.untrack(j.id, false)
+			return &Failure{Code: messages.CodeTeardownFailed, Err: err}
+		}
+		m.retryLater(j)
+		return err
 	}
 	state := messages.StateTornDown
 	if cause != nil {
 		state = messages.StateFailed
 	}
 	if err := m.emit(ctx, j, state, d, m.since(start), reason, cause); err != nil {
-		m.setTearing(j, false)
+		m.retryLater(j)
 		return err
 	}
 	m.untrack(j.id, true)
 	return nil
+}
+
+// deadlineRetry spaces out deadline teardowns of a machine that could not
+// be removed.
+const deadlineRetry = 30 * time.Second
+
+// retryLater lets a failed teardown be tried again, by a request at once or
+// by the deadline check after deadlineRetry.
+func (m *Manager) retryLater(j *job) {
+	m.mu.Lock()
+	j.tearing = false
+	j.retryAt = m.cfg.Now().Add(deadlineRetry)
+	m.mu.Unlock()
 }
 
 // adopted makes a record for a machine this process did not create.
@@ -107,25 +135,72 @@ func adopted(mach provision.Machine) *job {
 	}
 }
 
-// Reconcile takes over the managed machines found on the host: running
-// ones are tracked again (deadline and teardown requests apply to them),
-// the others are half-built or stopped leftovers and are removed.
+// Reconcile takes over the managed machines found on the host, using what
+// the job's last event says about how far it got:
+//   - a running machine is tracked again, so its deadline and teardown
+//     requests apply; if its running event was never published (the worker
+//     stopped just before), it is published now with reason "adopted";
+//   - a stopped machine whose job had reached running is torn down with a
+//     terminal event, since its request was acknowledged long ago;
+//   - a stopped machine whose job never reached running is a half-built
+//     leftover: it is removed without events, because its request was not
+//     acknowledged and will be delivered again.
+//
+// Domains with the managed prefix but no valid job id in their name are not
+// the worker's and are left alone.
 func (m *Manager) Reconcile(ctx context.Context) error {
 	machines, err := m.cfg.Machines.List(ctx)
 	if err != nil {
 		return fmt.Errorf("list managed machines: %w", err)
 	}
+	d := Delivery{Origin: messages.ReasonReconcile}
 	for _, mach := range machines {
-		if mach.Running && mach.JobID != "" {
-			j := adopted(mach)
-			if m.track(j) {
-				m.startSeq(ctx, j)
-			}
+		if !messages.ValidJobID(mach.JobID) || mach.Name != messages.DomainName(mach.JobID) {
 			continue
 		}
-		if err := m.Teardown(ctx, mach.JobID, "reconcile", nil, Delivery{Attempt: 1}); err != nil {
-			return err
+		m.mu.Lock()
+		_, known := m.jobs[mach.JobID]
+		m.mu.Unlock()
+		if known {
+			continue
+		}
+		j := adopted(mach)
+		last := m.startSeq(ctx, j)
+		reached := reachedRunning(last.State)
+		switch {
+		case mach.Running:
+			if !m.track(j) {
+				continue
+			}
+			if !reached {
+				if err := m.emit(ctx, j, messages.StateRunning, Delivery{Origin: messages.ReasonAdopted}, 0, messages.ReasonAdopted, nil); err != nil {
+					return err
+				}
+			}
+		case reached:
+			j.tearing = true
+			if !m.track(j) {
+				continue
+			}
+			cause := &messages.Error{Code: messages.CodeMachineStopped, Message: fmt.Sprintf("machine %s was found stopped", mach.Name)}
+			if err := m.remove(ctx, j, messages.ReasonReconcile, cause, d); err != nil {
+				return err
+			}
+		default:
+			if _, err := m.cfg.Machines.Remove(ctx, mach.JobID); err != nil {
+				return fmt.Errorf("remove half-built machine %s: %w", mach.Name, err)
+			}
 		}
 	}
 	return nil
+}
+
+// reachedRunning reports whether a job whose newest event is in state s had
+// its machine running and its provision request acknowledged.
+func reachedRunning(s messages.State) bool {
+	switch s {
+	case messages.StateRunning, messages.StateTearingDown:
+		return true
+	}
+	return false
 }

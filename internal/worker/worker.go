@@ -29,7 +29,8 @@ type Config struct {
 	// Run's context ends; then they are cancelled, rolled back and their
 	// requests handed back for redelivery. Default 60s.
 	ShutdownGrace time.Duration
-	// PullWait bounds one pull request; default 5s.
+	// PullWait bounds one pull request, during which its slot is held;
+	// default 2s.
 	PullWait time.Duration
 	// DeadlineCheck is how often deadlines are checked; default 1s.
 	DeadlineCheck time.Duration
@@ -84,7 +85,7 @@ func New(cfg Config, cons bus.Consumers, life *lifecycle.Manager) *Worker {
 		cfg.ShutdownGrace = 60 * time.Second
 	}
 	if cfg.PullWait <= 0 {
-		cfg.PullWait = 5 * time.Second
+		cfg.PullWait = 2 * time.Second
 	}
 	if cfg.DeadlineCheck <= 0 {
 		cfg.DeadlineCheck = time.Second
@@ -124,26 +125,34 @@ func (w *Worker) Run(ctx context.Context) error {
 	return nil
 }
 
-// acquire takes an operation slot; it fails only when ctx ends.
+// acquire takes an operation slot; it fails only when ctx ends. A slot is
+// taken before a message is pulled, so no message waits unprocessed.
 func (w *Worker) acquire(ctx context.Context) bool {
 	select {
 	case w.slots <- struct{}{}:
+		return true
 	case <-ctx.Done():
 		return false
 	}
-	n := w.inFlight.Add(1)
-	for {
-		m := w.maxInFlight.Load()
-		if n <= m || w.maxInFlight.CompareAndSwap(m, n) {
-			break
-		}
-	}
-	return true
 }
 
-func (w *Worker) release() {
-	w.inFlight.Add(-1)
-	<-w.slots
+func (w *Worker) release() { <-w.slots }
+
+// operate runs op in its slot, counted as an operation in flight, and
+// frees the slot afterwards.
+func (w *Worker) operate(ops *conc.WaitGroup, op func()) {
+	ops.Go(func() {
+		defer w.release()
+		n := w.inFlight.Add(1)
+		defer w.inFlight.Add(-1)
+		for {
+			m := w.maxInFlight.Load()
+			if n <= m || w.maxInFlight.CompareAndSwap(m, n) {
+				break
+			}
+		}
+		op()
+	})
 }
 
 // next pulls at most one message from the first consumer that has one,
@@ -191,10 +200,7 @@ func (w *Worker) teardownLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 			w.release()
 			continue
 		}
-		ops.Go(func() {
-			defer w.release()
-			w.handleTeardown(opCtx, msg)
-		})
+		w.operate(ops, func() { w.handleTeardown(opCtx, msg) })
 	}
 }
 
@@ -214,8 +220,7 @@ func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) 
 			unreserve()
 			continue
 		}
-		ops.Go(func() {
-			defer w.release()
+		w.operate(ops, func() {
 			defer unreserve()
 			w.handleProvision(opCtx, msg)
 		})
@@ -235,12 +240,11 @@ func (w *Worker) deadlineLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 			if !w.acquire(ctx) {
 				return
 			}
-			ops.Go(func() {
-				defer w.release()
+			w.operate(ops, func() {
 				cause := &messages.Error{Code: messages.CodeDeadlineExceeded, Message: "the machine reached its maximum lifetime"}
-				err := w.life.Teardown(opCtx, id, messages.ReasonDeadline, cause, lifecycle.Delivery{Attempt: 1})
+				err := w.life.Teardown(opCtx, id, messages.ReasonDeadline, cause, lifecycle.Delivery{Origin: messages.ReasonDeadline})
 				if w.cfg.OnSettle != nil && err != nil {
-					w.cfg.OnSettle(Settlement{Op: "deadline", JobID: id, Attempt: 1, Outcome: "retry", Err: err})
+					w.cfg.OnSettle(Settlement{Op: "deadline", JobID: id, Outcome: "retry", Err: err})
 				}
 			})
 		}
@@ -293,8 +297,8 @@ func (w *Worker) handleTeardown(ctx context.Context, msg jetstream.Msg) {
 func (w *Worker) teardown(ctx context.Context, data []byte, d lifecycle.Delivery) (string, error) {
 	req, err := messages.DecodeTeardown(data)
 	if err != nil {
-		id := messages.PeekJobID(data)
-		return id, w.life.Reject(ctx, id, "", messages.CodeBadMessage, err, d)
+		// No failed event: a broken teardown says nothing about the job.
+		return messages.PeekJobID(data), w.life.Reject(ctx, "", "", messages.CodeBadMessage, err, d)
 	}
 	if err := req.Validate(); err != nil {
 		return "", w.life.Reject(ctx, "", "", rejectCode(err), err, d)

@@ -26,10 +26,25 @@ func Marshal(v any) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-func unmarshal(data []byte, v any) error {
+// isMap reports whether b starts a msgpack map (fixmap, map16 or map32).
+func isMap(b []byte) bool {
+	return len(b) > 0 && (b[0]&0xf0 == 0x80 || b[0] == 0xde || b[0] == 0xdf)
+}
+
+func unmarshal(data []byte, v any) (err error) {
 	if len(data) > MaxMessageSize {
 		return fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(data), MaxMessageSize)
 	}
+	if !isMap(data) {
+		return fmt.Errorf("%w: not a msgpack map", ErrMalformed)
+	}
+	// The decoder panics on some hostile inputs (nil for a timestamp);
+	// a payload from the network must never take the worker down.
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: %v", ErrMalformed, r)
+		}
+	}()
 	dec := msgpack.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(v); err != nil {
 		return fmt.Errorf("%w: %v", ErrMalformed, err)
@@ -66,7 +81,7 @@ func PeekJobID(data []byte) string {
 		return ""
 	}
 	var m map[string]any
-	if err := msgpack.Unmarshal(data, &m); err != nil {
+	if err := unmarshal(data, &m); err != nil {
 		return ""
 	}
 	id, _ := m["job_id"].(string)

@@ -87,13 +87,15 @@ const (
 	CodeUnknownJob         ErrorCode = "unknown_job"
 	CodeTeardownFailed     ErrorCode = "teardown_failed"
 	CodeShutdown           ErrorCode = "shutdown"
+	CodeMachineStopped     ErrorCode = "machine_stopped"
 	CodeInternal           ErrorCode = "internal"
 )
 
-// Teardown reasons carried in tearing_down events.
+// Reasons carried in events. Teardowns say why they began; "adopted" marks
+// a running event published by a worker that found the machine running.
 const (
-	ReasonRequested  = "requested"
-	ReasonDeadline   = "deadline"
-	ReasonFailed     = "failed"
-	ReasonPoweredOff = "powered_off"
+	ReasonRequested = "requested"
+	ReasonDeadline  = "deadline"
+	ReasonReconcile = "reconcile"
+	ReasonAdopted   = "adopted"
 )

@@ -50,7 +50,7 @@ func goldenCases() map[string]any {
 			State: StateRunning, Time: requestedAt.Add(9 * time.Second), Seq: 5, Attempt: 1, PhaseMS: 4200,
 		},
 		"event_failed_v1": &Event{
-			V: 1, JobID: "job-43", Host: "host-a", Image: "nope", State: StateFailed,
+			V: 1, JobID: "job-43", Host: "host-a", Image: "nope", Domain: "stretchy-job-43", State: StateFailed,
 			Time: requestedAt, Seq: 2, Attempt: 1,
 			Error: &Error{Code: CodeImageNotFound, Message: `image "nope" is not defined on host-a`},
 		},
@@ -165,6 +165,10 @@ func TestDecodeRejects(t *testing.T) {
 		{"array instead of map", mustMarshal(t, []any{1, "j1"}), ErrMalformed},
 		{"wrong type for job_id", mustMarshal(t, map[string]any{"v": 1, "job_id": 12}), ErrMalformed},
 		{"too large", make([]byte, MaxMessageSize+1), ErrTooLarge},
+		{"empty", nil, ErrMalformed},
+		{"nil timestamp", mustMarshal(t, map[string]any{"v": 1, "job_id": "j", "requested_at": nil}), ErrMalformed},
+		{"timestamp as string", mustMarshal(t, map[string]any{"v": 1, "job_id": "j", "requested_at": "yesterday"}), ErrMalformed},
+		{"runner as list", mustMarshal(t, map[string]any{"v": 1, "job_id": "j", "runner": []any{"none"}}), ErrMalformed},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

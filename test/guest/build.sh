@@ -84,7 +84,13 @@ build() {
   rm -rf "$WORK/debs" "$WORK/kernel" "$WORK/rootfs" "$WORK/initramfs" "$OUT" "$WORK/key"
   mkdir -p "$WORK/debs" "$WORK/kernel" "$WORK/rootfs" "$WORK/initramfs" "$OUT"
   chown _apt "$WORK/debs" 2>/dev/null || true   # apt-get download's sandbox user
-  (cd "$WORK/debs" && apt-get download -qq "$KPKG" "${PACKAGES[@]}" >/dev/null)
+  if ! (cd "$WORK/debs" && apt-get download -qq "$KPKG" "${PACKAGES[@]}" >/dev/null); then
+    # stale apt lists name versions the mirror no longer has: update, start over
+    [ -z "${GUEST_BUILD_RETRY:-}" ] || die "apt-get download failed"
+    log "apt-get download failed: apt-get update and retry"
+    apt-get update -qq
+    GUEST_BUILD_RETRY=1 exec bash "$HERE/build.sh"
+  fi
 
   local deb
   for deb in "$WORK"/debs/*.deb; do
@@ -150,6 +156,7 @@ build() {
   printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost\n' "$IMAGE_NAME" >"$r/etc/hosts"
   printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n' >"$r/etc/nsswitch.conf"
   echo /bin/sh >"$r/etc/shells"
+  echo 'export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' >"$r/etc/profile"
   cat >"$r/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh
 stretchy:x:1000:1000:stretchy:/home/stretchy:/bin/sh
@@ -190,7 +197,7 @@ EOF
   mkfs.ext4 -q -F -L "$IMAGE_NAME" -E lazy_itable_init=0,lazy_journal_init=0 \
     -d "$r" "$WORK/rootfs.ext4"
   qemu-img convert -O qcow2 "$WORK/rootfs.ext4" "$OUT/$VOLUME"
-  rm -f "$WORK/rootfs.ext4"
+  rm -rf "$WORK/rootfs.ext4" "$WORK/debs" "$WORK/kernel"   # ~470 MB, not needed any more
   echo "$key" >"$WORK/key"
   log "built $VOLUME ($(du -h "$OUT/$VOLUME" | cut -f1) on disk), $(cat "$OUT/kernel-kind"), initrd $(du -h "$OUT/initrd.img" | cut -f1)"
 }
@@ -317,4 +324,6 @@ if [ -z "$uuid" ] || [ "$(cat "$WORK/$IMAGE_NAME.xml" 2>/dev/null)" != "$xml" ];
   mv -f "$WORK/$IMAGE_NAME.xml.new" "$WORK/$IMAGE_NAME.xml"
   log "defined domain $IMAGE_NAME"
 fi
-stop_image
+case "$(domain_state)" in
+  running|paused) log "WARNING: the image domain $IMAGE_NAME is running (it should stay shut off; clone it instead)" ;;
+esac

@@ -93,11 +93,24 @@ var runID = func() string {
 	return "it" + hex.EncodeToString(b)
 }()
 
-// uniqueJob returns a job id that no earlier run used.
-func uniqueJob(prefix string) string {
+// uniqueJob returns a job id that no earlier run used. Whatever the test
+// leaves of the job's machine is removed when it ends, so that one failing
+// test does not fail the next ones' leftover checks.
+func uniqueJob(tb testing.TB, prefix string) string {
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
-	return runID + "-" + prefix + "-" + hex.EncodeToString(b)
+	job := runID + "-" + prefix + "-" + hex.EncodeToString(b)
+	tb.Cleanup(func() {
+		l, err := provision.Dial(context.Background(), "qemu:///system")
+		if err != nil {
+			return
+		}
+		defer l.Disconnect()
+		if existed, err := provision.New(l, provision.Options{}).Remove(context.Background(), job); existed || err != nil {
+			tb.Errorf("job %s: the test left a machine behind (removed: %v)", job, err)
+		}
+	})
+	return job
 }
 
 type workerOptions struct {
@@ -139,7 +152,7 @@ func startWorker(tb testing.TB, js jetstream.JetStream, l *libvirt.Libvirt, o wo
 	rw := &runningWorker{}
 	rw.life = lifecycle.New(lifecycle.Config{
 		Host: testHost, Machines: provision.New(l, provision.Options{DomainType: "qemu"}),
-		Events: pub, Seqs: pub,
+		Events: pub, History: pub,
 	})
 	rw.w = worker.New(worker.Config{
 		Parallelism: o.Parallelism, MaxVMs: o.MaxVMs, AckWait: o.AckWait, MaxDeliver: 5,

@@ -54,7 +54,7 @@ func TestProvisionBootTeardown(t *testing.T) {
 	events := followEvents(t, js)
 	startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 4})
 
-	job := uniqueJob("boot")
+	job := uniqueJob(t, "boot")
 	submitProvision(t, js, job)
 	running := events.waitState(t, job, messages.StateRunning, bootWait)
 	if running.Domain != "stretchy-"+job || running.Host != testHost || running.Image != testImage() {
@@ -143,7 +143,7 @@ func TestParallelismBoundsOperations(t *testing.T) {
 	const n = 20
 	jobs := make([]string, n)
 	for i := range jobs {
-		jobs[i] = uniqueJob("par")
+		jobs[i] = uniqueJob(t, "par")
 		submitProvision(t, js, jobs[i])
 	}
 	// Tear each machine down as soon as it runs, so that few guests burn
@@ -189,7 +189,7 @@ func TestMaxVMsHoldsProvisionsButNotTeardowns(t *testing.T) {
 	events := followEvents(t, js)
 	startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 2})
 
-	a, b, c := uniqueJob("cap-a"), uniqueJob("cap-b"), uniqueJob("cap-c")
+	a, b, c := uniqueJob(t, "cap-a"), uniqueJob(t, "cap-b"), uniqueJob(t, "cap-c")
 	submitProvision(t, js, a)
 	submitProvision(t, js, b)
 	events.waitState(t, a, messages.StateRunning, bootWait)
@@ -222,7 +222,7 @@ func TestDuplicateDeliveryMakesOneMachine(t *testing.T) {
 	events := followEvents(t, js)
 	rw := startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 4})
 
-	job := uniqueJob("dup")
+	job := uniqueJob(t, "dup")
 	data, err := messages.Marshal(provisionRequest(job))
 	if err != nil {
 		t.Fatal(err)
@@ -232,13 +232,25 @@ func TestDuplicateDeliveryMakesOneMachine(t *testing.T) {
 	publish(t, js, messages.ProvisionSubject(), data)
 	events.waitState(t, job, messages.StateRunning, bootWait)
 	waitQueueEmpty(t, js)
-	if n := countSettled(rw, "provision", job, "ack"); n != 2 {
-		t.Fatalf("%d provision messages acked, want 2", n)
-	}
+	waitUntil(t, 10*time.Second, "both deliveries acked", func() bool {
+		return countSettled(rw, "provision", job, "ack") == 2
+	})
 	submitTeardown(t, js, job)
 	events.waitState(t, job, messages.StateTornDown, bootWait)
 	if got := events.states(job); !slices.Equal(got, lifecycleStates) {
 		t.Fatalf("events %v, want one per state %v", got, lifecycleStates)
+	}
+}
+
+// waitUntil polls cond until it holds or the timeout passes.
+func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
@@ -258,14 +270,14 @@ func TestBadRequestsAreTerminated(t *testing.T) {
 	events := followEvents(t, js)
 	rw := startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 4, AckWait: 3 * time.Second})
 
-	invalid := uniqueJob("invalid")
+	invalid := uniqueJob(t, "invalid")
 	req := provisionRequest(invalid)
 	req.Image = "stretchy-sneaky"
 	invalidData, err := messages.Marshal(&req)
 	if err != nil {
 		t.Fatal(err)
 	}
-	unknownImage := uniqueJob("noimage")
+	unknownImage := uniqueJob(t, "noimage")
 	req = provisionRequest(unknownImage)
 	req.Image = "no-such-image-here"
 	unknownData, err := messages.Marshal(&req)
@@ -287,7 +299,7 @@ func TestBadRequestsAreTerminated(t *testing.T) {
 	}
 
 	// The worker keeps serving.
-	good := uniqueJob("good")
+	good := uniqueJob(t, "good")
 	submitProvision(t, js, good)
 	events.waitState(t, good, messages.StateRunning, bootWait)
 	submitTeardown(t, js, good)
@@ -321,7 +333,7 @@ func TestTeardownOfUnknownJob(t *testing.T) {
 	events := followEvents(t, js)
 	rw := startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 4})
 
-	ghost := uniqueJob("ghost")
+	ghost := uniqueJob(t, "ghost")
 	submitTeardown(t, js, ghost)
 	ev := events.waitState(t, ghost, messages.StateTornDown, 30*time.Second)
 	if ev.Error == nil || ev.Error.Code != messages.CodeUnknownJob {
@@ -344,7 +356,7 @@ func TestShutdownLosesNothing(t *testing.T) {
 	// A grace of a millisecond cancels whatever is in flight at shutdown.
 	first := startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 6, ShutdownGrace: time.Millisecond})
 
-	jobs := []string{uniqueJob("stop"), uniqueJob("stop"), uniqueJob("stop"), uniqueJob("stop")}
+	jobs := []string{uniqueJob(t, "stop"), uniqueJob(t, "stop"), uniqueJob(t, "stop"), uniqueJob(t, "stop")}
 	for _, job := range jobs {
 		submitProvision(t, js, job)
 	}

@@ -80,13 +80,13 @@ func PeekJobID(data []byte) string {
 	if len(data) > MaxMessageSize {
 		return ""
 	}
-	var m map[string]any
-	if err := unmarshal(data, &m); err != nil {
+	// A struct, not a map: a hostile map header must not size an
+	// allocation.
+	var m struct {
+		JobID string `msgpack:"job_id"`
+	}
+	if err := unmarshal(data, &m); err != nil || !ValidJobID(m.JobID) {
 		return ""
 	}
-	id, _ := m["job_id"].(string)
-	if !ValidJobID(id) {
-		return ""
-	}
-	return id
+	return m.JobID
 }

@@ -1,0 +1,120 @@
+package runners
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+)
+
+// forgejo starts `forgejo-runner one-job` (Forgejo Runner 12.8 or later),
+// which connects with the runner the orchestrator registered, takes one job
+// (--wait: waiting for it), runs it and exits. The token is read from a file
+// through --token-url. Flags are passed as --flag=value so that a value
+// starting with "-" cannot be taken for a flag.
+func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
+	if f == nil {
+		return start{}, fmt.Errorf("forgejo runner: missing settings: %w", ErrInvalid)
+	}
+	s := start{
+		name:       "Forgejo Runner",
+		program:    "/usr/local/bin/forgejo-runner",
+		secret:     f.Token,
+		secretFile: l.join(l.jobDir, "token"),
+	}
+	if l.os == Windows {
+		s.program = l.join(l.home, "forgejo-runner.exe")
+	}
+	s.exe = s.program
+	s.args = []string{
+		"one-job",
+		"--url=" + f.URL,
+		"--uuid=" + f.UUID,
+		"--token-url=" + l.fileURL(s.secretFile),
+	}
+	for _, lb := range f.Labels {
+		s.args = append(s.args, "--label="+forgejoLabel(lb))
+	}
+	if f.Handle != "" {
+		s.args = append(s.args, "--handle="+f.Handle)
+	}
+	s.args = append(s.args, "--wait")
+	return s, nil
+}
+
+// forgejoLabel gives a label the "host" scheme, so that jobs run directly
+// on the machine rather than in a container. forgejo-runner reads a label as
+// name[:scheme[:argument]][?options]; a label that already has a scheme or
+// options (it contains ":" or "?") is passed as given, since the
+// orchestrator then chose them.
+func forgejoLabel(label string) string {
+	if strings.ContainsAny(label, ":?") {
+		return label
+	}
+	return label + ":host"
+}
+
+// github starts the GitHub Actions Runner's run script with no arguments.
+// Runner.Listener reads every --<name> argument also from the environment
+// variable ACTIONS_RUNNER_INPUT_<NAME> (and removes it from its own
+// environment), so the launch script loads the JIT configuration from its
+// file into ACTIONS_RUNNER_INPUT_JITCONFIG and deletes the file: the
+// configuration is never on a command line.
+func github(l layout, g *messages.GitHubRunner) (start, error) {
+	if g == nil {
+		return start{}, fmt.Errorf("github runner: missing settings: %w", ErrInvalid)
+	}
+	s := start{
+		name:       "GitHub Actions Runner",
+		secret:     g.JITConfig,
+		secretFile: l.join(l.jobDir, "jitconfig"),
+		secretEnv:  "ACTIONS_RUNNER_INPUT_JITCONFIG",
+	}
+	switch l.os {
+	case FreeBSD:
+		return start{}, fmt.Errorf("GitHub Actions Runner does not support FreeBSD: %w", ErrUnsupported)
+	case Windows:
+		s.program = `C:\actions-runner\run.cmd`
+	default:
+		s.program = l.join(l.home, "actions-runner", "run.sh")
+	}
+	s.exe = s.program
+	return s, nil
+}
+
+// jenkins starts an inbound agent over WebSocket. agent.jar parses its
+// arguments with args4j, which replaces every argument starting with "@" by
+// the lines of the file it names; -secret @<file> uses that, and a name or
+// work directory starting with "@" is refused because it would be read as a
+// file too.
+func jenkins(l layout, j *messages.JenkinsAgent) (start, error) {
+	if j == nil {
+		return start{}, fmt.Errorf("jenkins agent: missing settings: %w", ErrInvalid)
+	}
+	workDir := j.WorkDir
+	if workDir == "" {
+		workDir = l.join(l.home, "jenkins")
+	}
+	if strings.HasPrefix(j.AgentName, "@") || strings.HasPrefix(workDir, "@") {
+		return start{}, fmt.Errorf("jenkins agent: agent name and work dir must not start with \"@\": %w", ErrInvalid)
+	}
+	s := start{
+		name:       "Jenkins agent",
+		program:    l.join(l.home, "agent.jar"),
+		exe:        "java",
+		secret:     j.Secret,
+		secretFile: l.join(l.jobDir, "jenkins-secret"),
+	}
+	if l.os == Windows {
+		s.exe = "java.exe"
+	}
+	s.args = []string{
+		"-jar", s.program,
+		"-url", j.URL,
+		"-name", j.AgentName,
+		"-secret", "@" + s.secretFile,
+		"-webSocket",
+		"-workDir", workDir,
+	}
+	return s, nil
+}

@@ -1,0 +1,201 @@
+package runners
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+)
+
+// User is the local account every runner runs as. Images must provide it
+// with the home directory Home returns.
+const User = "stretchy"
+
+// Sentinel errors for the branches callers take. For wraps them with the
+// runner and OS they concern; the text never contains a secret.
+var (
+	// ErrUnsupported means the runner does not run on the OS family, for
+	// example GitHub Actions Runner on FreeBSD.
+	ErrUnsupported = errors.New("unsupported runner and OS combination")
+	// ErrInvalid means the request cannot be turned into a safe plan: a bad
+	// job id, a missing runner section, a NUL byte, or a value the runner
+	// would misread. Messages that passed Validate can still hit the last
+	// case (a Jenkins agent name starting with "@").
+	ErrInvalid = errors.New("invalid runner request")
+)
+
+// Command is one program the worker runs in the guest with guest-exec.
+type Command struct {
+	// Path is the absolute path of the program in the guest.
+	Path string
+	// Args is the argument vector after the program. It never holds a
+	// secret: any process in the guest can read another's argv.
+	Args []string
+	// Env is the complete environment as NAME=value entries, or nil to keep
+	// the guest agent's own. qemu-ga replaces the whole environment when it
+	// is given one. It never holds a secret.
+	Env []string
+	// Stdin is sent as guest-exec input-data; it is the only place a secret
+	// travels.
+	Stdin []byte
+	// SecretStdin says Stdin holds a secret that must never be logged or put
+	// into an event or error.
+	SecretStdin bool
+	// Purpose says in a few words what the command is for, for errors and
+	// logs, such as "write launch script".
+	Purpose string
+}
+
+// Plan is how to start one job's runner: the worker runs Prepare in order,
+// each of which must exit 0, then starts Launch and watches its guest-exec
+// pid. Launch exits when the runner does, and its exit ends the machine.
+//
+// Launch runs a launch script that Prepare writes, next to the runner's
+// secret, into the job directory <home>/.stretchy/<job id>, which only
+// stretchy can read. The script sets HOME, USER, LOGNAME, PATH and SHELL,
+// changes to the home directory and execs the runner with shell-quoted
+// arguments. How Launch becomes stretchy depends on the OS family:
+//
+//   - Linux: a fixed /bin/sh wrapper picks, at run time, systemd-run
+//     --wait --pipe --collect --uid=stretchy when systemd (236 or later) is
+//     running, because it propagates the exit status and output and moves the
+//     runner out of qemu-ga's cgroup, so restarting qemu-ga does not kill it;
+//     else sudo -n -H -u stretchy; else su -s /bin/sh stretchy -c, which is
+//     all a busybox guest has.
+//   - FreeBSD: su -m stretchy -c, which is in the base system, needs no
+//     configuration when root calls it, and waits for the runner. daemon(8)
+//     would detach and lose the exit status; doas and sudo are ports that
+//     need a rule.
+//   - macOS: launchctl asuser <uid of stretchy> sudo -n -H -u stretchy, so
+//     that the runner lives in stretchy's bootstrap namespace and can reach
+//     its Aqua session (given automatic login).
+//   - Windows: the QEMU-GA service already runs as stretchy, so Launch runs
+//     a PowerShell script in the job directory, which starts the runner with
+//     a pre-quoted command line and exits with its exit code.
+//
+// The wrappers' text holds no job data: the script path comes as "$1" and is
+// checked to hold only [A-Za-z0-9_./-], so every shell su may pick runs it
+// the same way. su and sudo are given the path, never a command string built
+// from job data.
+type Plan struct {
+	// Prepare writes the secret and the launch script.
+	Prepare []Command
+	// Launch starts the runner and exits when it does.
+	Launch Command
+	// Program is the runner program the image must provide, for
+	// diagnostics when Launch fails at once.
+	Program string
+	// Home is stretchy's home directory and the runner's working directory.
+	Home string
+}
+
+// Empty reports whether p starts nothing, which is what For returns for
+// messages.RunnerNone.
+func (p Plan) Empty() bool { return p.Launch.Path == "" }
+
+// For returns the plan that starts runner r for job jobID on an OS of family
+// os. For messages.RunnerNone there is nothing to start: For returns the
+// zero Plan (Empty reports true) and no error, and the machine lives until
+// it is torn down or reaches its deadline. For returns an error wrapping
+// ErrUnsupported when the runner does not run on os, and one wrapping
+// ErrInvalid when r cannot be turned into a safe plan.
+func For(jobID string, os OS, r messages.Runner) (Plan, error) {
+	if r.Kind == messages.RunnerNone {
+		return Plan{}, nil
+	}
+	if !messages.ValidJobID(jobID) {
+		return Plan{}, fmt.Errorf("job id %q: %w", jobID, ErrInvalid)
+	}
+	if !os.valid() {
+		return Plan{}, fmt.Errorf("OS family %q: %w", os, ErrUnknownOS)
+	}
+	l := layoutFor(os, jobID)
+	var (
+		s   start
+		err error
+	)
+	switch r.Kind {
+	case messages.RunnerForgejo:
+		s, err = forgejo(l, r.Forgejo)
+	case messages.RunnerGitHub:
+		s, err = github(l, r.GitHub)
+	case messages.RunnerJenkins:
+		s, err = jenkins(l, r.Jenkins)
+	default:
+		return Plan{}, fmt.Errorf("runner kind %q: %w", r.Kind, ErrInvalid)
+	}
+	if err != nil {
+		return Plan{}, err
+	}
+	for _, v := range append([]string{s.exe, s.secret}, s.args...) {
+		if strings.IndexByte(v, 0) >= 0 {
+			return Plan{}, fmt.Errorf("%s: a value holds a NUL byte: %w", s.name, ErrInvalid)
+		}
+	}
+	if os == Windows {
+		return windowsPlan(l, s), nil
+	}
+	return posixPlan(l, s), nil
+}
+
+// start is what a runner needs, independent of how the OS starts it.
+type start struct {
+	name    string   // runner name for Purpose texts
+	program string   // Plan.Program
+	exe     string   // what the script runs: program itself, or java
+	args    []string // arguments after exe
+	// secret is written to secretFile (mode 0600) before the launch.
+	secret     string
+	secretFile string
+	// secretEnv, if set, is the environment variable the launch script
+	// loads the secret into before it deletes secretFile and starts exe.
+	secretEnv string
+}
+
+// layout holds the paths of one OS family for one job.
+type layout struct {
+	os        OS
+	home      string
+	base      string // <home>/.stretchy
+	jobDir    string // <home>/.stretchy/<job id>
+	sep       string
+	userPath  string // PATH the runner gets
+	adminPath string // PATH the root-run commands get (POSIX only)
+}
+
+func layoutFor(os OS, jobID string) layout {
+	l := layout{os: os, sep: "/"}
+	switch os {
+	case Linux:
+		l.home = "/home/" + User
+		l.userPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+		l.adminPath = l.userPath
+	case FreeBSD:
+		l.home = "/home/" + User
+		l.userPath = "/sbin:/bin:/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin"
+		l.adminPath = l.userPath
+	case Darwin:
+		l.home = "/Users/" + User
+		l.userPath = "/opt/homebrew/bin:/opt/homebrew/sbin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+		l.adminPath = "/usr/bin:/bin:/usr/sbin:/sbin"
+	case Windows:
+		l.home = `C:\Users\` + User
+		l.sep = `\`
+	}
+	l.base = l.home + l.sep + ".stretchy"
+	l.jobDir = l.base + l.sep + jobID
+	return l
+}
+
+// join joins path elements with the family's separator.
+func (l layout) join(elem ...string) string { return strings.Join(elem, l.sep) }
+
+// fileURL is the file: URL of path as forgejo-runner's --token-url reads
+// it: "file:/abs/path" on POSIX, RFC 8089 "file:///C:/..." on Windows.
+func (l layout) fileURL(path string) string {
+	if l.os == Windows {
+		return "file:///" + strings.ReplaceAll(path, `\`, "/")
+	}
+	return "file:" + path
+}

@@ -1,0 +1,136 @@
+package runners
+
+import (
+	"regexp"
+	"strings"
+)
+
+// writeFileScript runs as root (qemu-ga's user) and writes its standard
+// input to "$3" with mode "$4", in the directory "$2" below "$1"
+// (<home>/.stretchy), all owned by stretchy. The umask makes every file and
+// directory private from the moment it exists; the file is removed first so
+// that nothing left at its path is written through. qemu-ga's own
+// guest-file-open would create the file 0666 and root-owned.
+const writeFileScript = `set -e
+umask 077
+u=stretchy
+g=$(id -g "$u")
+mkdir -p "$2"
+chown "$u:$g" "$1" "$2"
+chmod 0700 "$1" "$2"
+rm -f "$3"
+cat >"$3"
+chown "$u:$g" "$3"
+chmod "$4" "$3"
+`
+
+// checkScriptPath refuses a launch script path that is not absolute or
+// holds a character a shell could act on; the wrappers below rely on it.
+const checkScriptPath = `case $1 in
+'' | [!/]* | *[!A-Za-z0-9_./-]*) echo "stretchy: refusing launch script path" >&2; exit 126 ;;
+esac
+`
+
+// linuxLaunchScript starts the launch script "$1" as stretchy with the best
+// tool the guest has; see Plan. systemd-run needs --pipe (235) and
+// --collect (236), and systemd must be PID 1. --wait makes it exit with the
+// runner's status.
+const linuxLaunchScript = checkScriptPath + `if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then
+  v=$(systemd-run --version 2>/dev/null) || v=
+  v=${v#systemd }
+  v=${v%%[!0-9]*}
+  if [ "${v:-0}" -ge 236 ]; then
+    exec systemd-run --quiet --wait --pipe --collect --uid=stretchy -p 'WorkingDirectory=~' "$1"
+  fi
+fi
+if command -v sudo >/dev/null 2>&1; then
+  exec sudo -n -H -u stretchy -- "$1"
+fi
+exec su -s /bin/sh stretchy -c "$1"
+`
+
+// freebsdLaunchScript starts the launch script "$1" as stretchy with the
+// base system's su; see Plan. With -m, su keeps the small environment Launch
+// sets instead of requiring a usable login shell for stretchy; the path is
+// handed over as a bare word that sh and csh alike run as a program.
+const freebsdLaunchScript = checkScriptPath + `exec su -m stretchy -c "$1"
+`
+
+// darwinLaunchScript starts the launch script "$1" as stretchy in
+// stretchy's bootstrap namespace; see Plan.
+const darwinLaunchScript = checkScriptPath + `uid=$(id -u stretchy) || exit 126
+exec launchctl asuser "$uid" sudo -n -H -u stretchy -- "$1"
+`
+
+// posixPlan renders s for Linux, FreeBSD and macOS.
+func posixPlan(l layout, s start) Plan {
+	env := []string{"PATH=" + l.adminPath}
+	script := l.join(l.jobDir, "launch.sh")
+	write := func(file, mode string, content []byte, secret bool, purpose string) Command {
+		return Command{
+			Path:        "/bin/sh",
+			Args:        []string{"-c", writeFileScript, "sh", l.base, l.jobDir, file, mode},
+			Env:         env,
+			Stdin:       content,
+			SecretStdin: secret,
+			Purpose:     purpose,
+		}
+	}
+	wrapper := map[OS]string{Linux: linuxLaunchScript, FreeBSD: freebsdLaunchScript, Darwin: darwinLaunchScript}[l.os]
+	return Plan{
+		Prepare: []Command{
+			write(s.secretFile, "0600", []byte(s.secret), true, "write "+s.name+" secret"),
+			write(script, "0700", []byte(posixLaunchScript(l, s)), false, "write launch script"),
+		},
+		Launch: Command{
+			Path:    "/bin/sh",
+			Args:    []string{"-c", wrapper, "sh", script},
+			Env:     env,
+			Purpose: "start " + s.name + " as " + User,
+		},
+		Program: s.program,
+		Home:    l.home,
+	}
+}
+
+// posixLaunchScript is the script stretchy runs. It holds no secret: a
+// secret it needs is read from its file at run time.
+func posixLaunchScript(l layout, s start) string {
+	var b strings.Builder
+	b.WriteString("#!/bin/sh\n")
+	b.WriteString("# Starts " + s.name + " for one CI job. Written by the stretchy libvirt worker.\n")
+	b.WriteString("umask 022\n")
+	b.WriteString("HOME=" + shellQuote(l.home) + "\n")
+	b.WriteString("USER=" + User + "\n")
+	b.WriteString("LOGNAME=" + User + "\n")
+	b.WriteString("PATH=" + shellQuote(l.userPath) + "\n")
+	b.WriteString("SHELL=${SHELL:-/bin/sh}\n")
+	b.WriteString("export HOME USER LOGNAME PATH SHELL\n")
+	b.WriteString("cd \"$HOME\" || exit 1\n")
+	if s.secretEnv != "" {
+		f := shellQuote(s.secretFile)
+		b.WriteString(s.secretEnv + "=$(cat " + f + ") || exit 1\n")
+		b.WriteString("export " + s.secretEnv + "\n")
+		b.WriteString("rm -f " + f + "\n")
+	}
+	b.WriteString("exec " + shellQuote(s.exe))
+	for _, a := range s.args {
+		b.WriteString(" \\\n  " + shellQuote(a))
+	}
+	b.WriteString("\n")
+	return b.String()
+}
+
+// plainWord matches words no POSIX shell treats specially in argument
+// position. "=" is left out so that no word can look like an assignment.
+var plainWord = regexp.MustCompile(`^[A-Za-z0-9_@%+:,./-]+$`)
+
+// shellQuote quotes s as one word for a POSIX shell: inside single quotes
+// every byte but ' stands for itself, and ' is written as '\”. It cannot
+// represent NUL, which For refuses.
+func shellQuote(s string) string {
+	if plainWord.MatchString(s) {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}

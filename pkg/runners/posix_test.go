@@ -1,0 +1,411 @@
+package runners
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+)
+
+// awkward are values a shell would act on if they were quoted wrongly.
+var awkward = []string{
+	"", "plain", "two words", "it's", `say "hi"`, "$HOME", "${x:-y}", "`id`", "$(id)",
+	"a\\b", "back\\", "semi;colon", "amp&er", "pipe|", "<in >out", "glob*?[a]", "~tilde", "#hash",
+	"new\nline", "tab\there", "日本語", "'", "''", `\'`, "-n", "--", "x=y",
+}
+
+func requireSh(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat("/bin/sh"); err != nil {
+		t.Skip("no /bin/sh")
+	}
+}
+
+// shells are the POSIX shells the scripts are run with: /bin/sh, and
+// busybox sh, which is all the test guest has, when it is installed.
+func shells(t *testing.T) map[string][]string {
+	t.Helper()
+	requireSh(t)
+	sh := map[string][]string{"sh": {"/bin/sh"}}
+	if bb, err := exec.LookPath("busybox"); err == nil {
+		sh["busybox"] = []string{bb, "sh"}
+	}
+	return sh
+}
+
+// posixShOnly is /bin/sh alone, for tests that fake id, chown or su:
+// busybox sh runs its own applets of those names whatever PATH says.
+func posixShOnly(t *testing.T) map[string][]string {
+	t.Helper()
+	requireSh(t)
+	return map[string][]string{"sh": {"/bin/sh"}}
+}
+
+// shellCommand runs sh (a shells entry) with args.
+func shellCommand(sh []string, args ...string) *exec.Cmd {
+	return exec.Command(sh[0], append(slices.Clone(sh[1:]), args...)...)
+}
+
+// TestShellQuoteRoundTrip has /bin/sh print the words shellQuote made.
+func TestShellQuoteRoundTrip(t *testing.T) {
+	requireSh(t)
+	words := make([]string, len(awkward))
+	for i, a := range awkward {
+		words[i] = shellQuote(a)
+	}
+	out, err := exec.Command("/bin/sh", "-c", `printf '%s\0' `+strings.Join(words, " ")).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Split(strings.TrimSuffix(string(out), "\x00"), "\x00"); !slices.Equal(got, awkward) {
+		t.Fatalf("round trip:\n got %q\nwant %q", got, awkward)
+	}
+}
+
+// writeFake writes an executable shell script.
+func writeFake(t *testing.T, path, body string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte("#!/bin/sh\n"+body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// readNUL reads a file of NUL-terminated strings.
+func readNUL(t *testing.T, path string) []string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Split(strings.TrimSuffix(string(b), "\x00"), "\x00")
+}
+
+// fakeRunner records its argv and the environment the runner sees, then
+// exits 7, which the launch script must pass on.
+const fakeRunner = `printf '%s\0' "$0" "$@" >"$OUT/argv"
+printf '%s\0' "HOME=$HOME" "USER=$USER" "LOGNAME=$LOGNAME" "SHELL=$SHELL" "PWD=$(pwd)" "JIT=${ACTIONS_RUNNER_INPUT_JITCONFIG-unset}" >"$OUT/env"
+exit 7
+`
+
+// TestPOSIXLaunchScripts runs each POSIX launch script with /bin/sh after
+// moving home to a temporary directory and putting fake runner programs in
+// place, and checks the argv and environment the runner gets.
+func TestPOSIXLaunchScripts(t *testing.T) {
+	for shName, sh := range shells(t) {
+		for _, rc := range runnerCases {
+			for _, goos := range []OS{Linux, FreeBSD, Darwin} {
+				t.Run(shName+"/"+rc.name+"/"+string(goos), func(t *testing.T) { testLaunchScript(t, sh, rc.name, rc.runner, goos) })
+			}
+		}
+	}
+}
+
+func testLaunchScript(t *testing.T, sh []string, name string, runner func() messages.Runner, goos OS) {
+	p, err := For(testJob, goos, runner())
+	if errors.Is(err, ErrUnsupported) {
+		t.Skip(err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := string(p.Prepare[1].Stdin)
+	if out, err := shellCommand(sh, "-n", "-c", script).CombinedOutput(); err != nil {
+		t.Fatalf("sh -n: %v\n%s", err, out)
+	}
+
+	tmp := t.TempDir()
+	home, bin, out := filepath.Join(tmp, "home"), filepath.Join(tmp, "bin"), filepath.Join(tmp, "out")
+	for _, d := range []string{home, bin, out} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l := layoutFor(goos, testJob)
+	test := strings.ReplaceAll(script, "PATH="+shellQuote(l.userPath), "PATH="+bin+":/usr/bin:/bin")
+	test = strings.ReplaceAll(test, "/usr/local/bin/forgejo-runner", bin+"/forgejo-runner")
+	test = strings.ReplaceAll(test, l.home, home)
+
+	var program string
+	var wantArgs []string
+	wantJIT := "unset"
+	switch name {
+	case "forgejo":
+		program = bin + "/forgejo-runner"
+		wantArgs = []string{
+			"one-job",
+			"--url=https://code.example.org/forgejo/?a=1&b=$x",
+			"--uuid=0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f",
+			"--token-url=file:" + home + "/.stretchy/job-42_x/token",
+			"--label=ubuntu latest:host",
+			"--label=it's:host",
+			"--label=日本語:host",
+			"--label=say \"hi\" $(id) `x`:host",
+			"--label=docker:docker://node:22",
+			"--handle=h-77",
+			"--wait",
+		}
+	case "github":
+		program = home + "/actions-runner/run.sh"
+		wantArgs = []string{}
+		wantJIT = githubRunner().GitHub.JITConfig
+		jit := filepath.Join(home, ".stretchy", testJob, "jitconfig")
+		if err := os.MkdirAll(filepath.Dir(jit), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(jit, []byte(wantJIT), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if _, err := os.Stat(jit); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("launch script left the JIT config file behind (stat: %v)", err)
+			}
+		})
+	case "jenkins":
+		program = bin + "/java"
+		wantArgs = []string{
+			"-jar", home + "/agent.jar",
+			"-url", "https://jenkins.example.org/ci/?a=1&b=$x",
+			"-name", `agent one's "$HOME"`,
+			"-secret", "@" + home + "/.stretchy/job-42_x/jenkins-secret",
+			"-webSocket",
+			"-workDir", home + "/jenkins",
+		}
+	}
+	writeFake(t, program, fakeRunner)
+
+	cmd := shellCommand(sh, "-c", test)
+	cmd.Env = []string{"OUT=" + out, "PATH=/usr/bin:/bin"}
+	cmd.Dir = tmp
+	output, err := cmd.CombinedOutput()
+	var exitErr *exec.ExitError
+	if !errors.As(err, &exitErr) || exitErr.ExitCode() != 7 {
+		t.Fatalf("launch script: %v, want exit status 7 from the runner\n%s", err, output)
+	}
+	argv := readNUL(t, filepath.Join(out, "argv"))
+	if want := append([]string{program}, wantArgs...); !slices.Equal(argv, want) {
+		t.Errorf("runner argv:\n got %q\nwant %q", argv, want)
+	}
+	wantEnv := []string{"HOME=" + home, "USER=stretchy", "LOGNAME=stretchy", "SHELL=/bin/sh", "PWD=" + home, "JIT=" + wantJIT}
+	if env := readNUL(t, filepath.Join(out, "env")); !slices.Equal(env, wantEnv) {
+		t.Errorf("runner environment:\n got %q\nwant %q", env, wantEnv)
+	}
+}
+
+// TestPOSIXWriteFile runs the Prepare commands with fake id and chown and
+// checks what they leave on disk.
+func TestPOSIXWriteFile(t *testing.T) {
+	for shName, sh := range posixShOnly(t) {
+		for _, goos := range []OS{Linux, FreeBSD, Darwin} {
+			t.Run(shName+"/"+string(goos), func(t *testing.T) { testWriteFile(t, sh, goos) })
+		}
+	}
+}
+
+func testWriteFile(t *testing.T, sh []string, goos OS) {
+	p, err := For(testJob, goos, forgejoRunner())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := t.TempDir()
+	home, bin := filepath.Join(tmp, "home"), filepath.Join(tmp, "bin")
+	if err := os.MkdirAll(home, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeFake(t, bin+"/id", `echo 1000`)
+	writeFake(t, bin+"/chown", `printf '%s\n' "$*" >>"$OUT/chown"`)
+	l := layoutFor(goos, testJob)
+	for _, c := range p.Prepare {
+		args := slices.Clone(c.Args)
+		for i := 3; i < len(args); i++ {
+			args[i] = strings.ReplaceAll(args[i], l.home, home)
+		}
+		// A stale file, even a symlink, is replaced, not written through.
+		target := filepath.Join(tmp, "target")
+		if err := os.WriteFile(target, []byte("keep"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		_ = os.MkdirAll(filepath.Dir(args[5]), 0o700)
+		_ = os.Symlink(target, args[5])
+
+		if c.Path != "/bin/sh" {
+			t.Fatalf("%s: runs %s, want /bin/sh", c.Purpose, c.Path)
+		}
+		cmd := shellCommand(sh, args...)
+		cmd.Env = []string{"PATH=" + bin + ":/usr/bin:/bin", "OUT=" + tmp}
+		cmd.Stdin = bytes.NewReader(c.Stdin)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", c.Purpose, err, out)
+		}
+		got, err := os.ReadFile(args[5])
+		if err != nil || !bytes.Equal(got, c.Stdin) {
+			t.Errorf("%s: file holds %q, %v; want the command's stdin", c.Purpose, got, err)
+		}
+		if keep, _ := os.ReadFile(target); string(keep) != "keep" {
+			t.Errorf("%s: wrote through a symlink", c.Purpose)
+		}
+		fi, err := os.Lstat(args[5])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := map[string]os.FileMode{"0600": 0o600, "0700": 0o700}[args[6]]; fi.Mode() != want {
+			t.Errorf("%s: mode %v, want %v", c.Purpose, fi.Mode(), want)
+		}
+		for _, d := range args[3:5] {
+			if fi, err := os.Stat(d); err != nil || fi.Mode().Perm() != 0o700 {
+				t.Errorf("%s: directory %s: %v, %v; want mode 0700", c.Purpose, d, fi.Mode(), err)
+			}
+		}
+	}
+	chowns, err := os.ReadFile(filepath.Join(tmp, "chown"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, dir := filepath.Join(home, ".stretchy"), filepath.Join(home, ".stretchy", testJob)
+	want := strings.Join([]string{
+		"stretchy:1000 " + base + " " + dir,
+		"stretchy:1000 " + dir + "/token",
+		"stretchy:1000 " + base + " " + dir,
+		"stretchy:1000 " + dir + "/launch.sh",
+	}, "\n") + "\n"
+	if string(chowns) != want {
+		t.Errorf("chown calls:\n%s\nwant:\n%s", chowns, want)
+	}
+}
+
+// recorder records its name and argv, then exits 3.
+const recorder = `printf '%s\0' "${0##*/}" "$@" >"$OUT/called"
+exit 3
+`
+
+// TestPOSIXLaunchWrappers runs the Launch wrappers against fake su, sudo,
+// systemd-run, id and launchctl and checks which one they call, and how.
+func TestPOSIXLaunchWrappers(t *testing.T) {
+	requireSh(t)
+	_, err := os.Stat("/run/systemd/system")
+	systemdBooted := err == nil
+	script := "/home/stretchy/.stretchy/" + testJob + "/launch.sh"
+	sudo := []string{"sudo", "-n", "-H", "-u", "stretchy", "--", script}
+	tests := []wrapperCase{
+		{name: "linux busybox su", os: Linux, fakes: map[string]string{"su": ""},
+			want: []string{"su", "-s", "/bin/sh", "stretchy", "-c", script}},
+		{name: "linux sudo", os: Linux, fakes: map[string]string{"su": "", "sudo": ""}, want: sudo},
+		{name: "linux old systemd", os: Linux,
+			fakes: map[string]string{"su": "", "sudo": "", "systemd-run": `[ "$1" = --version ] && { echo 'systemd 219'; exit 0; }` + "\n" + recorder},
+			want:  sudo},
+		{name: "linux systemd", os: Linux,
+			fakes: map[string]string{"su": "", "sudo": "", "systemd-run": `[ "$1" = --version ] && { printf 'systemd 252 (252.39-1)\n+PAM +AUDIT\n'; exit 0; }` + "\n" + recorder},
+			want: map[bool][]string{
+				true:  {"systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--uid=stretchy", "-p", "WorkingDirectory=~", script},
+				false: sudo,
+			}[systemdBooted]},
+		{name: "freebsd su", os: FreeBSD, fakes: map[string]string{"su": ""},
+			want: []string{"su", "-m", "stretchy", "-c", script}},
+		{name: "darwin launchctl", os: Darwin, fakes: map[string]string{"id": `echo 501`, "launchctl": ""},
+			want: []string{"launchctl", "asuser", "501", "sudo", "-n", "-H", "-u", "stretchy", "--", script}},
+		{name: "linux refuses odd path", os: Linux, fakes: map[string]string{"su": ""}, script: "/tmp/x; reboot"},
+		{name: "freebsd refuses odd path", os: FreeBSD, fakes: map[string]string{"su": ""}, script: "/tmp/$(reboot)"},
+		{name: "darwin refuses relative path", os: Darwin, fakes: map[string]string{"id": `echo 501`, "launchctl": ""}, script: "-"},
+		{name: "linux refuses relative path", os: Linux, fakes: map[string]string{"su": ""}, script: "launch.sh"},
+	}
+	for shName, sh := range posixShOnly(t) {
+		for _, tt := range tests {
+			t.Run(shName+"/"+tt.name, func(t *testing.T) {
+				testWrapper(t, sh, script, tt)
+			})
+		}
+	}
+}
+
+type wrapperCase struct {
+	name   string
+	os     OS
+	fakes  map[string]string // program name -> body; "" is recorder
+	script string            // launch script path to pass instead of the plan's
+	want   []string          // argv of the program called; nil: refused with 126
+}
+
+func testWrapper(t *testing.T, sh []string, script string, tt wrapperCase) {
+	p, err := For(testJob, tt.os, forgejoRunner())
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := slices.Clone(p.Launch.Args)
+	if got := args[len(args)-1]; strings.Replace(got, "/Users/", "/home/", 1) != script {
+		t.Fatalf("launch script argument %q", got)
+	}
+	args[len(args)-1] = script
+	if tt.script != "" {
+		args[len(args)-1] = tt.script
+	}
+	tmp := t.TempDir()
+	bin := filepath.Join(tmp, "bin")
+	for name, body := range tt.fakes {
+		if body == "" {
+			body = recorder
+		}
+		writeFake(t, filepath.Join(bin, name), body)
+	}
+	if p.Launch.Path != "/bin/sh" {
+		t.Fatalf("launch runs %s, want /bin/sh", p.Launch.Path)
+	}
+	cmd := shellCommand(sh, args...)
+	cmd.Env = []string{"PATH=" + bin, "OUT=" + tmp}
+	out, err := cmd.CombinedOutput()
+	var exitErr *exec.ExitError
+	if !errors.As(err, &exitErr) {
+		t.Fatalf("wrapper: %v, want a non-zero exit\n%s", err, out)
+	}
+	if tt.want == nil {
+		if exitErr.ExitCode() != 126 {
+			t.Fatalf("exit %d, want 126 for a refused path\n%s", exitErr.ExitCode(), out)
+		}
+		if _, err := os.Stat(filepath.Join(tmp, "called")); err == nil {
+			t.Fatal("a refused path was still handed on")
+		}
+		return
+	}
+	if exitErr.ExitCode() != 3 {
+		t.Fatalf("exit %d, want 3 passed on from the called program\n%s", exitErr.ExitCode(), out)
+	}
+	if got := readNUL(t, filepath.Join(tmp, "called")); !slices.Equal(got, tt.want) {
+		t.Errorf("called:\n got %q\nwant %q", got, tt.want)
+	}
+}
+
+// TestLabels pins how Forgejo labels get their scheme.
+func TestLabels(t *testing.T) {
+	for in, want := range map[string]string{
+		"ubuntu latest":           "ubuntu latest:host",
+		"日本語":                     "日本語:host",
+		"native:host":             "native:host",
+		"debian:docker://debian":  "debian:docker://debian",
+		"x?platform=linux/amd64":  "x?platform=linux/amd64",
+		"lxc:lxc://debian:trixie": "lxc:lxc://debian:trixie",
+	} {
+		if got := forgejoLabel(in); got != want {
+			t.Errorf("forgejoLabel(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// TestJenkinsWorkDir: an explicit work dir is used as given.
+func TestJenkinsWorkDir(t *testing.T) {
+	r := jenkinsRunner()
+	r.Jenkins.WorkDir = "/srv/jenkins work"
+	p, err := For(testJob, Linux, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(p.Prepare[1].Stdin), "-workDir \\\n  '/srv/jenkins work'\n") {
+		t.Errorf("launch script does not use the given work dir:\n%s", p.Prepare[1].Stdin)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -339,6 +340,34 @@ func managedLeftovers(tb testing.TB, l *libvirt.Libvirt) []string {
 	return left
 }
 
+// staleRun matches the domains of this suite's earlier runs.
+var staleRun = regexp.MustCompile(`^stretchy-(it[0-9a-f]{6}-.*)$`)
+
+func removeStaleRuns() error {
+	if _, err := os.Stat(libvirtSocket); err != nil {
+		return nil
+	}
+	l, err := provision.Dial(context.Background(), "qemu:///system")
+	if err != nil {
+		return err
+	}
+	defer l.Disconnect()
+	doms, _, err := l.ConnectListAllDomains(1, 0)
+	if err != nil {
+		return err
+	}
+	p := provision.New(l, provision.Options{})
+	for _, d := range doms {
+		if m := staleRun.FindStringSubmatch(d.Name); m != nil {
+			if _, err := p.Remove(context.Background(), m[1]); err != nil {
+				return err
+			}
+			fmt.Fprintf(os.Stderr, "removed %s, left by an earlier run\n", d.Name)
+		}
+	}
+	return nil
+}
+
 func leftovers(l *libvirt.Libvirt) ([]string, error) {
 	var out []string
 	doms, _, err := l.ConnectListAllDomains(1, 0)
@@ -386,6 +415,13 @@ func requestsLeft(tb testing.TB, js jetstream.JetStream) uint64 {
 // TestMain fails the suite when anything of its jobs is left on the host
 // after all tests ran.
 func TestMain(m *testing.M) {
+	// The workers under test take over every managed domain on the host;
+	// machines an interrupted earlier run of this suite left would skew
+	// their capacity, so they go first.
+	if err := removeStaleRuns(); err != nil {
+		fmt.Fprintf(os.Stderr, "remove machines of earlier runs: %v\n", err)
+		os.Exit(1)
+	}
 	code := m.Run()
 	if _, err := os.Stat(libvirtSocket); code == 0 && err == nil {
 		l, err := provision.Dial(context.Background(), "qemu:///system")

@@ -10,12 +10,14 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/sourcegraph/conc"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/internal/worker"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
 )
 
 func newLogger(format, level string) *slog.Logger {
@@ -83,16 +85,42 @@ func runCommand(ctx context.Context, args []string) error {
 		return err
 	}
 
-	lv, err := provision.Dial(ctx, cfg.LibvirtURI)
-	if err != nil {
+	// The link reconnects the same connection when libvirtd restarts, for
+	// as long as the worker runs, including its shutdown grace.
+	link := provision.NewLink(cfg.LibvirtURI, provision.LinkOptions{
+		OnState: func(connected bool, err error) {
+			switch {
+			case connected:
+				log.Info("libvirt connection restored", "libvirt_uri", cfg.LibvirtURI)
+			case err != nil:
+				log.Warn("libvirt reconnect failed", "libvirt_uri", cfg.LibvirtURI, "error", err)
+			default:
+				log.Warn("libvirt connection lost", "libvirt_uri", cfg.LibvirtURI)
+			}
+		},
+	})
+	if err := link.Connect(ctx); err != nil {
 		return err
 	}
-	defer lv.Disconnect()
+	linkCtx, stopLink := context.WithCancel(context.WithoutCancel(ctx))
+	var linkWG conc.WaitGroup
+	linkWG.Go(func() {
+		if err := link.Run(linkCtx); err != nil && linkCtx.Err() == nil {
+			log.Error("libvirt connection", "error", err)
+		}
+	})
+	defer func() {
+		stopLink()
+		linkWG.Wait()
+		_ = link.Close()
+	}()
+	lv := link.Libvirt()
 
 	pub := bus.NewPublisher(js)
 	life := lifecycle.New(lifecycle.Config{
 		Host:     cfg.Host,
-		Machines: provision.New(lv, provision.Options{DomainType: cfg.DomainType}),
+		Machines: provision.New(lv, provision.Options{DomainType: cfg.DomainType, Link: link}),
+		Agent:    qga.New(lv),
 		Events:   pub,
 		History:  pub,
 	})

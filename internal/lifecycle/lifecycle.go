@@ -39,7 +39,11 @@ type Config struct {
 	// Host is this worker's host id, carried in every event.
 	Host     string
 	Machines Machines
-	Events   Publisher
+	// Agent starts runners in machines; nil means no runner is ever
+	// started and machines are ready once they run (for tests of the
+	// provisioning steps alone).
+	Agent  Agent
+	Events Publisher
 	// History is optional; without it a job's numbering starts at 1
 	// whenever this process first sees the job.
 	History History
@@ -111,6 +115,19 @@ type job struct {
 	tearing bool
 	// retryAt delays the next deadline teardown after a failed one.
 	retryAt time.Time
+
+	// The runner: the guest OS family, the runner's guest-agent pid (0
+	// when none was started) and what is known of its end. secrets are
+	// the job's secret values, scrubbed from the runner's output.
+	os          string
+	pid         int
+	runnerSince time.Time
+	secrets     []string
+	exited      bool
+	exitCode    *int
+	exitOutput  string
+	// exitReported is set once runner_exited is published.
+	exitReported bool
 }
 
 // New returns a Manager.
@@ -172,21 +189,6 @@ func (m *Manager) Reserve(ctx context.Context, max int) (release func(), err err
 	}
 }
 
-// Expired returns the running jobs whose deadline has passed and that are
-// not being torn down yet.
-func (m *Manager) Expired() []string {
-	now := m.cfg.Now()
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var ids []string
-	for id, j := range m.jobs {
-		if j.running && !j.tearing && !j.deadline.IsZero() && now.After(j.deadline) && !now.Before(j.retryAt) {
-			ids = append(ids, id)
-		}
-	}
-	return ids
-}
-
 // track registers a new job record unless the job is known; it reports
 // whether the record is new.
 func (m *Manager) track(j *job) bool {
@@ -245,7 +247,13 @@ func (m *Manager) emit(ctx context.Context, j *job, state messages.State, d Deli
 	ev := messages.Event{
 		V: messages.SchemaVersion, JobID: j.id, Host: m.cfg.Host, Image: j.image, Domain: j.domain,
 		State: state, Time: m.cfg.Now().UTC(), Seq: j.seq + 1, Attempt: d.Attempt,
-		PhaseMS: phase.Milliseconds(), Reason: reason, Error: e,
+		PhaseMS: phase.Milliseconds(), Reason: reason, Error: e, OS: j.os,
+	}
+	switch state {
+	case messages.StateRunnerStarted:
+		ev.RunnerPID = j.pid
+	case messages.StateRunnerExited:
+		ev.ExitCode, ev.Output = j.exitCode, j.exitOutput
 	}
 	msgID := d.msgID(j.id, state)
 	if e != nil && e.Code == messages.CodeUnknownJob {

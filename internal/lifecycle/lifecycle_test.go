@@ -374,20 +374,23 @@ func TestDeadline(t *testing.T) {
 	if err := fx.m.Provision(ctx, fx.request("j1", "debian"), first); err != nil {
 		t.Fatal(err)
 	}
-	if got := fx.m.Expired(); len(got) != 0 {
-		t.Fatalf("expired too early: %v", got)
+	if got := fx.m.Check(ctx); len(got) != 0 {
+		t.Fatalf("ended too early: %v", got)
 	}
 	fx.clk.Advance(601 * time.Second)
-	if got := fx.m.Expired(); !slices.Equal(got, []string{"j1"}) {
-		t.Fatalf("Expired = %v", got)
+	got := fx.m.Check(ctx)
+	if len(got) != 1 || got[0].JobID != "j1" || got[0].Cause.Code != messages.CodeDeadlineExceeded {
+		t.Fatalf("Check = %+v", got)
 	}
-	cause := &messages.Error{Code: messages.CodeDeadlineExceeded, Message: "too old"}
-	if err := fx.m.Teardown(ctx, "j1", messages.ReasonDeadline, cause, first); err != nil {
+	if err := fx.m.Teardown(ctx, "j1", got[0].Reason, got[0].Cause, Delivery{Origin: got[0].Reason}); err != nil {
 		t.Fatal(err)
 	}
 	ev := fx.rec.last("j1")
-	if ev.State != messages.StateFailed || ev.Error.Code != messages.CodeDeadlineExceeded || ev.Reason != messages.ReasonDeadline {
+	if ev.State != messages.StateFailed || ev.Error.Code != messages.CodeDeadlineExceeded || ev.Reason != messages.ReasonDeadline || ev.Attempt != 0 {
 		t.Fatalf("last event %+v", ev)
+	}
+	if got := fx.m.Check(ctx); len(got) != 0 {
+		t.Fatalf("a torn-down job is still checked: %v", got)
 	}
 }
 
@@ -438,7 +441,7 @@ func TestReconcile(t *testing.T) {
 			true, nil, ""},
 		{"running, stopped before publishing running", true,
 			[]messages.Event{ev("j", 4, messages.StateBooting)},
-			true, []messages.State{messages.StateRunning}, ""},
+			false, nil, ""},
 		{"stopped after running", false,
 			[]messages.Event{ev("j", 5, messages.StateRunning)},
 			false, []messages.State{messages.StateTearingDown, messages.StateFailed}, messages.CodeMachineStopped},

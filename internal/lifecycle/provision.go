@@ -13,8 +13,10 @@ import (
 // publishing of its failed event, which run even when ctx has ended.
 const cleanupTimeout = 2 * time.Minute
 
-// Provision builds and boots the machine for req, publishing an event at
-// each step, and returns once the machine runs. A job that already has a
+// Provision builds and boots the machine for req and starts its runner,
+// publishing an event at each step, and returns once the runner runs (for
+// runner kind none, once the guest agent answers; without an Agent, once
+// the machine runs). A job that already has a
 // machine on this host, or had one recently, is left alone and nil is
 // returned: requests are idempotent by job id.
 //
@@ -61,7 +63,7 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 		// The waiting teardown reports the end of the job.
 		return ErrSuperseded
 	}
-	code, permanent := classify(err)
+	code, permanent := classify(pctx, err)
 	if !permanent && !d.Final {
 		m.untrack(j.id, false)
 		return err
@@ -77,17 +79,11 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 
 // build runs the steps of a provision; it returns at the first error.
 func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d Delivery) error {
-	mach, found, err := m.cfg.Machines.Lookup(ctx, j.id)
-	if err != nil {
+	// A machine left by an earlier delivery of this request is half-built:
+	// that delivery was never acknowledged, so nobody relies on it.
+	if _, found, err := m.cfg.Machines.Lookup(ctx, j.id); err != nil {
 		return err
-	}
-	if found {
-		if mach.Running {
-			// An earlier delivery of this request got as far as
-			// starting the machine before its worker stopped.
-			return m.emit(ctx, j, messages.StateRunning, d, 0, messages.ReasonAdopted, nil)
-		}
-		// A half-built leftover of an earlier delivery.
+	} else if found {
 		if _, err := m.cfg.Machines.Remove(ctx, j.id); err != nil {
 			return err
 		}
@@ -100,7 +96,7 @@ func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d D
 		return err
 	}
 	start := m.cfg.Now()
-	_, err = m.cfg.Machines.Clone(ctx, provision.Spec{
+	mach, err := m.cfg.Machines.Clone(ctx, provision.Spec{
 		JobID: j.id, Image: req.Image, Host: m.cfg.Host, RunnerKind: string(req.Runner.Kind),
 		RequestedAt: req.RequestedAt, Deadline: j.deadline,
 	})
@@ -117,7 +113,14 @@ func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d D
 	if err := m.cfg.Machines.Start(ctx, j.id); err != nil {
 		return &stepError{code: messages.CodeBootFailed, err: err}
 	}
-	return m.emit(ctx, j, messages.StateRunning, d, m.since(start), "", nil)
+	if err := m.emit(ctx, j, messages.StateRunning, d, m.since(start), "", nil); err != nil {
+		return err
+	}
+	if m.cfg.Agent == nil {
+		return nil
+	}
+	j.secrets = secretsOf(req.Runner)
+	return m.startRunner(ctx, j, req, mach.OS, d)
 }
 
 func (m *Manager) since(t time.Time) time.Duration {
@@ -150,17 +153,18 @@ func cloneCode(err error) messages.ErrorCode {
 	return messages.CodeCloneFailed
 }
 
-// classify returns the code of err and whether retrying cannot help. Lost
-// connections, shutdown and unpublished events are transient; what libvirt
-// refused for this request is permanent.
-func classify(err error) (messages.ErrorCode, bool) {
+// classify returns the code of err and whether retrying cannot help. An
+// operation cut short (shutdown), lost connections and unpublished events
+// are transient; what libvirt or the guest refused for this request is
+// permanent.
+func classify(ctx context.Context, err error) (messages.ErrorCode, bool) {
 	var se *stepError
 	code := messages.CodeInternal
 	if errors.As(err, &se) {
 		code = se.code
 	}
 	switch {
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+	case ctx.Err() != nil:
 		return messages.CodeShutdown, false
 	case provision.IsUnavailable(err):
 		return code, false

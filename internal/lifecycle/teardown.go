@@ -3,6 +3,7 @@ package lifecycle
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -131,20 +132,21 @@ func adopted(mach provision.Machine) *job {
 	close(built)
 	return &job{
 		id: mach.JobID, image: mach.Image, domain: mach.Name,
-		deadline: mach.Deadline, running: mach.Running, built: built,
+		deadline: mach.Deadline, running: mach.Running, built: built, os: mach.OS,
 	}
 }
 
-// Reconcile takes over the managed machines found on the host, using what
-// the job's last event says about how far it got:
-//   - a running machine is tracked again, so its deadline and teardown
-//     requests apply; if its running event was never published (the worker
-//     stopped just before), it is published now with reason "adopted";
-//   - a stopped machine whose job had reached running is torn down with a
-//     terminal event, since its request was acknowledged long ago;
-//   - a stopped machine whose job never reached running is a half-built
-//     leftover: it is removed without events, because its request was not
-//     acknowledged and will be delivered again.
+// Reconcile takes over the managed machines found on the host, using the
+// job's last event to tell whether its provision request was acknowledged
+// (the runner had started; for runner kind none, the agent had answered):
+//   - acknowledged and running: tracked again, so the deadline, runner exit
+//     and teardown requests apply; the runner is watched again through the
+//     pid its runner_started event recorded;
+//   - acknowledged and stopped: torn down, ending in failed with
+//     machine_stopped, since nobody else will end the job;
+//   - not acknowledged: a half-built machine of a worker that stopped
+//     mid-provision; removed without events, because the request will be
+//     delivered again and build it anew.
 //
 // Domains with the managed prefix but no valid job id in their name are not
 // the worker's and are left alone.
@@ -166,18 +168,16 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 		}
 		j := adopted(mach)
 		last := m.startSeq(ctx, j)
-		reached := reachedRunning(last.State)
+		acked := m.acknowledged(last.State, mach.RunnerKind)
 		switch {
-		case mach.Running:
-			if !m.track(j) {
-				continue
+		case acked && mach.Running:
+			j.os, j.pid = last.OS, last.RunnerPID
+			if last.State != messages.StateRunnerStarted && last.State != messages.StateAgentReady && last.State != messages.StateRunning {
+				// The runner had exited, or a teardown had begun.
+				j.exited, j.exitReported = true, true
 			}
-			if !reached {
-				if err := m.emit(ctx, j, messages.StateRunning, Delivery{Origin: messages.ReasonAdopted}, 0, messages.ReasonAdopted, nil); err != nil {
-					return err
-				}
-			}
-		case reached:
+			m.track(j)
+		case acked:
 			j.tearing = true
 			if !m.track(j) {
 				continue
@@ -195,12 +195,18 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	return nil
 }
 
-// reachedRunning reports whether a job whose newest event is in state s had
-// its machine running and its provision request acknowledged.
-func reachedRunning(s messages.State) bool {
-	switch s {
-	case messages.StateRunning, messages.StateTearingDown:
-		return true
+// acknowledged reports whether a job whose newest event is in state s had
+// its provision request acknowledged.
+func (m *Manager) acknowledged(s messages.State, kind string) bool {
+	ack := messages.StateRunnerStarted
+	switch {
+	case m.cfg.Agent == nil:
+		ack = messages.StateRunning
+	case kind == string(messages.RunnerNone):
+		ack = messages.StateAgentReady
 	}
-	return false
+	if s == "" || s.Terminal() {
+		return false
+	}
+	return slices.Index(messages.States, s) >= slices.Index(messages.States, ack)
 }

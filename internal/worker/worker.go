@@ -32,8 +32,9 @@ type Config struct {
 	// PullWait bounds one pull request, during which its slot is held;
 	// default 2s.
 	PullWait time.Duration
-	// DeadlineCheck is how often deadlines are checked; default 1s.
-	DeadlineCheck time.Duration
+	// WatchInterval is how often running machines are checked for an
+	// exited runner, a stop of their own and their deadline; default 2s.
+	WatchInterval time.Duration
 	// OnSettle, when set, is told how each message was settled.
 	OnSettle func(Settlement)
 }
@@ -87,8 +88,8 @@ func New(cfg Config, cons bus.Consumers, life *lifecycle.Manager) *Worker {
 	if cfg.PullWait <= 0 {
 		cfg.PullWait = 2 * time.Second
 	}
-	if cfg.DeadlineCheck <= 0 {
-		cfg.DeadlineCheck = time.Second
+	if cfg.WatchInterval <= 0 {
+		cfg.WatchInterval = 2 * time.Second
 	}
 	return &Worker{cfg: cfg, cons: cons, life: life, slots: make(chan struct{}, cfg.Parallelism)}
 }
@@ -116,7 +117,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	var loops conc.WaitGroup
 	loops.Go(func() { w.teardownLoop(ctx, opCtx, &ops) })
 	loops.Go(func() { w.provisionLoop(ctx, opCtx, &ops) })
-	loops.Go(func() { w.deadlineLoop(ctx, opCtx, &ops) })
+	loops.Go(func() { w.watchLoop(ctx, opCtx, &ops) })
 	loops.Wait()
 
 	grace := time.AfterFunc(w.cfg.ShutdownGrace, cancelOps)
@@ -227,8 +228,10 @@ func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) 
 	}
 }
 
-func (w *Worker) deadlineLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
-	tick := time.NewTicker(w.cfg.DeadlineCheck)
+// watchLoop ends machines whose runner exited, that stopped by themselves
+// or that passed their deadline, each teardown in an operation slot.
+func (w *Worker) watchLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
+	tick := time.NewTicker(w.cfg.WatchInterval)
 	defer tick.Stop()
 	for {
 		select {
@@ -236,15 +239,14 @@ func (w *Worker) deadlineLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 			return
 		case <-tick.C:
 		}
-		for _, id := range w.life.Expired() {
+		for _, end := range w.life.Check(ctx) {
 			if !w.acquire(ctx) {
 				return
 			}
 			w.operate(ops, func() {
-				cause := &messages.Error{Code: messages.CodeDeadlineExceeded, Message: "the machine reached its maximum lifetime"}
-				err := w.life.Teardown(opCtx, id, messages.ReasonDeadline, cause, lifecycle.Delivery{Origin: messages.ReasonDeadline})
+				err := w.life.Teardown(opCtx, end.JobID, end.Reason, end.Cause, lifecycle.Delivery{Origin: end.Reason})
 				if w.cfg.OnSettle != nil && err != nil {
-					w.cfg.OnSettle(Settlement{Op: "deadline", JobID: id, Outcome: "retry", Err: err})
+					w.cfg.OnSettle(Settlement{Op: end.Reason, JobID: end.JobID, Outcome: "retry", Err: err})
 				}
 			})
 		}

@@ -8,19 +8,23 @@ type State string
 // Lifecycle states in the order a successful job passes them. TornDown and
 // Failed are terminal: a job's last event has one of them.
 const (
-	StateAccepted    State = "accepted"
-	StateCloning     State = "cloning"
-	StateCloned      State = "cloned"
-	StateBooting     State = "booting"
-	StateRunning     State = "running"
-	StateTearingDown State = "tearing_down"
-	StateTornDown    State = "torn_down"
-	StateFailed      State = "failed"
+	StateAccepted      State = "accepted"
+	StateCloning       State = "cloning"
+	StateCloned        State = "cloned"
+	StateBooting       State = "booting"
+	StateRunning       State = "running"
+	StateAgentReady    State = "agent_ready"
+	StateRunnerStarted State = "runner_started"
+	StateRunnerExited  State = "runner_exited"
+	StateTearingDown   State = "tearing_down"
+	StateTornDown      State = "torn_down"
+	StateFailed        State = "failed"
 )
 
 // States lists every state in lifecycle order.
 var States = []State{
 	StateAccepted, StateCloning, StateCloned, StateBooting, StateRunning,
+	StateAgentReady, StateRunnerStarted, StateRunnerExited,
 	StateTearingDown, StateTornDown, StateFailed,
 }
 
@@ -59,6 +63,17 @@ type Event struct {
 	// Reason says why a teardown began (tearing_down) or what triggered the
 	// event, as a short machine-readable word.
 	Reason string `msgpack:"reason,omitempty"`
+	// OS is the guest's operating system family (linux, freebsd, darwin,
+	// windows), set from agent_ready on.
+	OS string `msgpack:"os,omitempty"`
+	// RunnerPID is the guest-agent process id of the runner, set on
+	// runner_started; a restarted worker uses it to keep watching.
+	RunnerPID int `msgpack:"runner_pid,omitempty"`
+	// ExitCode is the runner's exit status, set on runner_exited.
+	ExitCode *int `msgpack:"exit_code,omitempty"`
+	// Output is the end of what the runner printed (at most 2 KiB, secrets
+	// removed), set on runner_exited when there was any.
+	Output string `msgpack:"output,omitempty"`
 	// Error is set on failed events and on torn_down events that did not
 	// find a machine.
 	Error *Error `msgpack:"error,omitempty"`
@@ -88,14 +103,18 @@ const (
 	CodeTeardownFailed     ErrorCode = "teardown_failed"
 	CodeShutdown           ErrorCode = "shutdown"
 	CodeMachineStopped     ErrorCode = "machine_stopped"
+	CodeAgentFailed        ErrorCode = "agent_failed"
+	CodeRunnerUnsupported  ErrorCode = "runner_unsupported"
+	CodeRunnerStartFailed  ErrorCode = "runner_start_failed"
 	CodeInternal           ErrorCode = "internal"
 )
 
-// Reasons carried in events. Teardowns say why they began; "adopted" marks
-// a running event published by a worker that found the machine running.
+// Reasons carried in events: why a teardown began, or what the worker
+// itself noticed.
 const (
-	ReasonRequested = "requested"
-	ReasonDeadline  = "deadline"
-	ReasonReconcile = "reconcile"
-	ReasonAdopted   = "adopted"
+	ReasonRequested    = "requested"
+	ReasonDeadline     = "deadline"
+	ReasonReconcile    = "reconcile"
+	ReasonRunnerExited = "runner_exited"
+	ReasonStopped      = "machine_stopped"
 )

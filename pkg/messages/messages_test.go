@@ -49,6 +49,11 @@ func goldenCases() map[string]any {
 			V: 1, JobID: "job-42", Host: "host-a", Image: "debian-12", Domain: "stretchy-job-42",
 			State: StateRunning, Time: requestedAt.Add(9 * time.Second), Seq: 5, Attempt: 1, PhaseMS: 4200,
 		},
+		"event_runner_exited_v1": &Event{
+			V: 1, JobID: "fj-1", Host: "host-a", Image: "debian-12", Domain: "stretchy-fj-1",
+			State: StateRunnerExited, Time: requestedAt.Add(10 * time.Minute), Seq: 8, Attempt: 1, PhaseMS: 583000,
+			OS: "linux", RunnerPID: 812, ExitCode: ptr(0), Output: "job finished: success\n",
+		},
 		"event_failed_v1": &Event{
 			V: 1, JobID: "job-43", Host: "host-a", Image: "nope", Domain: "stretchy-job-43", State: StateFailed,
 			Time: requestedAt, Seq: 2, Attempt: 1,
@@ -56,6 +61,8 @@ func goldenCases() map[string]any {
 		},
 	}
 }
+
+func ptr[T any](v T) *T { return &v }
 
 // TestGolden pins the encoding of every message kind. Run with -update after
 // a deliberate change of the contract, and update docs/protocol.md with it.
@@ -224,6 +231,7 @@ func TestProvisionValidate(t *testing.T) {
 		{"no labels", func(p *Provision) { p.Runner.Forgejo.Labels = nil }, "labels"},
 		{"label with control", func(p *Provision) { p.Runner.Forgejo.Labels = []string{"a\tb"} }, "labels[0]"},
 		{"no token", func(p *Provision) { p.Runner.Forgejo.Token = "" }, "token: missing"},
+		{"label padded", func(p *Provision) { p.Runner.Forgejo.Labels = []string{" debian"} }, "leading or trailing"},
 		{"label with unicode and spaces", func(p *Provision) { p.Runner.Forgejo.Labels = []string{"ubuntu latest", "日本語"} }, ""},
 	}
 	for _, tt := range tests {

@@ -139,7 +139,11 @@ func (r *Runner) validate(ps *problems) {
 			ps.add("runner.forgejo.labels: must hold 1-%d labels, got %d", maxLabels, len(f.Labels))
 		}
 		for i, l := range f.Labels {
-			checkText(ps, fmt.Sprintf("runner.forgejo.labels[%d]", i), l, maxLabelLen, true)
+			field := fmt.Sprintf("runner.forgejo.labels[%d]", i)
+			checkText(ps, field, l, maxLabelLen, true)
+			if strings.TrimSpace(l) != l {
+				ps.add("%s: has leading or trailing spaces, which Forgejo Runner refuses", field)
+			}
 		}
 	case RunnerGitHub:
 		if r.GitHub == nil {
@@ -157,6 +161,13 @@ func (r *Runner) validate(ps *problems) {
 		checkText(ps, "runner.jenkins.agent_name", j.AgentName, maxFieldLen, true)
 		checkSecret(ps, "runner.jenkins.secret", j.Secret)
 		checkText(ps, "runner.jenkins.work_dir", j.WorkDir, maxFieldLen, false)
+		// agent.jar reads any argument starting with @ as a file of arguments.
+		if strings.HasPrefix(j.AgentName, "@") {
+			ps.add("runner.jenkins.agent_name: must not start with @")
+		}
+		if strings.HasPrefix(j.WorkDir, "@") {
+			ps.add("runner.jenkins.work_dir: must not start with @")
+		}
 	default:
 		ps.add("runner.kind: must be one of none, forgejo, github, jenkins (got %s)", describe(string(r.Kind)))
 	}

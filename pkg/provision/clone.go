@@ -12,21 +12,21 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
-// volumeName returns the name of the volume that replaces the image disk
-// with the given target in the job's machine.
-func volumeName(jobID, target string) string {
-	return DomainName(jobID) + "-" + target + ".qcow2"
-}
-
 // Clone defines the machine for s.JobID as a copy of the image s.Image and
-// returns it; it does not start it. Each writable disk of the image becomes
-// a new qcow2 volume, in the same storage pool, backed by the image's volume,
-// so the image itself is never written to.
+// returns it; it does not start it. Each writable disk of the image whose
+// storage is a pool volume gets a new volume of the job in the same pool,
+// made as the clone mode says (see doc.go); read-only, CD-ROM and
+// shareable disks are shared. A UEFI image's NVRAM is copied too.
 //
 // Clone returns an error wrapping ErrExists if the machine is already
 // defined, ErrImageNotFound or ErrImageInvalid if the image cannot be
-// cloned, and ErrInvalidJobID for a job id that cannot name a domain. If it
-// fails after creating anything, it removes what it created first.
+// cloned (ErrReflinkUnsupported with the latter), ErrInvalidJobID or
+// ErrInvalidCloneMode for an unusable Spec. If it fails after creating
+// anything, it removes what it created first.
+//
+// Volumes named for the job but without a domain, left by a Clone that
+// crashed before defining it, are deleted first. Callers therefore run at
+// most one Clone per job and host at a time.
 func (p *Provisioner) Clone(ctx context.Context, s Spec) (Machine, error) {
 	m, err := p.clone(ctx, s)
 	if err != nil {
@@ -40,30 +40,38 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 	if !messages.ValidJobID(s.JobID) {
 		return Machine{}, fmt.Errorf("job id %q: %w", s.JobID, ErrInvalidJobID)
 	}
+	if s.CloneMode != "" && !s.CloneMode.valid() {
+		return Machine{}, fmt.Errorf("clone mode %q: %w", s.CloneMode, ErrInvalidCloneMode)
+	}
 	if strings.HasPrefix(s.Image, Prefix) {
 		return Machine{}, fmt.Errorf("image names must not start with %q: %w", Prefix, ErrImageInvalid)
 	}
 	name := DomainName(s.JobID)
 
-	image, err := p.conn.DomainLookupByName(s.Image)
+	image, err := call(ctx, p, func() (libvirt.Domain, error) { return p.conn.DomainLookupByName(s.Image) })
 	if isNoDomain(err) {
 		return Machine{}, ErrImageNotFound
 	}
 	if err != nil {
 		return Machine{}, fmt.Errorf("look up image: %w", err)
 	}
-	state, _, err := p.conn.DomainGetState(image, 0)
+	state, err := call(ctx, p, func() (int32, error) {
+		state, _, err := p.conn.DomainGetState(image, 0)
+		return state, err
+	})
 	if err != nil {
 		return Machine{}, fmt.Errorf("image state: %w", err)
 	}
 	if libvirt.DomainState(state) != libvirt.DomainShutoff {
-		return Machine{}, fmt.Errorf("image %s is running; images must be shut off: %w", s.Image, ErrImageInvalid)
+		return Machine{}, fmt.Errorf("image %s is %s; images must be shut off: %w", s.Image, stateName(state), ErrImageInvalid)
 	}
-	if err := p.checkAbsent(name); err != nil {
+	if err := p.checkAbsent(ctx, name); err != nil {
 		return Machine{}, err
 	}
 	// Secure: keep passwords (e.g. of graphics) that a faithful copy needs.
-	doc, err := p.conn.DomainGetXMLDesc(image, libvirt.DomainXMLInactive|libvirt.DomainXMLSecure)
+	doc, err := call(ctx, p, func() (string, error) {
+		return p.conn.DomainGetXMLDesc(image, libvirt.DomainXMLInactive|libvirt.DomainXMLSecure)
+	})
 	if err != nil {
 		return Machine{}, fmt.Errorf("image XML: %w", err)
 	}
@@ -71,24 +79,60 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 	if err := def.Unmarshal(doc); err != nil {
 		return Machine{}, fmt.Errorf("parse image XML: %w: %w", err, ErrImageInvalid)
 	}
+	settings, err := p.imageSettings(ctx, image)
+	if err != nil {
+		return Machine{}, err
+	}
+	mode := s.CloneMode
+	if mode == "" {
+		mode = settings.CloneMode
+	}
+	if mode == "" {
+		mode = CloneLinked
+	}
+
 	disks, err := writableDisks(&def)
 	if err != nil {
 		return Machine{}, err
 	}
-	sources, err := p.diskSources(disks)
+	types := poolTypes{}
+	sources := make([]*volume, len(disks))
+	refs := make([]*volumeRef, len(disks))
+	for i, d := range disks {
+		if sources[i], err = p.resolveDisk(ctx, d, types); err != nil {
+			return Machine{}, err
+		}
+		if sources[i] != nil {
+			refs[i] = &sources[i].ref
+		}
+	}
+	plans, err := planDisks(s.JobID, disks, refs, mode)
 	if err != nil {
 		return Machine{}, err
 	}
-	if err := ctx.Err(); err != nil {
+	nvram, err := p.resolveNVRAM(ctx, &def, types)
+	if err != nil {
 		return Machine{}, err
 	}
 
-	// From here on every failure removes what was created.
+	// Only reads so far. What an earlier attempt of this job left behind
+	// goes first, so that the names are free.
+	if _, err := p.removeOrphans(ctx, s.JobID); err != nil {
+		return Machine{}, err
+	}
+
+	// From here on every failure removes what was created, and what a
+	// call that got no answer may have created, found by its name.
 	var created []libvirt.StorageVol
 	defer func() {
-		if err != nil {
-			err = errors.Join(err, p.deleteCreated(created))
+		if err == nil {
+			return
 		}
+		rollback := p.deleteVolumes(ctx, created)
+		if rollback == nil && !errors.Is(err, ErrExists) && !IsUnavailable(err) {
+			_, rollback = p.removeOrphans(context.WithoutCancel(ctx), s.JobID)
+		}
+		err = errors.Join(err, rollback)
 	}()
 	m := Machine{
 		Name:        name,
@@ -98,48 +142,121 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		RunnerKind:  s.RunnerKind,
 		RequestedAt: s.RequestedAt,
 		Deadline:    s.Deadline,
+		CloneMode:   mode,
+		OS:          settings.OS,
 	}
 	plan := clonePlan{
-		Name:  name,
-		Type:  p.opts.DomainType,
-		Disks: make(map[string]string, len(disks)),
-		Rand:  p.rand,
+		Image:  s.Image,
+		Name:   name,
+		Type:   p.opts.DomainType,
+		Linked: mode == CloneLinked,
+		Disks:  make(map[string]diskOut, len(plans)),
+		Rand:   p.rand,
 	}
-	for i, d := range disks {
-		vol, path, err := p.createOverlay(s.JobID, d, sources[i])
+	for i, dp := range plans {
+		vol, path, err := p.createDiskVolume(ctx, mode, dp, sources[i])
+		if err != nil {
+			return Machine{}, fmt.Errorf("disk %s: %w", dp.Disk.Target, err)
+		}
+		created = append(created, vol)
+		plan.Disks[dp.Disk.Target] = diskOut{Path: path, Format: dp.Format}
+		m.Volumes = append(m.Volumes, path)
+	}
+	if nvram.path != "" {
+		var into *libvirt.StoragePool
+		if len(plans) > 0 {
+			into = &sources[0].pool
+		}
+		vol, path, err := p.copyNVRAM(ctx, s.JobID, nvram, into, def.OS.NVRam.Format)
 		if err != nil {
 			return Machine{}, err
 		}
 		created = append(created, vol)
-		plan.Disks[d.Target] = path
+		plan.NVRAM = path
 		m.Volumes = append(m.Volumes, path)
-		if err := ctx.Err(); err != nil {
-			return Machine{}, err
-		}
 	}
+	if err := ctx.Err(); err != nil {
+		return Machine{}, err
+	}
+
 	if plan.UUID, err = newUUID(p.rand); err != nil {
 		return Machine{}, err
 	}
 	if plan.Metadata, err = encodeMetadata(m); err != nil {
 		return Machine{}, err
 	}
-	cloneDef, err := cloneXML(&def, plan)
+	if def.Devices != nil && len(def.Devices.Interfaces) > 0 {
+		if plan.TakenMACs, err = p.hostMACs(ctx); err != nil {
+			return Machine{}, err
+		}
+	}
+	cloneDef, release, err := p.reserveMACs(&def, plan)
 	if err != nil {
 		return Machine{}, err
 	}
+	// Once defined, the domain's own XML holds the addresses.
+	defer release()
 	cloneDoc, err := cloneDef.Marshal()
 	if err != nil {
 		return Machine{}, fmt.Errorf("encode domain XML: %w", err)
 	}
-	if err := p.define(name, cloneDoc); err != nil {
+	if err := p.define(ctx, name, plan.UUID, cloneDoc); err != nil {
 		return Machine{}, err
 	}
 	return m, nil
 }
 
+// reserveMACs builds the clone's definition with MAC addresses that no
+// other Clone in flight has chosen, and reserves them until release.
+func (p *Provisioner) reserveMACs(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, func(), error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	taken := make(map[string]bool, len(plan.TakenMACs)+len(p.pendingMACs))
+	for mac := range plan.TakenMACs {
+		taken[mac] = true
+	}
+	for mac := range p.pendingMACs {
+		taken[mac] = true
+	}
+	plan.TakenMACs = taken
+	def, err := cloneXML(image, plan)
+	if err != nil {
+		return nil, nil, err
+	}
+	macs := domainMACs(def)
+	for _, mac := range macs {
+		p.pendingMACs[mac] = true
+	}
+	return def, func() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, mac := range macs {
+			delete(p.pendingMACs, mac)
+		}
+	}, nil
+}
+
+// imageSettings reads the image's defaults from its metadata.
+func (p *Provisioner) imageSettings(ctx context.Context, image libvirt.Domain) (imageSettings, error) {
+	doc, err := call(ctx, p, func() (string, error) {
+		return p.conn.DomainGetMetadata(image, int32(libvirt.DomainMetadataElement), libvirt.OptString{metadataNS}, libvirt.DomainAffectCurrent)
+	})
+	if isNoMetadata(err) {
+		return imageSettings{}, nil
+	}
+	if err != nil {
+		return imageSettings{}, fmt.Errorf("image metadata: %w", err)
+	}
+	s, err := decodeImageSettings(doc)
+	if err != nil {
+		return imageSettings{}, fmt.Errorf("%w: %w", err, ErrImageInvalid)
+	}
+	return s, nil
+}
+
 // checkAbsent returns an error wrapping ErrExists if domain name exists.
-func (p *Provisioner) checkAbsent(name string) error {
-	_, err := p.conn.DomainLookupByName(name)
+func (p *Provisioner) checkAbsent(ctx context.Context, name string) error {
+	_, err := call(ctx, p, func() (libvirt.Domain, error) { return p.conn.DomainLookupByName(name) })
 	switch {
 	case err == nil:
 		return fmt.Errorf("domain %s: %w", name, ErrExists)
@@ -150,48 +267,55 @@ func (p *Provisioner) checkAbsent(name string) error {
 	}
 }
 
-// diskSource is what the volume replacing an image disk is created from.
-type diskSource struct {
-	pool     libvirt.StoragePool
-	format   string
-	capacity uint64
+// define defines the domain, validating the XML against libvirt's schema
+// where the daemon supports that.
+func (p *Provisioner) define(ctx context.Context, name, uuid, doc string) error {
+	defineWith := func(flags libvirt.DomainDefineFlags) error {
+		_, err := mutate(ctx, p, func() (libvirt.Domain, error) { return p.conn.DomainDefineXMLFlags(doc, flags) })
+		return err
+	}
+	err := defineWith(libvirt.DomainDefineValidate)
+	if isUnsupportedFlags(err) {
+		err = defineWith(0)
+	}
+	if err == nil {
+		return nil
+	}
+	// The answer may be lost while the domain was defined; then it is
+	// ours, and there is nothing to undo.
+	dom, lerr := call(context.WithoutCancel(ctx), p, func() (libvirt.Domain, error) { return p.conn.DomainLookupByName(name) })
+	if lerr == nil && formatUUID(dom.UUID) == uuid {
+		return nil
+	}
+	// Another Clone of the same job may have won the race since
+	// checkAbsent; the new UUID keeps libvirt from redefining its domain.
+	if lerr == nil {
+		return fmt.Errorf("domain %s: %w", name, ErrExists)
+	}
+	return fmt.Errorf("define domain %s: %w", name, err)
 }
 
-// diskSources finds the storage volume and pool behind every disk. It only
-// reads, so failing here leaves nothing to clean up.
-func (p *Provisioner) diskSources(disks []imageDisk) ([]diskSource, error) {
-	sources := make([]diskSource, 0, len(disks))
-	for _, d := range disks {
-		vol, err := p.conn.StorageVolLookupByPath(d.Path)
-		if isNoStorageVol(err) {
-			return nil, fmt.Errorf("disk %s: %s is not a volume in any storage pool: %w", d.Target, d.Path, ErrImageInvalid)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("disk %s: look up volume %s: %w", d.Target, d.Path, err)
-		}
-		pool, err := p.conn.StoragePoolLookupByVolume(vol)
-		if err != nil {
-			return nil, fmt.Errorf("disk %s: pool of volume %s: %w", d.Target, d.Path, err)
-		}
-		doc, err := p.conn.StorageVolGetXMLDesc(vol, 0)
-		if err != nil {
-			return nil, fmt.Errorf("disk %s: volume %s XML: %w", d.Target, d.Path, err)
-		}
-		var vx libvirtxml.StorageVolume
-		if err := vx.Unmarshal(doc); err != nil {
-			return nil, fmt.Errorf("disk %s: parse volume %s XML: %w", d.Target, d.Path, err)
-		}
-		capacity, err := volumeBytes(vx.Capacity)
-		if err != nil {
-			return nil, fmt.Errorf("disk %s: capacity of volume %s: %w", d.Target, d.Path, err)
-		}
-		src := diskSource{pool: pool, capacity: capacity}
-		if vx.Target != nil && vx.Target.Format != nil {
-			src.format = vx.Target.Format.Type
-		}
-		sources = append(sources, src)
+func formatUUID(u libvirt.UUID) string {
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+// stateName names a domain state for messages.
+func stateName(state int32) string {
+	switch libvirt.DomainState(state) {
+	case libvirt.DomainRunning:
+		return "running"
+	case libvirt.DomainBlocked:
+		return "blocked"
+	case libvirt.DomainPaused:
+		return "paused"
+	case libvirt.DomainShutdown:
+		return "shutting down"
+	case libvirt.DomainCrashed:
+		return "crashed"
+	case libvirt.DomainPmsuspended:
+		return "suspended"
 	}
-	return sources, nil
+	return fmt.Sprintf("in state %d", state)
 }
 
 // sizeUnits are the multipliers of the storage volume size units.
@@ -214,66 +338,4 @@ func volumeBytes(s *libvirtxml.StorageVolumeSize) (uint64, error) {
 		return 0, fmt.Errorf("unknown unit %q", s.Unit)
 	}
 	return s.Value * mult, nil
-}
-
-// createOverlay creates the qcow2 volume that replaces disk d, backed by
-// the image's volume, and returns it with its path.
-func (p *Provisioner) createOverlay(jobID string, d imageDisk, src diskSource) (libvirt.StorageVol, string, error) {
-	name := volumeName(jobID, d.Target)
-	vx := libvirtxml.StorageVolume{
-		Name:       name,
-		Capacity:   &libvirtxml.StorageVolumeSize{Unit: "bytes", Value: src.capacity},
-		Allocation: &libvirtxml.StorageVolumeSize{Unit: "bytes", Value: 0},
-		Target: &libvirtxml.StorageVolumeTarget{
-			Format: &libvirtxml.StorageVolumeTargetFormat{Type: "qcow2"},
-		},
-		BackingStore: &libvirtxml.StorageVolumeBackingStore{Path: d.Path},
-	}
-	if src.format != "" {
-		vx.BackingStore.Format = &libvirtxml.StorageVolumeTargetFormat{Type: src.format}
-	}
-	doc, err := vx.Marshal()
-	if err != nil {
-		return libvirt.StorageVol{}, "", fmt.Errorf("clone volume %s: encode XML: %w", name, err)
-	}
-	vol, err := p.conn.StorageVolCreateXML(src.pool, doc, 0)
-	if err != nil {
-		return libvirt.StorageVol{}, "", fmt.Errorf("clone volume %s: %w", name, err)
-	}
-	path, err := p.conn.StorageVolGetPath(vol)
-	if err != nil {
-		return libvirt.StorageVol{}, "", errors.Join(
-			fmt.Errorf("clone volume %s: path: %w", name, err),
-			p.deleteCreated([]libvirt.StorageVol{vol}))
-	}
-	return vol, path, nil
-}
-
-// define defines the domain, validating the XML against libvirt's schema
-// where the daemon supports that.
-func (p *Provisioner) define(name, doc string) error {
-	_, err := p.conn.DomainDefineXMLFlags(doc, libvirt.DomainDefineValidate)
-	if isUnsupportedFlags(err) {
-		_, err = p.conn.DomainDefineXMLFlags(doc, 0)
-	}
-	if err == nil {
-		return nil
-	}
-	// Another Clone of the same job may have won the race since
-	// checkAbsent; the new UUID keeps libvirt from redefining its domain.
-	if absentErr := p.checkAbsent(name); errors.Is(absentErr, ErrExists) {
-		return absentErr
-	}
-	return fmt.Errorf("define domain %s: %w", name, err)
-}
-
-// deleteCreated deletes volumes Clone created, for rolling back.
-func (p *Provisioner) deleteCreated(vols []libvirt.StorageVol) error {
-	var errs []error
-	for _, vol := range vols {
-		if err := p.conn.StorageVolDelete(vol, 0); err != nil && !isNoStorageVol(err) {
-			errs = append(errs, fmt.Errorf("roll back volume %s/%s: %w", vol.Pool, vol.Name, err))
-		}
-	}
-	return errors.Join(errs...)
 }

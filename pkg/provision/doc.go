@@ -1,10 +1,44 @@
 // Package provision turns libvirt "images" into disposable CI machines and
 // removes them again without leaving anything behind.
 //
-// An image is an ordinary, shut-off libvirt domain. Clone defines a managed
-// domain named Prefix+job id whose writable disks are thin copy-on-write
-// qcow2 volumes backed by the image's volumes, and records what it created in
-// the domain's <metadata>, so that Remove, Lookup and List can later work from
-// libvirt's own state alone. Nothing here touches a domain whose name does not
-// start with Prefix.
+// An image is an ordinary, shut-off libvirt domain, as installed with
+// virt-manager or packer: BIOS or UEFI, any number of disks (type='file'
+// inside a storage pool's directory, or type='volume'), NICs, graphics.
+// Clone defines a managed domain named Prefix+job id with a new identity
+// (UUID, MACs, ports, sockets, serial log files, NVRAM) whose writable
+// disks are new volumes of the job in the image's pools, and records what
+// it created in the domain's <metadata>, so that Remove, Lookup, List and
+// ListOrphanVolumes later work from libvirt's own state alone. Nothing here
+// touches a domain whose name does not start with Prefix, nor a volume not
+// named for a job or still used by anything else.
+//
+// # Clone modes
+//
+// Spec.CloneMode, else the image's default, else linked. Operators set an
+// image's default, and its guest OS family (Machine.OS), with
+//
+//	virsh metadata IMAGE https://stretchy-ci.dev/xmlns/libvirt-worker/1 \
+//	  --key stretchy --config --set '<image clone-mode="copy" os="windows"/>'
+//
+// The modes:
+//
+//   - linked: a qcow2 overlay per disk, backed by the image's volume. Takes
+//     the same few milliseconds for a 1 GiB or a 1 TiB image and no space
+//     until the guest writes. Right for most CI images. The image must not
+//     change while clones exist (edit a copy and switch the image name).
+//   - reflink: a same-format copy that shares extents through the file
+//     system (FICLONE). Also constant time, and independent of the image
+//     afterwards, but needs a pool directory on btrfs, XFS (reflink=1) or
+//     similar on this host; elsewhere it fails with ErrReflinkUnsupported.
+//     Right where images are updated in place or disks must be raw.
+//   - copy: a full copy through libvirt (virStorageVolCreateXMLFrom).
+//     Independent everywhere, but time and space grow with the data in the
+//     image. Right for small images, encrypted disks, or pools where
+//     neither of the others works.
+//
+// # Connections
+//
+// go-libvirt calls take no context; every call made here is bounded by a
+// deadline (Options.CallTimeout) and the caller's ctx. A Link keeps one
+// *libvirt.Libvirt usable across libvirtd restarts for all its holders.
 package provision

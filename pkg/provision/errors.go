@@ -23,6 +23,21 @@ var (
 	ErrNotFound = errors.New("no such machine")
 	// ErrInvalidJobID means the job id cannot name a domain and its volumes.
 	ErrInvalidJobID = errors.New("invalid job id")
+	// ErrInvalidCloneMode means a Spec or an image's metadata names a clone
+	// mode that does not exist. From the image's metadata it comes with
+	// ErrImageInvalid.
+	ErrInvalidCloneMode = errors.New("invalid clone mode")
+	// ErrReflinkUnsupported means reflink mode was asked for but a pool's
+	// file system cannot share extents (or the pool is not a local
+	// directory). It always comes with ErrImageInvalid: retrying cannot
+	// help, another mode can.
+	ErrReflinkUnsupported = errors.New("reflink copies not supported")
+	// ErrTimeout means libvirtd did not answer a call in time; the
+	// connection is then presumed hung. IsUnavailable reports it.
+	ErrTimeout = errors.New("libvirt call timed out")
+	// ErrDisconnected means the call was made while the connection to
+	// libvirtd was down. IsUnavailable reports it.
+	ErrDisconnected = errors.New("not connected to libvirt")
 )
 
 // libvirtCode reports the libvirt error number carried by err, if any.
@@ -54,6 +69,9 @@ func isNoDomain(err error) bool { return hasCode(err, libvirt.ErrNoDomain) }
 
 // isNoStorageVol reports whether err says the storage volume does not exist.
 func isNoStorageVol(err error) bool { return hasCode(err, libvirt.ErrNoStorageVol) }
+
+// isNoStoragePool reports whether err says the storage pool does not exist.
+func isNoStoragePool(err error) bool { return hasCode(err, libvirt.ErrNoStoragePool) }
 
 // isNoMetadata reports whether err says the domain has no metadata in the
 // requested namespace.

@@ -18,7 +18,7 @@ const libvirtSocket = "/var/run/libvirt/libvirt-sock"
 
 // requireLibvirt skips the test when no libvirtd is listening, unless
 // STRETCHY_REQUIRE_LIBVIRT=1 (as in CI) makes that a failure.
-func requireLibvirt(t *testing.T) {
+func requireLibvirt(t testing.TB) {
 	t.Helper()
 	if _, err := os.Stat(libvirtSocket); err != nil {
 		if os.Getenv("STRETCHY_REQUIRE_LIBVIRT") == "1" {
@@ -29,7 +29,7 @@ func requireLibvirt(t *testing.T) {
 }
 
 // dial connects to uri on the real libvirtd and disconnects when t ends.
-func dial(t *testing.T, uri string) *libvirt.Libvirt {
+func dial(t testing.TB, uri string) *libvirt.Libvirt {
 	t.Helper()
 	requireLibvirt(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
@@ -57,6 +57,10 @@ func testNode(t *testing.T) (*libvirt.Libvirt, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The unpooled image's disk exists, outside every pool.
+	if err := os.WriteFile(filepath.Join(dir, "loose.qcow2"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	node := filepath.Join(dir, "node.xml")
 	if err := os.WriteFile(node, []byte(strings.ReplaceAll(string(tmpl), "@DIR@", dir)), 0o644); err != nil {
 		t.Fatal(err)
@@ -67,7 +71,7 @@ func testNode(t *testing.T) (*libvirt.Libvirt, string) {
 // clone clones s and removes the machine again when t ends, whatever
 // happens in between. Removal runs with its own context: t.Context() is
 // already canceled when cleanups run.
-func clone(t *testing.T, p *Provisioner, s Spec) Machine {
+func clone(t testing.TB, p *Provisioner, s Spec) Machine {
 	t.Helper()
 	t.Cleanup(func() {
 		if _, err := p.Remove(context.Background(), s.JobID); err != nil {
@@ -82,7 +86,7 @@ func clone(t *testing.T, p *Provisioner, s Spec) Machine {
 }
 
 // testJobID returns a job id no other test run uses.
-func testJobID(t *testing.T) string {
+func testJobID(t testing.TB) string {
 	t.Helper()
 	b := make([]byte, 4)
 	if _, err := rand.Read(b); err != nil {

@@ -13,13 +13,16 @@ import (
 )
 
 // undefineFlags are tried in order until libvirt accepts one: older daemons
-// and other drivers reject flags they do not know.
-var undefineFlags = []libvirt.DomainUndefineFlagsValues{
-	libvirt.DomainUndefineNvram | libvirt.DomainUndefineManagedSave |
-		libvirt.DomainUndefineSnapshotsMetadata | libvirt.DomainUndefineCheckpointsMetadata,
-	libvirt.DomainUndefineNvram | libvirt.DomainUndefineManagedSave | libvirt.DomainUndefineSnapshotsMetadata,
-	libvirt.DomainUndefineManagedSave | libvirt.DomainUndefineSnapshotsMetadata,
-	0,
+// and other drivers reject flags they do not know. nvram is replaced by
+// DomainUndefineKeepNvram when the domain's NVRAM is not its own.
+func undefineFlags(nvram libvirt.DomainUndefineFlagsValues) []libvirt.DomainUndefineFlagsValues {
+	return []libvirt.DomainUndefineFlagsValues{
+		nvram | libvirt.DomainUndefineManagedSave |
+			libvirt.DomainUndefineSnapshotsMetadata | libvirt.DomainUndefineCheckpointsMetadata,
+		nvram | libvirt.DomainUndefineManagedSave | libvirt.DomainUndefineSnapshotsMetadata,
+		libvirt.DomainUndefineManagedSave | libvirt.DomainUndefineSnapshotsMetadata,
+		0,
+	}
 }
 
 // managedDomain returns the domain name for jobID, refusing the empty id,
@@ -38,17 +41,14 @@ func (p *Provisioner) Start(ctx context.Context, jobID string) error {
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("start %s: %w", name, err)
-	}
-	dom, err := p.conn.DomainLookupByName(name)
+	dom, err := call(ctx, p, func() (libvirt.Domain, error) { return p.conn.DomainLookupByName(name) })
 	if isNoDomain(err) {
 		return fmt.Errorf("start %s: %w", name, ErrNotFound)
 	}
 	if err != nil {
 		return fmt.Errorf("start %s: look up: %w", name, err)
 	}
-	if err := p.conn.DomainCreate(dom); err != nil {
+	if err := p.do(ctx, func() error { return p.conn.DomainCreate(dom) }); err != nil {
 		return fmt.Errorf("start %s: %w", name, err)
 	}
 	return nil
@@ -56,11 +56,16 @@ func (p *Provisioner) Start(ctx context.Context, jobID string) error {
 
 // Remove stops and undefines the job's machine and deletes the volumes its
 // metadata records. It is idempotent: a machine that does not exist yields
-// (false, nil).
+// (false, nil). Without a domain, it deletes the volumes named for the job
+// (left by a Clone that crashed) and reports existed true if there were
+// any.
 //
-// A recorded volume is deleted only if its file name has the form Clone
-// gives the job's volumes and no unmanaged domain uses it; other recorded
-// volumes are kept and reported in the error, after the domain is removed.
+// A volume is deleted only if its file name has the form Clone gives the
+// job's volumes and nothing else uses it: no other domain as a disk, a
+// backing file or NVRAM, no other volume as its backing store. Other
+// recorded volumes are kept and reported in the error, after the domain is
+// removed. If the metadata cannot be read, the volumes named for the job
+// are deleted by the same rules once the domain is gone.
 func (p *Provisioner) Remove(ctx context.Context, jobID string) (existed bool, err error) {
 	name, err := managedDomain(jobID)
 	if err != nil {
@@ -74,59 +79,108 @@ func (p *Provisioner) Remove(ctx context.Context, jobID string) (existed bool, e
 }
 
 func (p *Provisioner) remove(ctx context.Context, jobID, name string) (bool, error) {
-	dom, err := p.conn.DomainLookupByName(name)
+	dom, err := call(ctx, p, func() (libvirt.Domain, error) { return p.conn.DomainLookupByName(name) })
 	if isNoDomain(err) {
-		return false, nil
+		removed, err := p.removeOrphans(ctx, jobID)
+		return len(removed) > 0, err
 	}
 	if err != nil {
 		return false, fmt.Errorf("look up: %w", err)
 	}
 	// The metadata goes with the domain, so read it first. Without it there
 	// is nothing known to delete, but the domain itself still goes.
-	m, err := p.machine(dom)
+	m, err := p.machine(ctx, dom)
 	if isNoDomain(err) {
 		return false, nil
 	}
 	if err != nil {
 		return true, err
 	}
-	vols, kept, err := p.deletableVolumes(jobID, m.Volumes)
+	var candidates []poolVolume
+	var kept []string
+	for _, path := range m.Volumes {
+		if !ownedVolumePath(jobID, path) {
+			kept = append(kept, path+" (not named for this job)")
+			continue
+		}
+		vol, err := call(ctx, p, func() (libvirt.StorageVol, error) { return p.conn.StorageVolLookupByPath(path) })
+		if isNoStorageVol(err) {
+			continue
+		}
+		if err != nil {
+			return true, fmt.Errorf("look up volume %s: %w", path, err)
+		}
+		candidates = append(candidates, poolVolume{vol: vol, path: path})
+	}
+	del, inUse, err := p.unused(ctx, name, candidates)
 	if err != nil {
 		return true, err
 	}
-	if err := ctx.Err(); err != nil {
+	kept = append(kept, inUse...)
+	nvramFlag, err := p.nvramFlag(ctx, dom, del)
+	if err != nil {
 		return true, err
 	}
 
 	if m.Running {
-		if err := p.conn.DomainDestroy(dom); err != nil && !isNotRunning(err) && !isNoDomain(err) {
+		err := p.do(ctx, func() error { return p.conn.DomainDestroy(dom) })
+		if err != nil && !isNotRunning(err) && !isNoDomain(err) {
 			return true, fmt.Errorf("destroy: %w", err)
 		}
 	}
-	if err := p.undefine(dom); err != nil {
-		return true, err
-	}
-	if err := ctx.Err(); err != nil {
+	if err := p.undefine(ctx, dom, nvramFlag); err != nil {
 		return true, err
 	}
 
 	var errs []error
-	for _, vol := range vols {
-		if err := p.conn.StorageVolDelete(vol, 0); err != nil && !isNoStorageVol(err) {
-			errs = append(errs, fmt.Errorf("delete volume %s/%s: %w", vol.Pool, vol.Name, err))
+	for _, v := range del {
+		err := p.do(ctx, func() error { return p.conn.StorageVolDelete(v.vol, 0) })
+		if err != nil && !isNoStorageVol(err) {
+			errs = append(errs, fmt.Errorf("delete volume %s: %w", v.path, err))
+		}
+	}
+	if m.MetadataUnreadable {
+		// What was created is unknown; the naming rule still tells.
+		if _, err := p.removeOrphans(ctx, jobID); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if len(kept) > 0 {
-		errs = append(errs, fmt.Errorf("kept volumes %s: not named for this job or used by an unmanaged domain", strings.Join(kept, ", ")))
+		errs = append(errs, fmt.Errorf("kept volumes %s", strings.Join(kept, ", ")))
 	}
 	return true, errors.Join(errs...)
 }
 
-// undefine undefines dom with as many of undefineFlags as libvirt accepts.
-func (p *Provisioner) undefine(dom libvirt.Domain) error {
+// nvramFlag decides whether undefining may delete the domain's NVRAM file,
+// which libvirt does by path, outside any pool: only if it is one of the
+// volumes about to be deleted, or the file libvirt made for this domain
+// from a template (named after it), never a file with another owner that
+// wrong metadata or a hand-edited definition points at.
+func (p *Provisioner) nvramFlag(ctx context.Context, dom libvirt.Domain, del []poolVolume) (libvirt.DomainUndefineFlagsValues, error) {
+	doc, err := call(ctx, p, func() (string, error) { return p.conn.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive) })
+	if err != nil {
+		return 0, fmt.Errorf("domain XML: %w", err)
+	}
+	var def libvirtxml.Domain
+	if err := def.Unmarshal(doc); err != nil {
+		return 0, fmt.Errorf("parse domain XML: %w", err)
+	}
+	path := imageNVRAM(&def)
+	if path == "" {
+		return libvirt.DomainUndefineNvram, nil
+	}
+	if slices.ContainsFunc(del, func(v poolVolume) bool { return v.path == path }) ||
+		filepath.Base(path) == dom.Name+"_VARS.fd" {
+		return libvirt.DomainUndefineNvram, nil
+	}
+	return libvirt.DomainUndefineKeepNvram, nil
+}
+
+// undefine undefines dom with as many flags as libvirt accepts.
+func (p *Provisioner) undefine(ctx context.Context, dom libvirt.Domain, nvram libvirt.DomainUndefineFlagsValues) error {
 	var err error
-	for _, flags := range undefineFlags {
-		err = p.conn.DomainUndefineFlags(dom, flags)
+	for _, flags := range undefineFlags(nvram) {
+		err = p.do(ctx, func() error { return p.conn.DomainUndefineFlags(dom, flags) })
 		if !isUnsupportedFlags(err) {
 			break
 		}
@@ -138,131 +192,20 @@ func (p *Provisioner) undefine(dom libvirt.Domain) error {
 	return nil
 }
 
-// ownedVolumePath reports whether path has the file name Clone gives a
-// volume of jobID: the domain name, a dash, and a target without dashes.
-// Requiring the rest to be dash-free keeps job "a" from claiming the
-// volumes of job "a-b".
-func ownedVolumePath(jobID, path string) bool {
-	rest, ok := strings.CutPrefix(filepath.Base(path), DomainName(jobID)+"-")
-	return ok && rest != "" && !strings.Contains(rest, "-")
-}
-
-// deletableVolumes looks up the recorded volume paths and splits them into
-// volumes that may be deleted and paths that must be kept. Paths that no
-// longer name a volume are neither.
-func (p *Provisioner) deletableVolumes(jobID string, paths []string) (del []libvirt.StorageVol, kept []string, err error) {
-	var candidates []libvirt.StorageVol
-	var candidatePaths []string
-	for _, path := range paths {
-		if !ownedVolumePath(jobID, path) {
-			kept = append(kept, path)
-			continue
-		}
-		vol, err := p.conn.StorageVolLookupByPath(path)
-		if isNoStorageVol(err) {
-			continue
-		}
-		if err != nil {
-			return nil, nil, fmt.Errorf("look up volume %s: %w", path, err)
-		}
-		candidates = append(candidates, vol)
-		candidatePaths = append(candidatePaths, path)
-	}
-	if len(candidates) == 0 {
-		return nil, kept, nil
-	}
-	used, err := p.unmanagedDisks()
-	if err != nil {
-		return nil, nil, err
-	}
-	for i, vol := range candidates {
-		if used.has(candidatePaths[i], vol) {
-			kept = append(kept, candidatePaths[i])
-			continue
-		}
-		del = append(del, vol)
-	}
-	return del, kept, nil
-}
-
-// diskSet holds the storage that unmanaged domains use.
-type diskSet struct {
-	paths   map[string]bool
-	volumes map[[2]string]bool // pool, volume
-}
-
-func (s diskSet) has(path string, vol libvirt.StorageVol) bool {
-	return s.paths[path] || s.volumes[[2]string{vol.Pool, vol.Name}]
-}
-
-func (s diskSet) addSource(src *libvirtxml.DomainDiskSource) {
-	switch {
-	case src == nil:
-	case src.File != nil:
-		s.paths[src.File.File] = true
-	case src.Block != nil:
-		s.paths[src.Block.Dev] = true
-	case src.Volume != nil:
-		s.volumes[[2]string{src.Volume.Pool, src.Volume.Volume}] = true
-	}
-}
-
-// unmanagedDisks collects the disks, and their backing chains as far as
-// libvirt reports them, of every domain not named with Prefix, from both
-// the live and the persistent definition.
-func (p *Provisioner) unmanagedDisks() (diskSet, error) {
-	set := diskSet{paths: make(map[string]bool), volumes: make(map[[2]string]bool)}
-	doms, _, err := p.conn.ConnectListAllDomains(1, 0)
-	if err != nil {
-		return set, fmt.Errorf("list domains: %w", err)
-	}
-	for _, dom := range doms {
-		if strings.HasPrefix(dom.Name, Prefix) {
-			continue
-		}
-		for _, flags := range []libvirt.DomainXMLFlags{0, libvirt.DomainXMLInactive} {
-			doc, err := p.conn.DomainGetXMLDesc(dom, flags)
-			if isNoDomain(err) {
-				break
-			}
-			if err != nil {
-				return set, fmt.Errorf("domain %s XML: %w", dom.Name, err)
-			}
-			var def libvirtxml.Domain
-			if err := def.Unmarshal(doc); err != nil {
-				return set, fmt.Errorf("parse domain %s XML: %w", dom.Name, err)
-			}
-			if def.Devices == nil {
-				continue
-			}
-			for _, disk := range def.Devices.Disks {
-				set.addSource(disk.Source)
-				for bs := disk.BackingStore; bs != nil; bs = bs.BackingStore {
-					set.addSource(bs.Source)
-				}
-			}
-		}
-	}
-	return set, nil
-}
-
 // Lookup returns the job's machine, and false if it does not exist.
 func (p *Provisioner) Lookup(ctx context.Context, jobID string) (Machine, bool, error) {
 	name, err := managedDomain(jobID)
 	if err != nil {
 		return Machine{}, false, fmt.Errorf("look up: %w", err)
 	}
-	if err := ctx.Err(); err != nil {
-		return Machine{}, false, fmt.Errorf("look up %s: %w", name, err)
-	}
-	dom, err := p.conn.DomainLookupByName(name)
+	dom, err := call(ctx, p, func() (libvirt.Domain, error) { return p.conn.DomainLookupByName(name) })
 	if isNoDomain(err) {
 		return Machine{}, false, nil
 	}
 	if err != nil {
 		return Machine{}, false, fmt.Errorf("look up %s: %w", name, err)
 	}
-	m, err := p.machine(dom)
+	m, err := p.machine(ctx, dom)
 	if isNoDomain(err) {
 		return Machine{}, false, nil
 	}
@@ -273,21 +216,20 @@ func (p *Provisioner) Lookup(ctx context.Context, jobID string) (Machine, bool, 
 }
 
 // List returns every managed domain, sorted by name, including those whose
-// metadata cannot be read, so that callers can remove them.
+// metadata cannot be read (MetadataUnreadable), so that a reconciler can
+// remove them. It is the reconciler's view of the host, from libvirt's
+// state alone.
 func (p *Provisioner) List(ctx context.Context) ([]Machine, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("list machines: %w", err)
-	}
-	doms, _, err := p.conn.ConnectListAllDomains(1, 0)
+	doms, err := p.listDomains(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("list machines: %w", err)
 	}
 	machines := []Machine{}
 	for _, dom := range doms {
-		if !strings.HasPrefix(dom.Name, Prefix) {
+		if !strings.HasPrefix(dom.Name, Prefix) || dom.Name == Prefix {
 			continue
 		}
-		m, err := p.machine(dom)
+		m, err := p.machine(ctx, dom)
 		if isNoDomain(err) {
 			continue // removed meanwhile
 		}
@@ -303,19 +245,25 @@ func (p *Provisioner) List(ctx context.Context) ([]Machine, error) {
 // machine reads a managed domain's state and metadata. The job id always
 // comes from the domain name, which is what Remove acts on; metadata that is
 // missing or unreadable leaves the recorded fields empty.
-func (p *Provisioner) machine(dom libvirt.Domain) (Machine, error) {
-	state, _, err := p.conn.DomainGetState(dom, 0)
+func (p *Provisioner) machine(ctx context.Context, dom libvirt.Domain) (Machine, error) {
+	state, err := call(ctx, p, func() (int32, error) {
+		state, _, err := p.conn.DomainGetState(dom, 0)
+		return state, err
+	})
 	if err != nil {
 		return Machine{}, fmt.Errorf("state of %s: %w", dom.Name, err)
 	}
 	m := Machine{}
-	doc, err := p.conn.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{metadataNS}, libvirt.DomainAffectCurrent)
+	doc, err := call(ctx, p, func() (string, error) {
+		return p.conn.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{metadataNS}, libvirt.DomainAffectCurrent)
+	})
 	switch {
 	case err == nil:
 		if decodeMetadata(doc, &m) != nil {
-			m = Machine{}
+			m = Machine{MetadataUnreadable: true}
 		}
 	case isNoMetadata(err):
+		m.MetadataUnreadable = true
 	default:
 		return Machine{}, fmt.Errorf("metadata of %s: %w", dom.Name, err)
 	}

@@ -12,6 +12,8 @@ func TestOwnedVolumePath(t *testing.T) {
 		want      bool
 	}{
 		{"a", "/pool/stretchy-a-vda.qcow2", true},
+		{"a", "/pool/stretchy-a-nvram.fd", true},
+		{"a", "stretchy-a-vdb.img", true},
 		{"a-b", "/pool/stretchy-a-b-vda.qcow2", true},
 		{"a", "/pool/stretchy-a-b-vda.qcow2", false}, // job a-b's volume
 		{"a", "/pool/tiny-linux.qcow2", false},
@@ -23,6 +25,32 @@ func TestOwnedVolumePath(t *testing.T) {
 		t.Run(tt.job+" "+tt.path, func(t *testing.T) {
 			if got := ownedVolumePath(tt.job, tt.path); got != tt.want {
 				t.Errorf("ownedVolumePath(%q, %q) = %v, want %v", tt.job, tt.path, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestVolumeJobID(t *testing.T) {
+	tests := []struct {
+		path, job string
+		ok        bool
+	}{
+		{"/pool/stretchy-a-vda.qcow2", "a", true},
+		{"/pool/stretchy-a-b-nvram.fd", "a-b", true},
+		{"stretchy-job_1-vdb.img", "job_1", true},
+		{"/pool/tiny-linux.qcow2", "", false},
+		{"/pool/stretchy-vda.qcow2", "", false},
+		{"/pool/stretchy-a-", "", false},
+		{"/pool/stretchy--vda", "", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.path, func(t *testing.T) {
+			job, ok := VolumeJobID(tt.path)
+			if ok != tt.ok || (ok && job != tt.job) {
+				t.Errorf("VolumeJobID(%q) = %q, %v; want %q, %v", tt.path, job, ok, tt.job, tt.ok)
+			}
+			if ok && !ownedVolumePath(job, tt.path) {
+				t.Errorf("ownedVolumePath(%q, %q) = false for the job VolumeJobID found", job, tt.path)
 			}
 		})
 	}

@@ -17,6 +17,12 @@ const (
 	metadataPrefix = "stretchy"
 	// metadataElement is the local name of that element.
 	metadataElement = "machine"
+	// imageElement is the local name of the element operators put in an
+	// image's <metadata>, in the same namespace, to set its defaults:
+	//
+	//	virsh metadata IMAGE https://stretchy-ci.dev/xmlns/libvirt-worker/1 \
+	//	  --key stretchy --config --set '<image clone-mode="copy" os="windows"/>'
+	imageElement = "image"
 )
 
 // machineMetadata is the <stretchy:machine> element. Its children carry no
@@ -32,6 +38,8 @@ type machineMetadata struct {
 	RunnerKind  string   `xml:"runner_kind,omitempty"`
 	RequestedAt string   `xml:"requested_at,omitempty"`
 	Deadline    string   `xml:"deadline,omitempty"`
+	CloneMode   string   `xml:"clone_mode,omitempty"`
+	OS          string   `xml:"os,omitempty"`
 	Volumes     []string `xml:"volumes>volume"`
 }
 
@@ -46,6 +54,8 @@ func encodeMetadata(m Machine) (string, error) {
 		RunnerKind:  m.RunnerKind,
 		RequestedAt: formatTime(m.RequestedAt),
 		Deadline:    formatTime(m.Deadline),
+		CloneMode:   string(m.CloneMode),
+		OS:          m.OS,
 		Volumes:     m.Volumes,
 	}
 	b, err := xml.Marshal(md)
@@ -61,46 +71,75 @@ func encodeMetadata(m Machine) (string, error) {
 // namespace stripped, or the inner XML of <metadata>, where the element must
 // be in metadataNS to be told apart from other applications' elements.
 func decodeMetadata(doc string, m *Machine) error {
+	var md machineMetadata
+	if err := decodeElement(doc, metadataElement, &md); err != nil {
+		return fmt.Errorf("decode metadata: %w", err)
+	}
+	requested, err := parseTime(md.RequestedAt)
+	if err != nil {
+		return fmt.Errorf("decode metadata: requested_at: %w", err)
+	}
+	deadline, err := parseTime(md.Deadline)
+	if err != nil {
+		return fmt.Errorf("decode metadata: deadline: %w", err)
+	}
+	m.JobID = md.JobID
+	m.Image = md.Image
+	m.Host = md.Host
+	m.RunnerKind = md.RunnerKind
+	m.RequestedAt = requested
+	m.Deadline = deadline
+	m.CloneMode = CloneMode(md.CloneMode)
+	m.OS = md.OS
+	m.Volumes = md.Volumes
+	return nil
+}
+
+// imageSettings are an image's defaults, from its <stretchy:image> element.
+type imageSettings struct {
+	// CloneMode is the image's default clone mode, "" for CloneLinked.
+	CloneMode CloneMode `xml:"clone-mode,attr"`
+	// OS is the guest OS family; it spares callers detecting it.
+	OS string `xml:"os,attr"`
+}
+
+// decodeImageSettings decodes an image's element, as decodeMetadata does
+// a machine's.
+func decodeImageSettings(doc string) (imageSettings, error) {
+	var s imageSettings
+	if err := decodeElement(doc, imageElement, &s); err != nil {
+		return imageSettings{}, fmt.Errorf("decode image metadata: %w", err)
+	}
+	if s.CloneMode != "" && !s.CloneMode.valid() {
+		return imageSettings{}, fmt.Errorf("decode image metadata: clone-mode %q: %w", s.CloneMode, ErrInvalidCloneMode)
+	}
+	return s, nil
+}
+
+// decodeElement decodes the first top-level element named local, in
+// metadataNS or in no namespace, of doc into v.
+func decodeElement(doc, local string, v any) error {
 	dec := xml.NewDecoder(strings.NewReader(doc))
 	for {
 		tok, err := dec.Token()
 		if errors.Is(err, io.EOF) {
-			return errors.New("decode metadata: no " + metadataElement + " element in namespace " + metadataNS)
+			return errors.New("no " + local + " element in namespace " + metadataNS)
 		}
 		if err != nil {
-			return fmt.Errorf("decode metadata: %w", err)
+			return err
 		}
 		start, ok := tok.(xml.StartElement)
 		if !ok {
 			continue
 		}
-		if start.Name.Local != metadataElement || (start.Name.Space != metadataNS && start.Name.Space != "") {
+		if start.Name.Local != local || (start.Name.Space != metadataNS && start.Name.Space != "") {
 			// Only top-level elements count.
 			if err := dec.Skip(); err != nil {
-				return fmt.Errorf("decode metadata: %w", err)
+				return err
 			}
 			continue
 		}
-		var md machineMetadata
-		if err := dec.DecodeElement(&md, &start); err != nil {
-			return fmt.Errorf("decode metadata: %w", err)
-		}
-		requested, err := parseTime(md.RequestedAt)
-		if err != nil {
-			return fmt.Errorf("decode metadata: requested_at: %w", err)
-		}
-		deadline, err := parseTime(md.Deadline)
-		if err != nil {
-			return fmt.Errorf("decode metadata: deadline: %w", err)
-		}
-		m.JobID = md.JobID
-		m.Image = md.Image
-		m.Host = md.Host
-		m.RunnerKind = md.RunnerKind
-		m.RequestedAt = requested
-		m.Deadline = deadline
-		m.Volumes = md.Volumes
-		return nil
+		return dec.DecodeElement(v, &start)
 	}
 }
 

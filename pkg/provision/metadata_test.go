@@ -1,6 +1,7 @@
 package provision
 
 import (
+	"errors"
 	"reflect"
 	"regexp"
 	"testing"
@@ -18,7 +19,9 @@ func TestMetadataRoundTrip(t *testing.T) {
 			JobID: "job-1", Image: "tiny-linux", Host: "host-a", RunnerKind: "forgejo",
 			RequestedAt: time.Date(2026, 3, 4, 5, 6, 7, 891000000, time.UTC),
 			Deadline:    time.Date(2026, 3, 4, 7, 6, 7, 0, time.FixedZone("CET", 3600)),
-			Volumes:     []string{"/pool/stretchy-job-1-vda.qcow2", "/pool/stretchy-job-1-vdb.qcow2"},
+			CloneMode:   CloneReflink,
+			OS:          "windows",
+			Volumes:     []string{"/pool/stretchy-job-1-vda.qcow2", "/pool/stretchy-job-1-vdb.img", "/pool/stretchy-job-1-nvram.fd"},
 		}},
 		{"zero times and no volumes", Machine{JobID: "j", Image: "img"}},
 		{"text needing escapes", Machine{JobID: "j", Image: "a<b>&'\"", Host: "h"}},
@@ -83,6 +86,38 @@ func TestDecodeMetadata(t *testing.T) {
 			}
 			if m.JobID != tt.wantJob {
 				t.Errorf("job = %q, want %q", m.JobID, tt.wantJob)
+			}
+		})
+	}
+}
+
+func TestDecodeImageSettings(t *testing.T) {
+	tests := []struct {
+		name    string
+		doc     string
+		want    imageSettings
+		wantErr error
+	}{
+		{"as virDomainGetMetadata returns it", `<image clone-mode="copy" os="windows"/>`, imageSettings{CloneCopy, "windows"}, nil},
+		{"as virsh metadata --set writes it", `<stretchy:image xmlns:stretchy="https://stretchy-ci.dev/xmlns/libvirt-worker/1" clone-mode="reflink"/>`, imageSettings{CloneReflink, ""}, nil},
+		{"os only", `<image os="linux"/>`, imageSettings{"", "linux"}, nil},
+		{"unknown mode", `<image clone-mode="fast"/>`, imageSettings{}, ErrInvalidCloneMode},
+		{"a machine's element", `<machine><job_id>a</job_id></machine>`, imageSettings{}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := decodeImageSettings(tt.doc)
+			if tt.name == "a machine's element" {
+				if err == nil {
+					t.Fatalf("decoded %+v from a machine's element", got)
+				}
+				return
+			}
+			if !errors.Is(err, tt.wantErr) || (err != nil) != (tt.wantErr != nil) {
+				t.Fatalf("err = %v, want %v", err, tt.wantErr)
+			}
+			if got != tt.want {
+				t.Errorf("settings = %+v, want %+v", got, tt.want)
 			}
 		})
 	}

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
+	"sync"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
@@ -30,11 +31,20 @@ type Conn interface {
 	DomainCreate(dom libvirt.Domain) error
 	DomainDestroy(dom libvirt.Domain) error
 	DomainUndefineFlags(dom libvirt.Domain, flags libvirt.DomainUndefineFlagsValues) error
-	StorageVolLookupByPath(path string) (libvirt.StorageVol, error)
+	ConnectListAllStoragePools(needResults int32, flags libvirt.ConnectListAllStoragePoolsFlags) ([]libvirt.StoragePool, uint32, error)
+	StoragePoolLookupByName(name string) (libvirt.StoragePool, error)
+	StoragePoolLookupByTargetPath(path string) (libvirt.StoragePool, error)
 	StoragePoolLookupByVolume(vol libvirt.StorageVol) (libvirt.StoragePool, error)
+	StoragePoolGetXMLDesc(pool libvirt.StoragePool, flags libvirt.StorageXMLFlags) (string, error)
+	StoragePoolRefresh(pool libvirt.StoragePool, flags uint32) error
+	StoragePoolListAllVolumes(pool libvirt.StoragePool, needResults int32, flags uint32) ([]libvirt.StorageVol, uint32, error)
+	StorageVolLookupByName(pool libvirt.StoragePool, name string) (libvirt.StorageVol, error)
+	StorageVolLookupByPath(path string) (libvirt.StorageVol, error)
 	StorageVolGetXMLDesc(vol libvirt.StorageVol, flags uint32) (string, error)
 	StorageVolGetPath(vol libvirt.StorageVol) (string, error)
 	StorageVolCreateXML(pool libvirt.StoragePool, xml string, flags libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error)
+	StorageVolCreateXMLFrom(pool libvirt.StoragePool, xml string, clonevol libvirt.StorageVol, flags libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error)
+	StorageVolUpload(vol libvirt.StorageVol, outStream io.Reader, offset uint64, length uint64, flags libvirt.StorageVolUploadFlags) error
 	StorageVolDelete(vol libvirt.StorageVol, flags libvirt.StorageVolDeleteFlags) error
 }
 
@@ -43,9 +53,10 @@ type Conn interface {
 // test:///abs/path/node.xml are served by the same daemon, and each such
 // connection gets private state.
 //
-// go-libvirt takes no context, so ctx only bounds the socket dial and is
-// checked once the connection is up. The caller disconnects the returned
-// connection.
+// The connection is not re-established if libvirtd restarts; long-lived
+// callers use a Link instead. go-libvirt takes no context, so ctx only
+// bounds the socket dial and is checked once the connection is up. The
+// caller disconnects the returned connection.
 func Dial(ctx context.Context, uri string) (*libvirt.Libvirt, error) {
 	if uri == "" {
 		uri = string(libvirt.QEMUSystem)
@@ -69,11 +80,28 @@ func Dial(ctx context.Context, uri string) (*libvirt.Libvirt, error) {
 	return l, nil
 }
 
+// Default bounds of single libvirt calls, see Options.
+const (
+	DefaultCallTimeout = 30 * time.Second
+	DefaultCopyTimeout = 30 * time.Minute
+)
+
 // Options configure a Provisioner.
 type Options struct {
 	// DomainType replaces the image's domain type in clones: "qemu" for
 	// TCG emulation or "kvm". Empty keeps the image's type.
 	DomainType string
+	// CallTimeout bounds every libvirt call except full copies; 0 means
+	// DefaultCallTimeout. A call that exceeds it fails with ErrTimeout.
+	CallTimeout time.Duration
+	// CopyTimeout bounds calls that copy a whole volume (copy mode, NVRAM
+	// upload); 0 means DefaultCopyTimeout.
+	CopyTimeout time.Duration
+	// Link, when the connection given to New is Link.Libvirt(), lets calls
+	// wait while the Link reconnects, and lets a call that times out reset
+	// the connection, since a libvirtd that does not answer one call
+	// usually answers none.
+	Link *Link
 }
 
 // Provisioner clones images into managed domains and removes them.
@@ -83,11 +111,45 @@ type Provisioner struct {
 	opts Options
 	// rand supplies UUIDs and MAC addresses.
 	rand io.Reader
+
+	// mu guards pendingMACs: addresses chosen by Clones whose domains are
+	// not defined yet, so that concurrent Clones cannot pick the same one
+	// before either shows up in libvirt.
+	mu          sync.Mutex
+	pendingMACs map[string]bool
 }
 
 // New returns a Provisioner that works through conn.
 func New(conn Conn, opts Options) *Provisioner {
-	return &Provisioner{conn: conn, opts: opts, rand: rand.Reader}
+	if opts.CallTimeout <= 0 {
+		opts.CallTimeout = DefaultCallTimeout
+	}
+	if opts.CopyTimeout <= 0 {
+		opts.CopyTimeout = DefaultCopyTimeout
+	}
+	return &Provisioner{conn: conn, opts: opts, rand: rand.Reader, pendingMACs: make(map[string]bool)}
+}
+
+// CloneMode says how a clone gets its own copy of an image's disks.
+type CloneMode string
+
+// The clone modes; doc.go says when each is right.
+const (
+	// CloneLinked gives the clone qcow2 overlays backed by the image's
+	// volumes: constant time and space whatever the image size.
+	CloneLinked CloneMode = "linked"
+	// CloneReflink copies the image's volumes in their own format by
+	// sharing extents through the file system (FICLONE): constant time on
+	// btrfs or XFS, refused elsewhere with ErrReflinkUnsupported.
+	CloneReflink CloneMode = "reflink"
+	// CloneCopy makes full, independent copies through libvirt; time and
+	// space grow with the data in the image.
+	CloneCopy CloneMode = "copy"
+)
+
+// valid reports whether m names a clone mode; the empty mode is not one.
+func (m CloneMode) valid() bool {
+	return m == CloneLinked || m == CloneReflink || m == CloneCopy
 }
 
 // Spec says which image to clone for which job, and what to record about it.
@@ -98,6 +160,9 @@ type Spec struct {
 	RunnerKind  string
 	RequestedAt time.Time
 	Deadline    time.Time
+	// CloneMode overrides the image's default clone mode (set in its
+	// metadata, else CloneLinked); empty keeps it.
+	CloneMode CloneMode
 }
 
 // Machine describes a managed domain as recorded in its metadata.
@@ -109,10 +174,21 @@ type Machine struct {
 	RunnerKind  string
 	RequestedAt time.Time
 	Deadline    time.Time
-	// Volumes are the paths of the volumes created for the job; Remove
-	// deletes exactly these.
+	// CloneMode is how the machine's disks were made.
+	CloneMode CloneMode
+	// OS is the guest OS family the image's metadata declares ("linux",
+	// "windows", ...), empty if it declares none; callers that get one can
+	// skip detecting the guest OS.
+	OS string
+	// Volumes are the paths of the volumes created for the job, disks
+	// and NVRAM; Remove deletes exactly these.
 	Volumes []string
 	// Running is true whenever the domain is not shut off, including
 	// paused and crashed domains, since all of them still hold resources.
 	Running bool
+	// MetadataUnreadable is set when the domain has no metadata of this
+	// package or it cannot be decoded; the recorded fields are then empty
+	// and only Name, JobID and Running are known. Such a domain is still
+	// managed: Remove removes it, without deleting volumes.
+	MetadataUnreadable bool
 }

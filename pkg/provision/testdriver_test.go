@@ -52,7 +52,7 @@ func domainStates(t *testing.T, l *libvirt.Libvirt) map[string]libvirt.DomainSta
 	return states
 }
 
-func domainXML(t *testing.T, l *libvirt.Libvirt, name string) *libvirtxml.Domain {
+func domainXML(t testing.TB, l *libvirt.Libvirt, name string) *libvirtxml.Domain {
 	t.Helper()
 	dom, err := l.DomainLookupByName(name)
 	if err != nil {
@@ -69,7 +69,7 @@ func domainXML(t *testing.T, l *libvirt.Libvirt, name string) *libvirtxml.Domain
 	return &def
 }
 
-func volumeXML(t *testing.T, l *libvirt.Libvirt, path string) *libvirtxml.StorageVolume {
+func volumeXML(t testing.TB, l *libvirt.Libvirt, path string) *libvirtxml.StorageVolume {
 	t.Helper()
 	vol, err := l.StorageVolLookupByPath(path)
 	if err != nil {
@@ -104,7 +104,7 @@ func TestCloneDefinesMachine(t *testing.T) {
 	wantVols := []string{filepath.Join(pool, "stretchy-j1-vda.qcow2"), filepath.Join(pool, "stretchy-j1-vdb.qcow2")}
 	want := Machine{
 		Name: "stretchy-j1", JobID: "j1", Image: "image", Host: "host-a", RunnerKind: "none",
-		RequestedAt: testSpec("").RequestedAt, Deadline: testSpec("").Deadline, Volumes: wantVols,
+		RequestedAt: testSpec("").RequestedAt, Deadline: testSpec("").Deadline, CloneMode: CloneLinked, Volumes: wantVols,
 	}
 	if !reflect.DeepEqual(m, want) {
 		t.Errorf("Clone = %+v\nwant %+v", m, want)
@@ -183,7 +183,7 @@ func TestCloneRefuses(t *testing.T) {
 		{"missing image", Spec{JobID: "r1", Image: "nope"}, ErrImageNotFound, "image nope"},
 		{"image named like a machine", Spec{JobID: "r2", Image: "stretchy-x"}, ErrImageInvalid, `must not start with "stretchy-"`},
 		{"running image", Spec{JobID: "r3", Image: "busy"}, ErrImageInvalid, "image busy is running; images must be shut off"},
-		{"disk outside any pool", Spec{JobID: "r4", Image: "unpooled"}, ErrImageInvalid, "disk vda: "},
+		{"disk outside any pool", Spec{JobID: "r4", Image: "unpooled"}, ErrImageInvalid, "image unpooled: disk vda: "},
 		{"bad job id", Spec{JobID: "../r5", Image: "image"}, ErrInvalidJobID, "../r5"},
 		{"empty job id", Spec{Image: "image"}, ErrInvalidJobID, "job id"},
 	}
@@ -217,6 +217,20 @@ func (failingDefine) DomainDefineXMLFlags(string, libvirt.DomainDefineFlags) (li
 	return libvirt.Domain{}, libvirt.Error{Code: uint32(libvirt.ErrXMLError), Message: "injected failure"}
 }
 
+// failingSecondVolume is the real connection except that creating a second
+// volume fails.
+type failingSecondVolume struct {
+	Conn
+	n int
+}
+
+func (f *failingSecondVolume) StorageVolCreateXML(pool libvirt.StoragePool, xml string, flags libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error) {
+	if f.n++; f.n == 2 {
+		return libvirt.StorageVol{}, libvirt.Error{Code: uint32(libvirt.ErrStorageVolExist), Message: "injected failure"}
+	}
+	return f.Conn.StorageVolCreateXML(pool, xml, flags)
+}
+
 func TestCloneRollsBack(t *testing.T) {
 	tests := []struct {
 		name    string
@@ -225,7 +239,17 @@ func TestCloneRollsBack(t *testing.T) {
 		extra []string
 	}{
 		{
-			name: "second volume exists",
+			name:    "second volume fails",
+			prepare: func(t *testing.T, l *libvirt.Libvirt) Conn { return &failingSecondVolume{Conn: l} },
+		},
+		{
+			name:    "define fails",
+			prepare: func(t *testing.T, l *libvirt.Libvirt) Conn { return failingDefine{l} },
+		},
+		{
+			// A volume named for the job that an unmanaged domain uses is
+			// not an orphan to sweep: Clone stops before creating anything.
+			name: "volume named for the job in use",
 			prepare: func(t *testing.T, l *libvirt.Libvirt) Conn {
 				pool, err := l.StoragePoolLookupByName("images")
 				if err != nil {
@@ -233,16 +257,23 @@ func TestCloneRollsBack(t *testing.T) {
 				}
 				vx := libvirtxml.StorageVolume{Name: "stretchy-rb-vdb.qcow2", Capacity: &libvirtxml.StorageVolumeSize{Value: 1}}
 				doc, _ := vx.Marshal()
-				if _, err := l.StorageVolCreateXML(pool, doc, 0); err != nil {
+				vol, err := l.StorageVolCreateXML(pool, doc, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				path, err := l.StorageVolGetPath(vol)
+				if err != nil {
+					t.Fatal(err)
+				}
+				user := image([]libvirtxml.DomainDisk{fileDisk("disk", path, "vda", false)})
+				user.Type, user.Name, user.UUID, user.GenID, user.SysInfo = "test", "user", "", nil, nil
+				udoc, _ := user.Marshal()
+				if _, err := l.DomainDefineXMLFlags(udoc, 0); err != nil {
 					t.Fatal(err)
 				}
 				return l
 			},
 			extra: []string{"stretchy-rb-vdb.qcow2"},
-		},
-		{
-			name:    "define fails",
-			prepare: func(t *testing.T, l *libvirt.Libvirt) Conn { return failingDefine{l} },
 		},
 	}
 	for _, tt := range tests {
@@ -255,8 +286,10 @@ func TestCloneRollsBack(t *testing.T) {
 			if err == nil {
 				t.Fatal("Clone succeeded")
 			}
-			if got := volumeNames(t, l); !reflect.DeepEqual(got, append(slices.Clone(before), tt.extra...)) {
-				t.Errorf("volumes after failed Clone = %q, want %q plus %q", got, before, tt.extra)
+			want := append(slices.Clone(before), tt.extra...)
+			slices.Sort(want)
+			if got := volumeNames(t, l); !reflect.DeepEqual(got, want) {
+				t.Errorf("volumes after failed Clone = %q, want %q", got, want)
 			}
 			if got := domainStates(t, l); !reflect.DeepEqual(got, doms) {
 				t.Errorf("domains after failed Clone = %v, were %v", got, doms)
@@ -313,6 +346,9 @@ func TestRemoveWithoutMetadata(t *testing.T) {
 	l, _ := testNode(t)
 	p := New(l, Options{})
 	// stretchy-x in the node has no metadata: still managed, still removable.
+	if m, ok, err := p.Lookup(t.Context(), "x"); err != nil || !ok || !m.MetadataUnreadable {
+		t.Errorf("Lookup = %+v, %v, %v; want a machine flagged MetadataUnreadable", m, ok, err)
+	}
 	existed, err := p.Remove(t.Context(), "x")
 	if err != nil || !existed {
 		t.Fatalf("Remove = %v, %v; want true, nil", existed, err)
@@ -334,12 +370,25 @@ func TestRemoveKeepsForeignVolumes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"stretchy-evil-vda.qcow2", "stretchy-evil-vdz.qcow2", "stretchy-evil-2-vda.qcow2"} {
+	for _, name := range []string{"stretchy-evil-vda.qcow2", "stretchy-evil-vdz.qcow2", "stretchy-evil-2-vda.qcow2", "stretchy-evil-vdy.qcow2"} {
 		vx := libvirtxml.StorageVolume{Name: name, Capacity: &libvirtxml.StorageVolumeSize{Value: 1}}
 		doc, _ := vx.Marshal()
 		if _, err := l.StorageVolCreateXML(poolRef, doc, 0); err != nil {
 			t.Fatal(err)
 		}
+	}
+	// Someone made an overlay on vdy, in no domain.
+	overlay := libvirtxml.StorageVolume{
+		Name: "overlay.qcow2", Capacity: &libvirtxml.StorageVolumeSize{Value: 1},
+		Target:       &libvirtxml.StorageVolumeTarget{Format: &libvirtxml.StorageVolumeTargetFormat{Type: "qcow2"}},
+		BackingStore: &libvirtxml.StorageVolumeBackingStore{Path: filepath.Join(pool, "stretchy-evil-vdy.qcow2")},
+	}
+	overlayDoc, err := overlay.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.StorageVolCreateXML(poolRef, overlayDoc, 0); err != nil {
+		t.Fatal(err)
 	}
 	defineXML := func(def *libvirtxml.Domain) {
 		t.Helper()
@@ -361,6 +410,7 @@ func TestRemoveKeepsForeignVolumes(t *testing.T) {
 		filepath.Join(pool, "other.qcow2"),               // bystander's
 		filepath.Join(pool, "stretchy-evil-2-vda.qcow2"), // job evil-2's
 		filepath.Join(pool, "stretchy-evil-vdz.qcow2"),   // used by borrower
+		filepath.Join(pool, "stretchy-evil-vdy.qcow2"),   // backing store of overlay
 	}
 	meta, err := encodeMetadata(Machine{JobID: "evil", Image: "image", Volumes: claimed})
 	if err != nil {

@@ -17,7 +17,8 @@ func IsUnavailable(err error) bool {
 	switch {
 	case err == nil:
 		return false
-	case errors.Is(err, libvirt.ErrInterrupted),
+	case errors.Is(err, ErrTimeout), errors.Is(err, ErrDisconnected),
+		errors.Is(err, libvirt.ErrInterrupted),
 		errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
 		errors.Is(err, net.ErrClosed), errors.Is(err, syscall.ECONNREFUSED),
 		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE),

@@ -22,6 +22,7 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/internal/worker"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
 )
 
 const (
@@ -139,7 +140,7 @@ func (rw *runningWorker) settlements() []worker.Settlement {
 
 // startWorker runs a worker like "worker run" does, against js and the
 // system libvirtd, until the test ends or stop is called.
-func startWorker(tb testing.TB, js jetstream.JetStream, l *libvirt.Libvirt, o workerOptions) *runningWorker {
+func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runningWorker {
 	tb.Helper()
 	if o.AckWait == 0 {
 		o.AckWait = 10 * time.Second
@@ -150,14 +151,25 @@ func startWorker(tb testing.TB, js jetstream.JetStream, l *libvirt.Libvirt, o wo
 		tb.Fatal(err)
 	}
 	pub := bus.NewPublisher(js)
+	link := provision.NewLink("qemu:///system", provision.LinkOptions{})
+	if err := link.Connect(ctx); err != nil {
+		tb.Fatal(err)
+	}
+	linkCtx, stopLink := context.WithCancel(ctx)
+	linkDone := make(chan struct{})
+	go func() {
+		defer close(linkDone)
+		_ = link.Run(linkCtx)
+	}()
+	l := link.Libvirt()
 	rw := &runningWorker{}
 	rw.life = lifecycle.New(lifecycle.Config{
-		Host: testHost, Machines: provision.New(l, provision.Options{DomainType: "qemu"}),
-		Events: pub, History: pub,
+		Host: testHost, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
+		Agent: qga.New(l), Events: pub, History: pub,
 	})
 	rw.w = worker.New(worker.Config{
 		Parallelism: o.Parallelism, MaxVMs: o.MaxVMs, AckWait: o.AckWait, MaxDeliver: 5,
-		ShutdownGrace: o.ShutdownGrace, PullWait: time.Second, DeadlineCheck: 200 * time.Millisecond,
+		ShutdownGrace: o.ShutdownGrace, PullWait: time.Second, WatchInterval: 200 * time.Millisecond,
 		OnSettle: func(s worker.Settlement) {
 			rw.mu.Lock()
 			rw.settled = append(rw.settled, s)
@@ -173,6 +185,9 @@ func startWorker(tb testing.TB, js jetstream.JetStream, l *libvirt.Libvirt, o wo
 		once.Do(func() {
 			cancel()
 			runErr = <-done
+			stopLink()
+			<-linkDone
+			_ = link.Close()
 		})
 		return runErr
 	}

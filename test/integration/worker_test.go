@@ -12,9 +12,11 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
+// lifecycleStates is the life of a job with runner kind none: it is ready
+// once the guest agent answers.
 var lifecycleStates = []messages.State{
 	messages.StateAccepted, messages.StateCloning, messages.StateCloned, messages.StateBooting,
-	messages.StateRunning, messages.StateTearingDown, messages.StateTornDown,
+	messages.StateRunning, messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown,
 }
 
 const bootWait = 90 * time.Second
@@ -52,13 +54,13 @@ func TestProvisionBootTeardown(t *testing.T) {
 	l := dialLibvirt(t)
 	_, js := startNATS(t)
 	events := followEvents(t, js)
-	startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 4})
+	startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 4})
 
 	job := uniqueJob(t, "boot")
 	submitProvision(t, js, job)
-	running := events.waitState(t, job, messages.StateRunning, bootWait)
-	if running.Domain != "stretchy-"+job || running.Host != testHost || running.Image != testImage() {
-		t.Fatalf("running event %+v", running)
+	ready := events.waitState(t, job, messages.StateAgentReady, bootWait)
+	if ready.Domain != "stretchy-"+job || ready.Host != testHost || ready.Image != testImage() || ready.OS != "linux" {
+		t.Fatalf("agent_ready event %+v", ready)
 	}
 
 	// The machine runs, and its disk is a copy-on-write overlay of the
@@ -138,7 +140,7 @@ func TestParallelismBoundsOperations(t *testing.T) {
 	l := dialLibvirt(t)
 	_, js := startNATS(t)
 	events := followEvents(t, js)
-	rw := startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 20})
+	rw := startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 20})
 
 	const n = 20
 	jobs := make([]string, n)
@@ -160,7 +162,7 @@ func TestParallelismBoundsOperations(t *testing.T) {
 				continue
 			}
 			switch ev.State {
-			case messages.StateRunning:
+			case messages.StateAgentReady:
 				if !requested[ev.JobID] {
 					requested[ev.JobID] = true
 					submitTeardown(t, js, ev.JobID)
@@ -191,16 +193,16 @@ func TestParallelismBoundsOperations(t *testing.T) {
 }
 
 func TestMaxVMsHoldsProvisionsButNotTeardowns(t *testing.T) {
-	l := dialLibvirt(t)
+	dialLibvirt(t)
 	_, js := startNATS(t)
 	events := followEvents(t, js)
-	startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 2})
+	startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 2})
 
 	a, b, c := uniqueJob(t, "cap-a"), uniqueJob(t, "cap-b"), uniqueJob(t, "cap-c")
 	submitProvision(t, js, a)
 	submitProvision(t, js, b)
-	events.waitState(t, a, messages.StateRunning, bootWait)
-	events.waitState(t, b, messages.StateRunning, bootWait)
+	events.waitState(t, a, messages.StateAgentReady, bootWait)
+	events.waitState(t, b, messages.StateAgentReady, bootWait)
 	submitProvision(t, js, c)
 
 	// At capacity the third request stays in the queue, untouched.
@@ -214,7 +216,7 @@ func TestMaxVMsHoldsProvisionsButNotTeardowns(t *testing.T) {
 	// A teardown is still served, and frees room for the third machine.
 	submitTeardown(t, js, a)
 	events.waitState(t, a, messages.StateTornDown, bootWait)
-	events.waitState(t, c, messages.StateRunning, bootWait)
+	events.waitState(t, c, messages.StateAgentReady, bootWait)
 
 	submitTeardown(t, js, b)
 	submitTeardown(t, js, c)
@@ -224,10 +226,10 @@ func TestMaxVMsHoldsProvisionsButNotTeardowns(t *testing.T) {
 }
 
 func TestDuplicateDeliveryMakesOneMachine(t *testing.T) {
-	l := dialLibvirt(t)
+	dialLibvirt(t)
 	_, js := startNATS(t)
 	events := followEvents(t, js)
-	rw := startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 4})
+	rw := startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 4})
 
 	job := uniqueJob(t, "dup")
 	data, err := messages.Marshal(provisionRequest(job))
@@ -237,7 +239,7 @@ func TestDuplicateDeliveryMakesOneMachine(t *testing.T) {
 	// Published twice without a message id: the server stores both.
 	publish(t, js, messages.ProvisionSubject(), data)
 	publish(t, js, messages.ProvisionSubject(), data)
-	events.waitState(t, job, messages.StateRunning, bootWait)
+	events.waitState(t, job, messages.StateAgentReady, bootWait)
 	waitQueueEmpty(t, js)
 	waitUntil(t, 10*time.Second, "both deliveries acked", func() bool {
 		return countSettled(rw, "provision", job, "ack") == 2
@@ -275,7 +277,7 @@ func TestBadRequestsAreTerminated(t *testing.T) {
 	l := dialLibvirt(t)
 	_, js := startNATS(t)
 	events := followEvents(t, js)
-	rw := startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 4, AckWait: 3 * time.Second})
+	rw := startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 4, AckWait: 3 * time.Second})
 
 	invalid := uniqueJob(t, "invalid")
 	req := provisionRequest(invalid)
@@ -308,7 +310,7 @@ func TestBadRequestsAreTerminated(t *testing.T) {
 	// The worker keeps serving.
 	good := uniqueJob(t, "good")
 	submitProvision(t, js, good)
-	events.waitState(t, good, messages.StateRunning, bootWait)
+	events.waitState(t, good, messages.StateAgentReady, bootWait)
 	submitTeardown(t, js, good)
 	events.waitState(t, good, messages.StateTornDown, bootWait)
 
@@ -335,10 +337,10 @@ func TestBadRequestsAreTerminated(t *testing.T) {
 }
 
 func TestTeardownOfUnknownJob(t *testing.T) {
-	l := dialLibvirt(t)
+	dialLibvirt(t)
 	_, js := startNATS(t)
 	events := followEvents(t, js)
-	rw := startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 4})
+	rw := startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 4})
 
 	ghost := uniqueJob(t, "ghost")
 	submitTeardown(t, js, ghost)
@@ -361,7 +363,7 @@ func TestShutdownLosesNothing(t *testing.T) {
 	_, js := startNATS(t)
 	events := followEvents(t, js)
 	// A grace of a millisecond cancels whatever is in flight at shutdown.
-	first := startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 6, ShutdownGrace: time.Millisecond})
+	first := startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 6, ShutdownGrace: time.Millisecond})
 
 	jobs := []string{uniqueJob(t, "stop"), uniqueJob(t, "stop"), uniqueJob(t, "stop"), uniqueJob(t, "stop")}
 	for _, job := range jobs {
@@ -398,9 +400,9 @@ func TestShutdownLosesNothing(t *testing.T) {
 	t.Logf("%d of %d provisions finished before shutdown", len(acked), len(jobs))
 
 	// A new worker adopts the running machines and serves the rest.
-	startWorker(t, js, l, workerOptions{Parallelism: 3, MaxVMs: 6})
+	startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 6})
 	for _, job := range jobs {
-		events.waitState(t, job, messages.StateRunning, bootWait)
+		events.waitState(t, job, messages.StateAgentReady, bootWait)
 	}
 	for _, job := range jobs {
 		submitTeardown(t, js, job)

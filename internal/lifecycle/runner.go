@@ -1,0 +1,227 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
+	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
+)
+
+// Agent talks to a machine's guest agent. *qga.Agent implements it.
+type Agent interface {
+	WaitReady(ctx context.Context, domain string) error
+	OSInfo(ctx context.Context, domain string) (qga.OSInfo, error)
+	Run(ctx context.Context, domain string, req qga.ExecRequest) (qga.Status, error)
+	Start(ctx context.Context, domain string, req qga.ExecRequest) (int, error)
+	Status(ctx context.Context, domain string, pid int) (qga.Status, error)
+}
+
+// maxOutput bounds the runner output carried in a runner_exited event.
+const maxOutput = 2 << 10
+
+// prepareTimeout bounds each preparation command in the guest.
+const prepareTimeout = time.Minute
+
+// startRunner waits for the guest agent, detects the guest OS and starts the
+// job's runner, publishing agent_ready and runner_started. For runner kind
+// none it returns after agent_ready.
+func (m *Manager) startRunner(ctx context.Context, j *job, req messages.Provision, imageOS string, d Delivery) error {
+	start := m.cfg.Now()
+	bctx, cancel := context.WithTimeout(ctx, req.BootTimeout())
+	err := m.cfg.Agent.WaitReady(bctx, j.domain)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil && (errors.Is(err, qga.ErrAgentTimeout) || errors.Is(err, context.DeadlineExceeded)) {
+			return &stepError{code: messages.CodeBootTimeout,
+				err: fmt.Errorf("the guest agent of %s did not answer within the boot timeout of %s: %w", j.domain, req.BootTimeout(), err)}
+		}
+		return &stepError{code: messages.CodeAgentFailed, err: err}
+	}
+	osFamily, err := m.detectOS(ctx, j, imageOS)
+	if err != nil {
+		return &stepError{code: messages.CodeAgentFailed, err: err}
+	}
+	j.os = string(osFamily)
+	if err := m.emit(ctx, j, messages.StateAgentReady, d, m.since(start), "", nil); err != nil {
+		return err
+	}
+
+	plan, err := runners.For(j.id, osFamily, req.Runner)
+	switch {
+	case errors.Is(err, runners.ErrUnsupported):
+		return &stepError{code: messages.CodeRunnerUnsupported, err: err}
+	case err != nil:
+		return &stepError{code: messages.CodeInvalidRequest, err: err}
+	case plan.Empty():
+		return nil
+	}
+	start = m.cfg.Now()
+	for _, c := range plan.Prepare {
+		pctx, cancel := context.WithTimeout(ctx, prepareTimeout)
+		_, err := m.cfg.Agent.Run(pctx, j.domain, execRequest(c, false))
+		cancel()
+		if err != nil {
+			return &stepError{code: messages.CodeRunnerStartFailed, err: fmt.Errorf("%s: %w", c.Purpose, err)}
+		}
+	}
+	pid, err := m.cfg.Agent.Start(ctx, j.domain, execRequest(plan.Launch, true))
+	if err != nil {
+		return &stepError{code: messages.CodeRunnerStartFailed,
+			err: fmt.Errorf("%s (%s must exist in the image): %w", plan.Launch.Purpose, plan.Program, err)}
+	}
+	j.pid, j.runnerSince = pid, m.cfg.Now()
+	return m.emit(ctx, j, messages.StateRunnerStarted, d, m.since(start), "", nil)
+}
+
+func execRequest(c runners.Command, capture bool) qga.ExecRequest {
+	return qga.ExecRequest{Path: c.Path, Args: c.Args, Env: c.Env, Stdin: c.Stdin, Capture: capture}
+}
+
+// detectOS returns the image's declared OS family, or asks the guest.
+func (m *Manager) detectOS(ctx context.Context, j *job, imageOS string) (runners.OS, error) {
+	if imageOS != "" {
+		return runners.ParseOS(imageOS, "")
+	}
+	info, err := m.cfg.Agent.OSInfo(ctx, j.domain)
+	if err != nil {
+		return "", fmt.Errorf("detect the OS of %s: %w", j.domain, err)
+	}
+	os, err := runners.ParseOS(info.ID, "")
+	if err == nil {
+		return os, nil
+	}
+	// guest-get-osinfo carries no kernel name, and os-release ids are
+	// open-ended: ask a Unix guest's kernel.
+	uctx, cancel := context.WithTimeout(ctx, prepareTimeout)
+	defer cancel()
+	st, uerr := m.cfg.Agent.Run(uctx, j.domain, qga.ExecRequest{Path: "/bin/sh", Args: []string{"-c", "uname -s"}, Capture: true})
+	if uerr != nil {
+		return "", fmt.Errorf("detect the OS of %s: %w (uname: %v)", j.domain, err, uerr)
+	}
+	os, err = runners.ParseOS(info.ID, strings.TrimSpace(string(st.Stdout)))
+	if err != nil {
+		return "", fmt.Errorf("detect the OS of %s: %w", j.domain, err)
+	}
+	return os, nil
+}
+
+// secretsOf lists the secret values of a runner section, to scrub them from
+// anything the guest prints.
+func secretsOf(r messages.Runner) []string {
+	var s []string
+	if r.Forgejo != nil {
+		s = append(s, r.Forgejo.Token)
+	}
+	if r.GitHub != nil {
+		s = append(s, r.GitHub.JITConfig)
+	}
+	if r.Jenkins != nil {
+		s = append(s, r.Jenkins.Secret)
+	}
+	return s
+}
+
+// Ending is a running job whose machine must now be torn down.
+type Ending struct {
+	JobID  string
+	Reason string
+	// Cause is set when the end is a failure; the teardown then ends in
+	// failed with this error.
+	Cause *messages.Error
+}
+
+// Check looks at every running job once: a runner that exited is reported
+// with runner_exited, and the job is returned for teardown, as are jobs
+// whose machine stopped on its own and jobs past their deadline. Jobs
+// returned stay returned until a teardown of them begins.
+func (m *Manager) Check(ctx context.Context) []Ending {
+	now := m.cfg.Now()
+	m.mu.Lock()
+	var todo []*job
+	for _, j := range m.jobs {
+		if j.running && !j.tearing && !now.Before(j.retryAt) {
+			todo = append(todo, j)
+		}
+	}
+	m.mu.Unlock()
+
+	var out []Ending
+	for _, j := range todo {
+		if e, ok := m.check(ctx, j, now); ok {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+func (m *Manager) check(ctx context.Context, j *job, now time.Time) (Ending, bool) {
+	if !j.deadline.IsZero() && now.After(j.deadline) {
+		return Ending{JobID: j.id, Reason: messages.ReasonDeadline,
+			Cause: &messages.Error{Code: messages.CodeDeadlineExceeded, Message: "the machine reached its maximum lifetime"}}, true
+	}
+	d := Delivery{Origin: messages.ReasonRunnerExited}
+	if j.exited {
+		if err := m.emitExit(ctx, j, d); err != nil {
+			return Ending{}, false
+		}
+		return Ending{JobID: j.id, Reason: messages.ReasonRunnerExited}, true
+	}
+	mach, found, err := m.cfg.Machines.Lookup(ctx, j.id)
+	if err != nil {
+		return Ending{}, false // libvirt unreachable: look again next time
+	}
+	if !found || !mach.Running {
+		return Ending{JobID: j.id, Reason: messages.ReasonStopped,
+			Cause: &messages.Error{Code: messages.CodeMachineStopped, Message: fmt.Sprintf("machine %s stopped by itself", j.domain)}}, true
+	}
+	if j.pid == 0 || m.cfg.Agent == nil {
+		return Ending{}, false
+	}
+	st, err := m.cfg.Agent.Status(ctx, j.domain, j.pid)
+	if err != nil || !st.Exited {
+		// An agent that does not answer now may answer later; the
+		// deadline bounds the wait.
+		return Ending{}, false
+	}
+	// qemu-ga reports an exit once: keep it until it is published.
+	code := st.ExitCode
+	j.exitCode, j.exitOutput, j.exited = &code, m.output(j, st), true
+	if err := m.emitExit(ctx, j, d); err != nil {
+		return Ending{}, false
+	}
+	return Ending{JobID: j.id, Reason: messages.ReasonRunnerExited}, true
+}
+
+// emitExit publishes runner_exited once per job.
+func (m *Manager) emitExit(ctx context.Context, j *job, d Delivery) error {
+	if j.exitReported {
+		return nil
+	}
+	if err := m.emit(ctx, j, messages.StateRunnerExited, d, m.since(j.runnerSince), "", nil); err != nil {
+		return err
+	}
+	j.exitReported = true
+	return nil
+}
+
+// output returns the end of what the runner printed, without secrets.
+func (m *Manager) output(j *job, st qga.Status) string {
+	out := string(st.Stdout) + string(st.Stderr)
+	for _, s := range j.secrets {
+		if s != "" {
+			out = strings.ReplaceAll(out, s, "[REDACTED]")
+		}
+	}
+	if len(out) > maxOutput {
+		out = out[len(out)-maxOutput:]
+		if i := strings.IndexByte(out, '\n'); i >= 0 && i < len(out)-1 {
+			out = out[i+1:]
+		}
+	}
+	return strings.ToValidUTF8(out, "?")
+}

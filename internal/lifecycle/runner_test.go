@@ -1,0 +1,267 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
+)
+
+// fakeAgent stands in for the guest agent, which libvirt's test driver
+// does not have. It records every command, to check what reached the guest.
+type fakeAgent struct {
+	mu       sync.Mutex
+	never    bool // the agent never answers
+	osID     string
+	uname    string
+	startErr error
+	runErr   error
+	procs    map[int]*qga.Status
+	nextPID  int
+	commands []qga.ExecRequest
+}
+
+func newFakeAgent() *fakeAgent {
+	return &fakeAgent{osID: "debian", procs: map[int]*qga.Status{}, nextPID: 100}
+}
+
+func (a *fakeAgent) WaitReady(ctx context.Context, _ string) error {
+	if a.never {
+		<-ctx.Done()
+		return fmt.Errorf("%w: %w", qga.ErrAgentTimeout, ctx.Err())
+	}
+	return nil
+}
+
+func (a *fakeAgent) OSInfo(context.Context, string) (qga.OSInfo, error) {
+	return qga.OSInfo{ID: a.osID}, nil
+}
+
+func (a *fakeAgent) Run(_ context.Context, _ string, req qga.ExecRequest) (qga.Status, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.commands = append(a.commands, req)
+	if a.runErr != nil {
+		return qga.Status{}, a.runErr
+	}
+	return qga.Status{Exited: true, Stdout: []byte(a.uname)}, nil
+}
+
+func (a *fakeAgent) Start(_ context.Context, _ string, req qga.ExecRequest) (int, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.commands = append(a.commands, req)
+	if a.startErr != nil {
+		return 0, a.startErr
+	}
+	a.nextPID++
+	a.procs[a.nextPID] = &qga.Status{ExitCode: -1}
+	return a.nextPID, nil
+}
+
+func (a *fakeAgent) Status(_ context.Context, _ string, pid int) (qga.Status, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	st, ok := a.procs[pid]
+	if !ok {
+		return qga.Status{}, qga.ErrCommandFailed
+	}
+	if st.Exited {
+		delete(a.procs, pid) // qemu-ga reports an exit once
+	}
+	return *st, nil
+}
+
+// exit makes every running process exit with code and output.
+func (a *fakeAgent) exit(code int, output string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, st := range a.procs {
+		st.Exited, st.ExitCode, st.Stdout = true, code, []byte(output)
+	}
+}
+
+func newAgentFixture() (fixture, *fakeAgent) {
+	fx := newFixture()
+	ag := newFakeAgent()
+	fx.m.cfg.Agent = ag
+	return fx, ag
+}
+
+const planted = "PLANTED-SECRET-7f3a"
+
+func forgejoRequest(fx fixture, jobID string) messages.Provision {
+	req := fx.request(jobID, "debian")
+	req.BootTimeoutS = 1
+	req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
+		URL: "https://code.example.org/", UUID: "u-1", Token: planted, Labels: []string{"debian"},
+	}}
+	return req
+}
+
+var runnerHappy = []messages.State{
+	messages.StateAccepted, messages.StateCloning, messages.StateCloned, messages.StateBooting,
+	messages.StateRunning, messages.StateAgentReady, messages.StateRunnerStarted,
+}
+
+func TestRunnerLifecycle(t *testing.T) {
+	fx, ag := newAgentFixture()
+	ctx := context.Background()
+	if err := fx.m.Provision(ctx, forgejoRequest(fx, "j1"), first); err != nil {
+		t.Fatal(err)
+	}
+	if got := fx.rec.states("j1"); !slices.Equal(got, runnerHappy) {
+		t.Fatalf("events %v, want %v", got, runnerHappy)
+	}
+	started := fx.rec.last("j1")
+	if started.RunnerPID == 0 || started.OS != "linux" {
+		t.Fatalf("runner_started %+v", started)
+	}
+	if got := fx.m.Check(ctx); len(got) != 0 {
+		t.Fatalf("a running runner ended the job: %+v", got)
+	}
+	ag.exit(3, "step 1 ok\ntoken is "+planted+"\nbye\n")
+	ends := fx.m.Check(ctx)
+	if len(ends) != 1 || ends[0].Reason != messages.ReasonRunnerExited || ends[0].Cause != nil {
+		t.Fatalf("Check = %+v", ends)
+	}
+	exited := fx.rec.last("j1")
+	if exited.State != messages.StateRunnerExited || exited.ExitCode == nil || *exited.ExitCode != 3 {
+		t.Fatalf("runner_exited %+v", exited)
+	}
+	if strings.Contains(exited.Output, planted) || !strings.Contains(exited.Output, "[REDACTED]") {
+		t.Fatalf("output not scrubbed: %q", exited.Output)
+	}
+	if err := fx.m.Teardown(ctx, "j1", ends[0].Reason, nil, Delivery{Origin: ends[0].Reason}); err != nil {
+		t.Fatal(err)
+	}
+	if got := fx.rec.last("j1"); got.State != messages.StateTornDown || got.Reason != messages.ReasonRunnerExited {
+		t.Fatalf("last event %+v", got)
+	}
+	// The secret reached the guest only as the stdin of a command.
+	for _, c := range ag.commands {
+		for _, s := range append(append([]string{c.Path}, c.Args...), c.Env...) {
+			if strings.Contains(s, planted) {
+				t.Fatalf("secret in a guest command line: %q", s)
+			}
+		}
+	}
+	for _, ev := range fx.rec.events {
+		if strings.Contains(fmt.Sprintf("%+v %v", ev, ev.Error), planted) {
+			t.Fatalf("secret in event %+v", ev)
+		}
+	}
+}
+
+func TestRunnerFailures(t *testing.T) {
+	tests := []struct {
+		name     string
+		setup    func(*fakeAgent)
+		osID     string
+		kind     messages.RunnerKind
+		wantCode messages.ErrorCode
+		last     messages.State // the last state before failed
+	}{
+		{"agent never answers", func(a *fakeAgent) { a.never = true }, "debian", messages.RunnerForgejo, messages.CodeBootTimeout, messages.StateRunning},
+		{"preparation fails", func(a *fakeAgent) { a.runErr = errors.New("sh: not found") }, "debian", messages.RunnerForgejo, messages.CodeRunnerStartFailed, messages.StateAgentReady},
+		{"runner program missing", func(a *fakeAgent) { a.startErr = &qga.ExecError{Path: "/bin/sh", Err: qga.ErrCommandFailed} }, "debian", messages.RunnerForgejo, messages.CodeRunnerStartFailed, messages.StateAgentReady},
+		{"github on freebsd", func(*fakeAgent) {}, "freebsd", messages.RunnerGitHub, messages.CodeRunnerUnsupported, messages.StateAgentReady},
+		{"unknown guest os", func(a *fakeAgent) { a.uname = "Plan9" }, "plan9", messages.RunnerForgejo, messages.CodeAgentFailed, messages.StateRunning},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			fx, ag := newAgentFixture()
+			ag.osID = tt.osID
+			tt.setup(ag)
+			req := forgejoRequest(fx, "j1")
+			if tt.kind == messages.RunnerGitHub {
+				req.Runner = messages.Runner{Kind: messages.RunnerGitHub, GitHub: &messages.GitHubRunner{JITConfig: planted}}
+			}
+			err := fx.m.Provision(context.Background(), req, first)
+			var f *Failure
+			if !errors.As(err, &f) || f.Code != tt.wantCode {
+				t.Fatalf("got %v, want Failure %s", err, tt.wantCode)
+			}
+			states := fx.rec.states("j1")
+			if n := len(states); n < 2 || states[n-1] != messages.StateFailed || states[n-2] != tt.last {
+				t.Fatalf("events %v, want ... %s, failed", states, tt.last)
+			}
+			if fx.fm.count() != 0 || fx.m.Active() != 0 {
+				t.Fatal("the machine was left behind")
+			}
+			if strings.Contains(fx.rec.last("j1").Error.Message, planted) {
+				t.Fatal("secret in the failed event")
+			}
+		})
+	}
+}
+
+func TestRunnerKindNoneIsReadyWithTheAgent(t *testing.T) {
+	fx, ag := newAgentFixture()
+	if err := fx.m.Provision(context.Background(), fx.request("j1", "debian"), first); err != nil {
+		t.Fatal(err)
+	}
+	if got := fx.rec.states("j1"); !slices.Equal(got, runnerHappy[:6]) {
+		t.Fatalf("events %v", got)
+	}
+	if len(ag.commands) != 0 {
+		t.Fatalf("commands ran for kind none: %d", len(ag.commands))
+	}
+}
+
+func TestGuestPowerOffEndsJob(t *testing.T) {
+	fx, _ := newAgentFixture()
+	ctx := context.Background()
+	if err := fx.m.Provision(ctx, forgejoRequest(fx, "j1"), first); err != nil {
+		t.Fatal(err)
+	}
+	fx.fm.mu.Lock()
+	fx.fm.machines["j1"].Running = false
+	fx.fm.mu.Unlock()
+	ends := fx.m.Check(ctx)
+	if len(ends) != 1 || ends[0].Cause == nil || ends[0].Cause.Code != messages.CodeMachineStopped {
+		t.Fatalf("Check = %+v", ends)
+	}
+	if err := fx.m.Teardown(ctx, "j1", ends[0].Reason, ends[0].Cause, Delivery{Origin: ends[0].Reason}); err != nil {
+		t.Fatal(err)
+	}
+	if last := fx.rec.last("j1"); last.State != messages.StateFailed || last.Error.Code != messages.CodeMachineStopped {
+		t.Fatalf("last event %+v", last)
+	}
+	if fx.fm.count() != 0 {
+		t.Fatal("machine left")
+	}
+}
+
+func TestReconcileWatchesAdoptedRunner(t *testing.T) {
+	fx, ag := newAgentFixture()
+	ctx := context.Background()
+	if err := fx.m.Provision(ctx, forgejoRequest(fx, "j1"), first); err != nil {
+		t.Fatal(err)
+	}
+	// A new worker process on the same host: same machines, same events.
+	m2 := New(Config{Host: "h1", Machines: fx.fm, Events: fx.rec, History: fx.rec, Agent: ag, Now: fx.clk.Now})
+	if err := m2.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if m2.Active() != 1 {
+		t.Fatal("the running job was not adopted")
+	}
+	ag.exit(0, "")
+	ends := m2.Check(ctx)
+	if len(ends) != 1 || ends[0].Reason != messages.ReasonRunnerExited {
+		t.Fatalf("Check = %+v", ends)
+	}
+	if last := fx.rec.last("j1"); last.State != messages.StateRunnerExited || last.Seq != uint64(len(runnerHappy)+1) {
+		t.Fatalf("last event %+v", last)
+	}
+}
+
+var _ = time.Second

@@ -1,0 +1,325 @@
+package qga
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+)
+
+// Conn is the part of a go-libvirt connection an Agent uses.
+// *libvirt.Libvirt satisfies it.
+type Conn interface {
+	DomainLookupByName(Name string) (libvirt.Domain, error)
+	QEMUDomainAgentCommand(Dom libvirt.Domain, Cmd string, Timeout int32, Flags uint32) (libvirt.OptString, error)
+	SubscribeEvents(ctx context.Context, eventID libvirt.DomainEventID, dom libvirt.OptDomain) (<-chan interface{}, error)
+}
+
+// Timeouts of single agent calls. The context passed to a method shortens
+// them when it ends sooner. libvirt counts them in whole seconds and starts
+// each call with a guest-sync of its own, bounded by the same timeout.
+const (
+	// pingTimeout bounds guest-ping: the agent answers at once or is busy.
+	pingTimeout = 3 * time.Second
+	// callTimeout bounds every other command. guest-exec returns as soon
+	// as the program is spawned, so this does not limit how long it runs.
+	callTimeout = 10 * time.Second
+)
+
+// Poll intervals.
+const (
+	// readyPoll is how often WaitReady pings while it has no agent
+	// lifecycle events to wait for.
+	readyPoll = 250 * time.Millisecond
+	// readyPollWithEvents is how often WaitReady pings while the
+	// "agent connected" event can wake it: only a safety net.
+	readyPollWithEvents = time.Second
+	// runPollMin and runPollMax bound Run's guest-exec-status interval,
+	// which doubles from the first to the second.
+	runPollMin = 10 * time.Millisecond
+	runPollMax = 500 * time.Millisecond
+)
+
+// Agent issues guest agent commands to domains over one libvirt
+// connection. It is safe for concurrent use; it keeps no state of its own.
+type Agent struct {
+	conn Conn
+}
+
+// New returns an Agent that talks to guests through conn.
+func New(conn Conn) *Agent {
+	return &Agent{conn: conn}
+}
+
+// Info is what guest-info reports about the agent.
+type Info struct {
+	// Version is qemu-ga's version, such as "7.2.22".
+	Version string
+	// Commands lists the agent commands that are enabled in the guest.
+	Commands []string
+}
+
+// OSInfo is what guest-get-osinfo reports about the guest's operating
+// system. On Linux the first five fields come from os-release(5) and the
+// kernel fields from uname(2); fields the guest does not know are empty.
+// guest-get-osinfo has no uname sysname ("Linux"): that is not reported.
+type OSInfo struct {
+	ID         string
+	Name       string
+	PrettyName string
+	Version    string
+	VersionID  string
+	Variant    string
+	VariantID  string
+	// KernelRelease is uname's release, such as "6.1.0-56-amd64".
+	KernelRelease string
+	// KernelVersion is uname's version, such as "#1 SMP PREEMPT_DYNAMIC ...".
+	KernelVersion string
+	// Machine is uname's machine, such as "x86_64".
+	Machine string
+}
+
+// WaitReady returns once the guest agent of domain answers guest-ping.
+//
+// Until the guest has started qemu-ga, libvirt answers at once that the
+// agent is not connected. WaitReady subscribes to libvirt's agent lifecycle
+// events and pings again as soon as the agent connects, with a slow ticker
+// as a safety net (a fast one when events are not available). The caller
+// bounds the wait with ctx, its boot timeout: when ctx ends first,
+// WaitReady returns ErrAgentTimeout wrapping ctx's error, possibly up to
+// one ping timeout late, as a call in flight cannot be interrupted.
+//
+// It retries while the agent is not connected and on other errors libvirt
+// reports while qemu-ga starts up. It fails at once, without waiting, with
+// ErrDomainNotFound, ErrDomainNotRunning (also when the domain is paused or
+// the guest died during boot), ErrAgentNotConfigured, ErrCommandFailed (the
+// agent answered, with an error) or an error of the libvirt connection,
+// which waiting does not change.
+func (a *Agent) WaitReady(ctx context.Context, domain string) error {
+	timedOut := func(last error) error {
+		if last != nil {
+			return fmt.Errorf("wait for guest agent on %s: %w: %w (last: %v)", domain, ErrAgentTimeout, ctx.Err(), last)
+		}
+		return fmt.Errorf("wait for guest agent on %s: %w: %w", domain, ErrAgentTimeout, ctx.Err())
+	}
+	dom, err := a.lookup(ctx, domain)
+	if err != nil {
+		if ctx.Err() != nil {
+			return timedOut(nil)
+		}
+		return err
+	}
+
+	// Subscribe before the first ping, so that a connection between
+	// the two cannot go unnoticed.
+	subCtx, cancel := context.WithCancel(ctx)
+	sub, err := a.conn.SubscribeEvents(subCtx, libvirt.DomainEventIDAgentLifecycle, libvirt.OptDomain{dom})
+	defer func() {
+		cancel()
+		// go-libvirt's relay blocks on sending until its context ends;
+		// drain so it can notice and close the channel.
+		if sub != nil {
+			for range sub {
+			}
+		}
+	}()
+	interval, events := readyPoll, sub
+	if err == nil {
+		interval = readyPollWithEvents
+	}
+	ticker := time.NewTicker(interval)
+	defer ticker.Stop()
+
+	var last error
+	for {
+		err := a.ping(ctx, dom)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			if retryable(err) {
+				last = err
+			}
+			return timedOut(last)
+		}
+		if !retryable(err) {
+			return err
+		}
+		last = err
+
+	wait:
+		for {
+			select {
+			case <-ctx.Done():
+				break wait
+			case <-ticker.C:
+				break wait
+			case ev, ok := <-events:
+				if !ok {
+					// The connection lost the subscription: poll.
+					events = nil
+					ticker.Reset(readyPoll)
+					continue
+				}
+				if agentConnected(ev, dom) {
+					break wait
+				}
+			}
+		}
+		if ctx.Err() != nil {
+			return timedOut(last)
+		}
+	}
+}
+
+// agentConnected reports whether ev says that dom's agent connected.
+func agentConnected(ev any, dom libvirt.Domain) bool {
+	msg, ok := ev.(*libvirt.DomainEventCallbackAgentLifecycleMsg)
+	return ok && msg.Dom.UUID == dom.UUID &&
+		libvirt.ConnectDomainEventAgentLifecycleState(msg.State) == libvirt.ConnectDomainEventAgentLifecycleStateConnected
+}
+
+// Ping returns nil when the guest agent of domain answers guest-ping.
+// It returns ErrAgentUnavailable while the agent is not connected.
+func (a *Agent) Ping(ctx context.Context, domain string) error {
+	dom, err := a.lookup(ctx, domain)
+	if err != nil {
+		return err
+	}
+	return a.ping(ctx, dom)
+}
+
+func (a *Agent) ping(ctx context.Context, dom libvirt.Domain) error {
+	return a.command(ctx, dom, "guest-ping", nil, pingTimeout, nil)
+}
+
+// Info returns the guest agent's version and enabled commands.
+func (a *Agent) Info(ctx context.Context, domain string) (Info, error) {
+	dom, err := a.lookup(ctx, domain)
+	if err != nil {
+		return Info{}, err
+	}
+	var r struct {
+		Version  string `json:"version"`
+		Commands []struct {
+			Name    string `json:"name"`
+			Enabled bool   `json:"enabled"`
+		} `json:"supported_commands"`
+	}
+	if err := a.command(ctx, dom, "guest-info", nil, callTimeout, &r); err != nil {
+		return Info{}, err
+	}
+	info := Info{Version: r.Version}
+	for _, c := range r.Commands {
+		if c.Enabled {
+			info.Commands = append(info.Commands, c.Name)
+		}
+	}
+	return info, nil
+}
+
+// OSInfo returns what the guest says about its operating system.
+func (a *Agent) OSInfo(ctx context.Context, domain string) (OSInfo, error) {
+	dom, err := a.lookup(ctx, domain)
+	if err != nil {
+		return OSInfo{}, err
+	}
+	var r struct {
+		ID            string `json:"id"`
+		Name          string `json:"name"`
+		PrettyName    string `json:"pretty-name"`
+		Version       string `json:"version"`
+		VersionID     string `json:"version-id"`
+		Variant       string `json:"variant"`
+		VariantID     string `json:"variant-id"`
+		KernelRelease string `json:"kernel-release"`
+		KernelVersion string `json:"kernel-version"`
+		Machine       string `json:"machine"`
+	}
+	if err := a.command(ctx, dom, "guest-get-osinfo", nil, callTimeout, &r); err != nil {
+		return OSInfo{}, err
+	}
+	return OSInfo(r), nil
+}
+
+// lookup resolves a domain name. Every public method takes a name, as
+// names are what the worker knows; libvirt needs the UUID that comes with
+// the lookup.
+func (a *Agent) lookup(ctx context.Context, domain string) (libvirt.Domain, error) {
+	if err := ctx.Err(); err != nil {
+		return libvirt.Domain{}, fmt.Errorf("look up domain %s: %w", domain, err)
+	}
+	dom, err := a.conn.DomainLookupByName(domain)
+	if err != nil {
+		return libvirt.Domain{}, fmt.Errorf("look up domain %s: %w", domain, withSentinel(err))
+	}
+	return dom, nil
+}
+
+// request is a guest agent command as qemu-ga reads it.
+type request struct {
+	Execute   string `json:"execute"`
+	Arguments any    `json:"arguments,omitempty"`
+}
+
+// command runs the agent command name with args on dom and decodes the
+// value it returns into out, unless out is nil. Its errors name the
+// command and the domain, never the arguments.
+func (a *Agent) command(ctx context.Context, dom libvirt.Domain, name string, args any, timeout time.Duration, out any) error {
+	raw, err := a.raw(ctx, dom, name, args, timeout)
+	if err != nil {
+		return fmt.Errorf("%s on %s: %w", name, dom.Name, withSentinel(err))
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.Unmarshal(raw, out); err != nil {
+		return fmt.Errorf("%s on %s: decode reply: %w", name, dom.Name, err)
+	}
+	return nil
+}
+
+// raw runs an agent command and returns the JSON of its return value.
+// Its errors carry neither the command nor the domain: callers add those
+// and decide what else an error may say.
+func (a *Agent) raw(ctx context.Context, dom libvirt.Domain, name string, args any, timeout time.Duration) (json.RawMessage, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	cmd, err := json.Marshal(request{Execute: name, Arguments: args})
+	if err != nil {
+		// Only a bug gets here; the arguments are plain structs. Do
+		// not quote them: they may hold a secret.
+		return nil, errors.New("encode command")
+	}
+	reply, err := a.conn.QEMUDomainAgentCommand(dom, string(cmd), seconds(ctx, timeout), 0)
+	if err != nil {
+		return nil, err
+	}
+	if len(reply) == 0 {
+		return nil, errors.New("empty reply")
+	}
+	var r struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal([]byte(reply[0]), &r); err != nil {
+		return nil, fmt.Errorf("decode reply: %w", err)
+	}
+	if r.Return == nil {
+		return nil, errors.New("reply has no return value")
+	}
+	return r.Return, nil
+}
+
+// seconds converts timeout, shortened to what is left of ctx, into the
+// whole seconds libvirt takes, at least one: zero would mean "do not wait".
+func seconds(ctx context.Context, timeout time.Duration) int32 {
+	if dl, ok := ctx.Deadline(); ok {
+		timeout = min(timeout, time.Until(dl))
+	}
+	return int32(max(1, math.Ceil(timeout.Seconds())))
+}

@@ -1,0 +1,12 @@
+// Package qga talks to the QEMU guest agent (qemu-ga) inside a CI machine,
+// through libvirt's agent passthrough, which is the worker's only channel into
+// a guest: no network, no SSH.
+//
+// An Agent waits for the agent of a freshly booted domain to answer, reads
+// what the guest is (guest-info, guest-get-osinfo) and starts programs in it
+// (guest-exec), whose exit the caller notices by polling guest-exec-status.
+// Each agent call is bounded by its own timeout, because go-libvirt calls
+// take no context; the context passed in is checked between calls and caps
+// each call's timeout. Input handed to a program may be a secret: it never
+// appears in an error.
+package qga

@@ -27,8 +27,14 @@ const (
 	imageDomain = "tiny-linux"
 	// imagePool holds the image's disk and the overlays made here.
 	imagePool = "ci-images"
-	// namePrefix names every domain and volume these tests create.
-	namePrefix = "stretchy-qgatest-"
+	// namePrefix names every domain and volume these tests create. It
+	// keeps the managed prefix "stretchy-", so that leftover checks
+	// (scripts/check-leftovers.sh) see anything left behind, but the dot
+	// makes "qgatest.<random>" an invalid job id: a worker running on the
+	// same host (the integration tests' workers reconcile every managed
+	// domain at start) neither adopts nor removes these domains and
+	// volumes, which it did with "stretchy-qgatest-<random>".
+	namePrefix = "stretchy-qgatest."
 	// agentChannel is the virtio-serial port qemu-ga listens on.
 	agentChannel = "org.qemu.guest_agent.0"
 	// bootTimeout bounds the shared guest's boot; it is ready in 4-8 s

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Demo: start the worker with its embedded NATS server, ask it for one
-# machine cloned from the tiny test image, watch the lifecycle events, tear
-# the machine down, and show that nothing is left behind.
+# Demo: start the worker with its embedded NATS server and ask it for one
+# machine per CI runner kind (Forgejo Runner, GitHub Actions Runner, Jenkins
+# agent), cloned from the tiny test image whose stub runners record how they
+# were started and exit after a few seconds. Watch the lifecycle events
+# live, then show a per-job summary and that nothing is left behind.
 # Usage: scripts/demo.sh path/to/worker
 set -euo pipefail
 W="$1"
@@ -11,17 +13,23 @@ HOST=demo
 URL="nats://127.0.0.1:$PORT"
 export STRETCHY_NATS_URL="$URL"
 dir=$(mktemp -d /tmp/stretchy-demo.XXXXXX)
-job="demo-$(date +%s)"
-wpid="" epid="" provisioned=""
+run="demo-$(date +%H%M%S)"
+jobs=("$run-forgejo" "$run-github" "$run-jenkins")
+wpid="" epid="" submitted=""
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 cleanup() {
   status=$?
   trap - EXIT INT TERM
-  if [ -n "$provisioned" ] && [ -n "$wpid" ] && kill -0 "$wpid" 2>/dev/null; then
-    "$W" submit teardown --job "$job" --host "$HOST" --reason "demo interrupted" >/dev/null 2>&1 || true
-    timeout 60 "$W" events --job "$job" --follow --until torn_down >/dev/null 2>&1 || true
+  if [ -n "$submitted" ] && [ -n "$wpid" ] && kill -0 "$wpid" 2>/dev/null; then
+    echo "tearing the demo's machines down..."
+    for job in "${jobs[@]}"; do
+      "$W" submit teardown --job "$job" --host "$HOST" --reason "demo interrupted" >/dev/null 2>&1 || true
+    done
+    for job in "${jobs[@]}"; do
+      timeout 60 "$W" events --job "$job" --follow --until torn_down >/dev/null 2>&1 || true
+    done
   fi
   [ -n "$epid" ] && kill "$epid" 2>/dev/null || true
   if [ -n "$wpid" ]; then
@@ -50,28 +58,32 @@ done
 grep -q "worker started" "$dir/worker.log" || { echo "the worker did not start within 10s"; exit 1; }
 sed -n 's/^/  worker log: /p' "$dir/worker.log"
 
-say "Following the job's events live"
-"$W" events --follow --job "$job" &
+say "Following the events of the demo's jobs live"
+"$W" events --new &
 epid=$!
 sleep 0.5
 
-say "Submitting a provision request for job $job (image $IMAGE)"
+say "Submitting one job per runner kind (secrets are read from files, never arguments)"
+umask 077
+printf 'forgejo-token-%s' "$run" >"$dir/forgejo.secret"
+printf 'github-jit-config-%s' "$run" >"$dir/github.secret"
+printf 'jenkins-secret-%s' "$run" >"$dir/jenkins.secret"
 start=$(date +%s.%N)
-"$W" submit provision --job "$job" --image "$IMAGE" --max-lifetime 10m
-provisioned=1
-timeout 120 "$W" events --job "$job" --state running --follow --until running >/dev/null
-sleep 0.3
+"$W" submit provision --job "$run-forgejo" --image "$IMAGE" --max-lifetime 10m --boot-timeout 2m \
+  --runner forgejo --url https://forgejo.example.org/ --uuid 0e6f5f3c-demo --label debian-12 --label tiny \
+  --secret-file "$dir/forgejo.secret"
+"$W" submit provision --job "$run-github" --image "$IMAGE" --max-lifetime 10m --boot-timeout 2m \
+  --runner github --secret-file "$dir/github.secret"
+"$W" submit provision --job "$run-jenkins" --image "$IMAGE" --max-lifetime 10m --boot-timeout 2m \
+  --runner jenkins --url https://jenkins.example.org/ --agent-name "demo agent" \
+  --secret-file "$dir/jenkins.secret"
+submitted=1
+echo "(three TCG guests boot at once on this machine; each runner exits a few seconds after it starts)"
 
-say "The machine runs; libvirt's view of it"
-virsh -q -c qemu:///system list --all | grep -E "stretchy-$job" | sed 's/^/  /'
-disk=$(virsh -q -c qemu:///system domblklist "stretchy-$job" | awk '$1=="vda"{print $2}')
-echo "  disk $disk"
-qemu-img info -U "$disk" | grep -E 'file format|virtual size|disk size|backing file:' | sed 's/^/    /'
-
-say "Submitting a teardown request"
-"$W" submit teardown --job "$job" --host "$HOST" --reason "demo finished"
-timeout 120 "$W" events --job "$job" --state torn_down --follow --until torn_down >/dev/null
-provisioned=""
+for job in "${jobs[@]}"; do
+  timeout 180 "$W" events --job "$job" --follow --until torn_down >/dev/null
+done
+submitted=""
 end=$(date +%s.%N)
 sleep 0.3
 kill "$epid" 2>/dev/null || true
@@ -79,9 +91,13 @@ wait "$epid" 2>/dev/null || true
 epid=""
 
 say "Summary"
-awk -v j="$job" -v s="$start" -v e="$end" 'BEGIN { printf "  job %s: provisioned, ran and torn down in %.1f s\n", j, e - s }'
+"$W" events --summary --since 1h | sed 's/^/  /'
+awk -v s="$start" -v e="$end" 'BEGIN { printf "  three jobs provisioned, run and torn down in %.1f s\n", e - s }'
 kill -TERM "$wpid"
 wait "$wpid" || true
 wpid=""
-grep -E 'request settled|worker stopped' "$dir/worker.log" | sed 's/^/  worker log: /'
+if grep -q -e "forgejo-token-$run" -e "github-jit-config-$run" -e "jenkins-secret-$run" "$dir/worker.log"; then
+  echo "  a runner secret appears in the worker's log"; exit 1
+fi
+echo "  the worker's log mentions no runner secret"
 bash "$(dirname "$0")/check-leftovers.sh" | sed 's/^/  /'

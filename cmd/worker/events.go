@@ -6,12 +6,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
+	"sort"
 	"text/tabwriter"
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -20,21 +21,68 @@ import (
 // errStop ends reading events once the wanted one was seen.
 var errStop = errors.New("stop")
 
+const eventsUsage = `usage: worker events [--job ID] [--host H] [--state S] [--since 2h | --from T [--to T]]
+                     [--follow | --new] [--until STATE] [--summary] [--json]
+
+Replays lifecycle events from the event stream, oldest first; the server
+filters by host, job and state and starts at --since/--from, so a replay
+reads only what it prints. Times are RFC 3339 (2026-11-27T02:00:00Z).
+`
+
+// eventQuery is what "worker events" was asked for.
+type eventQuery struct {
+	opts     bus.ReadOptions
+	to       time.Time
+	until    messages.State
+	summary  bool
+	asJSON   bool
+	deadline time.Duration
+}
+
 func eventsCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("worker events", flag.ContinueOnError)
+	fs.Usage = func() { fmt.Fprint(fs.Output(), eventsUsage); fs.PrintDefaults() }
 	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
 	job := fs.String("job", "", "only events of this job")
 	host := fs.String("host", "", "only events of this host")
 	state := fs.String("state", "", "only events in this state")
+	since := fs.Duration("since", 0, "only events of the last duration, such as 2h")
+	from := fs.String("from", "", "only events at or after this time (RFC 3339)")
+	to := fs.String("to", "", "only events at or before this time (RFC 3339)")
 	follow := fs.Bool("follow", false, "keep printing new events")
 	newOnly := fs.Bool("new", false, "skip past events; print only new ones (implies --follow)")
 	until := fs.String("until", "", "with --follow: exit after an event in this state (for scripts)")
+	summary := fs.Bool("summary", false, "one line per job: image, host, OS, start, total time, outcome, error")
 	asJSON := fs.Bool("json", false, "print JSON lines instead of a table")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *state != "" && !messages.State(*state).Valid() {
-		return fmt.Errorf("--state %q: not a state", *state)
+	q := eventQuery{summary: *summary, asJSON: *asJSON, until: messages.State(*until)}
+	q.opts.Filter = messages.EventFilter(*host, *job, messages.State(*state))
+	q.opts.Follow, q.opts.New = *follow || *newOnly, *newOnly
+	for _, s := range []string{*state, *until} {
+		if s != "" && !messages.State(s).Valid() {
+			return fmt.Errorf("%q is not a state; states: %v", s, messages.States)
+		}
+	}
+	var err error
+	switch {
+	case *since != 0 && *from != "":
+		return errors.New("give --since or --from, not both")
+	case *since != 0:
+		q.opts.Since = time.Now().Add(-*since)
+	case *from != "":
+		if q.opts.Since, err = time.Parse(time.RFC3339, *from); err != nil {
+			return fmt.Errorf("--from: %w", err)
+		}
+	}
+	if *to != "" {
+		if q.to, err = time.Parse(time.RFC3339, *to); err != nil {
+			return fmt.Errorf("--to: %w", err)
+		}
+	}
+	if q.summary && q.opts.Follow {
+		return errors.New("--summary prints once the replay ends: it does not go with --follow")
 	}
 	nc, js, err := connect(*natsURL)
 	if err != nil {
@@ -42,48 +90,173 @@ func eventsCommand(ctx context.Context, args []string) error {
 	}
 	defer nc.Close()
 
-	deliver := jetstream.DeliverAllPolicy
-	if *newOnly {
-		deliver, *follow = jetstream.DeliverNewPolicy, true
+	var out eventWriter = newTable(os.Stdout)
+	switch {
+	case q.summary:
+		out = newSummary(os.Stdout, q.asJSON)
+	case q.asJSON:
+		out = jsonLines{json.NewEncoder(os.Stdout)}
 	}
-	filter := messages.EventFilter(*host, *job, messages.State(*state))
-	return printEvents(ctx, js, filter, deliver, *follow, *asJSON, func(ev messages.Event) bool {
-		return *until != "" && string(ev.State) == *until
-	})
-}
-
-func printEvents(ctx context.Context, js jetstream.JetStream, filter string, deliver jetstream.DeliverPolicy, follow, asJSON bool, done func(messages.Event) bool) error {
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	if !asJSON {
-		fmt.Fprintln(tw, "TIME\tHOST\tJOB\tSEQ\tSTATE\tPHASE\tDETAIL")
-		tw.Flush()
-	}
-	enc := json.NewEncoder(os.Stdout)
-	err := bus.ReadEvents(ctx, js, filter, deliver, follow, func(streamSeq uint64, ev messages.Event, derr error) error {
+	err = bus.ReadEvents(ctx, js, q.opts, func(streamSeq uint64, ev messages.Event, derr error) error {
 		if derr != nil {
 			fmt.Fprintf(os.Stderr, "skipping undecodable event %d: %v\n", streamSeq, derr)
 			return nil
 		}
-		if asJSON {
-			if err := enc.Encode(ev); err != nil {
-				return err
+		if !q.to.IsZero() && ev.Time.After(q.to) {
+			if q.opts.Follow {
+				return errStop
 			}
-		} else {
-			detail := ev.Reason
-			if ev.Error != nil {
-				detail = string(ev.Error.Code) + ": " + ev.Error.Message
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", ev.Time.Local().Format("15:04:05.000"), ev.Host, ev.JobID, ev.Seq,
-				ev.State, (time.Duration(ev.PhaseMS) * time.Millisecond).String(), detail)
-			tw.Flush()
+			return nil
 		}
-		if done(ev) {
+		if err := out.write(ev); err != nil {
+			return err
+		}
+		if q.until != "" && ev.State == q.until {
 			return errStop
 		}
 		return nil
 	})
 	if errors.Is(err, errStop) || errors.Is(err, context.Canceled) {
-		return nil
+		err = nil
+	}
+	if ferr := out.flush(); err == nil {
+		err = ferr
 	}
 	return err
+}
+
+type eventWriter interface {
+	write(messages.Event) error
+	flush() error
+}
+
+type jsonLines struct{ enc *json.Encoder }
+
+func (j jsonLines) write(ev messages.Event) error { return j.enc.Encode(ev) }
+func (jsonLines) flush() error                    { return nil }
+
+// table prints events as aligned columns, flushing each so that a follower
+// sees it at once.
+type table struct {
+	tw     *tabwriter.Writer
+	header bool
+}
+
+func newTable(w io.Writer) *table {
+	return &table{tw: tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)}
+}
+
+func (t *table) write(ev messages.Event) error {
+	if !t.header {
+		fmt.Fprintln(t.tw, "TIME\tHOST\tJOB\tSEQ\tSTATE\tPHASE\tDETAIL")
+		t.header = true
+	}
+	detail := ev.Reason
+	switch {
+	case ev.Error != nil:
+		detail = string(ev.Error.Code) + ": " + ev.Error.Message
+	case ev.State == messages.StateAgentReady:
+		detail = "os " + ev.OS
+	case ev.State == messages.StateRunnerExited && ev.ExitCode != nil:
+		detail = fmt.Sprintf("exit code %d", *ev.ExitCode)
+	}
+	fmt.Fprintf(t.tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", ev.Time.Local().Format("2006-01-02 15:04:05.000"), ev.Host, ev.JobID, ev.Seq,
+		ev.State, phase(ev.PhaseMS), detail)
+	return t.tw.Flush()
+}
+
+func (t *table) flush() error { return t.tw.Flush() }
+
+func phase(ms int64) string {
+	if ms == 0 {
+		return "-"
+	}
+	return (time.Duration(ms) * time.Millisecond).Round(time.Millisecond).String()
+}
+
+// JobSummary is one job's history in one line.
+type JobSummary struct {
+	JobID   string    `json:"job_id"`
+	Image   string    `json:"image,omitempty"`
+	Host    string    `json:"host"`
+	OS      string    `json:"os,omitempty"`
+	Start   time.Time `json:"start"`
+	End     time.Time `json:"end"`
+	Total   string    `json:"total"`
+	Outcome string    `json:"outcome"`
+	Exit    *int      `json:"exit_code,omitempty"`
+	Error   string    `json:"error,omitempty"`
+}
+
+type summary struct {
+	w      io.Writer
+	asJSON bool
+	jobs   map[string]*JobSummary
+}
+
+func newSummary(w io.Writer, asJSON bool) *summary {
+	return &summary{w: w, asJSON: asJSON, jobs: map[string]*JobSummary{}}
+}
+
+func (s *summary) write(ev messages.Event) error {
+	j := s.jobs[ev.JobID]
+	if j == nil {
+		j = &JobSummary{JobID: ev.JobID, Start: ev.Time, Outcome: "in progress"}
+		s.jobs[ev.JobID] = j
+	}
+	j.Host, j.End = ev.Host, ev.Time
+	if ev.Image != "" {
+		j.Image = ev.Image
+	}
+	if ev.OS != "" {
+		j.OS = ev.OS
+	}
+	if ev.ExitCode != nil {
+		j.Exit = ev.ExitCode
+	}
+	if ev.State.Terminal() {
+		j.Outcome = string(ev.State)
+	} else {
+		j.Outcome = "in progress (" + string(ev.State) + ")"
+	}
+	if ev.Error != nil {
+		j.Error = string(ev.Error.Code) + ": " + ev.Error.Message
+	}
+	return nil
+}
+
+func (s *summary) flush() error {
+	list := make([]*JobSummary, 0, len(s.jobs))
+	for _, j := range s.jobs {
+		j.Total = j.End.Sub(j.Start).Round(time.Millisecond).String()
+		list = append(list, j)
+	}
+	sort.Slice(list, func(a, b int) bool { return list[a].Start.Before(list[b].Start) })
+	if s.asJSON {
+		enc := json.NewEncoder(s.w)
+		for _, j := range list {
+			if err := enc.Encode(j); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	tw := tabwriter.NewWriter(s.w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "JOB\tIMAGE\tHOST\tOS\tSTART\tTOTAL\tOUTCOME\tEXIT\tERROR")
+	for _, j := range list {
+		exit := "-"
+		if j.Exit != nil {
+			exit = fmt.Sprint(*j.Exit)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", j.JobID, j.Image, j.Host, dash(j.OS),
+			j.Start.Local().Format("2006-01-02 15:04:05"), j.Total, j.Outcome, exit, dash(j.Error))
+	}
+	return tw.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }

@@ -130,6 +130,8 @@ func runCommand(ctx context.Context, args []string) error {
 		OnSettle: func(s worker.Settlement) {
 			attrs := []any{"op", s.Op, "job_id", s.JobID, "attempt", s.Attempt, "outcome", s.Outcome}
 			switch {
+			case s.Op != "provision" && s.Op != "teardown":
+				log.Error("background work failed, will retry", "op", s.Op, "job_id", s.JobID, "error", s.Err)
 			case s.Err == nil:
 				log.Info("request settled", attrs...)
 			case s.Outcome == "term":

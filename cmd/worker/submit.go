@@ -5,6 +5,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -15,7 +17,14 @@ import (
 )
 
 const submitUsage = `usage: worker submit provision --job ID --image NAME [--host H] [--boot-timeout D] [--max-lifetime D]
+                                  [--runner none|forgejo|github|jenkins [runner flags] --secret-file F]
        worker submit teardown  --job ID --host H [--reason TEXT]`
+
+// labels collects a repeated flag.
+type labels []string
+
+func (l *labels) String() string     { return strings.Join(*l, ",") }
+func (l *labels) Set(v string) error { *l = append(*l, v); return nil }
 
 func connect(url string) (*nats.Conn, jetstream.JetStream, error) {
 	nc, err := nats.Connect(url, nats.Name("stretchy-libvirt-worker client"))
@@ -40,7 +49,15 @@ func submitCommand(ctx context.Context, args []string) error {
 	job := fs.String("job", "", "job id")
 	host := fs.String("host", "", "host id: pins a provision to a host; required for a teardown")
 	image := fs.String("image", "", "image: name of the shut-off libvirt domain to clone")
-	runner := fs.String("runner", string(messages.RunnerNone), "runner kind; only \"none\" can be given on the command line")
+	runner := fs.String("runner", string(messages.RunnerNone), "runner kind: none, forgejo, github or jenkins")
+	runnerURL := fs.String("url", "", "forgejo, jenkins: the instance's URL")
+	uuid := fs.String("uuid", "", "forgejo: the runner's UUID")
+	handle := fs.String("handle", "", "forgejo: the job handle (optional)")
+	var lbls labels
+	fs.Var(&lbls, "label", "forgejo: a runner label (repeat the flag for more)")
+	agentName := fs.String("agent-name", "", "jenkins: the agent's name")
+	workDir := fs.String("work-dir", "", "jenkins: the agent's work directory (optional)")
+	secretFile := fs.String("secret-file", "", "file holding the runner's secret (forgejo token, GitHub JIT config, Jenkins secret); secrets are never taken as arguments")
 	bootTimeout := fs.Duration("boot-timeout", 0, "boot timeout (0: the worker's default)")
 	maxLifetime := fs.Duration("max-lifetime", 0, "maximum lifetime of the machine (0: the worker's default)")
 	reason := fs.String("reason", "requested from the command line", "teardown reason")
@@ -58,12 +75,13 @@ func submitCommand(ctx context.Context, args []string) error {
 	var seq uint64
 	switch kind {
 	case "provision":
-		if *runner != string(messages.RunnerNone) {
-			return fmt.Errorf("--runner %q: runners with credentials are submitted by an orchestrator, not on a command line", *runner)
+		r, rerr := runnerSection(messages.RunnerKind(*runner), *secretFile, *runnerURL, *uuid, *handle, lbls, *agentName, *workDir)
+		if rerr != nil {
+			return rerr
 		}
 		seq, err = bus.SubmitProvision(ctx, js, messages.Provision{
 			V: messages.SchemaVersion, JobID: *job, Image: *image,
-			Runner:       messages.Runner{Kind: messages.RunnerNone},
+			Runner:       r,
 			BootTimeoutS: int64(bootTimeout.Seconds()), MaxLifetimeS: int64(maxLifetime.Seconds()),
 			RequestedAt: time.Now().UTC(),
 		}, *host)
@@ -79,4 +97,32 @@ func submitCommand(ctx context.Context, args []string) error {
 	}
 	fmt.Printf("submitted %s for job %s (request stream sequence %d)\n", kind, *job, seq)
 	return nil
+}
+
+// runnerSection builds the runner section of a provision from flags, with
+// the secret read from a file so that it never sits in a process list.
+func runnerSection(kind messages.RunnerKind, secretFile, url, uuid, handle string, lbls []string, agentName, workDir string) (messages.Runner, error) {
+	r := messages.Runner{Kind: kind}
+	if kind == messages.RunnerNone {
+		return r, nil
+	}
+	if secretFile == "" {
+		return r, fmt.Errorf("--runner %s needs --secret-file", kind)
+	}
+	b, err := os.ReadFile(secretFile)
+	if err != nil {
+		return r, fmt.Errorf("read the runner secret: %w", err)
+	}
+	secret := strings.TrimSpace(string(b))
+	switch kind {
+	case messages.RunnerForgejo:
+		r.Forgejo = &messages.ForgejoRunner{URL: url, UUID: uuid, Token: secret, Labels: lbls, Handle: handle}
+	case messages.RunnerGitHub:
+		r.GitHub = &messages.GitHubRunner{JITConfig: secret}
+	case messages.RunnerJenkins:
+		r.Jenkins = &messages.JenkinsAgent{URL: url, AgentName: agentName, Secret: secret, WorkDir: workDir}
+	default:
+		return r, fmt.Errorf("--runner %q: must be none, forgejo, github or jenkins", kind)
+	}
+	return r, nil
 }

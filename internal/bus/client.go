@@ -3,6 +3,7 @@ package bus
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -47,18 +48,37 @@ func publishRequest(ctx context.Context, js jetstream.JetStream, subject string,
 	return ack.Sequence, nil
 }
 
-// ReadEvents calls fn for every event matching filter (see
-// messages.EventFilter) from the position deliver says, in stream order.
-// Without follow it returns once the events stored when it started have
-// been read; with follow it then waits for new ones until ctx ends or fn
-// returns an error. An undecodable event is passed with its error so that
-// readers can report it and go on.
-func ReadEvents(ctx context.Context, js jetstream.JetStream, filter string, deliver jetstream.DeliverPolicy, follow bool,
+// ReadOptions select the events ReadEvents delivers.
+type ReadOptions struct {
+	// Filter is a subject filter such as messages.EventFilter returns.
+	Filter string
+	// Since, when set, starts at the first event stored at or after it;
+	// otherwise New decides.
+	Since time.Time
+	// New starts after the events stored now.
+	New bool
+	// Follow keeps waiting for new events instead of returning once the
+	// events stored at the start have been read.
+	Follow bool
+}
+
+// ReadEvents calls fn for every event selected by o, in stream order,
+// through an ordered consumer that the server filters by subject and
+// starts at the right time, so that a replay reads only what it needs. An
+// undecodable event is passed with its error so that readers can report
+// it and go on. It returns when fn returns an error, when ctx ends, or,
+// without Follow, after the last stored event.
+func ReadEvents(ctx context.Context, js jetstream.JetStream, o ReadOptions,
 	fn func(streamSeq uint64, ev messages.Event, err error) error) error {
-	cons, err := js.OrderedConsumer(ctx, messages.EventsStream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{filter},
-		DeliverPolicy:  deliver,
-	})
+	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{o.Filter}, DeliverPolicy: jetstream.DeliverAllPolicy}
+	switch {
+	case !o.Since.IsZero():
+		cfg.DeliverPolicy, cfg.OptStartTime = jetstream.DeliverByStartTimePolicy, &o.Since
+	case o.New:
+		cfg.DeliverPolicy = jetstream.DeliverNewPolicy
+	}
+	follow := o.Follow
+	cons, err := js.OrderedConsumer(ctx, messages.EventsStream, cfg)
 	if err != nil {
 		return fmt.Errorf("read events: %w", err)
 	}

@@ -19,6 +19,7 @@ type Machines interface {
 	Remove(ctx context.Context, jobID string) (existed bool, err error)
 	Lookup(ctx context.Context, jobID string) (provision.Machine, bool, error)
 	List(ctx context.Context) ([]provision.Machine, error)
+	ListOrphanVolumes(ctx context.Context) ([]string, error)
 }
 
 // Publisher makes an event durable. Publishing twice with the same msgID
@@ -126,6 +127,10 @@ type job struct {
 	exited      bool
 	exitCode    *int
 	exitOutput  string
+	// endReason is why an adopted job whose end had begun ends.
+	endReason string
+	// statusFailures counts consecutive failed runner status checks.
+	statusFailures int
 	// exitReported is set once runner_exited is published.
 	exitReported bool
 }
@@ -230,15 +235,24 @@ func (m *Manager) forgetOldLocked() {
 // published event, which it returns (State is empty when there is none or
 // the history cannot be read).
 func (m *Manager) startSeq(ctx context.Context, j *job) messages.Event {
+	last, _ := m.history(ctx, j)
+	return last
+}
+
+// history is startSeq for callers that must know the history was read.
+func (m *Manager) history(ctx context.Context, j *job) (messages.Event, error) {
 	if m.cfg.History == nil {
-		return messages.Event{}
+		return messages.Event{}, nil
 	}
 	last, found, err := m.cfg.History.LastEvent(ctx, j.id)
-	if err != nil || !found {
-		return messages.Event{}
+	if err != nil {
+		return messages.Event{}, fmt.Errorf("read the events of job %s: %w", j.id, err)
+	}
+	if !found {
+		return messages.Event{}, nil
 	}
 	j.seq = last.Seq
-	return last
+	return last, nil
 }
 
 // emit publishes the next event of j. Events of one job are emitted by one

@@ -101,6 +101,8 @@ func (f *fakeMachines) List(context.Context) ([]provision.Machine, error) {
 	return out, nil
 }
 
+func (f *fakeMachines) ListOrphanVolumes(context.Context) ([]string, error) { return nil, nil }
+
 func (f *fakeMachines) count() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -24,6 +24,10 @@ type Agent interface {
 // maxOutput bounds the runner output carried in a runner_exited event.
 const maxOutput = 2 << 10
 
+// lostRunnerChecks is how many checks in a row the guest agent may deny
+// knowing the runner before the job ends.
+const lostRunnerChecks = 5
+
 // prepareTimeout bounds each preparation command in the guest.
 const prepareTimeout = time.Minute
 
@@ -72,7 +76,7 @@ func (m *Manager) startRunner(ctx context.Context, j *job, req messages.Provisio
 	pid, err := m.cfg.Agent.Start(ctx, j.domain, execRequest(plan.Launch, true))
 	if err != nil {
 		return &stepError{code: messages.CodeRunnerStartFailed,
-			err: fmt.Errorf("%s (%s must exist in the image): %w", plan.Launch.Purpose, plan.Program, err)}
+			err: fmt.Errorf("%s: %w", plan.Launch.Purpose, err)}
 	}
 	j.pid, j.runnerSince = pid, m.cfg.Now()
 	return m.emit(ctx, j, messages.StateRunnerStarted, d, m.since(start), "", nil)
@@ -169,7 +173,11 @@ func (m *Manager) check(ctx context.Context, j *job, now time.Time) (Ending, boo
 		if err := m.emitExit(ctx, j, d); err != nil {
 			return Ending{}, false
 		}
-		return Ending{JobID: j.id, Reason: messages.ReasonRunnerExited}, true
+		reason := j.endReason
+		if reason == "" {
+			reason = messages.ReasonRunnerExited
+		}
+		return Ending{JobID: j.id, Reason: reason}, true
 	}
 	mach, found, err := m.cfg.Machines.Lookup(ctx, j.id)
 	if err != nil {
@@ -183,9 +191,19 @@ func (m *Manager) check(ctx context.Context, j *job, now time.Time) (Ending, boo
 		return Ending{}, false
 	}
 	st, err := m.cfg.Agent.Status(ctx, j.domain, j.pid)
-	if err != nil || !st.Exited {
+	switch {
+	case errors.Is(err, qga.ErrCommandFailed):
+		// The agent answers but no longer knows the runner (it was
+		// restarted in the guest): nothing will ever report its end.
+		if j.statusFailures++; j.statusFailures >= lostRunnerChecks {
+			return Ending{JobID: j.id, Reason: messages.ReasonRunnerLost, Cause: &messages.Error{
+				Code: messages.CodeAgentFailed, Message: fmt.Sprintf("the guest agent of %s lost track of the runner: %v", j.domain, err)}}, true
+		}
+		return Ending{}, false
+	case err != nil || !st.Exited:
 		// An agent that does not answer now may answer later; the
 		// deadline bounds the wait.
+		j.statusFailures = 0
 		return Ending{}, false
 	}
 	// qemu-ga reports an exit once: keep it until it is published.

@@ -2,12 +2,14 @@ package lifecycle
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"time"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
 // Teardown removes the machine of jobID, publishing tearing_down and then
@@ -130,10 +132,14 @@ func (m *Manager) retryLater(j *job) {
 func adopted(mach provision.Machine) *job {
 	built := make(chan struct{})
 	close(built)
-	return &job{
+	j := &job{
 		id: mach.JobID, image: mach.Image, domain: mach.Name,
-		deadline: mach.Deadline, running: mach.Running, built: built, os: mach.OS,
+		deadline: mach.Deadline, running: mach.Running, built: built,
 	}
+	if os, err := runners.ParseOS(mach.OS, ""); err == nil {
+		j.os = string(os)
+	}
+	return j
 }
 
 // Reconcile takes over the managed machines found on the host, using the
@@ -150,47 +156,86 @@ func adopted(mach provision.Machine) *job {
 //
 // Domains with the managed prefix but no valid job id in their name are not
 // the worker's and are left alone.
+//
+// Volumes of jobs without a domain (a worker stopped between creating them
+// and defining the domain) are removed too. A machine that cannot be
+// removed is left for the next reconciliation; the errors are returned
+// together once every machine was looked at.
 func (m *Manager) Reconcile(ctx context.Context) error {
 	machines, err := m.cfg.Machines.List(ctx)
 	if err != nil {
 		return fmt.Errorf("list managed machines: %w", err)
 	}
-	d := Delivery{Origin: messages.ReasonReconcile}
+	var errs []error
 	for _, mach := range machines {
-		if !messages.ValidJobID(mach.JobID) || mach.Name != messages.DomainName(mach.JobID) {
+		if err := m.reconcile(ctx, mach); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	orphans, err := m.cfg.Machines.ListOrphanVolumes(ctx)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("list orphan volumes: %w", err))
+	}
+	for _, path := range orphans {
+		jobID, ok := provision.VolumeJobID(path)
+		if !ok || !messages.ValidJobID(jobID) {
 			continue
 		}
 		m.mu.Lock()
-		_, known := m.jobs[mach.JobID]
+		_, known := m.jobs[jobID]
 		m.mu.Unlock()
 		if known {
-			continue
+			continue // its provision is creating it right now
 		}
-		j := adopted(mach)
-		last := m.startSeq(ctx, j)
-		acked := m.acknowledged(last.State, mach.RunnerKind)
-		switch {
-		case acked && mach.Running:
-			j.os, j.pid = last.OS, last.RunnerPID
-			if last.State != messages.StateRunnerStarted && last.State != messages.StateAgentReady && last.State != messages.StateRunning {
-				// The runner had exited, or a teardown had begun.
-				j.exited, j.exitReported = true, true
-			}
-			m.track(j)
-		case acked:
-			j.tearing = true
-			if !m.track(j) {
-				continue
-			}
-			cause := &messages.Error{Code: messages.CodeMachineStopped, Message: fmt.Sprintf("machine %s was found stopped", mach.Name)}
-			if err := m.remove(ctx, j, messages.ReasonReconcile, cause, d); err != nil {
-				return err
-			}
-		default:
-			if _, err := m.cfg.Machines.Remove(ctx, mach.JobID); err != nil {
-				return fmt.Errorf("remove half-built machine %s: %w", mach.Name, err)
-			}
+		if _, err := m.cfg.Machines.Remove(ctx, jobID); err != nil {
+			errs = append(errs, fmt.Errorf("remove orphan volume %s: %w", path, err))
 		}
+	}
+	return errors.Join(errs...)
+}
+
+func (m *Manager) reconcile(ctx context.Context, mach provision.Machine) error {
+	if !messages.ValidJobID(mach.JobID) || mach.Name != messages.DomainName(mach.JobID) {
+		return nil
+	}
+	m.mu.Lock()
+	_, known := m.jobs[mach.JobID]
+	m.mu.Unlock()
+	if known {
+		return nil
+	}
+	j := adopted(mach)
+	// Without the history the worker cannot tell a running job from a
+	// half-built one: leave the machine for the next reconciliation.
+	last, err := m.history(ctx, j)
+	if err != nil {
+		return err
+	}
+	acked := m.acknowledged(last.State, mach.RunnerKind)
+	switch {
+	case acked && mach.Running:
+		if last.OS != "" {
+			j.os = last.OS
+		}
+		j.pid = last.RunnerPID
+		switch last.State {
+		case messages.StateRunnerExited:
+			j.exited, j.exitReported, j.endReason = true, true, messages.ReasonRunnerExited
+		case messages.StateTearingDown:
+			j.exited, j.exitReported, j.endReason = true, true, last.Reason
+		}
+		m.track(j)
+		return nil
+	case acked:
+		j.tearing = true
+		if !m.track(j) {
+			return nil
+		}
+		cause := &messages.Error{Code: messages.CodeMachineStopped, Message: fmt.Sprintf("machine %s was found stopped", mach.Name)}
+		return m.remove(ctx, j, messages.ReasonReconcile, cause, Delivery{Origin: messages.ReasonReconcile})
+	}
+	if _, err := m.cfg.Machines.Remove(ctx, mach.JobID); err != nil {
+		return fmt.Errorf("remove half-built machine %s: %w", mach.Name, err)
 	}
 	return nil
 }

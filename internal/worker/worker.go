@@ -35,7 +35,12 @@ type Config struct {
 	// WatchInterval is how often running machines are checked for an
 	// exited runner, a stop of their own and their deadline; default 2s.
 	WatchInterval time.Duration
-	// OnSettle, when set, is told how each message was settled.
+	// ReconcileInterval is how often the host's managed machines are
+	// compared with what the worker tracks (adopting, removing leftovers);
+	// default 1m. Run also reconciles once before it pulls anything.
+	ReconcileInterval time.Duration
+	// OnSettle, when set, is told how each message was settled, and of
+	// failed background work (Op "reconcile" or a teardown reason).
 	OnSettle func(Settlement)
 }
 
@@ -91,6 +96,9 @@ func New(cfg Config, cons bus.Consumers, life *lifecycle.Manager) *Worker {
 	if cfg.WatchInterval <= 0 {
 		cfg.WatchInterval = 2 * time.Second
 	}
+	if cfg.ReconcileInterval <= 0 {
+		cfg.ReconcileInterval = time.Minute
+	}
 	return &Worker{cfg: cfg, cons: cons, life: life, slots: make(chan struct{}, cfg.Parallelism)}
 }
 
@@ -107,9 +115,7 @@ func (w *Worker) Stats() Stats {
 // flight finish within the shutdown grace and returns nil. Running
 // machines are left running; the next Run adopts them.
 func (w *Worker) Run(ctx context.Context) error {
-	if err := w.life.Reconcile(ctx); err != nil {
-		return err
-	}
+	w.reconcile(ctx)
 	opCtx, cancelOps := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelOps()
 
@@ -133,6 +139,16 @@ func (w *Worker) acquire(ctx context.Context) bool {
 	case w.slots <- struct{}{}:
 		return true
 	case <-ctx.Done():
+		return false
+	}
+}
+
+// tryAcquire takes an operation slot if one is free.
+func (w *Worker) tryAcquire() bool {
+	select {
+	case w.slots <- struct{}{}:
+		return true
+	default:
 		return false
 	}
 }
@@ -228,20 +244,35 @@ func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) 
 	}
 }
 
+// reconcile runs one reconciliation and reports what failed; what failed
+// is tried again next time.
+func (w *Worker) reconcile(ctx context.Context) {
+	if err := w.life.Reconcile(ctx); err != nil && w.cfg.OnSettle != nil {
+		w.cfg.OnSettle(Settlement{Op: "reconcile", Outcome: "retry", Err: err})
+	}
+}
+
 // watchLoop ends machines whose runner exited, that stopped by themselves
-// or that passed their deadline, each teardown in an operation slot.
+// or that passed their deadline, each teardown in an operation slot, and
+// reconciles the host now and then. It never waits for a slot: what finds
+// none is taken up again at the next tick.
 func (w *Worker) watchLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 	tick := time.NewTicker(w.cfg.WatchInterval)
 	defer tick.Stop()
+	lastReconcile := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
+		if time.Since(lastReconcile) >= w.cfg.ReconcileInterval {
+			w.reconcile(ctx)
+			lastReconcile = time.Now()
+		}
 		for _, end := range w.life.Check(ctx) {
-			if !w.acquire(ctx) {
-				return
+			if !w.tryAcquire() {
+				break
 			}
 			w.operate(ops, func() {
 				err := w.life.Teardown(opCtx, end.JobID, end.Reason, end.Cause, lifecycle.Delivery{Origin: end.Reason})

@@ -117,4 +117,5 @@ const (
 	ReasonReconcile    = "reconcile"
 	ReasonRunnerExited = "runner_exited"
 	ReasonStopped      = "machine_stopped"
+	ReasonRunnerLost   = "runner_lost"
 )

@@ -51,8 +51,8 @@ func goldenCases() map[string]any {
 		},
 		"event_runner_exited_v1": &Event{
 			V: 1, JobID: "fj-1", Host: "host-a", Image: "debian-12", Domain: "stretchy-fj-1",
-			State: StateRunnerExited, Time: requestedAt.Add(10 * time.Minute), Seq: 8, Attempt: 1, PhaseMS: 583000,
-			OS: "linux", RunnerPID: 812, ExitCode: ptr(0), Output: "job finished: success\n",
+			State: StateRunnerExited, Time: requestedAt.Add(10 * time.Minute), Seq: 8, Attempt: 0, PhaseMS: 583000,
+			OS: "linux", ExitCode: ptr(0), Output: "job finished: success\n",
 		},
 		"event_failed_v1": &Event{
 			V: 1, JobID: "job-43", Host: "host-a", Image: "nope", Domain: "stretchy-job-43", State: StateFailed,

@@ -64,7 +64,7 @@ func osFromID(id string) OS {
 		return FreeBSD
 	case id == "darwin" || id == "macos":
 		return Darwin
-	case linuxIDs[id] || strings.HasPrefix(id, "opensuse"):
+	case id == "linux" || linuxIDs[id] || strings.HasPrefix(id, "opensuse"):
 		return Linux
 	}
 	return ""

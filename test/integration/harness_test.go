@@ -217,7 +217,7 @@ func followEvents(tb testing.TB, js jetstream.JetStream) *eventLog {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		_ = bus.ReadEvents(ctx, js, messages.EventFilter("", "", ""), jetstream.DeliverAllPolicy, true,
+		_ = bus.ReadEvents(ctx, js, bus.ReadOptions{Filter: messages.EventFilter("", "", ""), Follow: true},
 			func(_ uint64, ev messages.Event, err error) error {
 				el.mu.Lock()
 				if err != nil {

@@ -31,12 +31,11 @@ reads only what it prints. Times are RFC 3339 (2026-11-27T02:00:00Z).
 
 // eventQuery is what "worker events" was asked for.
 type eventQuery struct {
-	opts     bus.ReadOptions
-	to       time.Time
-	until    messages.State
-	summary  bool
-	asJSON   bool
-	deadline time.Duration
+	opts    bus.ReadOptions
+	to      time.Time
+	until   messages.State
+	summary bool
+	asJSON  bool
 }
 
 func eventsCommand(ctx context.Context, args []string) error {
@@ -135,20 +134,22 @@ type jsonLines struct{ enc *json.Encoder }
 func (j jsonLines) write(ev messages.Event) error { return j.enc.Encode(ev) }
 func (jsonLines) flush() error                    { return nil }
 
-// table prints events as aligned columns, flushing each so that a follower
-// sees it at once.
+// table prints events in fixed-width columns, one line at a time, so that
+// a follower sees each event at once and the columns still line up.
 type table struct {
-	tw     *tabwriter.Writer
+	w      io.Writer
 	header bool
 }
 
-func newTable(w io.Writer) *table {
-	return &table{tw: tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)}
-}
+func newTable(w io.Writer) *table { return &table{w: w} }
+
+const tableRow = "%-23s  %-10s  %-24s  %3s  %-14s  %8s  %s\n"
 
 func (t *table) write(ev messages.Event) error {
 	if !t.header {
-		fmt.Fprintln(t.tw, "TIME\tHOST\tJOB\tSEQ\tSTATE\tPHASE\tDETAIL")
+		if _, err := fmt.Fprintf(t.w, tableRow, "TIME", "HOST", "JOB", "SEQ", "STATE", "PHASE", "DETAIL"); err != nil {
+			return err
+		}
 		t.header = true
 	}
 	detail := ev.Reason
@@ -160,12 +161,12 @@ func (t *table) write(ev messages.Event) error {
 	case ev.State == messages.StateRunnerExited && ev.ExitCode != nil:
 		detail = fmt.Sprintf("exit code %d", *ev.ExitCode)
 	}
-	fmt.Fprintf(t.tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", ev.Time.Local().Format("2006-01-02 15:04:05.000"), ev.Host, ev.JobID, ev.Seq,
-		ev.State, phase(ev.PhaseMS), detail)
-	return t.tw.Flush()
+	_, err := fmt.Fprintf(t.w, tableRow, ev.Time.Local().Format("2006-01-02 15:04:05.000"), ev.Host, ev.JobID,
+		fmt.Sprint(ev.Seq), ev.State, phase(ev.PhaseMS), detail)
+	return err
 }
 
-func (t *table) flush() error { return t.tw.Flush() }
+func (t *table) flush() error { return nil }
 
 func phase(ms int64) string {
 	if ms == 0 {

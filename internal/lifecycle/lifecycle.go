@@ -99,7 +99,6 @@ type Manager struct {
 	jobs     map[string]*job
 	reserved int                  // machines promised to requests not yet read
 	done     map[string]time.Time // finished jobs, for idempotency
-	changed  chan struct{}        // closed on every change of the job set
 }
 
 type job struct {
@@ -144,17 +143,10 @@ func New(cfg Config) *Manager {
 		cfg.Remember = 24 * time.Hour
 	}
 	return &Manager{
-		cfg:     cfg,
-		jobs:    make(map[string]*job),
-		done:    make(map[string]time.Time),
-		changed: make(chan struct{}),
+		cfg:  cfg,
+		jobs: make(map[string]*job),
+		done: make(map[string]time.Time),
 	}
-}
-
-// notifyLocked wakes every waiting Reserve. m.mu must be held.
-func (m *Manager) notifyLocked() {
-	close(m.changed)
-	m.changed = make(chan struct{})
 }
 
 // Active returns the number of jobs that have, or are building, a machine.
@@ -164,34 +156,26 @@ func (m *Manager) Active() int {
 	return len(m.jobs)
 }
 
-// Reserve waits until one more machine fits under max, counting the jobs
-// that have a machine and earlier reservations, and reserves room for it.
-// The caller reads a provision request only then, and calls release once
-// that request was handled (its job, if any, then counts on its own).
-func (m *Manager) Reserve(ctx context.Context, max int) (release func(), err error) {
-	for {
-		m.mu.Lock()
-		if len(m.jobs)+m.reserved < max {
-			m.reserved++
-			m.mu.Unlock()
-			var once sync.Once
-			return func() {
-				once.Do(func() {
-					m.mu.Lock()
-					m.reserved--
-					m.notifyLocked()
-					m.mu.Unlock()
-				})
-			}, nil
-		}
-		ch := m.changed
-		m.mu.Unlock()
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-ch:
-		}
+// TryReserve reserves room for one more machine under max, counting the
+// jobs that have a machine and earlier reservations; ok is false when
+// none fits. The caller reads a provision request only then, and calls
+// release once that request was handled (its job, if any, then counts on
+// its own).
+func (m *Manager) TryReserve(max int) (release func(), ok bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.jobs)+m.reserved >= max {
+		return func() {}, false
 	}
+	m.reserved++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			m.mu.Lock()
+			m.reserved--
+			m.mu.Unlock()
+		})
+	}, true
 }
 
 // track registers a new job record unless the job is known; it reports
@@ -207,7 +191,6 @@ func (m *Manager) track(j *job) bool {
 		return false
 	}
 	m.jobs[j.id] = j
-	m.notifyLocked()
 	return true
 }
 
@@ -219,7 +202,6 @@ func (m *Manager) untrack(id string, finished bool) {
 	if finished {
 		m.done[id] = m.cfg.Now()
 	}
-	m.notifyLocked()
 }
 
 func (m *Manager) forgetOldLocked() {

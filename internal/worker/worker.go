@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -121,8 +122,7 @@ func (w *Worker) Run(ctx context.Context) error {
 
 	var ops conc.WaitGroup
 	var loops conc.WaitGroup
-	loops.Go(func() { w.teardownLoop(ctx, opCtx, &ops) })
-	loops.Go(func() { w.provisionLoop(ctx, opCtx, &ops) })
+	loops.Go(func() { w.pullLoop(ctx, opCtx, &ops) })
 	loops.Go(func() { w.watchLoop(ctx, opCtx, &ops) })
 	loops.Wait()
 
@@ -207,41 +207,45 @@ func (w *Worker) pause(ctx context.Context) {
 	}
 }
 
-func (w *Worker) teardownLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
+// pullLoop takes one free operation slot at a time and fills it with the
+// next request: a teardown for this host first, then a provision pinned to
+// this host, then a shared provision, waiting up to PullWait on the last.
+// At capacity (MaxVMs) it pulls teardowns only. So at most one slot is
+// ever held by a pull that is still waiting, and no pulled message waits
+// for a slot.
+func (w *Worker) pullLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 	for ctx.Err() == nil {
 		if !w.acquire(ctx) {
 			return
 		}
-		msg := w.next(ctx, w.cons.Teardown)
-		if msg == nil {
-			w.release()
-			continue
+		unreserve, room := w.life.TryReserve(w.cfg.MaxVMs)
+		var msg jetstream.Msg
+		if room {
+			msg = w.next(ctx, w.cons.Teardown, w.cons.Pinned, w.cons.Provision)
+		} else {
+			msg = w.next(ctx, w.cons.Teardown)
 		}
-		w.operate(ops, func() { w.handleTeardown(opCtx, msg) })
+		switch {
+		case msg == nil:
+			w.release()
+		case isProvision(msg):
+			w.operate(ops, func() {
+				defer unreserve()
+				w.handleProvision(opCtx, msg)
+			})
+			continue
+		default:
+			w.operate(ops, func() { w.handleTeardown(opCtx, msg) })
+		}
+		if room {
+			unreserve()
+		}
 	}
 }
 
-func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
-	for ctx.Err() == nil {
-		unreserve, err := w.life.Reserve(ctx, w.cfg.MaxVMs)
-		if err != nil {
-			return
-		}
-		if !w.acquire(ctx) {
-			unreserve()
-			return
-		}
-		msg := w.next(ctx, w.cons.Pinned, w.cons.Provision)
-		if msg == nil {
-			w.release()
-			unreserve()
-			continue
-		}
-		w.operate(ops, func() {
-			defer unreserve()
-			w.handleProvision(opCtx, msg)
-		})
-	}
+// isProvision tells a provision request from a teardown by its subject.
+func isProvision(msg jetstream.Msg) bool {
+	return strings.HasSuffix(msg.Subject(), ".provision")
 }
 
 // reconcile runs one reconciliation and reports what failed; what failed

@@ -11,11 +11,8 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"libvirt.org/go/libvirtxml"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -103,28 +100,6 @@ func (p *process) stop(t *testing.T) {
 	}
 }
 
-func startNATSServer(t *testing.T) (string, jetstream.JetStream) {
-	t.Helper()
-	srv, err := embedded.Start(embedded.Options{StoreDir: t.TempDir(), Port: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		srv.Shutdown()
-		srv.WaitForShutdown()
-	})
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return srv.ClientURL(), js
-}
-
 // TestReconcileAfterSIGKILL kills a worker process hard while one job's
 // machine runs and another's is half-built, starts a new one, and checks
 // that exactly the right machines survive: the running one is adopted, the
@@ -132,7 +107,7 @@ func startNATSServer(t *testing.T) (string, jetstream.JetStream) {
 // and the image is not touched.
 func TestReconcileAfterSIGKILL(t *testing.T) {
 	l := dialLibvirt(t)
-	url, js := startNATSServer(t)
+	url, js := startNATS(t)
 	imageBefore := domainXML(t, l, testImage())
 	first := startProcess(t, url)
 	events := followEvents(t, js)

@@ -65,7 +65,8 @@ func dialLibvirt(tb testing.TB) *libvirt.Libvirt {
 }
 
 // startNATS runs an in-process JetStream server for one test.
-func startNATS(tb testing.TB) (*nats.Conn, jetstream.JetStream) {
+// It returns the server's URL, for worker processes, and a client.
+func startNATS(tb testing.TB) (string, jetstream.JetStream) {
 	tb.Helper()
 	srv, err := embedded.Start(embedded.Options{StoreDir: tb.TempDir(), Port: -1})
 	if err != nil {
@@ -84,7 +85,7 @@ func startNATS(tb testing.TB) (*nats.Conn, jetstream.JetStream) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return nc, js
+	return srv.ClientURL(), js
 }
 
 // runID marks the job ids of this test process, so that its leftover

@@ -1,0 +1,183 @@
+package bus
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+)
+
+func startJetStream(tb testing.TB) jetstream.JetStream {
+	tb.Helper()
+	srv, err := embedded.Start(embedded.Options{StoreDir: tb.TempDir(), Port: -1})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+	})
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if _, err := Ensure(context.Background(), js, Topology{Host: "h0"}); err != nil {
+		tb.Fatal(err)
+	}
+	return js
+}
+
+var hosts = []string{"h0", "h1", "h2", "h3"}
+
+// publishEvents stores n events over n/10 jobs on four hosts, each job
+// passing the states of a successful life in order.
+func publishEvents(tb testing.TB, js jetstream.JetStream, prefix string, n int) {
+	tb.Helper()
+	ctx := context.Background()
+	states := messages.States[:10]
+	var acks []jetstream.PubAckFuture
+	for i := range n {
+		job := fmt.Sprintf("%s-%d", prefix, i/10)
+		ev := messages.Event{
+			V: 1, JobID: job, Host: hosts[(i/10)%len(hosts)], Image: "img", State: states[i%10],
+			Time: time.Now().UTC(), Seq: uint64(i%10 + 1), Attempt: 1,
+		}
+		data, err := messages.Marshal(&ev)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		f, err := js.PublishAsync(messages.EventSubject(ev.Host, ev.JobID, ev.State), data)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		acks = append(acks, f)
+	}
+	select {
+	case <-js.PublishAsyncComplete():
+	case <-ctx.Done():
+	case <-time.After(time.Minute):
+		tb.Fatal("publishing did not complete")
+	}
+	for _, f := range acks {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			tb.Fatal(err)
+		}
+	}
+}
+
+func count(tb testing.TB, js jetstream.JetStream, o ReadOptions) (int, []messages.Event) {
+	tb.Helper()
+	var evs []messages.Event
+	err := ReadEvents(context.Background(), js, o, func(_ uint64, ev messages.Event, err error) error {
+		if err != nil {
+			tb.Fatal(err)
+		}
+		evs = append(evs, ev)
+		return nil
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return len(evs), evs
+}
+
+func TestReplayFilters(t *testing.T) {
+	js := startJetStream(t)
+	publishEvents(t, js, "old", 10000)
+	time.Sleep(1100 * time.Millisecond)
+	since := time.Now()
+	publishEvents(t, js, "new", 500)
+
+	tests := []struct {
+		name  string
+		opts  ReadOptions
+		want  int
+		check func(messages.Event) bool
+	}{
+		{"all", ReadOptions{Filter: messages.EventFilter("", "", "")}, 10500, nil},
+		{"one job", ReadOptions{Filter: messages.EventFilter("", "old-42", "")}, 10,
+			func(e messages.Event) bool { return e.JobID == "old-42" }},
+		{"one host", ReadOptions{Filter: messages.EventFilter("h1", "", "")}, 2500 + 130,
+			func(e messages.Event) bool { return e.Host == "h1" }},
+		{"one state", ReadOptions{Filter: messages.EventFilter("", "", messages.StateTornDown)}, 1050,
+			func(e messages.Event) bool { return e.State == messages.StateTornDown }},
+		{"host and state", ReadOptions{Filter: messages.EventFilter("h2", "", messages.StateAccepted)}, 250 + 12,
+			func(e messages.Event) bool { return e.Host == "h2" && e.State == messages.StateAccepted }},
+		{"since", ReadOptions{Filter: messages.EventFilter("", "", ""), Since: since}, 500,
+			func(e messages.Event) bool { return e.JobID[:4] == "new-" }},
+		{"since and job", ReadOptions{Filter: messages.EventFilter("", "new-3", ""), Since: since}, 10, nil},
+		{"nothing", ReadOptions{Filter: messages.EventFilter("", "absent", "")}, 0, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n, evs := count(t, js, tt.opts)
+			if n != tt.want {
+				t.Fatalf("got %d events, want %d", n, tt.want)
+			}
+			for _, ev := range evs {
+				if tt.check != nil && !tt.check(ev) {
+					t.Fatalf("unexpected event %+v", ev)
+				}
+			}
+		})
+	}
+}
+
+func TestFollowSeesNewEventWithinASecond(t *testing.T) {
+	js := startJetStream(t)
+	publishEvents(t, js, "old", 100)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	got := make(chan time.Time, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- ReadEvents(ctx, js, ReadOptions{Filter: messages.EventFilter("", "", ""), New: true, Follow: true},
+			func(_ uint64, ev messages.Event, err error) error {
+				if ev.JobID == "late-0" {
+					got <- time.Now()
+					return context.Canceled
+				}
+				return nil
+			})
+	}()
+	time.Sleep(300 * time.Millisecond) // let the consumer start
+	sent := time.Now()
+	publishEvents(t, js, "late", 1)
+	select {
+	case at := <-got:
+		if d := at.Sub(sent); d > time.Second {
+			t.Fatalf("the new event arrived after %s", d)
+		}
+	case <-ctx.Done():
+		t.Fatal("the new event never arrived")
+	}
+	<-done
+}
+
+// BenchmarkReplay measures reading 100,000 stored events, decoded, through
+// the ordered consumer; events/s is reported.
+func BenchmarkReplay(b *testing.B) {
+	js := startJetStream(b)
+	const n = 100000
+	publishEvents(b, js, "bench", n)
+	b.ResetTimer()
+	for range b.N {
+		if got, _ := count(b, js, ReadOptions{Filter: messages.EventFilter("", "", "")}); got != n {
+			b.Fatalf("replayed %d events", got)
+		}
+	}
+	b.ReportMetric(float64(n*b.N)/b.Elapsed().Seconds(), "events/s")
+}

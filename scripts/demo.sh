@@ -92,6 +92,10 @@ epid=""
 
 say "Summary"
 "$W" events --summary --since 1h | sed 's/^/  /'
+done_ok=$("$W" events --summary --since 1h --json | grep -c '"outcome":"torn_down","exit_code":0' || true)
+if [ "$done_ok" -ne 3 ]; then
+  echo "  expected 3 jobs torn down after their runner exited with 0, got $done_ok"; exit 1
+fi
 awk -v s="$start" -v e="$end" 'BEGIN { printf "  three jobs provisioned, run and torn down in %.1f s\n", e - s }'
 kill -TERM "$wpid"
 wait "$wpid" || true

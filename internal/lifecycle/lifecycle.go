@@ -99,6 +99,9 @@ type Manager struct {
 	jobs     map[string]*job
 	reserved int                  // machines promised to requests not yet read
 	done     map[string]time.Time // finished jobs, for idempotency
+	// orphans are the volume paths the last reconciliation found without a
+	// domain; only the Reconcile goroutine touches it.
+	orphans map[string]bool
 }
 
 type job struct {

@@ -26,6 +26,8 @@ type fakeMachines struct {
 	cloneGate chan struct{}
 	clones    int
 	removes   int
+	orphans   []string
+	removed   []string
 }
 
 func newFakeMachines() *fakeMachines {
@@ -76,6 +78,7 @@ func (f *fakeMachines) Remove(_ context.Context, jobID string) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.removes++
+	f.removed = append(f.removed, jobID)
 	_, ok := f.machines[jobID]
 	delete(f.machines, jobID)
 	return ok, nil
@@ -101,7 +104,11 @@ func (f *fakeMachines) List(context.Context) ([]provision.Machine, error) {
 	return out, nil
 }
 
-func (f *fakeMachines) ListOrphanVolumes(context.Context) ([]string, error) { return nil, nil }
+func (f *fakeMachines) ListOrphanVolumes(context.Context) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.orphans...), nil
+}
 
 func (f *fakeMachines) count() int {
 	f.mu.Lock()
@@ -486,6 +493,28 @@ func TestReconcile(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestReconcileLeavesOtherHostsAndYoungOrphansAlone(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	fx.fm.machines["theirs"] = &provision.Machine{Name: "stretchy-theirs", JobID: "theirs", Host: "other-host"}
+	fx.fm.orphans = []string{"/pool/stretchy-gone-vda.qcow2"}
+	if err := fx.m.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := fx.fm.machines["theirs"]; !ok {
+		t.Fatal("a machine of another host id was removed")
+	}
+	if len(fx.fm.removed) != 0 {
+		t.Fatalf("removed %v on the first sighting", fx.fm.removed)
+	}
+	if err := fx.m.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(fx.fm.removed, []string{"gone"}) {
+		t.Fatalf("removed %v, want the orphan's job on the second sighting", fx.fm.removed)
 	}
 }
 

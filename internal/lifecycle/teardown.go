@@ -176,9 +176,14 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	if err != nil {
 		errs = append(errs, fmt.Errorf("list orphan volumes: %w", err))
 	}
+	// A volume is an orphan only if it still has no domain one
+	// reconciliation later: a clone in progress, of this worker or of
+	// another one on the same libvirtd, defines its domain within seconds.
+	seen := make(map[string]bool, len(orphans))
 	for _, path := range orphans {
+		seen[path] = true
 		jobID, ok := provision.VolumeJobID(path)
-		if !ok || !messages.ValidJobID(jobID) {
+		if !ok || !messages.ValidJobID(jobID) || !m.orphans[path] {
 			continue
 		}
 		m.mu.Lock()
@@ -191,11 +196,17 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("remove orphan volume %s: %w", path, err))
 		}
 	}
+	m.orphans = seen
 	return errors.Join(errs...)
 }
 
 func (m *Manager) reconcile(ctx context.Context, mach provision.Machine) error {
 	if !messages.ValidJobID(mach.JobID) || mach.Name != messages.DomainName(mach.JobID) {
+		return nil
+	}
+	// Another worker with its own host id may share this libvirtd (tests
+	// do); its machines are its own.
+	if !mach.MetadataUnreadable && mach.Host != "" && mach.Host != m.cfg.Host {
 		return nil
 	}
 	m.mu.Lock()

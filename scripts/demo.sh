@@ -36,7 +36,9 @@ cleanup() {
     kill -TERM "$wpid" 2>/dev/null || true
     wait "$wpid" 2>/dev/null || true
   fi
-  if [ "$status" -ne 0 ]; then
+  if [ "$status" -eq 130 ]; then
+    bash "$(dirname "$0")/check-leftovers.sh" | sed 's/^/  /' || status=1
+  elif [ "$status" -ne 0 ]; then
     echo "demo failed; the worker's log:" >&2
     tail -n 30 "$dir/worker.log" >&2 || true
   fi
@@ -47,7 +49,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 say "Starting the worker (embedded NATS on $URL, libvirt qemu:///system, TCG guests)"
-"$W" run --host "$HOST" --nats-url "" --nats-data-dir "$dir/nats" --nats-port "$PORT" \
+# Its own session: a Ctrl-C in the terminal reaches this script, which
+# tears the machines down through the worker before stopping it.
+setsid "$W" run --host "$HOST" --nats-url "" --nats-data-dir "$dir/nats" --nats-port "$PORT" \
   --domain-type qemu --parallelism 3 --max-vms 4 >"$dir/worker.log" 2>&1 &
 wpid=$!
 for _ in $(seq 100); do

@@ -19,6 +19,16 @@ wpid="" epid="" submitted=""
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+# leftovers_of_demo fails when a domain or volume of this demo's jobs exists.
+leftovers_of_demo() {
+  local left
+  left=$( { virsh -q -c qemu:///system list --all --name; virsh -q -c qemu:///system vol-list ci-images; } | grep -e "stretchy-$run" || true)
+  if [ -n "$left" ]; then
+    echo "  left on the host:"; printf '%s\n' "$left" | sed 's/^/    /'; return 1
+  fi
+  echo "  no domain or volume of the demo's jobs is left on the host"
+}
+
 cleanup() {
   status=$?
   trap - EXIT INT TERM
@@ -32,12 +42,13 @@ cleanup() {
     done
   fi
   [ -n "$epid" ] && kill "$epid" 2>/dev/null || true
+  [ -n "${ppid_progress:-}" ] && kill "$ppid_progress" 2>/dev/null || true
   if [ -n "$wpid" ]; then
     kill -TERM "$wpid" 2>/dev/null || true
     wait "$wpid" 2>/dev/null || true
   fi
   if [ "$status" -eq 130 ]; then
-    bash "$(dirname "$0")/check-leftovers.sh" | sed 's/^/  /' || status=1
+    leftovers_of_demo || status=1
   elif [ "$status" -ne 0 ]; then
     echo "demo failed; the worker's log:" >&2
     tail -n 30 "$dir/worker.log" >&2 || true
@@ -84,9 +95,21 @@ start=$(date +%s.%N)
 submitted=1
 echo "(three TCG guests boot at once on this machine; each runner exits a few seconds after it starts)"
 
+# A progress line every few seconds until every runner has started.
+(
+  while sleep 3; do
+    started=$("$W" events --state runner_started --since 1h --json 2>/dev/null | grep -c . || true)
+    [ "$started" -ge 3 ] && break
+    awk -v s="$start" -v n="$started" -v now="$(date +%s.%N)" \
+      'BEGIN { printf "   ... %.0f s since submit: %d of 3 runners started, guests booting\n", now - s, n }'
+  done
+) &
+ppid_progress=$!
+
 for job in "${jobs[@]}"; do
   timeout 180 "$W" events --job "$job" --follow --until torn_down >/dev/null
 done
+kill "$ppid_progress" 2>/dev/null || true
 submitted=""
 end=$(date +%s.%N)
 sleep 0.3
@@ -108,4 +131,4 @@ if grep -q -e "forgejo-token-$run" -e "github-jit-config-$run" -e "jenkins-secre
   echo "  a runner secret appears in the worker's log"; exit 1
 fi
 echo "  the worker's log mentions no runner secret"
-bash "$(dirname "$0")/check-leftovers.sh" | sed 's/^/  /'
+leftovers_of_demo

@@ -19,6 +19,7 @@ import (
 type Config struct {
 	Host           string
 	NATSURL        string
+	NATS           NATSAuth
 	NATSDataDir    string
 	NATSPort       int
 	LibvirtURI     string
@@ -80,6 +81,7 @@ func defaultHost() string {
 func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.Host, "host", envString("STRETCHY_HOST", defaultHost()), "host id: names this host's subjects and appears in events (STRETCHY_HOST)")
 	fs.StringVar(&c.NATSURL, "nats-url", envString("STRETCHY_NATS_URL", ""), "NATS server or cluster URL(s), comma separated; empty starts an embedded server (STRETCHY_NATS_URL)")
+	c.NATS.register(fs)
 	fs.StringVar(&c.NATSDataDir, "nats-data-dir", envString("STRETCHY_NATS_DATA_DIR", "/var/lib/stretchy-worker/nats"), "JetStream directory of the embedded server (STRETCHY_NATS_DATA_DIR)")
 	fs.IntVar(&c.NATSPort, "nats-port", envInt("STRETCHY_NATS_PORT", 4222), "loopback port of the embedded server (STRETCHY_NATS_PORT)")
 	fs.StringVar(&c.LibvirtURI, "libvirt-uri", envString("STRETCHY_LIBVIRT_URI", "qemu:///system"), "libvirt connection URI, as for virsh -c (STRETCHY_LIBVIRT_URI)")
@@ -105,6 +107,11 @@ func (c *Config) Validate() error {
 	}
 	if c.NATSURL == "" && c.NATSDataDir == "" {
 		bad("--nats-data-dir: needed for the embedded server when --nats-url is empty")
+	}
+	if given := c.NATS.given(); c.NATSURL == "" && len(given) > 0 {
+		bad("%s: needs --nats-url; the embedded server takes no credentials or TLS", strings.Join(given, ", "))
+	} else if err := c.NATS.Validate(c.NATSURL); err != nil {
+		errs = append(errs, err)
 	}
 	if c.NATSPort < 1 || c.NATSPort > 65535 {
 		bad("--nats-port %d: not a TCP port", c.NATSPort)

@@ -53,6 +53,8 @@ func eventsCommand(ctx context.Context, args []string) error {
 	until := fs.String("until", "", "with --follow: exit after an event in this state (for scripts)")
 	summary := fs.Bool("summary", false, "one line per job: image, host, OS, start, total time, outcome, error")
 	asJSON := fs.Bool("json", false, "print JSON lines instead of a table")
+	var auth NATSAuth
+	auth.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -83,11 +85,13 @@ func eventsCommand(ctx context.Context, args []string) error {
 	if q.summary && q.opts.Follow {
 		return errors.New("--summary prints once the replay ends: it does not go with --follow")
 	}
-	nc, js, err := connect(*natsURL)
+	nc, js, err := connectNATS(*natsURL, auth, natsClient{Name: "stretchy-libvirt-worker client"})
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
+	ctx, stop := nc.failFast(ctx)
+	defer stop()
 
 	var out eventWriter = newTable(os.Stdout)
 	switch {
@@ -115,6 +119,8 @@ func eventsCommand(ctx context.Context, args []string) error {
 		}
 		return nil
 	})
+	// A refused request ends ctx; say so instead of exiting quietly.
+	err = nc.explain(err)
 	if errors.Is(err, errStop) || errors.Is(err, context.Canceled) {
 		err = nil
 	}

@@ -20,6 +20,7 @@ commands:
   run       serve requests on this host (the default)
   submit    publish a provision or teardown request
   events    print lifecycle events, past and live
+  doctor    check this host, its images and NATS, with hints to fix them
 
 Run "worker <command> -h" for the flags of a command. Every flag can also be
 set through the environment variable named in its help text.
@@ -42,6 +43,8 @@ func main() {
 		err = submitCommand(ctx, args)
 	case "events":
 		err = eventsCommand(ctx, args)
+	case "doctor":
+		err = doctorCommand(ctx, args)
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return

@@ -7,9 +7,8 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"syscall"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/sourcegraph/conc"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
@@ -41,6 +40,18 @@ func runCommand(ctx context.Context, args []string) error {
 		return err
 	}
 	log := newLogger(cfg.LogFormat, cfg.LogLevel)
+	// Test only (docs/reliability.md): die by SIGKILL at a lifecycle point,
+	// as a crash or power loss would; deliberately no flag.
+	faults, err := lifecycle.ParseFault(os.Getenv("STRETCHY_FAULT"), func(point string) {
+		log.Warn("fault injected, killing the worker", "point", point)
+		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	})
+	if err != nil {
+		return fmt.Errorf("STRETCHY_FAULT: %w", err)
+	}
+	if faults != nil {
+		log.Warn("fault injection armed; this worker will kill itself", "fault", os.Getenv("STRETCHY_FAULT"))
+	}
 
 	natsURL := cfg.NATSURL
 	if natsURL == "" {
@@ -59,30 +70,21 @@ func runCommand(ctx context.Context, args []string) error {
 		log.Info("started embedded nats", "url", natsURL, "data_dir", cfg.NATSDataDir)
 	}
 
-	nc, err := nats.Connect(natsURL,
-		nats.Name("stretchy-libvirt-worker "+cfg.Host),
-		nats.MaxReconnects(-1),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			log.Warn("nats disconnected", "error", err)
-		}),
-		nats.ReconnectHandler(func(c *nats.Conn) {
-			log.Info("nats reconnected", "url", c.ConnectedUrlRedacted())
-		}),
-	)
-	if err != nil {
-		return fmt.Errorf("connect to nats %s: %w", redactURL(natsURL), err)
-	}
-	defer nc.Drain()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return fmt.Errorf("jetstream: %w", err)
-	}
-	consumers, err := bus.Ensure(ctx, js, bus.Topology{
-		Host: cfg.Host, EventsMaxAge: cfg.EventsMaxAge, RequestsMaxAge: cfg.RequestsMaxAge,
-		AckWait: cfg.AckWait, MaxDeliver: cfg.MaxDeliver, Replicas: cfg.Replicas,
+	nc, js, err := connectNATS(natsURL, cfg.NATS, natsClient{
+		Name: "stretchy-libvirt-worker " + cfg.Host, Log: log, Reconnect: true,
 	})
 	if err != nil {
 		return err
+	}
+	defer nc.Drain()
+	ensureCtx, stopEnsure := nc.failFast(ctx)
+	consumers, err := bus.Ensure(ensureCtx, js, bus.Topology{
+		Host: cfg.Host, EventsMaxAge: cfg.EventsMaxAge, RequestsMaxAge: cfg.RequestsMaxAge,
+		AckWait: cfg.AckWait, MaxDeliver: cfg.MaxDeliver, Replicas: cfg.Replicas,
+	})
+	stopEnsure()
+	if err != nil {
+		return nc.explain(err)
 	}
 
 	// The link reconnects the same connection when libvirtd restarts, for
@@ -123,10 +125,12 @@ func runCommand(ctx context.Context, args []string) error {
 		Agent:    qga.New(lv),
 		Events:   pub,
 		History:  pub,
+		Faults:   faults,
 	})
 	w := worker.New(worker.Config{
 		Parallelism: cfg.Parallelism, MaxVMs: cfg.MaxVMs, AckWait: cfg.AckWait,
-		MaxDeliver: cfg.MaxDeliver, ShutdownGrace: cfg.ShutdownGrace,
+		MaxDeliver: cfg.MaxDeliver, ShutdownGrace: cfg.ShutdownGrace, Faults: faults,
+		NATS: nc.Conn,
 		OnSettle: func(s worker.Settlement) {
 			attrs := []any{"op", s.Op, "job_id", s.JobID, "attempt", s.Attempt, "outcome", s.Outcome}
 			switch {

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -25,19 +24,6 @@ type labels []string
 
 func (l *labels) String() string     { return strings.Join(*l, ",") }
 func (l *labels) Set(v string) error { *l = append(*l, v); return nil }
-
-func connect(url string) (*nats.Conn, jetstream.JetStream, error) {
-	nc, err := nats.Connect(url, nats.Name("stretchy-libvirt-worker client"))
-	if err != nil {
-		return nil, nil, fmt.Errorf("connect to nats %s: %w", redactURL(url), err)
-	}
-	js, err := jetstream.New(nc)
-	if err != nil {
-		nc.Close()
-		return nil, nil, err
-	}
-	return nc, js, nil
-}
 
 func submitCommand(ctx context.Context, args []string) error {
 	if len(args) == 0 {
@@ -61,14 +47,18 @@ func submitCommand(ctx context.Context, args []string) error {
 	bootTimeout := fs.Duration("boot-timeout", 0, "boot timeout (0: the worker's default)")
 	maxLifetime := fs.Duration("max-lifetime", 0, "maximum lifetime of the machine (0: the worker's default)")
 	reason := fs.String("reason", "requested from the command line", "teardown reason")
+	var auth NATSAuth
+	auth.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	nc, js, err := connect(*natsURL)
+	nc, js, err := connectNATS(*natsURL, auth, natsClient{Name: "stretchy-libvirt-worker client"})
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
+	ctx, stop := nc.failFast(ctx)
+	defer stop()
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 
@@ -93,7 +83,7 @@ func submitCommand(ctx context.Context, args []string) error {
 		return fmt.Errorf("unknown request %q\n%s", kind, submitUsage)
 	}
 	if err != nil {
-		return err
+		return nc.explain(err)
 	}
 	fmt.Printf("submitted %s for job %s (request stream sequence %d)\n", kind, *job, seq)
 	return nil

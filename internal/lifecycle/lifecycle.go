@@ -53,6 +53,9 @@ type Config struct {
 	// Remember is how long finished jobs are remembered so that a repeated
 	// provision request does not create a second machine; 0 means 24h.
 	Remember time.Duration
+	// Faults, when set, is called at the fault points (fault.go); only
+	// tests set it.
+	Faults Faults
 }
 
 // Delivery describes the request message being handled.

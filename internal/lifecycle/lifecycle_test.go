@@ -591,3 +591,117 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// TestTeardownRedeliveredAfterCrash is a teardown request delivered again
+// to a new worker process after the previous one died before settling it
+// (the crash matrix's before_ack and after_remove points): the new process
+// has no memory of the job, only its history and the host.
+func TestTeardownRedeliveredAfterCrash(t *testing.T) {
+	tests := []struct {
+		name string
+		// host and states of the job's history, written by the dead process
+		host   string
+		states []messages.State
+		reason string // of the last event
+		want   []messages.State
+		code   messages.ErrorCode // of the new terminal event, if any
+	}{
+		{name: "ended and not acked", host: "h1", reason: messages.ReasonRequested,
+			states: []messages.State{messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown},
+			want:   []messages.State{messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown}},
+		{name: "removed, end not published", host: "h1", reason: messages.ReasonRequested,
+			states: []messages.State{messages.StateAgentReady, messages.StateTearingDown},
+			want:   []messages.State{messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown}},
+		{name: "another teardown was removing it", host: "h1", reason: messages.ReasonDeadline,
+			states: []messages.State{messages.StateAgentReady, messages.StateTearingDown},
+			want:   []messages.State{messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown},
+			code:   messages.CodeUnknownJob},
+		{name: "another host ended it", host: "h2", reason: messages.ReasonRequested,
+			states: []messages.State{messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown},
+			want:   []messages.State{messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown, messages.StateTornDown},
+			code:   messages.CodeUnknownJob},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			fx := newFixture()
+			ctx := context.Background()
+			for i, st := range tt.states {
+				ev := messages.Event{V: 1, JobID: "j1", Host: tt.host, State: st, Seq: uint64(i + 1), Attempt: 1}
+				if st == messages.StateTearingDown || st.Terminal() {
+					ev.Reason = tt.reason
+				}
+				if err := fx.rec.Publish(ctx, ev, fmt.Sprintf("old:%d", i)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err := fx.m.Teardown(ctx, "j1", messages.ReasonRequested, nil, Delivery{Attempt: 2})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := fx.rec.states("j1"); !slices.Equal(got, tt.want) {
+				t.Fatalf("events %v, want %v", got, tt.want)
+			}
+			last := fx.rec.last("j1")
+			if len(tt.want) > len(tt.states) {
+				if last.Seq != uint64(len(tt.want)) || last.Host != "h1" || last.Reason != messages.ReasonRequested {
+					t.Errorf("new event %+v", last)
+				}
+				if (last.Error == nil) != (tt.code == "") || (last.Error != nil && last.Error.Code != tt.code) {
+					t.Errorf("new event's error %+v, want code %q", last.Error, tt.code)
+				}
+			}
+			// Either way the job is over here: a late provision builds nothing.
+			if err := fx.m.Provision(ctx, fx.request("j1", "debian"), Delivery{Attempt: 3}); err != nil {
+				t.Fatal(err)
+			}
+			if fx.fm.clones != 0 {
+				t.Fatal("a provision after the end built a machine")
+			}
+		})
+	}
+}
+
+// TestRedeliveryDuringBuildWaitsForIt is a provision delivered again while
+// its first delivery is still building (the worker's heartbeats were held
+// up for longer than AckWait): the second delivery must not be settled
+// before the first has an outcome, and must not build anything itself.
+func TestRedeliveryDuringBuildWaitsForIt(t *testing.T) {
+	tests := []struct {
+		name     string
+		cloneErr error
+		wantErr  bool // the second delivery is handed back
+	}{
+		{name: "first succeeds"},
+		{name: "first fails transiently", cloneErr: fmt.Errorf("libvirt: %w", io.EOF), wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			fx := newFixture()
+			fx.fm.cloneGate = make(chan struct{})
+			fx.fm.cloneErr = tt.cloneErr
+			ctx := context.Background()
+			firstErr, secondErr := make(chan error, 1), make(chan error, 1)
+			go func() { firstErr <- fx.m.Provision(ctx, fx.request("j1", "debian"), first) }()
+			waitFor(t, func() bool { return len(fx.rec.states("j1")) == 2 }) // accepted, cloning
+			go func() { secondErr <- fx.m.Provision(ctx, fx.request("j1", "debian"), Delivery{Attempt: 2}) }()
+			time.Sleep(50 * time.Millisecond)
+			select {
+			case err := <-secondErr:
+				t.Fatalf("the second delivery returned %v while the first was still building", err)
+			default:
+			}
+			close(fx.fm.cloneGate)
+			if err := <-firstErr; (err != nil) != tt.wantErr {
+				t.Fatalf("first delivery: %v", err)
+			}
+			err := <-secondErr
+			var f *Failure
+			if (err != nil) != tt.wantErr || errors.As(err, &f) {
+				t.Fatalf("second delivery: %v, want a transient error: %v", err, tt.wantErr)
+			}
+			if fx.fm.clones != 1 {
+				t.Fatalf("%d clones, want 1", fx.fm.clones)
+			}
+		})
+	}
+}

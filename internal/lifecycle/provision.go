@@ -3,6 +3,7 @@ package lifecycle
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -18,7 +19,8 @@ const cleanupTimeout = 2 * time.Minute
 // runner kind none, once the guest agent answers; without an Agent, once
 // the machine runs). A job that already has a
 // machine on this host, or had one recently, is left alone and nil is
-// returned: requests are idempotent by job id.
+// returned: requests are idempotent by job id. A delivery that finds an
+// earlier one still building returns its outcome (awaitEarlier).
 //
 // On failure everything created for the job is removed first. A permanent
 // failure (or any failure on the final delivery) is reported with a failed
@@ -38,7 +40,7 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 		deadline: start.Add(req.MaxLifetime()), cancel: cancel, built: make(chan struct{}),
 	}
 	if !m.track(j) {
-		return nil
+		return m.awaitEarlier(ctx, req.JobID)
 	}
 	defer close(j.built)
 	m.startSeq(ctx, j)
@@ -77,6 +79,35 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 	return &Failure{Code: code, Err: err}
 }
 
+// awaitEarlier settles a repeated delivery of a provision whose job this
+// host serves or finished. The server delivers a request again while an
+// earlier delivery is still being built when the worker's progress
+// heartbeats did not reach it for AckWait (a stalled connection).
+// Acknowledging then would end the request before its outcome is known,
+// and if that build failed transiently nothing would deliver it again. So
+// it waits for the build, and returns nil only if the job then has a
+// machine or is finished; otherwise a transient error, so that the request
+// comes again.
+func (m *Manager) awaitEarlier(ctx context.Context, jobID string) error {
+	m.mu.Lock()
+	other := m.jobs[jobID]
+	m.mu.Unlock()
+	if other != nil {
+		select {
+		case <-other.built:
+		case <-ctx.Done():
+			return fmt.Errorf("wait for the earlier delivery of job %s: %w", jobID, ctx.Err())
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, finished := m.done[jobID]
+	if current := m.jobs[jobID]; !finished && (current == nil || current != other) {
+		return fmt.Errorf("the earlier delivery of job %s did not build its machine", jobID)
+	}
+	return nil
+}
+
 // build runs the steps of a provision; it returns at the first error.
 func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d Delivery) error {
 	// A machine left by an earlier delivery of this request is half-built:
@@ -92,9 +123,11 @@ func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d D
 	if err := m.emit(ctx, j, messages.StateAccepted, d, m.since(req.RequestedAt), "", nil); err != nil {
 		return err
 	}
+	m.cfg.Faults.At(FaultAfterAccept)
 	if err := m.emit(ctx, j, messages.StateCloning, d, 0, "", nil); err != nil {
 		return err
 	}
+	m.cfg.Faults.At(FaultBeforeClone)
 	start := m.cfg.Now()
 	mach, err := m.cfg.Machines.Clone(ctx, provision.Spec{
 		JobID: j.id, Image: req.Image, Host: m.cfg.Host, RunnerKind: string(req.Runner.Kind),
@@ -103,6 +136,7 @@ func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d D
 	if err != nil {
 		return &stepError{code: cloneCode(err), err: err}
 	}
+	m.cfg.Faults.At(FaultAfterClone)
 	if err := m.emit(ctx, j, messages.StateCloned, d, m.since(start), "", nil); err != nil {
 		return err
 	}
@@ -113,9 +147,11 @@ func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d D
 	if err := m.cfg.Machines.Start(ctx, j.id); err != nil {
 		return &stepError{code: messages.CodeBootFailed, err: err}
 	}
+	m.cfg.Faults.At(FaultAfterStart)
 	if err := m.emit(ctx, j, messages.StateRunning, d, m.since(start), "", nil); err != nil {
 		return err
 	}
+	m.cfg.Faults.At(FaultWaitingAgent)
 	if m.cfg.Agent == nil {
 		return nil
 	}

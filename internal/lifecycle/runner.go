@@ -54,6 +54,7 @@ func (m *Manager) startRunner(ctx context.Context, j *job, req messages.Provisio
 	if err := m.emit(ctx, j, messages.StateAgentReady, d, m.since(start), "", nil); err != nil {
 		return err
 	}
+	m.cfg.Faults.At(FaultAfterAgentReady)
 
 	plan, err := runners.For(j.id, osFamily, req.Runner)
 	switch {
@@ -79,7 +80,11 @@ func (m *Manager) startRunner(ctx context.Context, j *job, req messages.Provisio
 			err: fmt.Errorf("%s: %w", plan.Launch.Purpose, err)}
 	}
 	j.pid, j.runnerSince = pid, m.cfg.Now()
-	return m.emit(ctx, j, messages.StateRunnerStarted, d, m.since(start), "", nil)
+	if err := m.emit(ctx, j, messages.StateRunnerStarted, d, m.since(start), "", nil); err != nil {
+		return err
+	}
+	m.cfg.Faults.At(FaultAfterRunnerStart)
+	return nil
 }
 
 func execRequest(c runners.Command, capture bool) qga.ExecRequest {
@@ -224,6 +229,7 @@ func (m *Manager) emitExit(ctx context.Context, j *job, d Delivery) error {
 		return err
 	}
 	j.exitReported = true
+	m.cfg.Faults.At(FaultAfterRunnerExit)
 	return nil
 }
 

@@ -59,7 +59,10 @@ func (m *Manager) Teardown(ctx context.Context, jobID, reason string, cause *mes
 		}
 		if !found {
 			u := &job{id: jobID}
-			m.startSeq(ctx, u)
+			last := m.startSeq(ctx, u)
+			if done, err := m.finishedBefore(ctx, u, last, reason, cause, d); done || err != nil {
+				return err
+			}
 			err := m.emit(ctx, u, messages.StateTornDown, d, 0, reason, &messages.Error{
 				Code:    messages.CodeUnknownJob,
 				Message: fmt.Sprintf("host %s has no machine for job %s", m.cfg.Host, jobID),
@@ -81,11 +84,36 @@ func (m *Manager) Teardown(ctx context.Context, jobID, reason string, cause *mes
 	return m.remove(ctx, j, reason, cause, d)
 }
 
+// finishedBefore handles a teardown of a job without a machine that an
+// earlier process of this host already ended, or was ending, before it died
+// without settling the request (the history survives, the memory does not):
+// an ended job gets no second terminal event; a teardown for the same reason
+// that removed the machine but did not publish its end is finished with it.
+// done is false when the job is unknown after all.
+func (m *Manager) finishedBefore(ctx context.Context, u *job, last messages.Event, reason string, cause *messages.Error, d Delivery) (done bool, err error) {
+	if last.Host != m.cfg.Host {
+		return false, nil
+	}
+	switch {
+	case last.State.Terminal():
+	case last.State == messages.StateTearingDown && last.Reason == reason && cause == nil:
+		u.image, u.domain, u.os = last.Image, last.Domain, last.OS
+		if err := m.emit(ctx, u, messages.StateTornDown, d, 0, reason, nil); err != nil {
+			return false, err
+		}
+	default:
+		return false, nil
+	}
+	m.untrack(u.id, true)
+	return true, nil
+}
+
 func (m *Manager) remove(ctx context.Context, j *job, reason string, cause *messages.Error, d Delivery) error {
 	if err := m.emit(ctx, j, messages.StateTearingDown, d, 0, reason, nil); err != nil {
 		m.retryLater(j)
 		return err
 	}
+	m.cfg.Faults.At(FaultMidTeardown)
 	start := m.cfg.Now()
 	if _, err := m.cfg.Machines.Remove(ctx, j.id); err != nil {
 		err = fmt.Errorf("remove machine of job %s: %w", j.id, err)
@@ -103,6 +131,7 @@ func (m *Manager) remove(ctx context.Context, j *job, reason string, cause *mess
 		m.retryLater(j)
 		return err
 	}
+	m.cfg.Faults.At(FaultAfterRemove)
 	state := messages.StateTornDown
 	if cause != nil {
 		state = messages.StateFailed

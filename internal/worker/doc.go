@@ -4,6 +4,7 @@
 // while the host is at capacity but keeps taking teardowns, keeps long
 // operations alive with progress heartbeats, tears down machines whose
 // runner exited, that stopped by themselves or that passed their deadline,
-// and settles every message (ack, nak with delay, or terminate) in one
-// place.
+// settles every message (ack, nak with delay, or terminate) in one place,
+// and ends requests that ran out of deliveries (max-deliveries advisories)
+// with a failed event.
 package worker

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/sourcegraph/conc"
 
@@ -43,6 +44,13 @@ type Config struct {
 	// OnSettle, when set, is told how each message was settled, and of
 	// failed background work (Op "reconcile" or a teardown reason).
 	OnSettle func(Settlement)
+	// Faults, when set, is called before each request is settled
+	// (lifecycle.FaultBeforeAck); only tests set it.
+	Faults lifecycle.Faults
+	// NATS, when set, is the connection on which the worker takes its
+	// share of the request stream's max-deliveries advisories, and ends
+	// the requests they name (advisory.go).
+	NATS *nats.Conn
 }
 
 // Settlement says how one request message was settled.
@@ -50,7 +58,9 @@ type Settlement struct {
 	Op      string // "provision" or "teardown"
 	JobID   string
 	Attempt int
-	Outcome string // "ack", "term", "nak"
+	// Outcome is "ack", "term" or "nak"; for a request that reached max
+	// deliveries (advisory.go), "deleted", or "kept" when that failed.
+	Outcome string
 	Err     error
 }
 
@@ -70,6 +80,7 @@ type Worker struct {
 	life *lifecycle.Manager
 
 	slots chan struct{}
+	ex    exhaustion
 
 	inFlight, maxInFlight, provisions, teardowns atomic.Int64
 }
@@ -116,6 +127,10 @@ func (w *Worker) Stats() Stats {
 // flight finish within the shutdown grace and returns nil. Running
 // machines are left running; the next Run adopts them.
 func (w *Worker) Run(ctx context.Context) error {
+	advisories, err := w.subscribeMaxDeliveries(ctx)
+	if err != nil {
+		return err
+	}
 	w.reconcile(ctx)
 	opCtx, cancelOps := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelOps()
@@ -124,6 +139,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	var loops conc.WaitGroup
 	loops.Go(func() { w.pullLoop(ctx, opCtx, &ops) })
 	loops.Go(func() { w.watchLoop(ctx, opCtx, &ops) })
+	loops.Go(func() { w.maxDeliveriesLoop(ctx, opCtx, advisories) })
 	loops.Wait()
 
 	grace := time.AfterFunc(w.cfg.ShutdownGrace, cancelOps)
@@ -298,6 +314,7 @@ func (w *Worker) delivery(msg jetstream.Msg) lifecycle.Delivery {
 }
 
 func (w *Worker) handleProvision(ctx context.Context, msg jetstream.Msg) {
+	defer w.serving(ctx, msg)()
 	d := w.delivery(msg)
 	stop := w.heartbeat(msg)
 	jobID, err := w.provision(ctx, msg.Data(), d)
@@ -323,6 +340,7 @@ func (w *Worker) provision(ctx context.Context, data []byte, d lifecycle.Deliver
 }
 
 func (w *Worker) handleTeardown(ctx context.Context, msg jetstream.Msg) {
+	defer w.serving(ctx, msg)()
 	d := w.delivery(msg)
 	stop := w.heartbeat(msg)
 	jobID, err := w.teardown(ctx, msg.Data(), d)
@@ -378,6 +396,7 @@ func (w *Worker) heartbeat(msg jetstream.Msg) (stop func()) {
 // failures terminate the message (their failed event is already out), and
 // everything else is handed back for redelivery with backoff.
 func (w *Worker) settle(msg jetstream.Msg, op, jobID string, d lifecycle.Delivery, err error) {
+	w.cfg.Faults.At(lifecycle.FaultBeforeAck)
 	s := Settlement{Op: op, JobID: jobID, Attempt: d.Attempt, Err: err}
 	var f *lifecycle.Failure
 	var aerr error

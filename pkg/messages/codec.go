@@ -42,7 +42,7 @@ func unmarshal(data []byte, v any) (err error) {
 	// a payload from the network must never take the worker down.
 	defer func() {
 		if r := recover(); r != nil {
-			err = fmt.Errorf("%w: %v", ErrMalformed, r)
+			err = fmt.Errorf("%w: a field holds a value of the wrong type (nil for a timestamp?)", ErrMalformed)
 		}
 	}()
 	dec := msgpack.NewDecoder(bytes.NewReader(data))

@@ -107,6 +107,10 @@ const (
 	CodeRunnerUnsupported  ErrorCode = "runner_unsupported"
 	CodeRunnerStartFailed  ErrorCode = "runner_start_failed"
 	CodeInternal           ErrorCode = "internal"
+	// CodeMaxDeliveries means the request was delivered max_deliver
+	// times without being settled (its worker died or lost its connection
+	// each time) and will not be delivered again.
+	CodeMaxDeliveries ErrorCode = "max_deliveries"
 )
 
 // Reasons carried in events: why a teardown began, or what the worker

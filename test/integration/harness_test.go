@@ -121,6 +121,8 @@ type workerOptions struct {
 	MaxVMs        int
 	AckWait       time.Duration
 	ShutdownGrace time.Duration
+	// Host is the worker's host id; default testHost.
+	Host string
 }
 
 // runningWorker is a worker serving in the test process.
@@ -146,8 +148,11 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 	if o.AckWait == 0 {
 		o.AckWait = 10 * time.Second
 	}
+	if o.Host == "" {
+		o.Host = testHost
+	}
 	ctx := context.Background()
-	cons, err := bus.Ensure(ctx, js, bus.Topology{Host: testHost, AckWait: o.AckWait, MaxDeliver: 5})
+	cons, err := bus.Ensure(ctx, js, bus.Topology{Host: o.Host, AckWait: o.AckWait, MaxDeliver: 5})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -165,7 +170,7 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 	l := link.Libvirt()
 	rw := &runningWorker{}
 	rw.life = lifecycle.New(lifecycle.Config{
-		Host: testHost, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
+		Host: o.Host, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
 		Agent: qga.New(l), Events: pub, History: pub,
 	})
 	rw.w = worker.New(worker.Config{

@@ -1,0 +1,89 @@
+package bus
+
+import "github.com/stretchy-ci/libvirt-worker/pkg/messages"
+
+// The subjects below are the JetStream API and acknowledgement subjects
+// that the calls of this package make, for NATS users with least
+// privilege. docs/security.md explains each; permissions_test.go runs the
+// real calls as a user holding exactly these and, one subject removed at a
+// time, checks that the server refuses something.
+
+const (
+	jsAPI = "$JS.API."
+	jsAck = "$JS.ACK."
+	// inbox is where replies to requests (JetStream API calls,
+	// acknowledged publishes, pulls) arrive; nats.go's default prefix.
+	inbox = "_INBOX.>"
+)
+
+// maxDeliveries is where the server announces that a consumer of the
+// request stream gave up on a message; the worker takes these advisories
+// (internal/worker/advisory.go) to report the job and delete the message.
+const maxDeliveries = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + messages.RequestsStream + ".>"
+
+// WorkerPermissions returns the subjects the worker of host must be allowed
+// to publish to and to subscribe to, and no more. They cover bus.Ensure
+// (both streams, the host's consumers), pulls from those consumers, every
+// kind of acknowledgement, publishing the host's events,
+// Publisher.LastEvent, and ending requests that reached max deliveries.
+func WorkerPermissions(host string) (pub, sub []string) {
+	req, evt := messages.RequestsStream, messages.EventsStream
+	pub = []string{
+		// Ensure: CreateOrUpdateStream tries an update first, then a create.
+		jsAPI + "STREAM.UPDATE." + req,
+		jsAPI + "STREAM.CREATE." + req,
+		jsAPI + "STREAM.UPDATE." + evt,
+		jsAPI + "STREAM.CREATE." + evt,
+	}
+	for _, c := range []struct{ name, filter string }{
+		{SharedProvisionConsumer, messages.ProvisionSubject()},
+		{HostProvisionConsumer(host), messages.HostProvisionSubject(host)},
+		{HostTeardownConsumer(host), messages.TeardownSubject(host)},
+	} {
+		pub = append(pub,
+			jsAPI+"CONSUMER.CREATE."+req+"."+c.name+"."+c.filter, // Ensure
+			jsAPI+"CONSUMER.MSG.NEXT."+req+"."+c.name,            // Fetch
+			jsAck+req+"."+c.name+".>",                            // ack, nak, term, in progress
+		)
+	}
+	pub = append(pub,
+		messages.EventFilter(host, "", ""), // Publisher.Publish: this host's events only
+		jsAPI+"STREAM.INFO."+evt,           // LastEvent looks the stream up
+		jsAPI+"STREAM.MSG.GET."+evt,        // LastEvent
+		// A max-deliveries advisory: read the request it names, delete it.
+		jsAPI+"STREAM.INFO."+req,
+		jsAPI+"STREAM.MSG.GET."+req,
+		jsAPI+"STREAM.MSG.DELETE."+req,
+	)
+	return pub, []string{inbox, maxDeliveries}
+}
+
+// OrchestratorPermissions returns the subjects an orchestrator must be
+// allowed to publish to and to subscribe to for SubmitProvision (shared or
+// pinned to any host), SubmitTeardown and ReadEvents. It cannot create the
+// streams; add StreamPermissions for that.
+func OrchestratorPermissions() (pub, sub []string) {
+	evt := messages.EventsStream
+	pub = []string{
+		messages.RequestSubjects, // SubmitProvision, SubmitTeardown
+		// ReadEvents: an ordered consumer with a generated name and one
+		// filter under the event subjects.
+		jsAPI + "CONSUMER.CREATE." + evt + ".*." + messages.EventSubjects,
+		jsAPI + "CONSUMER.INFO." + evt + ".*",
+		jsAPI + "CONSUMER.MSG.NEXT." + evt + ".*",
+		// An ordered consumer that resets (after a reconnect or a missed
+		// heartbeat) deletes its previous consumer.
+		jsAPI + "CONSUMER.DELETE." + evt + ".*",
+	}
+	return pub, []string{inbox}
+}
+
+// StreamPermissions returns the subjects needed to create or update both
+// streams with CreateOrUpdateStream, for an orchestrator that creates them
+// before any worker runs (workers hold these already).
+func StreamPermissions() (pub []string) {
+	for _, s := range []string{messages.RequestsStream, messages.EventsStream} {
+		pub = append(pub, jsAPI+"STREAM.UPDATE."+s, jsAPI+"STREAM.CREATE."+s)
+	}
+	return pub
+}

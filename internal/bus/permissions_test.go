@@ -1,0 +1,460 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+)
+
+// startPermServer starts a JetStream server with the unrestricted user
+// "admin" and the user "user" holding exactly pub and sub.
+func startPermServer(t *testing.T, pub, sub []string) *server.Server {
+	t.Helper()
+	srv, err := server.NewServer(&server.Options{
+		Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true,
+		Users: []*server.User{
+			{Username: "admin", Password: "admin"},
+			{Username: "user", Password: "user", Permissions: &server.Permissions{
+				Publish:   &server.SubjectPermission{Allow: pub},
+				Subscribe: &server.SubjectPermission{Allow: sub},
+			}},
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	t.Cleanup(func() {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+	})
+	if !srv.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats server not ready")
+	}
+	return srv
+}
+
+// session is a connection whose context ends at the server's first
+// permissions violation, so that a refused request fails at once.
+type session struct {
+	nc  *nats.Conn
+	js  jetstream.JetStream
+	ctx context.Context
+
+	mu         sync.Mutex
+	violations []error
+}
+
+func connectAs(t *testing.T, srv *server.Server, user string) *session {
+	t.Helper()
+	ctx, cancel := context.WithCancelCause(context.Background())
+	t.Cleanup(func() { cancel(nil) })
+	s := &session{}
+	nc, err := nats.Connect(srv.ClientURL(), nats.UserInfo(user, user),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			if errors.Is(err, nats.ErrPermissionViolation) {
+				s.mu.Lock()
+				s.violations = append(s.violations, err)
+				s.mu.Unlock()
+				cancel(err)
+			}
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tctx, tcancel := context.WithTimeout(ctx, 20*time.Second)
+	t.Cleanup(tcancel)
+	s.nc, s.js, s.ctx = nc, js, tctx
+	return s
+}
+
+var violationRE = regexp.MustCompile(`(?i)permissions violation for (publish|subscription) to "([^"]*)"`)
+
+// refused returns the subjects the server refused to this session, each
+// once. The flush makes sure every refusal of what was sent has been read.
+func (s *session) refused(t *testing.T) []string {
+	t.Helper()
+	if err := s.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	errs := slices.Clone(s.violations)
+	s.mu.Unlock()
+	if err := s.nc.LastError(); err != nil && errors.Is(err, nats.ErrPermissionViolation) {
+		errs = append(errs, err)
+	}
+	var subjects []string
+	for _, err := range errs {
+		m := violationRE.FindStringSubmatch(err.Error())
+		if m == nil {
+			t.Fatalf("a permissions violation without a subject: %v", err)
+		}
+		subjects = append(subjects, m[2])
+	}
+	slices.Sort(subjects)
+	return slices.Compact(subjects)
+}
+
+func provision(job string) messages.Provision {
+	return messages.Provision{V: messages.SchemaVersion, JobID: job, Image: "img",
+		Runner: messages.Runner{Kind: messages.RunnerNone}, RequestedAt: time.Now().UTC()}
+}
+
+func teardown(job string) messages.Teardown {
+	return messages.Teardown{V: messages.SchemaVersion, JobID: job, Reason: "test", RequestedAt: time.Now().UTC()}
+}
+
+func event(host, job string, state messages.State, seq uint64) messages.Event {
+	return messages.Event{V: messages.SchemaVersion, JobID: job, Host: host, Image: "img", State: state,
+		Time: time.Now().UTC(), Seq: seq, Attempt: 1}
+}
+
+func fetchOne(ctx context.Context, c jetstream.Consumer) (jetstream.Msg, error) {
+	fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	batch, err := c.Fetch(1, jetstream.FetchContext(fctx))
+	if err != nil {
+		return nil, err
+	}
+	for msg := range batch.Messages() {
+		return msg, nil
+	}
+	if err := batch.Error(); err != nil {
+		return nil, err
+	}
+	return nil, errors.New("no message")
+}
+
+// runWorker makes every NATS call a worker makes, as the worker of host,
+// with admin in the orchestrator's place.
+func runWorker(s, admin *session, host string) error {
+	ctx, js := s.ctx, s.js
+	// Max-deliveries advisories (internal/worker/advisory.go) are taken in
+	// a queue group from the start.
+	if _, err := s.nc.QueueSubscribeSync(maxDeliveries, "stretchy-libvirt-max-deliveries"); err != nil {
+		return err
+	}
+	if err := s.nc.Flush(); err != nil {
+		return err
+	}
+	if err := s.nc.LastError(); err != nil {
+		return err
+	}
+	cons, err := Ensure(ctx, js, Topology{Host: host})
+	if err != nil {
+		return fmt.Errorf("first ensure: %w", err)
+	}
+	// A restarted worker updates what exists.
+	if _, err := Ensure(ctx, js, Topology{Host: host}); err != nil {
+		return fmt.Errorf("second ensure: %w", err)
+	}
+	if _, err := SubmitProvision(ctx, admin.js, provision("shared-1"), ""); err != nil {
+		return err
+	}
+	if _, err := SubmitProvision(ctx, admin.js, provision("pinned-1"), host); err != nil {
+		return err
+	}
+	if _, err := SubmitTeardown(ctx, admin.js, teardown("pinned-1"), host); err != nil {
+		return err
+	}
+	for _, c := range []struct {
+		name string
+		c    jetstream.Consumer
+	}{{"shared", cons.Provision}, {"pinned", cons.Pinned}, {"teardown", cons.Teardown}} {
+		msg, err := fetchOne(ctx, c.c)
+		if err != nil {
+			return fmt.Errorf("fetch %s: %w", c.name, err)
+		}
+		if err := msg.InProgress(); err != nil {
+			return fmt.Errorf("in progress %s: %w", c.name, err)
+		}
+		if err := msg.DoubleAck(ctx); err != nil {
+			return fmt.Errorf("ack %s: %w", c.name, err)
+		}
+	}
+	// Nak and term, as for a transient and a permanent failure.
+	if _, err := SubmitProvision(ctx, admin.js, provision("shared-2"), ""); err != nil {
+		return err
+	}
+	msg, err := fetchOne(ctx, cons.Provision)
+	if err != nil {
+		return fmt.Errorf("fetch to nak: %w", err)
+	}
+	if err := msg.NakWithDelay(time.Millisecond); err != nil {
+		return err
+	}
+	if msg, err = fetchOne(ctx, cons.Provision); err != nil {
+		return fmt.Errorf("fetch the redelivery: %w", err)
+	}
+	if err := msg.TermWithReason(string(messages.CodeBadMessage)); err != nil {
+		return err
+	}
+
+	pub := NewPublisher(js)
+	if err := pub.Publish(ctx, event(host, "shared-1", messages.StateAccepted, 1), "shared-1:1"); err != nil {
+		return err
+	}
+	ev, found, err := pub.LastEvent(ctx, "shared-1")
+	if err != nil {
+		return err
+	}
+	if !found || ev.State != messages.StateAccepted {
+		return fmt.Errorf("last event: found %v, state %q", found, ev.State)
+	}
+	if _, found, err := pub.LastEvent(ctx, "absent"); err != nil || found {
+		return fmt.Errorf("last event of an unknown job: found %v, %v", found, err)
+	}
+
+	// What an advisory about a request leads to: read it, then delete it.
+	seq, err := SubmitProvision(ctx, admin.js, provision("shared-3"), "")
+	if err != nil {
+		return err
+	}
+	requests, err := js.Stream(ctx, messages.RequestsStream)
+	if err != nil {
+		return fmt.Errorf("request stream: %w", err)
+	}
+	if _, err := requests.GetMsg(ctx, seq); err != nil {
+		return fmt.Errorf("read request %d: %w", seq, err)
+	}
+	if err := requests.DeleteMsg(ctx, seq); err != nil {
+		return fmt.Errorf("delete request %d: %w", seq, err)
+	}
+	return nil
+}
+
+// runOrchestrator submits requests and reads events as an orchestrator,
+// with admin in the worker's place. With createStreams it creates the
+// streams first.
+func runOrchestrator(ctx context.Context, js, admin jetstream.JetStream, host string, createStreams bool) error {
+	if createStreams {
+		for _, cfg := range []jetstream.StreamConfig{RequestStreamConfig(Topology{}), EventStreamConfig(Topology{})} {
+			if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+				return fmt.Errorf("create stream %s: %w", cfg.Name, err)
+			}
+		}
+	}
+	if _, err := Ensure(ctx, admin, Topology{Host: host}); err != nil {
+		return fmt.Errorf("worker's ensure: %w", err)
+	}
+	if _, err := SubmitProvision(ctx, js, provision("o-1"), ""); err != nil {
+		return err
+	}
+	if _, err := SubmitProvision(ctx, js, provision("o-2"), host); err != nil {
+		return err
+	}
+	if _, err := SubmitTeardown(ctx, js, teardown("o-2"), host); err != nil {
+		return err
+	}
+	workerPub := NewPublisher(admin)
+	for i, st := range []messages.State{messages.StateAccepted, messages.StateCloning} {
+		if err := workerPub.Publish(ctx, event(host, "o-1", st, uint64(i+1)), fmt.Sprintf("o-1:%d", i+1)); err != nil {
+			return err
+		}
+	}
+	var n int
+	err := ReadEvents(ctx, js, ReadOptions{Filter: messages.EventFilter("", "o-1", "")},
+		func(uint64, messages.Event, error) error { n++; return nil })
+	if err != nil {
+		return fmt.Errorf("replay: %w", err)
+	}
+	if n != 2 {
+		return fmt.Errorf("replay read %d events, want 2", n)
+	}
+
+	// Follow, and make the ordered consumer reset by deleting it under
+	// the reader, as a server restart would.
+	errStop := errors.New("stop")
+	err = ReadEvents(ctx, js, ReadOptions{Filter: messages.EventFilter(host, "", ""), Follow: true},
+		func(_ uint64, ev messages.Event, _ error) error {
+			if ev.State == messages.StateBooting {
+				return errStop
+			}
+			if ev.State != messages.StateCloning {
+				return nil
+			}
+			s, err := admin.Stream(ctx, messages.EventsStream)
+			if err != nil {
+				return err
+			}
+			for name := range s.ConsumerNames(ctx).Name() {
+				if err := s.DeleteConsumer(ctx, name); err != nil {
+					return err
+				}
+			}
+			return workerPub.Publish(ctx, event(host, "o-1", messages.StateBooting, 3), "o-1:3")
+		})
+	if !errors.Is(err, errStop) {
+		return fmt.Errorf("follow: %v", err)
+	}
+	return nil
+}
+
+// without returns list without its i-th entry. NATS reads an empty allow
+// list as "allow everything", so an emptied list allows one unused subject.
+func without(list []string, i int) []string {
+	l := slices.Delete(slices.Clone(list), i, i+1)
+	if len(l) == 0 {
+		l = []string{"nothing.else"}
+	}
+	return l
+}
+
+func TestWorkerPermissionsSuffice(t *testing.T) {
+	pub, sub := WorkerPermissions("h1")
+	srv := startPermServer(t, pub, sub)
+	w, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+	if err := runWorker(w, admin, "h1"); err != nil {
+		t.Fatalf("worker with its permissions: %v (refused: %q)", err, w.refused(t))
+	}
+	if r := w.refused(t); len(r) > 0 {
+		t.Fatalf("the server refused %q", r)
+	}
+	// Nor may it speak for another host.
+	other := messages.EventSubject("h2", "shared-1", messages.StateAccepted)
+	if err := NewPublisher(w.js).Publish(w.ctx, event("h2", "shared-1", messages.StateAccepted, 1), "h2:1"); err == nil {
+		t.Fatal("the worker of h1 published an event of h2")
+	}
+	if r := w.refused(t); !slices.Equal(r, []string{other}) {
+		t.Fatalf("refused %q, want %q", r, other)
+	}
+}
+
+func TestOrchestratorPermissionsSuffice(t *testing.T) {
+	for _, create := range []bool{false, true} {
+		t.Run(fmt.Sprintf("create streams %v", create), func(t *testing.T) {
+			pub, sub := OrchestratorPermissions()
+			if create {
+				pub = append(pub, StreamPermissions()...)
+			}
+			srv := startPermServer(t, pub, sub)
+			o, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+			if err := runOrchestrator(o.ctx, o.js, admin.js, "h1", create); err != nil {
+				t.Fatalf("orchestrator with its permissions: %v (refused: %q)", err, o.refused(t))
+			}
+			if r := o.refused(t); len(r) > 0 {
+				t.Fatalf("the server refused %q", r)
+			}
+		})
+	}
+}
+
+// TestEveryPermissionIsNeeded removes one subject at a time from each
+// list: the same calls then fail, and the server names a refused subject
+// that only the removed entry allowed.
+func TestEveryPermissionIsNeeded(t *testing.T) {
+	type run func(s, admin *session) error
+	worker := func(s, admin *session) error { return runWorker(s, admin, "h1") }
+	orchestrator := func(s, admin *session) error { return runOrchestrator(s.ctx, s.js, admin.js, "h1", false) }
+	// Deleting the consumer of a reset ordered consumer is best effort:
+	// the reader goes on without it, but the refusal is still reported.
+	bestEffort := map[string]bool{"$JS.API.CONSUMER.DELETE.STRETCHY_LIBVIRT_EVENTS.*": true}
+
+	type tc struct {
+		name     string
+		pub, sub []string
+		removed  string
+		run      run
+	}
+	var cases []tc
+	for _, role := range []struct {
+		name     string
+		pub, sub []string
+		run      run
+	}{
+		{"worker", nil, nil, worker},
+		{"orchestrator", nil, nil, orchestrator},
+	} {
+		if role.name == "worker" {
+			role.pub, role.sub = WorkerPermissions("h1")
+		} else {
+			role.pub, role.sub = OrchestratorPermissions()
+		}
+		for i, p := range role.pub {
+			cases = append(cases, tc{role.name + " pub " + p, without(role.pub, i), role.sub, p, role.run})
+		}
+		for i, s := range role.sub {
+			cases = append(cases, tc{role.name + " sub " + s, role.pub, without(role.sub, i), s, role.run})
+		}
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			srv := startPermServer(t, c.pub, c.sub)
+			s, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+			err := c.run(s, admin)
+			refused := s.refused(t)
+			if err == nil && !bestEffort[c.removed] {
+				t.Fatalf("succeeded without %s", c.removed)
+			}
+			if len(refused) == 0 {
+				t.Fatalf("no subject refused without %s; error: %v", c.removed, err)
+			}
+			for _, subj := range refused {
+				if !server.SubjectMatchesFilter(subj, c.removed) {
+					t.Fatalf("refused %q, which %s does not cover", subj, c.removed)
+				}
+			}
+		})
+	}
+}
+
+// TestSecurityDocMatches parses the server configuration in
+// docs/security.md with nats-server's parser: its users hold exactly what
+// the functions return.
+func TestSecurityDocMatches(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/security.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(doc), "```conf\n")
+	conf, _, ok2 := strings.Cut(rest, "```")
+	if !ok || !ok2 {
+		t.Fatal("no ```conf block in docs/security.md")
+	}
+	path := filepath.Join(t.TempDir(), "nats.conf")
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	opts, err := server.ProcessConfigFile(path)
+	if err != nil {
+		t.Fatalf("the documented configuration: %v", err)
+	}
+	wpub, wsub := WorkerPermissions("host-a")
+	opub, osub := OrchestratorPermissions()
+	want := map[string][2][]string{"worker-host-a": {wpub, wsub}, "orchestrator": {opub, osub}}
+	if len(opts.Users) != len(want) {
+		t.Fatalf("%d users documented, want %d", len(opts.Users), len(want))
+	}
+	for _, u := range opts.Users {
+		w, ok := want[u.Username]
+		if !ok {
+			t.Fatalf("unexpected user %q", u.Username)
+		}
+		if got := u.Permissions.Publish.Allow; !slices.Equal(got, w[0]) {
+			t.Errorf("%s may publish to\n%q\nwant\n%q", u.Username, got, w[0])
+		}
+		if got := u.Permissions.Subscribe.Allow; !slices.Equal(got, w[1]) {
+			t.Errorf("%s may subscribe to %q, want %q", u.Username, got, w[1])
+		}
+	}
+}

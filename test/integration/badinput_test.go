@@ -3,8 +3,6 @@ package integration
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"os"
@@ -22,7 +20,6 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
-	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
 
 // The bad-input corpus of pkg/messages (TestBadCorpus generates it).
@@ -44,20 +41,7 @@ const (
 // also those of a suite running at the same time).
 func isolatedJob(tb testing.TB, prefix string) string {
 	tb.Helper()
-	b := make([]byte, 4)
-	_, _ = rand.Read(b)
-	job := "iso" + strings.TrimPrefix(runID, "it") + "-" + prefix + "-" + hex.EncodeToString(b)
-	tb.Cleanup(func() {
-		l, err := provision.Dial(context.Background(), "qemu:///system")
-		if err != nil {
-			return
-		}
-		defer l.Disconnect()
-		if existed, err := provision.New(l, provision.Options{}).Remove(context.Background(), job); existed || err != nil {
-			tb.Errorf("job %s: the test left a machine behind (removed: %v)", job, err)
-		}
-	})
-	return job
+	return jobIn(tb, "iso"+strings.TrimPrefix(runID, "it"), prefix)
 }
 
 // corpusEntry is a line of the corpus manifest (pkg/messages CorpusEntry).

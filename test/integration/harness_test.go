@@ -100,9 +100,14 @@ var runID = func() string {
 // leaves of the job's machine is removed when it ends, so that one failing
 // test does not fail the next ones' leftover checks.
 func uniqueJob(tb testing.TB, prefix string) string {
+	return jobIn(tb, runID, prefix)
+}
+
+// jobIn is uniqueJob for job ids under another run marker than runID.
+func jobIn(tb testing.TB, run, prefix string) string {
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
-	job := runID + "-" + prefix + "-" + hex.EncodeToString(b)
+	job := run + "-" + prefix + "-" + hex.EncodeToString(b)
 	tb.Cleanup(func() {
 		l, err := provision.Dial(context.Background(), "qemu:///system")
 		if err != nil {
@@ -270,21 +275,8 @@ func (el *eventLog) states(jobID string) []messages.State {
 // wait blocks until cond holds over the events or the timeout passes.
 func (el *eventLog) wait(tb testing.TB, timeout time.Duration, what string, cond func([]messages.Event) bool) {
 	tb.Helper()
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	for {
-		el.mu.Lock()
-		ok := cond(el.events)
-		ch := el.notify
-		el.mu.Unlock()
-		if ok {
-			return
-		}
-		select {
-		case <-ch:
-		case <-deadline.C:
-			tb.Fatalf("timed out after %s waiting for %s; events:\n%s", timeout, what, el.dump())
-		}
+	if !waitFor(el, timeout, cond) {
+		tb.Fatalf("timed out after %s waiting for %s; events:\n%s", timeout, what, el.dump())
 	}
 }
 

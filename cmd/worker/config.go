@@ -84,7 +84,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	c.NATS.register(fs)
 	fs.StringVar(&c.NATSDataDir, "nats-data-dir", envString("STRETCHY_NATS_DATA_DIR", "/var/lib/stretchy-worker/nats"), "JetStream directory of the embedded server (STRETCHY_NATS_DATA_DIR)")
 	fs.IntVar(&c.NATSPort, "nats-port", envInt("STRETCHY_NATS_PORT", 4222), "loopback port of the embedded server (STRETCHY_NATS_PORT)")
-	fs.StringVar(&c.LibvirtURI, "libvirt-uri", envString("STRETCHY_LIBVIRT_URI", "qemu:///system"), "libvirt connection URI, as for virsh -c (STRETCHY_LIBVIRT_URI)")
+	fs.StringVar(&c.LibvirtURI, "libvirt-uri", envString("STRETCHY_LIBVIRT_URI", "qemu:///system"), "libvirt connection URI, as for virsh -c: qemu:///system, or qemu+tls://, qemu+ssh://, qemu+tcp:// for a remote host (STRETCHY_LIBVIRT_URI)")
 	fs.StringVar(&c.DomainType, "domain-type", envString("STRETCHY_DOMAIN_TYPE", ""), `libvirt domain type of clones: "kvm", "qemu" (TCG, no hardware virtualization) or empty to keep the image's (STRETCHY_DOMAIN_TYPE)`)
 	fs.IntVar(&c.Parallelism, "parallelism", envInt("STRETCHY_PARALLELISM", 3), "concurrent start/stop operations (STRETCHY_PARALLELISM)")
 	fs.IntVar(&c.MaxVMs, "max-vms", envInt("STRETCHY_MAX_VMS", 8), "machines this host runs at most (STRETCHY_MAX_VMS)")

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket"
 )
 
 // Link is one *libvirt.Libvirt that stays usable across libvirtd restarts:
@@ -76,8 +77,9 @@ func NewLink(uri string, opts LinkOptions) *Link {
 		opts.MaxBackoff = 10 * time.Second
 	}
 	opts.MaxBackoff = max(opts.MaxBackoff, opts.MinBackoff)
-	d := &trackingDialer{socket: opts.Socket, timeout: opts.ConnectTimeout}
-	return &Link{uri: libvirt.ConnectURI(uri), opts: opts, dialer: d, l: libvirt.NewWithDialer(d)}
+	inner, open, err := transport(uri, opts.Socket, opts.ConnectTimeout)
+	d := &trackingDialer{inner: inner, err: err}
+	return &Link{uri: open, opts: opts, dialer: d, l: libvirt.NewWithDialer(d)}
 }
 
 // Libvirt returns the connection. It stays the same object for the life of
@@ -293,11 +295,11 @@ func bounded[T any](ctx context.Context, k *Link, timeout time.Duration, fn func
 	}
 }
 
-// trackingDialer dials libvirtd's unix socket and keeps the connection it
-// made last, so that it can be closed from outside go-libvirt.
+// trackingDialer dials libvirtd through the URI's transport and keeps the
+// connection it made last, so that it can be closed from outside go-libvirt.
 type trackingDialer struct {
-	socket  string
-	timeout time.Duration
+	inner socket.Dialer
+	err   error // why the URI has no transport; every Dial returns it
 
 	mu   sync.Mutex
 	conn *trackedConn
@@ -305,7 +307,10 @@ type trackingDialer struct {
 
 // Dial implements socket.Dialer.
 func (d *trackingDialer) Dial() (net.Conn, error) {
-	c, err := net.DialTimeout("unix", d.socket, d.timeout)
+	if d.err != nil {
+		return nil, d.err
+	}
+	c, err := d.inner.Dial()
 	if err != nil {
 		return nil, err
 	}

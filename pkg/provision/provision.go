@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
-	"github.com/digitalocean/go-libvirt/socket/dialers"
 )
 
 // Prefix starts the name of every domain this package manages. Domains
@@ -48,10 +47,11 @@ type Conn interface {
 	StorageVolDelete(vol libvirt.StorageVol, flags libvirt.StorageVolDeleteFlags) error
 }
 
-// Dial connects to libvirtd over its local unix socket and opens uri on it;
-// an empty uri means qemu:///system. Test driver URIs such as
-// test:///abs/path/node.xml are served by the same daemon, and each such
-// connection gets private state.
+// Dial connects to libvirtd through uri's transport and opens its driver;
+// an empty uri means qemu:///system over the local socket. Remote URIs
+// (qemu+tls://, qemu+tcp://, qemu+ssh://) are described at transport. Test
+// driver URIs such as test:///abs/path/node.xml are served by the local
+// daemon, and each such connection gets private state.
 //
 // The connection is not re-established if libvirtd restarts; long-lived
 // callers use a Link instead. go-libvirt takes no context, so ctx only
@@ -64,13 +64,17 @@ func Dial(ctx context.Context, uri string) (*libvirt.Libvirt, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("connect to libvirt %s: %w", uri, err)
 	}
-	var opts []dialers.LocalOption
+	timeout := 10 * time.Second
 	if deadline, ok := ctx.Deadline(); ok {
 		// A non-positive timeout would mean "no timeout" to net.DialTimeout.
-		opts = append(opts, dialers.WithLocalTimeout(max(time.Until(deadline), time.Millisecond)))
+		timeout = max(time.Until(deadline), time.Millisecond)
 	}
-	l := libvirt.NewWithDialer(dialers.NewLocal(opts...))
-	if err := l.ConnectToURI(libvirt.ConnectURI(uri)); err != nil {
+	d, open, err := transport(uri, DefaultSocket, timeout)
+	if err != nil {
+		return nil, fmt.Errorf("connect to libvirt %s: %w", uri, err)
+	}
+	l := libvirt.NewWithDialer(d)
+	if err := l.ConnectToURI(open); err != nil {
 		return nil, fmt.Errorf("connect to libvirt %s: %w", uri, err)
 	}
 	if err := ctx.Err(); err != nil {

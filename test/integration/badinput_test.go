@@ -108,27 +108,13 @@ func defineInvalidImage(t *testing.T, l *libvirt.Libvirt) {
 // hostInventory lists every domain and storage volume on the host.
 func hostInventory(t *testing.T, l *libvirt.Libvirt) map[string]bool {
 	t.Helper()
-	inv := map[string]bool{}
-	doms, _, err := l.ConnectListAllDomains(1, 0)
+	all, err := resources(l, "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, d := range doms {
-		inv["domain "+d.Name] = true
-	}
-	pools, _, err := l.ConnectListAllStoragePools(1, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range pools {
-		_ = l.StoragePoolRefresh(p, 0)
-		vols, _, err := l.StoragePoolListAllVolumes(p, 1, 0)
-		if err != nil {
-			continue // an inactive pool
-		}
-		for _, v := range vols {
-			inv["volume "+v.Key] = true
-		}
+	inv := make(map[string]bool, len(all))
+	for _, r := range all {
+		inv[r] = true
 	}
 	return inv
 }

@@ -327,32 +327,9 @@ func TestDoctorRefusesBadImages(t *testing.T) {
 // doctorLeftovers lists the domains and volumes of doctor's boot checks.
 func doctorLeftovers(t *testing.T, l *libvirt.Libvirt) []string {
 	t.Helper()
-	prefix := messages.DomainName("doctor-")
-	var left []string
-	doms, _, err := l.ConnectListAllDomains(1, 0)
+	left, err := resources(l, messages.DomainName("doctor-"))
 	if err != nil {
 		t.Fatal(err)
-	}
-	for _, d := range doms {
-		if strings.HasPrefix(d.Name, prefix) {
-			left = append(left, "domain "+d.Name)
-		}
-	}
-	pools, _, err := l.ConnectListAllStoragePools(1, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range pools {
-		_ = l.StoragePoolRefresh(p, 0)
-		vols, _, err := l.StoragePoolListAllVolumes(p, 1, 0)
-		if err != nil {
-			continue // an inactive pool
-		}
-		for _, v := range vols {
-			if strings.HasPrefix(v.Name, prefix) {
-				left = append(left, "volume "+v.Key)
-			}
-		}
 	}
 	return left
 }

@@ -382,13 +382,20 @@ func removeStaleRuns() error {
 }
 
 func leftovers(l *libvirt.Libvirt) ([]string, error) {
+	return resources(l, messages.DomainName(runID))
+}
+
+// resources lists the domains ("domain <name>") and storage volumes
+// ("volume <path>") on the host whose names start with prefix; an empty
+// prefix lists them all.
+func resources(l *libvirt.Libvirt, prefix string) ([]string, error) {
 	var out []string
 	doms, _, err := l.ConnectListAllDomains(1, 0)
 	if err != nil {
 		return nil, fmt.Errorf("list domains: %w", err)
 	}
 	for _, d := range doms {
-		if strings.HasPrefix(d.Name, messages.DomainName(runID)) {
+		if strings.HasPrefix(d.Name, prefix) {
 			out = append(out, "domain "+d.Name)
 		}
 	}
@@ -403,7 +410,7 @@ func leftovers(l *libvirt.Libvirt) ([]string, error) {
 			continue // an inactive pool
 		}
 		for _, v := range vols {
-			if strings.HasPrefix(v.Name, messages.DomainName(runID)) {
+			if strings.HasPrefix(v.Name, prefix) {
 				out = append(out, "volume "+v.Key)
 			}
 		}

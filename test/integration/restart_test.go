@@ -491,22 +491,29 @@ func (p *pausingProxy) addr() string { return p.ln.Addr().String() }
 
 func (p *pausingProxy) accept() {
 	defer p.wg.Done()
+	relay(p.ln, "tcp", p.target, &p.mu, &p.conns, &p.wg, p.forward)
+}
+
+// relay accepts connections on ln until it is closed, dials target for
+// each, records both ends in conns and runs forward in both directions,
+// each counted in wg.
+func relay(ln net.Listener, network, target string, mu *sync.Mutex, conns *[]net.Conn, wg *sync.WaitGroup, forward func(dst, src net.Conn)) {
 	for {
-		in, err := p.ln.Accept()
+		in, err := ln.Accept()
 		if err != nil {
 			return
 		}
-		out, err := net.Dial("tcp", p.target)
+		out, err := net.Dial(network, target)
 		if err != nil {
 			_ = in.Close()
 			continue
 		}
-		p.mu.Lock()
-		p.conns = append(p.conns, in, out)
-		p.mu.Unlock()
-		p.wg.Add(2)
-		go p.forward(out, in)
-		go p.forward(in, out)
+		mu.Lock()
+		*conns = append(*conns, in, out)
+		mu.Unlock()
+		wg.Add(2)
+		go forward(out, in)
+		go forward(in, out)
 	}
 }
 
@@ -589,23 +596,7 @@ func (p *socketProxy) listen() error {
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
-		for {
-			in, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			out, err := net.Dial("unix", p.target)
-			if err != nil {
-				_ = in.Close()
-				continue
-			}
-			p.mu.Lock()
-			p.conns = append(p.conns, in, out)
-			p.mu.Unlock()
-			p.wg.Add(2)
-			go p.copy(out, in)
-			go p.copy(in, out)
-		}
+		relay(ln, "unix", p.target, &p.mu, &p.conns, &p.wg, p.copy)
 	}()
 	return nil
 }

@@ -54,7 +54,7 @@ Check names: libvirt, pool, pool.space, image, image.name, image.state,
 image.settings, image.storage, image.nvram, boot.start, boot.agent, boot.os,
 boot.echo, boot.home, boot.runner.forgejo, boot.runner.github,
 boot.runner.jenkins, boot.agent_version, boot.cleanup, nats, nats.stream,
-nats.consumer.
+nats.claims, nats.consumer.
 
 `
 
@@ -707,7 +707,8 @@ func agentVersion(v string) (major, minor int, valid bool) {
 	return major, minor, true
 }
 
-// checkNATS checks the server, the streams and this host's consumers.
+// checkNATS checks the server, the streams, the claims bucket and this
+// host's consumers.
 func (d *doctor) checkNATS(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, doctorCallTimeout)
 	defer cancel()
@@ -749,6 +750,20 @@ func (d *doctor) checkNATS(ctx context.Context) {
 		if name == messages.RequestsStream {
 			requests = s
 		}
+	}
+	switch kv, err := js.KeyValue(ctx, messages.ClaimsBucket); {
+	case errors.Is(err, jetstream.ErrBucketNotFound):
+		d.add(warn("nats.claims", messages.ClaimsBucket, "start worker run with this --nats-url once",
+			"missing; a worker creates it when it starts"))
+	case err != nil:
+		d.add(fail("nats.claims", messages.ClaimsBucket, "check the account's JetStream permissions", "%v", nc.explain(err)))
+	default:
+		st, err := kv.Status(ctx)
+		if err != nil {
+			d.add(fail("nats.claims", messages.ClaimsBucket, "check the account's JetStream permissions", "%v", nc.explain(err)))
+			break
+		}
+		d.add(ok("nats.claims", messages.ClaimsBucket, "present, TTL %s, %d claims", st.TTL(), st.Values()))
 	}
 	if requests == nil {
 		return

@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/sourcegraph/conc"
 
@@ -41,16 +42,25 @@ func runCommand(ctx context.Context, args []string) error {
 	}
 	log := newLogger(cfg.LogFormat, cfg.LogLevel)
 	// Test only (docs/reliability.md): die by SIGKILL at a lifecycle point,
-	// as a crash or power loss would; deliberately no flag.
+	// as a crash or power loss would, or with STRETCHY_FAULT_ACTION=stop
+	// freeze by SIGSTOP, as a stalled host would, until SIGCONT;
+	// deliberately no flag.
+	sig := syscall.SIGKILL
+	if os.Getenv("STRETCHY_FAULT_ACTION") == "stop" {
+		sig = syscall.SIGSTOP
+	}
 	faults, err := lifecycle.ParseFault(os.Getenv("STRETCHY_FAULT"), func(point string) {
-		log.Warn("fault injected, killing the worker", "point", point)
-		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		log.Warn("fault injected, signalling the worker", "point", point, "signal", sig.String())
+		_ = syscall.Kill(os.Getpid(), sig)
+		// The signal stops the threads a moment later; this goroutine
+		// must not take a step in that moment.
+		time.Sleep(100 * time.Millisecond)
 	})
 	if err != nil {
 		return fmt.Errorf("STRETCHY_FAULT: %w", err)
 	}
 	if faults != nil {
-		log.Warn("fault injection armed; this worker will kill itself", "fault", os.Getenv("STRETCHY_FAULT"))
+		log.Warn("fault injection armed; this worker will signal itself", "fault", os.Getenv("STRETCHY_FAULT"), "signal", sig.String())
 	}
 
 	natsURL := cfg.NATSURL
@@ -82,6 +92,10 @@ func runCommand(ctx context.Context, args []string) error {
 		Host: cfg.Host, EventsMaxAge: cfg.EventsMaxAge, RequestsMaxAge: cfg.RequestsMaxAge,
 		AckWait: cfg.AckWait, MaxDeliver: cfg.MaxDeliver, Replicas: cfg.Replicas,
 	})
+	var claims *bus.Claims
+	if err == nil {
+		claims, err = bus.OpenClaims(ensureCtx, js, bus.Topology{Host: cfg.Host, AckWait: cfg.AckWait, Replicas: cfg.Replicas})
+	}
 	stopEnsure()
 	if err != nil {
 		return nc.explain(err)
@@ -126,11 +140,15 @@ func runCommand(ctx context.Context, args []string) error {
 		Events:   pub,
 		History:  pub,
 		Faults:   faults,
+		Claims:   claims,
+		ClaimTTL: bus.ClaimTTL(cfg.AckWait),
 	})
 	w := worker.New(worker.Config{
 		Parallelism: cfg.Parallelism, MaxVMs: cfg.MaxVMs, AckWait: cfg.AckWait,
 		MaxDeliver: cfg.MaxDeliver, ShutdownGrace: cfg.ShutdownGrace, Faults: faults,
 		NATS: nc.Conn,
+		// Often enough to renew every claim within a third of its TTL.
+		WatchInterval: min(2*time.Second, bus.ClaimTTL(cfg.AckWait)/3),
 		OnSettle: func(s worker.Settlement) {
 			attrs := []any{"op", s.Op, "job_id", s.JobID, "attempt", s.Attempt, "outcome", s.Outcome}
 			switch {
@@ -138,6 +156,8 @@ func runCommand(ctx context.Context, args []string) error {
 				log.Error("background work failed, will retry", "op", s.Op, "job_id", s.JobID, "error", s.Err)
 			case s.Err == nil:
 				log.Info("request settled", attrs...)
+			case s.Outcome == "left":
+				log.Warn("request left to the host holding the job's claim", append(attrs, "error", s.Err)...)
 			case s.Outcome == "term":
 				log.Warn("request refused", append(attrs, "error", s.Err)...)
 			default:

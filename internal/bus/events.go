@@ -50,14 +50,14 @@ func (p *Publisher) Publish(ctx context.Context, ev messages.Event, msgID string
 	}
 }
 
-// LastEvent returns the newest event of jobID; found is false when the job
-// has none.
-func (p *Publisher) LastEvent(ctx context.Context, jobID string) (messages.Event, bool, error) {
+// LastEvent returns the newest event of jobID published by host, or by
+// any host when host is empty; found is false when there is none.
+func (p *Publisher) LastEvent(ctx context.Context, jobID, host string) (messages.Event, bool, error) {
 	s, err := p.js.Stream(ctx, messages.EventsStream)
 	if err != nil {
 		return messages.Event{}, false, fmt.Errorf("event stream: %w", err)
 	}
-	raw, err := s.GetLastMsgForSubject(ctx, messages.EventFilter("", jobID, ""))
+	raw, err := s.GetLastMsgForSubject(ctx, messages.EventFilter(host, jobID, ""))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return messages.Event{}, false, nil
 	}

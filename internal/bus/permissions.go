@@ -25,7 +25,8 @@ const maxDeliveries = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + messages.R
 // to publish to and to subscribe to, and no more. They cover bus.Ensure
 // (both streams, the host's consumers), pulls from those consumers, every
 // kind of acknowledgement, publishing the host's events,
-// Publisher.LastEvent, and ending requests that reached max deliveries.
+// Publisher.LastEvent, ending requests that reached max deliveries, and
+// the job claims.
 func WorkerPermissions(host string) (pub, sub []string) {
 	req, evt := messages.RequestsStream, messages.EventsStream
 	pub = []string{
@@ -54,6 +55,18 @@ func WorkerPermissions(host string) (pub, sub []string) {
 		jsAPI+"STREAM.INFO."+req,
 		jsAPI+"STREAM.MSG.GET."+req,
 		jsAPI+"STREAM.MSG.DELETE."+req,
+	)
+	// Claims (claims.go): OpenClaims reads the account's limits and
+	// creates or updates the bucket's stream; Take, Keep and Release
+	// write keys with compare-and-set; reading a claim is a direct get.
+	kvStream := "KV_" + messages.ClaimsBucket
+	kvKeys := "$KV." + messages.ClaimsBucket + "."
+	pub = append(pub,
+		jsAPI+"INFO",
+		jsAPI+"STREAM.UPDATE."+kvStream,
+		jsAPI+"STREAM.CREATE."+kvStream,
+		kvKeys+">",
+		jsAPI+"DIRECT.GET."+kvStream+"."+kvKeys+">",
 	)
 	return pub, []string{inbox, maxDeliveries}
 }

@@ -213,15 +213,45 @@ func runWorker(s, admin *session, host string) error {
 	if err := pub.Publish(ctx, event(host, "shared-1", messages.StateAccepted, 1), "shared-1:1"); err != nil {
 		return err
 	}
-	ev, found, err := pub.LastEvent(ctx, "shared-1")
+	ev, found, err := pub.LastEvent(ctx, "shared-1", "")
 	if err != nil {
 		return err
 	}
 	if !found || ev.State != messages.StateAccepted {
 		return fmt.Errorf("last event: found %v, state %q", found, ev.State)
 	}
-	if _, found, err := pub.LastEvent(ctx, "absent"); err != nil || found {
+	if _, found, err := pub.LastEvent(ctx, "absent", host); err != nil || found {
 		return fmt.Errorf("last event of an unknown job: found %v, %v", found, err)
+	}
+
+	// Claims: the bucket, a claim taken, renewed, seen held by another
+	// host (a read) and released.
+	claims, err := OpenClaims(ctx, js, Topology{Host: host})
+	if err != nil {
+		return fmt.Errorf("open claims: %w", err)
+	}
+	if _, err := OpenClaims(ctx, js, Topology{Host: host}); err != nil {
+		return fmt.Errorf("open claims again: %w", err)
+	}
+	rev, _, err := claims.Take(ctx, "shared-1", 1)
+	if err != nil || rev == 0 {
+		return fmt.Errorf("take a claim: rev %d, %v", rev, err)
+	}
+	if rev, _, err = claims.Keep(ctx, "shared-1", 1, rev); err != nil || rev == 0 {
+		return fmt.Errorf("renew a claim: rev %d, %v", rev, err)
+	}
+	other, err := OpenClaims(ctx, admin.js, Topology{Host: "other"})
+	if err != nil {
+		return err
+	}
+	if _, _, err := other.Take(ctx, "shared-9", 1); err != nil {
+		return err
+	}
+	if got, holder, err := claims.Take(ctx, "shared-9", 1); err != nil || got != 0 || holder.Host != "other" {
+		return fmt.Errorf("take a claim held elsewhere: rev %d, holder %q, %v", got, holder.Host, err)
+	}
+	if err := claims.Release(ctx, "shared-1", rev); err != nil {
+		return fmt.Errorf("release a claim: %w", err)
 	}
 
 	// What an advisory about a request leads to: read it, then delete it.

@@ -32,7 +32,9 @@ type Publisher interface {
 // picked up again after a restart continues its numbering and the worker
 // knows how far it got.
 type History interface {
-	LastEvent(ctx context.Context, jobID string) (ev messages.Event, found bool, err error)
+	// LastEvent returns the job's newest event, from host only unless
+	// host is empty.
+	LastEvent(ctx context.Context, jobID, host string) (ev messages.Event, found bool, err error)
 }
 
 // Config wires a Manager.
@@ -56,6 +58,12 @@ type Config struct {
 	// Faults, when set, is called at the fault points (fault.go); only
 	// tests set it.
 	Faults Faults
+	// Claims, when set, claims every job across hosts before its machine
+	// is built and keeps the claim while the machine exists (claim.go).
+	Claims Claims
+	// ClaimTTL is how long a claim lives unrenewed; it must be below the
+	// requests' AckWait. Default 15s.
+	ClaimTTL time.Duration
 }
 
 // Delivery describes the request message being handled.
@@ -68,6 +76,9 @@ type Delivery struct {
 	// Origin names what started a step that no request caused (deadline,
 	// reconcile); Attempt is 0 then.
 	Origin string
+	// Request is the stream sequence of the request message; it ties a
+	// job's claim to the request it serves.
+	Request uint64
 }
 
 // msgID is the event's Nats-Msg-Id: retried publishes of the same step
@@ -138,6 +149,8 @@ type job struct {
 	statusFailures int
 	// exitReported is set once runner_exited is published.
 	exitReported bool
+	// claim is the job's claim across hosts (claim.go).
+	claim claim
 }
 
 // New returns a Manager.
@@ -147,6 +160,9 @@ func New(cfg Config) *Manager {
 	}
 	if cfg.Remember == 0 {
 		cfg.Remember = 24 * time.Hour
+	}
+	if cfg.ClaimTTL <= 0 {
+		cfg.ClaimTTL = 15 * time.Second
 	}
 	return &Manager{
 		cfg:  cfg,
@@ -232,7 +248,7 @@ func (m *Manager) history(ctx context.Context, j *job) (messages.Event, error) {
 	if m.cfg.History == nil {
 		return messages.Event{}, nil
 	}
-	last, found, err := m.cfg.History.LastEvent(ctx, j.id)
+	last, found, err := m.cfg.History.LastEvent(ctx, j.id, "")
 	if err != nil {
 		return messages.Event{}, fmt.Errorf("read the events of job %s: %w", j.id, err)
 	}
@@ -256,10 +272,19 @@ func (m *Manager) emit(ctx context.Context, j *job, state messages.State, d Deli
 		ev.RunnerPID = j.pid
 	case messages.StateRunnerExited:
 		ev.ExitCode, ev.Output = j.exitCode, j.exitOutput
+	case messages.StateDropped:
+		j.claim.mu.Lock()
+		ev.Holder = j.claim.lostTo
+		j.claim.mu.Unlock()
 	}
 	msgID := d.msgID(j.id, state)
-	if e != nil && e.Code == messages.CodeUnknownJob {
+	switch {
+	case e != nil && e.Code == messages.CodeUnknownJob:
 		msgID += ":unknown"
+	case state == messages.StateDropped:
+		// Several hosts may drop deliveries of one job, of one request
+		// or of repeated ones.
+		msgID += fmt.Sprintf(":%s:%d", m.cfg.Host, d.Request)
 	}
 	if err := m.cfg.Events.Publish(ctx, ev, msgID); err != nil {
 		return fmt.Errorf("publish %s event of job %s: %w", state, j.id, err)

@@ -141,13 +141,13 @@ func (r *recorder) Publish(_ context.Context, ev messages.Event, msgID string) e
 	return nil
 }
 
-func (r *recorder) LastEvent(_ context.Context, jobID string) (messages.Event, bool, error) {
+func (r *recorder) LastEvent(_ context.Context, jobID, host string) (messages.Event, bool, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var last messages.Event
 	found := false
 	for _, ev := range r.events {
-		if ev.JobID == jobID {
+		if ev.JobID == jobID && (host == "" || ev.Host == host) {
 			last, found = ev, true
 		}
 	}

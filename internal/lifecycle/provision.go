@@ -22,6 +22,11 @@ const cleanupTimeout = 2 * time.Minute
 // returned: requests are idempotent by job id. A delivery that finds an
 // earlier one still building returns its outcome (awaitEarlier).
 //
+// With Claims set, the job is claimed across hosts first; a job another
+// host holds, or takes over while this one stalls, is dropped: what this
+// delivery built is removed, a dropped event published and *Dropped
+// returned.
+//
 // On failure everything created for the job is removed first. A permanent
 // failure (or any failure on the final delivery) is reported with a failed
 // event and returned as *Failure; other errors are transient and the
@@ -45,7 +50,26 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 	defer close(j.built)
 	m.startSeq(ctx, j)
 
+	// Claim the job across hosts before anything is built.
+	if err := m.take(ctx, j, d); err != nil {
+		m.untrack(j.id, false)
+		var dropped *Dropped
+		if !errors.As(err, &dropped) {
+			return err
+		}
+		if perr := m.drop(ctx, j, d, dropped); perr != nil {
+			return errors.Join(err, perr)
+		}
+		return dropped
+	}
+	stopKeeping := m.keepWhileBuilding(pctx, j, cancel)
 	err := m.build(pctx, j, req, d)
+	stopKeeping()
+	if err == nil {
+		// The request is acknowledged next: only if the job is still
+		// this host's.
+		err = m.confirm(pctx, j)
+	}
 	if err == nil {
 		m.mu.Lock()
 		j.running, j.cancel = true, nil
@@ -55,7 +79,23 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 
 	cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer ccancel()
-	if _, rerr := m.cfg.Machines.Remove(cctx, j.id); rerr != nil {
+	var dropped *Dropped
+	if errors.As(err, &dropped) || errors.As(context.Cause(pctx), &dropped) {
+		// Another host serves the job now: undo what this delivery built,
+		// say so, and leave the request to the holder.
+		m.untrack(j.id, false)
+		if rerr := m.removeOwn(cctx, j.id, false); rerr != nil {
+			return errors.Join(dropped, rerr)
+		}
+		if perr := m.drop(cctx, j, d, dropped); perr != nil {
+			return errors.Join(dropped, perr)
+		}
+		return dropped
+	}
+	// The job's claim goes, whatever happens next: a redelivery may be
+	// served by any host at once.
+	defer m.release(cctx, j)
+	if rerr := m.removeOwn(cctx, j.id, true); rerr != nil {
 		// The machine may still exist: let the request come again, which
 		// removes the leftover before building anew.
 		m.untrack(j.id, false)
@@ -124,10 +164,19 @@ func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d D
 		return err
 	}
 	m.cfg.Faults.At(FaultAfterAccept)
+	// Before each step that another host must not repeat, and before
+	// reporting a step, make sure this host still serves the job: a stall
+	// (a paused process, a suspended host) may have cost it the claim.
+	if err := m.confirm(ctx, j); err != nil {
+		return err
+	}
 	if err := m.emit(ctx, j, messages.StateCloning, d, 0, "", nil); err != nil {
 		return err
 	}
 	m.cfg.Faults.At(FaultBeforeClone)
+	if err := m.confirm(ctx, j); err != nil {
+		return err
+	}
 	start := m.cfg.Now()
 	mach, err := m.cfg.Machines.Clone(ctx, provision.Spec{
 		JobID: j.id, Image: req.Image, Host: m.cfg.Host, RunnerKind: string(req.Runner.Kind),
@@ -137,10 +186,16 @@ func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d D
 		return &stepError{code: cloneCode(err), err: err}
 	}
 	m.cfg.Faults.At(FaultAfterClone)
+	if err := m.confirm(ctx, j); err != nil {
+		return err
+	}
 	if err := m.emit(ctx, j, messages.StateCloned, d, m.since(start), "", nil); err != nil {
 		return err
 	}
 	if err := m.emit(ctx, j, messages.StateBooting, d, 0, "", nil); err != nil {
+		return err
+	}
+	if err := m.confirm(ctx, j); err != nil {
 		return err
 	}
 	start = m.cfg.Now()
@@ -152,6 +207,9 @@ func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d D
 		return err
 	}
 	m.cfg.Faults.At(FaultWaitingAgent)
+	if err := m.confirm(ctx, j); err != nil {
+		return err
+	}
 	if m.cfg.Agent == nil {
 		return nil
 	}

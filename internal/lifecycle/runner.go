@@ -46,6 +46,10 @@ func (m *Manager) startRunner(ctx context.Context, j *job, req messages.Provisio
 		}
 		return &stepError{code: messages.CodeAgentFailed, err: err}
 	}
+	// Waiting for the agent takes as long as the guest boots.
+	if err := m.confirm(ctx, j); err != nil {
+		return err
+	}
 	osFamily, err := m.detectOS(ctx, j, imageOS)
 	if err != nil {
 		return &stepError{code: messages.CodeAgentFailed, err: err}
@@ -65,6 +69,10 @@ func (m *Manager) startRunner(ctx context.Context, j *job, req messages.Provisio
 	case plan.Empty():
 		return nil
 	}
+	// Nothing goes into the guest unless this host still serves the job.
+	if err := m.confirm(ctx, j); err != nil {
+		return err
+	}
 	start = m.cfg.Now()
 	for _, c := range plan.Prepare {
 		pctx, cancel := context.WithTimeout(ctx, prepareTimeout)
@@ -73,6 +81,9 @@ func (m *Manager) startRunner(ctx context.Context, j *job, req messages.Provisio
 		if err != nil {
 			return &stepError{code: messages.CodeRunnerStartFailed, err: fmt.Errorf("%s: %w", c.Purpose, err)}
 		}
+	}
+	if err := m.confirm(ctx, j); err != nil {
+		return err
 	}
 	pid, err := m.cfg.Agent.Start(ctx, j.domain, execRequest(plan.Launch, true))
 	if err != nil {

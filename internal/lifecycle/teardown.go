@@ -109,6 +109,9 @@ func (m *Manager) finishedBefore(ctx context.Context, u *job, last messages.Even
 }
 
 func (m *Manager) remove(ctx context.Context, j *job, reason string, cause *messages.Error, d Delivery) error {
+	if reason == messages.ReasonClaimLost {
+		return m.removeDropped(ctx, j, d)
+	}
 	if err := m.emit(ctx, j, messages.StateTearingDown, d, 0, reason, nil); err != nil {
 		m.retryLater(j)
 		return err
@@ -137,6 +140,26 @@ func (m *Manager) remove(ctx context.Context, j *job, reason string, cause *mess
 		state = messages.StateFailed
 	}
 	if err := m.emit(ctx, j, state, d, m.since(start), reason, cause); err != nil {
+		m.retryLater(j)
+		return err
+	}
+	m.release(ctx, j)
+	m.untrack(j.id, true)
+	return nil
+}
+
+// removeDropped removes the running machine of a job that another host
+// took over (KeepClaims): the job goes on there, so this host publishes
+// dropped instead of tearing_down and torn_down.
+func (m *Manager) removeDropped(ctx context.Context, j *job, d Delivery) error {
+	if err := m.removeOwn(ctx, j.id, false); err != nil {
+		m.retryLater(j)
+		return fmt.Errorf("remove machine of job %s: %w", j.id, err)
+	}
+	j.claim.mu.Lock()
+	holder := j.claim.lostTo
+	j.claim.mu.Unlock()
+	if err := m.drop(ctx, j, d, &Dropped{Holder: holder, Reason: messages.ReasonClaimLost}); err != nil {
 		m.retryLater(j)
 		return err
 	}
@@ -251,7 +274,20 @@ func (m *Manager) reconcile(ctx context.Context, mach provision.Machine) error {
 	if err != nil {
 		return err
 	}
-	acked := m.acknowledged(last.State, mach.RunnerKind)
+	if last.State == messages.StateDropped && last.Host != m.cfg.Host {
+		// Another host let go of a repeated delivery: that says nothing
+		// of how far this host got.
+		var found bool
+		if last, found, err = m.cfg.History.LastEvent(ctx, j.id, m.cfg.Host); err != nil {
+			return fmt.Errorf("read the events of job %s: %w", j.id, err)
+		} else if !found {
+			last = messages.Event{}
+		}
+	}
+	// A job whose newest event is another host's went on there (this
+	// host stalled or died before its request was acknowledged): the
+	// machine here is half-built.
+	acked := last.Host == m.cfg.Host && m.acknowledged(last.State, mach.RunnerKind)
 	switch {
 	case acked && mach.Running:
 		if last.OS != "" {
@@ -290,7 +326,7 @@ func (m *Manager) acknowledged(s messages.State, kind string) bool {
 	case kind == string(messages.RunnerNone):
 		ack = messages.StateAgentReady
 	}
-	if s == "" || s.Terminal() {
+	if s == "" || s.Terminal() || s == messages.StateDropped {
 		return false
 	}
 	return slices.Index(messages.States, s) >= slices.Index(messages.States, ack)

@@ -237,7 +237,7 @@ func (w *Worker) reportExhausted(ctx context.Context, jobID string, a deliveryAd
 	w.ex.mu.Lock()
 	js := w.ex.js
 	w.ex.mu.Unlock()
-	last, found, err := bus.NewPublisher(js).LastEvent(ctx, jobID)
+	last, found, err := bus.NewPublisher(js).LastEvent(ctx, jobID, "")
 	if err != nil {
 		return err
 	}

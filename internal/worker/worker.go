@@ -58,8 +58,10 @@ type Settlement struct {
 	Op      string // "provision" or "teardown"
 	JobID   string
 	Attempt int
-	// Outcome is "ack", "term" or "nak"; for a request that reached max
-	// deliveries (advisory.go), "deleted", or "kept" when that failed.
+	// Outcome is "ack", "term" or "nak", or "left" when another host
+	// holds the job's claim and settles the message; for a request that
+	// reached max deliveries (advisory.go), "deleted", or "kept" when
+	// that failed.
 	Outcome string
 	Err     error
 }
@@ -290,7 +292,8 @@ func (w *Worker) watchLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 			w.reconcile(ctx)
 			lastReconcile = time.Now()
 		}
-		for _, end := range w.life.Check(ctx) {
+		ends := append(w.life.KeepClaims(ctx), w.life.Check(ctx)...)
+		for _, end := range ends {
 			if !w.tryAcquire() {
 				break
 			}
@@ -307,7 +310,7 @@ func (w *Worker) watchLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 func (w *Worker) delivery(msg jetstream.Msg) lifecycle.Delivery {
 	d := lifecycle.Delivery{Attempt: 1}
 	if meta, err := msg.Metadata(); err == nil {
-		d.Attempt = int(meta.NumDelivered)
+		d.Attempt, d.Request = int(meta.NumDelivered), meta.Sequence.Stream
 	}
 	d.Final = d.Attempt >= w.cfg.MaxDeliver
 	return d
@@ -393,15 +396,22 @@ func (w *Worker) heartbeat(msg jetstream.Msg) (stop func()) {
 
 // settle is the one place where an operation's result becomes an
 // acknowledgement: success acks (after the events are durable), permanent
-// failures terminate the message (their failed event is already out), and
-// everything else is handed back for redelivery with backoff.
+// failures terminate the message (their failed event is already out), a
+// job claimed by another host leaves the message to that host (or acks a
+// repeated request for it), and everything else is handed back for
+// redelivery with backoff.
 func (w *Worker) settle(msg jetstream.Msg, op, jobID string, d lifecycle.Delivery, err error) {
 	w.cfg.Faults.At(lifecycle.FaultBeforeAck)
 	s := Settlement{Op: op, JobID: jobID, Attempt: d.Attempt, Err: err}
 	var f *lifecycle.Failure
+	var dropped *lifecycle.Dropped
 	var aerr error
 	switch {
-	case err == nil || errors.Is(err, lifecycle.ErrSuperseded):
+	case errors.As(err, &dropped) && dropped.Leave:
+		// Another host serves this very request, or will once the server
+		// hands it on: its settlement is the one that counts.
+		s.Outcome = "left"
+	case err == nil || errors.Is(err, lifecycle.ErrSuperseded) || dropped != nil:
 		s.Outcome, s.Err = "ack", nil
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		aerr = msg.DoubleAck(ctx)

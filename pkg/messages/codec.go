@@ -73,6 +73,13 @@ func DecodeEvent(data []byte) (Event, error) {
 	return e, err
 }
 
+// DecodeClaim decodes the value of a key in ClaimsBucket.
+func DecodeClaim(data []byte) (Claim, error) {
+	var c Claim
+	err := unmarshal(data, &c)
+	return c, err
+}
+
 // PeekJobID returns the job id of a payload that may not decode as a whole,
 // so that a failure can still be reported for the right job. It returns ""
 // when no valid job id can be read.

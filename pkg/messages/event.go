@@ -19,13 +19,18 @@ const (
 	StateTearingDown   State = "tearing_down"
 	StateTornDown      State = "torn_down"
 	StateFailed        State = "failed"
+	// StateDropped is not a step of the job: it says that the host in the
+	// event let go of a delivery of the job's provision request because
+	// another host holds the job's claim (Event.Holder). The claim
+	// holder's events carry the job on; a dropped event never ends a job.
+	StateDropped State = "dropped"
 )
 
 // States lists every state in lifecycle order.
 var States = []State{
 	StateAccepted, StateCloning, StateCloned, StateBooting, StateRunning,
 	StateAgentReady, StateRunnerStarted, StateRunnerExited,
-	StateTearingDown, StateTornDown, StateFailed,
+	StateTearingDown, StateTornDown, StateFailed, StateDropped,
 }
 
 // Terminal reports whether no further event follows s for the same job.
@@ -74,6 +79,9 @@ type Event struct {
 	// Output is the end of what the runner printed (at most 2 KiB, secrets
 	// removed), set on runner_exited when there was any.
 	Output string `msgpack:"output,omitempty"`
+	// Holder is the host that holds the job's claim, set on dropped events
+	// when it is known.
+	Holder string `msgpack:"holder,omitempty"`
 	// Error is set on failed events and on torn_down events that did not
 	// find a machine.
 	Error *Error `msgpack:"error,omitempty"`
@@ -122,4 +130,24 @@ const (
 	ReasonRunnerExited = "runner_exited"
 	ReasonStopped      = "machine_stopped"
 	ReasonRunnerLost   = "runner_lost"
+	// ReasonClaimLost: this host's claim on the job lapsed (the host
+	// stalled for longer than the claim's TTL) and another host took the
+	// job, or it could not be renewed; on dropped and tearing_down events.
+	ReasonClaimLost = "claim_lost"
+	// ReasonClaimedElsewhere: a delivery found the job claimed by another
+	// host; on dropped events.
+	ReasonClaimedElsewhere = "claimed_elsewhere"
 )
+
+// Claim is the value of a job's key in ClaimsBucket: the host that serves
+// the job. A worker creates it with compare-and-set before it clones and
+// renews it (again by revision) while the job's machine exists; the
+// bucket's TTL removes the claims of hosts that stopped renewing.
+type Claim struct {
+	V    int    `msgpack:"v"`
+	Host string `msgpack:"host"`
+	// Request is the stream sequence of the provision request the host
+	// serves (0 for a machine adopted after a restart).
+	Request uint64    `msgpack:"request"`
+	Since   time.Time `msgpack:"since"`
+}

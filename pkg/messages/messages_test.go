@@ -59,6 +59,11 @@ func goldenCases() map[string]any {
 			Time: requestedAt, Seq: 2, Attempt: 1,
 			Error: &Error{Code: CodeImageNotFound, Message: `image "nope" is not defined on host-a`},
 		},
+		"event_dropped_v1": &Event{
+			V: 1, JobID: "job-44", Host: "host-a", Image: "debian-12", Domain: "stretchy-job-44", State: StateDropped,
+			Time: requestedAt.Add(40 * time.Second), Seq: 3, Attempt: 1, Reason: ReasonClaimLost, Holder: "host-b",
+		},
+		"claim_v1": &Claim{V: 1, Host: "host-b", Request: 1207, Since: requestedAt.Add(35 * time.Second)},
 	}
 }
 
@@ -112,6 +117,10 @@ func normalize(v any) any {
 	case *Event:
 		c := *m
 		c.Time = c.Time.UTC()
+		return c
+	case *Claim:
+		c := *m
+		c.Since = c.Since.UTC()
 		return c
 	}
 	return v

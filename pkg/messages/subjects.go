@@ -17,6 +17,9 @@ const ManagedPrefix = "stretchy-"
 const (
 	RequestsStream = "STRETCHY_LIBVIRT_REQUESTS"
 	EventsStream   = "STRETCHY_LIBVIRT_EVENTS"
+	// ClaimsBucket is the key-value bucket of job claims: key job_id,
+	// value a Claim. Its stream is "KV_" + ClaimsBucket.
+	ClaimsBucket = "STRETCHY_LIBVIRT_CLAIMS"
 
 	subjectRoot     = "stretchy." + ProvisionerID
 	RequestSubjects = subjectRoot + ".req.>"

@@ -432,11 +432,15 @@ func TestDoctorNATS(t *testing.T) {
 	for _, stream := range []string{messages.RequestsStream, messages.EventsStream} {
 		r.want(t, "nats.stream", stream, "warn", "missing; a worker creates it when it starts", "worker run")
 	}
+	r.want(t, "nats.claims", messages.ClaimsBucket, "warn", "missing; a worker creates it when it starts", "worker run")
 	if got := r.get("nats.consumer", bus.SharedProvisionConsumer); len(got) != 0 {
 		t.Errorf("consumers checked without a request stream: %+v", got)
 	}
 
 	if _, err := bus.Ensure(t.Context(), js, bus.Topology{Host: host}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bus.OpenClaims(t.Context(), js, bus.Topology{Host: host}); err != nil {
 		t.Fatal(err)
 	}
 	r, code = runDoctor(t, "--nats-url", url, "--host", host)
@@ -449,6 +453,7 @@ func TestDoctorNATS(t *testing.T) {
 	for _, consumer := range []string{bus.SharedProvisionConsumer, bus.HostProvisionConsumer(host), bus.HostTeardownConsumer(host)} {
 		r.want(t, "nats.consumer", consumer, "ok", "present", "")
 	}
+	r.want(t, "nats.claims", messages.ClaimsBucket, "ok", "TTL 15s, 0 claims", "")
 
 	// Another host's consumers are not there.
 	r, _ = runDoctor(t, "--nats-url", url, "--host", "doctortest-other")

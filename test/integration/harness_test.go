@@ -161,6 +161,10 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 	if err != nil {
 		tb.Fatal(err)
 	}
+	claims, err := bus.OpenClaims(ctx, js, bus.Topology{Host: o.Host, AckWait: o.AckWait})
+	if err != nil {
+		tb.Fatal(err)
+	}
 	pub := bus.NewPublisher(js)
 	link := provision.NewLink("qemu:///system", provision.LinkOptions{})
 	if err := link.Connect(ctx); err != nil {
@@ -177,6 +181,7 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 	rw.life = lifecycle.New(lifecycle.Config{
 		Host: o.Host, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
 		Agent: qga.New(l), Events: pub, History: pub,
+		Claims: claims, ClaimTTL: bus.ClaimTTL(o.AckWait),
 	})
 	rw.w = worker.New(worker.Config{
 		Parallelism: o.Parallelism, MaxVMs: o.MaxVMs, AckWait: o.AckWait, MaxDeliver: 5,

@@ -417,6 +417,10 @@ func startWorkerOn(t *testing.T, js jetstream.JetStream, host, socket string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	claims, err := bus.OpenClaims(ctx, js, bus.Topology{Host: host, AckWait: processAckWait})
+	if err != nil {
+		t.Fatal(err)
+	}
 	pub := bus.NewPublisher(js)
 	link := provision.NewLink("qemu:///system", provision.LinkOptions{Socket: socket, MaxBackoff: time.Second})
 	if err := link.Connect(ctx); err != nil {
@@ -432,6 +436,7 @@ func startWorkerOn(t *testing.T, js jetstream.JetStream, host, socket string) {
 	life := lifecycle.New(lifecycle.Config{
 		Host: host, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
 		Agent: qga.New(l), Events: pub, History: pub,
+		Claims: claims, ClaimTTL: bus.ClaimTTL(processAckWait),
 	})
 	w := worker.New(worker.Config{
 		Parallelism: 3, MaxVMs: 6, AckWait: processAckWait, MaxDeliver: 5,

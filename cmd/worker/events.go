@@ -166,6 +166,8 @@ func (t *table) write(ev messages.Event) error {
 		detail = "os " + ev.OS
 	case ev.State == messages.StateRunnerExited && ev.ExitCode != nil:
 		detail = fmt.Sprintf("exit code %d", *ev.ExitCode)
+	case ev.State == messages.StateDropped && ev.Holder != "":
+		detail = ev.Reason + ", held by " + ev.Holder
 	}
 	_, err := fmt.Fprintf(t.w, tableRow, ev.Time.Local().Format("2006-01-02 15:04:05.000"), ev.Host, ev.JobID,
 		fmt.Sprint(ev.Seq), ev.State, phase(ev.PhaseMS), detail)
@@ -210,6 +212,10 @@ func (s *summary) write(ev messages.Event) error {
 	if j == nil {
 		j = &JobSummary{JobID: ev.JobID, Start: ev.Time, Outcome: "in progress"}
 		s.jobs[ev.JobID] = j
+	}
+	if ev.State == messages.StateDropped {
+		// A host let go of the job; the holder's events tell its story.
+		return nil
 	}
 	j.Host, j.End = ev.Host, ev.Time
 	if ev.Image != "" {

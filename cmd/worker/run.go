@@ -139,6 +139,7 @@ func runCommand(ctx context.Context, args []string) error {
 		Agent:    qga.New(lv),
 		Events:   pub,
 		History:  pub,
+		Journal:  pub,
 		Faults:   faults,
 		Claims:   claims,
 		ClaimTTL: bus.ClaimTTL(cfg.AckWait),

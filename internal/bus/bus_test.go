@@ -181,3 +181,44 @@ func BenchmarkReplay(b *testing.B) {
 	}
 	b.ReportMetric(float64(n*b.N)/b.Elapsed().Seconds(), "events/s")
 }
+
+// TestEnsureLeavesUnchangedStreamsAlone: a worker start updates a stream
+// only when its configuration differs (the server announces every update).
+func TestEnsureLeavesUnchangedStreamsAlone(t *testing.T) {
+	js := startJetStream(t) // ensured once for h0
+	ctx := context.Background()
+	sub, err := js.Conn().SubscribeSync("$JS.EVENT.ADVISORY.STREAM.UPDATED.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, host := range []string{"h0", "h1", "h0"} {
+		if _, err := Ensure(ctx, js, Topology{Host: host}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := Ensure(ctx, js, Topology{Host: "h1", EventsMaxAge: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if err := js.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	var updated []string
+	for {
+		msg, err := sub.NextMsg(500 * time.Millisecond)
+		if err != nil {
+			break
+		}
+		updated = append(updated, msg.Subject)
+	}
+	want := []string{"$JS.EVENT.ADVISORY.STREAM.UPDATED." + messages.EventsStream}
+	if fmt.Sprint(updated) != fmt.Sprint(want) {
+		t.Fatalf("stream updates %v, want %v", updated, want)
+	}
+	s, err := js.Stream(ctx, messages.EventsStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.CachedInfo().Config.MaxAge; got != time.Hour {
+		t.Fatalf("events max age %s after the change, want 1h", got)
+	}
+}

@@ -70,3 +70,21 @@ func (p *Publisher) LastEvent(ctx context.Context, jobID, host string) (messages
 	}
 	return ev, true, nil
 }
+
+// Recent returns the events host published since the given time, in
+// stream order, skipping undecodable ones. A restarted worker reads its
+// host's recent history with it (lifecycle.Journal).
+func (p *Publisher) Recent(ctx context.Context, host string, since time.Time) ([]messages.Event, error) {
+	var out []messages.Event
+	err := ReadEvents(ctx, p.js, ReadOptions{Filter: messages.EventFilter(host, "", ""), Since: since},
+		func(_ uint64, ev messages.Event, err error) error {
+			if err == nil {
+				out = append(out, ev)
+			}
+			return nil
+		})
+	if err != nil {
+		return nil, fmt.Errorf("recent events of host %s: %w", host, err)
+	}
+	return out, nil
+}

@@ -25,8 +25,8 @@ const maxDeliveries = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + messages.R
 // to publish to and to subscribe to, and no more. They cover bus.Ensure
 // (both streams, the host's consumers), pulls from those consumers, every
 // kind of acknowledgement, publishing the host's events,
-// Publisher.LastEvent, ending requests that reached max deliveries, and
-// the job claims.
+// Publisher.LastEvent and Publisher.Recent, ending requests that reached
+// max deliveries, and the job claims.
 func WorkerPermissions(host string) (pub, sub []string) {
 	req, evt := messages.RequestsStream, messages.EventsStream
 	pub = []string{
@@ -49,8 +49,12 @@ func WorkerPermissions(host string) (pub, sub []string) {
 	}
 	pub = append(pub,
 		messages.EventFilter(host, "", ""), // Publisher.Publish: this host's events only
-		jsAPI+"STREAM.INFO."+evt,           // LastEvent looks the stream up
+		jsAPI+"STREAM.INFO."+evt,           // Ensure reads the configuration; LastEvent looks the stream up
 		jsAPI+"STREAM.MSG.GET."+evt,        // LastEvent
+		// Recent: an ordered consumer over this host's events.
+		jsAPI+"CONSUMER.CREATE."+evt+".*."+messages.EventFilter(host, "", ""),
+		jsAPI+"CONSUMER.INFO."+evt+".*",
+		jsAPI+"CONSUMER.MSG.NEXT."+evt+".*",
 		// A max-deliveries advisory: read the request it names, delete it.
 		jsAPI+"STREAM.INFO."+req,
 		jsAPI+"STREAM.MSG.GET."+req,

@@ -223,6 +223,13 @@ func runWorker(s, admin *session, host string) error {
 	if _, found, err := pub.LastEvent(ctx, "absent", host); err != nil || found {
 		return fmt.Errorf("last event of an unknown job: found %v, %v", found, err)
 	}
+	recent, err := pub.Recent(ctx, host, time.Now().Add(-time.Hour))
+	if err != nil {
+		return err
+	}
+	if len(recent) != 1 || recent[0].JobID != "shared-1" {
+		return fmt.Errorf("recent events: %+v, want shared-1's accepted", recent)
+	}
 
 	// Claims: the bucket, a claim taken, renewed, seen held by another
 	// host (a read) and released.

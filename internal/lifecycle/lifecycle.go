@@ -37,6 +37,13 @@ type History interface {
 	LastEvent(ctx context.Context, jobID, host string) (ev messages.Event, found bool, err error)
 }
 
+// Journal reads a host's recent events, so that a restarted worker can end
+// the teardowns its predecessor began (FinishTeardowns). *bus.Publisher
+// implements it.
+type Journal interface {
+	Recent(ctx context.Context, host string, since time.Time) ([]messages.Event, error)
+}
+
 // Config wires a Manager.
 type Config struct {
 	// Host is this worker's host id, carried in every event.
@@ -50,6 +57,8 @@ type Config struct {
 	// History is optional; without it a job's numbering starts at 1
 	// whenever this process first sees the job.
 	History History
+	// Journal is optional; without it FinishTeardowns does nothing.
+	Journal Journal
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 	// Remember is how long finished jobs are remembered so that a repeated

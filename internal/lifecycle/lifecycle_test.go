@@ -705,3 +705,15 @@ func TestRedeliveryDuringBuildWaitsForIt(t *testing.T) {
 		})
 	}
 }
+
+func (r *recorder) Recent(_ context.Context, host string, since time.Time) ([]messages.Event, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []messages.Event
+	for _, ev := range r.events {
+		if ev.Host == host && !ev.Time.Before(since) {
+			out = append(out, ev)
+		}
+	}
+	return out, nil
+}

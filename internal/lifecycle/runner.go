@@ -181,8 +181,8 @@ func (m *Manager) Check(ctx context.Context) []Ending {
 
 func (m *Manager) check(ctx context.Context, j *job, now time.Time) (Ending, bool) {
 	if !j.deadline.IsZero() && now.After(j.deadline) {
-		return Ending{JobID: j.id, Reason: messages.ReasonDeadline,
-			Cause: &messages.Error{Code: messages.CodeDeadlineExceeded, Message: "the machine reached its maximum lifetime"}}, true
+		_, cause, _ := causeOf(messages.ReasonDeadline, j.domain)
+		return Ending{JobID: j.id, Reason: messages.ReasonDeadline, Cause: cause}, true
 	}
 	d := Delivery{Origin: messages.ReasonRunnerExited}
 	if j.exited {
@@ -200,8 +200,8 @@ func (m *Manager) check(ctx context.Context, j *job, now time.Time) (Ending, boo
 		return Ending{}, false // libvirt unreachable: look again next time
 	}
 	if !found || !mach.Running {
-		return Ending{JobID: j.id, Reason: messages.ReasonStopped,
-			Cause: &messages.Error{Code: messages.CodeMachineStopped, Message: fmt.Sprintf("machine %s stopped by itself", j.domain)}}, true
+		_, cause, _ := causeOf(messages.ReasonStopped, j.domain)
+		return Ending{JobID: j.id, Reason: messages.ReasonStopped, Cause: cause}, true
 	}
 	if j.pid == 0 || m.cfg.Agent == nil {
 		return Ending{}, false

@@ -307,7 +307,7 @@ func (m *Manager) reconcile(ctx context.Context, mach provision.Machine) error {
 		if !m.track(j) {
 			return nil
 		}
-		cause := &messages.Error{Code: messages.CodeMachineStopped, Message: fmt.Sprintf("machine %s was found stopped", mach.Name)}
+		_, cause, _ := causeOf(messages.ReasonReconcile, mach.Name)
 		return m.remove(ctx, j, messages.ReasonReconcile, cause, Delivery{Origin: messages.ReasonReconcile})
 	}
 	if _, err := m.cfg.Machines.Remove(ctx, mach.JobID); err != nil {
@@ -330,4 +330,98 @@ func (m *Manager) acknowledged(s messages.State, kind string) bool {
 		return false
 	}
 	return slices.Index(messages.States, s) >= slices.Index(messages.States, ack)
+}
+
+// causeOf is the end of a teardown that the worker began by itself for
+// reason: the terminal state, and the error it carries. ok is false for
+// teardowns that a request began, which the request's redelivery ends.
+func causeOf(reason, domain string) (state messages.State, cause *messages.Error, ok bool) {
+	switch reason {
+	case messages.ReasonRunnerExited:
+		return messages.StateTornDown, nil, true
+	case messages.ReasonDeadline:
+		return messages.StateFailed, &messages.Error{Code: messages.CodeDeadlineExceeded,
+			Message: "the machine reached its maximum lifetime"}, true
+	case messages.ReasonStopped:
+		return messages.StateFailed, &messages.Error{Code: messages.CodeMachineStopped,
+			Message: fmt.Sprintf("machine %s stopped by itself", domain)}, true
+	case messages.ReasonReconcile:
+		return messages.StateFailed, &messages.Error{Code: messages.CodeMachineStopped,
+			Message: fmt.Sprintf("machine %s was found stopped", domain)}, true
+	case messages.ReasonRunnerLost:
+		return messages.StateFailed, &messages.Error{Code: messages.CodeAgentFailed,
+			Message: fmt.Sprintf("the guest agent of %s lost track of the runner", domain)}, true
+	}
+	return "", nil, false
+}
+
+// FinishTeardowns ends the jobs whose machine a teardown the worker began
+// by itself (runner exit, deadline, stopped machine, lost runner,
+// reconciliation) had removed when the previous process of this host died,
+// before it published the end. Nothing else would end them: no request is
+// left to be delivered again, and no domain for reconciliation to find.
+// Such a job's newest event is this host's tearing_down; it gets the
+// terminal event that teardown would have published (same Nats-Msg-Id).
+// It reads the host's events of the last Remember (24 h); run it once at
+// start, after the first reconciliation, which adopts the machines whose
+// removal had not happened yet.
+func (m *Manager) FinishTeardowns(ctx context.Context) error {
+	if m.cfg.Journal == nil || m.cfg.History == nil {
+		return nil
+	}
+	recent, err := m.cfg.Journal.Recent(ctx, m.cfg.Host, m.cfg.Now().Add(-m.cfg.Remember))
+	if err != nil {
+		return err
+	}
+	newest := map[string]messages.Event{}
+	for _, ev := range recent {
+		newest[ev.JobID] = ev
+	}
+	var errs []error
+	for id, ev := range newest {
+		if ev.State != messages.StateTearingDown || !messages.ValidJobID(id) {
+			continue
+		}
+		state, cause, ok := causeOf(ev.Reason, ev.Domain)
+		if !ok {
+			continue
+		}
+		if err := m.finishTeardown(ctx, id, ev, state, cause); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (m *Manager) finishTeardown(ctx context.Context, id string, ev messages.Event, state messages.State, cause *messages.Error) error {
+	m.mu.Lock()
+	_, known := m.jobs[id]
+	_, finished := m.done[id]
+	m.mu.Unlock()
+	if known || finished {
+		return nil
+	}
+	if _, found, err := m.cfg.Machines.Lookup(ctx, id); err != nil {
+		return fmt.Errorf("look up machine of job %s: %w", id, err)
+	} else if found {
+		return nil // reconciliation's
+	}
+	j := &job{id: id, image: ev.Image, domain: ev.Domain, os: ev.OS}
+	last, err := m.history(ctx, j)
+	if err != nil {
+		return err
+	}
+	// Only if nothing followed, on any host.
+	if last.Host != m.cfg.Host || last.State != messages.StateTearingDown || last.Reason != ev.Reason {
+		return nil
+	}
+	if !m.track(j) {
+		return nil
+	}
+	if err := m.emit(ctx, j, state, Delivery{Origin: ev.Reason}, 0, ev.Reason, cause); err != nil {
+		m.untrack(id, false)
+		return err
+	}
+	m.untrack(id, true)
+	return nil
 }

@@ -83,6 +83,9 @@ type Worker struct {
 
 	slots chan struct{}
 	ex    exhaustion
+	// finished is set once the teardowns the previous process left
+	// unfinished are ended (lifecycle.FinishTeardowns).
+	finished atomic.Bool
 
 	inFlight, maxInFlight, provisions, teardowns atomic.Int64
 }
@@ -267,11 +270,22 @@ func isProvision(msg jetstream.Msg) bool {
 }
 
 // reconcile runs one reconciliation and reports what failed; what failed
-// is tried again next time.
+// is tried again next time. Until it succeeded once, it also ends the
+// teardowns that the previous process of this host left unfinished.
 func (w *Worker) reconcile(ctx context.Context) {
 	if err := w.life.Reconcile(ctx); err != nil && w.cfg.OnSettle != nil {
 		w.cfg.OnSettle(Settlement{Op: "reconcile", Outcome: "retry", Err: err})
 	}
+	if w.finished.Load() {
+		return
+	}
+	if err := w.life.FinishTeardowns(ctx); err != nil {
+		if w.cfg.OnSettle != nil {
+			w.cfg.OnSettle(Settlement{Op: "finish teardowns", Outcome: "retry", Err: err})
+		}
+		return
+	}
+	w.finished.Store(true)
 }
 
 // watchLoop ends machines whose runner exited, that stopped by themselves

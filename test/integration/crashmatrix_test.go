@@ -27,11 +27,6 @@ type crashCase struct {
 	// otherwise a forgejo stub runner that exits after 2 s, ended by the
 	// watch loop.
 	teardown bool
-	// stuck marks a known limitation: a job whose machine a watch-loop
-	// teardown removed before the process died never gets its terminal
-	// event by itself; an orchestrator's teardown request ends it
-	// (docs/reliability.md). The case passes either way.
-	stuck bool
 }
 
 func (c crashCase) name() string {
@@ -55,7 +50,9 @@ var crashCases = []crashCase{
 	{fault: lifecycle.FaultBeforeAck},
 	{fault: lifecycle.FaultAfterRunnerExit},
 	{fault: lifecycle.FaultMidTeardown},
-	{fault: lifecycle.FaultAfterRemove, stuck: true},
+	// The restarted worker finds the job's last event tearing_down and
+	// no machine, and publishes the end (lifecycle.FinishTeardowns).
+	{fault: lifecycle.FaultAfterRemove},
 	// The third settlement is the first teardown's: both provisions
 	// were acked before.
 	{fault: lifecycle.FaultBeforeAck + ":3", teardown: true},
@@ -289,21 +286,6 @@ func runCrashCase(t *testing.T, l *libvirt.Libvirt, c crashCase, row *crashRow) 
 		teardownOn(t, js, host, jobs[1])
 	}
 	allEnded := func(evs []messages.Event) bool { return len(unended(evs, jobs)) == 0 }
-	recovered := map[string]bool{}
-	if c.stuck && !waitFor(events, 15*time.Second, allEnded) {
-		// The known limitation: act as an orchestrator whose job has
-		// not ended in time.
-		for _, job := range unended(events.snapshot(), jobs) {
-			st := events.states(job)
-			if st[len(st)-1] != messages.StateTearingDown {
-				t.Fatalf("job %s has not ended but is not tearing down either: %v", job, st)
-			}
-			recovered[job] = true
-			teardownOn(t, js, host, job)
-		}
-		row.note = fmt.Sprintf("%d stuck at tearing_down, ended by a teardown request", len(recovered))
-		t.Logf("known limitation: %s", row.note)
-	}
 	events.wait(t, 2*bootWait, "a terminal event of every job", allEnded)
 	// Redeliveries are settled before the queue empties, so a second
 	// terminal event or machine would show by then.
@@ -323,9 +305,6 @@ func runCrashCase(t *testing.T, l *libvirt.Libvirt, c crashCase, row *crashRow) 
 			continue
 		}
 		ev := jt.terminal[0]
-		if recovered[job] && ev.Error != nil && ev.Error.Code == messages.CodeUnknownJob {
-			continue
-		}
 		if ev.State != messages.StateTornDown || ev.Error != nil {
 			t.Errorf("job %s ended in %s (reason %q, error %+v), want a plain torn_down; events:\n%s",
 				job, ev.State, ev.Reason, ev.Error, events.dump())
@@ -362,13 +341,6 @@ func unended(evs []messages.Event, jobs []string) []string {
 		}
 	}
 	return out
-}
-
-// snapshot returns the events seen so far.
-func (el *eventLog) snapshot() []messages.Event {
-	el.mu.Lock()
-	defer el.mu.Unlock()
-	return slices.Clone(el.events)
 }
 
 // waitFor is eventLog.wait that reports a timeout instead of failing.

@@ -435,7 +435,7 @@ func startWorkerOn(t *testing.T, js jetstream.JetStream, host, socket string) {
 	l := link.Libvirt()
 	life := lifecycle.New(lifecycle.Config{
 		Host: host, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
-		Agent: qga.New(l), Events: pub, History: pub,
+		Agent: qga.New(l), Events: pub, History: pub, Journal: pub,
 		Claims: claims, ClaimTTL: bus.ClaimTTL(processAckWait),
 	})
 	w := worker.New(worker.Config{

@@ -1,0 +1,77 @@
+package lifecycle
+
+import (
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+)
+
+// TestFinishTeardowns: a restarted worker ends the jobs whose machine a
+// teardown of its own had removed when the previous process died, with
+// the end that teardown would have published, and only those.
+func TestFinishTeardowns(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	m := New(Config{Host: "h1", Machines: fx.fm, Events: fx.rec, History: fx.rec, Journal: fx.rec, Now: fx.clk.Now})
+	ev := func(job, host string, state messages.State, seq uint64, reason string) {
+		if err := fx.rec.Publish(ctx, messages.Event{V: 1, JobID: job, Host: host, Domain: "stretchy-" + job,
+			State: state, Time: fx.clk.Now(), Seq: seq, Reason: reason}, job+string(state)+reason); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Cut off after the removal, one per reason the worker starts itself.
+	ev("exited", "h1", messages.StateTearingDown, 9, messages.ReasonRunnerExited)
+	ev("late", "h1", messages.StateTearingDown, 7, messages.ReasonDeadline)
+	ev("stopped", "h1", messages.StateTearingDown, 7, messages.ReasonStopped)
+	// Left alone: a requested teardown (its request comes again), one that
+	// ended, one whose machine still exists, another host's, one an
+	// earlier day began, and one another host went on with.
+	ev("requested", "h1", messages.StateTearingDown, 7, messages.ReasonRequested)
+	ev("ended", "h1", messages.StateTearingDown, 9, messages.ReasonRunnerExited)
+	ev("ended", "h1", messages.StateTornDown, 10, messages.ReasonRunnerExited)
+	ev("present", "h1", messages.StateTearingDown, 9, messages.ReasonRunnerExited)
+	fx.fm.machines["present"] = &provision.Machine{Name: "stretchy-present", JobID: "present", Host: "h1"}
+	ev("theirs", "h2", messages.StateTearingDown, 9, messages.ReasonRunnerExited)
+	ev("moved", "h1", messages.StateTearingDown, 9, messages.ReasonDeadline)
+	ev("moved", "h2", messages.StateAccepted, 10, "")
+	old := fx.clk.Now().Add(-25 * time.Hour)
+	ev("yesterday", "h1", messages.StateTearingDown, 9, messages.ReasonRunnerExited)
+	fx.rec.mu.Lock()
+	fx.rec.events[len(fx.rec.events)-1].Time = old
+	fx.rec.mu.Unlock()
+	before := len(fx.rec.events)
+
+	if err := m.FinishTeardowns(ctx); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]messages.Event{
+		"exited":  {State: messages.StateTornDown, Seq: 10, Reason: messages.ReasonRunnerExited},
+		"late":    {State: messages.StateFailed, Seq: 8, Reason: messages.ReasonDeadline, Error: &messages.Error{Code: messages.CodeDeadlineExceeded}},
+		"stopped": {State: messages.StateFailed, Seq: 8, Reason: messages.ReasonStopped, Error: &messages.Error{Code: messages.CodeMachineStopped}},
+	}
+	added := fx.rec.events[before:]
+	if len(added) != len(want) {
+		t.Fatalf("published %d events, want %d: %+v", len(added), len(want), added)
+	}
+	for _, got := range added {
+		w, ok := want[got.JobID]
+		if !ok || got.State != w.State || got.Seq != w.Seq || got.Reason != w.Reason || got.Host != "h1" || got.Attempt != 0 ||
+			(w.Error == nil) != (got.Error == nil) || (w.Error != nil && got.Error.Code != w.Error.Code) {
+			t.Fatalf("published %+v, want %+v", got, w)
+		}
+	}
+	// Once is enough: a second run finds them ended.
+	if err := m.FinishTeardowns(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(fx.rec.events); n != before+len(want) {
+		t.Fatalf("a second run published %d more events", n-before-len(want))
+	}
+	if got := fx.rec.states("exited"); !slices.Equal(got, []messages.State{messages.StateTearingDown, messages.StateTornDown}) {
+		t.Fatalf("exited: %v", got)
+	}
+}

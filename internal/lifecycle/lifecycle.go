@@ -209,6 +209,16 @@ func (m *Manager) TryReserve(max int) (release func(), ok bool) {
 	}, true
 }
 
+// known reports whether this host serves jobID now (active) or finished
+// it recently.
+func (m *Manager) known(jobID string) (active, finished bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, active = m.jobs[jobID]
+	_, finished = m.done[jobID]
+	return active, finished
+}
+
 // track registers a new job record unless the job is known; it reports
 // whether the record is new.
 func (m *Manager) track(j *job) bool {

@@ -278,11 +278,7 @@ func (m *Manager) Reject(ctx context.Context, jobID, image string, code messages
 	if jobID == "" {
 		return f
 	}
-	m.mu.Lock()
-	_, busy := m.jobs[jobID]
-	_, finished := m.done[jobID]
-	m.mu.Unlock()
-	if busy || finished {
+	if busy, finished := m.known(jobID); busy || finished {
 		return f
 	}
 	j := &job{id: jobID, image: image}

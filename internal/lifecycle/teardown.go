@@ -394,11 +394,7 @@ func (m *Manager) FinishTeardowns(ctx context.Context) error {
 }
 
 func (m *Manager) finishTeardown(ctx context.Context, id string, ev messages.Event, state messages.State, cause *messages.Error) error {
-	m.mu.Lock()
-	_, known := m.jobs[id]
-	_, finished := m.done[id]
-	m.mu.Unlock()
-	if known || finished {
+	if active, finished := m.known(id); active || finished {
 		return nil
 	}
 	if _, found, err := m.cfg.Machines.Lookup(ctx, id); err != nil {

@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -113,7 +111,7 @@ func TestOneMachinePerJobAcrossHosts(t *testing.T) {
 				t.Fatalf("after A resumed: machine found %v, running %v, host %q, %v", found, mach.Running, mach.Host, err)
 			}
 			// The request was settled once, by B: the work queue is empty.
-			waitRequestsGone(t, js)
+			waitQueueEmpty(t, js)
 
 			// A goes on serving: a job pinned to it runs and ends.
 			other := uniqueJob(t, "claim-after")
@@ -151,29 +149,5 @@ func TestOneMachinePerJobAcrossHosts(t *testing.T) {
 				t.Fatalf("A's log does not show the request of %s left to B:\n%s", job, log)
 			}
 		})
-	}
-}
-
-// waitRequestsGone waits until the request stream holds no message.
-func waitRequestsGone(t *testing.T, js jetstream.JetStream) {
-	t.Helper()
-	ctx := context.Background()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		s, err := js.Stream(ctx, messages.RequestsStream)
-		if err != nil {
-			t.Fatal(err)
-		}
-		info, err := s.Info(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if info.State.Msgs == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the request stream still holds %d messages", info.State.Msgs)
-		}
-		time.Sleep(200 * time.Millisecond)
 	}
 }

@@ -128,6 +128,9 @@ type workerOptions struct {
 	ShutdownGrace time.Duration
 	// Host is the worker's host id; default testHost.
 	Host string
+	// Socket, when set, is the libvirt socket to dial instead of the
+	// system one (a proxy in front of it), redialled within a second.
+	Socket string
 }
 
 // runningWorker is a worker serving in the test process.
@@ -166,7 +169,11 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 		tb.Fatal(err)
 	}
 	pub := bus.NewPublisher(js)
-	link := provision.NewLink("qemu:///system", provision.LinkOptions{})
+	lopts := provision.LinkOptions{}
+	if o.Socket != "" {
+		lopts = provision.LinkOptions{Socket: o.Socket, MaxBackoff: time.Second}
+	}
+	link := provision.NewLink("qemu:///system", lopts)
 	if err := link.Connect(ctx); err != nil {
 		tb.Fatal(err)
 	}

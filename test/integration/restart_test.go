@@ -22,11 +22,8 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
-	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
-	"github.com/stretchy-ci/libvirt-worker/internal/worker"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
-	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
 )
 
 // The worker processes of these tests run with startProcess's settings.
@@ -317,7 +314,7 @@ func TestRestartLibvirtConnection(t *testing.T) {
 	const host = "rs-libvirt-link"
 	_, js := startNATS(t)
 	proxy := startSocketProxy(t, libvirtSocket)
-	startWorkerOn(t, js, host, proxy.path)
+	startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 6, AckWait: processAckWait, Host: host, Socket: proxy.path})
 	jobs := submitStubJobs(t, js, 3, 3)
 
 	pollEvents(t, js, host, bootWait, "a machine booting", anyInState(messages.StateBooting))
@@ -406,54 +403,6 @@ func freePort(t *testing.T) int {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
-}
-
-// startWorkerOn runs a worker in the test process, like startWorker, for
-// host and through the libvirt socket at socket.
-func startWorkerOn(t *testing.T, js jetstream.JetStream, host, socket string) {
-	t.Helper()
-	ctx := context.Background()
-	cons, err := bus.Ensure(ctx, js, bus.Topology{Host: host, AckWait: processAckWait, MaxDeliver: 5})
-	if err != nil {
-		t.Fatal(err)
-	}
-	claims, err := bus.OpenClaims(ctx, js, bus.Topology{Host: host, AckWait: processAckWait})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub := bus.NewPublisher(js)
-	link := provision.NewLink("qemu:///system", provision.LinkOptions{Socket: socket, MaxBackoff: time.Second})
-	if err := link.Connect(ctx); err != nil {
-		t.Fatal(err)
-	}
-	linkCtx, stopLink := context.WithCancel(ctx)
-	linkDone := make(chan struct{})
-	go func() {
-		defer close(linkDone)
-		_ = link.Run(linkCtx)
-	}()
-	l := link.Libvirt()
-	life := lifecycle.New(lifecycle.Config{
-		Host: host, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
-		Agent: qga.New(l), Events: pub, History: pub, Journal: pub,
-		Claims: claims, ClaimTTL: bus.ClaimTTL(processAckWait),
-	})
-	w := worker.New(worker.Config{
-		Parallelism: 3, MaxVMs: 6, AckWait: processAckWait, MaxDeliver: 5,
-		PullWait: time.Second, WatchInterval: 500 * time.Millisecond,
-	}, cons, life)
-	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- w.Run(runCtx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("worker.Run: %v", err)
-		}
-		stopLink()
-		<-linkDone
-		_ = link.Close()
-	})
 }
 
 // pausingProxy forwards TCP connections to a server and can stop

@@ -122,6 +122,9 @@ type Manager struct {
 	jobs     map[string]*job
 	reserved int                  // machines promised to requests not yet read
 	done     map[string]time.Time // finished jobs, for idempotency
+	// roomed is closed and replaced whenever room for a machine may have
+	// been freed (CapacityChanged).
+	roomed chan struct{}
 	// orphans are the volume paths the last reconciliation found without a
 	// domain; only the Reconcile goroutine touches it.
 	orphans map[string]bool
@@ -134,11 +137,14 @@ type job struct {
 	seq      uint64
 	deadline time.Time
 	running  bool
-	// cancel stops an in-flight provision; nil once the machine runs.
+	// cancel stops an in-flight provision; nil once its build ended.
 	cancel context.CancelCauseFunc
 	// built is closed when the provision operation has returned.
 	built   chan struct{}
 	tearing bool
+	// endedBy is the teardown that superseded the build in flight; the
+	// build ends the job in its own operation slot (TeardownBuild).
+	endedBy *supersession
 	// retryAt delays the next deadline teardown after a failed one.
 	retryAt time.Time
 
@@ -174,10 +180,27 @@ func New(cfg Config) *Manager {
 		cfg.ClaimTTL = 15 * time.Second
 	}
 	return &Manager{
-		cfg:  cfg,
-		jobs: make(map[string]*job),
-		done: make(map[string]time.Time),
+		cfg:    cfg,
+		jobs:   make(map[string]*job),
+		done:   make(map[string]time.Time),
+		roomed: make(chan struct{}),
 	}
+}
+
+// CapacityChanged returns a channel that is closed the next time room for a
+// machine may have been freed: a job ended or a reservation was given
+// back. Take it before TryReserve, so that a change in between is not
+// missed.
+func (m *Manager) CapacityChanged() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.roomed
+}
+
+// roomedLocked wakes the waiters of CapacityChanged.
+func (m *Manager) roomedLocked() {
+	close(m.roomed)
+	m.roomed = make(chan struct{})
 }
 
 // Active returns the number of jobs that have, or are building, a machine.
@@ -204,6 +227,7 @@ func (m *Manager) TryReserve(max int) (release func(), ok bool) {
 		once.Do(func() {
 			m.mu.Lock()
 			m.reserved--
+			m.roomedLocked()
 			m.mu.Unlock()
 		})
 	}, true
@@ -239,7 +263,10 @@ func (m *Manager) track(j *job) bool {
 func (m *Manager) untrack(id string, finished bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	delete(m.jobs, id)
+	if _, ok := m.jobs[id]; ok {
+		delete(m.jobs, id)
+		m.roomedLocked()
+	}
 	if finished {
 		m.done[id] = m.cfg.Now()
 	}

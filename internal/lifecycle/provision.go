@@ -48,11 +48,24 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 		return m.awaitEarlier(ctx, req.JobID)
 	}
 	defer close(j.built)
+	defer func() {
+		// The build is over, however it ended: a teardown from now on
+		// takes the job as it is.
+		m.mu.Lock()
+		j.cancel = nil
+		m.mu.Unlock()
+	}()
 	m.startSeq(ctx, j)
 
 	// Claim the job across hosts before anything is built.
 	if err := m.take(ctx, j, d); err != nil {
 		m.untrack(j.id, false)
+		m.mu.Lock()
+		if j.endedBy != nil {
+			// Nothing was built: the teardown's next delivery answers.
+			j.endedBy.err = fmt.Errorf("job %s was not claimed: %w", j.id, err)
+		}
+		m.mu.Unlock()
 		var dropped *Dropped
 		if !errors.As(err, &dropped) {
 			return err
@@ -71,19 +84,35 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 		err = m.confirm(pctx, j)
 	}
 	if err == nil {
+		// A teardown that came as the last step finished still ends the
+		// job here, in this operation's slot.
 		m.mu.Lock()
-		j.running, j.cancel = true, nil
+		superseded := j.endedBy != nil
+		if !superseded {
+			j.running, j.cancel = true, nil
+		}
 		m.mu.Unlock()
-		return nil
+		if !superseded {
+			return nil
+		}
+		err = ErrSuperseded
 	}
 
 	cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer ccancel()
+	m.mu.Lock()
+	ending := j.endedBy
+	m.mu.Unlock()
 	var dropped *Dropped
 	if errors.As(err, &dropped) || errors.As(context.Cause(pctx), &dropped) {
 		// Another host serves the job now: undo what this delivery built,
 		// say so, and leave the request to the holder.
 		m.untrack(j.id, false)
+		if ending != nil {
+			// The teardown is answered by its next delivery, which finds
+			// no machine of the job here (unknown_job).
+			ending.err = fmt.Errorf("job %s went to host %s while its teardown waited", j.id, dropped.Holder)
+		}
 		if rerr := m.removeOwn(cctx, j.id, false); rerr != nil {
 			return errors.Join(dropped, rerr)
 		}
@@ -99,10 +128,15 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 		// The machine may still exist: let the request come again, which
 		// removes the leftover before building anew.
 		m.untrack(j.id, false)
+		if ending != nil {
+			ending.err = fmt.Errorf("roll back the build of job %s: %w", j.id, rerr)
+		}
 		return errors.Join(err, rerr)
 	}
-	if errors.Is(context.Cause(pctx), ErrSuperseded) {
-		// The waiting teardown reports the end of the job.
+	if ending != nil {
+		// A teardown superseded the build: end the job for it here, in
+		// this operation's slot, with the teardown's delivery.
+		ending.err = m.endSuperseded(cctx, j, ending)
 		return ErrSuperseded
 	}
 	code, permanent := classify(pctx, err)

@@ -19,6 +19,9 @@ import (
 // has no machine for gets a torn_down event with the unknown_job error, once;
 // a job it finished recently gets nothing. Errors are transient.
 func (m *Manager) Teardown(ctx context.Context, jobID, reason string, cause *messages.Error, d Delivery) error {
+	if served, err := m.TeardownBuild(ctx, jobID, reason, cause, d); served {
+		return err
+	}
 	m.mu.Lock()
 	j := m.jobs[jobID]
 	_, finished := m.done[jobID]
@@ -28,9 +31,6 @@ func (m *Manager) Teardown(ctx context.Context, jobID, reason string, cause *mes
 			return nil
 		}
 		j.tearing = true
-		if j.cancel != nil {
-			j.cancel(ErrSuperseded)
-		}
 	}
 	m.mu.Unlock()
 
@@ -82,6 +82,67 @@ func (m *Manager) Teardown(ctx context.Context, jobID, reason string, cause *mes
 		m.startSeq(ctx, j)
 	}
 	return m.remove(ctx, j, reason, cause, d)
+}
+
+// supersession is a teardown handed to the build it stops.
+type supersession struct {
+	reason string
+	cause  *messages.Error
+	d      Delivery
+	// err is the teardown's outcome, set by the build before it closes
+	// the job's built channel.
+	err error
+}
+
+// TeardownBuild ends the job of a provision in flight on this host: it
+// stops the build, whose operation then removes what it built and
+// publishes tearing_down and the end (torn_down, or failed when cause is
+// set) with d, in the slot it holds already. So a teardown of a machine
+// being built needs no operation slot of its own and does not wait behind
+// other builds. served is false, and nothing is done, when no build of
+// the job is in flight (or one is being torn down already); the caller
+// then takes a slot and calls Teardown. Otherwise TeardownBuild returns
+// once the build ended, with the teardown's outcome; ctx bounds only the
+// wait, not the teardown.
+func (m *Manager) TeardownBuild(ctx context.Context, jobID, reason string, cause *messages.Error, d Delivery) (served bool, err error) {
+	m.mu.Lock()
+	j := m.jobs[jobID]
+	if j == nil || j.cancel == nil || j.tearing {
+		m.mu.Unlock()
+		return false, nil
+	}
+	e := &supersession{reason: reason, cause: cause, d: d}
+	j.tearing, j.endedBy = true, e
+	j.cancel(ErrSuperseded)
+	m.mu.Unlock()
+	select {
+	case <-j.built:
+		return true, e.err
+	case <-ctx.Done():
+		return true, fmt.Errorf("wait for the build of job %s to end: %w", jobID, ctx.Err())
+	}
+}
+
+// endSuperseded publishes the end of a job whose build a teardown stopped,
+// once the build's machine is removed. When that fails the job stays
+// tracked without a machine, and the teardown's next delivery ends it.
+func (m *Manager) endSuperseded(ctx context.Context, j *job, e *supersession) error {
+	err := m.emit(ctx, j, messages.StateTearingDown, e.d, 0, e.reason, nil)
+	if err == nil {
+		state := messages.StateTornDown
+		if e.cause != nil {
+			state = messages.StateFailed
+		}
+		err = m.emit(ctx, j, state, e.d, 0, e.reason, e.cause)
+	}
+	if err != nil {
+		m.mu.Lock()
+		j.tearing, j.endedBy = false, nil
+		m.mu.Unlock()
+		return err
+	}
+	m.untrack(j.id, true)
+	return nil
 }
 
 // finishedBefore handles a teardown of a job without a machine that an

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -31,8 +32,8 @@ type Config struct {
 	// Run's context ends; then they are cancelled, rolled back and their
 	// requests handed back for redelivery. Default 60s.
 	ShutdownGrace time.Duration
-	// PullWait bounds one pull request, during which its slot is held;
-	// default 2s.
+	// PullWait bounds one long-poll pull request; no operation slot is
+	// held while it waits. Default 2s.
 	PullWait time.Duration
 	// WatchInterval is how often running machines are checked for an
 	// exited runner, a stop of their own and their deadline; default 2s.
@@ -81,13 +82,21 @@ type Worker struct {
 	cons bus.Consumers
 	life *lifecycle.Manager
 
-	slots chan struct{}
-	ex    exhaustion
+	slots *slots
+	// teardowns bounds the teardown requests in hand (waiting for a slot
+	// or for the build they end, or running) to Parallelism.
+	teardowns chan struct{}
+	ex        exhaustion
 	// finished is set once the teardowns the previous process left
 	// unfinished are ended (lifecycle.FinishTeardowns).
 	finished atomic.Bool
 
-	inFlight, maxInFlight, provisions, teardowns atomic.Int64
+	// ending holds the jobs whose self-started teardown is queued or
+	// running; only the watch loop adds to it.
+	endingMu sync.Mutex
+	ending   map[string]bool
+
+	inFlight, maxInFlight, provisionsSettled, teardownsSettled atomic.Int64
 }
 
 // New returns a Worker reading from cons.
@@ -116,14 +125,19 @@ func New(cfg Config, cons bus.Consumers, life *lifecycle.Manager) *Worker {
 	if cfg.ReconcileInterval <= 0 {
 		cfg.ReconcileInterval = time.Minute
 	}
-	return &Worker{cfg: cfg, cons: cons, life: life, slots: make(chan struct{}, cfg.Parallelism)}
+	return &Worker{
+		cfg: cfg, cons: cons, life: life,
+		slots:     newSlots(cfg.Parallelism),
+		teardowns: make(chan struct{}, cfg.Parallelism),
+		ending:    make(map[string]bool),
+	}
 }
 
 // Stats returns a snapshot of the worker's accounting.
 func (w *Worker) Stats() Stats {
 	return Stats{
 		InFlight: w.inFlight.Load(), MaxInFlight: w.maxInFlight.Load(),
-		Provisions: w.provisions.Load(), Teardowns: w.teardowns.Load(),
+		Provisions: w.provisionsSettled.Load(), Teardowns: w.teardownsSettled.Load(),
 	}
 }
 
@@ -142,7 +156,8 @@ func (w *Worker) Run(ctx context.Context) error {
 
 	var ops conc.WaitGroup
 	var loops conc.WaitGroup
-	loops.Go(func() { w.pullLoop(ctx, opCtx, &ops) })
+	loops.Go(func() { w.provisionLoop(ctx, opCtx, &ops) })
+	loops.Go(func() { w.teardownLoop(ctx, opCtx, &ops) })
 	loops.Go(func() { w.watchLoop(ctx, opCtx, &ops) })
 	loops.Go(func() { w.maxDeliveriesLoop(ctx, opCtx, advisories) })
 	loops.Wait()
@@ -153,44 +168,29 @@ func (w *Worker) Run(ctx context.Context) error {
 	return nil
 }
 
-// acquire takes an operation slot; it fails only when ctx ends. A slot is
-// taken before a message is pulled, so no message waits unprocessed.
-func (w *Worker) acquire(ctx context.Context) bool {
-	select {
-	case w.slots <- struct{}{}:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
-// tryAcquire takes an operation slot if one is free.
-func (w *Worker) tryAcquire() bool {
-	select {
-	case w.slots <- struct{}{}:
-		return true
-	default:
-		return false
-	}
-}
-
-func (w *Worker) release() { <-w.slots }
-
-// operate runs op in its slot, counted as an operation in flight, and
-// frees the slot afterwards.
-func (w *Worker) operate(ops *conc.WaitGroup, op func()) {
-	ops.Go(func() {
-		defer w.release()
-		n := w.inFlight.Add(1)
-		defer w.inFlight.Add(-1)
-		for {
-			m := w.maxInFlight.Load()
-			if n <= m || w.maxInFlight.CompareAndSwap(m, n) {
-				break
-			}
+// occupy counts the calling operation, which holds a slot, as in flight
+// until the returned function is called.
+func (w *Worker) occupy() (done func()) {
+	n := w.inFlight.Add(1)
+	for {
+		m := w.maxInFlight.Load()
+		if n <= m || w.maxInFlight.CompareAndSwap(m, n) {
+			break
 		}
-		op()
-	})
+	}
+	return func() { w.inFlight.Add(-1) }
+}
+
+// inSlot runs op in a slot of priority p, waiting for one while ctx lasts;
+// it reports false, without running op, when ctx ended first.
+func (w *Worker) inSlot(ctx context.Context, p priority, op func()) bool {
+	if w.slots.acquire(ctx, p) != nil {
+		return false
+	}
+	defer w.slots.release()
+	defer w.occupy()()
+	op()
+	return true
 }
 
 // next pulls at most one message from the first consumer that has one,
@@ -228,45 +228,95 @@ func (w *Worker) pause(ctx context.Context) {
 	}
 }
 
-// pullLoop takes one free operation slot at a time and fills it with the
-// next request: a teardown for this host first, then a provision pinned to
-// this host, then a shared provision, waiting up to PullWait on the last.
-// At capacity (MaxVMs) it pulls teardowns only. So at most one slot is
-// ever held by a pull that is still waiting, and no pulled message waits
-// for a slot.
-func (w *Worker) pullLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
+// provisionLoop pulls a provision, pinned to this host first, then a
+// shared one, waiting up to PullWait on the last, whenever an operation
+// slot is free that no other work waits for and the host has room for a
+// machine (MaxVMs, counting the machines being built). The wait for a
+// message holds no slot: a provision takes its slot once it is pulled, so
+// the worker's own teardowns never wait for an idle pull, and a pulled
+// provision waits at most for work that came first.
+func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 	for ctx.Err() == nil {
-		if !w.acquire(ctx) {
+		if w.slots.waitIdle(ctx) != nil {
 			return
 		}
+		roomed := w.life.CapacityChanged()
 		unreserve, room := w.life.TryReserve(w.cfg.MaxVMs)
-		var msg jetstream.Msg
-		if room {
-			msg = w.next(ctx, w.cons.Teardown, w.cons.Pinned, w.cons.Provision)
-		} else {
-			msg = w.next(ctx, w.cons.Teardown)
-		}
-		switch {
-		case msg == nil:
-			w.release()
-		case isProvision(msg):
-			w.operate(ops, func() {
-				defer unreserve()
-				w.handleProvision(opCtx, msg)
-			})
+		if !room {
+			select {
+			case <-ctx.Done():
+			case <-roomed:
+			}
 			continue
-		default:
-			w.operate(ops, func() { w.handleTeardown(opCtx, msg) })
 		}
-		if room {
+		msg := w.next(ctx, w.cons.Pinned, w.cons.Provision)
+		if msg == nil {
 			unreserve()
+			continue
 		}
+		stop := w.heartbeat(msg)
+		// Taken here, not in the operation's goroutine, so that the next
+		// pull waits until this provision has its slot.
+		if w.slots.acquire(ctx, requestNext) != nil {
+			stop()
+			unreserve()
+			w.handBack(msg)
+			return
+		}
+		ops.Go(func() {
+			defer unreserve()
+			defer w.slots.release()
+			defer w.occupy()()
+			w.handleProvision(opCtx, msg, stop)
+		})
 	}
 }
 
-// isProvision tells a provision request from a teardown by its subject.
-func isProvision(msg jetstream.Msg) bool {
-	return strings.HasSuffix(msg.Subject(), ".provision")
+// teardownLoop pulls this host's teardown requests, up to Parallelism in
+// hand at once, and whether or not a slot is free: a teardown of a machine
+// being built ends that build in the build's own slot; any other takes a
+// slot, before provisions waiting for one.
+func (w *Worker) teardownLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case w.teardowns <- struct{}{}:
+		}
+		msg := w.next(ctx, w.cons.Teardown)
+		if msg == nil {
+			<-w.teardowns
+			continue
+		}
+		ops.Go(func() {
+			defer func() { <-w.teardowns }()
+			w.handleTeardown(ctx, opCtx, msg)
+		})
+	}
+}
+
+// handBack returns a pulled message that will not be served (the worker
+// is stopping) for immediate redelivery, to this worker or another.
+func (w *Worker) handBack(msg jetstream.Msg) {
+	err := msg.Nak()
+	if w.cfg.OnSettle != nil {
+		s := Settlement{Op: "provision", JobID: messages.PeekJobID(msg.Data()), Outcome: "nak"}
+		if isTeardown(msg) {
+			s.Op = "teardown"
+		}
+		if meta, merr := msg.Metadata(); merr == nil {
+			s.Attempt = int(meta.NumDelivered)
+		}
+		if err != nil {
+			s.Err = fmt.Errorf("nak message: %w", err)
+		}
+		w.cfg.OnSettle(s)
+	}
+}
+
+// isTeardown tells a teardown request from a provision by its subject.
+func isTeardown(msg jetstream.Msg) bool {
+	return strings.HasSuffix(msg.Subject(), ".teardown")
 }
 
 // reconcile runs one reconciliation and reports what failed; what failed
@@ -289,9 +339,10 @@ func (w *Worker) reconcile(ctx context.Context) {
 }
 
 // watchLoop ends machines whose runner exited, that stopped by themselves
-// or that passed their deadline, each teardown in an operation slot, and
-// reconciles the host now and then. It never waits for a slot: what finds
-// none is taken up again at the next tick.
+// or that passed their deadline, and reconciles the host now and then.
+// Each such teardown waits for an operation slot of its own, ahead of
+// provisions, so it begins as soon as one is free: at once when one is,
+// or when the next operation ends.
 func (w *Worker) watchLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 	tick := time.NewTicker(w.cfg.WatchInterval)
 	defer tick.Stop()
@@ -308,17 +359,38 @@ func (w *Worker) watchLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 		}
 		ends := append(w.life.KeepClaims(ctx), w.life.Check(ctx)...)
 		for _, end := range ends {
-			if !w.tryAcquire() {
-				break
+			if !w.startEnding(end.JobID) {
+				continue // queued or running already
 			}
-			w.operate(ops, func() {
-				err := w.life.Teardown(opCtx, end.JobID, end.Reason, end.Cause, lifecycle.Delivery{Origin: end.Reason})
-				if w.cfg.OnSettle != nil && err != nil {
-					w.cfg.OnSettle(Settlement{Op: end.Reason, JobID: end.JobID, Outcome: "retry", Err: err})
-				}
+			ops.Go(func() {
+				defer w.endEnding(end.JobID)
+				w.inSlot(ctx, teardownFirst, func() {
+					err := w.life.Teardown(opCtx, end.JobID, end.Reason, end.Cause, lifecycle.Delivery{Origin: end.Reason})
+					if w.cfg.OnSettle != nil && err != nil {
+						w.cfg.OnSettle(Settlement{Op: end.Reason, JobID: end.JobID, Outcome: "retry", Err: err})
+					}
+				})
 			})
 		}
 	}
+}
+
+// startEnding marks a self-started teardown of jobID as queued; false if
+// it is already.
+func (w *Worker) startEnding(jobID string) bool {
+	w.endingMu.Lock()
+	defer w.endingMu.Unlock()
+	if w.ending[jobID] {
+		return false
+	}
+	w.ending[jobID] = true
+	return true
+}
+
+func (w *Worker) endEnding(jobID string) {
+	w.endingMu.Lock()
+	defer w.endingMu.Unlock()
+	delete(w.ending, jobID)
 }
 
 func (w *Worker) delivery(msg jetstream.Msg) lifecycle.Delivery {
@@ -330,13 +402,14 @@ func (w *Worker) delivery(msg jetstream.Msg) lifecycle.Delivery {
 	return d
 }
 
-func (w *Worker) handleProvision(ctx context.Context, msg jetstream.Msg) {
+// handleProvision serves a provision message in the slot it holds; stop
+// ends the message's heartbeat, which runs from the pull on.
+func (w *Worker) handleProvision(ctx context.Context, msg jetstream.Msg, stop func()) {
 	defer w.serving(ctx, msg)()
 	d := w.delivery(msg)
-	stop := w.heartbeat(msg)
 	jobID, err := w.provision(ctx, msg.Data(), d)
 	stop()
-	w.provisions.Add(1)
+	w.provisionsSettled.Add(1)
 	w.settle(msg, "provision", jobID, d, err)
 }
 
@@ -356,26 +429,44 @@ func (w *Worker) provision(ctx context.Context, data []byte, d lifecycle.Deliver
 	return req.JobID, w.life.Provision(ctx, req, d)
 }
 
-func (w *Worker) handleTeardown(ctx context.Context, msg jetstream.Msg) {
-	defer w.serving(ctx, msg)()
+// handleTeardown serves a teardown message: through the build it ends
+// when its job's machine is being built, else in a slot of its own; ctx
+// bounds the wait for that slot, opCtx the teardown.
+func (w *Worker) handleTeardown(ctx, opCtx context.Context, msg jetstream.Msg) {
+	defer w.serving(opCtx, msg)()
 	d := w.delivery(msg)
 	stop := w.heartbeat(msg)
-	jobID, err := w.teardown(ctx, msg.Data(), d)
+	req, err := w.decodeTeardown(opCtx, msg.Data(), d)
+	jobID := req.JobID
+	if err == nil {
+		var served bool
+		served, err = w.life.TeardownBuild(opCtx, jobID, messages.ReasonRequested, nil, d)
+		if !served && !w.inSlot(ctx, teardownFirst, func() {
+			err = w.life.Teardown(opCtx, jobID, messages.ReasonRequested, nil, d)
+		}) {
+			stop()
+			w.handBack(msg)
+			return
+		}
+	} else if jobID == "" {
+		jobID = messages.PeekJobID(msg.Data())
+	}
 	stop()
-	w.teardowns.Add(1)
+	w.teardownsSettled.Add(1)
 	w.settle(msg, "teardown", jobID, d, err)
 }
 
-func (w *Worker) teardown(ctx context.Context, data []byte, d lifecycle.Delivery) (string, error) {
+// decodeTeardown decodes and validates a teardown request; a bad one is
+// refused without a failed event, as it says nothing about the job.
+func (w *Worker) decodeTeardown(ctx context.Context, data []byte, d lifecycle.Delivery) (messages.Teardown, error) {
 	req, err := messages.DecodeTeardown(data)
 	if err != nil {
-		// No failed event: a broken teardown says nothing about the job.
-		return messages.PeekJobID(data), w.life.Reject(ctx, "", "", messages.CodeBadMessage, err, d)
+		return messages.Teardown{}, w.life.Reject(ctx, "", "", messages.CodeBadMessage, err, d)
 	}
 	if err := req.Validate(); err != nil {
-		return "", w.life.Reject(ctx, "", "", rejectCode(err), err, d)
+		return messages.Teardown{JobID: ""}, w.life.Reject(ctx, "", "", rejectCode(err), err, d)
 	}
-	return req.JobID, w.life.Teardown(ctx, req.JobID, messages.ReasonRequested, nil, d)
+	return req, nil
 }
 
 func rejectCode(err error) messages.ErrorCode {

@@ -1,0 +1,132 @@
+package worker
+
+import (
+	"context"
+	"sync"
+)
+
+// Priorities of work waiting for an operation slot. Lower values are served
+// first.
+type priority int
+
+const (
+	// teardownFirst is for teardowns, the worker's own and requested ones:
+	// they free a machine, and a host at capacity starts nothing else until
+	// one ends.
+	teardownFirst priority = iota
+	// requestNext is for provisions.
+	requestNext
+	numPriorities
+)
+
+// slots bounds the operations in flight to a fixed number. A slot is taken
+// only for work in hand (a pulled message, a teardown the watch loop
+// decided on), never for a pull that is still waiting for a message:
+// otherwise an idle pull would keep the worker's own teardowns waiting,
+// forever at parallelism 1. A freed slot goes straight to the oldest waiter
+// of the highest priority.
+type slots struct {
+	mu      sync.Mutex
+	free    int
+	waiters [numPriorities][]chan struct{}
+	// changed is closed and replaced whenever free or the waiters change,
+	// to wake waitIdle.
+	changed chan struct{}
+}
+
+func newSlots(n int) *slots {
+	return &slots{free: n, changed: make(chan struct{})}
+}
+
+// signalLocked wakes everybody waiting for a change.
+func (s *slots) signalLocked() {
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// queuedLocked reports whether anyone of priority p or higher waits.
+func (s *slots) queuedLocked(p priority) bool {
+	for q := priority(0); q <= p; q++ {
+		if len(s.waiters[q]) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// acquire takes a slot for work of priority p, waiting until one is free
+// and every waiter of the same or a higher priority before it was served.
+// It fails only when ctx ends first.
+func (s *slots) acquire(ctx context.Context, p priority) error {
+	s.mu.Lock()
+	if s.free > 0 && !s.queuedLocked(p) {
+		s.free--
+		s.signalLocked()
+		s.mu.Unlock()
+		return nil
+	}
+	ch := make(chan struct{})
+	s.waiters[p] = append(s.waiters[p], ch)
+	s.signalLocked()
+	s.mu.Unlock()
+
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, w := range s.waiters[p] {
+		if w == ch {
+			s.waiters[p] = append(s.waiters[p][:i], s.waiters[p][i+1:]...)
+			s.signalLocked()
+			return ctx.Err()
+		}
+	}
+	// The slot was handed over just as ctx ended: pass it on.
+	s.releaseLocked()
+	return ctx.Err()
+}
+
+// release frees a slot taken by acquire, handing it to the first waiter.
+func (s *slots) release() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.releaseLocked()
+}
+
+func (s *slots) releaseLocked() {
+	for p := range s.waiters {
+		if len(s.waiters[p]) > 0 {
+			ch := s.waiters[p][0]
+			s.waiters[p] = s.waiters[p][1:]
+			close(ch)
+			s.signalLocked()
+			return
+		}
+	}
+	s.free++
+	s.signalLocked()
+}
+
+// waitIdle returns once a slot is free that nobody waits for, so that work
+// pulled now can start at once; it fails only when ctx ends. It takes
+// nothing: the pull that follows takes its slot with acquire once it has a
+// message, and waits there only if other work came first.
+func (s *slots) waitIdle(ctx context.Context) error {
+	for {
+		s.mu.Lock()
+		if s.free > 0 && !s.queuedLocked(numPriorities-1) {
+			s.mu.Unlock()
+			return nil
+		}
+		ch := s.changed
+		s.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}

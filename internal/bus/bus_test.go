@@ -222,3 +222,51 @@ func TestEnsureLeavesUnchangedStreamsAlone(t *testing.T) {
 		t.Fatalf("events max age %s after the change, want 1h", got)
 	}
 }
+
+// TestAppendNumbersAcrossHosts: two hosts append events of one job, each
+// knowing only its own last position, as a host that stalled and lost the
+// job does: every event still gets the next seq in stream order, and a
+// retried publish of a stored event is not stored again.
+func TestAppendNumbersAcrossHosts(t *testing.T) {
+	js := startJetStream(t)
+	ctx := context.Background()
+	a, b := NewPublisher(js), NewPublisher(js)
+	ev := func(host string, st messages.State, seq uint64) messages.Event {
+		return messages.Event{V: 1, JobID: "job-1", Host: host, State: st, Time: time.Now().UTC(), Seq: seq}
+	}
+	// A accepts the job, then stalls.
+	seq, posA, err := a.Append(ctx, ev("a", messages.StateAccepted, 1), "job-1:accepted:1", 0)
+	if err != nil || seq != 1 {
+		t.Fatalf("A's accepted: seq %d, %v", seq, err)
+	}
+	// B serves the job from the redelivery; it first knows nothing.
+	var seqB, posB uint64
+	for i, st := range []messages.State{messages.StateAccepted, messages.StateCloning, messages.StateCloned} {
+		seqB, posB, err = b.Append(ctx, ev("b", st, seqB+1), fmt.Sprintf("job-1:%s:2", st), posB)
+		if want := uint64(i + 2); err != nil || seqB != want {
+			t.Fatalf("B's %s: seq %d, %v; want %d", st, seqB, err, want)
+		}
+	}
+	// A resumes and drops the job, numbering as if nothing happened.
+	if seq, _, err = a.Append(ctx, ev("a", messages.StateDropped, 2), "job-1:dropped:1:a:7", posA); err != nil || seq != 5 {
+		t.Fatalf("A's dropped: seq %d, %v; want 5", seq, err)
+	}
+	// B goes on after its own last event: renumbered after A's dropped.
+	seq, posB, err = b.Append(ctx, ev("b", messages.StateBooting, seqB+1), "job-1:booting:2", posB)
+	if err != nil || seq != 6 {
+		t.Fatalf("B's booting: seq %d, %v; want 6", seq, err)
+	}
+	// A retried publish of B's booting (its ack lost) is stored once.
+	if seq2, pos2, err := b.Append(ctx, ev("b", messages.StateBooting, 6), "job-1:booting:2", 0); err != nil || seq2 != 6 || pos2 != posB {
+		t.Fatalf("retried booting: seq %d at %d, %v; want 6 at %d", seq2, pos2, err, posB)
+	}
+	_, events := count(t, js, ReadOptions{Filter: messages.EventFilter("", "job-1", "")})
+	if len(events) != 6 {
+		t.Fatalf("%d events stored, want 6", len(events))
+	}
+	for i, e := range events {
+		if e.Seq != uint64(i+1) {
+			t.Fatalf("event %d in stream order (%s of %s) has seq %d", i+1, e.State, e.Host, e.Seq)
+		}
+	}
+}

@@ -24,30 +24,127 @@ func NewPublisher(js jetstream.JetStream) *Publisher { return &Publisher{js: js}
 // within the stream's duplicate window. Failed attempts are retried with
 // backoff until ctx ends.
 func (p *Publisher) Publish(ctx context.Context, ev messages.Event, msgID string) error {
+	_, err := p.publish(ctx, ev, msgID)
+	return err
+}
+
+// publish stores ev with the options, retrying failed attempts with
+// backoff until ctx ends; a refused condition is returned at once.
+func (p *Publisher) publish(ctx context.Context, ev messages.Event, msgID string, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
 	data, err := messages.Marshal(&ev)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	subject := messages.EventSubject(ev.Host, ev.JobID, ev.State)
+	opts = append(opts, jetstream.WithMsgID(msgID), jetstream.WithExpectStream(messages.EventsStream))
 	backoff := 100 * time.Millisecond
 	retry := time.NewTimer(0)
 	defer retry.Stop()
 	<-retry.C
 	for {
 		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		_, err = p.js.Publish(pctx, subject, data, jetstream.WithMsgID(msgID), jetstream.WithExpectStream(messages.EventsStream))
+		ack, err := p.js.Publish(pctx, subject, data, opts...)
 		cancel()
 		if err == nil {
-			return nil
+			return ack, nil
+		}
+		if wrongLastSequence(err) {
+			return nil, err
 		}
 		retry.Reset(backoff)
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("publish event %s: %w", msgID, errors.Join(err, ctx.Err()))
+			return nil, fmt.Errorf("publish event %s: %w", msgID, errors.Join(err, ctx.Err()))
 		case <-retry.C:
 		}
 		backoff = min(backoff*2, 5*time.Second)
 	}
+}
+
+// maxRenumbers bounds how often one Append follows events that other
+// hosts stored in the meantime before it gives up for now.
+const maxRenumbers = 16
+
+// Append stores ev as the next event of its job, after the job's event at
+// stream sequence after (0: the job has no event yet, or the caller does
+// not know its newest). The publish is conditional on that
+// (Nats-Expected-Last-Subject-Sequence over the job's event subjects): when
+// another event of the job was stored since, typically another host's,
+// ev is renumbered to follow the job's newest event and published again,
+// so a job's seq goes up by one per stored event in stream order, across
+// hosts. It returns the stored event's seq and stream sequence; an event
+// stored before with the same msgID (a retried publish) is returned as
+// stored. Failed attempts are retried with backoff until ctx ends.
+func (p *Publisher) Append(ctx context.Context, ev messages.Event, msgID string, after uint64) (seq, stored uint64, err error) {
+	filter := messages.EventFilter("", ev.JobID, "")
+	for range maxRenumbers {
+		ack, err := p.publish(ctx, ev, msgID, jetstream.WithExpectLastSequenceForSubject(after, filter))
+		switch {
+		case err == nil && !ack.Duplicate:
+			return ev.Seq, ack.Sequence, nil
+		case err == nil:
+			// Stored before by a publish whose ack was lost; it is the
+			// job's newest event, or the condition would have failed.
+			return p.storedSeq(ctx, ev, ack.Sequence)
+		case !wrongLastSequence(err):
+			return 0, 0, err
+		}
+		newest, at, id, found, err := p.newest(ctx, filter)
+		if err != nil {
+			return 0, 0, fmt.Errorf("publish event %s: %w", msgID, err)
+		}
+		if found && id == msgID {
+			return newest.Seq, at, nil // stored by an earlier attempt
+		}
+		ev.Seq, after = newest.Seq+1, at
+	}
+	return 0, 0, fmt.Errorf("publish event %s: other events of job %s kept coming first", msgID, ev.JobID)
+}
+
+// wrongLastSequence reports whether err is the server's refusal of a
+// conditional publish: code 10071, or 10164 on replicated streams.
+func wrongLastSequence(err error) bool {
+	var aerr *jetstream.APIError
+	return errors.As(err, &aerr) &&
+		(aerr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+			aerr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
+// storedSeq returns the seq of the event stored at stream sequence at.
+func (p *Publisher) storedSeq(ctx context.Context, ev messages.Event, at uint64) (uint64, uint64, error) {
+	s, err := p.js.Stream(ctx, messages.EventsStream)
+	if err != nil {
+		return 0, 0, fmt.Errorf("event stream: %w", err)
+	}
+	raw, err := s.GetMsg(ctx, at)
+	if err != nil {
+		return 0, 0, fmt.Errorf("event %d of job %s: %w", at, ev.JobID, err)
+	}
+	old, err := messages.DecodeEvent(raw.Data)
+	if err != nil {
+		return 0, 0, fmt.Errorf("event %d of job %s: %w", at, ev.JobID, err)
+	}
+	return old.Seq, at, nil
+}
+
+// newest returns the newest event on filter with its stream sequence and
+// Nats-Msg-Id.
+func (p *Publisher) newest(ctx context.Context, filter string) (ev messages.Event, at uint64, msgID string, found bool, err error) {
+	s, err := p.js.Stream(ctx, messages.EventsStream)
+	if err != nil {
+		return ev, 0, "", false, fmt.Errorf("event stream: %w", err)
+	}
+	raw, err := s.GetLastMsgForSubject(ctx, filter)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return ev, 0, "", false, nil
+	}
+	if err != nil {
+		return ev, 0, "", false, fmt.Errorf("last event on %s: %w", filter, err)
+	}
+	if ev, err = messages.DecodeEvent(raw.Data); err != nil {
+		return ev, 0, "", false, fmt.Errorf("last event on %s: %w", filter, err)
+	}
+	return ev, raw.Sequence, raw.Header.Get(jetstream.MsgIDHeader), true, nil
 }
 
 // LastEvent returns the newest event of jobID published by host, or by

@@ -48,9 +48,9 @@ func WorkerPermissions(host string) (pub, sub []string) {
 		)
 	}
 	pub = append(pub,
-		messages.EventFilter(host, "", ""), // Publisher.Publish: this host's events only
-		jsAPI+"STREAM.INFO."+evt,           // Ensure reads the configuration; LastEvent looks the stream up
-		jsAPI+"STREAM.MSG.GET."+evt,        // LastEvent
+		messages.EventFilter(host, "", ""), // Publisher.Append: this host's events only
+		jsAPI+"STREAM.INFO."+evt,           // Ensure reads the configuration; LastEvent and Append look the stream up
+		jsAPI+"STREAM.MSG.GET."+evt,        // LastEvent; Append reads the job's newest event after a refused publish
 		// Recent: an ordered consumer over this host's events.
 		jsAPI+"CONSUMER.CREATE."+evt+".*."+messages.EventFilter(host, "", ""),
 		jsAPI+"CONSUMER.INFO."+evt+".*",

@@ -223,12 +223,21 @@ func runWorker(s, admin *session, host string) error {
 	if _, found, err := pub.LastEvent(ctx, "absent", host); err != nil || found {
 		return fmt.Errorf("last event of an unknown job: found %v, %v", found, err)
 	}
+	// The next event, published as if the job had none yet: refused,
+	// renumbered after the newest, stored; then its retry is a duplicate.
+	next := event(host, "shared-1", messages.StateCloning, 1)
+	if seq, _, err := pub.Append(ctx, next, "shared-1:cloning:1", 0); err != nil || seq != 2 {
+		return fmt.Errorf("append after another event: seq %d, %v", seq, err)
+	}
+	if seq, _, err := pub.Append(ctx, next, "shared-1:cloning:1", 0); err != nil || seq != 2 {
+		return fmt.Errorf("append again: seq %d, %v", seq, err)
+	}
 	recent, err := pub.Recent(ctx, host, time.Now().Add(-time.Hour))
 	if err != nil {
 		return err
 	}
-	if len(recent) != 1 || recent[0].JobID != "shared-1" {
-		return fmt.Errorf("recent events: %+v, want shared-1's accepted", recent)
+	if len(recent) != 2 || recent[0].JobID != "shared-1" || recent[1].State != messages.StateCloning {
+		return fmt.Errorf("recent events: %+v, want shared-1's accepted and cloning", recent)
 	}
 
 	// Claims: the bucket, a claim taken, renewed, seen held by another

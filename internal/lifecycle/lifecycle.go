@@ -22,10 +22,16 @@ type Machines interface {
 	ListOrphanVolumes(ctx context.Context) ([]string, error)
 }
 
-// Publisher makes an event durable. Publishing twice with the same msgID
-// stores the event once.
+// Publisher makes an event durable as the next event of its job.
+// *bus.Publisher implements it.
 type Publisher interface {
-	Publish(ctx context.Context, ev messages.Event, msgID string) error
+	// Append stores ev after the job's event at stream position after
+	// (0: none known). When other events of the job were stored since
+	// (another host's), ev is renumbered to follow the newest, so seq
+	// goes up by one per stored event of the job across hosts. It
+	// returns the seq and stream position ev was stored with; publishing
+	// twice with the same msgID stores the event once.
+	Append(ctx context.Context, ev messages.Event, msgID string, after uint64) (seq, pos uint64, err error)
 }
 
 // History tells the newest event already published for a job, so that a job
@@ -131,10 +137,13 @@ type Manager struct {
 }
 
 type job struct {
-	id       string
-	image    string
-	domain   string
-	seq      uint64
+	id     string
+	image  string
+	domain string
+	seq    uint64
+	// pos is the stream position of the job's newest event as this host
+	// knows it (0: unknown), the condition of its next Append.
+	pos      uint64
 	deadline time.Time
 	running  bool
 	// cancel stops an in-flight provision; nil once its build ended.
@@ -305,8 +314,10 @@ func (m *Manager) history(ctx context.Context, j *job) (messages.Event, error) {
 	return last, nil
 }
 
-// emit publishes the next event of j. Events of one job are emitted by one
-// goroutine at a time, so j.seq needs no lock beyond the call order.
+// emit publishes the next event of j, numbered after the job's newest
+// event on the stream, whichever host published it. Events of one job are
+// emitted by one goroutine at a time, so j.seq and j.pos need no lock
+// beyond the call order.
 func (m *Manager) emit(ctx context.Context, j *job, state messages.State, d Delivery, phase time.Duration, reason string, e *messages.Error) error {
 	ev := messages.Event{
 		V: messages.SchemaVersion, JobID: j.id, Host: m.cfg.Host, Image: j.image, Domain: j.domain,
@@ -332,9 +343,10 @@ func (m *Manager) emit(ctx context.Context, j *job, state messages.State, d Deli
 		// or of repeated ones.
 		msgID += fmt.Sprintf(":%s:%d", m.cfg.Host, d.Request)
 	}
-	if err := m.cfg.Events.Publish(ctx, ev, msgID); err != nil {
+	seq, pos, err := m.cfg.Events.Append(ctx, ev, msgID, j.pos)
+	if err != nil {
 		return fmt.Errorf("publish %s event of job %s: %w", state, j.id, err)
 	}
-	j.seq++
+	j.seq, j.pos = seq, pos
 	return nil
 }

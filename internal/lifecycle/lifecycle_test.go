@@ -116,29 +116,65 @@ func (f *fakeMachines) count() int {
 	return len(f.machines)
 }
 
-// recorder keeps published events and deduplicates by msgID like JetStream.
+// recorder keeps published events and deduplicates by msgID like JetStream;
+// an event's stream position is its index in events plus one.
 type recorder struct {
 	mu     sync.Mutex
 	events []messages.Event
-	ids    map[string]bool
+	ids    map[string]int // msgID -> position
 	fail   error
 }
 
+// Publish stores ev unconditionally, as another host or an earlier process
+// would have.
 func (r *recorder) Publish(_ context.Context, ev messages.Event, msgID string) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.fail != nil {
 		return r.fail
 	}
-	if r.ids == nil {
-		r.ids = map[string]bool{}
-	}
-	if r.ids[msgID] {
-		return nil
-	}
-	r.ids[msgID] = true
-	r.events = append(r.events, ev)
+	r.storeLocked(ev, msgID)
 	return nil
+}
+
+func (r *recorder) storeLocked(ev messages.Event, msgID string) (seq, pos uint64) {
+	if r.ids == nil {
+		r.ids = map[string]int{}
+	}
+	if p, ok := r.ids[msgID]; ok {
+		return r.events[p-1].Seq, uint64(p)
+	}
+	r.events = append(r.events, ev)
+	r.ids[msgID] = len(r.events)
+	return ev.Seq, uint64(len(r.events))
+}
+
+// Append follows bus.Publisher.Append: the condition on the job's newest
+// event first, then the duplicate check, renumbering after the newest.
+func (r *recorder) Append(_ context.Context, ev messages.Event, msgID string, after uint64) (uint64, uint64, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.fail != nil {
+		return 0, 0, r.fail
+	}
+	var newest uint64
+	for i, e := range r.events {
+		if e.JobID == ev.JobID {
+			newest = uint64(i + 1)
+		}
+	}
+	if newest != after {
+		if p, ok := r.ids[msgID]; ok && uint64(p) == newest {
+			return r.events[p-1].Seq, newest, nil
+		}
+		if newest == 0 {
+			ev.Seq = 1
+		} else {
+			ev.Seq = r.events[newest-1].Seq + 1
+		}
+	}
+	seq, pos := r.storeLocked(ev, msgID)
+	return seq, pos, nil
 }
 
 func (r *recorder) LastEvent(_ context.Context, jobID, host string) (messages.Event, bool, error) {

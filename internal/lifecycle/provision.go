@@ -55,7 +55,6 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 		j.cancel = nil
 		m.mu.Unlock()
 	}()
-	m.startSeq(ctx, j)
 
 	// Claim the job across hosts before anything is built.
 	if err := m.take(ctx, j, d); err != nil {

@@ -128,6 +128,16 @@ func TestOneMachinePerJobAcrossHosts(t *testing.T) {
 			for _, j := range []string{job, other} {
 				events.waitState(t, j, messages.StateTornDown, bootWait)
 			}
+			// One numbering across both hosts: A's dropped follows the
+			// events B published meanwhile, and B's follow it.
+			for _, j := range []string{job, other} {
+				for i, ev := range events.of(j) {
+					if ev.Seq != uint64(i+1) {
+						t.Fatalf("job %s: event %d in stream order (%s from %s) has seq %d, want %d; events:\n%s",
+							j, i+1, ev.State, ev.Host, ev.Seq, i+1, events.dump())
+					}
+				}
+			}
 			for _, j := range []string{job, other} {
 				var terminal int
 				for _, ev := range events.of(j) {

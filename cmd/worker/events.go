@@ -166,6 +166,9 @@ func (t *table) write(ev messages.Event) error {
 		detail = "os " + ev.OS
 	case ev.State == messages.StateRunnerExited && ev.ExitCode != nil:
 		detail = fmt.Sprintf("exit code %d", *ev.ExitCode)
+		if ev.OutputWithheld {
+			detail += ", output withheld"
+		}
 	case ev.State == messages.StateDropped && ev.Holder != "":
 		detail = ev.Reason + ", held by " + ev.Holder
 	}

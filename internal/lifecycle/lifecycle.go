@@ -159,14 +159,18 @@ type job struct {
 
 	// The runner: the guest OS family, the runner's guest-agent pid (0
 	// when none was started) and what is known of its end. secrets are
-	// the job's secret values, scrubbed from the runner's output.
-	os          string
-	pid         int
-	runnerSince time.Time
-	secrets     []string
-	exited      bool
-	exitCode    *int
-	exitOutput  string
+	// the job's secret values, scrubbed from the runner's output; an
+	// adopted job's are not known (secretsKnown false), so its runner's
+	// output is withheld.
+	os             string
+	pid            int
+	runnerSince    time.Time
+	secrets        []string
+	secretsKnown   bool
+	exited         bool
+	exitCode       *int
+	exitOutput     string
+	outputWithheld bool
 	// endReason is why an adopted job whose end had begun ends.
 	endReason string
 	// statusFailures counts consecutive failed runner status checks.
@@ -328,7 +332,7 @@ func (m *Manager) emit(ctx context.Context, j *job, state messages.State, d Deli
 	case messages.StateRunnerStarted:
 		ev.RunnerPID = j.pid
 	case messages.StateRunnerExited:
-		ev.ExitCode, ev.Output = j.exitCode, j.exitOutput
+		ev.ExitCode, ev.Output, ev.OutputWithheld = j.exitCode, j.exitOutput, j.outputWithheld
 	case messages.StateDropped:
 		j.claim.mu.Lock()
 		ev.Holder = j.claim.lostTo

@@ -246,7 +246,7 @@ func (m *Manager) build(ctx context.Context, j *job, req messages.Provision, d D
 	if m.cfg.Agent == nil {
 		return nil
 	}
-	j.secrets = secretsOf(req.Runner)
+	j.secrets, j.secretsKnown = secretsOf(req.Runner), true
 	return m.startRunner(ctx, j, req, mach.OS, d)
 }
 

@@ -224,7 +224,8 @@ func (m *Manager) check(ctx context.Context, j *job, now time.Time) (Ending, boo
 	}
 	// qemu-ga reports an exit once: keep it until it is published.
 	code := st.ExitCode
-	j.exitCode, j.exitOutput, j.exited = &code, m.output(j, st), true
+	j.exitCode, j.exited = &code, true
+	j.exitOutput, j.outputWithheld = output(j, st)
 	if err := m.emitExit(ctx, j, d); err != nil {
 		return Ending{}, false
 	}
@@ -244,19 +245,79 @@ func (m *Manager) emitExit(ctx context.Context, j *job, d Delivery) error {
 	return nil
 }
 
-// output returns the end of what the runner printed, without secrets.
-func (m *Manager) output(j *job, st qga.Status) string {
-	out := string(st.Stdout) + string(st.Stderr)
-	for _, s := range j.secrets {
-		if s != "" {
-			out = strings.ReplaceAll(out, s, "[REDACTED]")
-		}
+// output returns the end of what the runner printed, without secrets:
+// each of stdout and stderr is scrubbed on its own and in whole before the
+// two are joined and cut to their last maxOutput bytes, so that a secret
+// cut by either does not leave a part of itself. A stream the agent
+// truncated at its limit may end in the first bytes of a secret; that end
+// is redacted too. When the job's secrets are not known (the machine was
+// adopted after a restart) nothing is returned and withheld is true.
+func output(j *job, st qga.Status) (out string, withheld bool) {
+	if !j.secretsKnown {
+		return "", len(st.Stdout)+len(st.Stderr) > 0
 	}
+	out = scrub(string(st.Stdout), j.secrets, st.StdoutTruncated) + scrub(string(st.Stderr), j.secrets, st.StderrTruncated)
 	if len(out) > maxOutput {
 		out = out[len(out)-maxOutput:]
 		if i := strings.IndexByte(out, '\n'); i >= 0 && i < len(out)-1 {
 			out = out[i+1:]
 		}
 	}
-	return strings.ToValidUTF8(out, "?")
+	return strings.ToValidUTF8(out, "?"), false
+}
+
+// redacted replaces a secret in a runner's output.
+const redacted = "[REDACTED]"
+
+// scrub replaces every occurrence of each secret in s; when s was cut
+// short after its last byte (truncated), an end of s that begins a secret
+// is replaced as well.
+func scrub(s string, secrets []string, truncated bool) string {
+	for _, secret := range secrets {
+		if secret != "" {
+			s = strings.ReplaceAll(s, secret, redacted)
+		}
+	}
+	if !truncated {
+		return s
+	}
+	cut := len(s)
+	for _, secret := range secrets {
+		if n := overlap(s, secret); n > 0 {
+			cut = min(cut, len(s)-n)
+		}
+	}
+	if cut < len(s) {
+		s = s[:cut] + redacted
+	}
+	return s
+}
+
+// overlap returns the length of the longest end of s that is a proper
+// beginning of secret, in time linear in len(secret): the KMP failure
+// function of secret, run over the end of s. Secrets hold no NUL byte.
+func overlap(s, secret string) int {
+	if len(secret) < 2 {
+		return 0
+	}
+	fail := make([]int, len(secret))
+	for i, k := 1, 0; i < len(secret); i++ {
+		for k > 0 && secret[i] != secret[k] {
+			k = fail[k-1]
+		}
+		if secret[i] == secret[k] {
+			k++
+		}
+		fail[i] = k
+	}
+	k := 0
+	for i := max(0, len(s)-len(secret)+1); i < len(s); i++ {
+		for k > 0 && (k == len(secret) || s[i] != secret[k]) {
+			k = fail[k-1]
+		}
+		if s[i] == secret[k] {
+			k++
+		}
+	}
+	return min(k, len(secret)-1)
 }

@@ -265,3 +265,90 @@ func TestReconcileWatchesAdoptedRunner(t *testing.T) {
 }
 
 var _ = time.Second
+
+// TestAdoptedRunnerOutputIsWithheld: a worker that adopted a running
+// machine after a restart does not know the job's secrets, so it publishes
+// the runner's exit without its output (output_withheld) rather than
+// output it cannot scrub. Before, the output went out as the runner
+// printed it, secret and all.
+func TestAdoptedRunnerOutputIsWithheld(t *testing.T) {
+	fx, ag := newAgentFixture()
+	ctx := context.Background()
+	if err := fx.m.Provision(ctx, forgejoRequest(fx, "j1"), first); err != nil {
+		t.Fatal(err)
+	}
+	m2 := New(Config{Host: "h1", Machines: fx.fm, Events: fx.rec, History: fx.rec, Agent: ag, Now: fx.clk.Now})
+	if err := m2.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ag.exit(3, "token is "+planted+"\n")
+	if ends := m2.Check(ctx); len(ends) != 1 {
+		t.Fatalf("Check = %+v", ends)
+	}
+	last := fx.rec.last("j1")
+	if last.State != messages.StateRunnerExited || last.Output != "" || !last.OutputWithheld ||
+		last.ExitCode == nil || *last.ExitCode != 3 {
+		t.Fatalf("runner_exited of the adopted job: %+v, want exit code 3, no output, output_withheld", last)
+	}
+}
+
+// TestOutputScrubbing: secrets are removed from each stream in whole
+// before the output is cut to its end, and the end of a stream the agent
+// truncated is redacted when it begins a secret.
+func TestOutputScrubbing(t *testing.T) {
+	const secret = "SECRET-0123456789abcdef"
+	j := &job{secrets: []string{secret, "other-secret-value"}, secretsKnown: true}
+	filler := strings.Repeat("x", maxOutput-10) + "\n"
+	tests := []struct {
+		name string
+		st   qga.Status
+		want func(out string) bool
+	}{
+		{"secret across the cut", qga.Status{Stdout: []byte("a\n" + secret + filler)},
+			func(out string) bool { return !strings.Contains(out, "0123") && !strings.Contains(out, "cdef") }},
+		{"secret at the start of stderr", qga.Status{Stdout: []byte("out\n"), Stderr: []byte(secret + " err\n")},
+			func(out string) bool { return out == "out\n[REDACTED] err\n" }},
+		{"stdout truncated inside a secret", qga.Status{Stdout: []byte("log " + secret[:9]), StdoutTruncated: true, Stderr: []byte("e\n")},
+			func(out string) bool { return out == "log [REDACTED]e\n" }},
+		{"truncated without a secret at its end", qga.Status{Stdout: []byte("log SEC ret"), StdoutTruncated: true},
+			func(out string) bool { return out == "log SEC ret" }},
+		{"complete output ending like a secret is kept", qga.Status{Stdout: []byte("say SECRET-0")},
+			func(out string) bool { return out == "say SECRET-0" }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			out, withheld := output(j, tt.st)
+			if withheld || !tt.want(out) {
+				t.Fatalf("output = %q (withheld %v)", out, withheld)
+			}
+		})
+	}
+}
+
+// TestOverlap checks overlap against the obvious quadratic search.
+func TestOverlap(t *testing.T) {
+	brute := func(s, secret string) int {
+		for n := min(len(secret)-1, len(s)); n > 0; n-- {
+			if strings.HasSuffix(s, secret[:n]) {
+				return n
+			}
+		}
+		return 0
+	}
+	alphabet := "ab"
+	for i := range 20000 {
+		r := uint64(i)*0x9e3779b97f4a7c15 + 1
+		next := func(n int) int { r ^= r << 13; r ^= r >> 7; r ^= r << 17; return int(r % uint64(n)) }
+		mk := func(n int) string {
+			b := make([]byte, n)
+			for k := range b {
+				b[k] = alphabet[next(len(alphabet))]
+			}
+			return string(b)
+		}
+		s, secret := mk(next(12)), mk(next(8)+1)
+		if got, want := overlap(s, secret), brute(s, secret); got != want {
+			t.Fatalf("overlap(%q, %q) = %d, want %d", s, secret, got, want)
+		}
+	}
+}

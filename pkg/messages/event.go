@@ -79,6 +79,11 @@ type Event struct {
 	// Output is the end of what the runner printed (at most 2 KiB, secrets
 	// removed), set on runner_exited when there was any.
 	Output string `msgpack:"output,omitempty"`
+	// OutputWithheld is set on runner_exited when the worker does not
+	// publish the runner's output because it cannot scrub the job's
+	// secrets from it: it adopted the machine after a restart, and
+	// secrets are never kept beyond the worker process that received them.
+	OutputWithheld bool `msgpack:"output_withheld,omitempty"`
 	// Holder is the host that holds the job's claim, set on dropped events
 	// when it is known.
 	Holder string `msgpack:"holder,omitempty"`

@@ -54,6 +54,11 @@ func goldenCases() map[string]any {
 			State: StateRunnerExited, Time: requestedAt.Add(10 * time.Minute), Seq: 8, Attempt: 0, PhaseMS: 583000,
 			OS: "linux", ExitCode: ptr(0), Output: "job finished: success\n",
 		},
+		"event_runner_exited_withheld_v1": &Event{
+			V: 1, JobID: "fj-2", Host: "host-a", Image: "debian-12", Domain: "stretchy-fj-2",
+			State: StateRunnerExited, Time: requestedAt.Add(10 * time.Minute), Seq: 8, Attempt: 0,
+			OS: "linux", ExitCode: ptr(1), OutputWithheld: true,
+		},
 		"event_failed_v1": &Event{
 			V: 1, JobID: "job-43", Host: "host-a", Image: "nope", Domain: "stretchy-job-43", State: StateFailed,
 			Time: requestedAt, Seq: 2, Attempt: 1,

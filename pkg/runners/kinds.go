@@ -82,11 +82,18 @@ func github(l layout, g *messages.GitHubRunner) (start, error) {
 	return s, nil
 }
 
-// jenkins starts an inbound agent over WebSocket. agent.jar parses its
+// jenkins starts an inbound agent over WebSocket (remoting 3176 or later,
+// whose agent.jar takes -url and -name itself). agent.jar parses its
 // arguments with args4j, which replaces every argument starting with "@" by
 // the lines of the file it names; -secret @<file> uses that, and a name or
 // work directory starting with "@" is refused because it would be read as a
 // file too.
+//
+// -noReconnect makes the agent exit once its connection ends. Without it
+// remoting's Engine waits and reconnects forever when the controller closes
+// the connection, as it does when it deletes or terminates a single-use
+// agent after its build, so the runner would never exit and the machine
+// would live until its deadline.
 func jenkins(l layout, j *messages.JenkinsAgent) (start, error) {
 	if j == nil {
 		return start{}, fmt.Errorf("jenkins agent: missing settings: %w", ErrInvalid)
@@ -114,6 +121,7 @@ func jenkins(l layout, j *messages.JenkinsAgent) (start, error) {
 		"-name", j.AgentName,
 		"-secret", "@" + s.secretFile,
 		"-webSocket",
+		"-noReconnect",
 		"-workDir", workDir,
 	}
 	return s, nil

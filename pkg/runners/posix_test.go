@@ -177,6 +177,7 @@ func testLaunchScript(t *testing.T, sh []string, name string, runner func() mess
 			"-name", `agent one's "$HOME"`,
 			"-secret", "@" + home + "/.stretchy/job-42_x/jenkins-secret",
 			"-webSocket",
+			"-noReconnect",
 			"-workDir", home + "/jenkins",
 		}
 	}
@@ -394,6 +395,25 @@ func TestLabels(t *testing.T) {
 		if got := forgejoLabel(in); got != want {
 			t.Errorf("forgejoLabel(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestJenkinsAgentDoesNotReconnect: remoting retries a lost connection
+// forever unless it is given -noReconnect, and then the agent, hence the
+// machine, would never end after its build.
+func TestJenkinsAgentDoesNotReconnect(t *testing.T) {
+	for _, goos := range allOS {
+		t.Run(string(goos), func(t *testing.T) {
+			p, err := For(testJob, goos, jenkinsRunner())
+			if err != nil {
+				t.Fatal(err)
+			}
+			script := string(p.Prepare[len(p.Prepare)-1].Stdin)
+			want := map[bool]string{true: " -noReconnect ", false: " \\\n  -noReconnect \\\n"}[goos == Windows]
+			if !strings.Contains(script, want) {
+				t.Errorf("the launch script does not pass -noReconnect as an argument of its own:\n%s", script)
+			}
+		})
 	}
 }
 

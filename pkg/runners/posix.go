@@ -8,19 +8,43 @@ import (
 // writeFileScript runs as root (qemu-ga's user) and writes its standard
 // input to "$3" with mode "$4", in the directory "$2" below "$1"
 // (<home>/.stretchy), all owned by stretchy. The umask makes every file and
-// directory private from the moment it exists; the file is removed first so
-// that nothing left at its path is written through. qemu-ga's own
+// directory private from the moment it exists. qemu-ga's own
 // guest-file-open would create the file 0666 and root-owned.
+//
+// stretchy owns its home, so it can put a symbolic link at any of the three
+// paths, and root would then create, chown, chmod or write whatever the link
+// points to. So the script refuses a link at any of them, before and after
+// mkdir (which follows links in existing components), changes owners with
+// chown -h, removes a file left at "$3" and creates it with noclobber, so
+// that a link planted there in between makes the redirection fail instead
+// of being followed (a dangling link or one to a regular file; sh opens
+// one to a device or FIFO without O_EXCL). Paths above <home> belong to
+// root and may be links (FreeBSD's /home is one), so they are not checked.
+// A stretchy process running during the write could still swap a checked
+// directory for a link before chmod, which follows links; nothing of
+// stretchy runs yet in a fresh clone unless the image starts it at boot.
 const writeFileScript = `set -e
 umask 077
 u=stretchy
 g=$(id -g "$u")
+nolinks() {
+  for p in "$1" "$2" "$3"; do
+    if [ -L "$p" ]; then
+      echo "stretchy: refusing to write $3: $p is a symbolic link" >&2
+      exit 1
+    fi
+  done
+}
+nolinks "$@"
 mkdir -p "$2"
-chown "$u:$g" "$1" "$2"
+nolinks "$@"
+chown -h "$u:$g" "$1" "$2"
 chmod 0700 "$1" "$2"
 rm -f "$3"
+set -C
 cat >"$3"
-chown "$u:$g" "$3"
+nolinks "$@"
+chown -h "$u:$g" "$3"
 chmod "$4" "$3"
 `
 

@@ -229,13 +229,17 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 		for i := 3; i < len(args); i++ {
 			args[i] = strings.ReplaceAll(args[i], l.home, home)
 		}
-		// A stale file, even a symlink, is replaced, not written through.
+		// A stale file is replaced, not written through: a hard link to
+		// another file keeps that file's content.
 		target := filepath.Join(tmp, "target")
 		if err := os.WriteFile(target, []byte("keep"), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		_ = os.MkdirAll(filepath.Dir(args[5]), 0o700)
-		_ = os.Symlink(target, args[5])
+		_ = os.Remove(args[5])
+		if err := os.Link(target, args[5]); err != nil {
+			t.Fatal(err)
+		}
 
 		if c.Path != "/bin/sh" {
 			t.Fatalf("%s: runs %s, want /bin/sh", c.Purpose, c.Path)
@@ -251,7 +255,7 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 			t.Errorf("%s: file holds %q, %v; want the command's stdin", c.Purpose, got, err)
 		}
 		if keep, _ := os.ReadFile(target); string(keep) != "keep" {
-			t.Errorf("%s: wrote through a symlink", c.Purpose)
+			t.Errorf("%s: wrote through a hard link", c.Purpose)
 		}
 		fi, err := os.Lstat(args[5])
 		if err != nil {
@@ -272,13 +276,95 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 	}
 	base, dir := filepath.Join(home, ".stretchy"), filepath.Join(home, ".stretchy", testJob)
 	want := strings.Join([]string{
-		"stretchy:1000 " + base + " " + dir,
-		"stretchy:1000 " + dir + "/token",
-		"stretchy:1000 " + base + " " + dir,
-		"stretchy:1000 " + dir + "/launch.sh",
+		"-h stretchy:1000 " + base + " " + dir,
+		"-h stretchy:1000 " + dir + "/token",
+		"-h stretchy:1000 " + base + " " + dir,
+		"-h stretchy:1000 " + dir + "/launch.sh",
 	}, "\n") + "\n"
 	if string(chowns) != want {
 		t.Errorf("chown calls:\n%s\nwant:\n%s", chowns, want)
+	}
+}
+
+// TestPOSIXWriteFileRefusesSymlinks plants a symbolic link, as stretchy
+// could in its home, at each path the secret's write goes through, and
+// checks that the write is refused before anything is created, owned or
+// written through the link.
+func TestPOSIXWriteFileRefusesSymlinks(t *testing.T) {
+	p, err := For(testJob, Linux, forgejoRunner())
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := p.Prepare[0]
+	tests := []struct {
+		name string
+		// link is the path, relative to home, that becomes a link to the
+		// trap; the directories above it are created first.
+		link string
+	}{
+		{"base directory", ".stretchy"},
+		{"job directory", ".stretchy/" + testJob},
+		{"secret file", ".stretchy/" + testJob + "/token"},
+	}
+	for shName, sh := range posixShOnly(t) {
+		for _, tt := range tests {
+			t.Run(shName+"/"+tt.name, func(t *testing.T) {
+				tmp := t.TempDir()
+				home, bin, trap := filepath.Join(tmp, "home"), filepath.Join(tmp, "bin"), filepath.Join(tmp, "trap")
+				writeFake(t, bin+"/id", `echo 1000`)
+				writeFake(t, bin+"/chown", `printf '%s\n' "$*" >>"$OUT/chown"`)
+				if err := os.MkdirAll(trap, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(trap, "token"), []byte("keep"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				link := filepath.Join(home, tt.link)
+				if err := os.MkdirAll(filepath.Dir(link), 0o700); err != nil {
+					t.Fatal(err)
+				}
+				target := trap
+				if tt.name == "secret file" {
+					target = filepath.Join(trap, "token")
+				}
+				if err := os.Symlink(target, link); err != nil {
+					t.Fatal(err)
+				}
+				args := slices.Clone(write.Args)
+				for i := 3; i < len(args); i++ {
+					args[i] = strings.ReplaceAll(args[i], "/home/stretchy", home)
+				}
+				cmd := shellCommand(sh, args...)
+				cmd.Env = []string{"PATH=" + bin + ":/usr/bin:/bin", "OUT=" + tmp}
+				cmd.Stdin = bytes.NewReader(write.Stdin)
+				var stderr bytes.Buffer
+				cmd.Stderr = &stderr
+				err := cmd.Run()
+				var exitErr *exec.ExitError
+				if !errors.As(err, &exitErr) {
+					t.Fatalf("write through a link at %s: %v, want a non-zero exit", tt.link, err)
+				}
+				if want := "stretchy: refusing to write " + args[5] + ": " + link + " is a symbolic link\n"; stderr.String() != want {
+					t.Errorf("stderr %q, want %q", stderr.String(), want)
+				}
+				entries, _ := os.ReadDir(trap)
+				if len(entries) != 1 || entries[0].Name() != "token" {
+					t.Errorf("the trap directory holds %v, want only its own file", entries)
+				}
+				if fi, err := os.Stat(trap); err != nil || fi.Mode().Perm() != 0o755 {
+					t.Errorf("the trap directory: %v, %v; want mode 0755 kept", fi.Mode(), err)
+				}
+				if b, err := os.ReadFile(filepath.Join(trap, "token")); err != nil || string(b) != "keep" {
+					t.Errorf("the trap file holds %q, %v; want it unchanged", b, err)
+				}
+				if fi, err := os.Stat(filepath.Join(trap, "token")); err != nil || fi.Mode().Perm() != 0o644 {
+					t.Errorf("the trap file: %v, %v; want mode 0644 kept", fi.Mode(), err)
+				}
+				if chowns, err := os.ReadFile(filepath.Join(tmp, "chown")); err == nil {
+					t.Errorf("chown was called: %s", chowns)
+				}
+			})
+		}
 	}
 }
 

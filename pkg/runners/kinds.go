@@ -60,26 +60,47 @@ func forgejoLabel(label string) string {
 // environment), so the launch script loads the JIT configuration from its
 // file into ACTIONS_RUNNER_INPUT_JITCONFIG and deletes the file: the
 // configuration is never on a command line.
+//
+// Given a JIT configuration, Runner.Listener writes .runner, .credentials
+// and .credentials_rsaparams (its private key) into its root directory,
+// the one holding run.sh, with File.WriteAllBytes, that is with the
+// process's umask; only config.sh would chmod them. The launch script keeps
+// umask 022, which builds expect, so the root directory is made private to
+// stretchy instead (privateDir). The default work folder _work is inside
+// it: builds whose files another user must read need an absolute
+// work_folder outside it in the JIT configuration.
 func github(l layout, g *messages.GitHubRunner) (start, error) {
 	if g == nil {
 		return start{}, fmt.Errorf("github runner: missing settings: %w", ErrInvalid)
+	}
+	dir, err := githubDir(l)
+	if err != nil {
+		return start{}, err
 	}
 	s := start{
 		name:       "GitHub Actions Runner",
 		secret:     g.JITConfig,
 		secretFile: l.join(l.jobDir, "jitconfig"),
 		secretEnv:  "ACTIONS_RUNNER_INPUT_JITCONFIG",
+		privateDir: dir,
+		program:    l.join(dir, "run.sh"),
 	}
-	switch l.os {
-	case FreeBSD:
-		return start{}, fmt.Errorf("GitHub Actions Runner does not support FreeBSD: %w", ErrUnsupported)
-	case Windows:
-		s.program = `C:\actions-runner\run.cmd`
-	default:
-		s.program = l.join(l.home, "actions-runner", "run.sh")
+	if l.os == Windows {
+		s.program = l.join(dir, "run.cmd")
 	}
 	s.exe = s.program
 	return s, nil
+}
+
+// githubDir is the GitHub Actions Runner's root directory on l's OS.
+func githubDir(l layout) (string, error) {
+	switch l.os {
+	case FreeBSD:
+		return "", fmt.Errorf("GitHub Actions Runner does not support FreeBSD: %w", ErrUnsupported)
+	case Windows:
+		return `C:\actions-runner`, nil
+	}
+	return l.join(l.home, "actions-runner"), nil
 }
 
 // jenkins starts an inbound agent over WebSocket (remoting 3176 or later,

@@ -151,6 +151,10 @@ type start struct {
 	// secretEnv, if set, is the environment variable the launch script
 	// loads the secret into before it deletes secretFile and starts exe.
 	secretEnv string
+	// privateDir, if set, is a directory the runner writes its own
+	// credentials into, which is made private to stretchy before the
+	// launch.
+	privateDir string
 }
 
 // layout holds the paths of one OS family for one job.

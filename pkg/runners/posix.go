@@ -48,6 +48,28 @@ chown -h "$u:$g" "$3"
 chmod "$4" "$3"
 `
 
+// privateDirScript runs as root and makes the directory "$1" owned by
+// stretchy and mode 0700, so that no other user can read what the runner
+// writes into it. It refuses a symbolic link, which stretchy could have put
+// there to have root chmod its target, and anything but a directory;
+// nothing at the path is left alone, and the launch then fails as for any
+// missing runner program. chown -h and the link check narrow, but cannot
+// close, the window in which a stretchy process could swap the directory
+// for a link before chmod, which follows links.
+const privateDirScript = `set -e
+if [ -L "$1" ]; then
+  echo "stretchy: refusing to make $1 private: it is a symbolic link" >&2
+  exit 1
+fi
+[ -e "$1" ] || exit 0
+if [ ! -d "$1" ]; then
+  echo "stretchy: refusing to make $1 private: it is not a directory" >&2
+  exit 1
+fi
+chown -h "stretchy:$(id -g stretchy)" "$1"
+chmod 0700 "$1"
+`
+
 // checkScriptPath refuses a launch script path that is not absolute or
 // holds a character a shell could act on; the wrappers below rely on it.
 const checkScriptPath = `case $1 in
@@ -101,11 +123,21 @@ func posixPlan(l layout, s start) Plan {
 		}
 	}
 	wrapper := map[OS]string{Linux: linuxLaunchScript, FreeBSD: freebsdLaunchScript, Darwin: darwinLaunchScript}[l.os]
+	var prepare []Command
+	if s.privateDir != "" {
+		prepare = append(prepare, Command{
+			Path:    "/bin/sh",
+			Args:    []string{"-c", privateDirScript, "sh", s.privateDir},
+			Env:     env,
+			Purpose: "make " + s.name + " directory private",
+		})
+	}
+	prepare = append(prepare,
+		write(s.secretFile, "0600", []byte(s.secret), true, "write "+s.name+" secret"),
+		write(script, "0700", []byte(posixLaunchScript(l, s)), false, "write launch script"),
+	)
 	return Plan{
-		Prepare: []Command{
-			write(s.secretFile, "0600", []byte(s.secret), true, "write "+s.name+" secret"),
-			write(script, "0700", []byte(posixLaunchScript(l, s)), false, "write launch script"),
-		},
+		Prepare: prepare,
 		Launch: Command{
 			Path:    "/bin/sh",
 			Args:    []string{"-c", wrapper, "sh", script},

@@ -117,7 +117,7 @@ func testLaunchScript(t *testing.T, sh []string, name string, runner func() mess
 	if err != nil {
 		t.Fatal(err)
 	}
-	script := string(p.Prepare[1].Stdin)
+	script := string(p.Prepare[len(p.Prepare)-1].Stdin)
 	if out, err := shellCommand(sh, "-n", "-c", script).CombinedOutput(); err != nil {
 		t.Fatalf("sh -n: %v\n%s", err, out)
 	}
@@ -368,6 +368,100 @@ func TestPOSIXWriteFileRefusesSymlinks(t *testing.T) {
 	}
 }
 
+// TestPOSIXGitHubRunnerDirBecomesPrivate runs the command that makes the
+// GitHub runner's directory private, with fake id and chown, against a
+// directory, a symbolic link, a file and nothing, and checks what it
+// leaves: the runner writes its credentials there with the job's umask.
+func TestPOSIXGitHubRunnerDirBecomesPrivate(t *testing.T) {
+	tests := []struct {
+		name string
+		// make creates what is at the runner directory's path.
+		make       func(t *testing.T, dir, trap string)
+		wantStderr string // "" means exit 0
+		wantMode   os.FileMode
+		wantChown  bool
+	}{
+		{name: "directory", make: func(t *testing.T, dir, _ string) { mkdir(t, dir, 0o755) },
+			wantMode: os.ModeDir | 0o700, wantChown: true},
+		{name: "symbolic link", make: func(t *testing.T, dir, trap string) {
+			if err := os.Symlink(trap, dir); err != nil {
+				t.Fatal(err)
+			}
+		}, wantStderr: "it is a symbolic link", wantMode: os.ModeSymlink | 0o777},
+		{name: "file", make: func(t *testing.T, dir, _ string) {
+			if err := os.WriteFile(dir, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}, wantStderr: "it is not a directory", wantMode: 0o644},
+		{name: "missing", make: func(*testing.T, string, string) {}},
+	}
+	for _, goos := range []OS{Linux, Darwin} {
+		p, err := For(testJob, goos, githubRunner())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := p.Prepare[0]
+		l := layoutFor(goos, testJob)
+		if c.Path != "/bin/sh" || c.Args[len(c.Args)-1] != l.home+"/actions-runner" || c.SecretStdin {
+			t.Fatalf("%s: first prepare command is %q (%s %q), want /bin/sh on %s/actions-runner", goos, c.Purpose, c.Path, c.Args, l.home)
+		}
+		for shName, sh := range posixShOnly(t) {
+			for _, tt := range tests {
+				t.Run(shName+"/"+string(goos)+"/"+tt.name, func(t *testing.T) {
+					tmp := t.TempDir()
+					bin, dir, trap := filepath.Join(tmp, "bin"), filepath.Join(tmp, "home", "actions-runner"), filepath.Join(tmp, "trap")
+					writeFake(t, bin+"/id", `echo 1000`)
+					writeFake(t, bin+"/chown", `printf '%s\n' "$*" >>"$OUT/chown"`)
+					mkdir(t, filepath.Dir(dir), 0o755)
+					mkdir(t, trap, 0o755)
+					tt.make(t, dir, trap)
+					args := slices.Clone(c.Args)
+					args[len(args)-1] = dir
+					cmd := shellCommand(sh, args...)
+					cmd.Env = []string{"PATH=" + bin + ":/usr/bin:/bin", "OUT=" + tmp}
+					var stderr bytes.Buffer
+					cmd.Stderr = &stderr
+					err := cmd.Run()
+					switch {
+					case tt.wantStderr == "" && err != nil:
+						t.Fatalf("%v, want exit 0\n%s", err, stderr.String())
+					case tt.wantStderr != "" && err == nil:
+						t.Fatalf("exit 0, want a refusal saying %q", tt.wantStderr)
+					case tt.wantStderr != "":
+						if want := "stretchy: refusing to make " + dir + " private: " + tt.wantStderr + "\n"; stderr.String() != want {
+							t.Errorf("stderr %q, want %q", stderr.String(), want)
+						}
+					}
+					if fi, err := os.Lstat(dir); tt.wantMode == 0 {
+						if err == nil {
+							t.Errorf("created %s", dir)
+						}
+					} else if err != nil || fi.Mode() != tt.wantMode {
+						t.Errorf("%s: %v, %v; want %v", dir, fi.Mode(), err, tt.wantMode)
+					}
+					if fi, err := os.Stat(trap); err != nil || fi.Mode().Perm() != 0o755 {
+						t.Errorf("the link's target: %v, %v; want it unchanged", fi.Mode(), err)
+					}
+					chowns, _ := os.ReadFile(filepath.Join(tmp, "chown"))
+					if want := map[bool]string{true: "-h stretchy:1000 " + dir + "\n"}[tt.wantChown]; string(chowns) != want {
+						t.Errorf("chown calls %q, want %q", chowns, want)
+					}
+				})
+			}
+		}
+	}
+}
+
+func mkdir(t *testing.T, dir string, mode os.FileMode) {
+	t.Helper()
+	if err := os.Mkdir(dir, mode); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, mode); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // recorder records its name and argv, then exits 3.
 const recorder = `printf '%s\0' "${0##*/}" "$@" >"$OUT/called"
 exit 3
@@ -511,7 +605,7 @@ func TestJenkinsWorkDir(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(p.Prepare[1].Stdin), "-workDir \\\n  '/srv/jenkins work'\n") {
-		t.Errorf("launch script does not use the given work dir:\n%s", p.Prepare[1].Stdin)
+	if !strings.Contains(string(p.Prepare[len(p.Prepare)-1].Stdin), "-workDir \\\n  '/srv/jenkins work'\n") {
+		t.Errorf("launch script does not use the given work dir:\n%s", p.Prepare[len(p.Prepare)-1].Stdin)
 	}
 }

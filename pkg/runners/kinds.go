@@ -18,12 +18,9 @@ func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
 	}
 	s := start{
 		name:       "Forgejo Runner",
-		program:    "/usr/local/bin/forgejo-runner",
+		program:    forgejoProgram(l),
 		secret:     f.Token,
 		secretFile: l.join(l.jobDir, "token"),
-	}
-	if l.os == Windows {
-		s.program = l.join(l.home, "forgejo-runner.exe")
 	}
 	s.exe = s.program
 	s.args = []string{
@@ -40,6 +37,13 @@ func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
 	}
 	s.args = append(s.args, "--wait")
 	return s, nil
+}
+
+func forgejoProgram(l layout) string {
+	if l.os == Windows {
+		return l.join(l.home, "forgejo-runner.exe")
+	}
+	return "/usr/local/bin/forgejo-runner"
 }
 
 // forgejoLabel gives a label the "host" scheme, so that jobs run directly
@@ -129,12 +133,9 @@ func jenkins(l layout, j *messages.JenkinsAgent) (start, error) {
 	s := start{
 		name:       "Jenkins agent",
 		program:    l.join(l.home, "agent.jar"),
-		exe:        "java",
+		exe:        java(l),
 		secret:     j.Secret,
 		secretFile: l.join(l.jobDir, "jenkins-secret"),
-	}
-	if l.os == Windows {
-		s.exe = "java.exe"
 	}
 	s.args = []string{
 		"-jar", s.program,
@@ -144,6 +145,46 @@ func jenkins(l layout, j *messages.JenkinsAgent) (start, error) {
 		"-webSocket",
 		"-noReconnect",
 		"-workDir", workDir,
+	}
+	return s, nil
+}
+
+// java is the Java launcher, looked up in PATH.
+func java(l layout) string {
+	if l.os == Windows {
+		return "java.exe"
+	}
+	return "java"
+}
+
+// versionOf is how the program of kind tells its version, each of which
+// prints it on standard output and exits 0 without contacting a server:
+// forgejo-runner --version (cobra's root flag), Runner.Listener --version
+// and java -jar agent.jar -version (remoting's Launcher, 3.36 and later).
+// Runner.Listener is asked directly: run.sh would pass --version to its
+// "run" command through run-helper.sh, which it first copies into the
+// runner's directory, and map the exit code to 0.
+func versionOf(l layout, kind messages.RunnerKind) (start, error) {
+	s := start{version: true}
+	switch kind {
+	case messages.RunnerForgejo:
+		s.name, s.program = "Forgejo Runner", forgejoProgram(l)
+		s.exe, s.args = s.program, []string{"--version"}
+	case messages.RunnerGitHub:
+		dir, err := githubDir(l)
+		if err != nil {
+			return start{}, err
+		}
+		s.name, s.program = "GitHub Actions Runner", l.join(dir, "bin", "Runner.Listener")
+		if l.os == Windows {
+			s.program += ".exe"
+		}
+		s.exe, s.args = s.program, []string{"--version"}
+	case messages.RunnerJenkins:
+		s.name, s.program = "Jenkins agent", l.join(l.home, "agent.jar")
+		s.exe, s.args = java(l), []string{"-jar", s.program, "-version"}
+	default:
+		return start{}, fmt.Errorf("runner kind %q has no program: %w", kind, ErrInvalid)
 	}
 	return s, nil
 }

@@ -111,7 +111,8 @@ exec launchctl asuser "$uid" sudo -n -H -u stretchy -- "$1"
 // posixPlan renders s for Linux, FreeBSD and macOS.
 func posixPlan(l layout, s start) Plan {
 	env := []string{"PATH=" + l.adminPath}
-	script := l.join(l.jobDir, "launch.sh")
+	base, _, purpose := s.script()
+	script := l.join(l.jobDir, base+".sh")
 	write := func(file, mode string, content []byte, secret bool, purpose string) Command {
 		return Command{
 			Path:        "/bin/sh",
@@ -132,17 +133,17 @@ func posixPlan(l layout, s start) Plan {
 			Purpose: "make " + s.name + " directory private",
 		})
 	}
-	prepare = append(prepare,
-		write(s.secretFile, "0600", []byte(s.secret), true, "write "+s.name+" secret"),
-		write(script, "0700", []byte(posixLaunchScript(l, s)), false, "write launch script"),
-	)
+	if s.secretFile != "" {
+		prepare = append(prepare, write(s.secretFile, "0600", []byte(s.secret), true, "write "+s.name+" secret"))
+	}
+	prepare = append(prepare, write(script, "0700", []byte(posixLaunchScript(l, s)), false, "write "+base+" script"))
 	return Plan{
 		Prepare: prepare,
 		Launch: Command{
 			Path:    "/bin/sh",
 			Args:    []string{"-c", wrapper, "sh", script},
 			Env:     env,
-			Purpose: "start " + s.name + " as " + User,
+			Purpose: purpose,
 		},
 		Program: s.program,
 		Home:    l.home,
@@ -152,9 +153,10 @@ func posixPlan(l layout, s start) Plan {
 // posixLaunchScript is the script stretchy runs. It holds no secret: a
 // secret it needs is read from its file at run time.
 func posixLaunchScript(l layout, s start) string {
+	_, comment, _ := s.script()
 	var b strings.Builder
 	b.WriteString("#!/bin/sh\n")
-	b.WriteString("# Starts " + s.name + " for one CI job. Written by the stretchy libvirt worker.\n")
+	b.WriteString("# " + comment + " Written by the stretchy libvirt worker.\n")
 	b.WriteString("umask 022\n")
 	b.WriteString("HOME=" + shellQuote(l.home) + "\n")
 	b.WriteString("USER=" + User + "\n")

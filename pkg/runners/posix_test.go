@@ -201,6 +201,70 @@ func testLaunchScript(t *testing.T, sh []string, name string, runner func() mess
 	}
 }
 
+// TestPOSIXVersionScripts runs each POSIX version script like
+// TestPOSIXLaunchScripts, with fake programs that print a version, and
+// checks what is asked of them: run.sh would hand --version to
+// Runner.Listener's run command through its helper, so Runner.Listener is
+// asked itself.
+func TestPOSIXVersionScripts(t *testing.T) {
+	tests := []struct {
+		kind    messages.RunnerKind
+		program string // below the fake home or bin
+		args    []string
+	}{
+		{messages.RunnerForgejo, "bin/forgejo-runner", []string{"--version"}},
+		{messages.RunnerGitHub, "home/actions-runner/bin/Runner.Listener", []string{"--version"}},
+		{messages.RunnerJenkins, "bin/java", []string{"-jar", "HOME/agent.jar", "-version"}},
+	}
+	for shName, sh := range shells(t) {
+		for _, tt := range tests {
+			for _, goos := range []OS{Linux, FreeBSD, Darwin} {
+				t.Run(shName+"/"+string(tt.kind)+"/"+string(goos), func(t *testing.T) {
+					p, err := VersionPlan(testJob, goos, tt.kind)
+					if errors.Is(err, ErrUnsupported) {
+						t.Skip(err)
+					}
+					if err != nil {
+						t.Fatal(err)
+					}
+					if len(p.Prepare) != 1 || p.Prepare[0].SecretStdin {
+						t.Fatalf("%d prepare commands, want 1 without a secret", len(p.Prepare))
+					}
+					if got := p.Prepare[0].Args[5]; !strings.HasSuffix(got, "/version.sh") {
+						t.Errorf("writes %s, want version.sh in the job directory", got)
+					}
+					tmp := t.TempDir()
+					home, bin := filepath.Join(tmp, "home"), filepath.Join(tmp, "bin")
+					l := layoutFor(goos, testJob)
+					script := string(p.Prepare[0].Stdin)
+					script = strings.ReplaceAll(script, "PATH="+shellQuote(l.userPath), "PATH="+bin+":/usr/bin:/bin")
+					script = strings.ReplaceAll(script, "/usr/local/bin/forgejo-runner", bin+"/forgejo-runner")
+					script = strings.ReplaceAll(script, l.home, home)
+					program := filepath.Join(tmp, tt.program)
+					writeFake(t, program, `printf '%s\0' "$0" "$@" >"$OUT/argv"; echo 1.2.3`)
+					mkdir(t, filepath.Join(tmp, "out"), 0o700)
+					if err := os.MkdirAll(home, 0o755); err != nil {
+						t.Fatal(err)
+					}
+					cmd := shellCommand(sh, "-c", script)
+					cmd.Env = []string{"OUT=" + filepath.Join(tmp, "out"), "PATH=/usr/bin:/bin"}
+					out, err := cmd.Output()
+					if err != nil || string(out) != "1.2.3\n" {
+						t.Fatalf("version script: %q, %v; want the program's output", out, err)
+					}
+					want := []string{program}
+					for _, a := range tt.args {
+						want = append(want, strings.ReplaceAll(a, "HOME", home))
+					}
+					if got := readNUL(t, filepath.Join(tmp, "out", "argv")); !slices.Equal(got, want) {
+						t.Errorf("argv %q, want %q", got, want)
+					}
+				})
+			}
+		}
+	}
+}
+
 // TestPOSIXWriteFile runs the Prepare commands with fake id and chown and
 // checks what they leave on disk.
 func TestPOSIXWriteFile(t *testing.T) {

@@ -12,7 +12,8 @@ const powershell = `C:\Windows\System32\WindowsPowerShell\v1.0\powershell.exe`
 // (Env nil): replacing it would drop SystemRoot and friends, without which
 // PowerShell and .NET do not work.
 func windowsPlan(l layout, s start) Plan {
-	script := l.join(l.jobDir, "launch.ps1")
+	base, _, purpose := s.script()
+	script := l.join(l.jobDir, base+".ps1")
 	// A UTF-8 byte order mark makes PowerShell 5.1 read the script as
 	// UTF-8 rather than in the ANSI code page.
 	ps1 := append([]byte("\ufeff"), windowsLaunchScript(l, s)...)
@@ -20,16 +21,16 @@ func windowsPlan(l layout, s start) Plan {
 	if s.privateDir != "" {
 		prepare = append(prepare, windowsPrivateDir(s.privateDir, "make "+s.name+" directory private"))
 	}
-	prepare = append(prepare,
-		windowsWrite(l, s.secretFile, []byte(s.secret), true, "write "+s.name+" secret"),
-		windowsWrite(l, script, ps1, false, "write launch script"),
-	)
+	if s.secretFile != "" {
+		prepare = append(prepare, windowsWrite(l, s.secretFile, []byte(s.secret), true, "write "+s.name+" secret"))
+	}
+	prepare = append(prepare, windowsWrite(l, script, ps1, false, "write "+base+" script"))
 	return Plan{
 		Prepare: prepare,
 		Launch: Command{
 			Path:    powershell,
 			Args:    []string{"-NoLogo", "-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass", "-File", script},
-			Purpose: "start " + s.name + " as " + User,
+			Purpose: purpose,
 		},
 		Program: s.program,
 		Home:    l.home,
@@ -104,8 +105,9 @@ func windowsPrivateDir(dir, purpose string) Command {
 // PowerShell 5.1 passes arguments holding double quotes to native programs
 // without escaping them.
 func windowsLaunchScript(l layout, s start) string {
+	_, comment, _ := s.script()
 	lines := []string{
-		"# Starts " + s.name + " for one CI job. Written by the stretchy libvirt worker.",
+		"# " + comment + " Written by the stretchy libvirt worker.",
 		"$ErrorActionPreference = 'Stop'",
 		"Set-Location -LiteralPath " + psQuote(l.home),
 	}

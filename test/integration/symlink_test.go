@@ -129,6 +129,9 @@ B=/home/stretchy/.stretchy J=/home/stretchy/.stretchy/` + job + ` su -s /bin/sh 
 			if !ok {
 				t.Fatalf("no failed or runner_started event; events:\n%s", events.dump())
 			}
+			if ev.State == messages.StateFailed && (ev.Error == nil || ev.Error.Code != messages.CodeRunnerStartFailed) {
+				t.Fatalf("failed event %+v, want %s", ev.Error, messages.CodeRunnerStartFailed)
+			}
 			mu.Lock()
 			got := seen
 			mu.Unlock()
@@ -141,9 +144,6 @@ B=/home/stretchy/.stretchy J=/home/stretchy/.stretchy/` + job + ` su -s /bin/sh 
 			if ev.State == messages.StateRunnerStarted {
 				events.waitState(t, job, messages.StateTornDown, time.Minute)
 				t.Fatal("the secret was written through the link and the runner started")
-			}
-			if ev.Error == nil || ev.Error.Code != messages.CodeRunnerStartFailed {
-				t.Fatalf("failed event %+v, want %s", ev.Error, messages.CodeRunnerStartFailed)
 			}
 			if !strings.Contains(ev.Error.Message, "write Forgejo Runner secret") || !strings.Contains(ev.Error.Message, "exit code 1") {
 				t.Errorf("error %q, want the secret's write failing with exit code 1", ev.Error.Message)

@@ -79,8 +79,8 @@ type Command struct {
 // the same way. su and sudo are given the path, never a command string built
 // from job data.
 type Plan struct {
-	// Prepare makes the runner's own directory private where it writes
-	// credentials there (GitHub), and writes the secret and the launch
+	// Prepare makes private the directory a runner writes its own
+	// credentials into (GitHub), then writes the secret and the launch
 	// script.
 	Prepare []Command
 	// Launch starts the runner and exits when it does.

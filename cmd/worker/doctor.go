@@ -15,6 +15,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -35,8 +36,9 @@ and, with --nats-url, the NATS server, streams and this host's consumers.
 --boot also clones and boots each image that passed, as machine
 stretchy-doctor-<random> of host doctor-<random> (workers leave it alone),
 waits for its guest agent, detects its OS, runs "echo Hello" (Windows:
-Write-Host 'Hello'), looks for each runner's program and the agent's
-version, and removes the machine again, also on failure or Ctrl-C.
+Write-Host 'Hello'), looks for each runner's program and asks it for its
+version as stretchy, checks the agent's version, and removes the machine
+again, also on failure or Ctrl-C.
 
 Each check prints a line "ok", "warn" or "fail" with what it found and,
 unless ok, a hint how to fix it. The exit status is 1 if a check failed
@@ -69,6 +71,11 @@ const (
 	doctorCallTimeout = 30 * time.Second
 	// doctorCleanupTimeout bounds removing the boot check's machine.
 	doctorCleanupTimeout = 2 * time.Minute
+	// runnerVersionTimeout bounds asking one runner program for its
+	// version: a JVM or .NET start under TCG takes seconds.
+	runnerVersionTimeout = time.Minute
+	// maxVersionText bounds the version or reason quoted in a check.
+	maxVersionText = 120
 )
 
 // windowsPowerShell is the PowerShell pkg/runners starts runners with.
@@ -640,8 +647,91 @@ func (d *doctor) checkRunners(ctx context.Context, agent *qga.Agent, image, job 
 				"%s", missing(plan.Program, err)))
 			continue
 		}
-		d.add(ok(name, image, "%s exists", plan.Program))
+		d.add(ok(name, image, "%s exists, %s", plan.Program, runnerVersion(ctx, agent, machine, job, osFamily, kind)))
 	}
+}
+
+// runnerVersion asks the program of kind for its version as stretchy,
+// the way the worker starts runners (runners.VersionPlan), and says what
+// it answered or why there is no answer. The version is not checked
+// against the minimum docs/protocol.md 7.5 names: the programs print it in
+// different forms.
+func runnerVersion(ctx context.Context, agent *qga.Agent, machine, job string, osFamily runners.OS, kind messages.RunnerKind) string {
+	plan, err := runners.VersionPlan(job, osFamily, kind)
+	if err != nil {
+		return versionUnknown(err.Error())
+	}
+	vctx, cancel := context.WithTimeout(ctx, runnerVersionTimeout)
+	defer cancel()
+	for _, c := range plan.Prepare {
+		if _, err := agent.Run(vctx, machine, qga.ExecRequest{Path: c.Path, Args: c.Args, Env: c.Env, Stdin: c.Stdin}); err != nil {
+			return versionUnknown(c.Purpose + ": " + err.Error())
+		}
+	}
+	c := plan.Launch
+	st, err := agent.Run(vctx, machine, qga.ExecRequest{Path: c.Path, Args: c.Args, Env: c.Env, Capture: true})
+	if ctx.Err() != nil {
+		return versionUnknown("interrupted")
+	}
+	return versionAnswer(st, err, runnerVersionTimeout)
+}
+
+// versionAnswer turns the outcome of a version call into the text of the
+// runner's check: the first line the program printed, or why not.
+func versionAnswer(st qga.Status, err error, timeout time.Duration) string {
+	var exit *qga.ExitError
+	switch {
+	case errors.Is(err, qga.ErrRunTimeout):
+		return versionUnknown(fmt.Sprintf("no answer within %s", timeout))
+	case errors.As(err, &exit) && st.Signal != 0:
+		return versionUnknown(fmt.Sprintf("killed by signal %d", st.Signal))
+	case errors.As(err, &exit):
+		why := fmt.Sprintf("exit code %d", st.ExitCode)
+		if line := firstLine(st.Stderr); line != "" {
+			why += ": " + line
+		} else if line := firstLine(st.Stdout); line != "" {
+			why += ": " + line
+		}
+		return versionUnknown(why)
+	case err != nil:
+		return versionUnknown(err.Error())
+	}
+	if line := firstLine(st.Stdout); line != "" {
+		return fmt.Sprintf("version %q", line)
+	}
+	return versionUnknown("it printed nothing")
+}
+
+func versionUnknown(why string) string {
+	return "version unknown: " + clip(why)
+}
+
+// firstLine returns the first non-blank line of out, without control
+// characters, at most maxVersionText bytes long.
+func firstLine(out []byte) string {
+	for line := range strings.Lines(strings.ToValidUTF8(string(out), "\uFFFD")) {
+		line = strings.Map(func(r rune) rune {
+			if r < ' ' || r == 0x7f {
+				return -1
+			}
+			return r
+		}, line)
+		if line = strings.TrimSpace(line); line != "" {
+			return clip(line)
+		}
+	}
+	return ""
+}
+
+func clip(s string) string {
+	if len(s) <= maxVersionText {
+		return s
+	}
+	cut := maxVersionText
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
 }
 
 func missing(path string, err error) string {

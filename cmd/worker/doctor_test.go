@@ -13,8 +13,10 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
 )
 
 func TestAgentVersion(t *testing.T) {
@@ -35,6 +37,53 @@ func TestAgentVersion(t *testing.T) {
 			major, minor, valid := agentVersion(tt.in)
 			if major != tt.major || minor != tt.minor || valid != tt.valid {
 				t.Errorf("agentVersion(%q) = %d, %d, %v; want %d, %d, %v", tt.in, major, minor, valid, tt.major, tt.minor, tt.valid)
+			}
+		})
+	}
+}
+
+// TestVersionAnswer pins what a runner's check says about its version
+// call: the first line printed, or why there is none.
+func TestVersionAnswer(t *testing.T) {
+	exited := func(code int, stdout, stderr string) (qga.Status, error) {
+		st := qga.Status{Exited: true, ExitCode: code, Stdout: []byte(stdout), Stderr: []byte(stderr)}
+		if code != 0 {
+			return st, &qga.ExitError{Domain: "d", Path: "/bin/sh", Status: st}
+		}
+		return st, nil
+	}
+	tests := []struct {
+		name string
+		run  func() (qga.Status, error)
+		want string
+	}{
+		{"forgejo-runner", func() (qga.Status, error) { return exited(0, "forgejo-runner version v12.8.0\n", "") },
+			`version "forgejo-runner version v12.8.0"`},
+		{"first non-blank line", func() (qga.Status, error) { return exited(0, "\n  2.330.0 \r\nmore\n", "") },
+			`version "2.330.0"`},
+		{"control characters dropped", func() (qga.Status, error) { return exited(0, "\x1b[1m3283.v0\x1b[0m\n", "") },
+			`version "[1m3283.v0[0m"`},
+		{"long line clipped", func() (qga.Status, error) { return exited(0, strings.Repeat("é", 100), "") },
+			`version "` + strings.Repeat("é", 60) + `…"`},
+		{"nothing printed", func() (qga.Status, error) { return exited(0, "", "warning only on stderr\n") },
+			"version unknown: it printed nothing"},
+		{"missing java", func() (qga.Status, error) { return exited(127, "", "exec: line 12: java: not found\n") },
+			"version unknown: exit code 127: exec: line 12: java: not found"},
+		{"bad option on stdout", func() (qga.Status, error) { return exited(1, "unknown flag\n", "") },
+			"version unknown: exit code 1: unknown flag"},
+		{"killed", func() (qga.Status, error) {
+			st := qga.Status{Exited: true, ExitCode: -1, Signal: 9}
+			return st, &qga.ExitError{Domain: "d", Path: "/bin/sh", Status: st}
+		}, "version unknown: killed by signal 9"},
+		{"timeout", func() (qga.Status, error) {
+			return qga.Status{}, fmt.Errorf("guest-exec /bin/sh on d: pid 7: %w: %w", qga.ErrRunTimeout, context.DeadlineExceeded)
+		}, "version unknown: no answer within 1m0s"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			st, err := tt.run()
+			if got := versionAnswer(st, err, time.Minute); got != tt.want {
+				t.Errorf("versionAnswer = %q, want %q", got, tt.want)
 			}
 		})
 	}

@@ -79,7 +79,9 @@ type Command struct {
 // the same way. su and sudo are given the path, never a command string built
 // from job data.
 type Plan struct {
-	// Prepare writes the secret and the launch script.
+	// Prepare makes private the directory a runner writes its own
+	// credentials into (GitHub), then writes the secret and the launch
+	// script.
 	Prepare []Command
 	// Launch starts the runner and exits when it does.
 	Launch Command
@@ -139,6 +141,34 @@ func For(jobID string, os OS, r messages.Runner) (Plan, error) {
 	return posixPlan(l, s), nil
 }
 
+// VersionPlan returns the plan that asks the program of runner kind on an
+// OS of family os for its version, for diagnostics such as worker doctor:
+// Prepare writes a script, version.sh (Windows: version.ps1), into the job
+// directory of jobID, and Launch runs it as stretchy, exactly as For starts
+// a runner, so that it finds the program in the same environment. Launch
+// exits with the program's status once it has printed its version on
+// standard output; it needs no secret and no server. Plan.Program is the
+// program asked. VersionPlan returns an error wrapping ErrUnsupported when
+// the runner does not run on os, and one wrapping ErrInvalid for an invalid
+// job id or a kind without a program, such as messages.RunnerNone.
+func VersionPlan(jobID string, os OS, kind messages.RunnerKind) (Plan, error) {
+	if !messages.ValidJobID(jobID) {
+		return Plan{}, fmt.Errorf("job id %q: %w", jobID, ErrInvalid)
+	}
+	if !os.valid() {
+		return Plan{}, fmt.Errorf("OS family %q: %w", os, ErrUnknownOS)
+	}
+	l := layoutFor(os, jobID)
+	s, err := versionOf(l, kind)
+	if err != nil {
+		return Plan{}, err
+	}
+	if os == Windows {
+		return windowsPlan(l, s), nil
+	}
+	return posixPlan(l, s), nil
+}
+
 // start is what a runner needs, independent of how the OS starts it.
 type start struct {
 	name    string   // runner name for Purpose texts
@@ -151,6 +181,23 @@ type start struct {
 	// secretEnv, if set, is the environment variable the launch script
 	// loads the secret into before it deletes secretFile and starts exe.
 	secretEnv string
+	// privateDir, if set, is a directory the runner writes its own
+	// credentials into, which is made private to stretchy before the
+	// launch.
+	privateDir string
+	// version says that exe only tells its version (VersionPlan): the
+	// script is version.sh or version.ps1 and says so, and there is no
+	// secret.
+	version bool
+}
+
+// script is the base name of the script that starts s, and what its
+// first line and Launch's Purpose say it does.
+func (s start) script() (base, comment, purpose string) {
+	if s.version {
+		return "version", "Asks " + s.name + " for its version.", "ask " + s.name + " for its version as " + User
+	}
+	return "launch", "Starts " + s.name + " for one CI job.", "start " + s.name + " as " + User
 }
 
 // layout holds the paths of one OS family for one job.

@@ -87,6 +87,62 @@ func TestForGolden(t *testing.T) {
 	}
 }
 
+// TestVersionPlanGolden pins every version plan, 3 runners x 4 OS
+// families, like TestForGolden.
+func TestVersionPlanGolden(t *testing.T) {
+	kinds := []messages.RunnerKind{messages.RunnerForgejo, messages.RunnerGitHub, messages.RunnerJenkins}
+	for _, kind := range kinds {
+		for _, goos := range allOS {
+			name := "version_" + string(kind) + "_" + string(goos)
+			t.Run(string(kind)+"/"+string(goos), func(t *testing.T) {
+				p, err := VersionPlan(testJob, goos, kind)
+				var got string
+				if err != nil {
+					got = "error: " + err.Error() + "\n"
+				} else {
+					got = render(p)
+				}
+				golden := filepath.Join("testdata", name+".golden")
+				if *update {
+					if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
+						t.Fatal(err)
+					}
+				}
+				want, err := os.ReadFile(golden)
+				if err != nil {
+					t.Fatalf("%v (run with -update to create it)", err)
+				}
+				if got != string(want) {
+					t.Errorf("plan differs from %s (run with -update to accept):\n%s", golden, got)
+				}
+			})
+		}
+	}
+}
+
+func TestVersionPlanRefuses(t *testing.T) {
+	tests := []struct {
+		name string
+		job  string
+		os   OS
+		kind messages.RunnerKind
+		want error
+	}{
+		{"github on FreeBSD", testJob, FreeBSD, messages.RunnerGitHub, ErrUnsupported},
+		{"kind none", testJob, Linux, messages.RunnerNone, ErrInvalid},
+		{"unknown kind", testJob, Linux, "gitlab", ErrInvalid},
+		{"bad job id", "../x", Linux, messages.RunnerForgejo, ErrInvalid},
+		{"unknown OS", testJob, "plan9", messages.RunnerForgejo, ErrUnknownOS},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if _, err := VersionPlan(tt.job, tt.os, tt.kind); !errors.Is(err, tt.want) {
+				t.Fatalf("err = %v, want %v", err, tt.want)
+			}
+		})
+	}
+}
+
 func TestForGitHubOnFreeBSDIsUnsupported(t *testing.T) {
 	_, err := For(testJob, FreeBSD, githubRunner())
 	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "GitHub Actions Runner does not support FreeBSD") {

@@ -117,7 +117,7 @@ func testLaunchScript(t *testing.T, sh []string, name string, runner func() mess
 	if err != nil {
 		t.Fatal(err)
 	}
-	script := string(p.Prepare[1].Stdin)
+	script := string(p.Prepare[len(p.Prepare)-1].Stdin)
 	if out, err := shellCommand(sh, "-n", "-c", script).CombinedOutput(); err != nil {
 		t.Fatalf("sh -n: %v\n%s", err, out)
 	}
@@ -177,6 +177,7 @@ func testLaunchScript(t *testing.T, sh []string, name string, runner func() mess
 			"-name", `agent one's "$HOME"`,
 			"-secret", "@" + home + "/.stretchy/job-42_x/jenkins-secret",
 			"-webSocket",
+			"-noReconnect",
 			"-workDir", home + "/jenkins",
 		}
 	}
@@ -197,6 +198,70 @@ func testLaunchScript(t *testing.T, sh []string, name string, runner func() mess
 	wantEnv := []string{"HOME=" + home, "USER=stretchy", "LOGNAME=stretchy", "SHELL=/bin/sh", "PWD=" + home, "JIT=" + wantJIT}
 	if env := readNUL(t, filepath.Join(out, "env")); !slices.Equal(env, wantEnv) {
 		t.Errorf("runner environment:\n got %q\nwant %q", env, wantEnv)
+	}
+}
+
+// TestPOSIXVersionScripts runs each POSIX version script like
+// TestPOSIXLaunchScripts, with fake programs that print a version, and
+// checks what is asked of them: run.sh would hand --version to
+// Runner.Listener's run command through its helper, so Runner.Listener is
+// asked itself.
+func TestPOSIXVersionScripts(t *testing.T) {
+	tests := []struct {
+		kind    messages.RunnerKind
+		program string // below the fake home or bin
+		args    []string
+	}{
+		{messages.RunnerForgejo, "bin/forgejo-runner", []string{"--version"}},
+		{messages.RunnerGitHub, "home/actions-runner/bin/Runner.Listener", []string{"--version"}},
+		{messages.RunnerJenkins, "bin/java", []string{"-jar", "HOME/agent.jar", "-version"}},
+	}
+	for shName, sh := range shells(t) {
+		for _, tt := range tests {
+			for _, goos := range []OS{Linux, FreeBSD, Darwin} {
+				t.Run(shName+"/"+string(tt.kind)+"/"+string(goos), func(t *testing.T) {
+					p, err := VersionPlan(testJob, goos, tt.kind)
+					if errors.Is(err, ErrUnsupported) {
+						t.Skip(err)
+					}
+					if err != nil {
+						t.Fatal(err)
+					}
+					if len(p.Prepare) != 1 || p.Prepare[0].SecretStdin {
+						t.Fatalf("%d prepare commands, want 1 without a secret", len(p.Prepare))
+					}
+					if got := p.Prepare[0].Args[5]; !strings.HasSuffix(got, "/version.sh") {
+						t.Errorf("writes %s, want version.sh in the job directory", got)
+					}
+					tmp := t.TempDir()
+					home, bin := filepath.Join(tmp, "home"), filepath.Join(tmp, "bin")
+					l := layoutFor(goos, testJob)
+					script := string(p.Prepare[0].Stdin)
+					script = strings.ReplaceAll(script, "PATH="+shellQuote(l.userPath), "PATH="+bin+":/usr/bin:/bin")
+					script = strings.ReplaceAll(script, "/usr/local/bin/forgejo-runner", bin+"/forgejo-runner")
+					script = strings.ReplaceAll(script, l.home, home)
+					program := filepath.Join(tmp, tt.program)
+					writeFake(t, program, `printf '%s\0' "$0" "$@" >"$OUT/argv"; echo 1.2.3`)
+					mkdir(t, filepath.Join(tmp, "out"), 0o700)
+					if err := os.MkdirAll(home, 0o755); err != nil {
+						t.Fatal(err)
+					}
+					cmd := shellCommand(sh, "-c", script)
+					cmd.Env = []string{"OUT=" + filepath.Join(tmp, "out"), "PATH=/usr/bin:/bin"}
+					out, err := cmd.Output()
+					if err != nil || string(out) != "1.2.3\n" {
+						t.Fatalf("version script: %q, %v; want the program's output", out, err)
+					}
+					want := []string{program}
+					for _, a := range tt.args {
+						want = append(want, strings.ReplaceAll(a, "HOME", home))
+					}
+					if got := readNUL(t, filepath.Join(tmp, "out", "argv")); !slices.Equal(got, want) {
+						t.Errorf("argv %q, want %q", got, want)
+					}
+				})
+			}
+		}
 	}
 }
 
@@ -228,13 +293,17 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 		for i := 3; i < len(args); i++ {
 			args[i] = strings.ReplaceAll(args[i], l.home, home)
 		}
-		// A stale file, even a symlink, is replaced, not written through.
+		// A stale file is replaced, not written through: a hard link to
+		// another file keeps that file's content.
 		target := filepath.Join(tmp, "target")
 		if err := os.WriteFile(target, []byte("keep"), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		_ = os.MkdirAll(filepath.Dir(args[5]), 0o700)
-		_ = os.Symlink(target, args[5])
+		_ = os.Remove(args[5])
+		if err := os.Link(target, args[5]); err != nil {
+			t.Fatal(err)
+		}
 
 		if c.Path != "/bin/sh" {
 			t.Fatalf("%s: runs %s, want /bin/sh", c.Purpose, c.Path)
@@ -250,7 +319,7 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 			t.Errorf("%s: file holds %q, %v; want the command's stdin", c.Purpose, got, err)
 		}
 		if keep, _ := os.ReadFile(target); string(keep) != "keep" {
-			t.Errorf("%s: wrote through a symlink", c.Purpose)
+			t.Errorf("%s: wrote through a hard link", c.Purpose)
 		}
 		fi, err := os.Lstat(args[5])
 		if err != nil {
@@ -271,13 +340,189 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 	}
 	base, dir := filepath.Join(home, ".stretchy"), filepath.Join(home, ".stretchy", testJob)
 	want := strings.Join([]string{
-		"stretchy:1000 " + base + " " + dir,
-		"stretchy:1000 " + dir + "/token",
-		"stretchy:1000 " + base + " " + dir,
-		"stretchy:1000 " + dir + "/launch.sh",
+		"-h stretchy:1000 " + base + " " + dir,
+		"-h stretchy:1000 " + dir + "/token",
+		"-h stretchy:1000 " + base + " " + dir,
+		"-h stretchy:1000 " + dir + "/launch.sh",
 	}, "\n") + "\n"
 	if string(chowns) != want {
 		t.Errorf("chown calls:\n%s\nwant:\n%s", chowns, want)
+	}
+}
+
+// TestPOSIXWriteFileRefusesSymlinks plants a symbolic link, as stretchy
+// could in its home, at each path the secret's write goes through, and
+// checks that the write is refused before anything is created, owned or
+// written through the link.
+func TestPOSIXWriteFileRefusesSymlinks(t *testing.T) {
+	p, err := For(testJob, Linux, forgejoRunner())
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := p.Prepare[0]
+	tests := []struct {
+		name string
+		// link is the path, relative to home, that becomes a link to the
+		// trap; the directories above it are created first.
+		link string
+	}{
+		{"base directory", ".stretchy"},
+		{"job directory", ".stretchy/" + testJob},
+		{"secret file", ".stretchy/" + testJob + "/token"},
+	}
+	for shName, sh := range posixShOnly(t) {
+		for _, tt := range tests {
+			t.Run(shName+"/"+tt.name, func(t *testing.T) {
+				tmp := t.TempDir()
+				home, bin, trap := filepath.Join(tmp, "home"), filepath.Join(tmp, "bin"), filepath.Join(tmp, "trap")
+				writeFake(t, bin+"/id", `echo 1000`)
+				writeFake(t, bin+"/chown", `printf '%s\n' "$*" >>"$OUT/chown"`)
+				if err := os.MkdirAll(trap, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(trap, "token"), []byte("keep"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				link := filepath.Join(home, tt.link)
+				if err := os.MkdirAll(filepath.Dir(link), 0o700); err != nil {
+					t.Fatal(err)
+				}
+				target := trap
+				if tt.name == "secret file" {
+					target = filepath.Join(trap, "token")
+				}
+				if err := os.Symlink(target, link); err != nil {
+					t.Fatal(err)
+				}
+				args := slices.Clone(write.Args)
+				for i := 3; i < len(args); i++ {
+					args[i] = strings.ReplaceAll(args[i], "/home/stretchy", home)
+				}
+				cmd := shellCommand(sh, args...)
+				cmd.Env = []string{"PATH=" + bin + ":/usr/bin:/bin", "OUT=" + tmp}
+				cmd.Stdin = bytes.NewReader(write.Stdin)
+				var stderr bytes.Buffer
+				cmd.Stderr = &stderr
+				err := cmd.Run()
+				var exitErr *exec.ExitError
+				if !errors.As(err, &exitErr) {
+					t.Fatalf("write through a link at %s: %v, want a non-zero exit", tt.link, err)
+				}
+				if want := "stretchy: refusing to write " + args[5] + ": " + link + " is a symbolic link\n"; stderr.String() != want {
+					t.Errorf("stderr %q, want %q", stderr.String(), want)
+				}
+				entries, _ := os.ReadDir(trap)
+				if len(entries) != 1 || entries[0].Name() != "token" {
+					t.Errorf("the trap directory holds %v, want only its own file", entries)
+				}
+				if fi, err := os.Stat(trap); err != nil || fi.Mode().Perm() != 0o755 {
+					t.Errorf("the trap directory: %v, %v; want mode 0755 kept", fi.Mode(), err)
+				}
+				if b, err := os.ReadFile(filepath.Join(trap, "token")); err != nil || string(b) != "keep" {
+					t.Errorf("the trap file holds %q, %v; want it unchanged", b, err)
+				}
+				if fi, err := os.Stat(filepath.Join(trap, "token")); err != nil || fi.Mode().Perm() != 0o644 {
+					t.Errorf("the trap file: %v, %v; want mode 0644 kept", fi.Mode(), err)
+				}
+				if chowns, err := os.ReadFile(filepath.Join(tmp, "chown")); err == nil {
+					t.Errorf("chown was called: %s", chowns)
+				}
+			})
+		}
+	}
+}
+
+// TestPOSIXGitHubRunnerDirBecomesPrivate runs the command that makes the
+// GitHub runner's directory private, with fake id and chown, against a
+// directory, a symbolic link, a file and nothing, and checks what it
+// leaves: the runner writes its credentials there with the job's umask.
+func TestPOSIXGitHubRunnerDirBecomesPrivate(t *testing.T) {
+	tests := []struct {
+		name string
+		// make creates what is at the runner directory's path.
+		make       func(t *testing.T, dir, trap string)
+		wantStderr string // "" means exit 0
+		wantMode   os.FileMode
+		wantChown  bool
+	}{
+		{name: "directory", make: func(t *testing.T, dir, _ string) { mkdir(t, dir, 0o755) },
+			wantMode: os.ModeDir | 0o700, wantChown: true},
+		{name: "symbolic link", make: func(t *testing.T, dir, trap string) {
+			if err := os.Symlink(trap, dir); err != nil {
+				t.Fatal(err)
+			}
+		}, wantStderr: "it is a symbolic link", wantMode: os.ModeSymlink | 0o777},
+		{name: "file", make: func(t *testing.T, dir, _ string) {
+			if err := os.WriteFile(dir, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}, wantStderr: "it is not a directory", wantMode: 0o644},
+		{name: "missing", make: func(*testing.T, string, string) {}},
+	}
+	for _, goos := range []OS{Linux, Darwin} {
+		p, err := For(testJob, goos, githubRunner())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := p.Prepare[0]
+		l := layoutFor(goos, testJob)
+		if c.Path != "/bin/sh" || c.Args[len(c.Args)-1] != l.home+"/actions-runner" || c.SecretStdin {
+			t.Fatalf("%s: first prepare command is %q (%s %q), want /bin/sh on %s/actions-runner", goos, c.Purpose, c.Path, c.Args, l.home)
+		}
+		for shName, sh := range posixShOnly(t) {
+			for _, tt := range tests {
+				t.Run(shName+"/"+string(goos)+"/"+tt.name, func(t *testing.T) {
+					tmp := t.TempDir()
+					bin, dir, trap := filepath.Join(tmp, "bin"), filepath.Join(tmp, "home", "actions-runner"), filepath.Join(tmp, "trap")
+					writeFake(t, bin+"/id", `echo 1000`)
+					writeFake(t, bin+"/chown", `printf '%s\n' "$*" >>"$OUT/chown"`)
+					mkdir(t, filepath.Dir(dir), 0o755)
+					mkdir(t, trap, 0o755)
+					tt.make(t, dir, trap)
+					args := slices.Clone(c.Args)
+					args[len(args)-1] = dir
+					cmd := shellCommand(sh, args...)
+					cmd.Env = []string{"PATH=" + bin + ":/usr/bin:/bin", "OUT=" + tmp}
+					var stderr bytes.Buffer
+					cmd.Stderr = &stderr
+					err := cmd.Run()
+					switch {
+					case tt.wantStderr == "" && err != nil:
+						t.Fatalf("%v, want exit 0\n%s", err, stderr.String())
+					case tt.wantStderr != "" && err == nil:
+						t.Fatalf("exit 0, want a refusal saying %q", tt.wantStderr)
+					case tt.wantStderr != "":
+						if want := "stretchy: refusing to make " + dir + " private: " + tt.wantStderr + "\n"; stderr.String() != want {
+							t.Errorf("stderr %q, want %q", stderr.String(), want)
+						}
+					}
+					if fi, err := os.Lstat(dir); tt.wantMode == 0 {
+						if err == nil {
+							t.Errorf("created %s", dir)
+						}
+					} else if err != nil || fi.Mode() != tt.wantMode {
+						t.Errorf("%s: %v, %v; want %v", dir, fi.Mode(), err, tt.wantMode)
+					}
+					if fi, err := os.Stat(trap); err != nil || fi.Mode().Perm() != 0o755 {
+						t.Errorf("the link's target: %v, %v; want it unchanged", fi.Mode(), err)
+					}
+					chowns, _ := os.ReadFile(filepath.Join(tmp, "chown"))
+					if want := map[bool]string{true: "-h stretchy:1000 " + dir + "\n"}[tt.wantChown]; string(chowns) != want {
+						t.Errorf("chown calls %q, want %q", chowns, want)
+					}
+				})
+			}
+		}
+	}
+}
+
+func mkdir(t *testing.T, dir string, mode os.FileMode) {
+	t.Helper()
+	if err := os.Mkdir(dir, mode); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, mode); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -397,6 +642,25 @@ func TestLabels(t *testing.T) {
 	}
 }
 
+// TestJenkinsAgentDoesNotReconnect: remoting retries a lost connection
+// forever unless it is given -noReconnect, and then the agent, hence the
+// machine, would never end after its build.
+func TestJenkinsAgentDoesNotReconnect(t *testing.T) {
+	for _, goos := range allOS {
+		t.Run(string(goos), func(t *testing.T) {
+			p, err := For(testJob, goos, jenkinsRunner())
+			if err != nil {
+				t.Fatal(err)
+			}
+			script := string(p.Prepare[len(p.Prepare)-1].Stdin)
+			want := map[bool]string{true: " -noReconnect ", false: " \\\n  -noReconnect \\\n"}[goos == Windows]
+			if !strings.Contains(script, want) {
+				t.Errorf("the launch script does not pass -noReconnect as an argument of its own:\n%s", script)
+			}
+		})
+	}
+}
+
 // TestJenkinsWorkDir: an explicit work dir is used as given.
 func TestJenkinsWorkDir(t *testing.T) {
 	r := jenkinsRunner()
@@ -405,7 +669,7 @@ func TestJenkinsWorkDir(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(p.Prepare[1].Stdin), "-workDir \\\n  '/srv/jenkins work'\n") {
-		t.Errorf("launch script does not use the given work dir:\n%s", p.Prepare[1].Stdin)
+	if !strings.Contains(string(p.Prepare[len(p.Prepare)-1].Stdin), "-workDir \\\n  '/srv/jenkins work'\n") {
+		t.Errorf("launch script does not use the given work dir:\n%s", p.Prepare[len(p.Prepare)-1].Stdin)
 	}
 }

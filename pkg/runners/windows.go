@@ -12,19 +12,25 @@ const powershell = `C:\Windows\System32\WindowsPowerShell\v1.0\powershell.exe`
 // (Env nil): replacing it would drop SystemRoot and friends, without which
 // PowerShell and .NET do not work.
 func windowsPlan(l layout, s start) Plan {
-	script := l.join(l.jobDir, "launch.ps1")
+	base, _, purpose := s.script()
+	script := l.join(l.jobDir, base+".ps1")
 	// A UTF-8 byte order mark makes PowerShell 5.1 read the script as
 	// UTF-8 rather than in the ANSI code page.
 	ps1 := append([]byte("\ufeff"), windowsLaunchScript(l, s)...)
+	var prepare []Command
+	if s.privateDir != "" {
+		prepare = append(prepare, windowsPrivateDir(s.privateDir, "make "+s.name+" directory private"))
+	}
+	if s.secretFile != "" {
+		prepare = append(prepare, windowsWrite(l, s.secretFile, []byte(s.secret), true, "write "+s.name+" secret"))
+	}
+	prepare = append(prepare, windowsWrite(l, script, ps1, false, "write "+base+" script"))
 	return Plan{
-		Prepare: []Command{
-			windowsWrite(l, s.secretFile, []byte(s.secret), true, "write "+s.name+" secret"),
-			windowsWrite(l, script, ps1, false, "write launch script"),
-		},
+		Prepare: prepare,
 		Launch: Command{
 			Path:    powershell,
 			Args:    []string{"-NoLogo", "-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass", "-File", script},
-			Purpose: "start " + s.name + " as " + User,
+			Purpose: purpose,
 		},
 		Program: s.program,
 		Home:    l.home,
@@ -62,13 +68,46 @@ func windowsWrite(l layout, file string, content []byte, secret bool, purpose st
 	}
 }
 
+// windowsPrivateDir gives dir a protected ACL (nothing inherited from
+// above, such as read access for BUILTIN\Users on C:\) that grants full
+// control to stretchy, the QEMU-GA service's user, to SYSTEM and to
+// BUILTIN\Administrators alone, inherited by everything in it; Windows
+// applies the inherited entries to what is already there. It refuses a
+// reparse point (symbolic link or junction) and anything but a directory,
+// and leaves a missing path alone. stretchy must own dir or have full
+// control of it to change its ACL. SIDs are used rather than names, which
+// Windows translates. The command text holds no double quote.
+func windowsPrivateDir(dir, purpose string) Command {
+	cmd := strings.Join([]string{
+		"$ErrorActionPreference = 'Stop'",
+		"$d = " + psQuote(dir),
+		"$i = Get-Item -LiteralPath $d -Force -ErrorAction SilentlyContinue",
+		"if ($null -eq $i) { exit 0 }",
+		"if ($i.Attributes -band [System.IO.FileAttributes]::ReparsePoint) { throw ('stretchy: refusing to make ' + $d + ' private: it is a symbolic link or junction') }",
+		"if (-not $i.PSIsContainer) { throw ('stretchy: refusing to make ' + $d + ' private: it is not a directory') }",
+		"$a = New-Object System.Security.AccessControl.DirectorySecurity",
+		"$a.SetAccessRuleProtection($true, $false)",
+		"$u = [System.Security.Principal.WindowsIdentity]::GetCurrent().User",
+		"$system = New-Object System.Security.Principal.SecurityIdentifier('S-1-5-18')",
+		"$admins = New-Object System.Security.Principal.SecurityIdentifier('S-1-5-32-544')",
+		"foreach ($s in @($u, $system, $admins)) { $a.AddAccessRule((New-Object System.Security.AccessControl.FileSystemAccessRule($s, 'FullControl', 'ContainerInherit, ObjectInherit', 'None', 'Allow'))) }",
+		"Set-Acl -LiteralPath $d -AclObject $a",
+	}, "; ")
+	return Command{
+		Path:    powershell,
+		Args:    []string{"-NoLogo", "-NoProfile", "-NonInteractive", "-Command", cmd},
+		Purpose: purpose,
+	}
+}
+
 // windowsLaunchScript is the PowerShell script the runner is started by. It
 // builds the runner's command line itself with windowsArgs, because Windows
 // PowerShell 5.1 passes arguments holding double quotes to native programs
 // without escaping them.
 func windowsLaunchScript(l layout, s start) string {
+	_, comment, _ := s.script()
 	lines := []string{
-		"# Starts " + s.name + " for one CI job. Written by the stretchy libvirt worker.",
+		"# " + comment + " Written by the stretchy libvirt worker.",
 		"$ErrorActionPreference = 'Stop'",
 		"Set-Location -LiteralPath " + psQuote(l.home),
 	}

@@ -160,15 +160,17 @@ build() {
   cat >"$r/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh
 stretchy:x:1000:1000:stretchy:/home/stretchy:/bin/sh
+other:x:1001:1001:other:/home/other:/bin/sh
 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
 EOF
   cat >"$r/etc/group" <<'EOF'
 root:x:0:
 tty:x:5:
 stretchy:x:1000:
+other:x:1001:
 nogroup:x:65534:
 EOF
-  printf 'root:*:19000:0:99999:7:::\nstretchy:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n' >"$r/etc/shadow"
+  printf 'root:*:19000:0:99999:7:::\nstretchy:*:19000:0:99999:7:::\nother:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n' >"$r/etc/shadow"
   chmod 640 "$r/etc/shadow"
   cat >"$r/etc/os-release" <<EOF
 ID=stretchy-tiny
@@ -179,18 +181,23 @@ VERSION_ID="1"
 VERSION="1"
 BUILD_ID="$key"
 EOF
-  # stub runners (see runner-stub) and the stretchy user's home
+  # stub runners (see runner-stub), the stretchy user's home, and the home
+  # of a second user, other, whom tests let try to read stretchy's files
   install -m 755 "$HERE/runner-stub" "$r/usr/local/bin/forgejo-runner"
   install -m 755 "$HERE/runner-stub" "$r/usr/bin/java"
-  install -d -m 755 -o 1000 -g 1000 "$r/home/stretchy" "$r/home/stretchy/actions-runner"
+  install -d -m 755 -o 1000 -g 1000 "$r/home/stretchy" "$r/home/stretchy/actions-runner" \
+    "$r/home/stretchy/actions-runner/bin"
   install -m 755 -o 1000 -g 1000 "$HERE/runner-stub" "$r/home/stretchy/actions-runner/run.sh"
+  install -m 755 -o 1000 -g 1000 "$HERE/runner-stub" "$r/home/stretchy/actions-runner/bin/Runner.Listener"
+  install -d -m 755 -o 1001 -g 1001 "$r/home/other"
   echo "placeholder: /usr/bin/java is a stub" >"$r/home/stretchy/agent.jar"
   chown 1000:1000 "$r/home/stretchy/agent.jar"
 
   # sanity checks, run in the unpacked tree: every library qemu-ga needs is
-  # there, and su to stretchy works
+  # there, and su to stretchy and to other works
   chroot "$r" /usr/sbin/qemu-ga --version >/dev/null || die "qemu-ga does not run in the rootfs (missing library?)"
   [ "$(chroot "$r" /bin/su -s /bin/sh stretchy -c 'id -u')" = 1000 ] || die "su to stretchy does not work"
+  [ "$(chroot "$r" /bin/su -s /bin/sh other -c 'id -u')" = 1001 ] || die "su to other does not work"
 
   # ext4 image straight from the folder (mkfs.ext4 -d keeps owners and modes)
   rm -f "$WORK/rootfs.ext4"; truncate -s "$DISK_SIZE" "$WORK/rootfs.ext4"

@@ -348,9 +348,11 @@ func TestDoctorBoot(t *testing.T) {
 	r.want(t, "boot.os", image, "ok", `linux (guest-get-osinfo id "stretchy-tiny", uname -s "Linux")`, "")
 	r.want(t, "boot.echo", image, "ok", "printed Hello", "")
 	r.want(t, "boot.home", image, "ok", "/home/stretchy exists", "")
-	r.want(t, "boot.runner.forgejo", image, "ok", "/usr/local/bin/forgejo-runner exists", "")
-	r.want(t, "boot.runner.github", image, "ok", "/home/stretchy/actions-runner/run.sh exists", "")
-	r.want(t, "boot.runner.jenkins", image, "ok", "/home/stretchy/agent.jar exists", "")
+	// The test guest's stubs answer the version calls with fixed fake
+	// versions (test/guest/README.md).
+	r.want(t, "boot.runner.forgejo", image, "ok", `/usr/local/bin/forgejo-runner exists, version "forgejo-runner version v12.8.0-stub"`, "")
+	r.want(t, "boot.runner.github", image, "ok", `/home/stretchy/actions-runner/run.sh exists, version "2.330.0-stub"`, "")
+	r.want(t, "boot.runner.jenkins", image, "ok", `/home/stretchy/agent.jar exists, version "3283.v0stub"`, "")
 	// The tiny guest has Debian 12's qemu-ga 7.2.
 	r.want(t, "boot.agent_version", image, "warn", "older than 8.0", "8.0 or newer")
 	r.want(t, "boot.cleanup", image, "ok", "removed stretchy-doctor-", "")

@@ -131,6 +131,9 @@ type workerOptions struct {
 	// Socket, when set, is the libvirt socket to dial instead of the
 	// system one (a proxy in front of it), redialled within a second.
 	Socket string
+	// WrapAgent, when set, wraps the real guest agent the worker uses, so
+	// that a test can act in the guest at a given step of the job.
+	WrapAgent func(lifecycle.Agent) lifecycle.Agent
 }
 
 // runningWorker is a worker serving in the test process.
@@ -185,9 +188,13 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 	}()
 	l := link.Libvirt()
 	rw := &runningWorker{}
+	var agent lifecycle.Agent = qga.New(l)
+	if o.WrapAgent != nil {
+		agent = o.WrapAgent(agent)
+	}
 	rw.life = lifecycle.New(lifecycle.Config{
 		Host: o.Host, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
-		Agent: qga.New(l), Events: pub, History: pub, Journal: pub,
+		Agent: agent, Events: pub, History: pub, Journal: pub,
 		Claims: claims, ClaimTTL: bus.ClaimTTL(o.AckWait),
 	})
 	rw.w = worker.New(worker.Config{

@@ -98,7 +98,7 @@ func TestRunnersStartAsStretchyWithSecretsInFiles(t *testing.T) {
 				}}
 			},
 			argv: []string{"'-jar'", "'/home/stretchy/agent.jar'", "'-url'", "'https://jenkins.example.org/'",
-				"'-name'", "'agent one'", "'-webSocket'"},
+				"'-name'", "'agent one'", "'-webSocket'", "'-noReconnect'"},
 		},
 	}
 	for _, tt := range tests {

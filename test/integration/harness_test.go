@@ -187,7 +187,7 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 	rw := &runningWorker{}
 	rw.life = lifecycle.New(lifecycle.Config{
 		Host: o.Host, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
-		Agent: qga.New(l, qga.Options{}), Events: pub, History: pub, Journal: pub,
+		Agent: qga.New(l, qga.Options{Caller: link}), Events: pub, History: pub, Journal: pub,
 		Claims: claims, ClaimTTL: bus.ClaimTTL(o.AckWait),
 	})
 	rw.w = worker.New(worker.Config{

@@ -6,6 +6,7 @@
 # live, then show a per-job summary and that nothing is left behind.
 # Usage: scripts/demo.sh path/to/worker
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib/daemon.sh"
 W="$1"
 IMAGE="${DEMO_IMAGE:-tiny-linux}"
 PORT="${DEMO_NATS_PORT:-14222}"
@@ -61,8 +62,9 @@ trap 'exit 130' INT TERM
 
 say "Starting the worker (embedded NATS on $URL, libvirt qemu:///system, TCG guests)"
 # Its own session: a Ctrl-C in the terminal reaches this script, which
-# tears the machines down through the worker before stopping it.
-setsid "$W" run --host "$HOST" --nats-url "" --nats-data-dir "$dir/nats" --nats-port "$PORT" \
+# tears the machines down through the worker before stopping it. Nor does
+# it keep a descriptor this script inherited (scripts/lib/daemon.sh).
+start_daemon "$W" run --host "$HOST" --nats-url "" --nats-data-dir "$dir/nats" --nats-port "$PORT" \
   --domain-type qemu --parallelism 3 --max-vms 4 >"$dir/worker.log" 2>&1 &
 wpid=$!
 for _ in $(seq 100); do

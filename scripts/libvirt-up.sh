@@ -2,8 +2,10 @@
 # Make sure libvirt + QEMU (TCG) are installed and libvirtd is running.
 # Idempotent; takes well under 2 s when everything is already in place.
 # Targets Debian 12 without systemd (containers, CI machines): the daemons
-# are started directly with -d.
+# are started directly with -d, each in a session of its own and without
+# this script's descriptors beyond stdio (scripts/lib/daemon.sh).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib/daemon.sh"
 
 LIBVIRT_URI="${LIBVIRT_URI:-qemu:///system}"
 PACKAGES=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
@@ -59,11 +61,11 @@ fi
 
 mkdir -p /run/libvirt
 if ! pgrep -x virtlogd >/dev/null; then
-  virtlogd -d
+  start_daemon virtlogd -d
   log "started virtlogd"
 fi
 if ! pgrep -x libvirtd >/dev/null; then
-  libvirtd -d
+  start_daemon libvirtd -d
   log "started libvirtd"
 fi
 

@@ -236,7 +236,7 @@ func doctorCommand(ctx context.Context, args []string) error {
 func (d *doctor) run(ctx context.Context) {
 	if link := d.checkLibvirt(ctx); link != nil {
 		p := provision.New(link.Libvirt(), provision.Options{DomainType: d.cfg.DomainType, Link: link})
-		agent := qga.New(link.Libvirt())
+		agent := qga.New(link.Libvirt(), qga.Options{Caller: link})
 		d.checkPools(ctx, p)
 		for _, image := range d.cfg.Images {
 			if ctx.Err() != nil {

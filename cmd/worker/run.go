@@ -136,7 +136,7 @@ func runCommand(ctx context.Context, args []string) error {
 	life := lifecycle.New(lifecycle.Config{
 		Host:     cfg.Host,
 		Machines: provision.New(lv, provision.Options{DomainType: cfg.DomainType, Link: link}),
-		Agent:    qga.New(lv),
+		Agent:    qga.New(lv, qga.Options{Caller: link}),
 		Events:   pub,
 		History:  pub,
 		Journal:  pub,

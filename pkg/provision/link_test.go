@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+
+	"github.com/stretchy-ci/libvirt-worker/internal/daemon"
 )
 
 // socketProxy forwards a unix socket to libvirtd's, so that tests can cut
@@ -343,7 +345,7 @@ func TestDisruptiveLibvirtdRestart(t *testing.T) {
 	// Whatever happens, libvirtd runs again when the test ends.
 	t.Cleanup(func() {
 		if exec.Command("pgrep", "-x", "libvirtd").Run() != nil {
-			if out, err := exec.Command("libvirtd", "-d").CombinedOutput(); err != nil {
+			if out, err := startLibvirtd(); err != nil {
 				t.Errorf("restart libvirtd: %v: %s", err, out)
 			}
 		}
@@ -379,7 +381,7 @@ func TestDisruptiveLibvirtdRestart(t *testing.T) {
 		t.Errorf("List without libvirtd = %v, want an IsUnavailable error", err)
 	}
 	restarted := time.Now()
-	if out, err := exec.Command("libvirtd", "-d").CombinedOutput(); err != nil {
+	if out, err := startLibvirtd(); err != nil {
 		t.Fatalf("libvirtd -d: %v: %s", err, out)
 	}
 	eventually(t, 60*time.Second, "List after restart", func() error { _, err := p.List(ctx); return err })
@@ -393,6 +395,16 @@ func TestDisruptiveLibvirtdRestart(t *testing.T) {
 	if err := k.Call(ctx, 10*time.Second, func() error { _, err := l.ConnectGetLibVersion(); return err }); err != nil {
 		t.Errorf("direct call on the same connection: %v", err)
 	}
+}
+
+// startLibvirtd runs libvirtd -d, which outlives the test: in a session of
+// its own and with none of the test process's descriptors (internal/daemon).
+func startLibvirtd() ([]byte, error) {
+	cmd := exec.Command("libvirtd", "-d")
+	if err := daemon.Detach(cmd); err != nil {
+		return nil, err
+	}
+	return cmd.CombinedOutput()
 }
 
 // waitLibvirtd waits until a fresh connection to libvirtd works.

@@ -19,16 +19,55 @@ type Conn interface {
 	SubscribeEvents(ctx context.Context, eventID libvirt.DomainEventID, dom libvirt.OptDomain) (<-chan interface{}, error)
 }
 
-// Timeouts of single agent calls. The context passed to a method shortens
-// them when it ends sooner. libvirt counts them in whole seconds and starts
-// each call with a guest-sync of its own, bounded by the same timeout.
+// Caller makes the Agent's calls on Conn as the rest of the worker makes
+// its own: fn makes them, Call waits while the connection is being made
+// again, returns once ctx ends or timeout passes and, on timeout, drops the
+// connection, so that fn ends soon, and returns an error its owner can
+// recognise as such. *provision.Link is one; its errors on timeout wrap
+// provision.ErrTimeout, which provision.IsUnavailable reports.
+type Caller interface {
+	Call(ctx context.Context, timeout time.Duration, fn func() error) error
+}
+
+// Defaults of Options.
 const (
-	// pingTimeout bounds guest-ping: the agent answers at once or is busy.
-	pingTimeout = 3 * time.Second
-	// callTimeout bounds every other command. guest-exec returns as soon
-	// as the program is spawned, so this does not limit how long it runs.
-	callTimeout = 10 * time.Second
+	// DefaultPingTimeout is the agent's timeout for guest-ping: the agent
+	// answers at once or is busy.
+	DefaultPingTimeout = 3 * time.Second
+	// DefaultCallTimeout is the agent's timeout for every other command.
+	// guest-exec returns as soon as the program is spawned, so this does
+	// not limit how long it runs.
+	DefaultCallTimeout = 10 * time.Second
+	// DefaultMargin is what a call may take beyond its agent timeout:
+	// libvirt starts each command with a guest-sync of its own (up to 5 s,
+	// and tried twice when the first reply goes missing), and libvirtd
+	// answers through a connection that other calls share.
+	DefaultMargin = 15 * time.Second
 )
+
+// Options configure an Agent. Zero values mean the defaults.
+type Options struct {
+	// Caller makes every libvirt call of the Agent, with a deadline of
+	// the call's agent timeout plus Margin. Without it the Agent calls Conn
+	// directly, and a call takes as long as libvirtd or the connection
+	// does: go-libvirt calls have no deadline, and the agent timeout
+	// libvirt applies bounds only the wait for the guest. That is only
+	// acceptable where a hung call holds up nothing but its caller, such
+	// as a one-shot tool or a test that ends with its process; a worker
+	// passes its *provision.Link.
+	Caller Caller
+	// PingTimeout is the agent's timeout for guest-ping; default
+	// DefaultPingTimeout. libvirt counts it in whole seconds.
+	PingTimeout time.Duration
+	// CallTimeout is the agent's timeout for every other command; default
+	// DefaultCallTimeout. libvirt counts it in whole seconds.
+	CallTimeout time.Duration
+	// Margin is what a call made through Caller may take beyond its agent
+	// timeout before the connection is presumed hung; default
+	// DefaultMargin. Looking up a domain, which does not reach the agent,
+	// has Margin alone.
+	Margin time.Duration
+}
 
 // Poll intervals.
 const (
@@ -48,11 +87,21 @@ const (
 // connection. It is safe for concurrent use; it keeps no state of its own.
 type Agent struct {
 	conn Conn
+	opts Options
 }
 
 // New returns an Agent that talks to guests through conn.
-func New(conn Conn) *Agent {
-	return &Agent{conn: conn}
+func New(conn Conn, opts Options) *Agent {
+	if opts.PingTimeout <= 0 {
+		opts.PingTimeout = DefaultPingTimeout
+	}
+	if opts.CallTimeout <= 0 {
+		opts.CallTimeout = DefaultCallTimeout
+	}
+	if opts.Margin <= 0 {
+		opts.Margin = DefaultMargin
+	}
+	return &Agent{conn: conn, opts: opts}
 }
 
 // Info is what guest-info reports about the agent.
@@ -86,19 +135,22 @@ type OSInfo struct {
 // WaitReady returns once the guest agent of domain answers guest-ping.
 //
 // Until the guest has started qemu-ga, libvirt answers at once that the
-// agent is not connected. WaitReady subscribes to libvirt's agent lifecycle
-// events and pings again as soon as the agent connects, with a slow ticker
-// as a safety net (a fast one when events are not available). The caller
+// agent is not connected. Without a Caller, WaitReady subscribes to
+// libvirt's agent lifecycle events and pings again as soon as the agent
+// connects, with a slow ticker as a safety net; with a Caller, or when
+// events are not available, it pings every 250 ms. The caller
 // bounds the wait with ctx, its boot timeout: when ctx ends first,
 // WaitReady returns ErrAgentTimeout wrapping ctx's error, possibly up to
-// one ping timeout late, as a call in flight cannot be interrupted.
+// one ping timeout late when there is no Caller, as a call in flight cannot
+// be interrupted.
 //
 // It retries while the agent is not connected and on other errors libvirt
 // reports while qemu-ga starts up. It fails at once, without waiting, with
 // ErrDomainNotFound, ErrDomainNotRunning (also when the domain is paused or
 // the guest died during boot), ErrAgentNotConfigured, ErrCommandFailed (the
 // agent answered, with an error) or an error of the libvirt connection,
-// which waiting does not change.
+// which waiting does not change: the Caller's error when a call got no
+// answer in time.
 func (a *Agent) WaitReady(ctx context.Context, domain string) error {
 	timedOut := func(last error) error {
 		if last != nil {
@@ -116,19 +168,10 @@ func (a *Agent) WaitReady(ctx context.Context, domain string) error {
 
 	// Subscribe before the first ping, so that a connection between
 	// the two cannot go unnoticed.
-	subCtx, cancel := context.WithCancel(ctx)
-	sub, err := a.conn.SubscribeEvents(subCtx, libvirt.DomainEventIDAgentLifecycle, libvirt.OptDomain{dom})
-	defer func() {
-		cancel()
-		// go-libvirt's relay blocks on sending until its context ends;
-		// drain so it can notice and close the channel.
-		if sub != nil {
-			for range sub {
-			}
-		}
-	}()
-	interval, events := readyPoll, sub
-	if err == nil {
+	events, unsubscribe := a.subscribe(ctx, dom)
+	defer unsubscribe()
+	interval := readyPoll
+	if events != nil {
 		interval = readyPollWithEvents
 	}
 	ticker := time.NewTicker(interval)
@@ -176,6 +219,36 @@ func (a *Agent) WaitReady(ctx context.Context, domain string) error {
 	}
 }
 
+// subscribe subscribes to the agent lifecycle events of dom and returns
+// them, or nil when WaitReady is to poll instead, and the function that
+// ends the subscription.
+//
+// With a Caller it always polls. A go-libvirt subscription makes an RPC of
+// its own when it ends, to deregister its callback, from a goroutine of
+// go-libvirt's, once its context ends or the connection drops: no Caller
+// can bound that call, and it races (go test -race reports it) with the
+// Caller making the connection again, which is just when a hung call has
+// made WaitReady give up. Polling costs one guest-ping every readyPoll,
+// which libvirt answers at once while the agent is not connected.
+func (a *Agent) subscribe(ctx context.Context, dom libvirt.Domain) (<-chan any, func()) {
+	if a.opts.Caller != nil {
+		return nil, func() {}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	events, err := a.conn.SubscribeEvents(ctx, libvirt.DomainEventIDAgentLifecycle, libvirt.OptDomain{dom})
+	if err != nil {
+		cancel()
+		return nil, func() {}
+	}
+	return events, func() {
+		cancel()
+		// go-libvirt's relay blocks on sending until its context ends;
+		// drain so it can notice and close the channel.
+		for range events {
+		}
+	}
+}
+
 // agentConnected reports whether ev says that dom's agent connected.
 func agentConnected(ev any, dom libvirt.Domain) bool {
 	msg, ok := ev.(*libvirt.DomainEventCallbackAgentLifecycleMsg)
@@ -194,7 +267,7 @@ func (a *Agent) Ping(ctx context.Context, domain string) error {
 }
 
 func (a *Agent) ping(ctx context.Context, dom libvirt.Domain) error {
-	return a.command(ctx, dom, "guest-ping", nil, pingTimeout, nil)
+	return a.command(ctx, dom, "guest-ping", nil, a.opts.PingTimeout, nil)
 }
 
 // Info returns the guest agent's version and enabled commands.
@@ -210,7 +283,7 @@ func (a *Agent) Info(ctx context.Context, domain string) (Info, error) {
 			Enabled bool   `json:"enabled"`
 		} `json:"supported_commands"`
 	}
-	if err := a.command(ctx, dom, "guest-info", nil, callTimeout, &r); err != nil {
+	if err := a.command(ctx, dom, "guest-info", nil, a.opts.CallTimeout, &r); err != nil {
 		return Info{}, err
 	}
 	info := Info{Version: r.Version}
@@ -240,7 +313,7 @@ func (a *Agent) OSInfo(ctx context.Context, domain string) (OSInfo, error) {
 		KernelVersion string `json:"kernel-version"`
 		Machine       string `json:"machine"`
 	}
-	if err := a.command(ctx, dom, "guest-get-osinfo", nil, callTimeout, &r); err != nil {
+	if err := a.command(ctx, dom, "guest-get-osinfo", nil, a.opts.CallTimeout, &r); err != nil {
 		return OSInfo{}, err
 	}
 	return OSInfo(r), nil
@@ -253,7 +326,12 @@ func (a *Agent) lookup(ctx context.Context, domain string) (libvirt.Domain, erro
 	if err := ctx.Err(); err != nil {
 		return libvirt.Domain{}, fmt.Errorf("look up domain %s: %w", domain, err)
 	}
-	dom, err := a.conn.DomainLookupByName(domain)
+	var dom libvirt.Domain
+	err := a.call(ctx, a.opts.Margin, func() error {
+		d, err := a.conn.DomainLookupByName(domain)
+		dom = d
+		return err
+	})
 	if err != nil {
 		return libvirt.Domain{}, fmt.Errorf("look up domain %s: %w", domain, withSentinel(err))
 	}
@@ -296,7 +374,13 @@ func (a *Agent) raw(ctx context.Context, dom libvirt.Domain, name string, args a
 		// not quote them: they may hold a secret.
 		return nil, errors.New("encode command")
 	}
-	reply, err := a.conn.QEMUDomainAgentCommand(dom, string(cmd), seconds(ctx, timeout), 0)
+	secs := seconds(ctx, timeout)
+	var reply libvirt.OptString
+	err = a.call(ctx, time.Duration(secs)*time.Second+a.opts.Margin, func() error {
+		r, err := a.conn.QEMUDomainAgentCommand(dom, string(cmd), secs, 0)
+		reply = r
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -313,6 +397,17 @@ func (a *Agent) raw(ctx context.Context, dom libvirt.Domain, name string, args a
 		return nil, errors.New("reply has no return value")
 	}
 	return r.Return, nil
+}
+
+// call runs fn, which makes libvirt calls on a.conn, through the Caller
+// with a deadline of timeout, or directly without one. What fn stores for
+// its caller may only be read when call returns nil: after a timeout, fn
+// may still be running.
+func (a *Agent) call(ctx context.Context, timeout time.Duration, fn func() error) error {
+	if a.opts.Caller == nil {
+		return fn()
+	}
+	return a.opts.Caller.Call(ctx, timeout, fn)
 }
 
 // seconds converts timeout, shortened to what is left of ctx, into the

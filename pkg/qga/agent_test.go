@@ -47,7 +47,7 @@ func TestWaitReady(t *testing.T) {
 	}
 
 	// Once ready, WaitReady returns at once.
-	a := qga.New(connect(t))
+	a := qga.New(connect(t), qga.Options{})
 	start := time.Now()
 	if err := a.WaitReady(ctxFor(t, 10*time.Second), g.name); err != nil {
 		t.Fatalf("WaitReady on a ready guest: %v", err)
@@ -61,7 +61,7 @@ func TestWaitReadyTimeout(t *testing.T) {
 	// Only the firmware runs: the agent channel exists but nothing in the
 	// guest ever opens it.
 	g := newGuest(t, guestSpec{agent: true})
-	a := qga.New(connect(t))
+	a := qga.New(connect(t), qga.Options{})
 
 	const wait = 2 * time.Second
 	start := time.Now()
@@ -88,7 +88,7 @@ func TestWaitReadyFailsFast(t *testing.T) {
 		{name: "paused", spec: &guestSpec{agent: true, paused: true}, want: qga.ErrDomainNotRunning},
 		{name: "no such domain", want: qga.ErrDomainNotFound},
 	}
-	a := qga.New(connect(t))
+	a := qga.New(connect(t), qga.Options{})
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
@@ -116,14 +116,14 @@ func TestWaitReadyFailsFast(t *testing.T) {
 
 func TestPing(t *testing.T) {
 	g := sharedGuest(t)
-	if err := qga.New(connect(t)).Ping(ctxFor(t, 10*time.Second), g.name); err != nil {
+	if err := qga.New(connect(t), qga.Options{}).Ping(ctxFor(t, 10*time.Second), g.name); err != nil {
 		t.Fatal(err)
 	}
 }
 
 func TestInfo(t *testing.T) {
 	g := sharedGuest(t)
-	info, err := qga.New(connect(t)).Info(ctxFor(t, 10*time.Second), g.name)
+	info, err := qga.New(connect(t), qga.Options{}).Info(ctxFor(t, 10*time.Second), g.name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -140,7 +140,7 @@ func TestInfo(t *testing.T) {
 
 func TestOSInfo(t *testing.T) {
 	g := sharedGuest(t)
-	os, err := qga.New(connect(t)).OSInfo(ctxFor(t, 10*time.Second), g.name)
+	os, err := qga.New(connect(t), qga.Options{}).OSInfo(ctxFor(t, 10*time.Second), g.name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +159,7 @@ func TestOSInfo(t *testing.T) {
 
 func TestRun(t *testing.T) {
 	g := sharedGuest(t)
-	a := qga.New(connect(t))
+	a := qga.New(connect(t), qga.Options{})
 	binary := []byte("line one\nline two\x00\xff\xfe binary\n")
 	tests := []struct {
 		name       string
@@ -234,7 +234,7 @@ func TestRun(t *testing.T) {
 
 func TestRunExitError(t *testing.T) {
 	g := sharedGuest(t)
-	a := qga.New(connect(t))
+	a := qga.New(connect(t), qga.Options{})
 	tests := []struct {
 		name       string
 		args       []string
@@ -286,7 +286,7 @@ func TestRunExitError(t *testing.T) {
 
 func TestStartMissingProgram(t *testing.T) {
 	g := sharedGuest(t)
-	a := qga.New(connect(t))
+	a := qga.New(connect(t), qga.Options{})
 	const path = "/nonexistent/program"
 	req := qga.ExecRequest{Path: path, Args: []string{"--flag"}, Capture: true}
 
@@ -318,7 +318,7 @@ func TestStartMissingProgram(t *testing.T) {
 
 func TestSecretNeverInErrors(t *testing.T) {
 	g := sharedGuest(t)
-	a := qga.New(connect(t))
+	a := qga.New(connect(t), qga.Options{})
 	secret := "stretchy-secret-" + randomHex(8)
 	tests := []struct {
 		name  string
@@ -379,7 +379,7 @@ func TestSecretNeverInErrors(t *testing.T) {
 
 func TestStatus(t *testing.T) {
 	g := sharedGuest(t)
-	a := qga.New(connect(t))
+	a := qga.New(connect(t), qga.Options{})
 	ctx := ctxFor(t, 30*time.Second)
 
 	pid, err := a.Start(ctx, g.name, qga.ExecRequest{Path: "/bin/sh", Args: []string{"-c", "echo started; sleep 1; echo done"}, Capture: true})
@@ -416,7 +416,7 @@ func TestStatus(t *testing.T) {
 
 func TestRunTimeout(t *testing.T) {
 	g := sharedGuest(t)
-	a := qga.New(connect(t))
+	a := qga.New(connect(t), qga.Options{})
 	const wait = time.Second
 	start := time.Now()
 	st, err := a.Run(ctxFor(t, wait), g.name, qga.ExecRequest{Path: "/bin/sleep", Args: []string{"30"}})

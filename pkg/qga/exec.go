@@ -95,7 +95,7 @@ func (a *Agent) start(ctx context.Context, dom libvirt.Domain, req ExecRequest) 
 	if len(req.Stdin) > 0 {
 		args.InputData = base64.StdEncoding.EncodeToString(req.Stdin)
 	}
-	raw, err := a.raw(ctx, dom, "guest-exec", args, callTimeout)
+	raw, err := a.raw(ctx, dom, "guest-exec", args, a.opts.CallTimeout)
 	if err != nil {
 		err = scrub(withSentinel(err), args.InputData, secretText(req.Stdin))
 		if errors.Is(err, ErrCommandFailed) {
@@ -134,7 +134,7 @@ func (a *Agent) Status(ctx context.Context, domain string, pid int) (Status, err
 func (a *Agent) status(ctx context.Context, dom libvirt.Domain, pid int) (Status, error) {
 	raw, err := a.raw(ctx, dom, "guest-exec-status", struct {
 		PID int `json:"pid"`
-	}{pid}, callTimeout)
+	}{pid}, a.opts.CallTimeout)
 	if err != nil {
 		return Status{}, fmt.Errorf("guest-exec-status %d on %s: %w", pid, dom.Name, withSentinel(err))
 	}

@@ -115,7 +115,7 @@ func sharedGuest(t testing.TB) *guest {
 		ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
 		defer cancel()
 		readyConn = &recordingConn{Conn: l}
-		if err := qga.New(readyConn).WaitReady(ctx, g.name); err != nil {
+		if err := qga.New(readyConn, qga.Options{}).WaitReady(ctx, g.name); err != nil {
 			guestErr = fmt.Errorf("shared guest %s: %w", g.name, err)
 			return
 		}

@@ -32,7 +32,7 @@ func TestMeasure(t *testing.T) {
 		t.Skipf("no virsh: %v", err)
 	}
 	l := connect(t)
-	a := qga.New(l)
+	a := qga.New(l, qga.Options{})
 
 	t.Run("agent_ready", func(t *testing.T) {
 		// From the first guest-ping answer after boot to guest-info and

@@ -92,7 +92,7 @@ func TestWaitReadyRetries(t *testing.T) {
 			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
 			defer cancel()
 			start := time.Now()
-			err := New(f).WaitReady(ctx, "stretchy-fake")
+			err := New(f, Options{}).WaitReady(ctx, "stretchy-fake")
 			if !errors.Is(err, tt.want) || (tt.want == nil) != (err == nil) {
 				t.Fatalf("WaitReady = %v, want %v", err, tt.want)
 			}
@@ -141,7 +141,7 @@ func TestWaitReadyContextEnds(t *testing.T) {
 			f := &fakeConn{dom: libvirt.Domain{Name: "stretchy-fake"}, results: []error{notConnected}, quiet: true}
 			ctx, cancel := tt.ctx()
 			defer cancel()
-			err := New(f).WaitReady(ctx, "stretchy-fake")
+			err := New(f, Options{}).WaitReady(ctx, "stretchy-fake")
 			if !errors.Is(err, ErrAgentTimeout) || !errors.Is(err, tt.wantCtx) {
 				t.Fatalf("WaitReady = %v, want ErrAgentTimeout wrapping %v", err, tt.wantCtx)
 			}

@@ -188,7 +188,7 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 	}()
 	l := link.Libvirt()
 	rw := &runningWorker{}
-	var agent lifecycle.Agent = qga.New(l)
+	var agent lifecycle.Agent = qga.New(l, qga.Options{Caller: link})
 	if o.WrapAgent != nil {
 		agent = o.WrapAgent(agent)
 	}

@@ -37,7 +37,7 @@ func TestGitHubRunnerFilesArePrivate(t *testing.T) {
 	_, js := startNATS(t)
 	events := followEvents(t, js)
 	startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 4})
-	agent := qga.New(l)
+	agent := qga.New(l, qga.Options{})
 
 	job := uniqueJob(t, "gh-private")
 	req := provisionRequest(job)

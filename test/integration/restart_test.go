@@ -21,6 +21,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/internal/daemon"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
@@ -374,9 +375,15 @@ func libvirtdPID() (int, error) {
 }
 
 // ensureLibvirtd starts libvirtd unless it runs, and waits for its socket.
+// libvirtd outlives the test: it gets a session of its own and none of the
+// test process's descriptors (internal/daemon).
 func ensureLibvirtd() error {
 	if pid, err := libvirtdPID(); err != nil || syscall.Kill(pid, 0) != nil {
-		if out, err := exec.Command("libvirtd", "-d").CombinedOutput(); err != nil {
+		cmd := exec.Command("libvirtd", "-d")
+		if err := daemon.Detach(cmd); err != nil {
+			return err
+		}
+		if out, err := cmd.CombinedOutput(); err != nil {
 			return fmt.Errorf("libvirtd -d: %v: %s", err, out)
 		}
 	}

@@ -64,7 +64,7 @@ func TestRunnersStartAsStretchyWithSecretsInFiles(t *testing.T) {
 	_, js := startNATS(t)
 	events := followEvents(t, js)
 	rw := startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 4})
-	agent := qga.New(l)
+	agent := qga.New(l, qga.Options{})
 
 	tests := []struct {
 		name     string

@@ -122,7 +122,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	url, js := startNATS(t)
 	events := followEvents(t, js)
 	worker := startProcess(t, url, "--host", secretsHost)
-	agent := qga.New(l)
+	agent := qga.New(l, qga.Options{})
 	ctx := context.Background()
 
 	fjSecret, ghSecret, jkSecret := plantedSecret("forgejo"), plantedSecret("github"), plantedSecret("jenkins")

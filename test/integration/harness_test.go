@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -25,10 +26,12 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
 )
 
-const (
-	libvirtSocket = "/var/run/libvirt/libvirt-sock"
-	testHost      = "itest"
-)
+const libvirtSocket = "/var/run/libvirt/libvirt-sock"
+
+// testHost is the host id of this suite run's workers: a suite running at
+// the same time on the same libvirtd has another, so neither's workers
+// adopt or remove the other's machines.
+var testHost = "itest-" + runID
 
 func testImage() string {
 	if v := os.Getenv("STRETCHY_TEST_IMAGE"); v != "" {
@@ -372,9 +375,67 @@ func managedLeftovers(tb testing.TB, l *libvirt.Libvirt) []string {
 	return left
 }
 
-// staleRun matches the domains of this suite's earlier runs.
-var staleRun = regexp.MustCompile(`^stretchy-(it[0-9a-f]{6}-.*)$`)
+// staleRun matches the domains of this suite's runs; group 1 is the job
+// id, group 2 the run's marker.
+var staleRun = regexp.MustCompile(`^stretchy-((it[0-9a-f]{6})-.*)$`)
 
+// runsDir holds a file per suite run in progress on this host, named by
+// its runID and holding its process id and start time, so that a run
+// removes the machines of earlier runs that died, but not those of a run
+// going on at the same time.
+const runsDir = "/run/stretchy-integration-runs"
+
+// processStart returns the start time of process pid in clock ticks since
+// boot (/proc/<pid>/stat field 22), which tells a live process from a
+// later one that got its pid.
+func processStart(pid int) (string, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return "", false
+	}
+	s := string(b)
+	i := strings.LastIndex(s, ") ")
+	if i < 0 {
+		return "", false
+	}
+	fields := strings.Fields(s[i+2:])
+	if len(fields) < 20 {
+		return "", false
+	}
+	return fields[19], true
+}
+
+// markRun records this run as going on; the returned function ends that.
+func markRun() (func(), error) {
+	if err := os.MkdirAll(runsDir, 0o755); err != nil {
+		return nil, err
+	}
+	start, _ := processStart(os.Getpid())
+	path := filepath.Join(runsDir, runID)
+	if err := os.WriteFile(path, []byte(fmt.Sprintf("%d %s\n", os.Getpid(), start)), 0o644); err != nil {
+		return nil, err
+	}
+	return func() { _ = os.Remove(path) }, nil
+}
+
+// runAlive reports whether the suite run with marker run is going on.
+func runAlive(run string) bool {
+	b, err := os.ReadFile(filepath.Join(runsDir, run))
+	if err != nil {
+		return false
+	}
+	var pid int
+	var start string
+	if _, err := fmt.Sscanf(string(b), "%d %s", &pid, &start); err != nil {
+		return false
+	}
+	now, ok := processStart(pid)
+	return ok && now == start
+}
+
+// removeStaleRuns removes the machines of this suite's earlier runs that
+// did not end cleanly, and only theirs: a run still going on (another
+// package's test binary, or a second suite on the same host) keeps its.
 func removeStaleRuns() error {
 	if _, err := os.Stat(libvirtSocket); err != nil {
 		return nil
@@ -390,7 +451,7 @@ func removeStaleRuns() error {
 	}
 	p := provision.New(l, provision.Options{})
 	for _, d := range doms {
-		if m := staleRun.FindStringSubmatch(d.Name); m != nil {
+		if m := staleRun.FindStringSubmatch(d.Name); m != nil && m[2] != runID && !runAlive(m[2]) {
 			if _, err := p.Remove(context.Background(), m[1]); err != nil {
 				return err
 			}
@@ -457,11 +518,17 @@ func TestMain(m *testing.M) {
 	// The workers under test take over every managed domain on the host;
 	// machines an interrupted earlier run of this suite left would skew
 	// their capacity, so they go first.
+	unmark, err := markRun()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "mark this run: %v\n", err)
+		os.Exit(1)
+	}
 	if err := removeStaleRuns(); err != nil {
 		fmt.Fprintf(os.Stderr, "remove machines of earlier runs: %v\n", err)
 		os.Exit(1)
 	}
 	code := m.Run()
+	unmark()
 	if _, err := os.Stat(libvirtSocket); code == 0 && err == nil {
 		l, err := provision.Dial(context.Background(), "qemu:///system")
 		if err != nil {

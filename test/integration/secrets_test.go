@@ -270,3 +270,61 @@ func publishRaw(t *testing.T, js jetstream.JetStream, subject string, v any) {
 	}
 	publish(t, js, subject, data)
 }
+
+// TestSecretsScrubbedAcrossRestart: a runner that prints its token has it
+// replaced by [REDACTED] in runner_exited; a worker that adopted the
+// machine after a SIGKILL of its predecessor no longer knows the token, so
+// it publishes the runner's exit without the output (output_withheld)
+// instead of output it cannot scrub. Neither worker's log, nor any stored
+// event, carries the token. Before the fix the adopted job's runner_exited
+// carried the token in clear.
+func TestSecretsScrubbedAcrossRestart(t *testing.T) {
+	dialLibvirt(t)
+	url, js := startNATS(t)
+	events := followEvents(t, js)
+	const host = "itest-secrets-restart"
+	first := startProcess(t, url, "--host", host)
+
+	quick, slow := uniqueJob(t, "print-quick"), uniqueJob(t, "print-slow")
+	quickSecret, slowSecret := plantedSecret("quick"), plantedSecret("slow")
+	submit := func(job, secret, sleep string) {
+		req := provisionRequest(job)
+		req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
+			URL: "https://code.example.org/", UUID: "u-1", Token: secret,
+			Labels: []string{"debian stub-print-secret stub-sleep=" + sleep},
+		}}
+		if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+			t.Fatal(err)
+		}
+	}
+	submit(quick, quickSecret, "1")
+	submit(slow, slowSecret, "40")
+
+	exited := events.waitState(t, quick, messages.StateRunnerExited, bootWait+time.Minute)
+	if !strings.Contains(exited.Output, "my secret is [REDACTED]") || exited.OutputWithheld {
+		t.Fatalf("runner_exited of %s: output %q (withheld %v), want the printed secret redacted", quick, exited.Output, exited.OutputWithheld)
+	}
+	events.waitState(t, slow, messages.StateRunnerStarted, bootWait)
+	first.kill(t)
+	second := startProcess(t, url, "--host", host)
+
+	exited = events.waitState(t, slow, messages.StateRunnerExited, 2*time.Minute)
+	if exited.Output != "" || !exited.OutputWithheld || exited.ExitCode == nil || *exited.ExitCode != 0 {
+		t.Fatalf("runner_exited of the adopted %s: %+v, want exit code 0, no output, output_withheld", slow, exited)
+	}
+	for _, job := range []string{quick, slow} {
+		events.waitState(t, job, messages.StateTornDown, 2*time.Minute)
+	}
+	second.stop(t)
+	secrets := []string{quickSecret, slowSecret}
+	for name, log := range map[string][]byte{"first": first.log.Bytes(), "second": second.log.Bytes()} {
+		if got := leaks(log, secrets); len(got) > 0 {
+			t.Errorf("the %s worker's log carries secrets %v", name, got)
+		}
+	}
+	for _, raw := range storedEvents(t, js) {
+		if got := leaks(raw, secrets); len(got) > 0 {
+			t.Errorf("a stored event carries secrets %v: %q", got, raw)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"slices"
 	"testing"
 	"time"
@@ -9,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -422,5 +424,62 @@ func TestShutdownLosesNothing(t *testing.T) {
 	waitQueueEmpty(t, js)
 	if left := managedLeftovers(t, l); len(left) != 0 {
 		t.Fatalf("left behind: %v", left)
+	}
+}
+
+// TestParallelismOneEndsMachines is the setting a new user tries first:
+// `worker run --parallelism 1 --max-vms 1`. Each job's runner exits and
+// its machine goes, which lets the next job in; a job past its lifetime is
+// torn down by its deadline. Before the fix the single slot was held by the
+// pull loop's idle long-poll, so no machine ever ended by itself and the
+// second job never started.
+func TestParallelismOneEndsMachines(t *testing.T) {
+	dialLibvirt(t)
+	url, js := startNATS(t)
+	events := followEvents(t, js)
+	const host = "itest-parallel-one"
+	startProcess(t, url, "--host", host, "--parallelism", "1", "--max-vms", "1")
+
+	forgejo := func(job string) {
+		req := provisionRequest(job)
+		req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
+			URL: "https://code.example.org/", UUID: "u-1", Token: plantedSecret("p1"), Labels: []string{"debian stub-sleep=1"},
+		}}
+		if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first, second, late := uniqueJob(t, "p1-first"), uniqueJob(t, "p1-second"), uniqueJob(t, "p1-late")
+	forgejo(first)
+	forgejo(second)
+	req := provisionRequest(late)
+	req.MaxLifetimeS = 1
+	if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, job := range []string{first, second} {
+		ev := events.waitState(t, job, messages.StateTornDown, 3*bootWait)
+		if ev.Reason != messages.ReasonRunnerExited {
+			t.Fatalf("%s ended with reason %q, want %s", job, ev.Reason, messages.ReasonRunnerExited)
+		}
+	}
+	ev := events.waitState(t, late, messages.StateFailed, 3*bootWait)
+	if ev.Reason != messages.ReasonDeadline || ev.Error == nil || ev.Error.Code != messages.CodeDeadlineExceeded {
+		t.Fatalf("%s ended with %+v, want its deadline", late, ev)
+	}
+	// One machine at a time: each job was accepted only after the one
+	// before it ended.
+	ended := func(job string) time.Time {
+		for _, e := range events.of(job) {
+			if e.State.Terminal() {
+				return e.Time
+			}
+		}
+		return time.Time{}
+	}
+	accepted := func(job string) time.Time { return events.waitState(t, job, messages.StateAccepted, bootWait).Time }
+	if !accepted(second).After(ended(first)) || !accepted(late).After(ended(second)) {
+		t.Fatalf("jobs overlapped at --max-vms 1; events:\n%s", events.dump())
 	}
 }

@@ -49,11 +49,11 @@ func TestWaitReady(t *testing.T) {
 	// Once ready, WaitReady returns at once.
 	a := qga.New(connect(t), qga.Options{})
 	start := time.Now()
-	if err := a.WaitReady(ctxFor(t, 10*time.Second), g.name); err != nil {
+	if err := a.WaitReady(ctxFor(t, 2*time.Minute), g.name); err != nil {
 		t.Fatalf("WaitReady on a ready guest: %v", err)
 	}
-	if d := time.Since(start); d > 2*time.Second {
-		t.Errorf("WaitReady on a ready guest took %v, want well under 2s", d)
+	if d := time.Since(start); d > time.Minute {
+		t.Errorf("WaitReady on a ready guest took %v, as if it waited for its context", d)
 	}
 }
 
@@ -70,7 +70,7 @@ func TestWaitReadyTimeout(t *testing.T) {
 	if !errors.Is(err, qga.ErrAgentTimeout) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("WaitReady = %v, want ErrAgentTimeout wrapping context.DeadlineExceeded", err)
 	}
-	if elapsed > wait+time.Second {
+	if elapsed > wait+20*time.Second {
 		t.Errorf("WaitReady returned %v after its context ended, want promptly", elapsed-wait)
 	}
 	if !strings.Contains(err.Error(), g.name) {
@@ -97,15 +97,15 @@ func TestWaitReadyFailsFast(t *testing.T) {
 				name = newGuest(t, *tt.spec).name
 			}
 			start := time.Now()
-			err := a.WaitReady(ctxFor(t, 30*time.Second), name)
+			err := a.WaitReady(ctxFor(t, 2*time.Minute), name)
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("WaitReady = %v, want %v", err, tt.want)
 			}
 			if errors.Is(err, qga.ErrAgentTimeout) {
 				t.Errorf("WaitReady = %v, want no ErrAgentTimeout", err)
 			}
-			if d := time.Since(start); d > 5*time.Second {
-				t.Errorf("WaitReady took %v, want it to fail at once", d)
+			if d := time.Since(start); d > time.Minute {
+				t.Errorf("WaitReady took %v, as if it waited for its context; want it to fail at once", d)
 			}
 			if err := a.Ping(ctxFor(t, 10*time.Second), name); !errors.Is(err, tt.want) {
 				t.Errorf("Ping = %v, want %v", err, tt.want)
@@ -426,7 +426,7 @@ func TestRunTimeout(t *testing.T) {
 	if st.Exited {
 		t.Errorf("Status = %+v, want still running", st)
 	}
-	if d := time.Since(start); d > wait+2*time.Second {
+	if d := time.Since(start); d > wait+20*time.Second {
 		t.Errorf("Run returned %v after its context ended", d-wait)
 	}
 }

@@ -36,7 +36,7 @@ func BenchmarkClone(b *testing.B) {
 			b.Run(fmt.Sprintf("%s/%s", mode, size.name), func(b *testing.B) {
 				for range b.N {
 					job := testJobID(b)
-					if _, err := p.Clone(context.Background(), Spec{JobID: job, Image: img.Name, CloneMode: mode}); err != nil {
+					if _, err := p.Clone(context.Background(), Spec{Host: testHost, JobID: job, Image: img.Name, CloneMode: mode}); err != nil {
 						b.Fatal(err)
 					}
 					b.StopTimer()

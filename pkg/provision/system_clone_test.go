@@ -56,7 +56,7 @@ func TestSystemLinkedCloneBoots(t *testing.T) {
 			}
 			p := New(l, Options{DomainType: "qemu"})
 			job := testJobID(t)
-			m := clone(t, p, Spec{JobID: job, Image: imageName, Host: "test", RunnerKind: "none"})
+			m := clone(t, p, Spec{Host: testHost, JobID: job, Image: imageName, RunnerKind: "none"})
 			if m.CloneMode != CloneLinked || len(m.Volumes) != len(disks) {
 				t.Fatalf("machine %+v; want a linked clone with %d volumes", m, len(disks))
 			}
@@ -113,7 +113,7 @@ func TestSystemUEFIClone(t *testing.T) {
 			}
 			p := New(l, Options{DomainType: "qemu"})
 			job := testJobID(t)
-			m := clone(t, p, Spec{JobID: job, Image: img.Name})
+			m := clone(t, p, Spec{Host: testHost, JobID: job, Image: img.Name})
 			def := domainXML(t, l, m.Name)
 			nvram := imageNVRAM(def)
 			want := filepath.Join("/var/lib/libvirt/ci-images", nvramVolumeName(job))
@@ -176,7 +176,7 @@ func TestSystemCopyMode(t *testing.T) {
 		metadata: `<stretchy:image xmlns:stretchy="https://stretchy-ci.dev/xmlns/libvirt-worker/1" clone-mode="copy" os="linux"/>`})
 	p := New(l, Options{DomainType: "qemu"})
 	job := testJobID(t)
-	m := clone(t, p, Spec{JobID: job, Image: img.Name})
+	m := clone(t, p, Spec{Host: testHost, JobID: job, Image: img.Name})
 	if m.CloneMode != CloneCopy || m.OS != "linux" {
 		t.Errorf("clone mode %q, os %q; want the image's copy, linux", m.CloneMode, m.OS)
 	}
@@ -201,7 +201,7 @@ func TestSystemCopyMode(t *testing.T) {
 	}
 	// The request's mode beats the image's.
 	job2 := testJobID(t)
-	m2 := clone(t, p, Spec{JobID: job2, Image: img.Name, CloneMode: CloneLinked})
+	m2 := clone(t, p, Spec{Host: testHost, JobID: job2, Image: img.Name, CloneMode: CloneLinked})
 	if vx := volumeXML(t, l, m2.Volumes[0]); m2.CloneMode != CloneLinked || vx.BackingStore == nil {
 		t.Errorf("Spec.CloneMode linked gave %q with backing %+v", m2.CloneMode, vx.BackingStore)
 	}
@@ -214,7 +214,7 @@ func TestSystemReflinkMode(t *testing.T) {
 	p := New(l, Options{DomainType: "qemu"})
 	job := testJobID(t)
 	t.Cleanup(func() { _, _ = p.Remove(context.Background(), job) })
-	m, err := p.Clone(t.Context(), Spec{JobID: job, Image: testImage(), CloneMode: CloneReflink})
+	m, err := p.Clone(t.Context(), Spec{Host: testHost, JobID: job, Image: testImage(), CloneMode: CloneReflink})
 	fsys := fsName("/var/lib/libvirt/ci-images")
 	if err != nil {
 		if !errors.Is(err, ErrReflinkUnsupported) || !errors.Is(err, ErrImageInvalid) {
@@ -253,7 +253,7 @@ func TestSystemMACsUnique(t *testing.T) {
 	for range 5 {
 		wg.Go(func() {
 			for job := range jobs {
-				m, err := p.Clone(t.Context(), Spec{JobID: job, Image: testImage()})
+				m, err := p.Clone(t.Context(), Spec{Host: testHost, JobID: job, Image: testImage()})
 				if err != nil {
 					t.Errorf("Clone %s: %v", job, err)
 					continue
@@ -334,7 +334,7 @@ func TestSystemCloneFailureLeavesNothing(t *testing.T) {
 			defer cancel()
 			job := testJobID(t)
 			p := New(tt.conn(cancel), Options{DomainType: "qemu"})
-			_, err := p.Clone(ctx, Spec{JobID: job, Image: img.Name})
+			_, err := p.Clone(ctx, Spec{Host: testHost, JobID: job, Image: img.Name})
 			if err == nil {
 				_, _ = New(l, Options{}).Remove(context.Background(), job)
 				t.Fatal("Clone succeeded")
@@ -364,7 +364,7 @@ func TestSystemOrphanVolumes(t *testing.T) {
 		if err != nil || !slices.Contains(orphans, orphan) {
 			t.Fatalf("ListOrphanVolumes = %q, %v; want %s among them", orphans, err, orphan)
 		}
-		m := clone(t, p, Spec{JobID: job, Image: testImage()})
+		m := clone(t, p, Spec{Host: testHost, JobID: job, Image: testImage()})
 		if m.Volumes[0] != orphan {
 			t.Fatalf("clone volume %s, want %s", m.Volumes[0], orphan)
 		}
@@ -443,14 +443,14 @@ func TestSystemForeignDomainUntouched(t *testing.T) {
 	if existed, err := p.Remove(ctx, job); existed || err == nil || !strings.Contains(err.Error(), borrowed) {
 		t.Errorf("Remove(%s) = %v, %v; want false and an error naming %s", job, existed, err, borrowed)
 	}
-	if _, err := p.Clone(ctx, Spec{JobID: job, Image: testImage()}); err == nil {
+	if _, err := p.Clone(ctx, Spec{Host: testHost, JobID: job, Image: testImage()}); err == nil {
 		_, _ = p.Remove(context.Background(), job)
 		t.Error("Clone over a volume in use succeeded")
 	}
 	if existed, err := p.Remove(ctx, img.Name); existed || err != nil {
 		t.Errorf("Remove(%s) = %v, %v; want nothing to do", img.Name, existed, err)
 	}
-	if _, err := p.Clone(ctx, Spec{JobID: job, Image: "stretchy-" + job}); !errors.Is(err, ErrImageInvalid) {
+	if _, err := p.Clone(ctx, Spec{Host: testHost, JobID: job, Image: "stretchy-" + job}); !errors.Is(err, ErrImageInvalid) {
 		t.Errorf("Clone of a managed name as image = %v", err)
 	}
 
@@ -493,7 +493,7 @@ func TestSystemRefusesDiskOutsidePools(t *testing.T) {
 		t.Fatal(err)
 	}
 	job := testJobID(t)
-	_, err = New(l, Options{}).Clone(t.Context(), Spec{JobID: job, Image: img.Name})
+	_, err = New(l, Options{}).Clone(t.Context(), Spec{Host: testHost, JobID: job, Image: img.Name})
 	if !errors.Is(err, ErrImageInvalid) {
 		t.Fatalf("Clone = %v, want ErrImageInvalid", err)
 	}

@@ -69,7 +69,7 @@ func TestSystemCloneStartRemove(t *testing.T) {
 	p := New(l, Options{DomainType: "qemu"})
 	job := testJobID(t)
 	begin := time.Now()
-	m := clone(t, p, Spec{JobID: job, Image: imageName, Host: "test", RunnerKind: "none", RequestedAt: begin})
+	m := clone(t, p, Spec{Host: testHost, JobID: job, Image: imageName, RunnerKind: "none", RequestedAt: begin})
 	cloned := time.Since(begin)
 	// Allocation before the guest writes anything: the qcow2 header only.
 	allocs := make([]uint64, len(m.Volumes))

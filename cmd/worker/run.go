@@ -133,6 +133,9 @@ func runCommand(ctx context.Context, args []string) error {
 	lv := link.Libvirt()
 
 	pub := bus.NewPublisher(js)
+	// One set of operation slots for the requests the worker pulls and
+	// the teardowns machines begin by themselves.
+	slots := worker.NewSlots(cfg.Parallelism)
 	life := lifecycle.New(lifecycle.Config{
 		Host:     cfg.Host,
 		Machines: provision.New(lv, provision.Options{DomainType: cfg.DomainType, Link: link}),
@@ -143,11 +146,16 @@ func runCommand(ctx context.Context, args []string) error {
 		Faults:   faults,
 		Claims:   claims,
 		ClaimTTL: bus.ClaimTTL(cfg.AckWait),
+		Slots:    slots,
+		Report: func(op, jobID string, err error) {
+			log.Error("background work failed, will retry", "op", op, "job_id", jobID, "error", err)
+		},
 	})
+	defer life.Close()
 	w := worker.New(worker.Config{
 		Parallelism: cfg.Parallelism, MaxVMs: cfg.MaxVMs, AckWait: cfg.AckWait,
 		MaxDeliver: cfg.MaxDeliver, ShutdownGrace: cfg.ShutdownGrace, Faults: faults,
-		NATS: nc.Conn,
+		NATS: nc.Conn, Slots: slots,
 		// Often enough to renew every claim within a third of its TTL.
 		WatchInterval: min(2*time.Second, bus.ClaimTTL(cfg.AckWait)/3),
 		OnSettle: func(s worker.Settlement) {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -52,80 +51,126 @@ func (e *Dropped) Error() string {
 	return fmt.Sprintf("job dropped (%s): its claim is held by %s", e.Reason, holder)
 }
 
-// claim is a job's hold on its claim.
+// claim is a machine's hold on its job's claim, kept by its actor alone:
+// the TTL, the renewal cadence and the due rule live here and nowhere else.
+//
+//   - take, before anything is built;
+//   - confirm, before each step another host must not repeat and before
+//     the request is acknowledged: a claim renewed within half its TTL
+//     cannot have lapsed, an older one is renewed first;
+//   - keep, at every tick: a claim a third of its TTL old is renewed;
+//   - release, once this host is done with the job.
+//
+// A renewal that finds the claim lapsed takes it again unless another host
+// took the job meanwhile, or served it and let it go (its events tell); a
+// claim held elsewhere is lost.
 type claim struct {
-	mu      sync.Mutex
 	rev     uint64    // 0 when not held
 	request uint64    // the request served, for the claim's value
 	at      time.Time // last successful write
 	lostTo  string    // the holder found when the claim was lost
+	// taken: this actor took the claim once; an adopted machine's claim
+	// is taken again by its first renewal.
+	taken bool
 }
 
-// take claims j for the delivery d before anything is built. It returns
-// nil when this host holds the claim (or claims are off) and *Dropped when
-// another host does.
-func (m *Manager) take(ctx context.Context, j *job, d Delivery) error {
-	if m.cfg.Claims == nil {
+// serveClaim answers an activity's take or confirm.
+func (a *actor) serveClaim(req claimRequest) error {
+	if req.take {
+		return a.takeClaim(req.ctx, req.d)
+	}
+	return a.confirmClaim(req.ctx)
+}
+
+// takeClaim claims the job for delivery d before anything is built. It
+// returns nil when this host holds the claim (or claims are off) and
+// *Dropped when another host does.
+func (a *actor) takeClaim(ctx context.Context, d Delivery) error {
+	c := a.m.cfg.Claims
+	if c == nil {
 		return nil
 	}
-	j.claim.mu.Lock()
-	defer j.claim.mu.Unlock()
-	rev, holder, err := m.cfg.Claims.Take(ctx, j.id, d.Request)
+	rev, holder, err := c.Take(ctx, a.jobID, d.Request)
 	if err != nil {
 		return err
 	}
 	if rev == 0 {
+		a.rec.claim.lostTo = holder.Host
 		return &Dropped{Holder: holder.Host, Reason: messages.ReasonClaimedElsewhere, Leave: holder.Request == d.Request}
 	}
-	j.claim.rev, j.claim.request, j.claim.at = rev, d.Request, m.cfg.Now()
+	a.rec.claim = claim{rev: rev, request: d.Request, at: a.m.cfg.Now(), taken: true}
 	return nil
 }
 
-// renew renews j's claim. A claim that lapsed (the process stalled for
-// longer than the TTL, or the renewals were slow) is taken again unless
-// another host took the job meanwhile, or served it and let it go: its
-// events tell. Transient errors are returned as they are; a lost claim as
-// *Dropped.
-func (m *Manager) renew(ctx context.Context, j *job) error {
-	if m.cfg.Claims == nil {
+// confirmClaim makes sure the job is still this host's before a step.
+func (a *actor) confirmClaim(ctx context.Context) error {
+	if a.m.cfg.Claims == nil {
 		return nil
 	}
-	j.claim.mu.Lock()
-	defer j.claim.mu.Unlock()
+	if a.rec.claim.rev != 0 && a.m.cfg.Now().Sub(a.rec.claim.at) < a.m.cfg.ClaimTTL/2 {
+		return nil
+	}
+	return a.renewClaim(ctx)
+}
+
+// keepClaim renews the claim when it is due (a third of the TTL old), with
+// a third of the TTL to get an answer: a renewal that gets none is tried
+// again at the next tick, so an outage does not hold the actor up; confirm
+// catches a claim that lapsed meanwhile.
+func (a *actor) keepClaim(root context.Context) error {
+	if a.m.cfg.Claims == nil {
+		return nil
+	}
+	if a.rec.claim.rev != 0 && a.m.cfg.Now().Sub(a.rec.claim.at) < a.m.cfg.ClaimTTL/3 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(root, a.m.cfg.ClaimTTL/3)
+	defer cancel()
+	return a.renewClaim(ctx)
+}
+
+// renewClaim renews the claim, taking a lapsed one again; a lost claim is
+// returned as *Dropped, other errors as they are.
+func (a *actor) renewClaim(ctx context.Context) error {
+	c := a.m.cfg.Claims
 	var rev uint64
 	var holder messages.Claim
 	var err error
-	if j.claim.rev != 0 {
-		if rev, holder, err = m.cfg.Claims.Keep(ctx, j.id, j.claim.request, j.claim.rev); err != nil {
+	if a.rec.claim.rev != 0 {
+		if rev, holder, err = c.Keep(ctx, a.jobID, a.rec.claim.request, a.rec.claim.rev); err != nil {
 			return err
 		}
 	}
-	if rev == 0 && (holder.Host == "" || holder.Host == m.cfg.Host) {
-		other, err := m.servedElsewhere(ctx, j.id)
+	if rev == 0 && (holder.Host == "" || holder.Host == a.m.cfg.Host) {
+		other, err := a.m.servedElsewhere(ctx, a.jobID)
 		if err != nil {
 			return err
 		}
 		if holder.Host = other; other == "" {
-			if rev, holder, err = m.cfg.Claims.Take(ctx, j.id, j.claim.request); err != nil {
+			if rev, holder, err = c.Take(ctx, a.jobID, a.rec.claim.request); err != nil {
 				return err
 			}
 		}
 	}
 	if rev == 0 {
-		j.claim.rev, j.claim.lostTo = 0, holder.Host
+		a.rec.claim.rev, a.rec.claim.lostTo = 0, holder.Host
 		return &Dropped{Holder: holder.Host, Reason: messages.ReasonClaimLost, Leave: true}
 	}
-	j.claim.rev, j.claim.at = rev, m.cfg.Now()
+	a.rec.claim.rev, a.rec.claim.at = rev, a.m.cfg.Now()
 	return nil
 }
 
-// renewSoon is renew for the periodic renewals: one that NATS does not
-// answer within a third of the TTL is tried again at the next round, so
-// an outage does not hold up the watch loop.
-func (m *Manager) renewSoon(ctx context.Context, j *job) error {
-	ctx, cancel := context.WithTimeout(ctx, m.cfg.ClaimTTL/3)
+// releaseClaim gives the claim up once this host is done with the job; a
+// claim that cannot be released lapses by itself.
+func (a *actor) releaseClaim() {
+	c := a.m.cfg.Claims
+	if c == nil || a.rec.claim.rev == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), a.m.cfg.ClaimTTL/3)
 	defer cancel()
-	return m.renew(ctx, j)
+	_ = c.Release(ctx, a.jobID, a.rec.claim.rev)
+	a.rec.claim.rev = 0
 }
 
 // servedElsewhere returns the host that published the job's newest event
@@ -144,104 +189,27 @@ func (m *Manager) servedElsewhere(ctx context.Context, jobID string) (string, er
 	return "", nil
 }
 
-// confirm makes sure j still holds its claim before a step that another
-// host must not repeat (clone, boot, anything in the guest). A claim
-// renewed within half its TTL cannot have lapsed; an older one (the
-// process stalled) is renewed first.
-func (m *Manager) confirm(ctx context.Context, j *job) error {
-	if m.cfg.Claims == nil {
-		return nil
-	}
-	j.claim.mu.Lock()
-	fresh := j.claim.rev != 0 && m.cfg.Now().Sub(j.claim.at) < m.cfg.ClaimTTL/2
-	j.claim.mu.Unlock()
-	if fresh {
-		return nil
-	}
-	return m.renew(ctx, j)
+// claimer is an activity's way to its actor's claim.
+type claimer struct {
+	a *actor
+	d Delivery
 }
 
-// keepWhileBuilding renews j's claim every third of its TTL until the
-// returned stop is called; when the claim is lost it cancels the build
-// with the *Dropped as cause. Transient failures are tried again at the
-// next tick: confirm catches a claim that lapsed meanwhile.
-func (m *Manager) keepWhileBuilding(ctx context.Context, j *job, cancel context.CancelCauseFunc) (stop func()) {
-	if m.cfg.Claims == nil {
-		return func() {}
+func (c claimer) ask(ctx context.Context, take bool) error {
+	req := claimRequest{ctx: ctx, take: take, d: c.d, reply: make(chan error, 1)}
+	select {
+	case c.a.claims <- req:
+	case <-ctx.Done():
+		return fmt.Errorf("confirm the claim of job %s: %w", c.a.jobID, context.Cause(ctx))
 	}
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		t := time.NewTicker(m.cfg.ClaimTTL / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
-			if err := m.renewSoon(ctx, j); err != nil {
-				if errors.As(err, new(*Dropped)) {
-					cancel(err)
-					return
-				}
-			}
-		}
-	})
-	return func() {
-		close(done)
-		wg.Wait()
-	}
+	return <-req.reply
 }
 
-// KeepClaims renews the claims of running machines that are due (a third
-// of the TTL old), taking lapsed ones again (renew). A machine whose job another
-// host took meanwhile is returned for removal with reason claim_lost; it
-// is removed without tearing_down and torn_down events, since the job
-// goes on elsewhere (Teardown). Claims that cannot be renewed now are
-// tried again next time.
-func (m *Manager) KeepClaims(ctx context.Context) []Ending {
-	if m.cfg.Claims == nil {
-		return nil
-	}
-	now := m.cfg.Now()
-	m.mu.Lock()
-	var due []*job
-	for _, j := range m.jobs {
-		if !j.running || j.tearing {
-			continue
-		}
-		j.claim.mu.Lock()
-		if j.claim.rev == 0 || now.Sub(j.claim.at) >= m.cfg.ClaimTTL/3 {
-			due = append(due, j)
-		}
-		j.claim.mu.Unlock()
-	}
-	m.mu.Unlock()
-	var out []Ending
-	for _, j := range due {
-		if err := m.renewSoon(ctx, j); errors.As(err, new(*Dropped)) {
-			out = append(out, Ending{JobID: j.id, Reason: messages.ReasonClaimLost})
-		}
-	}
-	return out
-}
+// take claims the job before anything is built.
+func (c claimer) take(ctx context.Context) error { return c.ask(ctx, true) }
 
-// release gives up j's claim once this host is done with the job; a claim
-// that cannot be released lapses by itself.
-func (m *Manager) release(ctx context.Context, j *job) {
-	if m.cfg.Claims == nil {
-		return
-	}
-	j.claim.mu.Lock()
-	defer j.claim.mu.Unlock()
-	if j.claim.rev != 0 {
-		_ = m.cfg.Claims.Release(ctx, j.id, j.claim.rev)
-		j.claim.rev = 0
-	}
-}
+// confirm makes sure the job is still this host's.
+func (c claimer) confirm(ctx context.Context) error { return c.ask(ctx, false) }
 
 // removeOwn removes the machine of jobID if it is this host's: with two
 // workers on one libvirtd (tests run so), the machine of that name may be
@@ -263,10 +231,9 @@ func (m *Manager) removeOwn(ctx context.Context, jobID string, orphans bool) err
 	return err
 }
 
-// drop publishes that this host let go of j's job, naming the holder.
-func (m *Manager) drop(ctx context.Context, j *job, d Delivery, dropped *Dropped) error {
-	j.claim.mu.Lock()
-	j.claim.lostTo = dropped.Holder
-	j.claim.mu.Unlock()
-	return m.emit(ctx, j, messages.StateDropped, d, 0, dropped.Reason, nil)
+// isDropped reports whether err is, or wraps, a *Dropped.
+func isDropped(err error) (*Dropped, bool) {
+	var d *Dropped
+	ok := errors.As(err, &d)
+	return d, ok
 }

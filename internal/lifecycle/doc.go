@@ -1,10 +1,16 @@
-// Package lifecycle is the state machine of one job's machine: accepted,
-// cloning, cloned, booting, running, tearing down, torn down or failed. It
-// decides which event to publish at each step, rolls back half-built
-// machines, and keeps the per-host bookkeeping the worker needs (which jobs
-// have machines, how many, which are past their deadline).
+// Package lifecycle runs the life of every managed machine on one host:
+// claim, clone, boot, guest agent, runner, watch, teardown, and the events
+// that report each step.
 //
-// It knows nothing about NATS or libvirt: machines and events reach it
-// through the small interfaces declared here, so tests drive it with fakes
-// and the worker drives it with JetStream and go-libvirt.
+// Each machine is owned by one actor goroutine (actor.go) that holds its
+// record and an explicit Phase, takes commands from its inbox (provision,
+// teardown, tick, adopt, ...) and runs one activity at a time (the build's
+// step table, build.go; a probe of the runner; a teardown) without ever
+// sharing its record. The Manager (manager.go) is a registry of actors plus
+// the host's capacity; it never reaches into an actor.
+//
+// It knows nothing about NATS or libvirt: machines, guest agents, events,
+// claims and operation slots reach it through the small interfaces declared
+// here, so tests drive it with fakes and the worker with JetStream and
+// go-libvirt.
 package lifecycle

@@ -419,23 +419,20 @@ func TestDeadline(t *testing.T) {
 	if err := fx.m.Provision(ctx, fx.request("j1", "debian"), first); err != nil {
 		t.Fatal(err)
 	}
-	if got := fx.m.Check(ctx); len(got) != 0 {
+	tickAll(t, fx.m)
+	if got := fx.rec.states("j1"); !slices.Equal(got, happy) {
 		t.Fatalf("ended too early: %v", got)
 	}
 	fx.clk.Advance(601 * time.Second)
-	got := fx.m.Check(ctx)
-	if len(got) != 1 || got[0].JobID != "j1" || got[0].Cause.Code != messages.CodeDeadlineExceeded {
-		t.Fatalf("Check = %+v", got)
-	}
-	if err := fx.m.Teardown(ctx, "j1", got[0].Reason, got[0].Cause, Delivery{Origin: got[0].Reason}); err != nil {
-		t.Fatal(err)
-	}
+	tickAll(t, fx.m)
 	ev := fx.rec.last("j1")
 	if ev.State != messages.StateFailed || ev.Error.Code != messages.CodeDeadlineExceeded || ev.Reason != messages.ReasonDeadline || ev.Attempt != 0 {
 		t.Fatalf("last event %+v", ev)
 	}
-	if got := fx.m.Check(ctx); len(got) != 0 {
-		t.Fatalf("a torn-down job is still checked: %v", got)
+	n := len(fx.rec.events)
+	tickAll(t, fx.m)
+	if len(fx.rec.events) != n || fx.m.Active() != 0 || fx.fm.count() != 0 {
+		t.Fatalf("a torn-down job is still looked after: %d events, %d active", len(fx.rec.events)-n, fx.m.Active())
 	}
 }
 
@@ -614,6 +611,23 @@ func TestRejectReportsFailedOnce(t *testing.T) {
 	}
 	if len(fx.rec.events) != 1 {
 		t.Fatalf("%d events", len(fx.rec.events))
+	}
+}
+
+// tickAll ticks every machine of m once and waits until each is idle
+// again, with what its tick began (a look at the runner, a teardown) done.
+func tickAll(t *testing.T, m *Manager) {
+	t.Helper()
+	m.mu.Lock()
+	var ids []string
+	for id := range m.byJob {
+		ids = append(ids, id)
+	}
+	m.mu.Unlock()
+	for _, id := range ids {
+		if _, err := m.call(context.Background(), id, spawnNever, &tickCmd{}); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 

@@ -12,15 +12,6 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
-// Agent talks to a machine's guest agent. *qga.Agent implements it.
-type Agent interface {
-	WaitReady(ctx context.Context, domain string) error
-	OSInfo(ctx context.Context, domain string) (qga.OSInfo, error)
-	Run(ctx context.Context, domain string, req qga.ExecRequest) (qga.Status, error)
-	Start(ctx context.Context, domain string, req qga.ExecRequest) (int, error)
-	Status(ctx context.Context, domain string, pid int) (qga.Status, error)
-}
-
 // maxOutput bounds the runner output carried in a runner_exited event.
 const maxOutput = 2 << 10
 
@@ -28,88 +19,18 @@ const maxOutput = 2 << 10
 // knowing the runner before the job ends.
 const lostRunnerChecks = 5
 
-// prepareTimeout bounds each preparation command in the guest.
-const prepareTimeout = time.Minute
-
-// startRunner waits for the guest agent, detects the guest OS and starts the
-// job's runner, publishing agent_ready and runner_started. For runner kind
-// none it returns after agent_ready.
-func (m *Manager) startRunner(ctx context.Context, j *job, req messages.Provision, imageOS string, d Delivery) error {
-	start := m.cfg.Now()
-	bctx, cancel := context.WithTimeout(ctx, req.BootTimeout())
-	err := m.cfg.Agent.WaitReady(bctx, j.domain)
-	cancel()
-	if err != nil {
-		if ctx.Err() == nil && (errors.Is(err, qga.ErrAgentTimeout) || errors.Is(err, context.DeadlineExceeded)) {
-			return &stepError{code: messages.CodeBootTimeout,
-				err: fmt.Errorf("the guest agent of %s did not answer within the boot timeout of %s: %w", j.domain, req.BootTimeout(), err)}
-		}
-		return &stepError{code: messages.CodeAgentFailed, err: err}
-	}
-	// Waiting for the agent takes as long as the guest boots.
-	if err := m.confirm(ctx, j); err != nil {
-		return err
-	}
-	osFamily, err := m.detectOS(ctx, j, imageOS)
-	if err != nil {
-		return &stepError{code: messages.CodeAgentFailed, err: err}
-	}
-	j.os = string(osFamily)
-	if err := m.emit(ctx, j, messages.StateAgentReady, d, m.since(start), "", nil); err != nil {
-		return err
-	}
-	m.cfg.Faults.At(FaultAfterAgentReady)
-
-	plan, err := runners.For(j.id, osFamily, req.Runner)
-	switch {
-	case errors.Is(err, runners.ErrUnsupported):
-		return &stepError{code: messages.CodeRunnerUnsupported, err: err}
-	case err != nil:
-		return &stepError{code: messages.CodeInvalidRequest, err: err}
-	case plan.Empty():
-		return nil
-	}
-	// Nothing goes into the guest unless this host still serves the job.
-	if err := m.confirm(ctx, j); err != nil {
-		return err
-	}
-	start = m.cfg.Now()
-	for _, c := range plan.Prepare {
-		pctx, cancel := context.WithTimeout(ctx, prepareTimeout)
-		_, err := m.cfg.Agent.Run(pctx, j.domain, execRequest(c, false))
-		cancel()
-		if err != nil {
-			return &stepError{code: messages.CodeRunnerStartFailed, err: fmt.Errorf("%s: %w", c.Purpose, err)}
-		}
-	}
-	if err := m.confirm(ctx, j); err != nil {
-		return err
-	}
-	pid, err := m.cfg.Agent.Start(ctx, j.domain, execRequest(plan.Launch, true))
-	if err != nil {
-		return &stepError{code: messages.CodeRunnerStartFailed,
-			err: fmt.Errorf("%s: %w", plan.Launch.Purpose, err)}
-	}
-	j.pid, j.runnerSince = pid, m.cfg.Now()
-	if err := m.emit(ctx, j, messages.StateRunnerStarted, d, m.since(start), "", nil); err != nil {
-		return err
-	}
-	m.cfg.Faults.At(FaultAfterRunnerStart)
-	return nil
-}
-
 func execRequest(c runners.Command, capture bool) qga.ExecRequest {
 	return qga.ExecRequest{Path: c.Path, Args: c.Args, Env: c.Env, Stdin: c.Stdin, Capture: capture}
 }
 
 // detectOS returns the image's declared OS family, or asks the guest.
-func (m *Manager) detectOS(ctx context.Context, j *job, imageOS string) (runners.OS, error) {
+func detectOS(ctx context.Context, agent Agent, domain, imageOS string) (runners.OS, error) {
 	if imageOS != "" {
 		return runners.ParseOS(imageOS, "")
 	}
-	info, err := m.cfg.Agent.OSInfo(ctx, j.domain)
+	info, err := agent.OSInfo(ctx, domain)
 	if err != nil {
-		return "", fmt.Errorf("detect the OS of %s: %w", j.domain, err)
+		return "", fmt.Errorf("detect the OS of %s: %w", domain, err)
 	}
 	os, err := runners.ParseOS(info.ID, "")
 	if err == nil {
@@ -119,13 +40,13 @@ func (m *Manager) detectOS(ctx context.Context, j *job, imageOS string) (runners
 	// open-ended: ask a Unix guest's kernel.
 	uctx, cancel := context.WithTimeout(ctx, prepareTimeout)
 	defer cancel()
-	st, uerr := m.cfg.Agent.Run(uctx, j.domain, qga.ExecRequest{Path: "/bin/sh", Args: []string{"-c", "uname -s"}, Capture: true})
+	st, uerr := agent.Run(uctx, domain, qga.ExecRequest{Path: "/bin/sh", Args: []string{"-c", "uname -s"}, Capture: true})
 	if uerr != nil {
-		return "", fmt.Errorf("detect the OS of %s: %w (uname: %v)", j.domain, err, uerr)
+		return "", fmt.Errorf("detect the OS of %s: %w (uname: %v)", domain, err, uerr)
 	}
 	os, err = runners.ParseOS(info.ID, strings.TrimSpace(string(st.Stdout)))
 	if err != nil {
-		return "", fmt.Errorf("detect the OS of %s: %w", j.domain, err)
+		return "", fmt.Errorf("detect the OS of %s: %w", domain, err)
 	}
 	return os, nil
 }
@@ -146,103 +67,75 @@ func secretsOf(r messages.Runner) []string {
 	return s
 }
 
-// Ending is a running job whose machine must now be torn down.
-type Ending struct {
-	JobID  string
-	Reason string
-	// Cause is set when the end is a failure; the teardown then ends in
-	// failed with this error.
-	Cause *messages.Error
+// probe looks at a ready machine once: a domain that is shut off or gone
+// ends the machine (machine_stopped); a runner the guest agent reports as
+// exited is published with runner_exited and ends it; a guest agent that
+// keeps denying it knows the runner ends it too (runner_lost). Anything it
+// cannot find out now (libvirt or the agent do not answer) is looked at
+// again at the next tick; the deadline bounds the wait.
+func (a *actor) probe() func(context.Context) func() {
+	em, r, domain := a.rec.em, a.rec.runner, a.rec.domain
+	noop := func() {}
+	return func(ctx context.Context) func() {
+		if r.exit != nil && !r.reported {
+			// An exit an earlier tick saw but could not publish.
+			return a.reportExit(ctx, em, r.exit, r.since)
+		}
+		mach, found, err := a.m.cfg.Machines.Lookup(ctx, a.jobID)
+		if err != nil {
+			return noop // libvirt unreachable: look again next time
+		}
+		if !found || !mach.Running {
+			_, cause, _ := causeOf(messages.ReasonStopped, domain)
+			return func() { a.decideEnd(a.m.root, &ending{reason: messages.ReasonStopped, cause: cause, self: true}) }
+		}
+		if r.pid == 0 || a.m.cfg.Agent == nil {
+			return noop
+		}
+		st, err := a.m.cfg.Agent.Status(ctx, domain, r.pid)
+		switch {
+		case errors.Is(err, qga.ErrCommandFailed):
+			// The agent answers but no longer knows the runner (it was
+			// restarted in the guest): nothing will ever report its end.
+			return func() {
+				if a.rec.runner.statusFailures++; a.rec.runner.statusFailures >= lostRunnerChecks {
+					a.decideEnd(a.m.root, &ending{reason: messages.ReasonRunnerLost, self: true, cause: &messages.Error{
+						Code: messages.CodeAgentFailed, Message: fmt.Sprintf("the guest agent of %s lost track of the runner: %v", domain, err)}})
+				}
+			}
+		case err != nil || !st.Exited:
+			// An agent that does not answer now may answer later; the
+			// deadline bounds the wait.
+			return func() { a.rec.runner.statusFailures = 0 }
+		}
+		// qemu-ga reports an exit once: keep it until it is published.
+		exit := &runnerExit{code: st.ExitCode}
+		exit.output, exit.withheld = output(r, st)
+		return a.reportExit(ctx, em, exit, r.since)
+	}
 }
 
-// Check looks at every running job once: a runner that exited is reported
-// with runner_exited, and the job is returned for teardown, as are jobs
-// whose machine stopped on its own and jobs past their deadline. Jobs
-// returned stay returned until a teardown of them begins.
-func (m *Manager) Check(ctx context.Context) []Ending {
-	now := m.cfg.Now()
-	m.mu.Lock()
-	var todo []*job
-	for _, j := range m.jobs {
-		if j.running && !j.tearing && !now.Before(j.retryAt) {
-			todo = append(todo, j)
+// reportExit publishes runner_exited, in the probe that saw the exit; the
+// machine then ends, or, if the event could not be published, keeps the
+// exit for the next tick to publish.
+func (a *actor) reportExit(ctx context.Context, em emitter, exit *runnerExit, since time.Time) func() {
+	err := em.emit(ctx, messages.StateRunnerExited, Delivery{Origin: messages.ReasonRunnerExited}, em.since(since), "", nil,
+		func(ev *messages.Event) {
+			code := exit.code
+			ev.ExitCode, ev.Output, ev.OutputWithheld = &code, exit.output, exit.withheld
+		})
+	if err == nil {
+		a.m.cfg.Faults.At(FaultAfterRunnerExit)
+	}
+	return func() {
+		a.rec.em = em
+		a.rec.runner.exit = exit
+		if err != nil {
+			return
 		}
+		a.rec.runner.reported = true
+		a.decideEnd(a.m.root, &ending{reason: messages.ReasonRunnerExited, self: true})
 	}
-	m.mu.Unlock()
-
-	var out []Ending
-	for _, j := range todo {
-		if e, ok := m.check(ctx, j, now); ok {
-			out = append(out, e)
-		}
-	}
-	return out
-}
-
-func (m *Manager) check(ctx context.Context, j *job, now time.Time) (Ending, bool) {
-	if !j.deadline.IsZero() && now.After(j.deadline) {
-		_, cause, _ := causeOf(messages.ReasonDeadline, j.domain)
-		return Ending{JobID: j.id, Reason: messages.ReasonDeadline, Cause: cause}, true
-	}
-	d := Delivery{Origin: messages.ReasonRunnerExited}
-	if j.exited {
-		if err := m.emitExit(ctx, j, d); err != nil {
-			return Ending{}, false
-		}
-		reason := j.endReason
-		if reason == "" {
-			reason = messages.ReasonRunnerExited
-		}
-		return Ending{JobID: j.id, Reason: reason}, true
-	}
-	mach, found, err := m.cfg.Machines.Lookup(ctx, j.id)
-	if err != nil {
-		return Ending{}, false // libvirt unreachable: look again next time
-	}
-	if !found || !mach.Running {
-		_, cause, _ := causeOf(messages.ReasonStopped, j.domain)
-		return Ending{JobID: j.id, Reason: messages.ReasonStopped, Cause: cause}, true
-	}
-	if j.pid == 0 || m.cfg.Agent == nil {
-		return Ending{}, false
-	}
-	st, err := m.cfg.Agent.Status(ctx, j.domain, j.pid)
-	switch {
-	case errors.Is(err, qga.ErrCommandFailed):
-		// The agent answers but no longer knows the runner (it was
-		// restarted in the guest): nothing will ever report its end.
-		if j.statusFailures++; j.statusFailures >= lostRunnerChecks {
-			return Ending{JobID: j.id, Reason: messages.ReasonRunnerLost, Cause: &messages.Error{
-				Code: messages.CodeAgentFailed, Message: fmt.Sprintf("the guest agent of %s lost track of the runner: %v", j.domain, err)}}, true
-		}
-		return Ending{}, false
-	case err != nil || !st.Exited:
-		// An agent that does not answer now may answer later; the
-		// deadline bounds the wait.
-		j.statusFailures = 0
-		return Ending{}, false
-	}
-	// qemu-ga reports an exit once: keep it until it is published.
-	code := st.ExitCode
-	j.exitCode, j.exited = &code, true
-	j.exitOutput, j.outputWithheld = output(j, st)
-	if err := m.emitExit(ctx, j, d); err != nil {
-		return Ending{}, false
-	}
-	return Ending{JobID: j.id, Reason: messages.ReasonRunnerExited}, true
-}
-
-// emitExit publishes runner_exited once per job.
-func (m *Manager) emitExit(ctx context.Context, j *job, d Delivery) error {
-	if j.exitReported {
-		return nil
-	}
-	if err := m.emit(ctx, j, messages.StateRunnerExited, d, m.since(j.runnerSince), "", nil); err != nil {
-		return err
-	}
-	j.exitReported = true
-	m.cfg.Faults.At(FaultAfterRunnerExit)
-	return nil
 }
 
 // output returns the end of what the runner printed, without secrets:
@@ -252,11 +145,11 @@ func (m *Manager) emitExit(ctx context.Context, j *job, d Delivery) error {
 // truncated at its limit may end in the first bytes of a secret; that end
 // is redacted too. When the job's secrets are not known (the machine was
 // adopted after a restart) nothing is returned and withheld is true.
-func output(j *job, st qga.Status) (out string, withheld bool) {
-	if !j.secretsKnown {
+func output(r runnerState, st qga.Status) (out string, withheld bool) {
+	if !r.secretsKnown {
 		return "", len(st.Stdout)+len(st.Stderr) > 0
 	}
-	out = scrub(string(st.Stdout), j.secrets, st.StdoutTruncated) + scrub(string(st.Stderr), j.secrets, st.StderrTruncated)
+	out = scrub(string(st.Stdout), r.secrets, st.StdoutTruncated) + scrub(string(st.Stderr), r.secrets, st.StderrTruncated)
 	if len(out) > maxOutput {
 		out = out[len(out)-maxOutput:]
 		if i := strings.IndexByte(out, '\n'); i >= 0 && i < len(out)-1 {

@@ -124,23 +124,22 @@ func TestRunnerLifecycle(t *testing.T) {
 	if started.RunnerPID == 0 || started.OS != "linux" {
 		t.Fatalf("runner_started %+v", started)
 	}
-	if got := fx.m.Check(ctx); len(got) != 0 {
-		t.Fatalf("a running runner ended the job: %+v", got)
+	tickAll(t, fx.m)
+	if got := fx.rec.states("j1"); !slices.Equal(got, runnerHappy) {
+		t.Fatalf("a running runner ended the job: %v", got)
 	}
 	ag.exit(3, "step 1 ok\ntoken is "+planted+"\nbye\n")
-	ends := fx.m.Check(ctx)
-	if len(ends) != 1 || ends[0].Reason != messages.ReasonRunnerExited || ends[0].Cause != nil {
-		t.Fatalf("Check = %+v", ends)
+	tickAll(t, fx.m)
+	want := append(slices.Clone(runnerHappy), messages.StateRunnerExited, messages.StateTearingDown, messages.StateTornDown)
+	if got := fx.rec.states("j1"); !slices.Equal(got, want) {
+		t.Fatalf("events %v, want %v", got, want)
 	}
-	exited := fx.rec.last("j1")
+	exited := fx.rec.events[len(runnerHappy)]
 	if exited.State != messages.StateRunnerExited || exited.ExitCode == nil || *exited.ExitCode != 3 {
 		t.Fatalf("runner_exited %+v", exited)
 	}
 	if strings.Contains(exited.Output, planted) || !strings.Contains(exited.Output, "[REDACTED]") {
 		t.Fatalf("output not scrubbed: %q", exited.Output)
-	}
-	if err := fx.m.Teardown(ctx, "j1", ends[0].Reason, nil, Delivery{Origin: ends[0].Reason}); err != nil {
-		t.Fatal(err)
 	}
 	if got := fx.rec.last("j1"); got.State != messages.StateTornDown || got.Reason != messages.ReasonRunnerExited {
 		t.Fatalf("last event %+v", got)
@@ -225,13 +224,7 @@ func TestGuestPowerOffEndsJob(t *testing.T) {
 	fx.fm.mu.Lock()
 	fx.fm.machines["j1"].Running = false
 	fx.fm.mu.Unlock()
-	ends := fx.m.Check(ctx)
-	if len(ends) != 1 || ends[0].Cause == nil || ends[0].Cause.Code != messages.CodeMachineStopped {
-		t.Fatalf("Check = %+v", ends)
-	}
-	if err := fx.m.Teardown(ctx, "j1", ends[0].Reason, ends[0].Cause, Delivery{Origin: ends[0].Reason}); err != nil {
-		t.Fatal(err)
-	}
+	tickAll(t, fx.m)
 	if last := fx.rec.last("j1"); last.State != messages.StateFailed || last.Error.Code != messages.CodeMachineStopped {
 		t.Fatalf("last event %+v", last)
 	}
@@ -255,11 +248,11 @@ func TestReconcileWatchesAdoptedRunner(t *testing.T) {
 		t.Fatal("the running job was not adopted")
 	}
 	ag.exit(0, "")
-	ends := m2.Check(ctx)
-	if len(ends) != 1 || ends[0].Reason != messages.ReasonRunnerExited {
-		t.Fatalf("Check = %+v", ends)
+	tickAll(t, m2)
+	if ev := fx.rec.events[len(runnerHappy)]; ev.State != messages.StateRunnerExited || ev.Seq != uint64(len(runnerHappy)+1) {
+		t.Fatalf("event after runner_started %+v", ev)
 	}
-	if last := fx.rec.last("j1"); last.State != messages.StateRunnerExited || last.Seq != uint64(len(runnerHappy)+1) {
+	if last := fx.rec.last("j1"); last.State != messages.StateTornDown || last.Reason != messages.ReasonRunnerExited {
 		t.Fatalf("last event %+v", last)
 	}
 }
@@ -282,10 +275,8 @@ func TestAdoptedRunnerOutputIsWithheld(t *testing.T) {
 		t.Fatal(err)
 	}
 	ag.exit(3, "token is "+planted+"\n")
-	if ends := m2.Check(ctx); len(ends) != 1 {
-		t.Fatalf("Check = %+v", ends)
-	}
-	last := fx.rec.last("j1")
+	tickAll(t, m2)
+	last := fx.rec.events[len(runnerHappy)]
 	if last.State != messages.StateRunnerExited || last.Output != "" || !last.OutputWithheld ||
 		last.ExitCode == nil || *last.ExitCode != 3 {
 		t.Fatalf("runner_exited of the adopted job: %+v, want exit code 3, no output, output_withheld", last)
@@ -297,7 +288,7 @@ func TestAdoptedRunnerOutputIsWithheld(t *testing.T) {
 // truncated is redacted when it begins a secret.
 func TestOutputScrubbing(t *testing.T) {
 	const secret = "SECRET-0123456789abcdef"
-	j := &job{secrets: []string{secret, "other-secret-value"}, secretsKnown: true}
+	j := runnerState{secrets: []string{secret, "other-secret-value"}, secretsKnown: true}
 	filler := strings.Repeat("x", maxOutput-10) + "\n"
 	tests := []struct {
 		name string

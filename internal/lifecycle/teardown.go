@@ -12,253 +12,278 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
-// Teardown removes the machine of jobID, publishing tearing_down and then
-// torn_down, or failed when cause is set (the machine is removed because
-// something went wrong, such as its deadline passing). A provision still in
-// progress for the job is stopped and rolled back first. A job this host
-// has no machine for gets a torn_down event with the unknown_job error, once;
-// a job it finished recently gets nothing. Errors are transient.
-func (m *Manager) Teardown(ctx context.Context, jobID, reason string, cause *messages.Error, d Delivery) error {
-	if served, err := m.TeardownBuild(ctx, jobID, reason, cause, d); served {
-		return err
-	}
-	m.mu.Lock()
-	j := m.jobs[jobID]
-	_, finished := m.done[jobID]
-	if j != nil {
-		if j.tearing {
-			m.mu.Unlock()
-			return nil
-		}
-		j.tearing = true
-	}
-	m.mu.Unlock()
+// deadlineRetry spaces out the teardowns of a machine that could not be
+// removed.
+const deadlineRetry = 30 * time.Second
 
-	if j != nil {
-		select {
-		case <-j.built:
-		case <-ctx.Done():
-			m.mu.Lock()
-			j.tearing = false
-			m.mu.Unlock()
-			return ctx.Err()
-		}
-		m.mu.Lock()
-		current := m.jobs[jobID] == j
-		m.mu.Unlock()
-		if !current {
-			return nil // the provision failed and reported it
-		}
-	} else {
-		if finished {
-			return nil
-		}
-		mach, found, err := m.cfg.Machines.Lookup(ctx, jobID)
-		if err != nil {
-			return fmt.Errorf("look up machine of job %s: %w", jobID, err)
-		}
-		if !found {
-			u := &job{id: jobID}
-			last := m.startSeq(ctx, u)
-			if done, err := m.finishedBefore(ctx, u, last, reason, cause, d); done || err != nil {
-				return err
-			}
-			err := m.emit(ctx, u, messages.StateTornDown, d, 0, reason, &messages.Error{
-				Code:    messages.CodeUnknownJob,
-				Message: fmt.Sprintf("host %s has no machine for job %s", m.cfg.Host, jobID),
-			})
-			if err == nil {
-				// A provision of the job arriving later must not build a
-				// machine nobody will tear down.
-				m.untrack(jobID, true)
-			}
-			return err
-		}
-		j = adopted(mach)
-		j.tearing = true
-		if !m.track(j) {
-			return nil
-		}
-		m.startSeq(ctx, j)
+// teardownOutcome is how a teardown ended.
+type teardownOutcome int
+
+const (
+	// tornDown: the machine is gone and the job's end published.
+	tornDown teardownOutcome = iota
+	// retryTeardown: try again later (a request's redelivery, or the next
+	// tick 30 s on for a teardown the machine began by itself).
+	retryTeardown
+	// abandoned: the teardown's final delivery failed and said so; the
+	// machine may remain for a reconciliation to remove.
+	abandoned
+)
+
+// startTeardown removes the machine and publishes its end: in the slot of
+// the request that asked for it, or in release's for an end the machine
+// decided itself.
+func (a *actor) startTeardown(root context.Context, e *ending, release func()) {
+	if a.rec.phase != PhaseTearingDown {
+		a.to(PhaseTearingDown)
 	}
-	return m.remove(ctx, j, reason, cause, d)
+	a.end = e
+	em, holder := a.rec.em, a.rec.claim.lostTo
+	a.launch(root, "tear down", func(ctx context.Context) func() {
+		if release != nil {
+			defer release()
+		}
+		outcome, err := a.m.remove(ctx, &em, *e, holder)
+		return func() {
+			a.rec.em = em
+			a.endTeardown(e, outcome, err)
+		}
+	})
 }
 
-// supersession is a teardown handed to the build it stops.
-type supersession struct {
-	reason string
-	cause  *messages.Error
-	d      Delivery
-	// err is the teardown's outcome, set by the build before it closes
-	// the job's built channel.
-	err error
-}
-
-// TeardownBuild ends the job of a provision in flight on this host: it
-// stops the build, whose operation then removes what it built and
-// publishes tearing_down and the end (torn_down, or failed when cause is
-// set) with d, in the slot it holds already. So a teardown of a machine
-// being built needs no operation slot of its own and does not wait behind
-// other builds. served is false, and nothing is done, when no build of
-// the job is in flight (or one is being torn down already); the caller
-// then takes a slot and calls Teardown. Otherwise TeardownBuild returns
-// once the build ended, with the teardown's outcome; ctx bounds only the
-// wait, not the teardown.
-func (m *Manager) TeardownBuild(ctx context.Context, jobID, reason string, cause *messages.Error, d Delivery) (served bool, err error) {
-	m.mu.Lock()
-	j := m.jobs[jobID]
-	if j == nil || j.cancel == nil || j.tearing {
-		m.mu.Unlock()
-		return false, nil
+// endTeardown applies a teardown's outcome.
+func (a *actor) endTeardown(e *ending, outcome teardownOutcome, err error) {
+	for _, c := range a.enders {
+		c <- answer{err: err}
 	}
-	e := &supersession{reason: reason, cause: cause, d: d}
-	j.tearing, j.endedBy = true, e
-	j.cancel(ErrSuperseded)
-	m.mu.Unlock()
-	select {
-	case <-j.built:
-		return true, e.err
-	case <-ctx.Done():
-		return true, fmt.Errorf("wait for the build of job %s to end: %w", jobID, ctx.Err())
-	}
-}
-
-// endSuperseded publishes the end of a job whose build a teardown stopped,
-// once the build's machine is removed. When that fails the job stays
-// tracked without a machine, and the teardown's next delivery ends it.
-func (m *Manager) endSuperseded(ctx context.Context, j *job, e *supersession) error {
-	err := m.emit(ctx, j, messages.StateTearingDown, e.d, 0, e.reason, nil)
-	if err == nil {
-		state := messages.StateTornDown
-		if e.cause != nil {
-			state = messages.StateFailed
+	a.enders, a.end = nil, nil
+	switch outcome {
+	case tornDown:
+		if e.reason != messages.ReasonClaimLost {
+			a.releaseClaim()
 		}
-		err = m.emit(ctx, j, state, e.d, 0, e.reason, e.cause)
-	}
-	if err != nil {
-		m.mu.Lock()
-		j.tearing, j.endedBy = false, nil
-		m.mu.Unlock()
-		return err
-	}
-	m.untrack(j.id, true)
-	return nil
-}
-
-// finishedBefore handles a teardown of a job without a machine that an
-// earlier process of this host already ended, or was ending, before it died
-// without settling the request (the history survives, the memory does not):
-// an ended job gets no second terminal event; a teardown for the same reason
-// that removed the machine but did not publish its end is finished with it.
-// done is false when the job is unknown after all.
-func (m *Manager) finishedBefore(ctx context.Context, u *job, last messages.Event, reason string, cause *messages.Error, d Delivery) (done bool, err error) {
-	if last.Host != m.cfg.Host {
-		return false, nil
-	}
-	switch {
-	case last.State.Terminal():
-	case last.State == messages.StateTearingDown && last.Reason == reason && cause == nil:
-		u.image, u.domain, u.os = last.Image, last.Domain, last.OS
-		if err := m.emit(ctx, u, messages.StateTornDown, d, 0, reason, nil); err != nil {
-			return false, err
-		}
+		a.rec.finished = true
+		a.to(PhaseGone)
+	case abandoned:
+		a.to(PhaseGone)
 	default:
-		return false, nil
+		a.rec.retryAt = a.m.cfg.Now().Add(deadlineRetry)
+		a.to(PhaseReady)
+		if e.self && err != nil && a.m.cfg.Report != nil {
+			a.m.cfg.Report(e.reason, a.jobID, err)
+		}
 	}
-	m.untrack(u.id, true)
-	return true, nil
 }
 
-func (m *Manager) remove(ctx context.Context, j *job, reason string, cause *messages.Error, d Delivery) error {
-	if reason == messages.ReasonClaimLost {
-		return m.removeDropped(ctx, j, d)
+// remove removes the machine of em's job and publishes tearing_down and its
+// end: torn_down, or failed when the ending has a cause. A machine whose
+// job another host took (claim_lost) is removed without either: the job
+// goes on there, so this host publishes dropped instead.
+func (m *Manager) remove(ctx context.Context, em *emitter, e ending, holder string) (teardownOutcome, error) {
+	if e.reason == messages.ReasonClaimLost {
+		if err := m.removeOwn(ctx, em.jobID, false); err != nil {
+			return retryTeardown, fmt.Errorf("remove machine of job %s: %w", em.jobID, err)
+		}
+		if err := em.emit(ctx, messages.StateDropped, e.d, 0, messages.ReasonClaimLost, nil,
+			func(ev *messages.Event) { ev.Holder = holder }); err != nil {
+			return retryTeardown, err
+		}
+		return tornDown, nil
 	}
-	if err := m.emit(ctx, j, messages.StateTearingDown, d, 0, reason, nil); err != nil {
-		m.retryLater(j)
-		return err
+	if err := em.emit(ctx, messages.StateTearingDown, e.d, 0, e.reason, nil); err != nil {
+		return retryTeardown, err
 	}
 	m.cfg.Faults.At(FaultMidTeardown)
 	start := m.cfg.Now()
-	if _, err := m.cfg.Machines.Remove(ctx, j.id); err != nil {
-		err = fmt.Errorf("remove machine of job %s: %w", j.id, err)
-		if d.Final {
-			// Nobody will ask again: say so, and stop tracking a machine
-			// that the next reconciliation will find and retry.
-			if perr := m.emit(ctx, j, messages.StateFailed, d, m.since(start), reason,
-				&messages.Error{Code: messages.CodeTeardownFailed, Message: err.Error()}); perr != nil {
-				m.retryLater(j)
-				return perr
-			}
-			m.untrack(j.id, false)
-			return &Failure{Code: messages.CodeTeardownFailed, Err: err}
+	if _, err := m.cfg.Machines.Remove(ctx, em.jobID); err != nil {
+		err = fmt.Errorf("remove machine of job %s: %w", em.jobID, err)
+		if !e.d.Final {
+			return retryTeardown, err
 		}
-		m.retryLater(j)
-		return err
+		// Nobody will ask again: say so, and stop tracking a machine that
+		// the next reconciliation will find and retry.
+		if perr := em.emit(ctx, messages.StateFailed, e.d, em.since(start), e.reason,
+			&messages.Error{Code: messages.CodeTeardownFailed, Message: err.Error()}); perr != nil {
+			return retryTeardown, perr
+		}
+		return abandoned, &Failure{Code: messages.CodeTeardownFailed, Err: err}
 	}
 	m.cfg.Faults.At(FaultAfterRemove)
 	state := messages.StateTornDown
-	if cause != nil {
+	if e.cause != nil {
 		state = messages.StateFailed
 	}
-	if err := m.emit(ctx, j, state, d, m.since(start), reason, cause); err != nil {
-		m.retryLater(j)
-		return err
+	if err := em.emit(ctx, state, e.d, em.since(start), e.reason, e.cause); err != nil {
+		return retryTeardown, err
 	}
-	m.release(ctx, j)
-	m.untrack(j.id, true)
-	return nil
+	return tornDown, nil
 }
 
-// removeDropped removes the running machine of a job that another host
-// took over (KeepClaims): the job goes on there, so this host publishes
-// dropped instead of tearing_down and torn_down.
-func (m *Manager) removeDropped(ctx context.Context, j *job, d Delivery) error {
-	if err := m.removeOwn(ctx, j.id, false); err != nil {
-		m.retryLater(j)
-		return fmt.Errorf("remove machine of job %s: %w", j.id, err)
-	}
-	j.claim.mu.Lock()
-	holder := j.claim.lostTo
-	j.claim.mu.Unlock()
-	if err := m.drop(ctx, j, d, &Dropped{Holder: holder, Reason: messages.ReasonClaimLost}); err != nil {
-		m.retryLater(j)
-		return err
-	}
-	m.untrack(j.id, true)
-	return nil
-}
-
-// deadlineRetry spaces out deadline teardowns of a machine that could not
-// be removed.
-const deadlineRetry = 30 * time.Second
-
-// retryLater lets a failed teardown be tried again, by a request at once or
-// by the deadline check after deadlineRetry.
-func (m *Manager) retryLater(j *job) {
-	m.mu.Lock()
-	j.tearing = false
-	j.retryAt = m.cfg.Now().Add(deadlineRetry)
-	m.mu.Unlock()
-}
-
-// adopted makes a record for a machine this process did not create.
-func adopted(mach provision.Machine) *job {
-	built := make(chan struct{})
-	close(built)
-	j := &job{
-		id: mach.JobID, image: mach.Image, domain: mach.Name,
-		deadline: mach.Deadline, running: mach.Running, built: built,
-	}
+// adoptRecord fills the record of a machine this process did not create.
+func (a *actor) adoptRecord(mach provision.Machine) {
+	a.rec.image, a.rec.domain, a.rec.deadline, a.rec.kind = mach.Image, mach.Name, mach.Deadline, mach.RunnerKind
 	if os, err := runners.ParseOS(mach.OS, ""); err == nil {
-		j.os = string(os)
+		a.rec.runner.os = string(os)
 	}
-	return j
+	a.rec.em.identify(a.rec)
+	if !a.rec.counted {
+		a.rec.counted = true
+		a.m.countMachine(true)
+	}
+}
+
+// lookUpForTeardown serves a teardown request for a job this process has
+// no record of: a machine of the job on the host is adopted and removed in
+// the request's slot; without one, the history decides (finishedBefore),
+// and a job this host does not know gets torn_down with unknown_job, once.
+func (a *actor) lookUpForTeardown(e *ending) func(context.Context) func() {
+	em := a.rec.em
+	return func(ctx context.Context) func() {
+		mach, found, err := a.m.cfg.Machines.Lookup(ctx, a.jobID)
+		if err != nil {
+			err = fmt.Errorf("look up machine of job %s: %w", a.jobID, err)
+			return func() { a.settled(false, err) }
+		}
+		if found {
+			return func() {
+				a.adoptRecord(mach)
+				a.startTeardown(a.m.root, e, nil)
+			}
+		}
+		finished, err := a.m.unknownTeardown(ctx, &em, *e)
+		return func() {
+			a.rec.em = em
+			a.settled(finished, err)
+		}
+	}
+}
+
+// settled ends a job's bookkeeping that found no machine.
+func (a *actor) settled(finished bool, err error) {
+	a.rec.finished = finished
+	for _, c := range a.enders {
+		c <- answer{err: err}
+	}
+	a.enders = nil
+	answerFinished := answer{}
+	if !finished {
+		answerFinished = answer{err: fmt.Errorf("job %s has no machine on host %s", a.jobID, a.m.cfg.Host)}
+	}
+	a.answerWaiting(answerFinished)
+	a.to(PhaseGone)
+}
+
+// unknownTeardown answers a teardown of a job without a machine here. A
+// job that an earlier process of this host ended, or was ending, before it
+// died without settling the request (the history survives, the memory does
+// not) gets no second terminal event, or the end that teardown did not
+// publish; any other gets torn_down with unknown_job, and counts as
+// finished here, so that a provision arriving later builds nothing nobody
+// would tear down.
+func (m *Manager) unknownTeardown(ctx context.Context, em *emitter, e ending) (finished bool, err error) {
+	var last messages.Event
+	if m.cfg.History != nil {
+		last, _, _ = m.cfg.History.LastEvent(ctx, em.jobID, "")
+	}
+	if last.Host == m.cfg.Host {
+		switch {
+		case last.State.Terminal():
+			return true, nil
+		case last.State == messages.StateTearingDown && last.Reason == e.reason && e.cause == nil:
+			em.image, em.domain, em.os = last.Image, last.Domain, last.OS
+			if err := em.emit(ctx, messages.StateTornDown, e.d, 0, e.reason, nil); err != nil {
+				return false, err
+			}
+			return true, nil
+		}
+	}
+	err = em.emit(ctx, messages.StateTornDown, e.d, 0, e.reason, &messages.Error{
+		Code:    messages.CodeUnknownJob,
+		Message: fmt.Sprintf("host %s has no machine for job %s", m.cfg.Host, em.jobID),
+	})
+	return err == nil, err
+}
+
+// adopt decides about a managed machine found on the host, by the job's
+// last event: a machine whose provision was acknowledged is watched again
+// (running) or torn down (stopped); any other is half-built and removed
+// without events, as its request will be delivered again.
+func (a *actor) adopt(mach provision.Machine) func(context.Context) func() {
+	return func(ctx context.Context) func() {
+		last, err := a.m.lastOwnEvent(ctx, a.jobID)
+		if err != nil {
+			// Without the history the worker cannot tell a running job
+			// from a half-built one: leave the machine for the next
+			// reconciliation.
+			return func() { a.settled(false, err) }
+		}
+		acked := last.Host == a.m.cfg.Host && a.m.acknowledged(last.State, mach.RunnerKind)
+		if !acked {
+			if _, err := a.m.cfg.Machines.Remove(ctx, mach.JobID); err != nil {
+				err = fmt.Errorf("remove half-built machine %s: %w", mach.Name, err)
+				return func() { a.settled(false, err) }
+			}
+			return func() { a.settled(false, nil) }
+		}
+		return func() {
+			a.adoptRecord(mach)
+			a.rec.em.seq = last.Seq
+			if !mach.Running {
+				_, cause, _ := causeOf(messages.ReasonReconcile, mach.Name)
+				a.startTeardown(a.m.root, &ending{reason: messages.ReasonReconcile, cause: cause,
+					d: Delivery{Origin: messages.ReasonReconcile}}, nil)
+				return
+			}
+			if last.OS != "" {
+				a.rec.runner.os = last.OS
+				a.rec.em.os = last.OS
+			}
+			a.rec.runner.pid = last.RunnerPID
+			switch last.State {
+			case messages.StateRunnerExited:
+				a.rec.runner.exit, a.rec.runner.reported = &runnerExit{}, true
+				a.rec.runner.endReason = messages.ReasonRunnerExited
+			case messages.StateTearingDown:
+				a.rec.runner.exit, a.rec.runner.reported = &runnerExit{}, true
+				a.rec.runner.endReason = last.Reason
+			}
+			for _, c := range a.enders {
+				c <- answer{}
+			}
+			a.enders = nil
+			a.to(PhaseReady)
+		}
+	}
+}
+
+// lastOwnEvent is the job's newest event that tells how far this host got
+// with it: another host's dropped says nothing of that, so this host's own
+// newest event counts then.
+func (m *Manager) lastOwnEvent(ctx context.Context, jobID string) (messages.Event, error) {
+	if m.cfg.History == nil {
+		return messages.Event{}, nil
+	}
+	last, found, err := m.cfg.History.LastEvent(ctx, jobID, "")
+	if err != nil {
+		return messages.Event{}, fmt.Errorf("read the events of job %s: %w", jobID, err)
+	}
+	if !found {
+		return messages.Event{}, nil
+	}
+	if last.State == messages.StateDropped && last.Host != m.cfg.Host {
+		if last, found, err = m.cfg.History.LastEvent(ctx, jobID, m.cfg.Host); err != nil {
+			return messages.Event{}, fmt.Errorf("read the events of job %s: %w", jobID, err)
+		} else if !found {
+			return messages.Event{}, nil
+		}
+	}
+	return last, nil
 }
 
 // Reconcile takes over the managed machines found on the host, using the
 // job's last event to tell whether its provision request was acknowledged
 // (the runner had started; for runner kind none, the agent had answered):
-//   - acknowledged and running: tracked again, so the deadline, runner exit
+//   - acknowledged and running: watched again, so the deadline, runner exit
 //     and teardown requests apply; the runner is watched again through the
 //     pid its runner_started event recorded;
 //   - acknowledged and stopped: torn down, ending in failed with
@@ -268,7 +293,8 @@ func adopted(mach provision.Machine) *job {
 //     delivered again and build it anew.
 //
 // Domains with the managed prefix but no valid job id in their name are not
-// the worker's and are left alone.
+// the worker's and are left alone, as are machines another host id's
+// metadata names (another worker may share this libvirtd; tests do).
 //
 // Volumes of jobs without a domain (a worker stopped between creating them
 // and defining the domain) are removed too. A machine that cannot be
@@ -281,7 +307,22 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	}
 	var errs []error
 	for _, mach := range machines {
-		if err := m.reconcile(ctx, mach); err != nil {
+		if !messages.ValidJobID(mach.JobID) || mach.Name != messages.DomainName(mach.JobID) {
+			continue
+		}
+		if !mach.MetadataUnreadable && mach.Host != "" && mach.Host != m.cfg.Host {
+			continue
+		}
+		if active, _ := m.known(mach.JobID); active {
+			continue
+		}
+		// A finished job's machine is adopted too: its last event is
+		// terminal, so it is removed as half-built.
+		ans, err := m.call(ctx, mach.JobID, spawnAlways, &adoptCmd{mach: mach})
+		if err == nil {
+			err = ans.err
+		}
+		if err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -299,10 +340,7 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 		if !ok || !messages.ValidJobID(jobID) || !m.orphans[path] {
 			continue
 		}
-		m.mu.Lock()
-		_, known := m.jobs[jobID]
-		m.mu.Unlock()
-		if known {
+		if active, _ := m.known(jobID); active {
 			continue // its provision is creating it right now
 		}
 		if _, err := m.cfg.Machines.Remove(ctx, jobID); err != nil {
@@ -311,70 +349,6 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	}
 	m.orphans = seen
 	return errors.Join(errs...)
-}
-
-func (m *Manager) reconcile(ctx context.Context, mach provision.Machine) error {
-	if !messages.ValidJobID(mach.JobID) || mach.Name != messages.DomainName(mach.JobID) {
-		return nil
-	}
-	// Another worker with its own host id may share this libvirtd (tests
-	// do); its machines are its own.
-	if !mach.MetadataUnreadable && mach.Host != "" && mach.Host != m.cfg.Host {
-		return nil
-	}
-	m.mu.Lock()
-	_, known := m.jobs[mach.JobID]
-	m.mu.Unlock()
-	if known {
-		return nil
-	}
-	j := adopted(mach)
-	// Without the history the worker cannot tell a running job from a
-	// half-built one: leave the machine for the next reconciliation.
-	last, err := m.history(ctx, j)
-	if err != nil {
-		return err
-	}
-	if last.State == messages.StateDropped && last.Host != m.cfg.Host {
-		// Another host let go of a repeated delivery: that says nothing
-		// of how far this host got.
-		var found bool
-		if last, found, err = m.cfg.History.LastEvent(ctx, j.id, m.cfg.Host); err != nil {
-			return fmt.Errorf("read the events of job %s: %w", j.id, err)
-		} else if !found {
-			last = messages.Event{}
-		}
-	}
-	// A job whose newest event is another host's went on there (this
-	// host stalled or died before its request was acknowledged): the
-	// machine here is half-built.
-	acked := last.Host == m.cfg.Host && m.acknowledged(last.State, mach.RunnerKind)
-	switch {
-	case acked && mach.Running:
-		if last.OS != "" {
-			j.os = last.OS
-		}
-		j.pid = last.RunnerPID
-		switch last.State {
-		case messages.StateRunnerExited:
-			j.exited, j.exitReported, j.endReason = true, true, messages.ReasonRunnerExited
-		case messages.StateTearingDown:
-			j.exited, j.exitReported, j.endReason = true, true, last.Reason
-		}
-		m.track(j)
-		return nil
-	case acked:
-		j.tearing = true
-		if !m.track(j) {
-			return nil
-		}
-		_, cause, _ := causeOf(messages.ReasonReconcile, mach.Name)
-		return m.remove(ctx, j, messages.ReasonReconcile, cause, Delivery{Origin: messages.ReasonReconcile})
-	}
-	if _, err := m.cfg.Machines.Remove(ctx, mach.JobID); err != nil {
-		return fmt.Errorf("remove half-built machine %s: %w", mach.Name, err)
-	}
-	return nil
 }
 
 // acknowledged reports whether a job whose newest event is in state s had
@@ -447,38 +421,39 @@ func (m *Manager) FinishTeardowns(ctx context.Context) error {
 		if !ok {
 			continue
 		}
-		if err := m.finishTeardown(ctx, id, ev, state, cause); err != nil {
+		if active, finished := m.known(id); active || finished {
+			continue
+		}
+		ans, err := m.call(ctx, id, spawnUnlessFinished, &finishCmd{last: ev, state: state, cause: cause})
+		if err == nil {
+			err = ans.err
+		}
+		if err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func (m *Manager) finishTeardown(ctx context.Context, id string, ev messages.Event, state messages.State, cause *messages.Error) error {
-	if active, finished := m.known(id); active || finished {
-		return nil
-	}
-	if _, found, err := m.cfg.Machines.Lookup(ctx, id); err != nil {
-		return fmt.Errorf("look up machine of job %s: %w", id, err)
+// finishTeardown publishes the end of one such job, unless its machine
+// exists after all (reconciliation's) or something followed its
+// tearing_down, on any host.
+func (m *Manager) finishTeardown(ctx context.Context, em *emitter, c *finishCmd) (finished bool, err error) {
+	if _, found, err := m.cfg.Machines.Lookup(ctx, em.jobID); err != nil {
+		return false, fmt.Errorf("look up machine of job %s: %w", em.jobID, err)
 	} else if found {
-		return nil // reconciliation's
+		return false, nil
 	}
-	j := &job{id: id, image: ev.Image, domain: ev.Domain, os: ev.OS}
-	last, err := m.history(ctx, j)
+	last, found, err := m.cfg.History.LastEvent(ctx, em.jobID, "")
 	if err != nil {
-		return err
+		return false, fmt.Errorf("read the events of job %s: %w", em.jobID, err)
 	}
-	// Only if nothing followed, on any host.
-	if last.Host != m.cfg.Host || last.State != messages.StateTearingDown || last.Reason != ev.Reason {
-		return nil
+	if !found || last.Host != m.cfg.Host || last.State != messages.StateTearingDown || last.Reason != c.last.Reason {
+		return false, nil
 	}
-	if !m.track(j) {
-		return nil
+	em.seq = last.Seq
+	if err := em.emit(ctx, c.state, Delivery{Origin: c.last.Reason}, 0, c.last.Reason, c.cause); err != nil {
+		return false, err
 	}
-	if err := m.emit(ctx, j, state, Delivery{Origin: ev.Reason}, 0, ev.Reason, cause); err != nil {
-		m.untrack(id, false)
-		return err
-	}
-	m.untrack(id, true)
-	return nil
+	return true, nil
 }

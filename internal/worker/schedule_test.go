@@ -254,12 +254,13 @@ func startScheduleWorker(t *testing.T, parallelism int) *scheduleEnv {
 		t.Fatal(err)
 	}
 	pub := bus.NewPublisher(js)
+	slots := NewSlots(parallelism)
 	life := lifecycle.New(lifecycle.Config{Host: hostID, Machines: se.host, Agent: agent{se.host},
-		Events: pub, History: pub})
+		Events: pub, History: pub, Slots: slots})
 	// PullWait is left at its production default (2s): a pull that held
 	// a slot while it waited starved the worker's own teardowns.
 	se.w = New(Config{Parallelism: parallelism, MaxVMs: 8, AckWait: 3 * time.Second, MaxDeliver: 2,
-		WatchInterval: 100 * time.Millisecond, NATS: js.Conn()}, cons, life)
+		WatchInterval: 100 * time.Millisecond, NATS: js.Conn(), Slots: slots}, cons, life)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- se.w.Run(ctx) }()
@@ -268,6 +269,7 @@ func startScheduleWorker(t *testing.T, parallelism int) *scheduleEnv {
 		if err := <-done; err != nil {
 			t.Errorf("Run: %v", err)
 		}
+		life.Close()
 	})
 	return se
 }

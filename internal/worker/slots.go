@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 )
 
 // Priorities of work waiting for an operation slot. Lower values are served
@@ -19,33 +20,66 @@ const (
 	numPriorities
 )
 
-// slots bounds the operations in flight to a fixed number. A slot is taken
-// only for work in hand (a pulled message, a teardown the watch loop
-// decided on), never for a pull that is still waiting for a message:
-// otherwise an idle pull would keep the worker's own teardowns waiting,
-// forever at parallelism 1. A freed slot goes straight to the oldest waiter
-// of the highest priority.
-type slots struct {
+// Slots are the host's operation slots: they bound the operations in
+// flight (provisions until their runner runs, teardowns) to a fixed
+// number. A slot is taken only for work in hand (a pulled message, a
+// teardown a machine decided on), never for a pull that is still waiting
+// for a message: otherwise an idle pull would keep the machines' own
+// teardowns waiting, forever at parallelism 1. A freed slot goes straight
+// to the oldest waiter of the highest priority, teardowns first. The worker
+// takes slots for the requests it pulls; the lifecycle takes them, through
+// Acquire, for the teardowns machines begin by themselves.
+type Slots struct {
 	mu      sync.Mutex
 	free    int
 	waiters [numPriorities][]chan struct{}
 	// changed is closed and replaced whenever free or the waiters change,
 	// to wake waitIdle.
 	changed chan struct{}
+
+	inFlight, maxInFlight atomic.Int64
 }
 
-func newSlots(n int) *slots {
-	return &slots{free: n, changed: make(chan struct{})}
+// NewSlots returns n slots.
+func NewSlots(n int) *Slots {
+	return &Slots{free: n, changed: make(chan struct{})}
+}
+
+// Acquire waits for a slot for a teardown, ahead of provisions, until ctx
+// ends; release frees it. It implements lifecycle.Slots.
+func (s *Slots) Acquire(ctx context.Context) (release func(), err error) {
+	if err := s.acquire(ctx, teardownFirst); err != nil {
+		return nil, err
+	}
+	var once sync.Once
+	return func() { once.Do(s.release) }, nil
+}
+
+// InFlight returns the operations holding a slot now and the most that
+// ever did at once.
+func (s *Slots) InFlight() (now, most int64) {
+	return s.inFlight.Load(), s.maxInFlight.Load()
+}
+
+// took counts a slot taken.
+func (s *Slots) took() {
+	n := s.inFlight.Add(1)
+	for {
+		m := s.maxInFlight.Load()
+		if n <= m || s.maxInFlight.CompareAndSwap(m, n) {
+			return
+		}
+	}
 }
 
 // signalLocked wakes everybody waiting for a change.
-func (s *slots) signalLocked() {
+func (s *Slots) signalLocked() {
 	close(s.changed)
 	s.changed = make(chan struct{})
 }
 
 // queuedLocked reports whether anyone of priority p or higher waits.
-func (s *slots) queuedLocked(p priority) bool {
+func (s *Slots) queuedLocked(p priority) bool {
 	for q := priority(0); q <= p; q++ {
 		if len(s.waiters[q]) > 0 {
 			return true
@@ -57,12 +91,13 @@ func (s *slots) queuedLocked(p priority) bool {
 // acquire takes a slot for work of priority p, waiting until one is free
 // and every waiter of the same or a higher priority before it was served.
 // It fails only when ctx ends first.
-func (s *slots) acquire(ctx context.Context, p priority) error {
+func (s *Slots) acquire(ctx context.Context, p priority) error {
 	s.mu.Lock()
 	if s.free > 0 && !s.queuedLocked(p) {
 		s.free--
 		s.signalLocked()
 		s.mu.Unlock()
+		s.took()
 		return nil
 	}
 	ch := make(chan struct{})
@@ -72,6 +107,7 @@ func (s *slots) acquire(ctx context.Context, p priority) error {
 
 	select {
 	case <-ch:
+		s.took()
 		return nil
 	case <-ctx.Done():
 	}
@@ -85,18 +121,20 @@ func (s *slots) acquire(ctx context.Context, p priority) error {
 		}
 	}
 	// The slot was handed over just as ctx ended: pass it on.
-	s.releaseLocked()
+	s.handOnLocked()
 	return ctx.Err()
 }
 
 // release frees a slot taken by acquire, handing it to the first waiter.
-func (s *slots) release() {
+func (s *Slots) release() {
+	s.inFlight.Add(-1)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.releaseLocked()
+	s.handOnLocked()
 }
 
-func (s *slots) releaseLocked() {
+// handOnLocked gives a freed slot to the first waiter, or frees it.
+func (s *Slots) handOnLocked() {
 	for p := range s.waiters {
 		if len(s.waiters[p]) > 0 {
 			ch := s.waiters[p][0]
@@ -114,7 +152,7 @@ func (s *slots) releaseLocked() {
 // pulled now can start at once; it fails only when ctx ends. It takes
 // nothing: the pull that follows takes its slot with acquire once it has a
 // message, and waits there only if other work came first.
-func (s *slots) waitIdle(ctx context.Context) error {
+func (s *Slots) waitIdle(ctx context.Context) error {
 	for {
 		s.mu.Lock()
 		if s.free > 0 && !s.queuedLocked(numPriorities-1) {

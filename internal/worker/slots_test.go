@@ -10,7 +10,7 @@ import (
 // waiting before any provision, and waitIdle holds off new pulls while
 // anyone waits.
 func TestSlotsServeTeardownsFirst(t *testing.T) {
-	s := newSlots(1)
+	s := NewSlots(1)
 	ctx := context.Background()
 	if err := s.acquire(ctx, requestNext); err != nil {
 		t.Fatal(err)
@@ -55,7 +55,7 @@ func TestSlotsServeTeardownsFirst(t *testing.T) {
 // TestSlotsAcquireGivesUpWithItsContext: a waiter whose context ends
 // leaves the queue, and a slot handed to it as it gave up is passed on.
 func TestSlotsAcquireGivesUpWithItsContext(t *testing.T) {
-	s := newSlots(1)
+	s := NewSlots(1)
 	if err := s.acquire(context.Background(), requestNext); err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +75,7 @@ func TestSlotsAcquireGivesUpWithItsContext(t *testing.T) {
 }
 
 // waitQueued waits until n waiters of priority p are queued.
-func waitQueued(t *testing.T, s *slots, p priority, n int) {
+func waitQueued(t *testing.T, s *Slots, p priority, n int) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -52,6 +51,10 @@ type Config struct {
 	// share of the request stream's max-deliveries advisories, and ends
 	// the requests they name (advisory.go).
 	NATS *nats.Conn
+	// Slots, when set, are the operation slots the worker shares with
+	// the lifecycle, which takes them for the teardowns machines begin by
+	// themselves; nil makes Parallelism slots of the worker's own.
+	Slots *Slots
 }
 
 // Settlement says how one request message was settled.
@@ -82,7 +85,7 @@ type Worker struct {
 	cons bus.Consumers
 	life *lifecycle.Manager
 
-	slots *slots
+	slots *Slots
 	// teardowns bounds the teardown requests in hand (waiting for a slot
 	// or for the build they end, or running) to Parallelism.
 	teardowns chan struct{}
@@ -91,12 +94,7 @@ type Worker struct {
 	// unfinished are ended (lifecycle.FinishTeardowns).
 	finished atomic.Bool
 
-	// ending holds the jobs whose self-started teardown is queued or
-	// running; only the watch loop adds to it.
-	endingMu sync.Mutex
-	ending   map[string]bool
-
-	inFlight, maxInFlight, provisionsSettled, teardownsSettled atomic.Int64
+	provisionsSettled, teardownsSettled atomic.Int64
 }
 
 // New returns a Worker reading from cons.
@@ -125,18 +123,21 @@ func New(cfg Config, cons bus.Consumers, life *lifecycle.Manager) *Worker {
 	if cfg.ReconcileInterval <= 0 {
 		cfg.ReconcileInterval = time.Minute
 	}
+	if cfg.Slots == nil {
+		cfg.Slots = NewSlots(cfg.Parallelism)
+	}
 	return &Worker{
 		cfg: cfg, cons: cons, life: life,
-		slots:     newSlots(cfg.Parallelism),
+		slots:     cfg.Slots,
 		teardowns: make(chan struct{}, cfg.Parallelism),
-		ending:    make(map[string]bool),
 	}
 }
 
 // Stats returns a snapshot of the worker's accounting.
 func (w *Worker) Stats() Stats {
+	now, most := w.slots.InFlight()
 	return Stats{
-		InFlight: w.inFlight.Load(), MaxInFlight: w.maxInFlight.Load(),
+		InFlight: now, MaxInFlight: most,
 		Provisions: w.provisionsSettled.Load(), Teardowns: w.teardownsSettled.Load(),
 	}
 }
@@ -158,7 +159,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	var loops conc.WaitGroup
 	loops.Go(func() { w.provisionLoop(ctx, opCtx, &ops) })
 	loops.Go(func() { w.teardownLoop(ctx, opCtx, &ops) })
-	loops.Go(func() { w.watchLoop(ctx, opCtx, &ops) })
+	loops.Go(func() { w.watchLoop(ctx) })
 	loops.Go(func() { w.maxDeliveriesLoop(ctx, opCtx, advisories) })
 	loops.Wait()
 
@@ -168,19 +169,6 @@ func (w *Worker) Run(ctx context.Context) error {
 	return nil
 }
 
-// occupy counts the calling operation, which holds a slot, as in flight
-// until the returned function is called.
-func (w *Worker) occupy() (done func()) {
-	n := w.inFlight.Add(1)
-	for {
-		m := w.maxInFlight.Load()
-		if n <= m || w.maxInFlight.CompareAndSwap(m, n) {
-			break
-		}
-	}
-	return func() { w.inFlight.Add(-1) }
-}
-
 // inSlot runs op in a slot of priority p, waiting for one while ctx lasts;
 // it reports false, without running op, when ctx ended first.
 func (w *Worker) inSlot(ctx context.Context, p priority, op func()) bool {
@@ -188,7 +176,6 @@ func (w *Worker) inSlot(ctx context.Context, p priority, op func()) bool {
 		return false
 	}
 	defer w.slots.release()
-	defer w.occupy()()
 	op()
 	return true
 }
@@ -266,7 +253,6 @@ func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) 
 		ops.Go(func() {
 			defer unreserve()
 			defer w.slots.release()
-			defer w.occupy()()
 			w.handleProvision(opCtx, msg, stop)
 		})
 	}
@@ -338,12 +324,11 @@ func (w *Worker) reconcile(ctx context.Context) {
 	w.finished.Store(true)
 }
 
-// watchLoop ends machines whose runner exited, that stopped by themselves
-// or that passed their deadline, and reconciles the host now and then.
-// Each such teardown waits for an operation slot of its own, ahead of
-// provisions, so it begins as soon as one is free: at once when one is,
-// or when the next operation ends.
-func (w *Worker) watchLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
+// watchLoop lets every machine look after itself at each tick (a ready
+// machine whose runner exited, whose guest stopped or whose deadline
+// passed ends itself in a slot of its own, ahead of provisions; claims are
+// renewed) and reconciles the host now and then.
+func (w *Worker) watchLoop(ctx context.Context) {
 	tick := time.NewTicker(w.cfg.WatchInterval)
 	defer tick.Stop()
 	lastReconcile := time.Now()
@@ -357,40 +342,8 @@ func (w *Worker) watchLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) {
 			w.reconcile(ctx)
 			lastReconcile = time.Now()
 		}
-		ends := append(w.life.KeepClaims(ctx), w.life.Check(ctx)...)
-		for _, end := range ends {
-			if !w.startEnding(end.JobID) {
-				continue // queued or running already
-			}
-			ops.Go(func() {
-				defer w.endEnding(end.JobID)
-				w.inSlot(ctx, teardownFirst, func() {
-					err := w.life.Teardown(opCtx, end.JobID, end.Reason, end.Cause, lifecycle.Delivery{Origin: end.Reason})
-					if w.cfg.OnSettle != nil && err != nil {
-						w.cfg.OnSettle(Settlement{Op: end.Reason, JobID: end.JobID, Outcome: "retry", Err: err})
-					}
-				})
-			})
-		}
+		w.life.Tick()
 	}
-}
-
-// startEnding marks a self-started teardown of jobID as queued; false if
-// it is already.
-func (w *Worker) startEnding(jobID string) bool {
-	w.endingMu.Lock()
-	defer w.endingMu.Unlock()
-	if w.ending[jobID] {
-		return false
-	}
-	w.ending[jobID] = true
-	return true
-}
-
-func (w *Worker) endEnding(jobID string) {
-	w.endingMu.Lock()
-	defer w.endingMu.Unlock()
-	delete(w.ending, jobID)
 }
 
 func (w *Worker) delivery(msg jetstream.Msg) lifecycle.Delivery {

@@ -195,13 +195,18 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 	if o.WrapAgent != nil {
 		agent = o.WrapAgent(agent)
 	}
+	parallelism := o.Parallelism
+	if parallelism <= 0 {
+		parallelism = 3
+	}
+	slots := worker.NewSlots(parallelism)
 	rw.life = lifecycle.New(lifecycle.Config{
 		Host: o.Host, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
 		Agent: agent, Events: pub, History: pub, Journal: pub,
-		Claims: claims, ClaimTTL: bus.ClaimTTL(o.AckWait),
+		Claims: claims, ClaimTTL: bus.ClaimTTL(o.AckWait), Slots: slots,
 	})
 	rw.w = worker.New(worker.Config{
-		Parallelism: o.Parallelism, MaxVMs: o.MaxVMs, AckWait: o.AckWait, MaxDeliver: 5,
+		Parallelism: parallelism, MaxVMs: o.MaxVMs, AckWait: o.AckWait, MaxDeliver: 5, Slots: slots,
 		ShutdownGrace: o.ShutdownGrace, PullWait: time.Second, WatchInterval: 200 * time.Millisecond,
 		OnSettle: func(s worker.Settlement) {
 			rw.mu.Lock()
@@ -218,6 +223,7 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 		once.Do(func() {
 			cancel()
 			runErr = <-done
+			rw.life.Close()
 			stopLink()
 			<-linkDone
 			_ = link.Close()

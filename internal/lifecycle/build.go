@@ -1,0 +1,474 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
+	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
+)
+
+// cleanupTimeout bounds the rollback of a failed provision and the
+// publishing of its outcome, which run even when the build was stopped.
+const cleanupTimeout = 2 * time.Minute
+
+// prepareTimeout bounds each preparation command in the guest.
+const prepareTimeout = time.Minute
+
+// phaseClock says what an event's phase_ms measures.
+type phaseClock int
+
+const (
+	noPhase         phaseClock = iota // 0: the event begins a phase
+	sinceRequest                      // the time since the request's requested_at (queueing)
+	sincePhaseStart                   // the time since the last step that starts a phase
+)
+
+// buildStep is one row of the build's step table. The runner (build.run)
+// does the claim confirmations, the timing, the event and the fault points
+// of every row the same way, so a row says only what differs.
+type buildStep struct {
+	name string
+	// skip leaves the step out of this build.
+	skip func(b *build) bool
+	// confirm: the claim is confirmed before the action, a step another
+	// host must not repeat.
+	confirm bool
+	// startsPhase: the phase that the next timed event reports begins
+	// before this step's action.
+	startsPhase bool
+	// action does the step's work; nil for a step that only reports.
+	action func(b *build, ctx context.Context) error
+	// afterAction is the fault point between the action and the event.
+	afterAction string
+	// confirmReport: the claim is confirmed again before the event.
+	confirmReport bool
+	// state is the event published once the action succeeded; "" for none.
+	state messages.State
+	clock phaseClock
+	// afterEvent is the fault point after the event.
+	afterEvent string
+}
+
+// buildSteps is the build, in order: clone the image, boot the clone, wait
+// for its guest agent, start the job's runner.
+var buildSteps = []buildStep{
+	{name: "claim the job", action: (*build).takeClaim},
+	{name: "remove a leftover", action: (*build).removeLeftover},
+	{name: "accept", state: messages.StateAccepted, clock: sinceRequest, afterEvent: FaultAfterAccept},
+	{name: "begin the clone", confirm: true, state: messages.StateCloning, afterEvent: FaultBeforeClone},
+	{name: "clone", confirm: true, startsPhase: true, action: (*build).clone, afterAction: FaultAfterClone,
+		confirmReport: true, state: messages.StateCloned, clock: sincePhaseStart},
+	{name: "begin the boot", state: messages.StateBooting},
+	{name: "boot", confirm: true, startsPhase: true, action: (*build).boot, afterAction: FaultAfterStart,
+		state: messages.StateRunning, clock: sincePhaseStart, afterEvent: FaultWaitingAgent},
+	{name: "wait for the guest agent", skip: noAgent, confirm: true, startsPhase: true, action: (*build).waitAgent},
+	{name: "detect the guest OS", skip: noAgent, confirm: true, action: (*build).detectOS,
+		state: messages.StateAgentReady, clock: sincePhaseStart, afterEvent: FaultAfterAgentReady},
+	{name: "plan the runner", skip: noAgent, action: (*build).planRunner},
+	{name: "prepare the runner", skip: noRunner, confirm: true, startsPhase: true, action: (*build).prepareRunner},
+	{name: "start the runner", skip: noRunner, confirm: true, action: (*build).launchRunner,
+		state: messages.StateRunnerStarted, clock: sincePhaseStart, afterEvent: FaultAfterRunnerStart},
+	// The request is acknowledged next: only while the job is this host's.
+	{name: "acknowledge", confirm: true},
+}
+
+func noAgent(b *build) bool  { return b.cfg.Agent == nil }
+func noRunner(b *build) bool { return noAgent(b) || b.plan.Empty() }
+
+// build is the working state of one build activity. The actor hands it the
+// job's emitter and gets it back with the outcome; everything else in it is
+// the build's own.
+type build struct {
+	cfg      *Config
+	m        *Manager
+	jobID    string
+	domain   string
+	deadline time.Time
+	req      messages.Provision
+	d        Delivery
+	em       emitter
+	claim    claimer
+
+	// claimed: the claim was taken, so what carries the job's name on
+	// the host is this build's to remove.
+	claimed    bool
+	phaseStart time.Time
+	imageOS    string // the OS the image declares, from the clone
+	plan       runners.Plan
+	pid        int
+	since      time.Time // when the runner started
+}
+
+// run runs the step table.
+func (b *build) run(ctx context.Context) error {
+	for _, s := range buildSteps {
+		if s.skip != nil && s.skip(b) {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("%s: %w", s.name, context.Cause(ctx))
+		}
+		if s.confirm {
+			if err := b.claim.confirm(ctx); err != nil {
+				return err
+			}
+		}
+		if s.startsPhase {
+			b.phaseStart = b.cfg.Now()
+		}
+		if s.action != nil {
+			if err := s.action(b, ctx); err != nil {
+				return err
+			}
+		}
+		b.cfg.Faults.At(s.afterAction)
+		if s.confirmReport {
+			if err := b.claim.confirm(ctx); err != nil {
+				return err
+			}
+		}
+		if s.state != "" {
+			var phase time.Duration
+			switch s.clock {
+			case sinceRequest:
+				phase = b.em.since(b.req.RequestedAt)
+			case sincePhaseStart:
+				phase = b.em.since(b.phaseStart)
+			}
+			var fill []func(*messages.Event)
+			if s.state == messages.StateRunnerStarted {
+				fill = append(fill, func(ev *messages.Event) { ev.RunnerPID = b.pid })
+			}
+			if err := b.em.emit(ctx, s.state, b.d, phase, "", nil, fill...); err != nil {
+				return err
+			}
+		}
+		b.cfg.Faults.At(s.afterEvent)
+	}
+	return nil
+}
+
+// stepError attaches the error code of the step that failed.
+type stepError struct {
+	code messages.ErrorCode
+	err  error
+}
+
+func (e *stepError) Error() string { return e.err.Error() }
+func (e *stepError) Unwrap() error { return e.err }
+
+func (b *build) takeClaim(ctx context.Context) error {
+	if err := b.claim.take(ctx); err != nil {
+		return err
+	}
+	b.claimed = true
+	return nil
+}
+
+// removeLeftover removes a machine an earlier delivery of this request
+// left half-built: that delivery was never acknowledged, so nobody relies
+// on it.
+func (b *build) removeLeftover(ctx context.Context) error {
+	if _, found, err := b.cfg.Machines.Lookup(ctx, b.jobID); err != nil {
+		return err
+	} else if found {
+		if _, err := b.cfg.Machines.Remove(ctx, b.jobID); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (b *build) clone(ctx context.Context) error {
+	mach, err := b.cfg.Machines.Clone(ctx, provision.Spec{
+		JobID: b.jobID, Image: b.req.Image, Host: b.cfg.Host, RunnerKind: string(b.req.Runner.Kind),
+		RequestedAt: b.req.RequestedAt, Deadline: b.deadline,
+	})
+	if err != nil {
+		return &stepError{code: cloneCode(err), err: err}
+	}
+	b.imageOS = mach.OS
+	return nil
+}
+
+func cloneCode(err error) messages.ErrorCode {
+	switch {
+	case errors.Is(err, provision.ErrImageNotFound):
+		return messages.CodeImageNotFound
+	case errors.Is(err, provision.ErrImageInvalid):
+		return messages.CodeImageInvalid
+	}
+	return messages.CodeCloneFailed
+}
+
+func (b *build) boot(ctx context.Context) error {
+	if err := b.cfg.Machines.Start(ctx, b.jobID); err != nil {
+		return &stepError{code: messages.CodeBootFailed, err: err}
+	}
+	return nil
+}
+
+// waitAgent waits for the guest agent, within the request's boot timeout.
+func (b *build) waitAgent(ctx context.Context) error {
+	bctx, cancel := context.WithTimeout(ctx, b.req.BootTimeout())
+	err := b.cfg.Agent.WaitReady(bctx, b.domain)
+	cancel()
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() == nil && (errors.Is(err, qga.ErrAgentTimeout) || errors.Is(err, context.DeadlineExceeded)) {
+		return &stepError{code: messages.CodeBootTimeout,
+			err: fmt.Errorf("the guest agent of %s did not answer within the boot timeout of %s: %w", b.domain, b.req.BootTimeout(), err)}
+	}
+	return &stepError{code: messages.CodeAgentFailed, err: err}
+}
+
+// detectOS takes the image's declared OS family, or asks the guest.
+func (b *build) detectOS(ctx context.Context) error {
+	os, err := detectOS(ctx, b.cfg.Agent, b.domain, b.imageOS)
+	if err != nil {
+		return &stepError{code: messages.CodeAgentFailed, err: err}
+	}
+	b.em.os = string(os)
+	return nil
+}
+
+func (b *build) planRunner(context.Context) error {
+	plan, err := runners.For(b.jobID, runners.OS(b.em.os), b.req.Runner)
+	switch {
+	case errors.Is(err, runners.ErrUnsupported):
+		return &stepError{code: messages.CodeRunnerUnsupported, err: err}
+	case err != nil:
+		return &stepError{code: messages.CodeInvalidRequest, err: err}
+	}
+	b.plan = plan
+	return nil
+}
+
+// prepareRunner writes the runner's secret and launch script.
+func (b *build) prepareRunner(ctx context.Context) error {
+	for _, c := range b.plan.Prepare {
+		pctx, cancel := context.WithTimeout(ctx, prepareTimeout)
+		_, err := b.cfg.Agent.Run(pctx, b.domain, execRequest(c, false))
+		cancel()
+		if err != nil {
+			return &stepError{code: messages.CodeRunnerStartFailed, err: fmt.Errorf("%s: %w", c.Purpose, err)}
+		}
+	}
+	return nil
+}
+
+func (b *build) launchRunner(ctx context.Context) error {
+	pid, err := b.cfg.Agent.Start(ctx, b.domain, execRequest(b.plan.Launch, true))
+	if err != nil {
+		return &stepError{code: messages.CodeRunnerStartFailed, err: fmt.Errorf("%s: %w", b.plan.Launch.Purpose, err)}
+	}
+	b.pid, b.since = pid, b.cfg.Now()
+	return nil
+}
+
+// classify returns the code of err and whether retrying cannot help. A
+// build that was stopped (the worker shuts down), lost connections and
+// unpublished events are transient; what libvirt or the guest refused for
+// this request is permanent.
+func classify(stopped bool, err error) (messages.ErrorCode, bool) {
+	var se *stepError
+	code := messages.CodeInternal
+	if errors.As(err, &se) {
+		code = se.code
+	}
+	switch {
+	case stopped:
+		return messages.CodeShutdown, false
+	case provision.IsUnavailable(err):
+		return code, false
+	case se != nil:
+		return code, true
+	}
+	return code, false
+}
+
+// startBuild begins a new job's build in the caller's slot.
+func (a *actor) startBuild(root context.Context, c *provisionCmd) {
+	req := c.req
+	// The lifetime counts from the request, but never from the future: a
+	// skewed orchestrator clock must not make a machine immortal.
+	start := req.RequestedAt
+	if now := a.m.cfg.Now(); start.After(now) {
+		start = now
+	}
+	a.to(PhaseBuilding)
+	a.build = c
+	a.rec.image, a.rec.domain = req.Image, messages.DomainName(req.JobID)
+	a.rec.deadline, a.rec.kind = start.Add(req.MaxLifetime()), string(req.Runner.Kind)
+	a.rec.em.identify(a.rec)
+	a.rec.counted = true
+	a.m.countMachine(true)
+	b := &build{
+		cfg: &a.m.cfg, m: a.m, jobID: a.jobID, domain: a.rec.domain, deadline: a.rec.deadline,
+		req: req, d: c.d, em: a.rec.em, claim: claimer{a: a, d: c.d},
+	}
+	secrets := secretsOf(req.Runner)
+	a.launch(root, "build", func(ctx context.Context) func() {
+		err := b.run(ctx)
+		stopped := context.Cause(ctx)
+		return func() {
+			a.rec.em = b.em
+			a.rec.runner.os = b.em.os
+			if err == nil && a.end == nil {
+				a.rec.runner.pid, a.rec.runner.since = b.pid, b.since
+				a.rec.runner.secrets, a.rec.runner.secretsKnown = secrets, true
+				a.to(PhaseReady)
+				a.build.reply <- answer{}
+				a.build = nil
+				a.answerWaiting(answer{})
+				return
+			}
+			if err == nil {
+				// A teardown came as the last step finished: it still ends
+				// the job here, in this operation's slot.
+				err = ErrSuperseded
+			}
+			a.to(PhaseRollingBack)
+			a.launch(root, "roll back", a.rollback(err, stopped, b.claimed))
+		}
+	})
+}
+
+// answerWaiting answers the repeated deliveries waiting for the build.
+func (a *actor) answerWaiting(ans answer) {
+	for _, c := range a.waiting {
+		c <- ans
+	}
+	a.waiting = nil
+}
+
+// rollback removes what a failed or stopped build made and publishes its
+// outcome: dropped when another host took the job, the superseding
+// teardown's end, failed for a permanent failure or on the final delivery,
+// nothing for a transient one (the request comes again). It runs in the
+// build's slot, to the end even when the build was stopped.
+func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context) func() {
+	em, d, holder := a.rec.em, a.build.d, a.rec.claim.lostTo
+	var end ending
+	superseded := a.end != nil
+	if superseded {
+		end = *a.end
+	}
+	jobID := a.jobID
+	return func(context.Context) func() {
+		ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+		defer cancel()
+		// result is what the build's caller, the deliveries waiting for the
+		// build and the teardowns that superseded it are told.
+		var result, ended error
+		finished, release := false, true
+		dropped, isDrop := isDropped(err)
+		if !isDrop {
+			dropped, isDrop = isDropped(stopped)
+		}
+		switch {
+		case !claimed && !isDrop:
+			// Nothing was built, nobody was told: the request comes again.
+			result, release = err, false
+			ended = fmt.Errorf("job %s was not claimed: %w", jobID, err)
+		case isDrop:
+			// Another host serves the job now: undo what this delivery
+			// built, say so, and leave the request to the holder.
+			release = false
+			if dropped.Holder == "" {
+				dropped.Holder = holder
+			}
+			result = dropped
+			if claimed {
+				if rerr := a.m.removeOwn(ctx, jobID, false); rerr != nil {
+					result = errors.Join(dropped, rerr)
+				}
+			}
+			if result == error(dropped) {
+				if perr := em.emit(ctx, messages.StateDropped, d, 0, dropped.Reason, nil,
+					func(ev *messages.Event) { ev.Holder = dropped.Holder }); perr != nil {
+					result = errors.Join(dropped, perr)
+				}
+			}
+			// The teardown is answered by its next delivery, which finds
+			// no machine of the job here (unknown_job).
+			ended = fmt.Errorf("job %s went to host %s while its teardown waited", jobID, dropped.Holder)
+		default:
+			if rerr := a.m.removeOwn(ctx, jobID, true); rerr != nil {
+				// The machine may still exist: let the request come again,
+				// which removes the leftover before building anew.
+				result = errors.Join(err, rerr)
+				ended = fmt.Errorf("roll back the build of job %s: %w", jobID, rerr)
+				break
+			}
+			if superseded {
+				// A teardown superseded the build: end the job for it,
+				// with the teardown's delivery.
+				result, ended = ErrSuperseded, a.m.endSuperseded(ctx, &em, end)
+				finished = ended == nil
+				break
+			}
+			code, permanent := classify(stopped != nil, err)
+			if !permanent && !d.Final {
+				result = err
+				break
+			}
+			if perr := em.emit(ctx, messages.StateFailed, d, 0, "", &messages.Error{Code: code, Message: err.Error()}); perr != nil {
+				result = errors.Join(err, perr)
+				break
+			}
+			result, finished = &Failure{Code: code, Err: err}, true
+		}
+		return func() {
+			a.rec.em = em
+			if release {
+				// The job's claim goes: a redelivery may be served by
+				// any host at once.
+				a.releaseClaim()
+			}
+			a.rec.finished = finished
+			a.build.reply <- answer{err: result}
+			a.build = nil
+			waiting := answer{}
+			if !finished {
+				waiting = answer{err: fmt.Errorf("the earlier delivery of job %s did not build its machine", jobID)}
+			}
+			a.answerWaiting(waiting)
+			for _, c := range a.enders {
+				switch {
+				case superseded:
+					c <- answer{served: true, err: ended}
+				case finished:
+					c <- answer{}
+				default:
+					// A teardown that came while the build rolled back: this
+					// host has no machine of the job now; ask again, which
+					// says so (unknown_job).
+					c <- answer{retry: true}
+				}
+			}
+			a.enders, a.end = nil, nil
+			a.to(PhaseGone)
+		}
+	}
+}
+
+// endSuperseded publishes the end of a job whose build a teardown stopped,
+// once the build's machine is removed. When that fails the teardown's next
+// delivery ends it: this host has no machine of the job any more.
+func (m *Manager) endSuperseded(ctx context.Context, em *emitter, e ending) error {
+	if err := em.emit(ctx, messages.StateTearingDown, e.d, 0, e.reason, nil); err != nil {
+		return err
+	}
+	state := messages.StateTornDown
+	if e.cause != nil {
+		state = messages.StateFailed
+	}
+	return em.emit(ctx, state, e.d, 0, e.reason, e.cause)
+}

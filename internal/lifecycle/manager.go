@@ -1,0 +1,471 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/sourcegraph/conc"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
+	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
+)
+
+// Machines creates, starts and removes job machines. *provision.Provisioner
+// implements it.
+type Machines interface {
+	Clone(ctx context.Context, s provision.Spec) (provision.Machine, error)
+	Start(ctx context.Context, jobID string) error
+	Remove(ctx context.Context, jobID string) (existed bool, err error)
+	Lookup(ctx context.Context, jobID string) (provision.Machine, bool, error)
+	List(ctx context.Context) ([]provision.Machine, error)
+	ListOrphanVolumes(ctx context.Context) ([]string, error)
+}
+
+// Agent talks to a machine's guest agent. *qga.Agent implements it.
+type Agent interface {
+	WaitReady(ctx context.Context, domain string) error
+	OSInfo(ctx context.Context, domain string) (qga.OSInfo, error)
+	Run(ctx context.Context, domain string, req qga.ExecRequest) (qga.Status, error)
+	Start(ctx context.Context, domain string, req qga.ExecRequest) (int, error)
+	Status(ctx context.Context, domain string, pid int) (qga.Status, error)
+}
+
+// Publisher makes an event durable as the next event of its job.
+// *bus.Publisher implements it.
+type Publisher interface {
+	// Append stores ev after the job's event at stream position after
+	// (0: none known). When other events of the job were stored since
+	// (another host's), ev is renumbered to follow the newest, so seq
+	// goes up by one per stored event of the job across hosts. It
+	// returns the seq and stream position ev was stored with; publishing
+	// twice with the same msgID stores the event once.
+	Append(ctx context.Context, ev messages.Event, msgID string, after uint64) (seq, pos uint64, err error)
+}
+
+// History tells the newest event already published for a job, so that a
+// machine picked up again after a restart is known to be acknowledged and
+// how far it got.
+type History interface {
+	// LastEvent returns the job's newest event, from host only unless
+	// host is empty.
+	LastEvent(ctx context.Context, jobID, host string) (ev messages.Event, found bool, err error)
+}
+
+// Journal reads a host's recent events, so that a restarted worker can end
+// the teardowns its predecessor began (FinishTeardowns). *bus.Publisher
+// implements it.
+type Journal interface {
+	Recent(ctx context.Context, host string, since time.Time) ([]messages.Event, error)
+}
+
+// Slots hands out the host's operation slots to the teardowns a machine
+// begins by itself (runner exit, deadline, stopped guest, lost claim);
+// operations a request began run in the slot their caller holds.
+type Slots interface {
+	// Acquire waits for a slot until ctx ends; release frees it.
+	Acquire(ctx context.Context) (release func(), err error)
+}
+
+// Config wires a Manager.
+type Config struct {
+	// Host is this worker's host id, carried in every event.
+	Host     string
+	Machines Machines
+	// Agent starts runners in machines; nil means no runner is ever
+	// started and machines are ready once they run (for tests of the
+	// provisioning steps alone).
+	Agent  Agent
+	Events Publisher
+	// History is optional; without it a restarted worker cannot tell how
+	// far a machine it finds got, and removes it as half-built.
+	History History
+	// Journal is optional; without it FinishTeardowns does nothing.
+	Journal Journal
+	// Slots bounds the teardowns machines begin by themselves; nil means
+	// no bound (tests).
+	Slots Slots
+	// Report, when set, is told of background work that failed and will
+	// be tried again: a teardown a machine began by itself (op is its
+	// reason). Only logging should hang off it.
+	Report func(op, jobID string, err error)
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// Remember is how long finished jobs are remembered so that a repeated
+	// provision request does not create a second machine; 0 means 24h.
+	Remember time.Duration
+	// Faults, when set, is called at the fault points (fault.go); only
+	// tests set it.
+	Faults Faults
+	// Claims, when set, claims every job across hosts before its machine
+	// is built and keeps the claim while the machine exists (claim.go).
+	Claims Claims
+	// ClaimTTL is how long a claim lives unrenewed; it must be below the
+	// requests' AckWait. Default 15s.
+	ClaimTTL time.Duration
+}
+
+// Delivery describes the request message being handled.
+type Delivery struct {
+	// Attempt is the message's delivery count, from 1.
+	Attempt int
+	// Final is true when the message will not be delivered again, so a
+	// transient failure must be reported as final.
+	Final bool
+	// Origin names what started a step that no request caused (deadline,
+	// reconcile); Attempt is 0 then.
+	Origin string
+	// Request is the stream sequence of the request message; it ties a
+	// job's claim to the request it serves.
+	Request uint64
+}
+
+// msgID is the event's Nats-Msg-Id: retried publishes of the same step
+// are stored once.
+func (d Delivery) msgID(jobID string, state messages.State) string {
+	if d.Origin != "" {
+		return fmt.Sprintf("%s:%s:%s", jobID, state, d.Origin)
+	}
+	return fmt.Sprintf("%s:%s:%d", jobID, state, d.Attempt)
+}
+
+// ErrSuperseded is returned by Provision when a teardown request for the
+// same job arrived while the machine was being built; the teardown reports
+// the job's end.
+var ErrSuperseded = errors.New("provision superseded by teardown")
+
+// errClosed answers commands to a Manager that is closing.
+var errClosed = errors.New("the lifecycle manager is closing")
+
+// Failure is a permanent failure that has been reported with a failed event.
+// The request that caused it must not be retried.
+type Failure struct {
+	Code messages.ErrorCode
+	Err  error
+}
+
+func (f *Failure) Error() string { return fmt.Sprintf("%s: %v", f.Code, f.Err) }
+func (f *Failure) Unwrap() error { return f.Err }
+
+// Manager is the registry of one host's machine actors and the host's
+// capacity. It is safe for concurrent use; it knows of each actor only
+// which job it serves and whether it counts as a machine, and talks to it
+// only through its inbox.
+type Manager struct {
+	cfg Config
+
+	// root is the context of every actor; Close ends it.
+	root   context.Context
+	cancel context.CancelFunc
+	actors conc.WaitGroup
+
+	mu       sync.Mutex
+	closed   bool
+	byJob    map[string]*actor
+	machines int                  // actors that own or build a machine
+	reserved int                  // machines promised to requests not yet read
+	done     map[string]time.Time // finished jobs, for idempotency
+	// roomed is closed and replaced whenever room for a machine may have
+	// been freed (CapacityChanged).
+	roomed chan struct{}
+	// orphans are the volume paths the last reconciliation found without a
+	// domain; only the Reconcile goroutine touches it.
+	orphans map[string]bool
+}
+
+// New returns a Manager; Close stops its actors.
+func New(cfg Config) *Manager {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Remember == 0 {
+		cfg.Remember = 24 * time.Hour
+	}
+	if cfg.ClaimTTL <= 0 {
+		cfg.ClaimTTL = 15 * time.Second
+	}
+	root, cancel := context.WithCancel(context.Background())
+	return &Manager{
+		cfg: cfg, root: root, cancel: cancel,
+		byJob:  make(map[string]*actor),
+		done:   make(map[string]time.Time),
+		roomed: make(chan struct{}),
+	}
+}
+
+// Close stops every actor and waits for them. Running machines are left
+// running, their runners too; a later Manager adopts them (Reconcile).
+// Call it once the operations that the worker started have returned.
+func (m *Manager) Close() {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
+	m.cancel()
+	m.actors.Wait()
+}
+
+// Active returns the number of machines that exist or are being built.
+func (m *Manager) Active() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.machines
+}
+
+// TryReserve reserves room for one more machine under max, counting the
+// machines that exist or are being built and earlier reservations; ok is
+// false when none fits. The caller reads a provision request only then,
+// and calls release once that request was handled (its machine, if any,
+// then counts on its own).
+func (m *Manager) TryReserve(max int) (release func(), ok bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.machines+m.reserved >= max {
+		return func() {}, false
+	}
+	m.reserved++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			m.mu.Lock()
+			m.reserved--
+			m.roomedLocked()
+			m.mu.Unlock()
+		})
+	}, true
+}
+
+// CapacityChanged returns a channel that is closed the next time room for a
+// machine may have been freed: a machine went or a reservation was given
+// back. Take it before TryReserve, so that a change in between is not
+// missed.
+func (m *Manager) CapacityChanged() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.roomed
+}
+
+func (m *Manager) roomedLocked() {
+	close(m.roomed)
+	m.roomed = make(chan struct{})
+}
+
+// forgetOldLocked drops finished jobs older than Remember.
+func (m *Manager) forgetOldLocked() {
+	cutoff := m.cfg.Now().Add(-m.cfg.Remember)
+	for id, t := range m.done {
+		if t.Before(cutoff) {
+			delete(m.done, id)
+		}
+	}
+}
+
+// known reports whether an actor serves jobID now, or the job finished
+// recently.
+func (m *Manager) known(jobID string) (active, finished bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, active = m.byJob[jobID]
+	_, finished = m.done[jobID]
+	return active, finished
+}
+
+// spawnMode says when lookup makes an actor for a job that has none.
+type spawnMode int
+
+const (
+	spawnNever          spawnMode = iota
+	spawnUnlessFinished           // not for a job this host ended recently
+	spawnAlways                   // also for one: its machine is still there (Reconcile)
+)
+
+// lookup returns the actor of jobID, or, when there is none, a new one as
+// mode allows. finished reports a job this host ended recently for which
+// no actor is made; then a is nil.
+func (m *Manager) lookup(jobID string, mode spawnMode) (a *actor, created, finished bool, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, false, false, errClosed
+	}
+	m.forgetOldLocked()
+	if a := m.byJob[jobID]; a != nil {
+		return a, false, false, nil
+	}
+	if _, ok := m.done[jobID]; ok && mode != spawnAlways {
+		return nil, false, true, nil
+	}
+	if mode == spawnNever {
+		return nil, false, false, nil
+	}
+	a = newActor(m, jobID)
+	m.byJob[jobID] = a
+	m.actors.Go(func() { a.run(m.root) })
+	return a, true, false, nil
+}
+
+// countMachine makes a's machine count against the host's capacity (on
+// true) or stop counting (false); only a's goroutine calls it.
+func (m *Manager) countMachine(counted bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if counted {
+		m.machines++
+		return
+	}
+	m.machines--
+	m.roomedLocked()
+}
+
+// retire removes a from the registry; finished marks its job done for
+// good. Only a's goroutine calls it, as it stops.
+func (m *Manager) retire(a *actor, finished bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.byJob[a.jobID] == a {
+		delete(m.byJob, a.jobID)
+	}
+	if finished {
+		m.done[a.jobID] = m.cfg.Now()
+	}
+}
+
+// call sends cmd to the actor serving jobID, making one as mode allows,
+// and waits for the actor's answer; the registry itself answers for a job
+// that finished here (finished) or has no actor (absent).
+func (m *Manager) call(ctx context.Context, jobID string, mode spawnMode, cmd command) (answer, error) {
+	for {
+		a, _, finished, err := m.lookup(jobID, mode)
+		switch {
+		case err != nil:
+			return answer{}, err
+		case finished:
+			return answer{finished: true}, nil
+		case a == nil:
+			return answer{absent: true}, nil
+		}
+		reply := make(chan answer, 1)
+		cmd.setReply(reply)
+		select {
+		case a.inbox <- cmd:
+		case <-a.stopped:
+			continue // it just went: ask the registry again
+		case <-ctx.Done():
+			return answer{}, ctx.Err()
+		}
+		// The actor answers every command it took, also when it stops
+		// (drain), so the wait ends; a provision's caller keeps its slot
+		// until the build is rolled back.
+		ans := <-reply
+		if ans.retry {
+			continue
+		}
+		return ans, nil
+	}
+}
+
+// Provision builds and boots the machine for req and starts its runner,
+// publishing an event at each step, and returns once the runner runs (for
+// runner kind none, once the guest agent answers; without an Agent, once
+// the machine runs). The caller holds an operation slot for it. A job that
+// already has a machine on this host, or had one recently, is left alone
+// and nil is returned: requests are idempotent by job id. A delivery that
+// finds an earlier one still building returns that build's outcome: nil
+// if it built the machine, a transient error otherwise.
+//
+// With Claims set, the job is claimed across hosts first; a job another
+// host holds, or takes over while this one stalls, is dropped: what this
+// delivery built is removed, a dropped event published and *Dropped
+// returned.
+//
+// On failure everything created for the job is removed first. A permanent
+// failure (or any failure on the final delivery) is reported with a failed
+// event and returned as *Failure; other errors are transient and the
+// request should be delivered again. When ctx ends the build is stopped
+// and rolled back before Provision returns.
+func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Delivery) error {
+	ans, err := m.call(ctx, req.JobID, spawnUnlessFinished, &provisionCmd{ctx: ctx, req: req, d: d})
+	if err != nil || ans.finished {
+		return err
+	}
+	return ans.err
+}
+
+// Teardown removes the machine of jobID, publishing tearing_down and then
+// torn_down, or failed when cause is set (the machine is removed because
+// something went wrong, such as its deadline passing). The caller holds an
+// operation slot for it. A build in progress for the job is stopped and
+// rolled back first (TeardownBuild). A job this host has no machine for
+// gets a torn_down event with the unknown_job error, once; a job it
+// finished recently, or is tearing down already, gets nothing. Errors are
+// transient.
+func (m *Manager) Teardown(ctx context.Context, jobID, reason string, cause *messages.Error, d Delivery) error {
+	ans, err := m.call(ctx, jobID, spawnUnlessFinished, &teardownCmd{reason: reason, cause: cause, d: d})
+	if err != nil || ans.finished {
+		return err
+	}
+	return ans.err
+}
+
+// TeardownBuild ends the job of a provision in flight on this host: it
+// stops the build, whose operation then removes what it built and
+// publishes tearing_down and the end (torn_down, or failed when cause is
+// set) with d, in the slot it holds already. So a teardown of a machine
+// being built needs no operation slot of its own and does not wait behind
+// other builds. served is false, and nothing is done, when no build of
+// the job is in flight; the caller then takes a slot and calls Teardown.
+// Otherwise TeardownBuild returns once the build ended, with the
+// teardown's outcome.
+func (m *Manager) TeardownBuild(ctx context.Context, jobID, reason string, cause *messages.Error, d Delivery) (served bool, err error) {
+	ans, err := m.call(ctx, jobID, spawnNever, &teardownCmd{reason: reason, cause: cause, d: d, buildOnly: true})
+	if err != nil {
+		return false, err
+	}
+	if ans.finished || ans.absent || !ans.served {
+		return false, nil
+	}
+	return true, ans.err
+}
+
+// Reject reports a provision request that cannot be served (it does not
+// decode or validate) with a failed event when its job id is readable and
+// the job is neither served nor finished by this host, and returns the
+// *Failure to settle it with. Pass no job id for other requests: a bad
+// teardown must not declare a job failed.
+func (m *Manager) Reject(ctx context.Context, jobID, image string, code messages.ErrorCode, cause error, d Delivery) error {
+	f := &Failure{Code: code, Err: cause}
+	if jobID == "" {
+		return f
+	}
+	if busy, finished := m.known(jobID); busy || finished {
+		return f
+	}
+	ans, err := m.call(ctx, jobID, spawnUnlessFinished, &rejectCmd{image: image, code: code, cause: cause, d: d})
+	switch {
+	case err != nil:
+		return err
+	case ans.err != nil:
+		return ans.err
+	}
+	return f
+}
+
+// Tick asks every machine to look after itself once: a ready machine
+// whose deadline passed, whose guest stopped, or whose runner exited (it
+// publishes runner_exited first) is torn down in an operation slot of its
+// own; claims that are due are renewed, and a machine whose job another
+// host took is given up. A machine whose teardown failed is looked at
+// again 30 s later. Tick does not wait for any of it.
+func (m *Manager) Tick() {
+	m.mu.Lock()
+	actors := make([]*actor, 0, len(m.byJob))
+	for _, a := range m.byJob {
+		actors = append(actors, a)
+	}
+	m.mu.Unlock()
+	for _, a := range actors {
+		a.poke()
+	}
+}

@@ -70,6 +70,7 @@ type Fleet struct {
 	js                   jetstream.JetStream
 	hosts, drains, tried jetstream.KeyValue
 	host                 string
+	t                    Topology
 }
 
 func openBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
@@ -106,7 +107,7 @@ func sameBucket(st jetstream.KeyValueStatus, cfg jetstream.KeyValueConfig) bool 
 // seen by host t.Host (empty for an operator's command). It is safe to run
 // from several workers at once.
 func OpenFleet(ctx context.Context, js jetstream.JetStream, t Topology) (*Fleet, error) {
-	f := &Fleet{js: js, host: t.Host}
+	f := &Fleet{js: js, host: t.Host, t: t}
 	var err error
 	if f.hosts, err = openBucket(ctx, js, HostsBucketConfig(t)); err != nil {
 		return nil, err
@@ -345,6 +346,18 @@ func Forward(ctx context.Context, js jetstream.JetStream, data []byte, image, jo
 		return fmt.Errorf("forward the provision of job %s to %s: %w", jobID, subject, err)
 	}
 	return nil
+}
+
+// ImageConsumer creates or updates the consumer of image's provisions with
+// the fleet's topology (EnsureImageConsumer).
+func (f *Fleet) ImageConsumer(ctx context.Context, image string) (jetstream.Consumer, error) {
+	return EnsureImageConsumer(ctx, f.js, f.t, image)
+}
+
+// Forward publishes a shared provision request to its image's subject
+// (the function Forward).
+func (f *Fleet) Forward(ctx context.Context, data []byte, image, jobID string) error {
+	return Forward(ctx, f.js, data, image, jobID)
 }
 
 // SubmitImageProvision publishes a provision request on its image's

@@ -52,6 +52,9 @@ type Config struct {
 	// share of the request stream's max-deliveries advisories, and ends
 	// the requests they name (advisory.go).
 	NATS *nats.Conn
+	// Fleet, when set, makes the worker route provisions by image, keep
+	// its host's record in the registry and drain on request (fleet.go).
+	Fleet *FleetConfig
 }
 
 // Settlement says how one request message was settled.
@@ -97,6 +100,9 @@ type Worker struct {
 	ending   map[string]bool
 
 	inFlight, maxInFlight, provisionsSettled, teardownsSettled atomic.Int64
+
+	// fl is the worker's part in a fleet; nil without Config.Fleet.
+	fl *fleet
 }
 
 // New returns a Worker reading from cons.
@@ -130,6 +136,7 @@ func New(cfg Config, cons bus.Consumers, life *lifecycle.Manager) *Worker {
 		slots:     newSlots(cfg.Parallelism),
 		teardowns: make(chan struct{}, cfg.Parallelism),
 		ending:    make(map[string]bool),
+		fl:        newFleet(cfg.Fleet),
 	}
 }
 
@@ -151,6 +158,8 @@ func (w *Worker) Run(ctx context.Context) error {
 		return err
 	}
 	w.reconcile(ctx)
+	w.fleetStart(ctx)
+	defer w.fleetStop()
 	opCtx, cancelOps := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelOps()
 
@@ -160,6 +169,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	loops.Go(func() { w.teardownLoop(ctx, opCtx, &ops) })
 	loops.Go(func() { w.watchLoop(ctx, opCtx, &ops) })
 	loops.Go(func() { w.maxDeliveriesLoop(ctx, opCtx, advisories) })
+	loops.Go(func() { w.fleetLoop(ctx) })
 	loops.Wait()
 
 	grace := time.AfterFunc(w.cfg.ShutdownGrace, cancelOps)
@@ -240,6 +250,9 @@ func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) 
 		if w.slots.waitIdle(ctx) != nil {
 			return
 		}
+		if w.drainWait(ctx) {
+			continue
+		}
 		roomed := w.life.CapacityChanged()
 		unreserve, room := w.life.TryReserve(w.cfg.MaxVMs)
 		if !room {
@@ -249,7 +262,7 @@ func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) 
 			}
 			continue
 		}
-		msg := w.next(ctx, w.cons.Pinned, w.cons.Provision)
+		msg := w.nextProvision(ctx)
 		if msg == nil {
 			unreserve()
 			continue
@@ -407,7 +420,10 @@ func (w *Worker) delivery(msg jetstream.Msg) lifecycle.Delivery {
 func (w *Worker) handleProvision(ctx context.Context, msg jetstream.Msg, stop func()) {
 	defer w.serving(ctx, msg)()
 	d := w.delivery(msg)
-	jobID, err := w.provision(ctx, msg.Data(), d)
+	jobID, routed, err := w.route(ctx, msg, d)
+	if !routed {
+		jobID, err = w.provision(ctx, msg.Data(), d)
+	}
 	stop()
 	w.provisionsSettled.Add(1)
 	w.settle(msg, "provision", jobID, d, err)

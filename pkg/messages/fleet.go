@@ -123,71 +123,72 @@ const (
 )
 
 // Host is a worker's record in HostsBucket, refreshed every few seconds.
+// Its JSON form (worker hosts --json) uses the same field names.
 type Host struct {
-	V    int    `msgpack:"v"`
-	Host string `msgpack:"host"`
+	V    int    `msgpack:"v" json:"v"`
+	Host string `msgpack:"host" json:"host"`
 	// Version is the worker's version.
-	Version string    `msgpack:"version"`
-	State   HostState `msgpack:"state"`
+	Version string    `msgpack:"version" json:"version"`
+	State   HostState `msgpack:"state" json:"state"`
 	// Images are the images the host carries and serves, sorted by name.
-	Images []HostImage `msgpack:"images"`
+	Images []HostImage `msgpack:"images" json:"images"`
 	// SlotsTotal and SlotsInUse are the host's operation slots
 	// (--parallelism) and how many run an operation now.
-	SlotsTotal int `msgpack:"slots_total"`
-	SlotsInUse int `msgpack:"slots_in_use"`
+	SlotsTotal int `msgpack:"slots_total" json:"slots_total"`
+	SlotsInUse int `msgpack:"slots_in_use" json:"slots_in_use"`
 	// MachinesMax is --max-vms; MachinesRunning counts the machines that
 	// exist or are being built.
-	MachinesMax     int `msgpack:"machines_max"`
-	MachinesRunning int `msgpack:"machines_running"`
+	MachinesMax     int `msgpack:"machines_max" json:"machines_max"`
+	MachinesRunning int `msgpack:"machines_running" json:"machines_running"`
 	// Pools are the storage pools of the host's images.
-	Pools []HostPool `msgpack:"pools"`
+	Pools []HostPool `msgpack:"pools" json:"pools"`
 	// Started is when the worker process started; Heartbeat when the
 	// record was written.
-	Started   time.Time `msgpack:"started"`
-	Heartbeat time.Time `msgpack:"heartbeat"`
+	Started   time.Time `msgpack:"started" json:"started"`
+	Heartbeat time.Time `msgpack:"heartbeat" json:"heartbeat"`
 }
 
 // HostImage is an image as a host carries it.
 type HostImage struct {
-	Name string `msgpack:"name"`
+	Name string `msgpack:"name" json:"name"`
 	// OS is the OS family the image declares, empty when it is detected
 	// at boot.
-	OS string `msgpack:"os,omitempty"`
+	OS string `msgpack:"os,omitempty" json:"os,omitempty"`
 	// Firmware is "bios" or "efi".
-	Firmware  string `msgpack:"firmware"`
-	CloneMode string `msgpack:"clone_mode"`
+	Firmware  string `msgpack:"firmware" json:"firmware"`
+	CloneMode string `msgpack:"clone_mode" json:"clone_mode"`
 	// Generation changes whenever the image's definition or its disks are
 	// replaced.
-	Generation string `msgpack:"generation"`
+	Generation string `msgpack:"generation" json:"generation"`
 	// Admitted is false while a pool of the image has less free space
 	// than the host's minimum: the host then takes none of its requests.
-	Admitted bool `msgpack:"admitted"`
+	Admitted bool `msgpack:"admitted" json:"admitted"`
 }
 
 // HostPool is a storage pool's free space as a host last saw it.
 type HostPool struct {
-	Name      string `msgpack:"name"`
-	FreeBytes uint64 `msgpack:"free_bytes"`
+	Name      string `msgpack:"name" json:"name"`
+	FreeBytes uint64 `msgpack:"free_bytes" json:"free_bytes"`
 	// Low is true when FreeBytes is below the host's minimum.
-	Low bool `msgpack:"low,omitempty"`
+	Low bool `msgpack:"low,omitempty" json:"low,omitempty"`
 }
 
 // Drain is the value of a host's key in DrainsBucket: an operator asked the
 // host to take no more provisions.
 type Drain struct {
-	V    int       `msgpack:"v"`
-	Host string    `msgpack:"host"`
-	By   string    `msgpack:"by,omitempty"`
-	At   time.Time `msgpack:"at"`
+	V    int       `msgpack:"v" json:"v"`
+	Host string    `msgpack:"host" json:"host"`
+	By   string    `msgpack:"by,omitempty" json:"by,omitempty"`
+	At   time.Time `msgpack:"at" json:"at"`
 }
 
 // Tried is the value of a shared provision request's key in TriedBucket:
 // the hosts that pulled it and could not serve its image.
 type Tried struct {
-	V     int      `msgpack:"v"`
-	JobID string   `msgpack:"job_id"`
-	Image string   `msgpack:"image"`
-	Hosts []string `msgpack:"hosts"`
+	V     int      `msgpack:"v" json:"v"`
+	JobID string   `msgpack:"job_id" json:"job_id"`
+	Image string   `msgpack:"image" json:"image"`
+	Hosts []string `msgpack:"hosts" json:"hosts"`
 }
 
 // DecodeHost decodes the value of a key in HostsBucket.

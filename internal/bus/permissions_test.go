@@ -296,11 +296,11 @@ func runWorker(s, admin *session, host string) error {
 		return fmt.Errorf("ack image: %w", err)
 	}
 	// The fleet's buckets, created, then found as they are.
-	fleet, err := OpenFleet(ctx, js, Topology{Host: host})
-	if err != nil {
+	if _, err := OpenFleet(ctx, js, Topology{Host: host}); err != nil {
 		return fmt.Errorf("open fleet: %w", err)
 	}
-	if fleet, err = OpenFleet(ctx, js, Topology{Host: host}); err != nil {
+	fleet, err := OpenFleet(ctx, js, Topology{Host: host})
+	if err != nil {
 		return fmt.Errorf("open fleet again: %w", err)
 	}
 	if err := fleet.PutHost(ctx, messages.Host{State: messages.HostActive, Images: []messages.HostImage{{Name: "debian-12.4"}}}); err != nil {

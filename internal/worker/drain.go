@@ -94,3 +94,10 @@ func (w *Worker) drainWait(ctx context.Context) bool {
 	}
 	return true
 }
+
+// draining reports whether a drain is requested.
+func (f *fleet) draining() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.drain
+}

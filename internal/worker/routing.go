@@ -26,10 +26,17 @@ func (w *Worker) nextProvision(ctx context.Context) jetstream.Msg {
 	}
 	consumers := append([]jetstream.Consumer{w.cons.Pinned}, w.fl.imageConsumers()...)
 	msg := w.next(ctx, append(consumers, w.cons.Provision)...)
-	if msg != nil {
-		if image, ok := subjectImage(msg.Subject()); ok {
-			w.fl.served(image)
-		}
+	if msg == nil {
+		return nil
+	}
+	if w.fl.draining() {
+		// A drain began while the pull waited: the request goes back at
+		// once, for another host.
+		w.handBack(msg)
+		return nil
+	}
+	if image, ok := subjectImage(msg.Subject()); ok {
+		w.fl.served(image)
 	}
 	return msg
 }

@@ -131,6 +131,10 @@ type workerOptions struct {
 	// Socket, when set, is the libvirt socket to dial instead of the
 	// system one (a proxy in front of it), redialled within a second.
 	Socket string
+	// Images, when set, makes the worker a host of a fleet serving the
+	// images these patterns match (worker run --images), with its record
+	// in the registry rewritten every half second.
+	Images []string
 }
 
 // runningWorker is a worker serving in the test process.
@@ -190,7 +194,18 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 		Agent: qga.New(l), Events: pub, History: pub, Journal: pub,
 		Claims: claims, ClaimTTL: bus.ClaimTTL(o.AckWait),
 	})
+	var fleet *worker.FleetConfig
+	if len(o.Images) > 0 {
+		reg, err := bus.OpenFleet(ctx, js, bus.Topology{Host: o.Host, AckWait: o.AckWait, MaxDeliver: 5})
+		if err != nil {
+			tb.Fatal(err)
+		}
+		fleet = &worker.FleetConfig{Host: o.Host, Version: "itest", Images: o.Images, Registry: reg,
+			Inventory:      provision.New(l, provision.Options{Link: link}),
+			ImagesInterval: 2 * time.Second, HeartbeatInterval: 500 * time.Millisecond}
+	}
 	rw.w = worker.New(worker.Config{
+		Fleet: fleet,
 		Parallelism: o.Parallelism, MaxVMs: o.MaxVMs, AckWait: o.AckWait, MaxDeliver: 5,
 		ShutdownGrace: o.ShutdownGrace, PullWait: time.Second, WatchInterval: 200 * time.Millisecond,
 		OnSettle: func(s worker.Settlement) {

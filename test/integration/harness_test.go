@@ -205,7 +205,7 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 			ImagesInterval: 2 * time.Second, HeartbeatInterval: 500 * time.Millisecond}
 	}
 	rw.w = worker.New(worker.Config{
-		Fleet: fleet,
+		Fleet:       fleet,
 		Parallelism: o.Parallelism, MaxVMs: o.MaxVMs, AckWait: o.AckWait, MaxDeliver: 5,
 		ShutdownGrace: o.ShutdownGrace, PullWait: time.Second, WatchInterval: 200 * time.Millisecond,
 		OnSettle: func(s worker.Settlement) {

@@ -326,7 +326,11 @@ func ImageConsumerConfig(t Topology, image string) jetstream.ConsumerConfig {
 // provisions. It is safe to run from several workers at once.
 func EnsureImageConsumer(ctx context.Context, js jetstream.JetStream, t Topology, image string) (jetstream.Consumer, error) {
 	cfg := ImageConsumerConfig(t, image)
-	c, err := js.CreateOrUpdateConsumer(ctx, messages.RequestsStream, cfg)
+	s, err := js.Stream(ctx, messages.RequestsStream)
+	if err != nil {
+		return nil, fmt.Errorf("create consumer %s for image %s: %w", cfg.Durable, image, err)
+	}
+	c, err := createConsumer(ctx, s, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("create consumer %s for image %s: %w", cfg.Durable, image, err)
 	}

@@ -4,19 +4,28 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
+	"path"
 	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/BurntSushi/toml"
+
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
-// Config is everything "worker run" is configured with, from flags and
-// environment variables.
+// Config is everything "worker run" is configured with. Each setting has
+// a flag; the same setting comes from the environment variable named in
+// the flag's help (STRETCHY_ and the flag's name in capitals, - as _), and
+// from the optional TOML config file (--config, STRETCHY_CONFIG), whose
+// keys are the flags' names. A flag wins over the environment, the
+// environment over the file, the file over the default (loadConfig).
 type Config struct {
+	ConfigFile     string
 	Host           string
 	NATSURL        string
 	NATS           NATSAuth
@@ -32,11 +41,15 @@ type Config struct {
 	RequestsMaxAge time.Duration
 	Replicas       int
 	ShutdownGrace  time.Duration
+	Images         patterns
+	MinFreeSpace   byteSize
+	HTTPAddr       string
 	LogFormat      string
 	LogLevel       string
 }
 
-// env-backed flag helpers: the environment sets the default, the flag wins.
+// env-backed flag defaults, for the commands other than run: the
+// environment sets the default, the flag wins.
 func envString(name, def string) string {
 	if v, ok := os.LookupEnv(name); ok {
 		return v
@@ -44,23 +57,71 @@ func envString(name, def string) string {
 	return def
 }
 
-func envInt(name string, def int) int {
-	if v, ok := os.LookupEnv(name); ok {
-		if n, err := strconv.Atoi(v); err == nil {
-			return n
-		}
+// envOf names the environment variable of a flag.
+func envOf(flagName string) string {
+	if flagName == "nats-nkey-seed" {
+		return "STRETCHY_NATS_NKEY_SEED_FILE"
 	}
-	return def
+	return "STRETCHY_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
-func envDuration(name string, def time.Duration) time.Duration {
-	if v, ok := os.LookupEnv(name); ok {
-		if d, err := time.ParseDuration(v); err == nil {
-			return d
+// patterns is a list of shell patterns, from a comma-separated flag value
+// (repeatable) or a TOML array.
+type patterns []string
+
+func (p *patterns) String() string { return strings.Join(*p, ",") }
+
+func (p *patterns) Set(v string) error {
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		if _, err := path.Match(s, ""); err != nil {
+			return fmt.Errorf("pattern %q: %w", s, err)
+		}
+		*p = append(*p, s)
+	}
+	return nil
+}
+
+// byteSize is a size in bytes written as 2GiB, 500MiB, 1TB or 1073741824.
+type byteSize uint64
+
+var sizeUnits = []struct {
+	suffix string
+	n      uint64
+}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"TB", 1e12}, {"GB", 1e9}, {"MB", 1e6}, {"KB", 1e3}, {"B", 1}}
+
+func (b *byteSize) String() string {
+	for _, u := range sizeUnits[:4] {
+		if *b != 0 && uint64(*b)%u.n == 0 {
+			return fmt.Sprintf("%d%s", uint64(*b)/u.n, u.suffix)
 		}
 	}
-	return def
+	return strconv.FormatUint(uint64(*b), 10)
 }
+
+func (b *byteSize) Set(v string) error {
+	v = strings.TrimSpace(v)
+	mult := uint64(1)
+	for _, u := range sizeUnits {
+		if n, ok := strings.CutSuffix(v, u.suffix); ok {
+			v, mult = strings.TrimSpace(n), u.n
+			break
+		}
+	}
+	n, err := strconv.ParseUint(v, 10, 64)
+	if err != nil || (mult > 1 && n > ^uint64(0)/mult) {
+		return fmt.Errorf("%q is not a size such as 2GiB, 500MiB or 1073741824", v)
+	}
+	*b = byteSize(n * mult)
+	return nil
+}
+
+// Defaults of settings that are not plain literals.
+const (
+	defaultMinFreeSpace = byteSize(2 << 30)
+)
 
 var nonHostChars = regexp.MustCompile(`[^A-Za-z0-9_-]+`)
 
@@ -79,23 +140,150 @@ func defaultHost() string {
 }
 
 func (c *Config) register(fs *flag.FlagSet) {
-	fs.StringVar(&c.Host, "host", envString("STRETCHY_HOST", defaultHost()), "host id: names this host's subjects and appears in events (STRETCHY_HOST)")
-	fs.StringVar(&c.NATSURL, "nats-url", envString("STRETCHY_NATS_URL", ""), "NATS server or cluster URL(s), comma separated; empty starts an embedded server (STRETCHY_NATS_URL)")
+	fs.StringVar(&c.ConfigFile, "config", "", "TOML file of settings, keys named like these flags; flags and environment variables win over it (STRETCHY_CONFIG)")
+	fs.StringVar(&c.Host, "host", defaultHost(), "host id: names this host's subjects and appears in events (STRETCHY_HOST)")
+	fs.StringVar(&c.NATSURL, "nats-url", "", "NATS server or cluster URL(s), comma separated; empty starts an embedded server (STRETCHY_NATS_URL)")
 	c.NATS.register(fs)
-	fs.StringVar(&c.NATSDataDir, "nats-data-dir", envString("STRETCHY_NATS_DATA_DIR", "/var/lib/stretchy-worker/nats"), "JetStream directory of the embedded server (STRETCHY_NATS_DATA_DIR)")
-	fs.IntVar(&c.NATSPort, "nats-port", envInt("STRETCHY_NATS_PORT", 4222), "loopback port of the embedded server (STRETCHY_NATS_PORT)")
-	fs.StringVar(&c.LibvirtURI, "libvirt-uri", envString("STRETCHY_LIBVIRT_URI", "qemu:///system"), "libvirt connection URI, as for virsh -c: qemu:///system, or qemu+tls://, qemu+ssh://, qemu+tcp:// for a remote host (STRETCHY_LIBVIRT_URI)")
-	fs.StringVar(&c.DomainType, "domain-type", envString("STRETCHY_DOMAIN_TYPE", ""), `libvirt domain type of clones: "kvm", "qemu" (TCG, no hardware virtualization) or empty to keep the image's (STRETCHY_DOMAIN_TYPE)`)
-	fs.IntVar(&c.Parallelism, "parallelism", envInt("STRETCHY_PARALLELISM", 3), "concurrent start/stop operations (STRETCHY_PARALLELISM)")
-	fs.IntVar(&c.MaxVMs, "max-vms", envInt("STRETCHY_MAX_VMS", 8), "machines this host runs at most (STRETCHY_MAX_VMS)")
-	fs.DurationVar(&c.AckWait, "ack-wait", envDuration("STRETCHY_ACK_WAIT", 30*time.Second), "time a request may go unacknowledged before another worker gets it (STRETCHY_ACK_WAIT)")
-	fs.IntVar(&c.MaxDeliver, "max-deliver", envInt("STRETCHY_MAX_DELIVER", 5), "deliveries of one request before it is given up (STRETCHY_MAX_DELIVER)")
-	fs.DurationVar(&c.EventsMaxAge, "events-max-age", envDuration("STRETCHY_EVENTS_MAX_AGE", 30*24*time.Hour), "how long the event stream keeps events (STRETCHY_EVENTS_MAX_AGE)")
-	fs.DurationVar(&c.RequestsMaxAge, "requests-max-age", envDuration("STRETCHY_REQUESTS_MAX_AGE", 24*time.Hour), "how long a request waits for a worker before it is dropped (STRETCHY_REQUESTS_MAX_AGE)")
-	fs.IntVar(&c.Replicas, "replicas", envInt("STRETCHY_REPLICAS", 1), "stream replicas in a clustered NATS (STRETCHY_REPLICAS)")
-	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", envDuration("STRETCHY_SHUTDOWN_GRACE", 60*time.Second), "time operations in flight get to finish on SIGTERM (STRETCHY_SHUTDOWN_GRACE)")
-	fs.StringVar(&c.LogFormat, "log-format", envString("STRETCHY_LOG_FORMAT", "text"), `"text" or "json" (STRETCHY_LOG_FORMAT)`)
-	fs.StringVar(&c.LogLevel, "log-level", envString("STRETCHY_LOG_LEVEL", "info"), `"debug", "info", "warn" or "error" (STRETCHY_LOG_LEVEL)`)
+	fs.StringVar(&c.NATSDataDir, "nats-data-dir", "/var/lib/stretchy-worker/nats", "JetStream directory of the embedded server (STRETCHY_NATS_DATA_DIR)")
+	fs.IntVar(&c.NATSPort, "nats-port", 4222, "loopback port of the embedded server (STRETCHY_NATS_PORT)")
+	fs.StringVar(&c.LibvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection URI, as for virsh -c: qemu:///system, or qemu+tls://, qemu+ssh://, qemu+tcp:// for a remote host (STRETCHY_LIBVIRT_URI)")
+	fs.StringVar(&c.DomainType, "domain-type", "", `libvirt domain type of clones: "kvm", "qemu" (TCG, no hardware virtualization) or empty to keep the image's (STRETCHY_DOMAIN_TYPE)`)
+	fs.IntVar(&c.Parallelism, "parallelism", 3, "concurrent start/stop operations (STRETCHY_PARALLELISM)")
+	fs.IntVar(&c.MaxVMs, "max-vms", 8, "machines this host runs at most (STRETCHY_MAX_VMS)")
+	fs.DurationVar(&c.AckWait, "ack-wait", 30*time.Second, "time a request may go unacknowledged before another worker gets it (STRETCHY_ACK_WAIT)")
+	fs.IntVar(&c.MaxDeliver, "max-deliver", 5, "deliveries of one request before it is given up (STRETCHY_MAX_DELIVER)")
+	fs.DurationVar(&c.EventsMaxAge, "events-max-age", 30*24*time.Hour, "how long the event stream keeps events (STRETCHY_EVENTS_MAX_AGE)")
+	fs.DurationVar(&c.RequestsMaxAge, "requests-max-age", 24*time.Hour, "how long a request waits for a worker before it is dropped (STRETCHY_REQUESTS_MAX_AGE)")
+	fs.IntVar(&c.Replicas, "replicas", 1, "replicas of the streams and buckets in a clustered NATS: 3 for a 3-node cluster (STRETCHY_REPLICAS)")
+	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 60*time.Second, "time operations in flight get to finish on SIGTERM (STRETCHY_SHUTDOWN_GRACE)")
+	fs.Var(&c.Images, "images", "shell patterns of the image domains this host serves, comma separated or repeated; default every valid image (STRETCHY_IMAGES)")
+	c.MinFreeSpace = defaultMinFreeSpace
+	fs.Var(&c.MinFreeSpace, "min-free-space", "free space every pool of an image needs for this host to clone it, such as 2GiB (STRETCHY_MIN_FREE_SPACE)")
+	fs.StringVar(&c.HTTPAddr, "http-addr", "", "address for /metrics, /healthz and /readyz, such as 127.0.0.1:9464; empty serves none (STRETCHY_HTTP_ADDR)")
+	fs.StringVar(&c.LogFormat, "log-format", "text", `"text" or "json" (STRETCHY_LOG_FORMAT)`)
+	fs.StringVar(&c.LogLevel, "log-level", "info", `"debug", "info", "warn" or "error" (STRETCHY_LOG_LEVEL)`)
+}
+
+// noFileKeys are flags the config file cannot set.
+var noFileKeys = map[string]bool{"config": true}
+
+// natsAuthFlags are the flags NATSAuth registers.
+var natsAuthFlags = []string{"nats-user", "nats-password-file", "nats-token-file", "nats-nkey-seed",
+	"nats-creds", "nats-tls-ca", "nats-tls-cert", "nats-tls-key"}
+
+// loadConfig fills cfg from args, the environment and the config file, in
+// that order of precedence, and validates it. Every value goes through its
+// flag's parser, so an invalid one stops the worker whatever its source,
+// with a message naming the source: the flag, the variable, or the file
+// and key.
+func loadConfig(name string, args []string) (Config, *flag.FlagSet, error) {
+	var cfg Config
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	cfg.register(fs)
+	// NATSAuth seeds its flags from the environment, as the other
+	// commands want; here they start empty, so that every source is
+	// applied in the same order.
+	for _, name := range natsAuthFlags {
+		_ = fs.Lookup(name).Value.Set("")
+	}
+	if err := fs.Parse(args); err != nil {
+		return cfg, fs, err
+	}
+	if fs.NArg() > 0 {
+		return cfg, fs, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var errs []error
+	if !given["config"] {
+		if v, ok := os.LookupEnv("STRETCHY_CONFIG"); ok {
+			cfg.ConfigFile = v
+		}
+	}
+	file := map[string]any{}
+	if cfg.ConfigFile != "" {
+		if _, err := toml.DecodeFile(cfg.ConfigFile, &file); err != nil {
+			return cfg, fs, fmt.Errorf("config file %s: %w", cfg.ConfigFile, err)
+		}
+		for key := range file {
+			if f := fs.Lookup(key); f == nil || noFileKeys[key] {
+				errs = append(errs, fmt.Errorf("config file %s: unknown setting %q (settings are named like the flags of worker run -h)", cfg.ConfigFile, key))
+			}
+		}
+	}
+	fs.VisitAll(func(f *flag.Flag) {
+		if given[f.Name] || f.Name == "config" {
+			return
+		}
+		if v, ok := os.LookupEnv(envOf(f.Name)); ok {
+			if err := resetAndSet(f, v); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: invalid value for --%s: %w", envOf(f.Name), v, f.Name, err))
+			}
+			return
+		}
+		v, ok := file[f.Name]
+		if !ok {
+			return
+		}
+		if err := setFromFile(f, v); err != nil {
+			errs = append(errs, fmt.Errorf("config file %s: %s = %#v: invalid value: %w", cfg.ConfigFile, f.Name, v, err))
+		}
+	})
+	// The secrets of NATSAuth come from the environment only.
+	cfg.NATS.Password = secret(os.Getenv("STRETCHY_NATS_PASSWORD"))
+	cfg.NATS.Token = secret(os.Getenv("STRETCHY_NATS_TOKEN"))
+	if err := errors.Join(errs...); err != nil {
+		return cfg, fs, err
+	}
+	return cfg, fs, cfg.Validate()
+}
+
+// resetAndSet sets a flag from one string, replacing (not adding to) a
+// list's default.
+func resetAndSet(f *flag.Flag, v string) error {
+	if p, ok := f.Value.(*patterns); ok {
+		*p = nil
+	}
+	if err := f.Value.Set(v); err != nil {
+		return plainError(err)
+	}
+	return nil
+}
+
+// setFromFile sets a flag from a TOML value: strings as written (a
+// duration as "30s", a size as "2GiB"), integers, booleans, and arrays of
+// strings for lists.
+func setFromFile(f *flag.Flag, v any) error {
+	switch x := v.(type) {
+	case string:
+		return resetAndSet(f, x)
+	case int64:
+		return resetAndSet(f, strconv.FormatInt(x, 10))
+	case bool:
+		return resetAndSet(f, strconv.FormatBool(x))
+	case []any:
+		if _, ok := f.Value.(*patterns); !ok {
+			return errors.New("a list where one value is expected")
+		}
+		var items []string
+		for _, e := range x {
+			str, ok := e.(string)
+			if !ok {
+				return fmt.Errorf("list entry %v is not a string", e)
+			}
+			items = append(items, str)
+		}
+		return resetAndSet(f, strings.Join(items, ","))
+	}
+	return fmt.Errorf("a %T is not a value of this setting", v)
+}
+
+// plainError says what the flag package's "parse error" means.
+func plainError(err error) error {
+	if err.Error() == "parse error" {
+		return errors.New("not a number, duration or boolean as the setting needs")
+	}
+	return err
 }
 
 // Validate fails fast, naming the setting at fault.
@@ -144,6 +332,11 @@ func (c *Config) Validate() error {
 	}
 	if c.Replicas < 1 || c.Replicas > 5 {
 		bad("--replicas %d: must be between 1 and 5", c.Replicas)
+	}
+	if c.HTTPAddr != "" {
+		if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
+			bad("--http-addr %q: not host:port, such as 127.0.0.1:9464", c.HTTPAddr)
+		}
 	}
 	switch c.LogFormat {
 	case "text", "json":

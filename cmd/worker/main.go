@@ -21,6 +21,10 @@ commands:
   submit    publish a provision or teardown request
   events    print lifecycle events, past and live
   doctor    check this host, its images and NATS, with hints to fix them
+  hosts     list the hosts of the fleet: state, images, slots, machines, space
+  drain     make a host take no more provisions (undrain: take them again)
+  config    print the effective configuration of worker run
+  version   print the worker's version
 
 Run "worker <command> -h" for the flags of a command. Every flag can also be
 set through the environment variable named in its help text.
@@ -45,6 +49,16 @@ func main() {
 		err = eventsCommand(ctx, args)
 	case "doctor":
 		err = doctorCommand(ctx, args)
+	case "hosts":
+		err = hostsCommand(ctx, args)
+	case "drain":
+		err = drainCommand(ctx, args, true)
+	case "undrain":
+		err = drainCommand(ctx, args, false)
+	case "config":
+		err = configCommand(args)
+	case "version":
+		fmt.Println(version())
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return

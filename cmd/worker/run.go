@@ -2,10 +2,13 @@ package main
 
 import (
 	"context"
-	"flag"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
+	"os/signal"
 	"strings"
 	"syscall"
 	"time"
@@ -15,7 +18,9 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
+	"github.com/stretchy-ci/libvirt-worker/internal/metrics"
 	"github.com/stretchy-ci/libvirt-worker/internal/worker"
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
 )
@@ -31,13 +36,8 @@ func newLogger(format, level string) *slog.Logger {
 }
 
 func runCommand(ctx context.Context, args []string) error {
-	var cfg Config
-	fs := flag.NewFlagSet("worker run", flag.ContinueOnError)
-	cfg.register(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := cfg.Validate(); err != nil {
+	cfg, _, err := loadConfig("worker run", args)
+	if err != nil {
 		return err
 	}
 	log := newLogger(cfg.LogFormat, cfg.LogLevel)
@@ -49,15 +49,15 @@ func runCommand(ctx context.Context, args []string) error {
 	if os.Getenv("STRETCHY_FAULT_ACTION") == "stop" {
 		sig = syscall.SIGSTOP
 	}
-	faults, err := lifecycle.ParseFault(os.Getenv("STRETCHY_FAULT"), func(point string) {
+	faults, ferr := lifecycle.ParseFault(os.Getenv("STRETCHY_FAULT"), func(point string) {
 		log.Warn("fault injected, signalling the worker", "point", point, "signal", sig.String())
 		_ = syscall.Kill(os.Getpid(), sig)
 		// The signal stops the threads a moment later; this goroutine
 		// must not take a step in that moment.
 		time.Sleep(100 * time.Millisecond)
 	})
-	if err != nil {
-		return fmt.Errorf("STRETCHY_FAULT: %w", err)
+	if ferr != nil {
+		return fmt.Errorf("STRETCHY_FAULT: %w", ferr)
 	}
 	if faults != nil {
 		log.Warn("fault injection armed; this worker will signal itself", "fault", os.Getenv("STRETCHY_FAULT"), "signal", sig.String())
@@ -88,13 +88,18 @@ func runCommand(ctx context.Context, args []string) error {
 	}
 	defer nc.Drain()
 	ensureCtx, stopEnsure := nc.failFast(ctx)
-	consumers, err := bus.Ensure(ensureCtx, js, bus.Topology{
+	topo := bus.Topology{
 		Host: cfg.Host, EventsMaxAge: cfg.EventsMaxAge, RequestsMaxAge: cfg.RequestsMaxAge,
 		AckWait: cfg.AckWait, MaxDeliver: cfg.MaxDeliver, Replicas: cfg.Replicas,
-	})
+	}
+	consumers, err := bus.Ensure(ensureCtx, js, topo)
 	var claims *bus.Claims
 	if err == nil {
 		claims, err = bus.OpenClaims(ensureCtx, js, bus.Topology{Host: cfg.Host, AckWait: cfg.AckWait, Replicas: cfg.Replicas})
+	}
+	var fleet *bus.Fleet
+	if err == nil {
+		fleet, err = bus.OpenFleet(ensureCtx, js, topo)
 	}
 	stopEnsure()
 	if err != nil {
@@ -133,14 +138,24 @@ func runCommand(ctx context.Context, args []string) error {
 	lv := link.Libvirt()
 
 	pub := bus.NewPublisher(js)
+	machines := provision.New(lv, provision.Options{DomainType: cfg.DomainType, Link: link})
 	// One set of operation slots for the requests the worker pulls and
 	// the teardowns machines begin by themselves.
 	slots := worker.NewSlots(cfg.Parallelism)
+	var w *worker.Worker
+	mx := metrics.New(workerSource{&w}, metrics.Probes{
+		NATSConnected:    nc.IsConnected,
+		LibvirtConnected: link.Connected,
+		NATS:             nc.FlushWithContext,
+		Libvirt: func(ctx context.Context) error {
+			return link.Call(ctx, 5*time.Second, func() error { _, err := lv.ConnectGetLibVersion(); return err })
+		},
+	})
 	life := lifecycle.New(lifecycle.Config{
 		Host:     cfg.Host,
-		Machines: provision.New(lv, provision.Options{DomainType: cfg.DomainType, Link: link}),
+		Machines: machines,
 		Agent:    qga.New(lv, qga.Options{Caller: link}),
-		Events:   pub,
+		Events:   mx.Events(pub),
 		History:  pub,
 		Journal:  pub,
 		Faults:   faults,
@@ -152,19 +167,26 @@ func runCommand(ctx context.Context, args []string) error {
 		},
 	})
 	defer life.Close()
-	w := worker.New(worker.Config{
+	w = worker.New(worker.Config{
 		Parallelism: cfg.Parallelism, MaxVMs: cfg.MaxVMs, AckWait: cfg.AckWait,
 		MaxDeliver: cfg.MaxDeliver, ShutdownGrace: cfg.ShutdownGrace, Faults: faults,
 		NATS: nc.Conn, Slots: slots,
 		// Often enough to renew every claim within a third of its TTL.
 		WatchInterval: min(2*time.Second, bus.ClaimTTL(cfg.AckWait)/3),
+		Fleet: &worker.FleetConfig{
+			Host: cfg.Host, Version: version(), Inventory: machines, Registry: fleet,
+			Images: cfg.Images, MinFreeSpace: uint64(cfg.MinFreeSpace), OnChange: logChange(log),
+		},
 		OnSettle: func(s worker.Settlement) {
+			mx.Settled(s)
 			attrs := []any{"op", s.Op, "job_id", s.JobID, "attempt", s.Attempt, "outcome", s.Outcome}
 			switch {
 			case s.Op != "provision" && s.Op != "teardown":
 				log.Error("background work failed, will retry", "op", s.Op, "job_id", s.JobID, "error", s.Err)
 			case s.Err == nil:
 				log.Info("request settled", attrs...)
+			case errors.Is(s.Err, worker.ErrHandedBack):
+				log.Info("request handed back for another host", append(attrs, "reason", s.Err)...)
 			case s.Outcome == "left":
 				log.Warn("request left to the host holding the job's claim", append(attrs, "error", s.Err)...)
 			case s.Outcome == "term":
@@ -175,9 +197,35 @@ func runCommand(ctx context.Context, args []string) error {
 		},
 	}, consumers, life)
 
-	log.Info("worker started", "host", cfg.Host, "libvirt_uri", cfg.LibvirtURI,
-		"parallelism", cfg.Parallelism, "max_vms", cfg.MaxVMs, "nats_url", redactURL(natsURL))
-	if err := w.Run(ctx); err != nil {
+	log.Info("worker started", "host", cfg.Host, "version", version(), "libvirt_uri", cfg.LibvirtURI,
+		"parallelism", cfg.Parallelism, "max_vms", cfg.MaxVMs, "nats_url", redactURL(natsURL),
+		"images", cfg.Images.String(), "http_addr", cfg.HTTPAddr)
+	var side conc.WaitGroup
+	sideCtx, stopSide := context.WithCancel(ctx)
+	if cfg.HTTPAddr != "" {
+		ln, err := net.Listen("tcp", cfg.HTTPAddr)
+		if err != nil {
+			stopSide()
+			return fmt.Errorf("--http-addr: %w", err)
+		}
+		srv := &http.Server{Handler: mx.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		side.Go(func() {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http server", "error", err)
+			}
+		})
+		side.Go(func() {
+			<-sideCtx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = srv.Shutdown(sctx)
+		})
+	}
+	side.Go(func() { drainOnSignal(sideCtx, w, log) })
+	err = w.Run(ctx)
+	stopSide()
+	side.Wait()
+	if err != nil {
 		return err
 	}
 	st := w.Stats()
@@ -196,4 +244,56 @@ func redactURL(s string) string {
 		}
 	}
 	return strings.Join(parts, ",")
+}
+
+// workerSource lets the metrics read the worker, which is made after them
+// (its lifecycle publishes through them).
+type workerSource struct{ w **worker.Worker }
+
+func (s workerSource) Snapshot() worker.Snapshot { return (*s.w).Snapshot() }
+
+// drainOnSignal drains this host on SIGUSR1 and undrains it on SIGUSR2,
+// through the fleet's drain bucket, so that the drain outlives a restart.
+func drainOnSignal(ctx context.Context, w *worker.Worker, log *slog.Logger) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2)
+	defer signal.Stop(sigs)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case sig := <-sigs:
+			drain := sig == syscall.SIGUSR1
+			if err := w.Drain(ctx, drain, "signal"); err != nil {
+				log.Error("drain on signal", "signal", sig.String(), "error", err)
+				continue
+			}
+			log.Info("drain requested by signal", "signal", sig.String(), "drain", drain)
+		}
+	}
+}
+
+// logChange logs what the fleet side of the worker noticed.
+func logChange(log *slog.Logger) func(worker.Change) {
+	return func(c worker.Change) {
+		switch c.Kind {
+		case "beat":
+		case "error":
+			log.Warn("fleet", "image", c.Image, "job_id", c.JobID, "error", c.Err)
+		case "state":
+			if c.State == messages.HostDrained {
+				log.Info("host drained: no machines left, taking no provisions", "state", c.State)
+				return
+			}
+			log.Info("host state", "state", c.State)
+		case "forwarded":
+			log.Info("shared request forwarded to its image's subject", "job_id", c.JobID, "image", c.Image, "carriers", strings.Join(c.Hosts, ","))
+		case "handed_back":
+			log.Info("request handed back", "job_id", c.JobID, "image", c.Image, "tried", strings.Join(c.Hosts, ","))
+		case "image_refused":
+			log.Warn("image short of space: its requests are left to other hosts", "image", c.Image)
+		default:
+			log.Info(strings.ReplaceAll(c.Kind, "_", " "), "image", c.Image)
+		}
+	}
 }

@@ -15,7 +15,7 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
-const submitUsage = `usage: worker submit provision --job ID --image NAME [--host H] [--boot-timeout D] [--max-lifetime D]
+const submitUsage = `usage: worker submit provision --job ID --image NAME [--host H | --by-image] [--boot-timeout D] [--max-lifetime D]
                                   [--runner none|forgejo|github|jenkins [runner flags] --secret-file F]
        worker submit teardown  --job ID --host H [--reason TEXT]`
 
@@ -34,6 +34,7 @@ func submitCommand(ctx context.Context, args []string) error {
 	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
 	job := fs.String("job", "", "job id")
 	host := fs.String("host", "", "host id: pins a provision to a host; required for a teardown")
+	byImage := fs.Bool("by-image", false, "publish the provision on its image's subject, where only hosts that carry the image take it (docs/protocol.md 2.5)")
 	image := fs.String("image", "", "image: name of the shut-off libvirt domain to clone")
 	runner := fs.String("runner", string(messages.RunnerNone), "runner kind: none, forgejo, github or jenkins")
 	runnerURL := fs.String("url", "", "forgejo, jenkins: the instance's URL")
@@ -69,12 +70,20 @@ func submitCommand(ctx context.Context, args []string) error {
 		if rerr != nil {
 			return rerr
 		}
-		seq, err = bus.SubmitProvision(ctx, js, messages.Provision{
+		req := messages.Provision{
 			V: messages.SchemaVersion, JobID: *job, Image: *image,
 			Runner:       r,
 			BootTimeoutS: int64(bootTimeout.Seconds()), MaxLifetimeS: int64(maxLifetime.Seconds()),
 			RequestedAt: time.Now().UTC(),
-		}, *host)
+		}
+		switch {
+		case *byImage && *host != "":
+			return errors.New("--by-image and --host: give one")
+		case *byImage:
+			seq, err = bus.SubmitImageProvision(ctx, js, req)
+		default:
+			seq, err = bus.SubmitProvision(ctx, js, req, *host)
+		}
 	case "teardown":
 		seq, err = bus.SubmitTeardown(ctx, js, messages.Teardown{
 			V: messages.SchemaVersion, JobID: *job, Reason: *reason, RequestedAt: time.Now().UTC(),

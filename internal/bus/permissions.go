@@ -23,10 +23,11 @@ const maxDeliveries = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + messages.R
 
 // WorkerPermissions returns the subjects the worker of host must be allowed
 // to publish to and to subscribe to, and no more. They cover bus.Ensure
-// (both streams, the host's consumers), pulls from those consumers, every
-// kind of acknowledgement, publishing the host's events,
+// (both streams, the host's consumers), the image consumers, pulls from
+// those consumers, every kind of acknowledgement, forwarding shared
+// requests to image subjects, publishing the host's events,
 // Publisher.LastEvent and Publisher.Recent, ending requests that reached
-// max deliveries, and the job claims.
+// max deliveries, the job claims and the fleet's buckets.
 func WorkerPermissions(host string) (pub, sub []string) {
 	req, evt := messages.RequestsStream, messages.EventsStream
 	pub = []string{
@@ -41,12 +42,20 @@ func WorkerPermissions(host string) (pub, sub []string) {
 		{HostProvisionConsumer(host), messages.HostProvisionSubject(host)},
 		{HostTeardownConsumer(host), messages.TeardownSubject(host)},
 	} {
-		pub = append(pub,
-			jsAPI+"CONSUMER.CREATE."+req+"."+c.name+"."+c.filter, // Ensure
-			jsAPI+"CONSUMER.MSG.NEXT."+req+"."+c.name,            // Fetch
-			jsAck+req+"."+c.name+".>",                            // ack, nak, term, in progress
-		)
+		pub = append(pub, jsAPI+"CONSUMER.CREATE."+req+"."+c.name+"."+c.filter) // Ensure
 	}
+	pub = append(pub,
+		// EnsureImageConsumer: the consumers of the images the host finds,
+		// whose names are not known in advance.
+		jsAPI+"CONSUMER.CREATE."+req+".*."+messages.ImageProvisionSubjects,
+		// Fetch from the host's consumers and from any image's; for the
+		// same reason the pull and acknowledgement subjects cannot name
+		// the consumers (docs/security.md 2.4).
+		jsAPI+"CONSUMER.MSG.NEXT."+req+".*",
+		jsAck+req+".>",                  // ack, nak, term, in progress
+		jsAPI+"CONSUMER.INFO."+req+".*", // requests waiting per consumer (metrics)
+		messages.ImageProvisionSubjects, // Forward: a shared request to its image's subject
+	)
 	pub = append(pub,
 		messages.EventFilter(host, "", ""), // Publisher.Append: this host's events only
 		jsAPI+"STREAM.INFO."+evt,           // Ensure reads the configuration; LastEvent and Append look the stream up
@@ -72,7 +81,42 @@ func WorkerPermissions(host string) (pub, sub []string) {
 		kvKeys+">",
 		jsAPI+"DIRECT.GET."+kvStream+"."+kvKeys+">",
 	)
+	// The fleet's buckets (fleet.go): OpenFleet looks each bucket up and
+	// creates or updates it; the host writes its own record and, on
+	// SIGUSR1, its own drain request, reads the others' records (keys from
+	// the stream's state, values by direct get) and its drain request, and
+	// records the shared requests it tried.
+	hosts, drains, tried := messages.HostsBucket, messages.DrainsBucket, messages.TriedBucket
+	for _, b := range []string{hosts, drains, tried} {
+		pub = append(pub,
+			jsAPI+"STREAM.INFO.KV_"+b,
+			jsAPI+"STREAM.UPDATE.KV_"+b,
+			jsAPI+"STREAM.CREATE.KV_"+b,
+		)
+	}
+	pub = append(pub,
+		"$KV."+hosts+"."+host,
+		jsAPI+"DIRECT.GET.KV_"+hosts+".$KV."+hosts+".>",
+		"$KV."+drains+"."+host,
+		jsAPI+"DIRECT.GET.KV_"+drains+".$KV."+drains+"."+host,
+		"$KV."+tried+".>",
+		jsAPI+"DIRECT.GET.KV_"+tried+".$KV."+tried+".>",
+	)
 	return pub, []string{inbox, maxDeliveries}
+}
+
+// OperatorPermissions returns the subjects an operator's commands need:
+// worker hosts (the host registry) and worker drain and undrain (drain
+// requests of any host). They read and write nothing else.
+func OperatorPermissions() (pub, sub []string) {
+	hosts, drains := messages.HostsBucket, messages.DrainsBucket
+	return []string{
+		jsAPI + "STREAM.INFO.KV_" + hosts,
+		jsAPI + "DIRECT.GET.KV_" + hosts + ".$KV." + hosts + ".>",
+		jsAPI + "STREAM.INFO.KV_" + drains,
+		jsAPI + "DIRECT.GET.KV_" + drains + ".$KV." + drains + ".>",
+		"$KV." + drains + ".>",
+	}, []string{inbox}
 }
 
 // OrchestratorPermissions returns the subjects an orchestrator must be

@@ -114,6 +114,14 @@ func (s *session) refused(t *testing.T) []string {
 	return slices.Compact(subjects)
 }
 
+func mustMarshal(v any) []byte {
+	b, err := messages.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
 func provision(job string) messages.Provision {
 	return messages.Provision{V: messages.SchemaVersion, JobID: job, Image: "img",
 		Runner: messages.Runner{Kind: messages.RunnerNone}, RequestedAt: time.Now().UTC()}
@@ -270,6 +278,50 @@ func runWorker(s, admin *session, host string) error {
 		return fmt.Errorf("release a claim: %w", err)
 	}
 
+	// Image routing: the consumer of an image, a pull and an ack from
+	// it, its queue depth, and a shared request forwarded to it.
+	img, err := EnsureImageConsumer(ctx, js, Topology{Host: host}, "debian-12.4")
+	if err != nil {
+		return fmt.Errorf("image consumer: %w", err)
+	}
+	if err := Forward(ctx, js, mustMarshal(provision("fwd-1")), "debian-12.4", "fwd-1"); err != nil {
+		return err
+	}
+	if _, err := img.Info(ctx); err != nil {
+		return fmt.Errorf("image consumer info: %w", err)
+	}
+	if msg, err := fetchOne(ctx, img); err != nil {
+		return fmt.Errorf("fetch image: %w", err)
+	} else if err := msg.DoubleAck(ctx); err != nil {
+		return fmt.Errorf("ack image: %w", err)
+	}
+	// The fleet's buckets, created, then found as they are.
+	if _, err := OpenFleet(ctx, js, Topology{Host: host}); err != nil {
+		return fmt.Errorf("open fleet: %w", err)
+	}
+	fleet, err := OpenFleet(ctx, js, Topology{Host: host})
+	if err != nil {
+		return fmt.Errorf("open fleet again: %w", err)
+	}
+	if err := fleet.PutHost(ctx, messages.Host{State: messages.HostActive, Images: []messages.HostImage{{Name: "debian-12.4"}}}); err != nil {
+		return err
+	}
+	if recs, err := fleet.Hosts(ctx); err != nil || len(recs) != 1 {
+		return fmt.Errorf("hosts: %d, %v", len(recs), err)
+	}
+	if err := fleet.Drain(ctx, host, "signal"); err != nil {
+		return err
+	}
+	if drained, err := fleet.Drained(ctx, host); err != nil || !drained {
+		return fmt.Errorf("drained: %v, %v", drained, err)
+	}
+	if tried, err := fleet.Tried(ctx, 77, "job-t", "macos:14"); err != nil || len(tried) != 1 {
+		return fmt.Errorf("tried: %q, %v", tried, err)
+	}
+	if err := fleet.ForgetTried(ctx, 77); err != nil {
+		return err
+	}
+
 	// What an advisory about a request leads to: read it, then delete it.
 	seq, err := SubmitProvision(ctx, admin.js, provision("shared-3"), "")
 	if err != nil {
@@ -355,6 +407,44 @@ func runOrchestrator(ctx context.Context, js, admin jetstream.JetStream, host st
 	return nil
 }
 
+// runOperator lists the hosts and drains and undrains one, as worker
+// hosts, drain and undrain do, with admin in the worker's place.
+func runOperator(ctx context.Context, js, admin jetstream.JetStream, host string) error {
+	wf, err := OpenFleet(ctx, admin, Topology{Host: host})
+	if err != nil {
+		return err
+	}
+	if err := wf.PutHost(ctx, messages.Host{State: messages.HostActive}); err != nil {
+		return err
+	}
+	f, err := BindFleet(ctx, js)
+	if err != nil {
+		return err
+	}
+	if recs, err := f.Hosts(ctx); err != nil || len(recs) != 1 || recs[0].Host != host {
+		return fmt.Errorf("hosts: %+v, %v", recs, err)
+	}
+	if err := f.Drain(ctx, "elsewhere", "ops"); err != nil {
+		return err
+	}
+	if d, err := f.Drains(ctx); err != nil || len(d) != 1 || d[0].Host != "elsewhere" {
+		return fmt.Errorf("drains: %+v, %v", d, err)
+	}
+	return f.Undrain(ctx, "elsewhere")
+}
+
+func TestOperatorPermissionsSuffice(t *testing.T) {
+	pub, sub := OperatorPermissions()
+	srv := startPermServer(t, pub, sub)
+	o, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+	if err := runOperator(o.ctx, o.js, admin.js, "h1"); err != nil {
+		t.Fatalf("operator with its permissions: %v (refused: %q)", err, o.refused(t))
+	}
+	if r := o.refused(t); len(r) > 0 {
+		t.Fatalf("the server refused %q", r)
+	}
+}
+
 // without returns list without its i-th entry. NATS reads an empty allow
 // list as "allow everything", so an emptied list allows one unused subject.
 func without(list []string, i int) []string {
@@ -411,6 +501,7 @@ func TestEveryPermissionIsNeeded(t *testing.T) {
 	type run func(s, admin *session) error
 	worker := func(s, admin *session) error { return runWorker(s, admin, "h1") }
 	orchestrator := func(s, admin *session) error { return runOrchestrator(s.ctx, s.js, admin.js, "h1", false) }
+	operator := func(s, admin *session) error { return runOperator(s.ctx, s.js, admin.js, "h1") }
 	// Deleting the consumer of a reset ordered consumer is best effort:
 	// the reader goes on without it, but the refusal is still reported.
 	bestEffort := map[string]bool{"$JS.API.CONSUMER.DELETE.STRETCHY_LIBVIRT_EVENTS.*": true}
@@ -429,11 +520,15 @@ func TestEveryPermissionIsNeeded(t *testing.T) {
 	}{
 		{"worker", nil, nil, worker},
 		{"orchestrator", nil, nil, orchestrator},
+		{"operator", nil, nil, operator},
 	} {
-		if role.name == "worker" {
+		switch role.name {
+		case "worker":
 			role.pub, role.sub = WorkerPermissions("h1")
-		} else {
+		case "orchestrator":
 			role.pub, role.sub = OrchestratorPermissions()
+		default:
+			role.pub, role.sub = OperatorPermissions()
 		}
 		for i, p := range role.pub {
 			cases = append(cases, tc{role.name + " pub " + p, without(role.pub, i), role.sub, p, role.run})
@@ -487,7 +582,8 @@ func TestSecurityDocMatches(t *testing.T) {
 	}
 	wpub, wsub := WorkerPermissions("host-a")
 	opub, osub := OrchestratorPermissions()
-	want := map[string][2][]string{"worker-host-a": {wpub, wsub}, "orchestrator": {opub, osub}}
+	ppub, psub := OperatorPermissions()
+	want := map[string][2][]string{"worker-host-a": {wpub, wsub}, "orchestrator": {opub, osub}, "operator": {ppub, psub}}
 	if len(opts.Users) != len(want) {
 		t.Fatalf("%d users documented, want %d", len(opts.Users), len(want))
 	}

@@ -147,7 +147,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, t Topology) (Consumers,
 		{&c.Pinned, HostProvisionConsumer(t.Host), messages.HostProvisionSubject(t.Host)},
 		{&c.Teardown, HostTeardownConsumer(t.Host), messages.TeardownSubject(t.Host)},
 	} {
-		cons, err := req.CreateOrUpdateConsumer(ctx, consumerConfig(t, x.name, x.filter))
+		cons, err := createConsumer(ctx, req, consumerConfig(t, x.name, x.filter))
 		if err != nil {
 			return Consumers{}, fmt.Errorf("create consumer %s: %w", x.name, err)
 		}
@@ -199,4 +199,33 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.Str
 		}
 	}
 	return nil, fmt.Errorf("create stream %s: %w", cfg.Name, last)
+}
+
+// consumerCreator creates consumers; jetstream.Stream and
+// jetstream.JetStream (by stream name) both do.
+type consumerCreator interface {
+	CreateOrUpdateConsumer(ctx context.Context, cfg jetstream.ConsumerConfig) (jetstream.Consumer, error)
+}
+
+// createConsumer creates or updates a consumer, trying again for a while
+// when a clustered server answers 503 (insufficient resources, no
+// quorum): it does so while a new stream's peers settle, or while a node
+// restarts.
+func createConsumer(ctx context.Context, s consumerCreator, cfg jetstream.ConsumerConfig) (jetstream.Consumer, error) {
+	wait := time.NewTimer(0)
+	defer wait.Stop()
+	<-wait.C
+	for try := 1; ; try++ {
+		c, err := s.CreateOrUpdateConsumer(ctx, cfg)
+		var aerr *jetstream.APIError
+		if err == nil || !errors.As(err, &aerr) || aerr.Code != 503 || try == 20 {
+			return c, err
+		}
+		wait.Reset(500 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return nil, errors.Join(err, ctx.Err())
+		case <-wait.C:
+		}
+	}
 }

@@ -6,6 +6,7 @@ package embedded
 import (
 	"errors"
 	"fmt"
+	"net/url"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -19,6 +20,22 @@ type Options struct {
 	Host string
 	// Port is the client port; 0 means 4222, -1 a random free port.
 	Port int
+	// Cluster, when set, makes the server a node of a JetStream cluster,
+	// for tests of a fleet on one machine.
+	Cluster *Cluster
+}
+
+// Cluster places a server in a cluster of servers on loopback.
+type Cluster struct {
+	// Name is the cluster's name, the same for every node.
+	Name string
+	// Node names this server; it must be unique in the cluster.
+	Node string
+	// Port is this node's route port.
+	Port int
+	// Routes are the route URLs of every node (nats-route://host:port),
+	// this one's included.
+	Routes []string
 }
 
 // Start starts a JetStream-enabled server and waits until it accepts
@@ -33,7 +50,7 @@ func Start(opts Options) (*server.Server, error) {
 	if opts.Port == 0 {
 		opts.Port = 4222
 	}
-	s, err := server.NewServer(&server.Options{
+	so := &server.Options{
 		ServerName: "stretchy-embedded",
 		Host:       opts.Host,
 		Port:       opts.Port,
@@ -41,7 +58,19 @@ func Start(opts Options) (*server.Server, error) {
 		StoreDir:   opts.StoreDir,
 		NoSigs:     true,
 		MaxPayload: 1 << 20,
-	})
+	}
+	if c := opts.Cluster; c != nil {
+		so.ServerName = c.Node
+		so.Cluster = server.ClusterOpts{Name: c.Name, Host: opts.Host, Port: c.Port}
+		for _, r := range c.Routes {
+			u, err := url.Parse(r)
+			if err != nil {
+				return nil, fmt.Errorf("start embedded nats: route %q: %w", r, err)
+			}
+			so.Routes = append(so.Routes, u)
+		}
+	}
+	s, err := server.NewServer(so)
 	if err != nil {
 		return nil, fmt.Errorf("start embedded nats: %w", err)
 	}

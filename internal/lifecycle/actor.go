@@ -339,7 +339,7 @@ func (a *actor) close() {
 // counting, and every caller still waiting gets an answer.
 func (a *actor) stop() {
 	if a.rec.counted {
-		a.m.countMachine(false)
+		a.m.countMachine(false, a.rec.image)
 	}
 	a.m.retire(a, a.rec.finished)
 	close(a.stopped)

@@ -308,7 +308,7 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 	a.rec.deadline, a.rec.kind = start.Add(req.MaxLifetime()), string(req.Runner.Kind)
 	a.rec.em.identify(a.rec)
 	a.rec.counted = true
-	a.m.countMachine(true)
+	a.m.countMachine(true, a.rec.image)
 	b := &build{
 		cfg: &a.m.cfg, m: a.m, jobID: a.jobID, domain: a.rec.domain, deadline: a.rec.deadline,
 		req: req, d: c.d, em: a.rec.em, claim: claimer{a: a, d: c.d},

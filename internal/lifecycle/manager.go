@@ -166,6 +166,7 @@ type Manager struct {
 	closed   bool
 	byJob    map[string]*actor
 	machines int                  // actors that own or build a machine
+	byImage  map[string]int       // those machines by image
 	reserved int                  // machines promised to requests not yet read
 	done     map[string]time.Time // finished jobs, for idempotency
 	// roomed is closed and replaced whenever room for a machine may have
@@ -190,7 +191,8 @@ func New(cfg Config) *Manager {
 	root, cancel := context.WithCancel(context.Background())
 	return &Manager{
 		cfg: cfg, root: root, cancel: cancel,
-		byJob:  make(map[string]*actor),
+		byJob:   make(map[string]*actor),
+		byImage: make(map[string]int),
 		done:   make(map[string]time.Time),
 		roomed: make(chan struct{}),
 	}
@@ -306,17 +308,35 @@ func (m *Manager) lookup(jobID string, mode spawnMode) (a *actor, created, finis
 	return a, true, false, nil
 }
 
-// countMachine makes a's machine count against the host's capacity (on
-// true) or stop counting (false); only a's goroutine calls it.
-func (m *Manager) countMachine(counted bool) {
+// countMachine makes a machine of image count against the host's
+// capacity (on true) or stop counting (false); only the machine's actor
+// calls it.
+func (m *Manager) countMachine(counted bool, image string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if counted {
 		m.machines++
+		m.byImage[image]++
 		return
 	}
 	m.machines--
+	if m.byImage[image]--; m.byImage[image] <= 0 {
+		delete(m.byImage, image)
+	}
 	m.roomedLocked()
+}
+
+// MachinesByImage returns how many machines of each image exist on this
+// host or are being built, for the worker's metrics and its record in the
+// host registry.
+func (m *Manager) MachinesByImage() map[string]int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make(map[string]int, len(m.byImage))
+	for image, n := range m.byImage {
+		out[image] = n
+	}
+	return out
 }
 
 // retire removes a from the registry; finished marks its job done for

@@ -128,7 +128,7 @@ func (a *actor) adoptRecord(mach provision.Machine) {
 	a.rec.em.identify(a.rec)
 	if !a.rec.counted {
 		a.rec.counted = true
-		a.m.countMachine(true)
+		a.m.countMachine(true, a.rec.image)
 	}
 }
 

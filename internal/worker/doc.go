@@ -10,4 +10,9 @@
 // themselves or that passed their deadline, settles every message (ack,
 // nak with delay, or terminate) in one place, and ends requests that ran
 // out of deliveries (max-deliveries advisories) with a failed event.
+//
+// With a FleetConfig it is one host of a fleet: it pulls from the consumer
+// of each image its libvirt carries (images found and lost while it runs),
+// in turn, hands shared requests for images it lacks on to a host that
+// has them, keeps its record in the host registry, and drains on request.
 package worker

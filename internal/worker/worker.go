@@ -55,6 +55,9 @@ type Config struct {
 	// the lifecycle, which takes them for the teardowns machines begin by
 	// themselves; nil makes Parallelism slots of the worker's own.
 	Slots *Slots
+	// Fleet, when set, makes the worker route provisions by image, keep
+	// its host's record in the registry and drain on request (fleet.go).
+	Fleet *FleetConfig
 }
 
 // Settlement says how one request message was settled.
@@ -95,6 +98,9 @@ type Worker struct {
 	finished atomic.Bool
 
 	provisionsSettled, teardownsSettled atomic.Int64
+
+	// fl is the worker's part in a fleet; nil without Config.Fleet.
+	fl *fleet
 }
 
 // New returns a Worker reading from cons.
@@ -130,6 +136,7 @@ func New(cfg Config, cons bus.Consumers, life *lifecycle.Manager) *Worker {
 		cfg: cfg, cons: cons, life: life,
 		slots:     cfg.Slots,
 		teardowns: make(chan struct{}, cfg.Parallelism),
+		fl:        newFleet(cfg.Fleet),
 	}
 }
 
@@ -152,6 +159,8 @@ func (w *Worker) Run(ctx context.Context) error {
 		return err
 	}
 	w.reconcile(ctx)
+	w.fleetStart(ctx)
+	defer w.fleetStop()
 	opCtx, cancelOps := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelOps()
 
@@ -161,6 +170,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	loops.Go(func() { w.teardownLoop(ctx, opCtx, &ops) })
 	loops.Go(func() { w.watchLoop(ctx) })
 	loops.Go(func() { w.maxDeliveriesLoop(ctx, opCtx, advisories) })
+	loops.Go(func() { w.fleetLoop(ctx) })
 	loops.Wait()
 
 	grace := time.AfterFunc(w.cfg.ShutdownGrace, cancelOps)
@@ -227,6 +237,9 @@ func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) 
 		if w.slots.waitIdle(ctx) != nil {
 			return
 		}
+		if w.drainWait(ctx) {
+			continue
+		}
 		roomed := w.life.CapacityChanged()
 		unreserve, room := w.life.TryReserve(w.cfg.MaxVMs)
 		if !room {
@@ -236,7 +249,7 @@ func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) 
 			}
 			continue
 		}
-		msg := w.next(ctx, w.cons.Pinned, w.cons.Provision)
+		msg := w.nextProvision(ctx)
 		if msg == nil {
 			unreserve()
 			continue
@@ -360,7 +373,10 @@ func (w *Worker) delivery(msg jetstream.Msg) lifecycle.Delivery {
 func (w *Worker) handleProvision(ctx context.Context, msg jetstream.Msg, stop func()) {
 	defer w.serving(ctx, msg)()
 	d := w.delivery(msg)
-	jobID, err := w.provision(ctx, msg.Data(), d)
+	jobID, routed, err := w.route(ctx, msg, d)
+	if !routed {
+		jobID, err = w.provision(ctx, msg.Data(), d)
+	}
 	stop()
 	w.provisionsSettled.Add(1)
 	w.settle(msg, "provision", jobID, d, err)

@@ -124,6 +124,10 @@ const (
 	// times without being settled (its worker died or lost its connection
 	// each time) and will not be delivered again.
 	CodeMaxDeliveries ErrorCode = "max_deliveries"
+	// CodeInsufficientStorage means a pool of the image had less free
+	// space than the host's minimum on every delivery of a request pinned
+	// to the host; nothing was cloned.
+	CodeInsufficientStorage ErrorCode = "insufficient_storage"
 )
 
 // Reasons carried in events: why a teardown began, or what the worker

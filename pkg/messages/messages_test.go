@@ -69,6 +69,18 @@ func goldenCases() map[string]any {
 			Time: requestedAt.Add(40 * time.Second), Seq: 3, Attempt: 1, Reason: ReasonClaimLost, Holder: "host-b",
 		},
 		"claim_v1": &Claim{V: 1, Host: "host-b", Request: 1207, Since: requestedAt.Add(35 * time.Second)},
+		"host_v1": &Host{
+			V: 1, Host: "host-a", Version: "v1.4.0", State: HostActive,
+			Images: []HostImage{
+				{Name: "debian-12", OS: "linux", Firmware: "bios", CloneMode: "linked", Generation: "5f0c2a9e41d7b3c8", Admitted: true},
+				{Name: "win11+gpu", OS: "windows", Firmware: "efi", CloneMode: "copy", Generation: "91ab03cd77e2f610", Admitted: false},
+			},
+			SlotsTotal: 3, SlotsInUse: 1, MachinesMax: 8, MachinesRunning: 2,
+			Pools:   []HostPool{{Name: "ci-images", FreeBytes: 53687091200}, {Name: "win", FreeBytes: 1073741824, Low: true}},
+			Started: requestedAt.Add(-time.Hour), Heartbeat: requestedAt,
+		},
+		"drain_v1": &Drain{V: 1, Host: "host-a", By: "ops@bastion", At: requestedAt},
+		"tried_v1": &Tried{V: 1, JobID: "job-45", Image: "macos:14", Hosts: []string{"host-a", "host-b"}},
 	}
 }
 
@@ -126,6 +138,14 @@ func normalize(v any) any {
 	case *Claim:
 		c := *m
 		c.Since = c.Since.UTC()
+		return c
+	case *Host:
+		c := *m
+		c.Started, c.Heartbeat = c.Started.UTC(), c.Heartbeat.UTC()
+		return c
+	case *Drain:
+		c := *m
+		c.At = c.At.UTC()
 		return c
 	}
 	return v

@@ -2,6 +2,8 @@ package provision
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -83,6 +85,13 @@ type ImageReport struct {
 	// pool. Clone accepts that and uploads a copy through libvirt into the
 	// pool of the first disk.
 	NVRAMPool string
+	// Firmware is "efi" for UEFI guests, else "bios".
+	Firmware string
+	// Generation changes whenever the image's definition or one of its
+	// disks or NVRAM is replaced or rewritten: a hash of its inactive
+	// definition and of each volume's path, capacity, allocation and
+	// modification time. Empty when the image could not be read.
+	Generation string
 	// Problems are the reasons why Clone would refuse the image, in the
 	// order Clone checks them; none means it can be cloned, as far as can
 	// be told without creating anything.
@@ -168,16 +177,72 @@ func (p *Provisioner) inspectImage(ctx context.Context, name string) (ImageRepor
 	if r.CloneMode == "" {
 		r.CloneMode = CloneLinked
 	}
-	if err := p.inspectStorage(ctx, &def, &r, problem); err != nil {
+	r.Firmware = firmware(&def)
+	stamps := []string{doc}
+	if err := p.inspectStorage(ctx, &def, &r, problem, &stamps); err != nil {
 		return r, err
 	}
+	sum := sha256.Sum256([]byte(strings.Join(stamps, "\n")))
+	r.Generation = hex.EncodeToString(sum[:8])
 	return r, nil
+}
+
+// firmware tells UEFI guests from BIOS ones by their definition.
+func firmware(def *libvirtxml.Domain) string {
+	if def.OS != nil && (def.OS.Firmware == "efi" || def.OS.NVRam != nil ||
+		def.OS.Loader != nil && def.OS.Loader.Type == "pflash") {
+		return "efi"
+	}
+	return "bios"
+}
+
+// Pools returns the storage pools that hold the image's disks and NVRAM,
+// sorted, each once: where its clones' volumes are created.
+func (r ImageReport) Pools() []string {
+	var pools []string
+	for _, d := range r.Disks {
+		if d.Pool != "" {
+			pools = append(pools, d.Pool)
+		}
+	}
+	if r.NVRAMPool != "" {
+		pools = append(pools, r.NVRAMPool)
+	}
+	slices.Sort(pools)
+	return slices.Compact(pools)
+}
+
+// ListImages inspects every domain on the host that could be an image: its
+// name does not start with Prefix and keep accepts it. Domains undefined
+// while it runs are left out. The reports are sorted by name; those
+// without Problems can be cloned.
+func (p *Provisioner) ListImages(ctx context.Context, keep func(name string) bool) ([]ImageReport, error) {
+	doms, err := p.listDomains(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list images: %w", err)
+	}
+	var out []ImageReport
+	for _, d := range doms {
+		if strings.HasPrefix(d.Name, Prefix) || (keep != nil && !keep(d.Name)) {
+			continue
+		}
+		r, err := p.inspectImage(ctx, d.Name)
+		if errors.Is(err, ErrImageNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list images: inspect %s: %w", d.Name, err)
+		}
+		out = append(out, r)
+	}
+	slices.SortFunc(out, func(a, b ImageReport) int { return strings.Compare(a.Name, b.Name) })
+	return out, nil
 }
 
 // inspectStorage checks the image's writable disks and NVRAM disk by
 // disk, with Clone's helpers, so that every disk's problem is reported
 // rather than only the first one.
-func (p *Provisioner) inspectStorage(ctx context.Context, def *libvirtxml.Domain, r *ImageReport, problem func(ImagePart, error)) error {
+func (p *Provisioner) inspectStorage(ctx context.Context, def *libvirtxml.Domain, r *ImageReport, problem func(ImagePart, error), stamps *[]string) error {
 	disks, err := writableDisks(def)
 	if err != nil {
 		problem(PartStorage, err)
@@ -199,6 +264,7 @@ func (p *Provisioner) inspectStorage(ctx context.Context, def *libvirtxml.Domain
 		if src != nil {
 			ref = &src.ref
 			info.Pool = src.ref.Pool
+			*stamps = append(*stamps, src.stamp)
 		}
 		// The job id only names the volumes Clone would create.
 		plans, err := planDisks("inspect", []imageDisk{d}, []*volumeRef{ref}, r.CloneMode)
@@ -220,6 +286,7 @@ func (p *Provisioner) inspectStorage(ctx context.Context, def *libvirtxml.Domain
 	r.NVRAM = nvram.path
 	if nvram.vol != nil {
 		r.NVRAMPool = nvram.vol.ref.Pool
+		*stamps = append(*stamps, nvram.vol.stamp)
 	}
 	if nvram.path != "" && nvram.vol == nil && len(disks) == 0 {
 		// Clone's copyNVRAM has no pool to upload the copy into.
@@ -296,4 +363,22 @@ func IsAccessDenied(err error) bool {
 	}
 	return hasCode(err, libvirt.ErrAuthFailed, libvirt.ErrAuthCancelled, libvirt.ErrAuthUnavailable,
 		libvirt.ErrAccessDenied, libvirt.ErrOperationDenied)
+}
+
+// RefreshPools asks libvirt to rescan every active pool, so that the free
+// space InspectPools reports includes what guests wrote to their disks
+// since. A pool that cannot be refreshed now (one with a copy running) is
+// skipped; its figures are then those of its last refresh.
+func (p *Provisioner) RefreshPools(ctx context.Context) error {
+	pools, err := p.activePools(ctx)
+	if err != nil {
+		return fmt.Errorf("refresh pools: %w", err)
+	}
+	for _, pool := range pools {
+		err := p.do(ctx, func() error { return p.conn.StoragePoolRefresh(pool, 0) })
+		if err != nil && IsUnavailable(err) {
+			return fmt.Errorf("refresh pool %s: %w", pool.Name, err)
+		}
+	}
+	return nil
 }

@@ -57,8 +57,12 @@ func TestInspectImage(t *testing.T) {
 			name:  "clonable image",
 			image: "image",
 			check: func(t *testing.T, r ImageReport, dir string) {
+				if len(r.Generation) != 16 {
+					t.Errorf("generation %q, want 16 hex digits", r.Generation)
+				}
 				want := ImageReport{
-					Name: "image", Defined: true, State: "shut off", CloneMode: CloneLinked,
+					Name: "image", Defined: true, State: "shut off", CloneMode: CloneLinked, Firmware: "bios",
+					Generation: r.Generation,
 					Disks: []ImageDisk{
 						{Target: "vda", Source: filepath.Join(dir, "pool", "image.qcow2"), Pool: "images", Format: "qcow2"},
 						{Target: "vdb", Source: filepath.Join(dir, "pool", "data.raw"), Pool: "images", Format: "raw"},
@@ -333,5 +337,58 @@ func TestIsAccessDenied(t *testing.T) {
 				t.Errorf("IsAccessDenied(%v) = %v, want %v", tt.err, got, tt.want)
 			}
 		})
+	}
+}
+
+// TestListImages lists the image candidates of the test node: every domain
+// but the managed one, filtered, each with its problems; the generation
+// stays as long as the image does and changes with its definition.
+func TestListImages(t *testing.T) {
+	l, _ := testNode(t)
+	p := New(l, Options{})
+	list := func(keep func(string) bool) map[string]ImageReport {
+		t.Helper()
+		reports, err := p.ListImages(t.Context(), keep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]ImageReport{}
+		for _, r := range reports {
+			out[r.Name] = r
+		}
+		return out
+	}
+	all := list(nil)
+	if _, ok := all["stretchy-x"]; ok {
+		t.Fatal("a managed domain was listed as an image")
+	}
+	for _, name := range []string{"image", "unpooled", "busy", "bystander"} {
+		if _, ok := all[name]; !ok {
+			t.Fatalf("%s not listed: %v", name, all)
+		}
+	}
+	if len(all["image"].Problems) != 0 || len(all["busy"].Problems) == 0 {
+		t.Fatalf("problems: image %v, busy %v", all["image"].Problems, all["busy"].Problems)
+	}
+	if got := all["image"].Pools(); !reflect.DeepEqual(got, []string{"images"}) {
+		t.Fatalf("pools of image: %q", got)
+	}
+	only := list(func(name string) bool { return name == "image" })
+	if len(only) != 1 || only["image"].Generation != all["image"].Generation {
+		t.Fatalf("filtered: %v; generation %q then %q", only, all["image"].Generation, only["image"].Generation)
+	}
+
+	// A changed definition is a new generation.
+	def := domainXML(t, l, "image")
+	def.Memory = &libvirtxml.DomainMemory{Value: 2, Unit: "GiB"}
+	doc, err := def.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.DomainDefineXMLFlags(doc, 0); err != nil {
+		t.Fatal(err)
+	}
+	if again := list(nil)["image"]; again.Generation == all["image"].Generation || again.Generation == "" {
+		t.Fatalf("generation %q after a change, %q before", again.Generation, all["image"].Generation)
 	}
 }

@@ -37,6 +37,9 @@ type volume struct {
 	ref  volumeRef
 	pool libvirt.StoragePool
 	vol  libvirt.StorageVol
+	// stamp changes when the volume's content is replaced: its path,
+	// capacity, allocation and modification time as libvirt reports them.
+	stamp string
 }
 
 // poolTypes caches pool types by pool name for one operation.
@@ -57,12 +60,21 @@ func (p *Provisioner) describeVolume(ctx context.Context, pool libvirt.StoragePo
 		return nil, fmt.Errorf("capacity of volume %s/%s: %w", pool.Name, vol.Name, err)
 	}
 	v := &volume{pool: pool, vol: vol, ref: volumeRef{Pool: pool.Name, Name: vol.Name, Capacity: capacity}}
+	var mtime string
 	if vx.Target != nil {
 		v.ref.Path = vx.Target.Path
 		if vx.Target.Format != nil {
 			v.ref.Format = vx.Target.Format.Type
 		}
+		if vx.Target.Timestamps != nil {
+			mtime = vx.Target.Timestamps.Mtime
+		}
 	}
+	var allocation uint64
+	if vx.Allocation != nil {
+		allocation, _ = volumeBytes(vx.Allocation)
+	}
+	v.stamp = fmt.Sprintf("%s/%s %d %d %s", pool.Name, vol.Name, capacity, allocation, mtime)
 	if v.ref.Path == "" {
 		if v.ref.Path, err = call(ctx, p, func() (string, error) { return p.conn.StorageVolGetPath(vol) }); err != nil {
 			return nil, fmt.Errorf("path of volume %s/%s: %w", pool.Name, vol.Name, err)

@@ -137,6 +137,10 @@ type workerOptions struct {
 	// WrapAgent, when set, wraps the real guest agent the worker uses, so
 	// that a test can act in the guest at a given step of the job.
 	WrapAgent func(lifecycle.Agent) lifecycle.Agent
+	// Images, when set, makes the worker a host of a fleet serving the
+	// images these patterns match (worker run --images), with its record
+	// in the registry rewritten every half second.
+	Images []string
 }
 
 // runningWorker is a worker serving in the test process.
@@ -205,7 +209,18 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 		Agent: agent, Events: pub, History: pub, Journal: pub,
 		Claims: claims, ClaimTTL: bus.ClaimTTL(o.AckWait), Slots: slots,
 	})
+	var fleet *worker.FleetConfig
+	if len(o.Images) > 0 {
+		reg, err := bus.OpenFleet(ctx, js, bus.Topology{Host: o.Host, AckWait: o.AckWait, MaxDeliver: 5})
+		if err != nil {
+			tb.Fatal(err)
+		}
+		fleet = &worker.FleetConfig{Host: o.Host, Version: "itest", Images: o.Images, Registry: reg,
+			Inventory:      provision.New(l, provision.Options{Link: link}),
+			ImagesInterval: 2 * time.Second, HeartbeatInterval: 500 * time.Millisecond}
+	}
 	rw.w = worker.New(worker.Config{
+		Fleet:       fleet,
 		Parallelism: parallelism, MaxVMs: o.MaxVMs, AckWait: o.AckWait, MaxDeliver: 5, Slots: slots,
 		ShutdownGrace: o.ShutdownGrace, PullWait: time.Second, WatchInterval: 200 * time.Millisecond,
 		OnSettle: func(s worker.Settlement) {

@@ -1,0 +1,177 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// clearEnv unsets every STRETCHY_ variable for the test.
+func clearEnv(t *testing.T) {
+	t.Helper()
+	for _, kv := range os.Environ() {
+		if name, _, _ := strings.Cut(kv, "="); strings.HasPrefix(name, "STRETCHY_") {
+			t.Setenv(name, "")
+			os.Unsetenv(name)
+		}
+	}
+}
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "worker.toml")
+	if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestConfigPrecedence: a flag wins over the environment, the environment
+// over the file, the file over the default, for each kind of setting.
+func TestConfigPrecedence(t *testing.T) {
+	file := `
+parallelism = 5
+max-vms = 11
+ack-wait = "45s"
+images = ["win-*", "macos:14"]
+min-free-space = "20GiB"
+host = "from-file"
+nats-url = "nats://a:4222,nats://b:4222"
+`
+	tests := []struct {
+		name  string
+		env   map[string]string
+		args  []string
+		check func(t *testing.T, c Config)
+	}{
+		{"defaults", nil, nil, func(t *testing.T, c Config) {
+			if c.Parallelism != 3 || c.MaxVMs != 8 || c.AckWait != 30*time.Second || len(c.Images) != 0 || c.MinFreeSpace != 2<<30 {
+				t.Errorf("defaults: %+v", c)
+			}
+		}},
+		{"file", map[string]string{"STRETCHY_CONFIG": "@"}, nil, func(t *testing.T, c Config) {
+			if c.Parallelism != 5 || c.MaxVMs != 11 || c.AckWait != 45*time.Second || c.Images.String() != "win-*,macos:14" ||
+				c.MinFreeSpace != 20<<30 || c.Host != "from-file" || c.NATSURL != "nats://a:4222,nats://b:4222" {
+				t.Errorf("from the file: %+v", c)
+			}
+		}},
+		{"environment over file", map[string]string{"STRETCHY_CONFIG": "@", "STRETCHY_PARALLELISM": "7", "STRETCHY_IMAGES": "gpu-*"}, nil,
+			func(t *testing.T, c Config) {
+				if c.Parallelism != 7 || c.Images.String() != "gpu-*" || c.MaxVMs != 11 {
+					t.Errorf("env over file: %+v", c)
+				}
+			}},
+		{"flag over environment", map[string]string{"STRETCHY_PARALLELISM": "7", "STRETCHY_MAX_VMS": "9"},
+			[]string{"--config", "@", "--parallelism", "2", "--images", "a,b", "--images", "c"}, func(t *testing.T, c Config) {
+				if c.Parallelism != 2 || c.MaxVMs != 9 || c.Images.String() != "a,b,c" || c.AckWait != 45*time.Second {
+					t.Errorf("flag over env: %+v", c)
+				}
+			}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clearEnv(t)
+			path := writeConfig(t, file)
+			for k, v := range tt.env {
+				t.Setenv(k, strings.ReplaceAll(v, "@", path))
+			}
+			var args []string
+			for _, a := range tt.args {
+				args = append(args, strings.ReplaceAll(a, "@", path))
+			}
+			c, _, err := loadConfig("worker run", args)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tt.check(t, c)
+		})
+	}
+}
+
+// TestConfigBadValue: an invalid value stops the worker, whatever its
+// source, with a message naming the setting and where it came from.
+func TestConfigBadValue(t *testing.T) {
+	tests := []struct {
+		name string
+		env  map[string]string
+		file string
+		args []string
+		want []string
+	}{
+		{"flag", nil, "", []string{"--parallelism", "abc"}, []string{`invalid value "abc" for flag -parallelism`}},
+		{"environment", map[string]string{"STRETCHY_PARALLELISM": "abc"}, "", nil,
+			[]string{`STRETCHY_PARALLELISM="abc": invalid value for --parallelism`}},
+		{"environment duration", map[string]string{"STRETCHY_ACK_WAIT": "soon"}, "", nil,
+			[]string{`STRETCHY_ACK_WAIT="soon": invalid value for --ack-wait`}},
+		{"file", nil, `parallelism = "abc"`, nil, []string{`parallelism = "abc": invalid value`}},
+		{"file type", nil, `max-vms = 1.5`, nil, []string{`max-vms = 1.5: invalid value`}},
+		{"file unknown key", nil, `paralelism = 4`, nil, []string{`unknown setting "paralelism"`}},
+		{"file syntax", nil, `parallelism = `, nil, []string{"config file"}},
+		{"file size", nil, `min-free-space = "lots"`, nil, []string{`min-free-space = "lots": invalid value`}},
+		{"file range", nil, `parallelism = 0`, nil, []string{"--parallelism 0: must be at least 1"}},
+		{"environment pattern", map[string]string{"STRETCHY_IMAGES": "win-["}, "", nil, []string{`STRETCHY_IMAGES="win-[": invalid value for --images: pattern "win-["`}},
+		{"missing file", map[string]string{"STRETCHY_CONFIG": "/nonexistent/worker.toml"}, "", nil, []string{"config file /nonexistent/worker.toml"}},
+		{"http address", nil, `http-addr = "9464"`, nil, []string{`--http-addr "9464"`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clearEnv(t)
+			args := tt.args
+			if tt.file != "" {
+				args = append([]string{"--config", writeConfig(t, tt.file)}, args...)
+			}
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			_, _, err := loadConfig("worker run", args)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+// TestConfigPrint: worker config prints a file that loads to the same
+// configuration, with credentials in the URL masked.
+func TestConfigPrint(t *testing.T) {
+	clearEnv(t)
+	t.Setenv("STRETCHY_NATS_URL", "nats://user:hunter2@nats1:4222")
+	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--min-free-space", "5GiB", "--parallelism", "4"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	if err := printConfig(&b, fs); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, secret := range []string{"hunter2", "user:"} {
+		if strings.Contains(out, secret) {
+			t.Fatalf("the printed configuration shows a secret:\n%s", out)
+		}
+	}
+	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("missing %q in:\n%s", want, out)
+		}
+	}
+	// Loaded back (with the real URL), it is the same configuration.
+	clearEnv(t)
+	path := writeConfig(t, strings.Replace(out, "REDACTED", "user:hunter2", 1))
+	back, _, err := loadConfig("worker run", []string{"--config", path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	back.ConfigFile, back.NATS.Password = "", c.NATS.Password
+	if back.Images.String() != c.Images.String() || back.MinFreeSpace != c.MinFreeSpace || back.Parallelism != c.Parallelism ||
+		back.NATSURL != c.NATSURL || back.AckWait != c.AckWait || back.Host != c.Host {
+		t.Fatalf("round trip:\n got %+v\nwant %+v", back, c)
+	}
+}

@@ -35,15 +35,8 @@ func submitCommand(ctx context.Context, args []string) error {
 	job := fs.String("job", "", "job id")
 	host := fs.String("host", "", "host id: pins a provision to a host; required for a teardown")
 	image := fs.String("image", "", "image: name of the shut-off libvirt domain to clone")
-	runner := fs.String("runner", string(messages.RunnerNone), "runner kind: none, forgejo, github or jenkins")
-	runnerURL := fs.String("url", "", "forgejo, jenkins: the instance's URL")
-	uuid := fs.String("uuid", "", "forgejo: the runner's UUID")
-	handle := fs.String("handle", "", "forgejo: the job handle (optional)")
-	var lbls labels
-	fs.Var(&lbls, "label", "forgejo: a runner label (repeat the flag for more)")
-	agentName := fs.String("agent-name", "", "jenkins: the agent's name")
-	workDir := fs.String("work-dir", "", "jenkins: the agent's work directory (optional)")
-	secretFile := fs.String("secret-file", "", "file holding the runner's secret (forgejo token, GitHub JIT config, Jenkins secret); secrets are never taken as arguments")
+	var runner runnerFlags
+	runner.register(fs)
 	bootTimeout := fs.Duration("boot-timeout", 0, "boot timeout (0: the worker's default)")
 	maxLifetime := fs.Duration("max-lifetime", 0, "maximum lifetime of the machine (0: the worker's default)")
 	reason := fs.String("reason", "requested from the command line", "teardown reason")
@@ -65,7 +58,7 @@ func submitCommand(ctx context.Context, args []string) error {
 	var seq uint64
 	switch kind {
 	case "provision":
-		r, rerr := runnerSection(messages.RunnerKind(*runner), *secretFile, *runnerURL, *uuid, *handle, lbls, *agentName, *workDir)
+		r, rerr := runner.section()
 		if rerr != nil {
 			return rerr
 		}
@@ -89,28 +82,48 @@ func submitCommand(ctx context.Context, args []string) error {
 	return nil
 }
 
-// runnerSection builds the runner section of a provision from flags, with
-// the secret read from a file so that it never sits in a process list.
-func runnerSection(kind messages.RunnerKind, secretFile, url, uuid, handle string, lbls []string, agentName, workDir string) (messages.Runner, error) {
+// runnerFlags are the flags that make the runner section of a provision.
+type runnerFlags struct {
+	kind, secretFile   string
+	url, uuid, handle  string
+	labels             labels
+	agentName, workDir string
+}
+
+func (f *runnerFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.kind, "runner", string(messages.RunnerNone), "runner kind: none, forgejo, github or jenkins")
+	fs.StringVar(&f.url, "url", "", "forgejo, jenkins: the instance's URL")
+	fs.StringVar(&f.uuid, "uuid", "", "forgejo: the runner's UUID")
+	fs.StringVar(&f.handle, "handle", "", "forgejo: the job handle (optional)")
+	fs.Var(&f.labels, "label", "forgejo: a runner label (repeat the flag for more)")
+	fs.StringVar(&f.agentName, "agent-name", "", "jenkins: the agent's name")
+	fs.StringVar(&f.workDir, "work-dir", "", "jenkins: the agent's work directory (optional)")
+	fs.StringVar(&f.secretFile, "secret-file", "", "file holding the runner's secret (forgejo token, GitHub JIT config, Jenkins secret); secrets are never taken as arguments")
+}
+
+// section builds the runner section from the flags, with the secret read
+// from a file so that it never sits in a process list.
+func (f *runnerFlags) section() (messages.Runner, error) {
+	kind := messages.RunnerKind(f.kind)
 	r := messages.Runner{Kind: kind}
 	if kind == messages.RunnerNone {
 		return r, nil
 	}
-	if secretFile == "" {
+	if f.secretFile == "" {
 		return r, fmt.Errorf("--runner %s needs --secret-file", kind)
 	}
-	b, err := os.ReadFile(secretFile)
+	b, err := os.ReadFile(f.secretFile)
 	if err != nil {
 		return r, fmt.Errorf("read the runner secret: %w", err)
 	}
 	secret := strings.TrimSpace(string(b))
 	switch kind {
 	case messages.RunnerForgejo:
-		r.Forgejo = &messages.ForgejoRunner{URL: url, UUID: uuid, Token: secret, Labels: lbls, Handle: handle}
+		r.Forgejo = &messages.ForgejoRunner{URL: f.url, UUID: f.uuid, Token: secret, Labels: f.labels, Handle: f.handle}
 	case messages.RunnerGitHub:
 		r.GitHub = &messages.GitHubRunner{JITConfig: secret}
 	case messages.RunnerJenkins:
-		r.Jenkins = &messages.JenkinsAgent{URL: url, AgentName: agentName, Secret: secret, WorkDir: workDir}
+		r.Jenkins = &messages.JenkinsAgent{URL: f.url, AgentName: f.agentName, Secret: secret, WorkDir: f.workDir}
 	default:
 		return r, fmt.Errorf("--runner %q: must be none, forgejo, github or jenkins", kind)
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -319,5 +320,77 @@ func TestSubjects(t *testing.T) {
 	}
 	if got := TeardownSubject("h1"); got != "stretchy.LIBVIRT.req.host.h1.teardown" {
 		t.Errorf("TeardownSubject = %q", got)
+	}
+}
+
+// TestFieldRules pins the rules pkg/runners applies to the fields of
+// runner sections.
+func TestFieldRules(t *testing.T) {
+	const secret = "s3cr3t"
+	tests := []struct {
+		name  string
+		check func(field, v string) string
+		v     string
+		want  string
+	}{
+		{"text", CheckText, "日本語 and spaces", ""},
+		{"text empty", CheckText, "", "f: missing"},
+		{"text 1024", CheckText, strings.Repeat("t", 1024), ""},
+		{"text 1025", CheckText, strings.Repeat("t", 1025), "f: longer than 1024 bytes"},
+		{"text tab", CheckText, "a\tb", "f: contains control characters"},
+		{"secret", CheckSecret, secret, ""},
+		{"secret empty", CheckSecret, "", "f: missing"},
+		{"secret 16384", CheckSecret, strings.Repeat("s", 16<<10), ""},
+		{"secret 16385", CheckSecret, strings.Repeat("s", 16<<10+1), "f: longer than 16384 bytes"},
+		{"secret newline", CheckSecret, secret + "\n", "f: contains control characters"},
+		{"url", CheckURL, "https://code.example.org/a?b=c", ""},
+		{"url http", CheckURL, "http://10.0.0.1:3000", ""},
+		{"url empty", CheckURL, "", "f: missing"},
+		{"url credentials", CheckURL, "https://u:" + secret + "@x/", "f: must not carry credentials"},
+		{"url user", CheckURL, "https://" + secret + "@x/", "f: must not carry credentials"},
+		{"url space", CheckURL, "https://x/a b", "f: must be a URL of at most 2048 bytes without spaces or control characters"},
+		{"url 2049", CheckURL, "https://x/" + strings.Repeat("a", 2039), "f: must be a URL of at most 2048 bytes without spaces or control characters"},
+		{"url ftp", CheckURL, "ftp://x/", "f: scheme must be http or https"},
+		{"url relative", CheckURL, "/a/b", "f: scheme must be http or https"},
+		{"url no host", CheckURL, "http://", "f: has no host"},
+		{"url unparsable", CheckURL, "http://[::1", "f: not a URL"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := tt.check("f", tt.v); got != tt.want {
+				t.Errorf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestCheckLabels(t *testing.T) {
+	padded := func(field, label string) string {
+		if strings.TrimSpace(label) != label {
+			return field + ": padded"
+		}
+		return ""
+	}
+	tests := []struct {
+		name   string
+		labels []string
+		each   func(field, label string) string
+		want   []string
+	}{
+		{"one", []string{"debian-12"}, nil, nil},
+		{"64", slices.Repeat([]string{"l"}, 64), nil, nil},
+		{"none", nil, nil, []string{"f: must hold 1-64 labels, got 0"}},
+		{"65", slices.Repeat([]string{"l"}, 65), nil, []string{"f: must hold 1-64 labels, got 65"}},
+		{"256 bytes", []string{strings.Repeat("l", 256)}, nil, nil},
+		{"257 bytes", []string{strings.Repeat("l", 257)}, nil, []string{"f[0]: longer than 256 bytes"}},
+		{"each after the rule, label by label", []string{"\ta", "b", " c", ""}, padded,
+			[]string{"f[0]: contains control characters", "f[0]: padded", "f[2]: padded", "f[3]: missing"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := CheckLabels("f", tt.labels, tt.each); !slices.Equal(got, tt.want) {
+				t.Errorf("got %q, want %q", got, tt.want)
+			}
+		})
 	}
 }

@@ -2,10 +2,91 @@ package runners
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
+
+// Kind is what the worker knows of one runner kind: the program it starts
+// on each OS family, how it starts it and how it asks it for its version.
+// The table kinds holds one per messages.RunnerKind, messages.RunnerNone
+// included; launch plans (For, VersionPlan) and worker doctor read it, so
+// that a kind is described in one place.
+type Kind struct {
+	// Kind is the value of runner.kind that selects it.
+	Kind messages.RunnerKind
+	// Name is the runner's name for people, as plans and errors give it;
+	// "" for messages.RunnerNone.
+	Name string
+
+	// program is the path of the program the image must provide
+	// (Plan.Program) on l's OS family.
+	program func(l layout) (string, error)
+	// start is what starting the runner of r takes on l's OS family.
+	start func(l layout, r messages.Runner) (start, error)
+	// version is what asking the program for its version takes.
+	version func(l layout) (start, error)
+}
+
+// kinds lists every runner kind in the order in which errors and worker
+// doctor name them.
+var kinds = []Kind{
+	{Kind: messages.RunnerNone},
+	{
+		Kind:    messages.RunnerForgejo,
+		Name:    "Forgejo Runner",
+		program: everywhere(forgejoProgram),
+		start:   func(l layout, r messages.Runner) (start, error) { return forgejo(l, r.Forgejo) },
+		version: forgejoVersion,
+	},
+	{
+		Kind:    messages.RunnerGitHub,
+		Name:    "GitHub Actions Runner",
+		program: githubProgram,
+		start:   func(l layout, r messages.Runner) (start, error) { return github(l, r.GitHub) },
+		version: githubVersion,
+	},
+	{
+		Kind:    messages.RunnerJenkins,
+		Name:    "Jenkins agent",
+		program: everywhere(jenkinsProgram),
+		start:   func(l layout, r messages.Runner) (start, error) { return jenkins(l, r.Jenkins) },
+		version: jenkinsVersion,
+	},
+}
+
+// Kinds returns every runner kind, messages.RunnerNone first.
+func Kinds() []Kind { return slices.Clone(kinds) }
+
+// Lookup returns the runner kind named kind, and whether there is one.
+func Lookup(kind messages.RunnerKind) (Kind, bool) {
+	for _, k := range kinds {
+		if k.Kind == kind {
+			return k, true
+		}
+	}
+	return Kind{}, false
+}
+
+// Starts reports whether k starts a runner program; only
+// messages.RunnerNone does not.
+func (k Kind) Starts() bool { return k.start != nil }
+
+// Program returns the runner program k starts on an OS of family os, the
+// Plan.Program of its plans, which the image must provide. It returns an
+// error wrapping ErrUnsupported when the runner does not run on os, one
+// wrapping ErrUnknownOS for an unknown family, and one wrapping ErrInvalid
+// for a kind that starts nothing.
+func (k Kind) Program(os OS) (string, error) {
+	if !k.Starts() {
+		return "", fmt.Errorf("runner kind %q has no program: %w", k.Kind, ErrInvalid)
+	}
+	if !os.valid() {
+		return "", fmt.Errorf("OS family %q: %w", os, ErrUnknownOS)
+	}
+	return k.program(layoutFor(os, ""))
+}
 
 // forgejo starts `forgejo-runner one-job` (Forgejo Runner 12.8 or later),
 // which connects with the runner the orchestrator registered, takes one job
@@ -17,7 +98,6 @@ func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
 		return start{}, fmt.Errorf("forgejo runner: missing settings: %w", ErrInvalid)
 	}
 	s := start{
-		name:       "Forgejo Runner",
 		program:    forgejoProgram(l),
 		secret:     f.Token,
 		secretFile: l.join(l.jobDir, "token"),
@@ -81,19 +161,31 @@ func github(l layout, g *messages.GitHubRunner) (start, error) {
 	if err != nil {
 		return start{}, err
 	}
+	program, err := githubProgram(l)
+	if err != nil {
+		return start{}, err
+	}
 	s := start{
-		name:       "GitHub Actions Runner",
 		secret:     g.JITConfig,
 		secretFile: l.join(l.jobDir, "jitconfig"),
 		secretEnv:  "ACTIONS_RUNNER_INPUT_JITCONFIG",
 		privateDir: dir,
-		program:    l.join(dir, "run.sh"),
-	}
-	if l.os == Windows {
-		s.program = l.join(dir, "run.cmd")
+		program:    program,
 	}
 	s.exe = s.program
 	return s, nil
+}
+
+// githubProgram is the run script in the runner's root directory.
+func githubProgram(l layout) (string, error) {
+	dir, err := githubDir(l)
+	if err != nil {
+		return "", err
+	}
+	if l.os == Windows {
+		return l.join(dir, "run.cmd"), nil
+	}
+	return l.join(dir, "run.sh"), nil
 }
 
 // githubDir is the GitHub Actions Runner's root directory on l's OS.
@@ -131,8 +223,7 @@ func jenkins(l layout, j *messages.JenkinsAgent) (start, error) {
 		return start{}, fmt.Errorf("jenkins agent: agent name and work dir must not start with \"@\": %w", ErrInvalid)
 	}
 	s := start{
-		name:       "Jenkins agent",
-		program:    l.join(l.home, "agent.jar"),
+		program:    jenkinsProgram(l),
 		exe:        java(l),
 		secret:     j.Secret,
 		secretFile: l.join(l.jobDir, "jenkins-secret"),
@@ -149,6 +240,9 @@ func jenkins(l layout, j *messages.JenkinsAgent) (start, error) {
 	return s, nil
 }
 
+// jenkinsProgram is agent.jar, which java runs.
+func jenkinsProgram(l layout) string { return l.join(l.home, "agent.jar") }
+
 // java is the Java launcher, looked up in PATH.
 func java(l layout) string {
 	if l.os == Windows {
@@ -157,34 +251,38 @@ func java(l layout) string {
 	return "java"
 }
 
-// versionOf is how the program of kind tells its version, each of which
-// prints it on standard output and exits 0 without contacting a server:
-// forgejo-runner --version (cobra's root flag), Runner.Listener --version
-// and java -jar agent.jar -version (remoting's Launcher, 3.36 and later).
-// Runner.Listener is asked directly: run.sh would pass --version to its
-// "run" command through run-helper.sh, which it first copies into the
-// runner's directory, and map the exit code to 0.
-func versionOf(l layout, kind messages.RunnerKind) (start, error) {
-	s := start{version: true}
-	switch kind {
-	case messages.RunnerForgejo:
-		s.name, s.program = "Forgejo Runner", forgejoProgram(l)
-		s.exe, s.args = s.program, []string{"--version"}
-	case messages.RunnerGitHub:
-		dir, err := githubDir(l)
-		if err != nil {
-			return start{}, err
-		}
-		s.name, s.program = "GitHub Actions Runner", l.join(dir, "bin", "Runner.Listener")
-		if l.os == Windows {
-			s.program += ".exe"
-		}
-		s.exe, s.args = s.program, []string{"--version"}
-	case messages.RunnerJenkins:
-		s.name, s.program = "Jenkins agent", l.join(l.home, "agent.jar")
-		s.exe, s.args = java(l), []string{"-jar", s.program, "-version"}
-	default:
-		return start{}, fmt.Errorf("runner kind %q has no program: %w", kind, ErrInvalid)
+// forgejoVersion, githubVersion and jenkinsVersion are how each program
+// tells its version, which it prints on standard output, exiting 0
+// without contacting a server: forgejo-runner --version (cobra's root
+// flag), Runner.Listener --version and java -jar agent.jar -version
+// (remoting's Launcher, 3.36 and later).
+func forgejoVersion(l layout) (start, error) {
+	program := forgejoProgram(l)
+	return start{program: program, exe: program, args: []string{"--version"}}, nil
+}
+
+// githubVersion asks Runner.Listener directly: run.sh would pass --version
+// to its "run" command through run-helper.sh, which it first copies into
+// the runner's directory, and map the exit code to 0.
+func githubVersion(l layout) (start, error) {
+	dir, err := githubDir(l)
+	if err != nil {
+		return start{}, err
 	}
-	return s, nil
+	program := l.join(dir, "bin", "Runner.Listener")
+	if l.os == Windows {
+		program += ".exe"
+	}
+	return start{program: program, exe: program, args: []string{"--version"}}, nil
+}
+
+func jenkinsVersion(l layout) (start, error) {
+	program := jenkinsProgram(l)
+	return start{program: program, exe: java(l), args: []string{"-jar", program, "-version"}}, nil
+}
+
+// everywhere is the program function of a runner that runs on every OS
+// family.
+func everywhere(program func(layout) string) func(layout) (string, error) {
+	return func(l layout) (string, error) { return program(l), nil }
 }

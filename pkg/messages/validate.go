@@ -95,9 +95,20 @@ func Describe(s string) string {
 	return fmt.Sprintf("%q", s)
 }
 
-// Validate checks every field of p and returns a *ValidationError listing all
-// problems, or ErrUnsupportedVersion.
-func (p *Provision) Validate() error {
+// ValidateEnvelope checks the fields of p outside its runner section: v,
+// job_id, image, boot_timeout_s, max_lifetime_s and requested_at
+// (docs/protocol.md 3.1, 3.2). It returns an error wrapping
+// ErrUnsupportedVersion, or a *ValidationError listing every problem
+// with them.
+//
+// It does not look at p.Runner: what a runner section must hold is
+// described, with the rest of each runner kind, by the table of kinds in
+// pkg/runners, whose Validate checks a whole request, this envelope and
+// then the runner section (its kind, which sections are set, each field
+// of the kind's section by the rules CheckText, CheckURL, CheckSecret and
+// CheckLabels, and the kind's own checks). Readers of requests use
+// runners.Validate; the name of this one says it is not enough.
+func (p *Provision) ValidateEnvelope() error {
 	if err := checkVersion(p.V); err != nil {
 		return err
 	}
@@ -118,71 +129,7 @@ func (p *Provision) Validate() error {
 	if p.RequestedAt.IsZero() {
 		ps.add("requested_at: missing")
 	}
-	p.Runner.validate(&ps)
 	return ps.err()
-}
-
-func (r *Runner) validate(ps *problems) {
-	sections := 0
-	for _, set := range []bool{r.Forgejo != nil, r.GitHub != nil, r.Jenkins != nil} {
-		if set {
-			sections++
-		}
-	}
-	switch r.Kind {
-	case RunnerNone:
-		if sections != 0 {
-			ps.add("runner: kind %q takes no settings section", r.Kind)
-		}
-	case RunnerForgejo:
-		if r.Forgejo == nil {
-			ps.add("runner.forgejo: missing for kind %q", r.Kind)
-			return
-		}
-		f := r.Forgejo
-		ps.addIf(CheckURL("runner.forgejo.url", f.URL))
-		ps.addIf(CheckText("runner.forgejo.uuid", f.UUID))
-		ps.addIf(CheckSecret("runner.forgejo.token", f.Token))
-		if f.Handle != "" {
-			ps.addIf(CheckText("runner.forgejo.handle", f.Handle))
-		}
-		*ps = append(*ps, CheckLabels("runner.forgejo.labels", f.Labels, func(field, l string) string {
-			if strings.TrimSpace(l) != l {
-				return field + ": has leading or trailing spaces, which Forgejo Runner refuses"
-			}
-			return ""
-		})...)
-	case RunnerGitHub:
-		if r.GitHub == nil {
-			ps.add("runner.github: missing for kind %q", r.Kind)
-			return
-		}
-		ps.addIf(CheckSecret("runner.github.jit_config", r.GitHub.JITConfig))
-	case RunnerJenkins:
-		if r.Jenkins == nil {
-			ps.add("runner.jenkins: missing for kind %q", r.Kind)
-			return
-		}
-		j := r.Jenkins
-		ps.addIf(CheckURL("runner.jenkins.url", j.URL))
-		ps.addIf(CheckText("runner.jenkins.agent_name", j.AgentName))
-		ps.addIf(CheckSecret("runner.jenkins.secret", j.Secret))
-		if j.WorkDir != "" {
-			ps.addIf(CheckText("runner.jenkins.work_dir", j.WorkDir))
-		}
-		// agent.jar reads any argument starting with @ as a file of arguments.
-		if strings.HasPrefix(j.AgentName, "@") {
-			ps.add("runner.jenkins.agent_name: must not start with @")
-		}
-		if strings.HasPrefix(j.WorkDir, "@") {
-			ps.add("runner.jenkins.work_dir: must not start with @")
-		}
-	default:
-		ps.add("runner.kind: must be one of none, forgejo, github, jenkins (got %s)", Describe(string(r.Kind)))
-	}
-	if sections > 1 {
-		ps.add("runner: only the section of kind %q may be set", r.Kind)
-	}
 }
 
 // The rules of the fields of runner sections (docs/protocol.md 3.3);

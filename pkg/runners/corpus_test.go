@@ -40,7 +40,7 @@ func validateCorpus(data []byte) (messages.ErrorCode, string) {
 		// The decoder's text is the msgpack library's, not pinned here.
 		return messages.CodeBadMessage, ""
 	}
-	switch err := p.Validate(); {
+	switch err := Validate(&p); {
 	case err == nil:
 		return "", ""
 	case errors.Is(err, messages.ErrUnsupportedVersion):

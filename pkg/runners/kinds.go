@@ -8,18 +8,33 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
-// Kind is what the worker knows of one runner kind: the program it starts
-// on each OS family, how it starts it and how it asks it for its version.
-// The table kinds holds one per messages.RunnerKind, messages.RunnerNone
-// included; launch plans (For, VersionPlan) and worker doctor read it, so
-// that a kind is described in one place.
+// Kind is what the worker knows of one runner kind: the fields of its
+// section in a provision request, how they are checked and which are
+// secrets, the program it starts on each OS family, how it starts it and
+// how it asks it for its version. The table kinds holds one per
+// messages.RunnerKind, messages.RunnerNone included. Validation
+// (Validate), launch plans (For, VersionPlan), output scrubbing (Secrets),
+// worker submit and worker doctor all read it, so that a kind is
+// described in one place.
 type Kind struct {
 	// Kind is the value of runner.kind that selects it.
 	Kind messages.RunnerKind
 	// Name is the runner's name for people, as plans and errors give it;
 	// "" for messages.RunnerNone.
 	Name string
+	// Section is the name of the kind's section in problems, such as
+	// "runner.forgejo"; "" for a kind that takes none.
+	Section string
+	// Fields are the fields of the section, in the order Validate checks
+	// them.
+	Fields []Field
 
+	// has reports whether r holds the kind's section; nil for a kind
+	// that takes none.
+	has func(r messages.Runner) bool
+	// check, if set, returns the kind's own problems with its section,
+	// after those of the fields' rules.
+	check func(r messages.Runner) []string
 	// program is the path of the program the image must provide
 	// (Plan.Program) on l's OS family.
 	program func(l layout) (string, error)
@@ -29,13 +44,34 @@ type Kind struct {
 	version func(l layout) (start, error)
 }
 
-// kinds lists every runner kind in the order in which errors and worker
-// doctor name them.
+// The sections of messages.Runner, for the table.
+var (
+	forgejoSection section[messages.ForgejoRunner] = func(r *messages.Runner) **messages.ForgejoRunner { return &r.Forgejo }
+	githubSection  section[messages.GitHubRunner]  = func(r *messages.Runner) **messages.GitHubRunner { return &r.GitHub }
+	jenkinsSection section[messages.JenkinsAgent]  = func(r *messages.Runner) **messages.JenkinsAgent { return &r.Jenkins }
+)
+
+// kinds lists every runner kind in the order in which problems and worker
+// doctor name them. The fields of each follow docs/protocol.md 3.3.
 var kinds = []Kind{
 	{Kind: messages.RunnerNone},
 	{
 		Kind:    messages.RunnerForgejo,
 		Name:    "Forgejo Runner",
+		Section: "runner.forgejo",
+		Fields: []Field{
+			forgejoSection.text(Field{Wire: "runner.forgejo.url", Rule: RuleURL, Required: true, Flag: "url", Usage: "the instance's URL"},
+				func(s *messages.ForgejoRunner) *string { return &s.URL }),
+			forgejoSection.text(Field{Wire: "runner.forgejo.uuid", Rule: RuleText, Required: true, Flag: "uuid", Usage: "the runner's UUID"},
+				func(s *messages.ForgejoRunner) *string { return &s.UUID }),
+			forgejoSection.text(Field{Wire: "runner.forgejo.token", Rule: RuleSecret, Required: true, Secret: true, Flag: "secret-file", Usage: "forgejo token"},
+				func(s *messages.ForgejoRunner) *string { return &s.Token }),
+			forgejoSection.text(Field{Wire: "runner.forgejo.handle", Rule: RuleText, Flag: "handle", Usage: "the job handle"},
+				func(s *messages.ForgejoRunner) *string { return &s.Handle }),
+			forgejoSection.list(Field{Wire: "runner.forgejo.labels", Rule: RuleLabels, Required: true, Flag: "label", Usage: "a runner label", each: forgejoLabelSpaces},
+				func(s *messages.ForgejoRunner) *[]string { return &s.Labels }),
+		},
+		has:     forgejoSection.present,
 		program: everywhere(forgejoProgram),
 		start:   func(l layout, r messages.Runner) (start, error) { return forgejo(l, r.Forgejo) },
 		version: forgejoVersion,
@@ -43,6 +79,12 @@ var kinds = []Kind{
 	{
 		Kind:    messages.RunnerGitHub,
 		Name:    "GitHub Actions Runner",
+		Section: "runner.github",
+		Fields: []Field{
+			githubSection.text(Field{Wire: "runner.github.jit_config", Rule: RuleSecret, Required: true, Secret: true, Flag: "secret-file", Usage: "GitHub JIT config"},
+				func(s *messages.GitHubRunner) *string { return &s.JITConfig }),
+		},
+		has:     githubSection.present,
 		program: githubProgram,
 		start:   func(l layout, r messages.Runner) (start, error) { return github(l, r.GitHub) },
 		version: githubVersion,
@@ -50,6 +92,19 @@ var kinds = []Kind{
 	{
 		Kind:    messages.RunnerJenkins,
 		Name:    "Jenkins agent",
+		Section: "runner.jenkins",
+		Fields: []Field{
+			jenkinsSection.text(Field{Wire: "runner.jenkins.url", Rule: RuleURL, Required: true, Flag: "url", Usage: "the instance's URL"},
+				func(s *messages.JenkinsAgent) *string { return &s.URL }),
+			jenkinsSection.text(Field{Wire: "runner.jenkins.agent_name", Rule: RuleText, Required: true, Flag: "agent-name", Usage: "the agent's name"},
+				func(s *messages.JenkinsAgent) *string { return &s.AgentName }),
+			jenkinsSection.text(Field{Wire: "runner.jenkins.secret", Rule: RuleSecret, Required: true, Secret: true, Flag: "secret-file", Usage: "Jenkins secret"},
+				func(s *messages.JenkinsAgent) *string { return &s.Secret }),
+			jenkinsSection.text(Field{Wire: "runner.jenkins.work_dir", Rule: RuleText, Flag: "work-dir", Usage: "the agent's work directory"},
+				func(s *messages.JenkinsAgent) *string { return &s.WorkDir }),
+		},
+		has:     jenkinsSection.present,
+		check:   jenkinsCheck,
 		program: everywhere(jenkinsProgram),
 		start:   func(l layout, r messages.Runner) (start, error) { return jenkins(l, r.Jenkins) },
 		version: jenkinsVersion,
@@ -136,6 +191,15 @@ func forgejoLabel(label string) string {
 		return label
 	}
 	return label + ":host"
+}
+
+// forgejoLabelSpaces refuses a label with leading or trailing white
+// space, which Forgejo Runner refuses; inner spaces are fine.
+func forgejoLabelSpaces(field, label string) string {
+	if strings.TrimSpace(label) != label {
+		return field + ": has leading or trailing spaces, which Forgejo Runner refuses"
+	}
+	return ""
 }
 
 // github starts the GitHub Actions Runner's run script with no arguments.
@@ -238,6 +302,19 @@ func jenkins(l layout, j *messages.JenkinsAgent) (start, error) {
 		"-workDir", workDir,
 	}
 	return s, nil
+}
+
+// jenkinsCheck refuses an agent name or work directory that agent.jar
+// would read as a file of arguments (see jenkins).
+func jenkinsCheck(r messages.Runner) []string {
+	var ps []string
+	if strings.HasPrefix(r.Jenkins.AgentName, "@") {
+		ps = append(ps, "runner.jenkins.agent_name: must not start with @")
+	}
+	if strings.HasPrefix(r.Jenkins.WorkDir, "@") {
+		ps = append(ps, "runner.jenkins.work_dir: must not start with @")
+	}
+	return ps
 }
 
 // jenkinsProgram is agent.jar, which java runs.

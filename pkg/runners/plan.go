@@ -29,8 +29,9 @@ var (
 	ErrUnsupported = errors.New("unsupported runner and OS combination")
 	// ErrInvalid means the request cannot be turned into a safe plan: a bad
 	// job id, a missing runner section, a NUL byte, or a value the runner
-	// would misread. Messages that passed Validate can still hit the last
-	// case (a Jenkins agent name starting with "@").
+	// would misread (a Jenkins agent name starting with "@"). Validate
+	// refuses all of these; For checks them again, as it may be given a
+	// runner section that never passed Validate.
 	ErrInvalid = errors.New("invalid runner request")
 )
 

@@ -81,7 +81,7 @@ func TestValidateProblems(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			p := provisionOf(tt.runner)
-			err := p.Validate()
+			err := Validate(&p)
 			var ve *messages.ValidationError
 			switch {
 			case tt.want == nil && err != nil:
@@ -104,11 +104,90 @@ func TestValidateEnvelopeFirst(t *testing.T) {
 	want := `invalid request: image: "stretchy-x" starts with "stretchy-", which is reserved for machines the worker creates; ` +
 		"boot_timeout_s: must be between 0 (default 5m0s) and 3600, got -1; " +
 		`runner.github: missing for kind "github"`
-	if err := p.Validate(); err == nil || err.Error() != want {
+	if err := Validate(&p); err == nil || err.Error() != want {
 		t.Errorf("Validate = %v\nwant %s", err, want)
 	}
 	p.V = 2
-	if err := p.Validate(); !errors.Is(err, messages.ErrUnsupportedVersion) {
+	if err := Validate(&p); !errors.Is(err, messages.ErrUnsupportedVersion) {
 		t.Errorf("Validate of v=2 = %v, want ErrUnsupportedVersion", err)
+	}
+}
+
+// TestValidate checks whole provisions, runner sections and envelope.
+func TestValidate(t *testing.T) {
+	valid := func() messages.Provision {
+		return provisionOf(messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
+			URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f",
+			Token: "s3cr3t-token", Labels: []string{"debian-12", "x86_64"}, Handle: "h-77",
+		}})
+	}
+	tests := []struct {
+		name   string
+		mutate func(*messages.Provision)
+		want   string // substring of the error; "" means valid
+	}{
+		{"valid", func(*messages.Provision) {}, ""},
+		{"version 2", func(p *messages.Provision) { p.V = 2 }, "unsupported schema version"},
+		{"job id with slash", func(p *messages.Provision) { p.JobID = "a/b" }, "job_id"},
+		{"image managed", func(p *messages.Provision) { p.Image = "stretchy-x" }, "reserved"},
+		{"unknown kind", func(p *messages.Provision) { p.Runner.Kind = "buildkite" }, "runner.kind"},
+		{"missing section", func(p *messages.Provision) { p.Runner.Forgejo = nil }, "runner.forgejo: missing"},
+		{"two sections", func(p *messages.Provision) { p.Runner.GitHub = &messages.GitHubRunner{JITConfig: "x"} }, "only the section"},
+		{"url with credentials", func(p *messages.Provision) { p.Runner.Forgejo.URL = "https://u:pw@x.org/" }, "credentials"},
+		{"url with newline", func(p *messages.Provision) { p.Runner.Forgejo.URL = "https://x.org/\nHost: y" }, "runner.forgejo.url"},
+		{"url ftp", func(p *messages.Provision) { p.Runner.Forgejo.URL = "ftp://x.org/" }, "scheme"},
+		{"no labels", func(p *messages.Provision) { p.Runner.Forgejo.Labels = nil }, "labels"},
+		{"label with control", func(p *messages.Provision) { p.Runner.Forgejo.Labels = []string{"a\tb"} }, "labels[0]"},
+		{"no token", func(p *messages.Provision) { p.Runner.Forgejo.Token = "" }, "token: missing"},
+		{"label padded", func(p *messages.Provision) { p.Runner.Forgejo.Labels = []string{" debian"} }, "leading or trailing"},
+		{"label with unicode and spaces", func(p *messages.Provision) { p.Runner.Forgejo.Labels = []string{"ubuntu latest", "日本語"} }, ""},
+		{"none", func(p *messages.Provision) { p.Runner = messages.Runner{Kind: messages.RunnerNone} }, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := valid()
+			tt.mutate(&p)
+			err := Validate(&p)
+			if tt.want == "" {
+				if err != nil {
+					t.Fatalf("want valid, got %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("want error containing %q, got %v", tt.want, err)
+			}
+		})
+	}
+}
+
+func TestValidationNeverEchoesSecrets(t *testing.T) {
+	const secret = "PLANTED-SECRET-\x01-value"
+	for _, k := range Kinds() {
+		if !k.Starts() {
+			continue
+		}
+		t.Run(string(k.Kind), func(t *testing.T) {
+			// Every field holds the secret, which breaks each rule but
+			// the URL's, there inside credentials.
+			r := messages.Runner{Kind: k.Kind}
+			for _, f := range k.Fields {
+				if f.List() {
+					f.SetValues(&r, []string{secret})
+				} else if f.Rule == RuleURL {
+					f.Set(&r, "https://user:"+secret+"@x/")
+				} else {
+					f.Set(&r, secret)
+				}
+			}
+			p := provisionOf(r)
+			err := Validate(&p)
+			if err == nil {
+				t.Fatal("want an error")
+			}
+			if strings.Contains(err.Error(), "PLANTED-SECRET") {
+				t.Fatalf("error repeats a secret: %v", err)
+			}
+		})
 	}
 }

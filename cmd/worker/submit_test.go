@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
 // TestSubmitRunnerFlags pins the runner flags of worker submit provision
@@ -46,6 +47,24 @@ func TestSubmitRunnerFlags(t *testing.T) {
 	}
 	if !strings.Contains(submitUsage, "[--runner none|forgejo|github|jenkins [runner flags] --secret-file F]") {
 		t.Errorf("the usage does not list the runner kinds:\n%s", submitUsage)
+	}
+}
+
+// TestSubmitSharedFlags: fields of different kinds that share a flag
+// agree in what the flag's help says of them (secrets aside).
+func TestSubmitSharedFlags(t *testing.T) {
+	seen := map[string]runners.Field{}
+	for _, k := range runners.Kinds() {
+		for _, f := range k.Fields {
+			if f.Secret {
+				continue // --secret-file lists each by name
+			}
+			other, ok := seen[f.Flag]
+			if ok && (f.Usage != other.Usage || f.Required != other.Required || f.List() != other.List()) {
+				t.Errorf("--%s sets %s and %s, which differ in usage, requirement or being a list", f.Flag, other.Wire, f.Wire)
+			}
+			seen[f.Flag] = f
+		}
 	}
 }
 

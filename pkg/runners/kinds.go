@@ -111,17 +111,34 @@ var kinds = []Kind{
 	},
 }
 
-// Kinds returns every runner kind, messages.RunnerNone first.
-func Kinds() []Kind { return slices.Clone(kinds) }
+// Kinds returns every runner kind, messages.RunnerNone first. The kinds
+// are copies: changing them changes nothing here.
+func Kinds() []Kind {
+	ks := make([]Kind, len(kinds))
+	for i, k := range kinds {
+		ks[i] = k.clone()
+	}
+	return ks
+}
 
 // Lookup returns the runner kind named kind, and whether there is one.
 func Lookup(kind messages.RunnerKind) (Kind, bool) {
+	k, ok := lookup(kind)
+	return k.clone(), ok
+}
+
+func lookup(kind messages.RunnerKind) (Kind, bool) {
 	for _, k := range kinds {
 		if k.Kind == kind {
 			return k, true
 		}
 	}
 	return Kind{}, false
+}
+
+func (k Kind) clone() Kind {
+	k.Fields = slices.Clone(k.Fields)
+	return k
 }
 
 // Starts reports whether k starts a runner program; only

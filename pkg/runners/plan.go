@@ -113,7 +113,7 @@ func (p Plan) Empty() bool { return p.Launch.Path == "" }
 // ErrUnsupported when the runner does not run on os, and one wrapping
 // ErrInvalid when r cannot be turned into a safe plan.
 func For(jobID string, os OS, r messages.Runner) (Plan, error) {
-	k, known := Lookup(r.Kind)
+	k, known := lookup(r.Kind)
 	if known && !k.Starts() {
 		return Plan{}, nil
 	}
@@ -160,7 +160,7 @@ func VersionPlan(jobID string, os OS, kind messages.RunnerKind) (Plan, error) {
 	if !os.valid() {
 		return Plan{}, fmt.Errorf("OS family %q: %w", os, ErrUnknownOS)
 	}
-	k, ok := Lookup(kind)
+	k, ok := lookup(kind)
 	if !ok || !k.Starts() {
 		return Plan{}, fmt.Errorf("runner kind %q has no program: %w", kind, ErrInvalid)
 	}

@@ -43,7 +43,7 @@ func runnerProblems(r messages.Runner) []string {
 			sections++
 		}
 	}
-	k, known := Lookup(r.Kind)
+	k, known := lookup(r.Kind)
 	switch {
 	case !known:
 		names := make([]string, len(kinds))

@@ -600,30 +600,18 @@ func (d *doctor) checkEcho(ctx context.Context, agent *qga.Agent, image, machine
 	return true
 }
 
-// placeholderRunner is a runner section of kind with values that are
-// neither secrets nor reachable; only the plan's paths are used.
-func placeholderRunner(kind messages.RunnerKind) messages.Runner {
-	r := messages.Runner{Kind: kind}
-	switch kind {
-	case messages.RunnerForgejo:
-		r.Forgejo = &messages.ForgejoRunner{URL: "https://forgejo.invalid/", UUID: "00000000-0000-0000-0000-000000000000",
-			Token: "placeholder", Labels: []string{"doctor"}}
-	case messages.RunnerGitHub:
-		r.GitHub = &messages.GitHubRunner{JITConfig: "placeholder"}
-	case messages.RunnerJenkins:
-		r.Jenkins = &messages.JenkinsAgent{URL: "https://jenkins.invalid/", AgentName: "doctor", Secret: "placeholder"}
-	}
-	return r
-}
-
-// checkRunners looks for stretchy's home and each runner's program where
-// the worker will start it.
+// checkRunners looks for stretchy's home and the program of each runner
+// kind of the table (pkg/runners) where the worker will start it, and asks
+// the program for its version.
 func (d *doctor) checkRunners(ctx context.Context, agent *qga.Agent, image, job string, osFamily runners.OS) {
 	machine := provision.DomainName(job)
-	home := ""
-	for _, kind := range []messages.RunnerKind{messages.RunnerForgejo, messages.RunnerGitHub, messages.RunnerJenkins} {
-		name := "boot.runner." + string(kind)
-		plan, err := runners.For(job, osFamily, placeholderRunner(kind))
+	homeChecked := false
+	for _, k := range runners.Kinds() {
+		if !k.Starts() {
+			continue
+		}
+		name := "boot.runner." + string(k.Kind)
+		program, err := k.Program(osFamily)
 		switch {
 		case errors.Is(err, runners.ErrUnsupported):
 			d.add(ok(name, image, "not supported on %s; requests for it fail with %s", osFamily, messages.CodeRunnerUnsupported))
@@ -632,8 +620,9 @@ func (d *doctor) checkRunners(ctx context.Context, agent *qga.Agent, image, job 
 			d.add(fail(name, image, "", "no launch plan: %v", err))
 			continue
 		}
-		if home == "" {
-			home = plan.Home
+		if !homeChecked {
+			homeChecked = true
+			home := runners.Home(osFamily)
 			if found, err := guestPathExists(ctx, agent, machine, osFamily, home); err != nil || !found {
 				d.add(warn("boot.home", image, "add the local user "+runners.User+" with this home directory (docs/protocol.md 7); "+
 					"runners run as "+runners.User, "%s", missing(home, err)))
@@ -641,13 +630,13 @@ func (d *doctor) checkRunners(ctx context.Context, agent *qga.Agent, image, job 
 				d.add(ok("boot.home", image, "%s exists", home))
 			}
 		}
-		found, err := guestPathExists(ctx, agent, machine, osFamily, plan.Program)
+		found, err := guestPathExists(ctx, agent, machine, osFamily, program)
 		if err != nil || !found {
-			d.add(warn(name, image, fmt.Sprintf("if the image is for %s jobs, install it at that path (docs/protocol.md 7.2)", kind),
-				"%s", missing(plan.Program, err)))
+			d.add(warn(name, image, fmt.Sprintf("if the image is for %s jobs, install it at that path (docs/protocol.md 7.2)", k.Kind),
+				"%s", missing(program, err)))
 			continue
 		}
-		d.add(ok(name, image, "%s exists, %s", plan.Program, runnerVersion(ctx, agent, machine, job, osFamily, kind)))
+		d.add(ok(name, image, "%s exists, %s", program, runnerVersion(ctx, agent, machine, job, osFamily, k.Kind)))
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
+	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
 func TestAgentVersion(t *testing.T) {
@@ -229,5 +230,15 @@ func TestLibvirtHint(t *testing.T) {
 				t.Errorf("libvirtHint = %q, want it to mention %q", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestDoctorUsageNamesEveryRunner: the help lists the check of every
+// runner kind of the table.
+func TestDoctorUsageNamesEveryRunner(t *testing.T) {
+	for _, k := range runners.Kinds() {
+		if k.Starts() && !strings.Contains(strings.Join(strings.Fields(doctorUsage), " "), " boot.runner."+string(k.Kind)+",") {
+			t.Errorf("doctorUsage does not name the check boot.runner.%s", k.Kind)
+		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -13,10 +14,11 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
-const submitUsage = `usage: worker submit provision --job ID --image NAME [--host H | --by-image] [--boot-timeout D] [--max-lifetime D]
-                                  [--runner none|forgejo|github|jenkins [runner flags] --secret-file F]
+var submitUsage = `usage: worker submit provision --job ID --image NAME [--host H | --by-image] [--boot-timeout D] [--max-lifetime D]
+                                  [--runner ` + strings.Join(kindNames(), "|") + ` [runner flags] --secret-file F]
        worker submit teardown  --job ID --host H [--reason TEXT]`
 
 // labels collects a repeated flag.
@@ -36,15 +38,8 @@ func submitCommand(ctx context.Context, args []string) error {
 	host := fs.String("host", "", "host id: pins a provision to a host; required for a teardown")
 	byImage := fs.Bool("by-image", false, "publish the provision on its image's subject, where only hosts that carry the image take it (docs/protocol.md 2.5)")
 	image := fs.String("image", "", "image: name of the shut-off libvirt domain to clone")
-	runner := fs.String("runner", string(messages.RunnerNone), "runner kind: none, forgejo, github or jenkins")
-	runnerURL := fs.String("url", "", "forgejo, jenkins: the instance's URL")
-	uuid := fs.String("uuid", "", "forgejo: the runner's UUID")
-	handle := fs.String("handle", "", "forgejo: the job handle (optional)")
-	var lbls labels
-	fs.Var(&lbls, "label", "forgejo: a runner label (repeat the flag for more)")
-	agentName := fs.String("agent-name", "", "jenkins: the agent's name")
-	workDir := fs.String("work-dir", "", "jenkins: the agent's work directory (optional)")
-	secretFile := fs.String("secret-file", "", "file holding the runner's secret (forgejo token, GitHub JIT config, Jenkins secret); secrets are never taken as arguments")
+	var runner runnerFlags
+	runner.register(fs)
 	bootTimeout := fs.Duration("boot-timeout", 0, "boot timeout (0: the worker's default)")
 	maxLifetime := fs.Duration("max-lifetime", 0, "maximum lifetime of the machine (0: the worker's default)")
 	reason := fs.String("reason", "requested from the command line", "teardown reason")
@@ -66,7 +61,7 @@ func submitCommand(ctx context.Context, args []string) error {
 	var seq uint64
 	switch kind {
 	case "provision":
-		r, rerr := runnerSection(messages.RunnerKind(*runner), *secretFile, *runnerURL, *uuid, *handle, lbls, *agentName, *workDir)
+		r, rerr := runner.section()
 		if rerr != nil {
 			return rerr
 		}
@@ -98,30 +93,118 @@ func submitCommand(ctx context.Context, args []string) error {
 	return nil
 }
 
-// runnerSection builds the runner section of a provision from flags, with
-// the secret read from a file so that it never sits in a process list.
-func runnerSection(kind messages.RunnerKind, secretFile, url, uuid, handle string, lbls []string, agentName, workDir string) (messages.Runner, error) {
+// secretFileFlag names the file the secret fields of a runner section
+// are read from, so that a secret never sits in a process list; the table
+// of runner kinds gives it as their flag.
+const secretFileFlag = "secret-file"
+
+// runnerFlags are the flags that make the runner section of a provision,
+// one per field of the table of runner kinds (pkg/runners), shared by the
+// kinds with a field of that flag.
+type runnerFlags struct {
+	kind, secretFile string
+	values           map[string]*string // the string flags
+	lists            map[string]*labels // the repeated flags
+}
+
+func (f *runnerFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.kind, "runner", string(messages.RunnerNone), "runner kind: "+orList(kindNames()))
+	f.values, f.lists = map[string]*string{}, map[string]*labels{}
+	type runnerFlag struct {
+		kinds []string
+		usage string
+		list  bool
+	}
+	var names, secrets []string
+	flags := map[string]*runnerFlag{}
+	for _, k := range runners.Kinds() {
+		for _, field := range k.Fields {
+			if field.Secret {
+				secrets = append(secrets, field.Usage)
+				continue
+			}
+			// Kinds share a flag for fields that agree
+			// (TestSubmitSharedFlags): the first one's help serves all.
+			fl := flags[field.Flag]
+			if fl == nil {
+				usage := field.Usage
+				if !field.Required {
+					usage += " (optional)"
+				}
+				if field.List() {
+					usage += " (repeat the flag for more)"
+				}
+				fl = &runnerFlag{usage: usage, list: field.List()}
+				flags[field.Flag] = fl
+				names = append(names, field.Flag)
+			}
+			fl.kinds = append(fl.kinds, string(k.Kind))
+		}
+	}
+	for _, name := range names {
+		fl := flags[name]
+		usage := strings.Join(fl.kinds, ", ") + ": " + fl.usage
+		if fl.list {
+			f.lists[name] = new(labels)
+			fs.Var(f.lists[name], name, usage)
+		} else {
+			f.values[name] = fs.String(name, "", usage)
+		}
+	}
+	fs.StringVar(&f.secretFile, secretFileFlag, "", "file holding the runner's secret ("+strings.Join(secrets, ", ")+
+		"); secrets are never taken as arguments")
+}
+
+// section builds the runner section from the flags: each field of the
+// kind's section from its flag, and its secret from the file named by
+// --secret-file.
+func (f *runnerFlags) section() (messages.Runner, error) {
+	kind := messages.RunnerKind(f.kind)
 	r := messages.Runner{Kind: kind}
-	if kind == messages.RunnerNone {
+	k, known := runners.Lookup(kind)
+	if known && k.Section == "" {
 		return r, nil
 	}
-	if secretFile == "" {
-		return r, fmt.Errorf("--runner %s needs --secret-file", kind)
+	var secret string
+	if !known || slices.ContainsFunc(k.Fields, func(field runners.Field) bool { return field.Secret }) {
+		if f.secretFile == "" {
+			return r, fmt.Errorf("--runner %s needs --%s", kind, secretFileFlag)
+		}
+		b, err := os.ReadFile(f.secretFile)
+		if err != nil {
+			return r, fmt.Errorf("read the runner secret: %w", err)
+		}
+		secret = strings.TrimSpace(string(b))
 	}
-	b, err := os.ReadFile(secretFile)
-	if err != nil {
-		return r, fmt.Errorf("read the runner secret: %w", err)
+	if !known {
+		return r, fmt.Errorf("--runner %q: must be %s", kind, orList(kindNames()))
 	}
-	secret := strings.TrimSpace(string(b))
-	switch kind {
-	case messages.RunnerForgejo:
-		r.Forgejo = &messages.ForgejoRunner{URL: url, UUID: uuid, Token: secret, Labels: lbls, Handle: handle}
-	case messages.RunnerGitHub:
-		r.GitHub = &messages.GitHubRunner{JITConfig: secret}
-	case messages.RunnerJenkins:
-		r.Jenkins = &messages.JenkinsAgent{URL: url, AgentName: agentName, Secret: secret, WorkDir: workDir}
-	default:
-		return r, fmt.Errorf("--runner %q: must be none, forgejo, github or jenkins", kind)
+	for _, field := range k.Fields {
+		switch {
+		case field.Secret:
+			field.Set(&r, secret)
+		case field.List():
+			field.SetValues(&r, *f.lists[field.Flag])
+		default:
+			field.Set(&r, *f.values[field.Flag])
+		}
 	}
 	return r, nil
+}
+
+// kindNames are the runner kinds, none first.
+func kindNames() []string {
+	var names []string
+	for _, k := range runners.Kinds() {
+		names = append(names, string(k.Kind))
+	}
+	return names
+}
+
+// orList writes words as "a, b or c".
+func orList(words []string) string {
+	if len(words) < 2 {
+		return strings.Join(words, "")
+	}
+	return strings.Join(words[:len(words)-1], ", ") + " or " + words[len(words)-1]
 }

@@ -8,13 +8,14 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
 // SubmitProvision publishes a provision request, pinned to host when host
 // is not empty. Its Nats-Msg-Id is derived from the job id, so submitting
 // the same job twice within the duplicate window stores it once.
 func SubmitProvision(ctx context.Context, js jetstream.JetStream, req messages.Provision, host string) (uint64, error) {
-	if err := req.Validate(); err != nil {
+	if err := runners.Validate(&req); err != nil {
 		return 0, err
 	}
 	subject := messages.ProvisionSubject()

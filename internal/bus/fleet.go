@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
 // HostTTL is how long a host record lives without being refreshed; a
@@ -367,7 +368,7 @@ func (f *Fleet) Forward(ctx context.Context, data []byte, image, jobID string) e
 // SubmitImageProvision publishes a provision request on its image's
 // subject, where only hosts that carry the image take it.
 func SubmitImageProvision(ctx context.Context, js jetstream.JetStream, req messages.Provision) (uint64, error) {
-	if err := req.Validate(); err != nil {
+	if err := runners.Validate(&req); err != nil {
 		return 0, err
 	}
 	return publishRequest(ctx, js, messages.ImageProvisionSubject(req.Image), &req, "provision:"+req.JobID)

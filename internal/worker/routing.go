@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
 // Routing a provision by its image (docs/protocol.md 6.5): a host pulls
@@ -70,7 +71,7 @@ func (w *Worker) route(ctx context.Context, msg jetstream.Msg, d lifecycle.Deliv
 		return "", false, nil
 	}
 	req, derr := messages.DecodeProvision(msg.Data())
-	if derr != nil || req.Validate() != nil {
+	if derr != nil || runners.Validate(&req) != nil {
 		return "", false, nil
 	}
 	isCarried, admitted := f.lookup(req.Image)

@@ -15,6 +15,7 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
 // Config tunes a Worker. Zero values mean the defaults.
@@ -388,7 +389,7 @@ func (w *Worker) provision(ctx context.Context, data []byte, d lifecycle.Deliver
 		id := messages.PeekJobID(data)
 		return id, w.life.Reject(ctx, id, "", messages.CodeBadMessage, err, d)
 	}
-	if err := req.Validate(); err != nil {
+	if err := runners.Validate(&req); err != nil {
 		id := ""
 		if messages.ValidJobID(req.JobID) {
 			id = req.JobID

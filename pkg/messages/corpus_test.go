@@ -23,8 +23,11 @@ import (
 // The bad-input corpus: one file per hostile or broken request payload, as
 // published, under testdata/bad/, and a manifest saying what the worker must
 // make of each (docs/protocol.md 1, 3 and 5.2 G). TestBadCorpus regenerates
-// it with -update and checks it at the decoder and validator level; the
-// integration test TestBadInputCorpus publishes every file to a real worker.
+// it with -update and checks it at the decoder level and against
+// Provision.ValidateEnvelope and Teardown.Validate; TestValidateBadCorpus
+// of pkg/runners checks the whole validation of every provision, runner
+// sections included, which this package cannot; the integration test
+// TestBadInputCorpus publishes every file to a real worker.
 
 const (
 	corpusDir      = "testdata/bad"
@@ -210,6 +213,9 @@ type badCase struct {
 	readable bool
 	requires string
 	note     string
+	// section says the problem is in the runner section, which
+	// ValidateEnvelope does not look at: here it passes.
+	section bool
 }
 
 // badCases lists the corpus in file order. Each case states its expected
@@ -222,6 +228,10 @@ func badCases() []badCase {
 	)
 	p := func(name string, code ErrorCode, readable bool, note string, data func(id string) []byte) badCase {
 		return badCase{name: name, data: data, code: code, readable: readable, note: note}
+	}
+	// r is a provision whose only problems are in its runner section.
+	r := func(name, note string, data func(id string) []byte) badCase {
+		return badCase{name: name, data: data, code: invalid, readable: true, note: note, section: true}
 	}
 	t := func(name string, code ErrorCode, note string, data func(id string) []byte) badCase {
 		return badCase{name: name, teardown: true, data: data, code: code, note: note}
@@ -390,7 +400,7 @@ func badCases() []badCase {
 
 		// Sizes: the limit is 65536 bytes; the request stream refuses more
 		// at publish time.
-		p("size-65536-exactly", invalid, true, "exactly 64 KiB (padded by an unknown field) is decoded; its token is one byte too long", func(id string) []byte {
+		r("size-65536-exactly", "exactly 64 KiB (padded by an unknown field) is decoded; its token is one byte too long", func(id string) []byte {
 			return padTo(prov(id, withForgejo("token", strings.Repeat("s", 16<<10+1))), MaxMessageSize)
 		}),
 		p("size-65537", bad, false, "one byte over 64 KiB: refused before decoding", func(id string) []byte {
@@ -402,11 +412,11 @@ func badCases() []badCase {
 		}),
 		p("image-60KB", invalid, true, "a 60 KB image name", provWith("image", strings.Repeat("i", 60000))),
 		p("job-id-60KB", invalid, false, "a 60 KB job id", provJobID(strings.Repeat("j", 60000))),
-		p("labels-10000", invalid, true, "10000 labels", provRunner(withForgejo("labels", slices.Repeat([]string{"x"}, 10000)))),
-		p("label-300-bytes", invalid, true, "a 300-byte label", provRunner(withForgejo("labels", []string{strings.Repeat("l", 300)}))),
-		p("uuid-2000-bytes", invalid, true, "a 2000-byte uuid", provRunner(withForgejo("uuid", strings.Repeat("u", 2000)))),
-		p("url-3000-bytes", invalid, true, "a 3000-byte URL", provRunner(withForgejo("url", "https://code.example.org/"+strings.Repeat("a", 3000)))),
-		p("secret-16385-bytes", invalid, true, "a secret one byte over 16 KiB", provRunner(githubRunner().with("github", om{"jit_config", strings.Repeat("s", 16<<10+1)}))),
+		r("labels-10000", "10000 labels", provRunner(withForgejo("labels", slices.Repeat([]string{"x"}, 10000)))),
+		r("label-300-bytes", "a 300-byte label", provRunner(withForgejo("labels", []string{strings.Repeat("l", 300)}))),
+		r("uuid-2000-bytes", "a 2000-byte uuid", provRunner(withForgejo("uuid", strings.Repeat("u", 2000)))),
+		r("url-3000-bytes", "a 3000-byte URL", provRunner(withForgejo("url", "https://code.example.org/"+strings.Repeat("a", 3000)))),
+		r("secret-16385-bytes", "a secret one byte over 16 KiB", provRunner(githubRunner().with("github", om{"jit_config", strings.Repeat("s", 16<<10+1)}))),
 
 		// Job ids that must never reach a domain name, a file name or a
 		// subject.
@@ -470,42 +480,42 @@ func badCases() []badCase {
 		p("image-cyrillic", invalid, true, "image with a Cyrillic і", provWith("image", "tіny-linux")),
 
 		// Runner sections.
-		p("kind-unknown", invalid, true, "runner kind buildkite", provRunner(om{"kind", "buildkite"})),
-		p("kind-missing", invalid, true, "runner without kind", provRunner(om{"forgejo", forgejoSection()})),
-		p("kind-uppercase", invalid, true, "runner kind Forgejo", provRunner(om{"kind", "Forgejo", "forgejo", forgejoSection()})),
-		p("runner-nil", invalid, true, "runner nil", provWith("runner", nil)),
-		p("runner-missing", invalid, true, "no runner", func(id string) []byte { return encode(prov(id, noneRunner()).without("runner")) }),
-		p("none-with-section", invalid, true, "kind none with a forgejo section", provRunner(om{"kind", "none", "forgejo", forgejoSection()})),
-		p("forgejo-section-missing", invalid, true, "kind forgejo without its section", provRunner(om{"kind", "forgejo"})),
-		p("github-section-missing", invalid, true, "kind github with a jenkins section instead", provRunner(om{"kind", "github", "jenkins", jenkinsSection()})),
-		p("jenkins-section-missing", invalid, true, "kind jenkins without its section", provRunner(om{"kind", "jenkins"})),
-		p("two-sections", invalid, true, "kind forgejo with forgejo and github sections", provRunner(om{"kind", "forgejo", "forgejo", forgejoSection(), "github", om{"jit_config", corpusSecret}})),
-		p("three-sections", invalid, true, "kind github with all three sections", provRunner(om{"kind", "github", "forgejo", forgejoSection(), "github", om{"jit_config", corpusSecret}, "jenkins", jenkinsSection()})),
-		p("url-credentials", invalid, true, "forgejo.url with user:secret@", provRunner(withForgejo("url", "https://user:"+corpusSecret+"@code.example.org/"))),
-		p("url-token-user", invalid, true, "jenkins.url with secret@", provRunner(withJenkins("url", "https://"+corpusSecret+"@jenkins.example.org/"))),
-		p("url-newline", invalid, true, "forgejo.url with a newline and a header", provRunner(withForgejo("url", "https://code.example.org/\nHost: evil.example"))),
-		p("url-javascript", invalid, true, "forgejo.url javascript:", provRunner(withForgejo("url", "javascript:alert(1)"))),
-		p("url-file", invalid, true, "jenkins.url file:///etc/passwd", provRunner(withJenkins("url", "file:///etc/passwd"))),
-		p("url-no-host", invalid, true, "jenkins.url http:// without a host", provRunner(withJenkins("url", "http://"))),
-		p("url-ftp", invalid, true, "forgejo.url ftp://", provRunner(withForgejo("url", "ftp://code.example.org/"))),
-		p("url-relative", invalid, true, "forgejo.url /relative", provRunner(withForgejo("url", "/relative/path"))),
-		p("url-space", invalid, true, "forgejo.url with a space", provRunner(withForgejo("url", "https://code.example.org/a b"))),
-		p("url-missing", invalid, true, "jenkins without url", provRunner(om{"kind", "jenkins", "jenkins", jenkinsSection().without("url")})),
-		p("labels-empty", invalid, true, "no labels", provRunner(withForgejo("labels", []string{}))),
-		p("labels-65", invalid, true, "65 labels", provRunner(withForgejo("labels", slices.Repeat([]string{"l"}, 65)))),
-		p("label-tab", invalid, true, "a label with a tab", provRunner(withForgejo("labels", []string{"a\tb"}))),
-		p("label-padded", invalid, true, "a label with a leading space", provRunner(withForgejo("labels", []string{" debian"}))),
-		p("label-empty", invalid, true, "an empty label", provRunner(withForgejo("labels", []string{""}))),
-		p("token-missing", invalid, true, "forgejo without token", provRunner(om{"kind", "forgejo", "forgejo", forgejoSection().without("token")})),
-		p("token-newline", invalid, true, "a token with a newline", provRunner(withForgejo("token", corpusSecret+"\n"))),
-		p("uuid-missing", invalid, true, "forgejo without uuid", provRunner(om{"kind", "forgejo", "forgejo", forgejoSection().without("uuid")})),
-		p("handle-control", invalid, true, "a handle with an escape character", provRunner(withForgejo("handle", "h\x1b[2J"))),
-		p("jit-config-empty", invalid, true, "an empty github.jit_config", provRunner(om{"kind", "github", "github", om{"jit_config", ""}})),
-		p("jit-config-nul", invalid, true, "a jit_config with NUL", provRunner(om{"kind", "github", "github", om{"jit_config", corpusSecret + "\x00"}})),
-		p("agent-name-at", invalid, true, "jenkins.agent_name @/etc/passwd (an argument file for agent.jar)", provRunner(withJenkins("agent_name", "@/etc/passwd"))),
-		p("work-dir-at", invalid, true, "jenkins.work_dir @args", provRunner(withJenkins("work_dir", "@args"))),
-		p("agent-name-nul", invalid, true, "jenkins.agent_name with NUL", provRunner(withJenkins("agent_name", "a\x00b"))),
-		p("jenkins-secret-missing", invalid, true, "jenkins without secret", provRunner(om{"kind", "jenkins", "jenkins", jenkinsSection().without("secret")})),
+		r("kind-unknown", "runner kind buildkite", provRunner(om{"kind", "buildkite"})),
+		r("kind-missing", "runner without kind", provRunner(om{"forgejo", forgejoSection()})),
+		r("kind-uppercase", "runner kind Forgejo", provRunner(om{"kind", "Forgejo", "forgejo", forgejoSection()})),
+		r("runner-nil", "runner nil", provWith("runner", nil)),
+		r("runner-missing", "no runner", func(id string) []byte { return encode(prov(id, noneRunner()).without("runner")) }),
+		r("none-with-section", "kind none with a forgejo section", provRunner(om{"kind", "none", "forgejo", forgejoSection()})),
+		r("forgejo-section-missing", "kind forgejo without its section", provRunner(om{"kind", "forgejo"})),
+		r("github-section-missing", "kind github with a jenkins section instead", provRunner(om{"kind", "github", "jenkins", jenkinsSection()})),
+		r("jenkins-section-missing", "kind jenkins without its section", provRunner(om{"kind", "jenkins"})),
+		r("two-sections", "kind forgejo with forgejo and github sections", provRunner(om{"kind", "forgejo", "forgejo", forgejoSection(), "github", om{"jit_config", corpusSecret}})),
+		r("three-sections", "kind github with all three sections", provRunner(om{"kind", "github", "forgejo", forgejoSection(), "github", om{"jit_config", corpusSecret}, "jenkins", jenkinsSection()})),
+		r("url-credentials", "forgejo.url with user:secret@", provRunner(withForgejo("url", "https://user:"+corpusSecret+"@code.example.org/"))),
+		r("url-token-user", "jenkins.url with secret@", provRunner(withJenkins("url", "https://"+corpusSecret+"@jenkins.example.org/"))),
+		r("url-newline", "forgejo.url with a newline and a header", provRunner(withForgejo("url", "https://code.example.org/\nHost: evil.example"))),
+		r("url-javascript", "forgejo.url javascript:", provRunner(withForgejo("url", "javascript:alert(1)"))),
+		r("url-file", "jenkins.url file:///etc/passwd", provRunner(withJenkins("url", "file:///etc/passwd"))),
+		r("url-no-host", "jenkins.url http:// without a host", provRunner(withJenkins("url", "http://"))),
+		r("url-ftp", "forgejo.url ftp://", provRunner(withForgejo("url", "ftp://code.example.org/"))),
+		r("url-relative", "forgejo.url /relative", provRunner(withForgejo("url", "/relative/path"))),
+		r("url-space", "forgejo.url with a space", provRunner(withForgejo("url", "https://code.example.org/a b"))),
+		r("url-missing", "jenkins without url", provRunner(om{"kind", "jenkins", "jenkins", jenkinsSection().without("url")})),
+		r("labels-empty", "no labels", provRunner(withForgejo("labels", []string{}))),
+		r("labels-65", "65 labels", provRunner(withForgejo("labels", slices.Repeat([]string{"l"}, 65)))),
+		r("label-tab", "a label with a tab", provRunner(withForgejo("labels", []string{"a\tb"}))),
+		r("label-padded", "a label with a leading space", provRunner(withForgejo("labels", []string{" debian"}))),
+		r("label-empty", "an empty label", provRunner(withForgejo("labels", []string{""}))),
+		r("token-missing", "forgejo without token", provRunner(om{"kind", "forgejo", "forgejo", forgejoSection().without("token")})),
+		r("token-newline", "a token with a newline", provRunner(withForgejo("token", corpusSecret+"\n"))),
+		r("uuid-missing", "forgejo without uuid", provRunner(om{"kind", "forgejo", "forgejo", forgejoSection().without("uuid")})),
+		r("handle-control", "a handle with an escape character", provRunner(withForgejo("handle", "h\x1b[2J"))),
+		r("jit-config-empty", "an empty github.jit_config", provRunner(om{"kind", "github", "github", om{"jit_config", ""}})),
+		r("jit-config-nul", "a jit_config with NUL", provRunner(om{"kind", "github", "github", om{"jit_config", corpusSecret + "\x00"}})),
+		r("agent-name-at", "jenkins.agent_name @/etc/passwd (an argument file for agent.jar)", provRunner(withJenkins("agent_name", "@/etc/passwd"))),
+		r("work-dir-at", "jenkins.work_dir @args", provRunner(withJenkins("work_dir", "@args"))),
+		r("agent-name-nul", "jenkins.agent_name with NUL", provRunner(withJenkins("agent_name", "a\x00b"))),
+		r("jenkins-secret-missing", "jenkins without secret", provRunner(om{"kind", "jenkins", "jenkins", jenkinsSection().without("secret")})),
 
 		// Durations and times.
 		p("boot-timeout-negative", invalid, true, "boot_timeout_s -1", provWith("boot_timeout_s", -1)),
@@ -587,8 +597,9 @@ func corpus() (CorpusManifest, map[string][]byte) {
 }
 
 // classify is what the worker makes of a payload before it touches the
-// host (internal/worker provision and teardown): the error code, or "" for
-// a valid request, and the job id it can report a failure for.
+// host (internal/worker provision and teardown), but for the runner
+// section of a provision: the error code, or "" for a valid request, and
+// the job id it can report a failure for.
 func classify(subject string, data []byte) (code ErrorCode, jobID string, problem error) {
 	versionOr := func(err error) ErrorCode {
 		if errors.Is(err, ErrUnsupportedVersion) {
@@ -613,7 +624,7 @@ func classify(subject string, data []byte) (code ErrorCode, jobID string, proble
 	if ValidJobID(p.JobID) {
 		jobID = p.JobID
 	}
-	if err := p.Validate(); err != nil {
+	if err := p.ValidateEnvelope(); err != nil {
 		return versionOr(err), jobID, err
 	}
 	return "", jobID, nil
@@ -621,7 +632,9 @@ func classify(subject string, data []byte) (code ErrorCode, jobID string, proble
 
 // TestBadCorpus keeps testdata/bad reproducible (run with -update after
 // changing badCases) and checks that the decoder and validators make of
-// every file what its manifest entry says.
+// every file what its manifest entry says, but that a provision whose
+// problems are all in its runner section passes ValidateEnvelope: pkg/runners
+// checks those (TestValidateBadCorpus).
 func TestBadCorpus(t *testing.T) {
 	man, files := corpus()
 	manPath := filepath.Join(corpusDir, corpusManifest)
@@ -671,7 +684,8 @@ func TestBadCorpus(t *testing.T) {
 	ids := map[string]string{}
 	codes := map[ErrorCode]int{}
 	var peak uint64
-	for _, e := range onDisk.Entries {
+	cases := badCases()
+	for i, e := range onDisk.Entries {
 		t.Run(strings.TrimSuffix(e.File, ".msgpack"), func(t *testing.T) {
 			data, err := os.ReadFile(filepath.Join(corpusDir, e.File))
 			if err != nil {
@@ -703,8 +717,11 @@ func TestBadCorpus(t *testing.T) {
 			peak = max(peak, alloc)
 
 			want := e.Code
-			if want == CodeImageNotFound || want == CodeImageInvalid {
+			switch {
+			case want == CodeImageNotFound || want == CodeImageInvalid:
 				want = "" // valid: only the host can refuse it
+			case cases[i].section:
+				want = "" // pkg/runners refuses it
 			}
 			if code != want {
 				t.Errorf("classified %q (%v), manifest says %q", code, problem, e.Code)

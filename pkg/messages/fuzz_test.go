@@ -6,8 +6,9 @@ import (
 	"testing"
 )
 
-// FuzzDecode feeds arbitrary bytes to every decoder and validator: none may
-// panic, and whatever decodes and validates must survive a round trip.
+// FuzzDecode feeds arbitrary bytes to every decoder and validator of this
+// package: none may panic, and whatever decodes and validates must
+// survive a round trip.
 func FuzzDecode(f *testing.F) {
 	fixtures, _ := filepath.Glob(filepath.Join("testdata", "*.msgpack"))
 	for _, path := range fixtures {
@@ -19,13 +20,13 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte{0x81, 0xac, 'r', 'e', 'q', 'u', 'e', 's', 't', 'e', 'd', '_', 'a', 't', 0xc0})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		_ = PeekJobID(data)
-		if p, err := DecodeProvision(data); err == nil && p.Validate() == nil {
+		if p, err := DecodeProvision(data); err == nil && p.ValidateEnvelope() == nil {
 			again, err := Marshal(&p)
 			if err != nil {
 				t.Fatal(err)
 			}
 			q, err := DecodeProvision(again)
-			if err != nil || q.Validate() != nil || q.JobID != p.JobID || q.Image != p.Image {
+			if err != nil || q.ValidateEnvelope() != nil || q.JobID != p.JobID || q.Image != p.Image {
 				t.Fatalf("round trip changed a valid provision: %v", err)
 			}
 		}

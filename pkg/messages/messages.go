@@ -57,7 +57,9 @@ type Provision struct {
 }
 
 // Runner is the runner section of a provision request: a kind and the
-// settings of that kind. Exactly the section named by Kind is read.
+// settings of that kind. Exactly the section named by Kind is read. The
+// table of runner kinds in pkg/runners says what each section must hold
+// and which of its fields are secrets; runners.Validate checks it.
 type Runner struct {
 	Kind    RunnerKind     `msgpack:"kind"`
 	Forgejo *ForgejoRunner `msgpack:"forgejo,omitempty"`

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -187,7 +188,7 @@ func TestUnknownFieldsIgnored(t *testing.T) {
 	if err != nil {
 		t.Fatalf("a message with unknown fields must decode: %v", err)
 	}
-	if err := p.Validate(); err != nil {
+	if err := p.ValidateEnvelope(); err != nil {
 		t.Fatalf("and validate: %v", err)
 	}
 	if p.JobID != "j1" || p.Image != "img" || p.Runner.Kind != RunnerNone {
@@ -230,7 +231,9 @@ func mustMarshal(t *testing.T, v any) []byte {
 	return b
 }
 
-func TestProvisionValidate(t *testing.T) {
+// TestProvisionValidateEnvelope checks what ValidateEnvelope checks;
+// pkg/runners tests the runner section (TestValidate).
+func TestProvisionValidateEnvelope(t *testing.T) {
 	valid := func() Provision {
 		return *goldenCases()["provision_forgejo_v1"].(*Provision)
 	}
@@ -256,17 +259,10 @@ func TestProvisionValidate(t *testing.T) {
 		{"negative boot timeout", func(p *Provision) { p.BootTimeoutS = -1 }, "boot_timeout_s"},
 		{"absurd lifetime", func(p *Provision) { p.MaxLifetimeS = 1 << 40 }, "max_lifetime_s"},
 		{"no requested_at", func(p *Provision) { p.RequestedAt = time.Time{} }, "requested_at"},
-		{"unknown kind", func(p *Provision) { p.Runner.Kind = "buildkite" }, "runner.kind"},
-		{"missing section", func(p *Provision) { p.Runner.Forgejo = nil }, "runner.forgejo: missing"},
-		{"two sections", func(p *Provision) { p.Runner.GitHub = &GitHubRunner{JITConfig: "x"} }, "only the section"},
-		{"url with credentials", func(p *Provision) { p.Runner.Forgejo.URL = "https://u:pw@x.org/" }, "credentials"},
-		{"url with newline", func(p *Provision) { p.Runner.Forgejo.URL = "https://x.org/\nHost: y" }, "runner.forgejo.url"},
-		{"url ftp", func(p *Provision) { p.Runner.Forgejo.URL = "ftp://x.org/" }, "scheme"},
-		{"no labels", func(p *Provision) { p.Runner.Forgejo.Labels = nil }, "labels"},
-		{"label with control", func(p *Provision) { p.Runner.Forgejo.Labels = []string{"a\tb"} }, "labels[0]"},
-		{"no token", func(p *Provision) { p.Runner.Forgejo.Token = "" }, "token: missing"},
-		{"label padded", func(p *Provision) { p.Runner.Forgejo.Labels = []string{" debian"} }, "leading or trailing"},
-		{"label with unicode and spaces", func(p *Provision) { p.Runner.Forgejo.Labels = []string{"ubuntu latest", "日本語"} }, ""},
+		// The runner section is not the envelope's.
+		{"unknown kind", func(p *Provision) { p.Runner.Kind = "buildkite" }, ""},
+		{"missing section", func(p *Provision) { p.Runner.Forgejo = nil }, ""},
+		{"no token", func(p *Provision) { p.Runner.Forgejo.Token = "" }, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -274,7 +270,7 @@ func TestProvisionValidate(t *testing.T) {
 			f := *p.Runner.Forgejo
 			p.Runner.Forgejo = &f
 			tt.mutate(&p)
-			err := p.Validate()
+			err := p.ValidateEnvelope()
 			if tt.want == "" {
 				if err != nil {
 					t.Fatalf("want valid, got %v", err)
@@ -285,19 +281,6 @@ func TestProvisionValidate(t *testing.T) {
 				t.Fatalf("want error containing %q, got %v", tt.want, err)
 			}
 		})
-	}
-}
-
-func TestValidationNeverEchoesSecrets(t *testing.T) {
-	const secret = "PLANTED-SECRET-\x01-value"
-	p := Provision{V: 1, JobID: "j", Image: "i", RequestedAt: requestedAt,
-		Runner: Runner{Kind: RunnerJenkins, Jenkins: &JenkinsAgent{URL: "https://user:" + secret + "@x/", AgentName: "a", Secret: secret}}}
-	err := p.Validate()
-	if err == nil {
-		t.Fatal("want an error")
-	}
-	if strings.Contains(err.Error(), "PLANTED-SECRET") {
-		t.Fatalf("error repeats a secret: %v", err)
 	}
 }
 
@@ -339,5 +322,77 @@ func TestSubjects(t *testing.T) {
 	}
 	if got := TeardownSubject("h1"); got != "stretchy.LIBVIRT.req.host.h1.teardown" {
 		t.Errorf("TeardownSubject = %q", got)
+	}
+}
+
+// TestFieldRules pins the rules pkg/runners applies to the fields of
+// runner sections.
+func TestFieldRules(t *testing.T) {
+	const secret = "s3cr3t"
+	tests := []struct {
+		name  string
+		check func(field, v string) string
+		v     string
+		want  string
+	}{
+		{"text", CheckText, "日本語 and spaces", ""},
+		{"text empty", CheckText, "", "f: missing"},
+		{"text 1024", CheckText, strings.Repeat("t", 1024), ""},
+		{"text 1025", CheckText, strings.Repeat("t", 1025), "f: longer than 1024 bytes"},
+		{"text tab", CheckText, "a\tb", "f: contains control characters"},
+		{"secret", CheckSecret, secret, ""},
+		{"secret empty", CheckSecret, "", "f: missing"},
+		{"secret 16384", CheckSecret, strings.Repeat("s", 16<<10), ""},
+		{"secret 16385", CheckSecret, strings.Repeat("s", 16<<10+1), "f: longer than 16384 bytes"},
+		{"secret newline", CheckSecret, secret + "\n", "f: contains control characters"},
+		{"url", CheckURL, "https://code.example.org/a?b=c", ""},
+		{"url http", CheckURL, "http://10.0.0.1:3000", ""},
+		{"url empty", CheckURL, "", "f: missing"},
+		{"url credentials", CheckURL, "https://u:" + secret + "@x/", "f: must not carry credentials"},
+		{"url user", CheckURL, "https://" + secret + "@x/", "f: must not carry credentials"},
+		{"url space", CheckURL, "https://x/a b", "f: must be a URL of at most 2048 bytes without spaces or control characters"},
+		{"url 2049", CheckURL, "https://x/" + strings.Repeat("a", 2039), "f: must be a URL of at most 2048 bytes without spaces or control characters"},
+		{"url ftp", CheckURL, "ftp://x/", "f: scheme must be http or https"},
+		{"url relative", CheckURL, "/a/b", "f: scheme must be http or https"},
+		{"url no host", CheckURL, "http://", "f: has no host"},
+		{"url unparsable", CheckURL, "http://[::1", "f: not a URL"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := tt.check("f", tt.v); got != tt.want {
+				t.Errorf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestCheckLabels(t *testing.T) {
+	padded := func(field, label string) string {
+		if strings.TrimSpace(label) != label {
+			return field + ": padded"
+		}
+		return ""
+	}
+	tests := []struct {
+		name   string
+		labels []string
+		each   func(field, label string) string
+		want   []string
+	}{
+		{"one", []string{"debian-12"}, nil, nil},
+		{"64", slices.Repeat([]string{"l"}, 64), nil, nil},
+		{"none", nil, nil, []string{"f: must hold 1-64 labels, got 0"}},
+		{"65", slices.Repeat([]string{"l"}, 65), nil, []string{"f: must hold 1-64 labels, got 65"}},
+		{"256 bytes", []string{strings.Repeat("l", 256)}, nil, nil},
+		{"257 bytes", []string{strings.Repeat("l", 257)}, nil, []string{"f[0]: longer than 256 bytes"}},
+		{"each after the rule, label by label", []string{"\ta", "b", " c", ""}, padded,
+			[]string{"f[0]: contains control characters", "f[0]: padded", "f[2]: padded", "f[3]: missing"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := CheckLabels("f", tt.labels, tt.each); !slices.Equal(got, tt.want) {
+				t.Errorf("got %q, want %q", got, tt.want)
+			}
+		})
 	}
 }

@@ -43,6 +43,13 @@ type problems []string
 
 func (p *problems) add(format string, args ...any) { *p = append(*p, fmt.Sprintf(format, args...)) }
 
+// addIf adds problem unless it is "".
+func (p *problems) addIf(problem string) {
+	if problem != "" {
+		*p = append(*p, problem)
+	}
+}
+
 func (p problems) err() error {
 	if len(p) == 0 {
 		return nil
@@ -69,12 +76,14 @@ func checkVersion(v int) error {
 
 func (p *problems) jobID(id string) {
 	if !ValidJobID(id) {
-		p.add("job_id: must be 1-64 characters of A-Z a-z 0-9 _ - starting with a letter or digit (got %s)", describe(id))
+		p.add("job_id: must be 1-64 characters of A-Z a-z 0-9 _ - starting with a letter or digit (got %s)", Describe(id))
 	}
 }
 
-// describe shows a possibly hostile value safely and briefly.
-func describe(s string) string {
+// Describe shows a possibly hostile value safely and briefly, for a
+// problem: quoted with Go escapes, its first 40 characters only. It is for
+// identifiers and kinds, never for a secret or a URL.
+func Describe(s string) string {
 	if s == "" {
 		return "empty"
 	}
@@ -86,9 +95,20 @@ func describe(s string) string {
 	return fmt.Sprintf("%q", s)
 }
 
-// Validate checks every field of p and returns a *ValidationError listing all
-// problems, or ErrUnsupportedVersion.
-func (p *Provision) Validate() error {
+// ValidateEnvelope checks the fields of p outside its runner section: v,
+// job_id, image, boot_timeout_s, max_lifetime_s and requested_at
+// (docs/protocol.md 3.1, 3.2). It returns an error wrapping
+// ErrUnsupportedVersion, or a *ValidationError listing every problem
+// with them.
+//
+// It does not look at p.Runner: what a runner section must hold is
+// described, with the rest of each runner kind, by the table of kinds in
+// pkg/runners, whose Validate checks a whole request, this envelope and
+// then the runner section (its kind, which sections are set, each field
+// of the kind's section by the rules CheckText, CheckURL, CheckSecret and
+// CheckLabels, and the kind's own checks). Readers of requests use
+// runners.Validate; the name of this one says it is not enough.
+func (p *Provision) ValidateEnvelope() error {
 	if err := checkVersion(p.V); err != nil {
 		return err
 	}
@@ -96,7 +116,7 @@ func (p *Provision) Validate() error {
 	ps.jobID(p.JobID)
 	switch {
 	case !imagePattern.MatchString(p.Image):
-		ps.add("image: must be 1-128 characters of A-Z a-z 0-9 . _ + : - starting with a letter or digit (got %s)", describe(p.Image))
+		ps.add("image: must be 1-128 characters of A-Z a-z 0-9 . _ + : - starting with a letter or digit (got %s)", Describe(p.Image))
 	case strings.HasPrefix(p.Image, ManagedPrefix):
 		ps.add("image: %q starts with %q, which is reserved for machines the worker creates", p.Image, ManagedPrefix)
 	}
@@ -109,118 +129,77 @@ func (p *Provision) Validate() error {
 	if p.RequestedAt.IsZero() {
 		ps.add("requested_at: missing")
 	}
-	p.Runner.validate(&ps)
 	return ps.err()
 }
 
-func (r *Runner) validate(ps *problems) {
-	sections := 0
-	for _, set := range []bool{r.Forgejo != nil, r.GitHub != nil, r.Jenkins != nil} {
-		if set {
-			sections++
-		}
-	}
-	switch r.Kind {
-	case RunnerNone:
-		if sections != 0 {
-			ps.add("runner: kind %q takes no settings section", r.Kind)
-		}
-	case RunnerForgejo:
-		if r.Forgejo == nil {
-			ps.add("runner.forgejo: missing for kind %q", r.Kind)
-			return
-		}
-		f := r.Forgejo
-		checkURL(ps, "runner.forgejo.url", f.URL)
-		checkText(ps, "runner.forgejo.uuid", f.UUID, maxFieldLen, true)
-		checkSecret(ps, "runner.forgejo.token", f.Token)
-		checkText(ps, "runner.forgejo.handle", f.Handle, maxFieldLen, false)
-		if len(f.Labels) == 0 || len(f.Labels) > maxLabels {
-			ps.add("runner.forgejo.labels: must hold 1-%d labels, got %d", maxLabels, len(f.Labels))
-		}
-		for i, l := range f.Labels {
-			field := fmt.Sprintf("runner.forgejo.labels[%d]", i)
-			checkText(ps, field, l, maxLabelLen, true)
-			if strings.TrimSpace(l) != l {
-				ps.add("%s: has leading or trailing spaces, which Forgejo Runner refuses", field)
-			}
-		}
-	case RunnerGitHub:
-		if r.GitHub == nil {
-			ps.add("runner.github: missing for kind %q", r.Kind)
-			return
-		}
-		checkSecret(ps, "runner.github.jit_config", r.GitHub.JITConfig)
-	case RunnerJenkins:
-		if r.Jenkins == nil {
-			ps.add("runner.jenkins: missing for kind %q", r.Kind)
-			return
-		}
-		j := r.Jenkins
-		checkURL(ps, "runner.jenkins.url", j.URL)
-		checkText(ps, "runner.jenkins.agent_name", j.AgentName, maxFieldLen, true)
-		checkSecret(ps, "runner.jenkins.secret", j.Secret)
-		checkText(ps, "runner.jenkins.work_dir", j.WorkDir, maxFieldLen, false)
-		// agent.jar reads any argument starting with @ as a file of arguments.
-		if strings.HasPrefix(j.AgentName, "@") {
-			ps.add("runner.jenkins.agent_name: must not start with @")
-		}
-		if strings.HasPrefix(j.WorkDir, "@") {
-			ps.add("runner.jenkins.work_dir: must not start with @")
-		}
-	default:
-		ps.add("runner.kind: must be one of none, forgejo, github, jenkins (got %s)", describe(string(r.Kind)))
-	}
-	if sections > 1 {
-		ps.add("runner: only the section of kind %q may be set", r.Kind)
-	}
-}
+// The rules of the fields of runner sections (docs/protocol.md 3.3);
+// pkg/runners says which field follows which. Each returns the problem
+// with the value v of field, "<field>: ...", or "" if there is none. An
+// empty v is "<field>: missing": an optional field is checked only when it
+// is set. No problem repeats v, which may be a secret or, for a URL, carry
+// one by mistake.
 
-func checkText(ps *problems, field, v string, max int, required bool) {
-	switch {
-	case v == "" && required:
-		ps.add("%s: missing", field)
-	case len(v) > max:
-		ps.add("%s: longer than %d bytes", field, max)
-	case strings.IndexFunc(v, unicode.IsControl) >= 0:
-		ps.add("%s: contains control characters", field)
-	}
-}
+// CheckText checks a text: at most 1024 bytes, no control characters.
+func CheckText(field, v string) string { return checkText(field, v, maxFieldLen) }
 
-// checkSecret never includes the value in a problem.
-func checkSecret(ps *problems, field, v string) {
-	switch {
-	case v == "":
-		ps.add("%s: missing", field)
-	case len(v) > maxSecretLen:
-		ps.add("%s: longer than %d bytes", field, maxSecretLen)
-	case strings.IndexFunc(v, unicode.IsControl) >= 0:
-		ps.add("%s: contains control characters", field)
-	}
-}
+// CheckSecret checks a secret: at most 16384 bytes, no control characters.
+func CheckSecret(field, v string) string { return checkText(field, v, maxSecretLen) }
 
-// checkURL accepts absolute http and https URLs without credentials. It does
-// not repeat the URL, which may carry credentials by mistake.
-func checkURL(ps *problems, field, v string) {
+// CheckURL checks a URL: an absolute http or https URL with a host and
+// without credentials, of at most 2048 bytes without spaces or control
+// characters.
+func CheckURL(field, v string) string {
 	if v == "" {
-		ps.add("%s: missing", field)
-		return
+		return field + ": missing"
 	}
 	if len(v) > maxURLLen || strings.IndexFunc(v, func(r rune) bool { return unicode.IsControl(r) || unicode.IsSpace(r) }) >= 0 {
-		ps.add("%s: must be a URL of at most %d bytes without spaces or control characters", field, maxURLLen)
-		return
+		return fmt.Sprintf("%s: must be a URL of at most %d bytes without spaces or control characters", field, maxURLLen)
 	}
 	u, err := url.Parse(v)
 	switch {
 	case err != nil:
-		ps.add("%s: not a URL", field)
+		return field + ": not a URL"
 	case u.Scheme != "http" && u.Scheme != "https":
-		ps.add("%s: scheme must be http or https", field)
+		return field + ": scheme must be http or https"
 	case u.Host == "":
-		ps.add("%s: has no host", field)
+		return field + ": has no host"
 	case u.User != nil:
-		ps.add("%s: must not carry credentials", field)
+		return field + ": must not carry credentials"
 	}
+	return ""
+}
+
+// CheckLabels checks a list of runner labels: 1 to 64 of them, each a
+// text of at most 256 bytes. The problems of a label name it
+// "<field>[i]"; each, unless nil, adds its own problem with a label after
+// the label's rule.
+func CheckLabels(field string, labels []string, each func(field, label string) string) []string {
+	var ps problems
+	if len(labels) == 0 || len(labels) > maxLabels {
+		ps.add("%s: must hold 1-%d labels, got %d", field, maxLabels, len(labels))
+	}
+	for i, l := range labels {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		ps.addIf(checkText(f, l, maxLabelLen))
+		if each != nil {
+			ps.addIf(each(f, l))
+		}
+	}
+	return ps
+}
+
+// checkText checks a non-empty text of at most max bytes without control
+// characters.
+func checkText(field, v string, max int) string {
+	switch {
+	case v == "":
+		return field + ": missing"
+	case len(v) > max:
+		return fmt.Sprintf("%s: longer than %d bytes", field, max)
+	case strings.IndexFunc(v, unicode.IsControl) >= 0:
+		return field + ": contains control characters"
+	}
+	return ""
 }
 
 // Validate checks every field of t.
@@ -230,7 +209,9 @@ func (t *Teardown) Validate() error {
 	}
 	var ps problems
 	ps.jobID(t.JobID)
-	checkText(&ps, "reason", t.Reason, maxReasonLen, false)
+	if t.Reason != "" {
+		ps.addIf(checkText("reason", t.Reason, maxReasonLen))
+	}
 	return ps.err()
 }
 
@@ -242,10 +223,10 @@ func (e *Event) Validate() error {
 	var ps problems
 	ps.jobID(e.JobID)
 	if !ValidHost(e.Host) {
-		ps.add("host: invalid (got %s)", describe(e.Host))
+		ps.add("host: invalid (got %s)", Describe(e.Host))
 	}
 	if !e.State.Valid() {
-		ps.add("state: unknown (got %s)", describe(string(e.State)))
+		ps.add("state: unknown (got %s)", Describe(string(e.State)))
 	}
 	if e.Time.IsZero() {
 		ps.add("time: missing")

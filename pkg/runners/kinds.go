@@ -2,10 +2,163 @@ package runners
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
+
+// Kind is what the worker knows of one runner kind: the fields of its
+// section in a provision request, how they are checked and which are
+// secrets, the program it starts on each OS family, how it starts it and
+// how it asks it for its version. The table kinds holds one per
+// messages.RunnerKind, messages.RunnerNone included. Validation
+// (Validate), launch plans (For, VersionPlan), output scrubbing (Secrets),
+// worker submit and worker doctor all read it, so that a kind is
+// described in one place.
+type Kind struct {
+	// Kind is the value of runner.kind that selects it.
+	Kind messages.RunnerKind
+	// Name is the runner's name for people, as plans and errors give it;
+	// "" for messages.RunnerNone.
+	Name string
+	// Section is the name of the kind's section in problems, such as
+	// "runner.forgejo"; "" for a kind that takes none.
+	Section string
+	// Fields are the fields of the section, in the order Validate checks
+	// them.
+	Fields []Field
+
+	// has reports whether r holds the kind's section; nil for a kind
+	// that takes none.
+	has func(r messages.Runner) bool
+	// check, if set, returns the kind's own problems with its section,
+	// after those of the fields' rules.
+	check func(r messages.Runner) []string
+	// program is the path of the program the image must provide
+	// (Plan.Program) on l's OS family.
+	program func(l layout) (string, error)
+	// start is what starting the runner of r takes on l's OS family.
+	start func(l layout, r messages.Runner) (start, error)
+	// version is what asking the program for its version takes.
+	version func(l layout) (start, error)
+}
+
+// The sections of messages.Runner, for the table.
+var (
+	forgejoSection section[messages.ForgejoRunner] = func(r *messages.Runner) **messages.ForgejoRunner { return &r.Forgejo }
+	githubSection  section[messages.GitHubRunner]  = func(r *messages.Runner) **messages.GitHubRunner { return &r.GitHub }
+	jenkinsSection section[messages.JenkinsAgent]  = func(r *messages.Runner) **messages.JenkinsAgent { return &r.Jenkins }
+)
+
+// kinds lists every runner kind in the order in which problems and worker
+// doctor name them. The fields of each follow docs/protocol.md 3.3.
+var kinds = []Kind{
+	{Kind: messages.RunnerNone},
+	{
+		Kind:    messages.RunnerForgejo,
+		Name:    "Forgejo Runner",
+		Section: "runner.forgejo",
+		Fields: []Field{
+			forgejoSection.text(Field{Wire: "runner.forgejo.url", Rule: RuleURL, Required: true, Flag: "url", Usage: "the instance's URL"},
+				func(s *messages.ForgejoRunner) *string { return &s.URL }),
+			forgejoSection.text(Field{Wire: "runner.forgejo.uuid", Rule: RuleText, Required: true, Flag: "uuid", Usage: "the runner's UUID"},
+				func(s *messages.ForgejoRunner) *string { return &s.UUID }),
+			forgejoSection.text(Field{Wire: "runner.forgejo.token", Rule: RuleSecret, Required: true, Secret: true, Flag: "secret-file", Usage: "forgejo token"},
+				func(s *messages.ForgejoRunner) *string { return &s.Token }),
+			forgejoSection.text(Field{Wire: "runner.forgejo.handle", Rule: RuleText, Flag: "handle", Usage: "the job handle"},
+				func(s *messages.ForgejoRunner) *string { return &s.Handle }),
+			forgejoSection.list(Field{Wire: "runner.forgejo.labels", Rule: RuleLabels, Required: true, Flag: "label", Usage: "a runner label", each: forgejoLabelSpaces},
+				func(s *messages.ForgejoRunner) *[]string { return &s.Labels }),
+		},
+		has:     forgejoSection.present,
+		program: everywhere(forgejoProgram),
+		start:   func(l layout, r messages.Runner) (start, error) { return forgejo(l, r.Forgejo) },
+		version: forgejoVersion,
+	},
+	{
+		Kind:    messages.RunnerGitHub,
+		Name:    "GitHub Actions Runner",
+		Section: "runner.github",
+		Fields: []Field{
+			githubSection.text(Field{Wire: "runner.github.jit_config", Rule: RuleSecret, Required: true, Secret: true, Flag: "secret-file", Usage: "GitHub JIT config"},
+				func(s *messages.GitHubRunner) *string { return &s.JITConfig }),
+		},
+		has:     githubSection.present,
+		program: githubProgram,
+		start:   func(l layout, r messages.Runner) (start, error) { return github(l, r.GitHub) },
+		version: githubVersion,
+	},
+	{
+		Kind:    messages.RunnerJenkins,
+		Name:    "Jenkins agent",
+		Section: "runner.jenkins",
+		Fields: []Field{
+			jenkinsSection.text(Field{Wire: "runner.jenkins.url", Rule: RuleURL, Required: true, Flag: "url", Usage: "the instance's URL"},
+				func(s *messages.JenkinsAgent) *string { return &s.URL }),
+			jenkinsSection.text(Field{Wire: "runner.jenkins.agent_name", Rule: RuleText, Required: true, Flag: "agent-name", Usage: "the agent's name"},
+				func(s *messages.JenkinsAgent) *string { return &s.AgentName }),
+			jenkinsSection.text(Field{Wire: "runner.jenkins.secret", Rule: RuleSecret, Required: true, Secret: true, Flag: "secret-file", Usage: "Jenkins secret"},
+				func(s *messages.JenkinsAgent) *string { return &s.Secret }),
+			jenkinsSection.text(Field{Wire: "runner.jenkins.work_dir", Rule: RuleText, Flag: "work-dir", Usage: "the agent's work directory"},
+				func(s *messages.JenkinsAgent) *string { return &s.WorkDir }),
+		},
+		has:     jenkinsSection.present,
+		check:   jenkinsCheck,
+		program: everywhere(jenkinsProgram),
+		start:   func(l layout, r messages.Runner) (start, error) { return jenkins(l, r.Jenkins) },
+		version: jenkinsVersion,
+	},
+}
+
+// Kinds returns every runner kind, messages.RunnerNone first. The kinds
+// are copies: changing them changes nothing here.
+func Kinds() []Kind {
+	ks := make([]Kind, len(kinds))
+	for i, k := range kinds {
+		ks[i] = k.clone()
+	}
+	return ks
+}
+
+// Lookup returns the runner kind named kind, and whether there is one.
+func Lookup(kind messages.RunnerKind) (Kind, bool) {
+	k, ok := lookup(kind)
+	return k.clone(), ok
+}
+
+func lookup(kind messages.RunnerKind) (Kind, bool) {
+	for _, k := range kinds {
+		if k.Kind == kind {
+			return k, true
+		}
+	}
+	return Kind{}, false
+}
+
+func (k Kind) clone() Kind {
+	k.Fields = slices.Clone(k.Fields)
+	return k
+}
+
+// Starts reports whether k starts a runner program; only
+// messages.RunnerNone does not.
+func (k Kind) Starts() bool { return k.start != nil }
+
+// Program returns the runner program k starts on an OS of family os, the
+// Plan.Program of its plans, which the image must provide. It returns an
+// error wrapping ErrUnsupported when the runner does not run on os, one
+// wrapping ErrUnknownOS for an unknown family, and one wrapping ErrInvalid
+// for a kind that starts nothing.
+func (k Kind) Program(os OS) (string, error) {
+	if !k.Starts() {
+		return "", fmt.Errorf("runner kind %q has no program: %w", k.Kind, ErrInvalid)
+	}
+	if !os.valid() {
+		return "", fmt.Errorf("OS family %q: %w", os, ErrUnknownOS)
+	}
+	return k.program(layoutFor(os, ""))
+}
 
 // forgejo starts `forgejo-runner one-job` (Forgejo Runner 12.8 or later),
 // which connects with the runner the orchestrator registered, takes one job
@@ -17,7 +170,6 @@ func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
 		return start{}, fmt.Errorf("forgejo runner: missing settings: %w", ErrInvalid)
 	}
 	s := start{
-		name:       "Forgejo Runner",
 		program:    forgejoProgram(l),
 		secret:     f.Token,
 		secretFile: l.join(l.jobDir, "token"),
@@ -58,6 +210,15 @@ func forgejoLabel(label string) string {
 	return label + ":host"
 }
 
+// forgejoLabelSpaces refuses a label with leading or trailing white
+// space, which Forgejo Runner refuses; inner spaces are fine.
+func forgejoLabelSpaces(field, label string) string {
+	if strings.TrimSpace(label) != label {
+		return field + ": has leading or trailing spaces, which Forgejo Runner refuses"
+	}
+	return ""
+}
+
 // github starts the GitHub Actions Runner's run script with no arguments.
 // Runner.Listener reads every --<name> argument also from the environment
 // variable ACTIONS_RUNNER_INPUT_<NAME> (and removes it from its own
@@ -81,19 +242,31 @@ func github(l layout, g *messages.GitHubRunner) (start, error) {
 	if err != nil {
 		return start{}, err
 	}
+	program, err := githubProgram(l)
+	if err != nil {
+		return start{}, err
+	}
 	s := start{
-		name:       "GitHub Actions Runner",
 		secret:     g.JITConfig,
 		secretFile: l.join(l.jobDir, "jitconfig"),
 		secretEnv:  "ACTIONS_RUNNER_INPUT_JITCONFIG",
 		privateDir: dir,
-		program:    l.join(dir, "run.sh"),
-	}
-	if l.os == Windows {
-		s.program = l.join(dir, "run.cmd")
+		program:    program,
 	}
 	s.exe = s.program
 	return s, nil
+}
+
+// githubProgram is the run script in the runner's root directory.
+func githubProgram(l layout) (string, error) {
+	dir, err := githubDir(l)
+	if err != nil {
+		return "", err
+	}
+	if l.os == Windows {
+		return l.join(dir, "run.cmd"), nil
+	}
+	return l.join(dir, "run.sh"), nil
 }
 
 // githubDir is the GitHub Actions Runner's root directory on l's OS.
@@ -131,8 +304,7 @@ func jenkins(l layout, j *messages.JenkinsAgent) (start, error) {
 		return start{}, fmt.Errorf("jenkins agent: agent name and work dir must not start with \"@\": %w", ErrInvalid)
 	}
 	s := start{
-		name:       "Jenkins agent",
-		program:    l.join(l.home, "agent.jar"),
+		program:    jenkinsProgram(l),
 		exe:        java(l),
 		secret:     j.Secret,
 		secretFile: l.join(l.jobDir, "jenkins-secret"),
@@ -149,6 +321,22 @@ func jenkins(l layout, j *messages.JenkinsAgent) (start, error) {
 	return s, nil
 }
 
+// jenkinsCheck refuses an agent name or work directory that agent.jar
+// would read as a file of arguments (see jenkins).
+func jenkinsCheck(r messages.Runner) []string {
+	var ps []string
+	if strings.HasPrefix(r.Jenkins.AgentName, "@") {
+		ps = append(ps, "runner.jenkins.agent_name: must not start with @")
+	}
+	if strings.HasPrefix(r.Jenkins.WorkDir, "@") {
+		ps = append(ps, "runner.jenkins.work_dir: must not start with @")
+	}
+	return ps
+}
+
+// jenkinsProgram is agent.jar, which java runs.
+func jenkinsProgram(l layout) string { return l.join(l.home, "agent.jar") }
+
 // java is the Java launcher, looked up in PATH.
 func java(l layout) string {
 	if l.os == Windows {
@@ -157,34 +345,38 @@ func java(l layout) string {
 	return "java"
 }
 
-// versionOf is how the program of kind tells its version, each of which
-// prints it on standard output and exits 0 without contacting a server:
-// forgejo-runner --version (cobra's root flag), Runner.Listener --version
-// and java -jar agent.jar -version (remoting's Launcher, 3.36 and later).
-// Runner.Listener is asked directly: run.sh would pass --version to its
-// "run" command through run-helper.sh, which it first copies into the
-// runner's directory, and map the exit code to 0.
-func versionOf(l layout, kind messages.RunnerKind) (start, error) {
-	s := start{version: true}
-	switch kind {
-	case messages.RunnerForgejo:
-		s.name, s.program = "Forgejo Runner", forgejoProgram(l)
-		s.exe, s.args = s.program, []string{"--version"}
-	case messages.RunnerGitHub:
-		dir, err := githubDir(l)
-		if err != nil {
-			return start{}, err
-		}
-		s.name, s.program = "GitHub Actions Runner", l.join(dir, "bin", "Runner.Listener")
-		if l.os == Windows {
-			s.program += ".exe"
-		}
-		s.exe, s.args = s.program, []string{"--version"}
-	case messages.RunnerJenkins:
-		s.name, s.program = "Jenkins agent", l.join(l.home, "agent.jar")
-		s.exe, s.args = java(l), []string{"-jar", s.program, "-version"}
-	default:
-		return start{}, fmt.Errorf("runner kind %q has no program: %w", kind, ErrInvalid)
+// forgejoVersion, githubVersion and jenkinsVersion are how each program
+// tells its version, which it prints on standard output, exiting 0
+// without contacting a server: forgejo-runner --version (cobra's root
+// flag), Runner.Listener --version and java -jar agent.jar -version
+// (remoting's Launcher, 3.36 and later).
+func forgejoVersion(l layout) (start, error) {
+	program := forgejoProgram(l)
+	return start{program: program, exe: program, args: []string{"--version"}}, nil
+}
+
+// githubVersion asks Runner.Listener directly: run.sh would pass --version
+// to its "run" command through run-helper.sh, which it first copies into
+// the runner's directory, and map the exit code to 0.
+func githubVersion(l layout) (start, error) {
+	dir, err := githubDir(l)
+	if err != nil {
+		return start{}, err
 	}
-	return s, nil
+	program := l.join(dir, "bin", "Runner.Listener")
+	if l.os == Windows {
+		program += ".exe"
+	}
+	return start{program: program, exe: program, args: []string{"--version"}}, nil
+}
+
+func jenkinsVersion(l layout) (start, error) {
+	program := jenkinsProgram(l)
+	return start{program: program, exe: java(l), args: []string{"-jar", program, "-version"}}, nil
+}
+
+// everywhere is the program function of a runner that runs on every OS
+// family.
+func everywhere(program func(layout) string) func(layout) (string, error) {
+	return func(l layout) (string, error) { return program(l), nil }
 }

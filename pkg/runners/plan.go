@@ -12,6 +12,15 @@ import (
 // with the home directory Home returns.
 const User = "stretchy"
 
+// Home returns the home directory of User on an OS of family os, which is
+// the runners' working directory (Plan.Home), or "" for an unknown family.
+func Home(os OS) string {
+	if !os.valid() {
+		return ""
+	}
+	return layoutFor(os, "").home
+}
+
 // Sentinel errors for the branches callers take. For wraps them with the
 // runner and OS they concern; the text never contains a secret.
 var (
@@ -20,8 +29,9 @@ var (
 	ErrUnsupported = errors.New("unsupported runner and OS combination")
 	// ErrInvalid means the request cannot be turned into a safe plan: a bad
 	// job id, a missing runner section, a NUL byte, or a value the runner
-	// would misread. Messages that passed Validate can still hit the last
-	// case (a Jenkins agent name starting with "@").
+	// would misread (a Jenkins agent name starting with "@"). Validate
+	// refuses all of these; For checks them again, as it may be given a
+	// runner section that never passed Validate.
 	ErrInvalid = errors.New("invalid runner request")
 )
 
@@ -103,7 +113,8 @@ func (p Plan) Empty() bool { return p.Launch.Path == "" }
 // ErrUnsupported when the runner does not run on os, and one wrapping
 // ErrInvalid when r cannot be turned into a safe plan.
 func For(jobID string, os OS, r messages.Runner) (Plan, error) {
-	if r.Kind == messages.RunnerNone {
+	k, known := lookup(r.Kind)
+	if known && !k.Starts() {
 		return Plan{}, nil
 	}
 	if !messages.ValidJobID(jobID) {
@@ -112,24 +123,15 @@ func For(jobID string, os OS, r messages.Runner) (Plan, error) {
 	if !os.valid() {
 		return Plan{}, fmt.Errorf("OS family %q: %w", os, ErrUnknownOS)
 	}
-	l := layoutFor(os, jobID)
-	var (
-		s   start
-		err error
-	)
-	switch r.Kind {
-	case messages.RunnerForgejo:
-		s, err = forgejo(l, r.Forgejo)
-	case messages.RunnerGitHub:
-		s, err = github(l, r.GitHub)
-	case messages.RunnerJenkins:
-		s, err = jenkins(l, r.Jenkins)
-	default:
+	if !known {
 		return Plan{}, fmt.Errorf("runner kind %q: %w", r.Kind, ErrInvalid)
 	}
+	l := layoutFor(os, jobID)
+	s, err := k.start(l, r)
 	if err != nil {
 		return Plan{}, err
 	}
+	s.name = k.Name
 	for _, v := range append([]string{s.exe, s.secret}, s.args...) {
 		if strings.IndexByte(v, 0) >= 0 {
 			return Plan{}, fmt.Errorf("%s: a value holds a NUL byte: %w", s.name, ErrInvalid)
@@ -158,11 +160,16 @@ func VersionPlan(jobID string, os OS, kind messages.RunnerKind) (Plan, error) {
 	if !os.valid() {
 		return Plan{}, fmt.Errorf("OS family %q: %w", os, ErrUnknownOS)
 	}
+	k, ok := lookup(kind)
+	if !ok || !k.Starts() {
+		return Plan{}, fmt.Errorf("runner kind %q has no program: %w", kind, ErrInvalid)
+	}
 	l := layoutFor(os, jobID)
-	s, err := versionOf(l, kind)
+	s, err := k.version(l)
 	if err != nil {
 		return Plan{}, err
 	}
+	s.name, s.version = k.Name, true
 	if os == Windows {
 		return windowsPlan(l, s), nil
 	}

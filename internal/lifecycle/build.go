@@ -313,7 +313,8 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 		cfg: &a.m.cfg, m: a.m, jobID: a.jobID, domain: a.rec.domain, deadline: a.rec.deadline,
 		req: req, d: c.d, em: a.rec.em, claim: claimer{a: a, d: c.d},
 	}
-	secrets := secretsOf(req.Runner)
+	// The table of runner kinds says which fields are secrets.
+	secrets := runners.Secrets(req.Runner)
 	a.launch(root, "build", func(ctx context.Context) func() {
 		err := b.run(ctx)
 		stopped := context.Cause(ctx)

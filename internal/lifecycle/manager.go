@@ -193,8 +193,8 @@ func New(cfg Config) *Manager {
 		cfg: cfg, root: root, cancel: cancel,
 		byJob:   make(map[string]*actor),
 		byImage: make(map[string]int),
-		done:   make(map[string]time.Time),
-		roomed: make(chan struct{}),
+		done:    make(map[string]time.Time),
+		roomed:  make(chan struct{}),
 	}
 }
 

@@ -51,22 +51,6 @@ func detectOS(ctx context.Context, agent Agent, domain, imageOS string) (runners
 	return os, nil
 }
 
-// secretsOf lists the secret values of a runner section, to scrub them from
-// anything the guest prints.
-func secretsOf(r messages.Runner) []string {
-	var s []string
-	if r.Forgejo != nil {
-		s = append(s, r.Forgejo.Token)
-	}
-	if r.GitHub != nil {
-		s = append(s, r.GitHub.JITConfig)
-	}
-	if r.Jenkins != nil {
-		s = append(s, r.Jenkins.Secret)
-	}
-	return s
-}
-
 // probe looks at a ready machine once: a domain that is shut off or gone
 // ends the machine (machine_stopped); a runner the guest agent reports as
 // exited is published with runner_exited and ends it; a guest agent that

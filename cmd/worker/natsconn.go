@@ -399,6 +399,42 @@ func (c *natsConn) failFast(ctx context.Context) (_ context.Context, stop func()
 	}
 }
 
+// startupTimeout is how long a starting worker keeps trying to create or
+// check its streams, consumers and buckets: a NATS cluster that was just
+// started, or lost a node, answers 503 or not at all while it elects
+// leaders and places new streams' replicas.
+const startupTimeout = 2 * time.Minute
+
+// settle runs step, which must be idempotent, until it succeeds; until the
+// server refuses a permission, which no retry changes; until ctx ends; or
+// until timeout has passed. Each attempt gets 20 s.
+func (c *natsConn) settle(ctx context.Context, timeout time.Duration, log *slog.Logger, what string, step func(context.Context) error) error {
+	deadline := time.Now().Add(timeout)
+	backoff := 500 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		actx, stop := c.failFast(ctx)
+		actx, cancel := context.WithTimeout(actx, 20*time.Second)
+		err := step(actx)
+		cancel()
+		stop()
+		if err == nil {
+			return nil
+		}
+		if context.Cause(c.violated) != nil || ctx.Err() != nil || time.Now().After(deadline) {
+			return c.explain(err)
+		}
+		log.Warn("NATS is not ready yet, trying again", "step", what, "attempt", attempt, "error", err)
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return c.explain(err)
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
 // explain puts the server's permissions violation, if there was one,
 // before err: it is why err happened.
 func (c *natsConn) explain(err error) error {

@@ -87,23 +87,26 @@ func runCommand(ctx context.Context, args []string) error {
 		return err
 	}
 	defer nc.Drain()
-	ensureCtx, stopEnsure := nc.failFast(ctx)
 	topo := bus.Topology{
 		Host: cfg.Host, EventsMaxAge: cfg.EventsMaxAge, RequestsMaxAge: cfg.RequestsMaxAge,
 		AckWait: cfg.AckWait, MaxDeliver: cfg.MaxDeliver, Replicas: cfg.Replicas,
 	}
-	consumers, err := bus.Ensure(ensureCtx, js, topo)
+	var consumers bus.Consumers
 	var claims *bus.Claims
-	if err == nil {
-		claims, err = bus.OpenClaims(ensureCtx, js, bus.Topology{Host: cfg.Host, AckWait: cfg.AckWait, Replicas: cfg.Replicas})
-	}
 	var fleet *bus.Fleet
-	if err == nil {
-		fleet, err = bus.OpenFleet(ensureCtx, js, topo)
-	}
-	stopEnsure()
+	err = nc.settle(ctx, startupTimeout, log, "streams, consumers and buckets", func(ctx context.Context) error {
+		var err error
+		if consumers, err = bus.Ensure(ctx, js, topo); err != nil {
+			return err
+		}
+		if claims, err = bus.OpenClaims(ctx, js, bus.Topology{Host: cfg.Host, AckWait: cfg.AckWait, Replicas: cfg.Replicas}); err != nil {
+			return err
+		}
+		fleet, err = bus.OpenFleet(ctx, js, topo)
+		return err
+	})
 	if err != nil {
-		return nc.explain(err)
+		return err
 	}
 
 	// The link reconnects the same connection when libvirtd restarts, for

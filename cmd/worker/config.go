@@ -9,6 +9,7 @@ import (
 	"os"
 	"path"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -43,6 +44,9 @@ type Config struct {
 	ShutdownGrace  time.Duration
 	Images         patterns
 	MinFreeSpace   byteSize
+	Warm           warmPools
+	WarmMaxAge     time.Duration
+	WarmRetire     bool
 	HTTPAddr       string
 	LogFormat      string
 	LogLevel       string
@@ -80,6 +84,45 @@ func (p *patterns) Set(v string) error {
 			return fmt.Errorf("pattern %q: %w", s, err)
 		}
 		*p = append(*p, s)
+	}
+	return nil
+}
+
+// warmPools are the warm pools of a host: image=N, comma separated or
+// repeated, or a TOML array of such strings.
+type warmPools map[string]int
+
+func (w *warmPools) String() string {
+	var parts []string
+	for image, n := range *w {
+		parts = append(parts, fmt.Sprintf("%s=%d", image, n))
+	}
+	slices.Sort(parts)
+	return strings.Join(parts, ",")
+}
+
+func (w warmPools) total() int {
+	n := 0
+	for _, c := range w {
+		n += c
+	}
+	return n
+}
+
+func (w *warmPools) Set(v string) error {
+	if *w == nil {
+		*w = warmPools{}
+	}
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		image, count, ok := strings.Cut(s, "=")
+		n, err := strconv.Atoi(count)
+		if !ok || err != nil || n < 0 || n > 64 || !messages.ValidImage(image) {
+			return fmt.Errorf("%q is not image=N, an image name and 0 to 64 machines", s)
+		}
+		(*w)[image] = n
 	}
 	return nil
 }
@@ -159,6 +202,9 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.Var(&c.Images, "images", "shell patterns of the image domains this host serves, comma separated or repeated; default every valid image (STRETCHY_IMAGES)")
 	c.MinFreeSpace = defaultMinFreeSpace
 	fs.Var(&c.MinFreeSpace, "min-free-space", "free space every pool of an image needs for this host to clone it, such as 2GiB (STRETCHY_MIN_FREE_SPACE)")
+	fs.Var(&c.Warm, "warm", "warm pools: image=N keeps N machines of the image booted and idle for jobs, comma separated or repeated (STRETCHY_WARM)")
+	fs.DurationVar(&c.WarmMaxAge, "warm-max-age", time.Hour, "an idle warm machine this old is replaced; 0 keeps it (STRETCHY_WARM_MAX_AGE)")
+	fs.BoolVar(&c.WarmRetire, "warm-retire-on-stop", false, "remove the idle warm machines when the worker stops; otherwise the next start replaces them (STRETCHY_WARM_RETIRE_ON_STOP)")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "", "address for /metrics, /healthz and /readyz, such as 127.0.0.1:9464; empty serves none (STRETCHY_HTTP_ADDR)")
 	fs.StringVar(&c.LogFormat, "log-format", "text", `"text" or "json" (STRETCHY_LOG_FORMAT)`)
 	fs.StringVar(&c.LogLevel, "log-level", "info", `"debug", "info", "warn" or "error" (STRETCHY_LOG_LEVEL)`)
@@ -314,6 +360,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Parallelism < 1 {
 		bad("--parallelism %d: must be at least 1", c.Parallelism)
+	}
+	if warm := c.Warm.total(); warm >= c.MaxVMs {
+		bad("--warm %s: %d warm machines leave no room under --max-vms %d for a cold build", c.Warm.String(), warm, c.MaxVMs)
+	}
+	if c.WarmMaxAge < 0 {
+		bad("--warm-max-age %s: must not be negative", c.WarmMaxAge)
 	}
 	if c.MaxVMs < 1 {
 		bad("--max-vms %d: must be at least 1", c.MaxVMs)

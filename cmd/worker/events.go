@@ -211,6 +211,9 @@ func newSummary(w io.Writer, asJSON bool) *summary {
 }
 
 func (s *summary) write(ev messages.Event) error {
+	if ev.JobID == "" {
+		return nil // a warm machine's own event: no job to summarise
+	}
 	j := s.jobs[ev.JobID]
 	if j == nil {
 		j = &JobSummary{JobID: ev.JobID, Start: ev.Time, Outcome: "in progress"}

@@ -154,7 +154,13 @@ func runCommand(ctx context.Context, args []string) error {
 			return link.Call(ctx, 5*time.Second, func() error { _, err := lv.ConnectGetLibVersion(); return err })
 		},
 	})
+	var pool *lifecycle.PoolConfig
+	if len(cfg.Warm) > 0 {
+		pool = &lifecycle.PoolConfig{Machines: machines, Ready: cfg.Warm, MaxReadyAge: cfg.WarmMaxAge,
+			RetireOnClose: cfg.WarmRetire, MaxVMs: cfg.MaxVMs}
+	}
 	life := lifecycle.New(lifecycle.Config{
+		Pool:     pool,
 		Host:     cfg.Host,
 		Machines: machines,
 		Agent:    qga.New(lv, qga.Options{Caller: link}),

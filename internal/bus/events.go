@@ -35,7 +35,7 @@ func (p *Publisher) publish(ctx context.Context, ev messages.Event, msgID string
 	if err != nil {
 		return nil, err
 	}
-	subject := messages.EventSubject(ev.Host, ev.JobID, ev.State)
+	subject := ev.Subject()
 	opts = append(opts, jetstream.WithMsgID(msgID), jetstream.WithExpectStream(messages.EventsStream))
 	backoff := 100 * time.Millisecond
 	retry := time.NewTimer(0)
@@ -76,7 +76,7 @@ const maxRenumbers = 16
 // stored before with the same msgID (a retried publish) is returned as
 // stored. Failed attempts are retried with backoff until ctx ends.
 func (p *Publisher) Append(ctx context.Context, ev messages.Event, msgID string, after uint64) (seq, stored uint64, err error) {
-	filter := messages.EventFilter("", ev.JobID, "")
+	filter := messages.EventFilter("", ev.Token(), "")
 	for range maxRenumbers {
 		ack, err := p.publish(ctx, ev, msgID, jetstream.WithExpectLastSequenceForSubject(after, filter))
 		switch {

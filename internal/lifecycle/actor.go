@@ -35,6 +35,11 @@ const (
 	PhaseEnding
 	// PhaseTearingDown: the machine is being removed and its end published.
 	PhaseTearingDown
+	// PhaseWarming: a warm machine is cloned and booted for a pool,
+	// before any job exists.
+	PhaseWarming
+	// PhaseIdle: a warm machine waits, agent ready, for a job to bind it.
+	PhaseIdle
 	// PhaseSettling: work for a job with no machine known yet: finding
 	// out whether one exists (a teardown, an adoption) or publishing what
 	// a request or a restart needs (a refusal, an end cut off by a crash).
@@ -46,6 +51,7 @@ const (
 var phaseNames = map[Phase]string{
 	PhaseNew: "new", PhaseBuilding: "building", PhaseRollingBack: "rolling_back", PhaseReady: "ready",
 	PhaseEnding: "ending", PhaseTearingDown: "tearing_down", PhaseSettling: "settling", PhaseGone: "gone",
+	PhaseWarming: "warming", PhaseIdle: "idle",
 }
 
 func (p Phase) String() string { return phaseNames[p] }
@@ -54,7 +60,9 @@ func (p Phase) String() string { return phaseNames[p] }
 // PhaseGone when the Manager closes: the machine is left as it is for the
 // next process to adopt.
 var transitions = map[Phase][]Phase{
-	PhaseNew:         {PhaseBuilding, PhaseSettling},
+	PhaseNew:         {PhaseBuilding, PhaseSettling, PhaseWarming},
+	PhaseWarming:     {PhaseIdle, PhaseRollingBack},
+	PhaseIdle:        {PhaseBuilding, PhaseTearingDown},
 	PhaseBuilding:    {PhaseReady, PhaseRollingBack},
 	PhaseRollingBack: {PhaseGone},
 	PhaseReady:       {PhaseEnding, PhaseTearingDown},
@@ -89,12 +97,29 @@ type answer struct {
 	retry bool
 }
 
-// provisionCmd delivers a provision request.
+// provisionCmd delivers a provision request. warm: the registry gave the
+// job this idle warm machine, which the build binds instead of cloning.
 type provisionCmd struct {
 	replyTo
-	ctx context.Context // the caller's: when it ends, the build stops
-	req messages.Provision
-	d   Delivery
+	ctx  context.Context // the caller's: when it ends, the build stops
+	req  messages.Provision
+	d    Delivery
+	warm bool
+}
+
+// warmCmd makes a new actor a warm machine of image; release frees the
+// operation slot of its clone and boot.
+type warmCmd struct {
+	replyTo
+	image   string
+	release func()
+}
+
+// retireCmd retires an idle warm machine the registry took out of its
+// pool (a cold build needs its room).
+type retireCmd struct {
+	replyTo
+	reason string
 }
 
 // teardownCmd delivers a teardown request. buildOnly: only a build in
@@ -161,6 +186,11 @@ type record struct {
 	retryAt time.Time
 	// finished: the job ended here for good; set as the actor stops.
 	finished bool
+	// generation is the image generation a warm machine was cloned from.
+	generation string
+	// retiring is why a warm machine no job bound is being retired, after
+	// an attempt failed.
+	retiring string
 }
 
 // runnerState is what is known of a machine's runner.
@@ -214,8 +244,19 @@ type claimRequest struct {
 // actor owns one machine (or one job's bookkeeping while no machine is
 // known). Its goroutine is the only one that touches rec.
 type actor struct {
-	m     *Manager
+	m *Manager
+	// jobID is the job the machine serves: from the start for a cold
+	// machine, from its binding for a warm one (empty until then). It is
+	// set in the actor's goroutine while no activity runs, and only read
+	// after that.
 	jobID string
+	// key names the machine, stretchy-<key>: the job id for a cold
+	// machine, a warm key for a warm one. It is set before the actor's
+	// first activity and never changes after.
+	key string
+	// registered is the job the registry maps to this actor, guarded by
+	// the Manager's mu.
+	registered string
 	// inbox is unbuffered: a command is either taken by the running actor
 	// or, once stopped is closed, not at all.
 	inbox   chan command
@@ -245,7 +286,7 @@ type actor struct {
 
 func newActor(m *Manager, jobID string) *actor {
 	return &actor{
-		m: m, jobID: jobID,
+		m: m, jobID: jobID, key: jobID,
 		inbox:   make(chan command),
 		ticks:   make(chan struct{}, 1),
 		claims:  make(chan claimRequest),
@@ -269,6 +310,12 @@ func (a *actor) to(p Phase) {
 		panic(fmt.Sprintf("lifecycle: machine of job %s: %s -> %s is not a transition", a.jobID, a.rec.phase, p))
 	}
 	a.rec.phase = p
+	if p == PhaseGone && a.rec.counted {
+		// The machine is gone (or left for the next process): it stops
+		// counting now, before anyone is told.
+		a.rec.counted = false
+		a.m.countMachine(false, a.rec.image)
+	}
 	if p == PhaseReady {
 		// The machine exists and runs: deliveries of its provision that
 		// waited for that are done.
@@ -324,6 +371,9 @@ func (a *actor) run(root context.Context) {
 // stopped and waited for (a build in flight rolls back), and the machine
 // is left as it is.
 func (a *actor) close() {
+	if a.rec.phase == PhaseIdle && a.m.cfg.Pool != nil && a.m.cfg.Pool.RetireOnClose && a.m.leavePool(a) {
+		a.retire(context.WithoutCancel(a.m.root), messages.ReasonShutdown)
+	}
 	for a.act != nil {
 		if !a.act.finish {
 			a.act.cancel(errClosed)
@@ -395,6 +445,15 @@ func (a *actor) handle(root context.Context, cmd command) {
 		a.onReject(root, c)
 	case *finishCmd:
 		a.onFinish(root, c)
+	case *warmCmd:
+		a.startWarm(root, c)
+	case *retireCmd:
+		if a.rec.phase != PhaseIdle {
+			c.reply <- answer{}
+			return
+		}
+		a.enders = append(a.enders, c.reply)
+		a.retire(root, c.reason)
 	case *tickCmd:
 		a.tick(root)
 		if a.act == nil {
@@ -412,6 +471,12 @@ func (a *actor) handle(root context.Context, cmd command) {
 func (a *actor) onProvision(root context.Context, c *provisionCmd) {
 	switch a.rec.phase {
 	case PhaseNew:
+		a.startBuild(root, c)
+	case PhaseIdle:
+		if !c.warm {
+			c.reply <- answer{retry: true} // not the registry's binding: ask again
+			return
+		}
 		a.startBuild(root, c)
 	case PhaseBuilding, PhaseRollingBack, PhaseSettling:
 		a.waiting = append(a.waiting, c.reply)
@@ -515,6 +580,10 @@ func (a *actor) onFinish(root context.Context, c *finishCmd) {
 // tick looks after the machine once (Manager.Tick).
 func (a *actor) tick(root context.Context) {
 	switch a.rec.phase {
+	case PhaseIdle:
+		if reason := a.m.retireReason(a); reason != "" && a.m.leavePool(a) {
+			a.retire(root, reason)
+		}
 	case PhaseBuilding:
 		if !a.rec.claim.taken {
 			return // the build has not claimed the job yet
@@ -524,6 +593,10 @@ func (a *actor) tick(root context.Context) {
 		}
 	case PhaseReady:
 		if a.act != nil || a.m.cfg.Now().Before(a.rec.retryAt) {
+			return
+		}
+		if a.jobID == "" {
+			a.retire(root, a.rec.retiring)
 			return
 		}
 		if err := a.keepClaim(root); errors.As(err, new(*Dropped)) {

@@ -28,11 +28,34 @@ const (
 	sincePhaseStart                   // the time since the last step that starts a phase
 )
 
+// buildMode is what a build makes: the steps of the table that run, and
+// those whose work is done already.
+type buildMode uint8
+
+const (
+	// coldBuild makes a job's machine from its image.
+	coldBuild buildMode = 1 << iota
+	// warmPrepare makes a warm machine, to agent_ready, with no job; its
+	// events are the machine's.
+	warmPrepare
+	// warmBind gives a warm machine to a job: claim, binding, the job's
+	// events, runner. Cloning, booting and the agent are done already, so
+	// their events report the binding's moment.
+	warmBind
+
+	allModes = coldBuild | warmPrepare | warmBind
+	jobModes = coldBuild | warmBind
+)
+
 // buildStep is one row of the build's step table. The runner (build.run)
 // does the claim confirmations, the timing, the event and the fault points
 // of every row the same way, so a row says only what differs.
 type buildStep struct {
 	name string
+	// modes are the builds the step belongs to; doing those whose action
+	// runs, when fewer (a warm machine's bind reports the clone but does
+	// not clone). Zero doing means modes.
+	modes, doing buildMode
 	// skip leaves the step out of this build.
 	skip func(b *build) bool
 	// confirm: the claim is confirmed before the action, a step another
@@ -55,26 +78,30 @@ type buildStep struct {
 }
 
 // buildSteps is the build, in order: clone the image, boot the clone, wait
-// for its guest agent, start the job's runner.
+// for its guest agent, start the job's runner. A warm machine runs the
+// middle of it ahead of time (warmPrepare), and the rest when a job binds
+// it (warmBind).
 var buildSteps = []buildStep{
-	{name: "claim the job", action: (*build).takeClaim},
-	{name: "remove a leftover", action: (*build).removeLeftover},
-	{name: "accept", state: messages.StateAccepted, clock: sinceRequest, afterEvent: FaultAfterAccept},
-	{name: "begin the clone", confirm: true, state: messages.StateCloning, afterEvent: FaultBeforeClone},
-	{name: "clone", confirm: true, startsPhase: true, action: (*build).clone, afterAction: FaultAfterClone,
-		confirmReport: true, state: messages.StateCloned, clock: sincePhaseStart},
-	{name: "begin the boot", state: messages.StateBooting},
-	{name: "boot", confirm: true, startsPhase: true, action: (*build).boot, afterAction: FaultAfterStart,
-		state: messages.StateRunning, clock: sincePhaseStart, afterEvent: FaultWaitingAgent},
-	{name: "wait for the guest agent", skip: noAgent, confirm: true, startsPhase: true, action: (*build).waitAgent},
-	{name: "detect the guest OS", skip: noAgent, confirm: true, action: (*build).detectOS,
-		state: messages.StateAgentReady, clock: sincePhaseStart, afterEvent: FaultAfterAgentReady},
-	{name: "plan the runner", skip: noAgent, action: (*build).planRunner},
-	{name: "prepare the runner", skip: noRunner, confirm: true, startsPhase: true, action: (*build).prepareRunner},
-	{name: "start the runner", skip: noRunner, confirm: true, action: (*build).launchRunner,
+	{name: "claim the job", modes: jobModes, action: (*build).takeClaim},
+	{name: "remove a leftover", modes: coldBuild, action: (*build).removeLeftover},
+	{name: "bind the warm machine", modes: warmBind, action: (*build).bindMachine},
+	{name: "accept", modes: jobModes, state: messages.StateAccepted, clock: sinceRequest, afterEvent: FaultAfterAccept},
+	{name: "begin the clone", modes: allModes, confirm: true, state: messages.StateCloning, afterEvent: FaultBeforeClone},
+	{name: "clone", modes: allModes, doing: coldBuild | warmPrepare, confirm: true, startsPhase: true,
+		action: (*build).clone, afterAction: FaultAfterClone, confirmReport: true, state: messages.StateCloned, clock: sincePhaseStart},
+	{name: "begin the boot", modes: allModes, state: messages.StateBooting},
+	{name: "boot", modes: allModes, doing: coldBuild | warmPrepare, confirm: true, startsPhase: true,
+		action: (*build).boot, afterAction: FaultAfterStart, state: messages.StateRunning, clock: sincePhaseStart, afterEvent: FaultWaitingAgent},
+	{name: "give back the slot", modes: warmPrepare, action: (*build).releaseSlot},
+	{name: "wait for the guest agent", modes: coldBuild | warmPrepare, skip: noAgent, confirm: true, startsPhase: true, action: (*build).waitAgent},
+	{name: "detect the guest OS", modes: allModes, doing: coldBuild | warmPrepare, skip: noAgent, confirm: true,
+		action: (*build).detectOS, state: messages.StateAgentReady, clock: sincePhaseStart, afterEvent: FaultAfterAgentReady},
+	{name: "plan the runner", modes: jobModes, skip: noAgent, action: (*build).planRunner},
+	{name: "prepare the runner", modes: jobModes, skip: noRunner, confirm: true, startsPhase: true, action: (*build).prepareRunner},
+	{name: "start the runner", modes: jobModes, skip: noRunner, confirm: true, action: (*build).launchRunner,
 		state: messages.StateRunnerStarted, clock: sincePhaseStart, afterEvent: FaultAfterRunnerStart},
 	// The request is acknowledged next: only while the job is this host's.
-	{name: "acknowledge", confirm: true},
+	{name: "acknowledge", modes: jobModes, confirm: true},
 }
 
 func noAgent(b *build) bool  { return b.cfg.Agent == nil }
@@ -84,9 +111,16 @@ func noRunner(b *build) bool { return noAgent(b) || b.plan.Empty() }
 // job's emitter and gets it back with the outcome; everything else in it is
 // the build's own.
 type build struct {
-	cfg      *Config
-	m        *Manager
-	jobID    string
+	cfg   *Config
+	m     *Manager
+	mode  buildMode
+	jobID string
+	key   string // the machine's, which names it (actor.key)
+	// generation is a warm machine's image generation, for its metadata.
+	generation string
+	// release frees the operation slot of a warm machine's clone and
+	// boot, once they are done; nil otherwise.
+	release  func()
 	domain   string
 	deadline time.Time
 	req      messages.Provision
@@ -107,7 +141,7 @@ type build struct {
 // run runs the step table.
 func (b *build) run(ctx context.Context) error {
 	for _, s := range buildSteps {
-		if s.skip != nil && s.skip(b) {
+		if s.modes&b.mode == 0 || s.skip != nil && s.skip(b) {
 			continue
 		}
 		if err := ctx.Err(); err != nil {
@@ -121,7 +155,7 @@ func (b *build) run(ctx context.Context) error {
 		if s.startsPhase {
 			b.phaseStart = b.cfg.Now()
 		}
-		if s.action != nil {
+		if s.action != nil && (s.doing == 0 || s.doing&b.mode != 0) {
 			if err := s.action(b, ctx); err != nil {
 				return err
 			}
@@ -162,6 +196,40 @@ type stepError struct {
 func (e *stepError) Error() string { return e.err.Error() }
 func (e *stepError) Unwrap() error { return e.err }
 
+// warmKey is the key a warm machine is cloned under; "" for a cold one,
+// named for its job.
+func (b *build) warmKey() string {
+	if b.mode == warmPrepare {
+		return b.key
+	}
+	return ""
+}
+
+// releaseSlot frees a warm machine's slot once it is booted: waiting for
+// its guest holds none, so refills never keep a request waiting that long.
+func (b *build) releaseSlot(context.Context) error {
+	if b.release != nil {
+		b.release()
+		b.release = nil
+	}
+	return nil
+}
+
+// bindMachine records the job in the warm machine's metadata, so that a
+// worker started later knows the machine as the job's.
+func (b *build) bindMachine(ctx context.Context) error {
+	mach, err := b.cfg.Pool.Machines.Bind(ctx, b.key, provision.Binding{
+		JobID: b.jobID, RunnerKind: string(b.req.Runner.Kind), RequestedAt: b.req.RequestedAt, Deadline: b.deadline,
+	})
+	if err != nil {
+		return err
+	}
+	if !mach.Running {
+		return fmt.Errorf("bind warm machine %s: it is not running", b.domain)
+	}
+	return nil
+}
+
 func (b *build) takeClaim(ctx context.Context) error {
 	if err := b.claim.take(ctx); err != nil {
 		return err
@@ -174,10 +242,10 @@ func (b *build) takeClaim(ctx context.Context) error {
 // left half-built: that delivery was never acknowledged, so nobody relies
 // on it.
 func (b *build) removeLeftover(ctx context.Context) error {
-	if _, found, err := b.cfg.Machines.Lookup(ctx, b.jobID); err != nil {
+	if _, found, err := b.cfg.Machines.Lookup(ctx, b.key); err != nil {
 		return err
 	} else if found {
-		if _, err := b.cfg.Machines.Remove(ctx, b.jobID); err != nil {
+		if _, err := b.cfg.Machines.Remove(ctx, b.key); err != nil {
 			return err
 		}
 	}
@@ -186,7 +254,7 @@ func (b *build) removeLeftover(ctx context.Context) error {
 
 func (b *build) clone(ctx context.Context) error {
 	mach, err := b.cfg.Machines.Clone(ctx, provision.Spec{
-		JobID: b.jobID, Image: b.req.Image, Host: b.cfg.Host, RunnerKind: string(b.req.Runner.Kind),
+		JobID: b.jobID, Key: b.warmKey(), Generation: b.generation, Image: b.req.Image, Host: b.cfg.Host, RunnerKind: string(b.req.Runner.Kind),
 		RequestedAt: b.req.RequestedAt, Deadline: b.deadline,
 	})
 	if err != nil {
@@ -207,7 +275,7 @@ func cloneCode(err error) messages.ErrorCode {
 }
 
 func (b *build) boot(ctx context.Context) error {
-	if err := b.cfg.Machines.Start(ctx, b.jobID); err != nil {
+	if err := b.cfg.Machines.Start(ctx, b.key); err != nil {
 		return &stepError{code: messages.CodeBootFailed, err: err}
 	}
 	return nil
@@ -302,15 +370,25 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 	if now := a.m.cfg.Now(); start.After(now) {
 		start = now
 	}
+	mode := coldBuild
+	if c.warm {
+		// The job binds this warm machine: from now on its events are
+		// the job's, numbered from the job's own history.
+		mode = warmBind
+		a.jobID = req.JobID
+		a.rec.em = emitter{cfg: &a.m.cfg, jobID: req.JobID, machine: a.key}
+	}
 	a.to(PhaseBuilding)
 	a.build = c
-	a.rec.image, a.rec.domain = req.Image, messages.DomainName(req.JobID)
+	a.rec.image, a.rec.domain = req.Image, messages.DomainName(a.key)
 	a.rec.deadline, a.rec.kind = start.Add(req.MaxLifetime()), string(req.Runner.Kind)
 	a.rec.em.identify(a.rec)
-	a.rec.counted = true
-	a.m.countMachine(true, a.rec.image)
+	if !a.rec.counted {
+		a.rec.counted = true
+		a.m.countMachine(true, a.rec.image)
+	}
 	b := &build{
-		cfg: &a.m.cfg, m: a.m, jobID: a.jobID, domain: a.rec.domain, deadline: a.rec.deadline,
+		cfg: &a.m.cfg, m: a.m, mode: mode, jobID: a.jobID, key: a.key, domain: a.rec.domain, deadline: a.rec.deadline,
 		req: req, d: c.d, em: a.rec.em, claim: claimer{a: a, d: c.d},
 	}
 	// The table of runner kinds says which fields are secrets.
@@ -341,6 +419,66 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 	})
 }
 
+// startWarm prepares a new warm machine of c.image, to agent_ready, in the
+// slot c.release frees after the boot.
+func (a *actor) startWarm(root context.Context, c *warmCmd) {
+	a.to(PhaseWarming)
+	c.reply <- answer{}
+	image := c.image
+	a.rec.image, a.rec.domain = image, messages.DomainName(a.key)
+	a.rec.generation = a.m.generation(image)
+	a.rec.em.identify(a.rec)
+	a.rec.counted = true
+	a.m.countMachine(true, image)
+	b := &build{
+		cfg: &a.m.cfg, m: a.m, mode: warmPrepare, key: a.key, domain: a.rec.domain, generation: a.rec.generation,
+		req: messages.Provision{Image: image, Runner: messages.Runner{Kind: messages.RunnerNone}},
+		d:   Delivery{Origin: "warm"},
+		em:  a.rec.em, claim: claimer{a: a, none: true}, release: c.release,
+	}
+	gen := a.rec.generation
+	a.launch(root, "warm", func(ctx context.Context) func() {
+		err := b.run(ctx)
+		_ = b.releaseSlot(ctx)
+		stopped := context.Cause(ctx)
+		return func() {
+			a.rec.em = b.em
+			a.rec.runner.os = b.em.os
+			if err == nil {
+				a.to(PhaseIdle)
+				a.m.warmed(a, image, gen, true)
+				return
+			}
+			a.m.warmed(a, image, gen, false)
+			if stopped == nil && a.m.cfg.Report != nil {
+				a.m.cfg.Report("warm "+image, a.key, err)
+			}
+			a.to(PhaseRollingBack)
+			em := a.rec.em
+			key := a.key
+			a.launch(root, "roll back", func(context.Context) func() {
+				ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+				defer cancel()
+				rerr := a.m.removeOwn(ctx, key, true)
+				code, _ := classify(stopped != nil, err)
+				if rerr == nil {
+					_ = em.emit(ctx, messages.StateFailed, Delivery{Origin: "warm"}, 0, "", &messages.Error{Code: code, Message: err.Error()})
+				}
+				return func() {
+					a.rec.em = em
+					a.to(PhaseGone)
+				}
+			})
+		}
+	})
+}
+
+// retire removes an idle warm machine the pool took back, publishing the
+// machine's tearing_down and torn_down with reason.
+func (a *actor) retire(root context.Context, reason string) {
+	a.startTeardown(root, &ending{reason: reason, d: Delivery{Origin: reason}, self: true}, nil)
+}
+
 // answerWaiting answers the repeated deliveries waiting for the build.
 func (a *actor) answerWaiting(ans answer) {
 	for _, c := range a.waiting {
@@ -361,7 +499,7 @@ func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context)
 	if superseded {
 		end = *a.end
 	}
-	jobID := a.jobID
+	jobID, key := a.jobID, a.key
 	return func(context.Context) func() {
 		ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 		defer cancel()
@@ -387,7 +525,7 @@ func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context)
 			}
 			result = dropped
 			if claimed {
-				if rerr := a.m.removeOwn(ctx, jobID, false); rerr != nil {
+				if rerr := a.m.removeOwn(ctx, key, false); rerr != nil {
 					result = errors.Join(dropped, rerr)
 				}
 			}
@@ -401,7 +539,7 @@ func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context)
 			// no machine of the job here (unknown_job).
 			ended = fmt.Errorf("job %s went to host %s while its teardown waited", jobID, dropped.Holder)
 		default:
-			if rerr := a.m.removeOwn(ctx, jobID, true); rerr != nil {
+			if rerr := a.m.removeOwn(ctx, key, true); rerr != nil {
 				// The machine may still exist: let the request come again,
 				// which removes the leftover before building anew.
 				result = errors.Join(err, rerr)
@@ -428,6 +566,7 @@ func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context)
 		}
 		return func() {
 			a.rec.em = em
+			a.to(PhaseGone)
 			if release {
 				// The job's claim goes: a redelivery may be served by
 				// any host at once.
@@ -455,7 +594,6 @@ func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context)
 				}
 			}
 			a.enders, a.end = nil, nil
-			a.to(PhaseGone)
 		}
 	}
 }

@@ -193,9 +193,14 @@ func (m *Manager) servedElsewhere(ctx context.Context, jobID string) (string, er
 type claimer struct {
 	a *actor
 	d Delivery
+	// none: the build has no job to claim (a warm machine's preparation).
+	none bool
 }
 
 func (c claimer) ask(ctx context.Context, take bool) error {
+	if c.none {
+		return nil
+	}
 	req := claimRequest{ctx: ctx, take: take, d: c.d, reply: make(chan error, 1)}
 	select {
 	case c.a.claims <- req:
@@ -211,13 +216,14 @@ func (c claimer) take(ctx context.Context) error { return c.ask(ctx, true) }
 // confirm makes sure the job is still this host's.
 func (c claimer) confirm(ctx context.Context) error { return c.ask(ctx, false) }
 
-// removeOwn removes the machine of jobID if it is this host's: with two
+// removeOwn removes the machine with key (a job id, or a warm key) if it
+// is this host's: with two
 // workers on one libvirtd (tests run so), the machine of that name may be
 // the one the claim holder built. When no domain is found, volumes of the
 // job without one are removed only if orphans is set: they may be the
 // holder's clone in progress.
-func (m *Manager) removeOwn(ctx context.Context, jobID string, orphans bool) error {
-	mach, found, err := m.cfg.Machines.Lookup(ctx, jobID)
+func (m *Manager) removeOwn(ctx context.Context, key string, orphans bool) error {
+	mach, found, err := m.cfg.Machines.Lookup(ctx, key)
 	if err != nil {
 		return err
 	}
@@ -227,7 +233,7 @@ func (m *Manager) removeOwn(ctx context.Context, jobID string, orphans bool) err
 	if !found && !orphans {
 		return nil
 	}
-	_, err = m.cfg.Machines.Remove(ctx, jobID)
+	_, err = m.cfg.Machines.Remove(ctx, key)
 	return err
 }
 

@@ -16,6 +16,10 @@ import (
 type emitter struct {
 	cfg   *Config
 	jobID string
+	// machine is a warm machine's key: the events of its preparation and
+	// retirement are the machine's (no job id), and those of the job that
+	// binds it say warm.
+	machine string
 	// The job's identity as its events carry it.
 	image, domain, os string
 	// seq and pos are the job's newest event as this host knows it: its
@@ -37,11 +41,12 @@ func (e *emitter) emit(ctx context.Context, state messages.State, d Delivery, ph
 		V: messages.SchemaVersion, JobID: e.jobID, Host: e.cfg.Host, Image: e.image, Domain: e.domain,
 		State: state, Time: e.cfg.Now().UTC(), Seq: e.seq + 1, Attempt: d.Attempt,
 		PhaseMS: phase.Milliseconds(), Reason: reason, Error: er, OS: e.os,
+		Machine: e.machine, Warm: e.machine != "" && e.jobID != "",
 	}
 	for _, f := range fill {
 		f(&ev)
 	}
-	msgID := d.msgID(e.jobID, state)
+	msgID := d.msgID(ev.Token(), state)
 	switch {
 	case er != nil && er.Code == messages.CodeUnknownJob:
 		msgID += ":unknown"
@@ -52,7 +57,7 @@ func (e *emitter) emit(ctx context.Context, state messages.State, d Delivery, ph
 	}
 	seq, pos, err := e.cfg.Events.Append(ctx, ev, msgID, e.pos)
 	if err != nil {
-		return fmt.Errorf("publish %s event of job %s: %w", state, e.jobID, err)
+		return fmt.Errorf("publish %s event of %s: %w", state, ev.Token(), err)
 	}
 	e.seq, e.pos = seq, pos
 	return nil

@@ -28,10 +28,13 @@ type fakeMachines struct {
 	removes   int
 	orphans   []string
 	removed   []string
+	// generations are the images' generations for InspectImage.
+	generations map[string]string
 }
 
 func newFakeMachines() *fakeMachines {
-	return &fakeMachines{images: map[string]bool{"debian": true}, machines: map[string]*provision.Machine{}}
+	return &fakeMachines{images: map[string]bool{"debian": true}, machines: map[string]*provision.Machine{},
+		generations: map[string]string{"debian": "g1"}}
 }
 
 func (f *fakeMachines) Clone(ctx context.Context, s provision.Spec) (provision.Machine, error) {
@@ -51,13 +54,42 @@ func (f *fakeMachines) Clone(ctx context.Context, s provision.Spec) (provision.M
 	if !f.images[s.Image] {
 		return provision.Machine{}, fmt.Errorf("image %s: %w", s.Image, provision.ErrImageNotFound)
 	}
-	name := provision.DomainName(s.JobID)
-	if _, ok := f.machines[s.JobID]; ok {
+	key := s.Key
+	if key == "" {
+		key = s.JobID
+	}
+	name := provision.DomainName(key)
+	if _, ok := f.machines[key]; ok {
 		return provision.Machine{}, provision.ErrExists
 	}
-	m := &provision.Machine{Name: name, JobID: s.JobID, Image: s.Image, Host: s.Host, Deadline: s.Deadline, Volumes: []string{"/pool/" + name + "-vda.qcow2"}}
-	f.machines[s.JobID] = m
+	m := &provision.Machine{Name: name, Key: key, JobID: s.JobID, Warm: s.Key != "", Generation: s.Generation,
+		Image: s.Image, Host: s.Host, Deadline: s.Deadline, Volumes: []string{"/pool/" + name + "-vda.qcow2"}}
+	f.machines[key] = m
 	return *m, nil
+}
+
+// Bind and InspectImage make fakeMachines the warm pools' WarmMachines.
+func (f *fakeMachines) Bind(_ context.Context, key string, b provision.Binding) (provision.Machine, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m, ok := f.machines[key]
+	if !ok {
+		return provision.Machine{}, provision.ErrNotFound
+	}
+	if !m.Warm || m.JobID != "" {
+		return provision.Machine{}, provision.ErrExists
+	}
+	m.JobID, m.RunnerKind, m.RequestedAt, m.Deadline = b.JobID, b.RunnerKind, b.RequestedAt, b.Deadline
+	return *m, nil
+}
+
+func (f *fakeMachines) InspectImage(_ context.Context, image string) (provision.ImageReport, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.images[image] {
+		return provision.ImageReport{Name: image}, provision.ErrImageNotFound
+	}
+	return provision.ImageReport{Name: image, Defined: true, Generation: f.generations[image]}, nil
 }
 
 func (f *fakeMachines) Start(_ context.Context, jobID string) error {
@@ -91,7 +123,15 @@ func (f *fakeMachines) Lookup(_ context.Context, jobID string) (provision.Machin
 	if !ok {
 		return provision.Machine{}, false, nil
 	}
-	return *m, true, nil
+	return keyed(*m), true, nil
+}
+
+// keyed fills in a cold machine's key, as provision does from its name.
+func keyed(m provision.Machine) provision.Machine {
+	if m.Key == "" {
+		m.Key = m.JobID
+	}
+	return m
 }
 
 func (f *fakeMachines) List(context.Context) ([]provision.Machine, error) {
@@ -99,7 +139,7 @@ func (f *fakeMachines) List(context.Context) ([]provision.Machine, error) {
 	defer f.mu.Unlock()
 	var out []provision.Machine
 	for _, m := range f.machines {
-		out = append(out, *m)
+		out = append(out, keyed(*m))
 	}
 	return out, nil
 }
@@ -619,13 +659,13 @@ func TestRejectReportsFailedOnce(t *testing.T) {
 func tickAll(t *testing.T, m *Manager) {
 	t.Helper()
 	m.mu.Lock()
-	var ids []string
-	for id := range m.byJob {
-		ids = append(ids, id)
+	var actors []*actor
+	for _, a := range m.byKey {
+		actors = append(actors, a)
 	}
 	m.mu.Unlock()
-	for _, id := range ids {
-		if _, err := m.call(context.Background(), id, spawnNever, &tickCmd{}); err != nil {
+	for _, a := range actors {
+		if _, err := m.send(context.Background(), a, &tickCmd{}); err != nil {
 			t.Fatal(err)
 		}
 	}

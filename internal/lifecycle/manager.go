@@ -68,6 +68,10 @@ type Journal interface {
 type Slots interface {
 	// Acquire waits for a slot until ctx ends; release frees it.
 	Acquire(ctx context.Context) (release func(), err error)
+	// TryAcquire takes a slot for a warm pool's refill only if one is
+	// free that no request waits for or is likely to need; ok is false
+	// otherwise.
+	TryAcquire() (release func(), ok bool)
 }
 
 // Config wires a Manager.
@@ -106,6 +110,8 @@ type Config struct {
 	// ClaimTTL is how long a claim lives unrenewed; it must be below the
 	// requests' AckWait. Default 15s.
 	ClaimTTL time.Duration
+	// Pool, when set, keeps warm machines ready for jobs (pool.go).
+	Pool *PoolConfig
 }
 
 // Delivery describes the request message being handled.
@@ -162,9 +168,14 @@ type Manager struct {
 	cancel context.CancelFunc
 	actors conc.WaitGroup
 
-	mu       sync.Mutex
-	closed   bool
+	mu     sync.Mutex
+	closed bool
+	// byJob maps each job this host serves to its actor; byKey each
+	// machine key (a cold machine's is its job id) to its actor, warm
+	// machines no job bound included.
 	byJob    map[string]*actor
+	byKey    map[string]*actor
+	pool     poolState
 	machines int                  // actors that own or build a machine
 	byImage  map[string]int       // those machines by image
 	reserved int                  // machines promised to requests not yet read
@@ -192,6 +203,8 @@ func New(cfg Config) *Manager {
 	return &Manager{
 		cfg: cfg, root: root, cancel: cancel,
 		byJob:   make(map[string]*actor),
+		byKey:   make(map[string]*actor),
+		pool:    newPoolState(),
 		byImage: make(map[string]int),
 		done:    make(map[string]time.Time),
 		roomed:  make(chan struct{}),
@@ -224,7 +237,8 @@ func (m *Manager) Active() int {
 func (m *Manager) TryReserve(max int) (release func(), ok bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.machines+m.reserved >= max {
+	// Idle warm machines give way to a cold build (Provision).
+	if m.machines-m.pool.idleCount()+m.reserved >= max {
 		return func() {}, false
 	}
 	m.reserved++
@@ -270,6 +284,9 @@ func (m *Manager) known(jobID string) (active, finished bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	_, active = m.byJob[jobID]
+	if !active {
+		_, active = m.byKey[jobID]
+	}
 	_, finished = m.done[jobID]
 	return active, finished
 }
@@ -303,9 +320,38 @@ func (m *Manager) lookup(jobID string, mode spawnMode) (a *actor, created, finis
 		return nil, false, false, nil
 	}
 	a = newActor(m, jobID)
-	m.byJob[jobID] = a
+	m.registerLocked(a, jobID)
 	m.actors.Go(func() { a.run(m.root) })
 	return a, true, false, nil
+}
+
+// spawnAdopter returns a new actor for a machine found on the host, under
+// its key and its job (none for a warm machine no job bound), or nil when
+// an actor has the machine or the job already.
+func (m *Manager) spawnAdopter(mach provision.Machine) *actor {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed || m.byKey[mach.Key] != nil || mach.JobID != "" && m.byJob[mach.JobID] != nil {
+		return nil
+	}
+	a := newActor(m, mach.JobID)
+	a.key = mach.Key
+	if mach.Warm {
+		a.rec.em.machine = mach.Key
+	}
+	m.registerLocked(a, mach.JobID)
+	m.actors.Go(func() { a.run(m.root) })
+	return a
+}
+
+// registerLocked enters a into the registry: under its key, and under
+// jobID unless that is empty (a warm machine no job bound).
+func (m *Manager) registerLocked(a *actor, jobID string) {
+	m.byKey[a.key] = a
+	if jobID != "" {
+		m.byJob[jobID] = a
+		a.registered = jobID
+	}
 }
 
 // countMachine makes a machine of image count against the host's
@@ -344,11 +390,15 @@ func (m *Manager) MachinesByImage() map[string]int {
 func (m *Manager) retire(a *actor, finished bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.byJob[a.jobID] == a {
-		delete(m.byJob, a.jobID)
+	if m.byJob[a.registered] == a {
+		delete(m.byJob, a.registered)
 	}
-	if finished {
-		m.done[a.jobID] = m.cfg.Now()
+	if m.byKey[a.key] == a {
+		delete(m.byKey, a.key)
+	}
+	m.pool.forgetLocked(a)
+	if finished && a.registered != "" {
+		m.done[a.registered] = m.cfg.Now()
 	}
 }
 
@@ -366,24 +416,33 @@ func (m *Manager) call(ctx context.Context, jobID string, mode spawnMode, cmd co
 		case a == nil:
 			return answer{absent: true}, nil
 		}
-		reply := make(chan answer, 1)
-		cmd.setReply(reply)
-		select {
-		case a.inbox <- cmd:
-		case <-a.stopped:
-			continue // it just went: ask the registry again
-		case <-ctx.Done():
-			return answer{}, ctx.Err()
+		ans, err := m.send(ctx, a, cmd)
+		if err != nil {
+			return answer{}, err
 		}
-		// The actor answers every command it took, also when it stops
-		// (drain), so the wait ends; a provision's caller keeps its slot
-		// until the build is rolled back.
-		ans := <-reply
 		if ans.retry {
 			continue
 		}
 		return ans, nil
 	}
+}
+
+// send gives cmd to a and waits for its answer; an actor that stopped
+// before it took cmd answers retry, so the caller asks the registry again.
+func (m *Manager) send(ctx context.Context, a *actor, cmd command) (answer, error) {
+	reply := make(chan answer, 1)
+	cmd.setReply(reply)
+	select {
+	case a.inbox <- cmd:
+	case <-a.stopped:
+		return answer{retry: true}, nil
+	case <-ctx.Done():
+		return answer{}, ctx.Err()
+	}
+	// The actor answers every command it took, also when it stops, so the
+	// wait ends; a provision's caller keeps its slot until the build is
+	// rolled back.
+	return <-reply, nil
 }
 
 // Provision builds and boots the machine for req and starts its runner,
@@ -406,11 +465,61 @@ func (m *Manager) call(ctx context.Context, jobID string, mode spawnMode, cmd co
 // request should be delivered again. When ctx ends the build is stopped
 // and rolled back before Provision returns.
 func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Delivery) error {
-	ans, err := m.call(ctx, req.JobID, spawnUnlessFinished, &provisionCmd{ctx: ctx, req: req, d: d})
-	if err != nil || ans.finished {
-		return err
+	for {
+		a, warm, victim, finished, err := m.lookupProvision(req)
+		switch {
+		case err != nil:
+			return err
+		case finished:
+			return nil
+		}
+		if victim != nil {
+			// An idle warm machine makes room for this cold build.
+			if _, err := m.send(ctx, victim, &retireCmd{reason: messages.ReasonCapacity}); err != nil {
+				return err
+			}
+		}
+		ans, err := m.send(ctx, a, &provisionCmd{ctx: ctx, req: req, d: d, warm: warm})
+		if err != nil {
+			return err
+		}
+		if ans.retry {
+			continue
+		}
+		return ans.err
 	}
-	return ans.err
+}
+
+// lookupProvision finds the actor for a provision of req: the job's own,
+// or an idle warm machine of its image that the job binds (warm), or a new
+// one that builds it cold, with an idle warm machine of another image to
+// retire first (victim) when the host is full. finished: the job ended
+// here recently.
+func (m *Manager) lookupProvision(req messages.Provision) (a *actor, warm bool, victim *actor, finished bool, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, false, nil, false, errClosed
+	}
+	m.forgetOldLocked()
+	if a := m.byJob[req.JobID]; a != nil {
+		return a, false, nil, false, nil
+	}
+	if _, ok := m.done[req.JobID]; ok {
+		return nil, false, nil, true, nil
+	}
+	if w := m.pool.popLocked(req.Image); w != nil {
+		m.byJob[req.JobID] = w
+		w.registered = req.JobID
+		return w, true, nil, false, nil
+	}
+	if m.machines >= m.maxVMs() {
+		victim = m.pool.popLocked("")
+	}
+	a = newActor(m, req.JobID)
+	m.registerLocked(a, req.JobID)
+	m.actors.Go(func() { a.run(m.root) })
+	return a, false, victim, false, nil
 }
 
 // Teardown removes the machine of jobID, publishing tearing_down and then
@@ -480,12 +589,13 @@ func (m *Manager) Reject(ctx context.Context, jobID, image string, code messages
 // again 30 s later. Tick does not wait for any of it.
 func (m *Manager) Tick() {
 	m.mu.Lock()
-	actors := make([]*actor, 0, len(m.byJob))
-	for _, a := range m.byJob {
+	actors := make([]*actor, 0, len(m.byKey))
+	for _, a := range m.byKey {
 		actors = append(actors, a)
 	}
 	m.mu.Unlock()
 	for _, a := range actors {
 		a.poke()
 	}
+	m.refill()
 }

@@ -65,7 +65,7 @@ func (a *actor) probe() func(context.Context) func() {
 			// An exit an earlier tick saw but could not publish.
 			return a.reportExit(ctx, em, r.exit, r.since)
 		}
-		mach, found, err := a.m.cfg.Machines.Lookup(ctx, a.jobID)
+		mach, found, err := a.m.cfg.Machines.Lookup(ctx, a.key)
 		if err != nil {
 			return noop // libvirt unreachable: look again next time
 		}

@@ -43,7 +43,7 @@ func (a *actor) startTeardown(root context.Context, e *ending, release func()) {
 		if release != nil {
 			defer release()
 		}
-		outcome, err := a.m.remove(ctx, &em, *e, holder)
+		outcome, err := a.m.remove(ctx, a.key, &em, *e, holder)
 		return func() {
 			a.rec.em = em
 			a.endTeardown(e, outcome, err)
@@ -53,21 +53,27 @@ func (a *actor) startTeardown(root context.Context, e *ending, release func()) {
 
 // endTeardown applies a teardown's outcome.
 func (a *actor) endTeardown(e *ending, outcome teardownOutcome, err error) {
-	for _, c := range a.enders {
-		c <- answer{err: err}
+	if outcome == tornDown && e.reason != messages.ReasonClaimLost {
+		a.releaseClaim() // before the teardown is answered, and acked
 	}
+	enders := a.enders
 	a.enders, a.end = nil, nil
+	defer func() {
+		for _, c := range enders {
+			c <- answer{err: err}
+		}
+	}()
 	switch outcome {
 	case tornDown:
-		if e.reason != messages.ReasonClaimLost {
-			a.releaseClaim()
-		}
 		a.rec.finished = true
 		a.to(PhaseGone)
 	case abandoned:
 		a.to(PhaseGone)
 	default:
 		a.rec.retryAt = a.m.cfg.Now().Add(deadlineRetry)
+		if a.jobID == "" {
+			a.rec.retiring = e.reason // a warm machine's retirement, tried again
+		}
 		a.to(PhaseReady)
 		if e.self && err != nil && a.m.cfg.Report != nil {
 			a.m.cfg.Report(e.reason, a.jobID, err)
@@ -79,9 +85,9 @@ func (a *actor) endTeardown(e *ending, outcome teardownOutcome, err error) {
 // end: torn_down, or failed when the ending has a cause. A machine whose
 // job another host took (claim_lost) is removed without either: the job
 // goes on there, so this host publishes dropped instead.
-func (m *Manager) remove(ctx context.Context, em *emitter, e ending, holder string) (teardownOutcome, error) {
+func (m *Manager) remove(ctx context.Context, key string, em *emitter, e ending, holder string) (teardownOutcome, error) {
 	if e.reason == messages.ReasonClaimLost {
-		if err := m.removeOwn(ctx, em.jobID, false); err != nil {
+		if err := m.removeOwn(ctx, key, false); err != nil {
 			return retryTeardown, fmt.Errorf("remove machine of job %s: %w", em.jobID, err)
 		}
 		if err := em.emit(ctx, messages.StateDropped, e.d, 0, messages.ReasonClaimLost, nil,
@@ -95,8 +101,8 @@ func (m *Manager) remove(ctx context.Context, em *emitter, e ending, holder stri
 	}
 	m.cfg.Faults.At(FaultMidTeardown)
 	start := m.cfg.Now()
-	if _, err := m.cfg.Machines.Remove(ctx, em.jobID); err != nil {
-		err = fmt.Errorf("remove machine of job %s: %w", em.jobID, err)
+	if _, err := m.cfg.Machines.Remove(ctx, key); err != nil {
+		err = fmt.Errorf("remove machine %s: %w", messages.DomainName(key), err)
 		if !e.d.Final {
 			return retryTeardown, err
 		}
@@ -139,7 +145,7 @@ func (a *actor) adoptRecord(mach provision.Machine) {
 func (a *actor) lookUpForTeardown(e *ending) func(context.Context) func() {
 	em := a.rec.em
 	return func(ctx context.Context) func() {
-		mach, found, err := a.m.cfg.Machines.Lookup(ctx, a.jobID)
+		mach, found, err := a.m.cfg.Machines.Lookup(ctx, a.key)
 		if err != nil {
 			err = fmt.Errorf("look up machine of job %s: %w", a.jobID, err)
 			return func() { a.settled(false, err) }
@@ -161,6 +167,7 @@ func (a *actor) lookUpForTeardown(e *ending) func(context.Context) func() {
 // settled ends a job's bookkeeping that found no machine.
 func (a *actor) settled(finished bool, err error) {
 	a.rec.finished = finished
+	a.to(PhaseGone)
 	for _, c := range a.enders {
 		c <- answer{err: err}
 	}
@@ -170,7 +177,6 @@ func (a *actor) settled(finished bool, err error) {
 		answerFinished = answer{err: fmt.Errorf("job %s has no machine on host %s", a.jobID, a.m.cfg.Host)}
 	}
 	a.answerWaiting(answerFinished)
-	a.to(PhaseGone)
 }
 
 // unknownTeardown answers a teardown of a job without a machine here. A
@@ -210,6 +216,14 @@ func (m *Manager) unknownTeardown(ctx context.Context, em *emitter, e ending) (f
 // without events, as its request will be delivered again.
 func (a *actor) adopt(mach provision.Machine) func(context.Context) func() {
 	return func(ctx context.Context) func() {
+		if a.jobID == "" {
+			// An idle warm machine of a process gone: its readiness is
+			// not known, and a new one is cheap; it is retired.
+			return func() {
+				a.adoptRecord(mach)
+				a.retire(a.m.root, messages.ReasonReconcile)
+			}
+		}
 		last, err := a.m.lastOwnEvent(ctx, a.jobID)
 		if err != nil {
 			// Without the history the worker cannot tell a running job
@@ -219,7 +233,7 @@ func (a *actor) adopt(mach provision.Machine) func(context.Context) func() {
 		}
 		acked := last.Host == a.m.cfg.Host && a.m.acknowledged(last.State, mach.RunnerKind)
 		if !acked {
-			if _, err := a.m.cfg.Machines.Remove(ctx, mach.JobID); err != nil {
+			if _, err := a.m.cfg.Machines.Remove(ctx, mach.Key); err != nil {
 				err = fmt.Errorf("remove half-built machine %s: %w", mach.Name, err)
 				return func() { a.settled(false, err) }
 			}
@@ -307,18 +321,22 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	}
 	var errs []error
 	for _, mach := range machines {
-		if !messages.ValidJobID(mach.JobID) || mach.Name != messages.DomainName(mach.JobID) {
+		if !messages.ValidMachineKey(mach.Key) || mach.Name != messages.DomainName(mach.Key) {
 			continue
 		}
 		if !mach.MetadataUnreadable && mach.Host != "" && mach.Host != m.cfg.Host {
 			continue
 		}
-		if active, _ := m.known(mach.JobID); active {
+		if mach.JobID != "" && !messages.ValidJobID(mach.JobID) {
 			continue
 		}
 		// A finished job's machine is adopted too: its last event is
 		// terminal, so it is removed as half-built.
-		ans, err := m.call(ctx, mach.JobID, spawnAlways, &adoptCmd{mach: mach})
+		a := m.spawnAdopter(mach)
+		if a == nil {
+			continue // served already
+		}
+		ans, err := m.send(ctx, a, &adoptCmd{mach: mach})
 		if err == nil {
 			err = ans.err
 		}
@@ -336,8 +354,8 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 	seen := make(map[string]bool, len(orphans))
 	for _, path := range orphans {
 		seen[path] = true
-		jobID, ok := provision.VolumeJobID(path)
-		if !ok || !messages.ValidJobID(jobID) || !m.orphans[path] {
+		jobID, ok := provision.VolumeKey(path)
+		if !ok || !m.orphans[path] {
 			continue
 		}
 		if active, _ := m.known(jobID); active {

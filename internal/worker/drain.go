@@ -50,6 +50,7 @@ func (w *Worker) setDrain(drain bool) {
 		return
 	}
 	f.drain = drain
+	w.life.SetDraining(drain)
 	close(f.changed)
 	f.changed = make(chan struct{})
 }

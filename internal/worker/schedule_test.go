@@ -72,7 +72,7 @@ func (h *fakeHost) Clone(_ context.Context, s provision.Spec) (provision.Machine
 	if _, ok := h.machines[s.JobID]; ok {
 		return provision.Machine{}, provision.ErrExists
 	}
-	m := provision.Machine{Name: provision.DomainName(s.JobID), JobID: s.JobID, Image: s.Image,
+	m := provision.Machine{Name: provision.DomainName(s.JobID), Key: s.JobID, JobID: s.JobID, Image: s.Image,
 		Host: s.Host, Deadline: s.Deadline, RunnerKind: s.RunnerKind, OS: "linux"}
 	h.machines[s.JobID] = &fakeMachine{Machine: m}
 	return m, nil

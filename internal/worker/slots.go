@@ -31,6 +31,7 @@ const (
 // Acquire, for the teardowns machines begin by themselves.
 type Slots struct {
 	mu      sync.Mutex
+	total   int
 	free    int
 	waiters [numPriorities][]chan struct{}
 	// changed is closed and replaced whenever free or the waiters change,
@@ -42,7 +43,7 @@ type Slots struct {
 
 // NewSlots returns n slots.
 func NewSlots(n int) *Slots {
-	return &Slots{free: n, changed: make(chan struct{})}
+	return &Slots{total: n, free: n, changed: make(chan struct{})}
 }
 
 // Acquire waits for a slot for a teardown, ahead of provisions, until ctx
@@ -53,6 +54,28 @@ func (s *Slots) Acquire(ctx context.Context) (release func(), err error) {
 	}
 	var once sync.Once
 	return func() { once.Do(s.release) }, nil
+}
+
+// TryAcquire takes a slot for a warm pool's refill, only when nobody
+// waits for one and, with more than one slot, a second one stays free for
+// the next request; it implements lifecycle.Slots. A refill holds its
+// slot only for its machine's clone and boot.
+func (s *Slots) TryAcquire() (release func(), ok bool) {
+	s.mu.Lock()
+	spare := 1
+	if s.total == 1 {
+		spare = 0
+	}
+	if s.free <= spare || s.queuedLocked(numPriorities-1) {
+		s.mu.Unlock()
+		return nil, false
+	}
+	s.free--
+	s.signalLocked()
+	s.mu.Unlock()
+	s.took()
+	var once sync.Once
+	return func() { once.Do(s.release) }, true
 }
 
 // InFlight returns the operations holding a slot now and the most that

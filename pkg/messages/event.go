@@ -87,6 +87,13 @@ type Event struct {
 	// Holder is the host that holds the job's claim, set on dropped events
 	// when it is known.
 	Holder string `msgpack:"holder,omitempty"`
+	// Machine is the key of a warm machine (ValidWarmKey): on the events
+	// of its preparation and retirement, which have no JobID, and on the
+	// events of the job that bound it.
+	Machine string `msgpack:"machine,omitempty"`
+	// Warm is set on every event of a job served by a warm machine, one
+	// booted before the job existed.
+	Warm bool `msgpack:"warm,omitempty"`
 	// Error is set on failed events and on torn_down events that did not
 	// find a machine.
 	Error *Error `msgpack:"error,omitempty"`
@@ -146,6 +153,15 @@ const (
 	// ReasonClaimedElsewhere: a delivery found the job claimed by another
 	// host; on dropped events.
 	ReasonClaimedElsewhere = "claimed_elsewhere"
+	// Reasons a warm machine no job bound is retired (tearing_down and
+	// torn_down of the machine): it reached the pool's max_ready_age,
+	// its image changed, the host drains or stops, or a cold build needed
+	// its room under --max-vms.
+	ReasonMaxReadyAge  = "max_ready_age"
+	ReasonImageChanged = "image_changed"
+	ReasonDraining     = "draining"
+	ReasonShutdown     = "shutdown"
+	ReasonCapacity     = "capacity"
 )
 
 // Claim is the value of a job's key in ClaimsBucket: the host that serves

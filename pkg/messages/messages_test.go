@@ -60,6 +60,15 @@ func goldenCases() map[string]any {
 			State: StateRunnerExited, Time: requestedAt.Add(10 * time.Minute), Seq: 8, Attempt: 0,
 			OS: "linux", ExitCode: ptr(1), OutputWithheld: true,
 		},
+		"event_warm_ready_v1": &Event{
+			V: 1, Host: "host-a", Image: "debian-12", Domain: "stretchy-_warm-0a1b2c3d4e5f", State: StateAgentReady,
+			Time: requestedAt.Add(12 * time.Second), Seq: 5, PhaseMS: 7400, OS: "linux", Machine: "_warm-0a1b2c3d4e5f",
+		},
+		"event_runner_started_warm_v1": &Event{
+			V: 1, JobID: "fj-3", Host: "host-a", Image: "debian-12", Domain: "stretchy-_warm-0a1b2c3d4e5f", State: StateRunnerStarted,
+			Time: requestedAt.Add(time.Minute), Seq: 7, Attempt: 1, PhaseMS: 180, OS: "linux", RunnerPID: 233,
+			Machine: "_warm-0a1b2c3d4e5f", Warm: true,
+		},
 		"event_failed_v1": &Event{
 			V: 1, JobID: "job-43", Host: "host-a", Image: "nope", Domain: "stretchy-job-43", State: StateFailed,
 			Time: requestedAt, Seq: 2, Attempt: 1,

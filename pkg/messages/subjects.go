@@ -1,6 +1,10 @@
 package messages
 
-import "strings"
+import (
+	"encoding/hex"
+	"regexp"
+	"strings"
+)
 
 // ProvisionerID names this provisioner in the orchestrator and in the subject
 // namespace, so other provisioners can share one NATS deployment without
@@ -42,9 +46,24 @@ func TeardownSubject(host string) string {
 }
 
 // EventSubject is the subject an event for job on host in state is published
-// on. Its tokens let readers filter by host, job or state on the server.
+// on. Its tokens let readers filter by host, job or state on the server. The
+// events of a warm machine that no job has bound yet carry the machine's
+// key in the job's place.
 func EventSubject(host, jobID string, state State) string {
 	return subjectRoot + ".evt." + host + "." + jobID + "." + string(state)
+}
+
+// Subject is the subject ev is published on: its job's, or for a warm
+// machine no job has bound yet, the machine's.
+func (ev *Event) Subject() string { return EventSubject(ev.Host, ev.Token(), ev.State) }
+
+// Token is the job id of ev, or the warm machine's key when it has none:
+// the fourth token of its subject.
+func (ev *Event) Token() string {
+	if ev.JobID == "" {
+		return ev.Machine
+	}
+	return ev.JobID
 }
 
 // EventFilter builds an event subject filter; an empty argument matches any
@@ -59,5 +78,23 @@ func EventFilter(host, jobID string, state State) string {
 	return strings.Join([]string{subjectRoot, "evt", tok(host), tok(jobID), tok(string(state))}, ".")
 }
 
-// DomainName is the libvirt domain name of the machine for jobID.
-func DomainName(jobID string) string { return ManagedPrefix + jobID }
+// DomainName is the libvirt domain name of the machine with key: a cold
+// machine's key is its job id.
+func DomainName(key string) string { return ManagedPrefix + key }
+
+// Warm machines are booted before any job exists (warm pools), so their
+// domain name carries no job id: ManagedPrefix, then a key that no job id
+// can be, since job ids start with a letter or digit. A warm machine keeps
+// its name when a job binds it; its events carry the key as Event.Machine.
+var warmKeyPattern = regexp.MustCompile(`^_warm-[0-9a-f]{12}$`)
+
+// WarmKey returns the key of a new warm machine, from 6 random bytes.
+func WarmKey(random [6]byte) string { return "_warm-" + hex.EncodeToString(random[:]) }
+
+// ValidWarmKey reports whether key names a warm machine.
+func ValidWarmKey(key string) bool { return warmKeyPattern.MatchString(key) }
+
+// ValidMachineKey reports whether key, what follows ManagedPrefix in a
+// managed domain's name, names a machine of the worker: a job id (the
+// machine of that job) or a warm machine's key.
+func ValidMachineKey(key string) bool { return ValidJobID(key) || ValidWarmKey(key) }

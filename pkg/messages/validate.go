@@ -221,7 +221,14 @@ func (e *Event) Validate() error {
 		return err
 	}
 	var ps problems
-	ps.jobID(e.JobID)
+	switch {
+	case e.JobID == "" && e.Machine != "":
+		if !ValidWarmKey(e.Machine) {
+			ps.add("machine: invalid (got %s)", Describe(e.Machine))
+		}
+	default:
+		ps.jobID(e.JobID)
+	}
 	if !ValidHost(e.Host) {
 		ps.add("host: invalid (got %s)", Describe(e.Host))
 	}

@@ -12,7 +12,8 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
-// Clone defines the machine for s.JobID as a copy of the image s.Image and
+// Clone defines the machine of s (stretchy-<s.JobID>, or stretchy-<s.Key>
+// for a warm machine) as a copy of the image s.Image and
 // returns it; it does not start it. Each writable disk of the image whose
 // storage is a pool volume gets a new volume of the job in the same pool,
 // made as the clone mode says (see doc.go); read-only, CD-ROM and
@@ -30,14 +31,21 @@ import (
 func (p *Provisioner) Clone(ctx context.Context, s Spec) (Machine, error) {
 	m, err := p.clone(ctx, s)
 	if err != nil {
-		return Machine{}, fmt.Errorf("clone %s from image %s: %w", DomainName(s.JobID), s.Image, err)
+		return Machine{}, fmt.Errorf("clone %s from image %s: %w", DomainName(s.key()), s.Image, err)
 	}
 	return m, nil
 }
 
 func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) {
-	// The wire contract's rule keeps job ids fit for domain and file names.
-	if !messages.ValidJobID(s.JobID) {
+	// The wire contract's rules keep job ids and warm keys fit for domain
+	// and file names.
+	key := s.key()
+	switch {
+	case s.Key == "" && !messages.ValidJobID(s.JobID):
+		return Machine{}, fmt.Errorf("job id %q: %w", s.JobID, ErrInvalidJobID)
+	case s.Key != "" && !messages.ValidWarmKey(s.Key):
+		return Machine{}, fmt.Errorf("warm machine key %q: %w", s.Key, ErrInvalidJobID)
+	case s.Key != "" && s.JobID != "" && !messages.ValidJobID(s.JobID):
 		return Machine{}, fmt.Errorf("job id %q: %w", s.JobID, ErrInvalidJobID)
 	}
 	if s.CloneMode != "" && !s.CloneMode.valid() {
@@ -46,7 +54,7 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 	if strings.HasPrefix(s.Image, Prefix) {
 		return Machine{}, fmt.Errorf("image names must not start with %q: %w", Prefix, ErrImageInvalid)
 	}
-	name := DomainName(s.JobID)
+	name := DomainName(key)
 
 	image, err := call(ctx, p, func() (libvirt.Domain, error) { return p.conn.DomainLookupByName(s.Image) })
 	if isNoDomain(err) {
@@ -106,7 +114,7 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 			refs[i] = &sources[i].ref
 		}
 	}
-	plans, err := planDisks(s.JobID, disks, refs, mode)
+	plans, err := planDisks(key, disks, refs, mode)
 	if err != nil {
 		return Machine{}, err
 	}
@@ -117,7 +125,7 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 
 	// Only reads so far. What an earlier attempt of this job left behind
 	// goes first, so that the names are free.
-	if _, err := p.removeOrphans(ctx, s.JobID); err != nil {
+	if _, err := p.removeOrphans(ctx, key); err != nil {
 		return Machine{}, err
 	}
 
@@ -130,13 +138,16 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		}
 		rollback := p.deleteVolumes(ctx, created)
 		if rollback == nil && !errors.Is(err, ErrExists) && !IsUnavailable(err) {
-			_, rollback = p.removeOrphans(context.WithoutCancel(ctx), s.JobID)
+			_, rollback = p.removeOrphans(context.WithoutCancel(ctx), key)
 		}
 		err = errors.Join(err, rollback)
 	}()
 	m := Machine{
 		Name:        name,
+		Key:         key,
 		JobID:       s.JobID,
+		Warm:        s.Key != "",
+		Generation:  s.Generation,
 		Image:       s.Image,
 		Host:        s.Host,
 		RunnerKind:  s.RunnerKind,
@@ -167,7 +178,7 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		if len(plans) > 0 {
 			into = &sources[0].pool
 		}
-		vol, path, err := p.copyNVRAM(ctx, s.JobID, nvram, into, def.OS.NVRam.Format)
+		vol, path, err := p.copyNVRAM(ctx, key, nvram, into, def.OS.NVRam.Format)
 		if err != nil {
 			return Machine{}, err
 		}

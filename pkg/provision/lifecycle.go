@@ -268,7 +268,11 @@ func (p *Provisioner) machine(ctx context.Context, dom libvirt.Domain) (Machine,
 		return Machine{}, fmt.Errorf("metadata of %s: %w", dom.Name, err)
 	}
 	m.Name = dom.Name
-	m.JobID = strings.TrimPrefix(dom.Name, Prefix)
+	m.Key = strings.TrimPrefix(dom.Name, Prefix)
+	if !m.Warm || m.MetadataUnreadable {
+		// A cold machine is named for its job.
+		m.JobID = m.Key
+	}
 	m.Running = libvirt.DomainState(state) != libvirt.DomainShutoff
 	return m, nil
 }

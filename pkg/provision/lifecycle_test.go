@@ -30,7 +30,7 @@ func TestOwnedVolumePath(t *testing.T) {
 	}
 }
 
-func TestVolumeJobID(t *testing.T) {
+func TestVolumeKey(t *testing.T) {
 	tests := []struct {
 		path, job string
 		ok        bool
@@ -45,12 +45,12 @@ func TestVolumeJobID(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.path, func(t *testing.T) {
-			job, ok := VolumeJobID(tt.path)
+			job, ok := VolumeKey(tt.path)
 			if ok != tt.ok || (ok && job != tt.job) {
-				t.Errorf("VolumeJobID(%q) = %q, %v; want %q, %v", tt.path, job, ok, tt.job, tt.ok)
+				t.Errorf("VolumeKey(%q) = %q, %v; want %q, %v", tt.path, job, ok, tt.job, tt.ok)
 			}
 			if ok && !ownedVolumePath(job, tt.path) {
-				t.Errorf("ownedVolumePath(%q, %q) = false for the job VolumeJobID found", job, tt.path)
+				t.Errorf("ownedVolumePath(%q, %q) = false for the job VolumeKey found", job, tt.path)
 			}
 		})
 	}

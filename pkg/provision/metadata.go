@@ -33,6 +33,8 @@ type machineMetadata struct {
 	XMLName     xml.Name
 	XMLNS       string   `xml:"xmlns:stretchy,attr,omitempty"`
 	JobID       string   `xml:"job_id"`
+	Warm        bool     `xml:"warm,omitempty"`
+	Generation  string   `xml:"generation,omitempty"`
 	Image       string   `xml:"image"`
 	Host        string   `xml:"host,omitempty"`
 	RunnerKind  string   `xml:"runner_kind,omitempty"`
@@ -49,6 +51,8 @@ func encodeMetadata(m Machine) (string, error) {
 		XMLName:     xml.Name{Local: metadataPrefix + ":" + metadataElement},
 		XMLNS:       metadataNS,
 		JobID:       m.JobID,
+		Warm:        m.Warm,
+		Generation:  m.Generation,
 		Image:       m.Image,
 		Host:        m.Host,
 		RunnerKind:  m.RunnerKind,
@@ -63,6 +67,19 @@ func encodeMetadata(m Machine) (string, error) {
 		return "", fmt.Errorf("encode metadata: %w", err)
 	}
 	return string(b), nil
+}
+
+// encodeMetadataElement returns m's element as virDomainSetMetadata takes
+// it: no prefix and no namespace declaration, which libvirt adds from the
+// key and URI it is given.
+func encodeMetadataElement(m Machine) (string, error) {
+	doc, err := encodeMetadata(m)
+	if err != nil {
+		return "", err
+	}
+	doc = strings.Replace(doc, "<"+metadataPrefix+":"+metadataElement+` xmlns:stretchy="`+metadataNS+`"`, "<"+metadataElement, 1)
+	doc = strings.TrimSuffix(doc, "</"+metadataPrefix+":"+metadataElement+">") + "</" + metadataElement + ">"
+	return doc, nil
 }
 
 // decodeMetadata finds this package's element in doc and fills in m's
@@ -84,6 +101,8 @@ func decodeMetadata(doc string, m *Machine) error {
 		return fmt.Errorf("decode metadata: deadline: %w", err)
 	}
 	m.JobID = md.JobID
+	m.Warm = md.Warm
+	m.Generation = md.Generation
 	m.Image = md.Image
 	m.Host = md.Host
 	m.RunnerKind = md.RunnerKind

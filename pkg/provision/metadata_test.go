@@ -4,6 +4,7 @@ import (
 	"errors"
 	"reflect"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -120,5 +121,23 @@ func TestDecodeImageSettings(t *testing.T) {
 				t.Errorf("settings = %+v, want %+v", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestMetadataElementForSetMetadata: the element virDomainSetMetadata
+// takes has no prefix and no namespace declaration, and decodes as the
+// full element does.
+func TestMetadataElementForSetMetadata(t *testing.T) {
+	m := Machine{JobID: "job-1", Warm: true, Generation: "g", Image: "img", Host: "h"}
+	doc, err := encodeMetadataElement(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(doc, "<machine>") || !strings.HasSuffix(doc, "</machine>") || strings.Contains(doc, "xmlns") {
+		t.Fatalf("element %s", doc)
+	}
+	var got Machine
+	if err := decodeMetadata(doc, &got); err != nil || got.JobID != "job-1" || !got.Warm || got.Generation != "g" {
+		t.Fatalf("decoded %+v, %v", got, err)
 	}
 }

@@ -26,6 +26,7 @@ type Conn interface {
 	DomainGetState(dom libvirt.Domain, flags uint32) (int32, int32, error)
 	DomainGetXMLDesc(dom libvirt.Domain, flags libvirt.DomainXMLFlags) (string, error)
 	DomainGetMetadata(dom libvirt.Domain, typ int32, uri libvirt.OptString, flags libvirt.DomainModificationImpact) (string, error)
+	DomainSetMetadata(dom libvirt.Domain, typ int32, metadata libvirt.OptString, key libvirt.OptString, uri libvirt.OptString, flags libvirt.DomainModificationImpact) error
 	DomainDefineXMLFlags(xml string, flags libvirt.DomainDefineFlags) (libvirt.Domain, error)
 	DomainCreate(dom libvirt.Domain) error
 	DomainDestroy(dom libvirt.Domain) error
@@ -158,7 +159,13 @@ func (m CloneMode) valid() bool {
 
 // Spec says which image to clone for which job, and what to record about it.
 type Spec struct {
-	JobID       string
+	// JobID is the job the machine serves; empty for a warm machine that
+	// no job has bound yet.
+	JobID string
+	// Key names the machine, stretchy-<key>, and its volumes: a warm
+	// machine's key (messages.ValidWarmKey); empty means JobID, a cold
+	// machine's.
+	Key         string
 	Image       string
 	Host        string
 	RunnerKind  string
@@ -167,12 +174,33 @@ type Spec struct {
 	// CloneMode overrides the image's default clone mode (set in its
 	// metadata, else CloneLinked); empty keeps it.
 	CloneMode CloneMode
+	// Generation is the image's generation (ImageReport.Generation) the
+	// clone was made from, recorded for a warm machine so that a worker
+	// can tell, also after a restart, whether its image changed since.
+	Generation string
+}
+
+// key returns the machine's key: Key, or JobID for a cold machine.
+func (s Spec) key() string {
+	if s.Key != "" {
+		return s.Key
+	}
+	return s.JobID
 }
 
 // Machine describes a managed domain as recorded in its metadata.
 type Machine struct {
-	Name        string
-	JobID       string
+	Name string
+	// Key is what follows Prefix in Name; Start, Remove and Lookup take
+	// it. A cold machine's key is its job id.
+	Key string
+	// JobID is the job the machine serves: its key for a cold machine,
+	// the bound job for a warm one, empty for a warm one no job bound.
+	JobID string
+	// Warm: the machine was booted for a warm pool, before its job.
+	Warm bool
+	// Generation is the image generation a warm machine was cloned from.
+	Generation  string
 	Image       string
 	Host        string
 	RunnerKind  string

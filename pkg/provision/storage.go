@@ -375,10 +375,11 @@ func ownedVolumePath(jobID, path string) bool {
 	return ok && rest != "" && !strings.Contains(rest, "-")
 }
 
-// VolumeJobID returns the job a volume path or name belongs to by this
-// package's naming rule, and false if it follows no job's rule. It lets a
-// reconciler map the result of ListOrphanVolumes to Remove calls.
-func VolumeJobID(path string) (string, bool) {
+// VolumeKey returns the key of the machine (a job id, or a warm machine's
+// key) a volume path or name belongs to by this package's naming rule, and
+// false if it follows no machine's rule. It lets a reconciler map the
+// result of ListOrphanVolumes to Remove calls.
+func VolumeKey(path string) (string, bool) {
 	rest, ok := strings.CutPrefix(filepath.Base(path), Prefix)
 	if !ok {
 		return "", false
@@ -387,8 +388,8 @@ func VolumeJobID(path string) (string, bool) {
 	if i <= 0 || i == len(rest)-1 {
 		return "", false
 	}
-	job := rest[:i]
-	return job, messages.ValidJobID(job)
+	key := rest[:i]
+	return key, messages.ValidMachineKey(key)
 }
 
 // poolVolume is a volume found by scanning the pools.
@@ -488,7 +489,7 @@ func (p *Provisioner) ListOrphanVolumes(ctx context.Context) ([]string, error) {
 		defined[d.Name] = true
 	}
 	found, err := p.scanVolumes(ctx, func(name string) bool {
-		job, ok := VolumeJobID(name)
+		job, ok := VolumeKey(name)
 		return ok && !defined[DomainName(job)]
 	})
 	if err != nil {

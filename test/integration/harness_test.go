@@ -479,8 +479,27 @@ func removeStaleRuns() error {
 			fmt.Fprintf(os.Stderr, "removed %s, left by an earlier run\n", d.Name)
 		}
 	}
+	// Warm machines carry no job id; their host id ends in the run's.
+	machines, err := p.List(context.Background())
+	if err != nil {
+		return err
+	}
+	for _, m := range machines {
+		run := warmRun.FindStringSubmatch(m.Host)
+		if !m.Warm || run == nil || "it"+run[1] == runID || runAlive("it"+run[1]) {
+			continue
+		}
+		if _, err := p.Remove(context.Background(), m.Key); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "removed %s, left by an earlier run\n", m.Name)
+	}
 	return nil
 }
+
+// warmRun matches the host ids of warm-pool tests (warmHost); group 1 is
+// the run's marker without its "it".
+var warmRun = regexp.MustCompile(`-([0-9a-f]{6})$`)
 
 func leftovers(l *libvirt.Libvirt) ([]string, error) {
 	return resources(l, messages.DomainName(runID))

@@ -1,0 +1,69 @@
+package provision
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+)
+
+// Binding is what a job that takes a warm machine records in the
+// machine's metadata.
+type Binding struct {
+	JobID       string
+	RunnerKind  string
+	RequestedAt time.Time
+	Deadline    time.Time
+}
+
+// Bind records that the warm machine key now serves the job of b, in its
+// running definition and its persistent one, so that a worker started
+// later (Lookup, List) knows the machine as the job's. It fails for a
+// machine that is not warm or serves a job already.
+func (p *Provisioner) Bind(ctx context.Context, key string, b Binding) (Machine, error) {
+	m, err := p.bind(ctx, key, b)
+	if err != nil {
+		return Machine{}, fmt.Errorf("bind %s to job %s: %w", DomainName(key), b.JobID, err)
+	}
+	return m, nil
+}
+
+func (p *Provisioner) bind(ctx context.Context, key string, b Binding) (Machine, error) {
+	if !messages.ValidWarmKey(key) {
+		return Machine{}, fmt.Errorf("warm machine key %q: %w", key, ErrInvalidJobID)
+	}
+	if !messages.ValidJobID(b.JobID) {
+		return Machine{}, fmt.Errorf("job id %q: %w", b.JobID, ErrInvalidJobID)
+	}
+	name := DomainName(key)
+	dom, err := call(ctx, p, func() (libvirt.Domain, error) { return p.conn.DomainLookupByName(name) })
+	if isNoDomain(err) {
+		return Machine{}, ErrNotFound
+	}
+	if err != nil {
+		return Machine{}, fmt.Errorf("look up: %w", err)
+	}
+	m, err := p.machine(ctx, dom)
+	if err != nil {
+		return Machine{}, err
+	}
+	if !m.Warm || m.JobID != "" {
+		return Machine{}, fmt.Errorf("not an unbound warm machine (job %q): %w", m.JobID, ErrExists)
+	}
+	m.JobID, m.RunnerKind, m.RequestedAt, m.Deadline = b.JobID, b.RunnerKind, b.RequestedAt, b.Deadline
+	doc, err := encodeMetadataElement(m)
+	if err != nil {
+		return Machine{}, err
+	}
+	err = p.do(ctx, func() error {
+		return p.conn.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{doc},
+			libvirt.OptString{metadataPrefix}, libvirt.OptString{metadataNS}, libvirt.DomainAffectLive|libvirt.DomainAffectConfig)
+	})
+	if err != nil {
+		return Machine{}, fmt.Errorf("set metadata: %w", err)
+	}
+	return m, nil
+}

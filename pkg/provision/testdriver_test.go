@@ -103,7 +103,7 @@ func TestCloneDefinesMachine(t *testing.T) {
 	m := clone(t, p, testSpec("j1"))
 	wantVols := []string{filepath.Join(pool, "stretchy-j1-vda.qcow2"), filepath.Join(pool, "stretchy-j1-vdb.qcow2")}
 	want := Machine{
-		Name: "stretchy-j1", JobID: "j1", Image: "image", Host: "host-a", RunnerKind: "none",
+		Name: "stretchy-j1", Key: "j1", JobID: "j1", Image: "image", Host: "host-a", RunnerKind: "none",
 		RequestedAt: testSpec("").RequestedAt, Deadline: testSpec("").Deadline, CloneMode: CloneLinked, Volumes: wantVols,
 	}
 	if !reflect.DeepEqual(m, want) {

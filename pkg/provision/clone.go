@@ -16,12 +16,16 @@ import (
 // returns it; it does not start it. Each writable disk of the image whose
 // storage is a pool volume gets a new volume of the job in the same pool,
 // made as the clone mode says (see doc.go); read-only, CD-ROM and
-// shareable disks are shared. A UEFI image's NVRAM is copied too.
+// shareable disks are shared. A UEFI image's NVRAM is copied too. The
+// machine gets the Spec's size and scratch disk.
 //
 // Clone returns an error wrapping ErrExists if the machine is already
 // defined, ErrImageNotFound or ErrImageInvalid if the image cannot be
-// cloned (ErrReflinkUnsupported with the latter), ErrInvalidJobID or
-// ErrInvalidCloneMode for an unusable Spec. If it fails after creating
+// cloned (ErrReflinkUnsupported with the latter; ErrImageInvalid also
+// when its layout cannot take the Spec's size, such as fewer vCPUs than
+// NUMA cells, or when a scratch disk has no pool to go to),
+// ErrInvalidJobID, ErrInvalidCloneMode or ErrInvalidSpec for an unusable
+// Spec. If it fails after creating
 // anything, it removes what it created first.
 //
 // Volumes named for the job but without a domain, left by a Clone that
@@ -42,6 +46,9 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 	}
 	if s.CloneMode != "" && !s.CloneMode.valid() {
 		return Machine{}, fmt.Errorf("clone mode %q: %w", s.CloneMode, ErrInvalidCloneMode)
+	}
+	if err := s.checkSize(); err != nil {
+		return Machine{}, err
 	}
 	if strings.HasPrefix(s.Image, Prefix) {
 		return Machine{}, fmt.Errorf("image names must not start with %q: %w", Prefix, ErrImageInvalid)
@@ -114,6 +121,19 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 	if err != nil {
 		return Machine{}, err
 	}
+	if s.ScratchGiB > 0 && len(plans) == 0 {
+		return Machine{}, fmt.Errorf("a scratch disk goes into the pool of the image's first writable disk, and the image has none: %w", ErrImageInvalid)
+	}
+	vcpus, memoryMiB, err := domainSize(&def)
+	if err != nil {
+		return Machine{}, fmt.Errorf("size of the image: %w: %w", err, ErrImageInvalid)
+	}
+	if s.VCPUs > 0 {
+		vcpus = s.VCPUs
+	}
+	if s.MemoryMiB > 0 {
+		memoryMiB = s.MemoryMiB
+	}
 
 	// Only reads so far. What an earlier attempt of this job left behind
 	// goes first, so that the names are free.
@@ -144,6 +164,9 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		Deadline:    s.Deadline,
 		CloneMode:   mode,
 		OS:          settings.OS,
+		VCPUs:       vcpus,
+		MemoryMiB:   memoryMiB,
+		ScratchGiB:  s.ScratchGiB,
 	}
 	plan := clonePlan{
 		Image:  s.Image,
@@ -152,6 +175,9 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		Linked: mode == CloneLinked,
 		Disks:  make(map[string]diskOut, len(plans)),
 		Rand:   p.rand,
+		// The image's own size stays as it is, with all it says about it.
+		VCPUs:     s.VCPUs,
+		MemoryMiB: s.MemoryMiB,
 	}
 	for i, dp := range plans {
 		vol, path, err := p.createDiskVolume(ctx, mode, dp, sources[i])
@@ -173,6 +199,15 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		}
 		created = append(created, vol)
 		plan.NVRAM = path
+		m.Volumes = append(m.Volumes, path)
+	}
+	if s.ScratchGiB > 0 {
+		vol, path, err := p.createScratchVolume(ctx, sources[0].pool, scratchVolumeName(s.JobID), uint64(s.ScratchGiB)<<30)
+		if err != nil {
+			return Machine{}, err
+		}
+		created = append(created, vol)
+		plan.Scratch = path
 		m.Volumes = append(m.Volumes, path)
 	}
 	if err := ctx.Err(); err != nil {
@@ -204,6 +239,14 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		return Machine{}, err
 	}
 	return m, nil
+}
+
+// checkSize refuses a negative size.
+func (s Spec) checkSize() error {
+	if s.VCPUs < 0 || s.MemoryMiB < 0 || s.ScratchGiB < 0 {
+		return fmt.Errorf("size %d vCPUs, %d MiB, scratch disk %d GiB: negative: %w", s.VCPUs, s.MemoryMiB, s.ScratchGiB, ErrInvalidSpec)
+	}
+	return nil
 }
 
 // reserveMACs builds the clone's definition with MAC addresses that no

@@ -36,6 +36,14 @@
 //     image. Right for small images, encrypted disks, or pools where
 //     neither of the others works.
 //
+// # Size and scratch disk
+//
+// A Spec may give the machine another size than the image's (VCPUs,
+// MemoryMiB; the image's CPU topology, NUMA cells and memory devices are
+// adjusted to fit) and an empty scratch disk (ScratchGiB). Machine
+// records the size and the scratch volume, which Remove deletes with the
+// machine. docs/protocol.md 7.6 says what changes.
+//
 // # Connections
 //
 // go-libvirt calls take no context; every call made here is bounded by a

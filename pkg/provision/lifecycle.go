@@ -270,5 +270,21 @@ func (p *Provisioner) machine(ctx context.Context, dom libvirt.Domain) (Machine,
 	m.Name = dom.Name
 	m.JobID = strings.TrimPrefix(dom.Name, Prefix)
 	m.Running = libvirt.DomainState(state) != libvirt.DomainShutoff
+	if m.VCPUs == 0 || m.MemoryMiB == 0 {
+		// Built before the metadata recorded sizes, or unreadable: the
+		// definition says.
+		doc, err := call(ctx, p, func() (string, error) { return p.conn.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive) })
+		if err != nil {
+			return Machine{}, fmt.Errorf("definition of %s: %w", dom.Name, err)
+		}
+		// A definition libvirt wrote parses; if not, the size stays
+		// unknown (0) rather than keeping the machine from being listed.
+		var def libvirtxml.Domain
+		if def.Unmarshal(doc) == nil {
+			if vcpus, mib, err := domainSize(&def); err == nil {
+				m.VCPUs, m.MemoryMiB = vcpus, mib
+			}
+		}
+	}
 	return m, nil
 }

@@ -41,6 +41,9 @@ type machineMetadata struct {
 	CloneMode   string   `xml:"clone_mode,omitempty"`
 	OS          string   `xml:"os,omitempty"`
 	Volumes     []string `xml:"volumes>volume"`
+	VCPUs       int      `xml:"vcpus,omitempty"`
+	MemoryMiB   int      `xml:"memory_mib,omitempty"`
+	ScratchGiB  int      `xml:"scratch_gib,omitempty"`
 }
 
 // encodeMetadata returns the element to place inside <metadata> for m.
@@ -57,6 +60,9 @@ func encodeMetadata(m Machine) (string, error) {
 		CloneMode:   string(m.CloneMode),
 		OS:          m.OS,
 		Volumes:     m.Volumes,
+		VCPUs:       m.VCPUs,
+		MemoryMiB:   m.MemoryMiB,
+		ScratchGiB:  m.ScratchGiB,
 	}
 	b, err := xml.Marshal(md)
 	if err != nil {
@@ -92,6 +98,9 @@ func decodeMetadata(doc string, m *Machine) error {
 	m.CloneMode = CloneMode(md.CloneMode)
 	m.OS = md.OS
 	m.Volumes = md.Volumes
+	m.VCPUs = md.VCPUs
+	m.MemoryMiB = md.MemoryMiB
+	m.ScratchGiB = md.ScratchGiB
 	return nil
 }
 

@@ -167,6 +167,17 @@ type Spec struct {
 	// CloneMode overrides the image's default clone mode (set in its
 	// metadata, else CloneLinked); empty keeps it.
 	CloneMode CloneMode
+	// VCPUs, when above 0, is the machine's number of vCPUs instead of
+	// the image's; MemoryMiB, when above 0, its memory in MiB. The
+	// image's CPU topology, NUMA cells and memory devices are adjusted
+	// to fit (see resize).
+	VCPUs     int
+	MemoryMiB int
+	// ScratchGiB, when above 0, adds an empty disk of that many GiB: a
+	// thin qcow2 volume of the job in the pool of the image's first
+	// cloned disk, after the image's disks on the same bus, with the
+	// serial "stretchy-scratch". Remove deletes it with the others.
+	ScratchGiB int
 }
 
 // Machine describes a managed domain as recorded in its metadata.
@@ -192,7 +203,16 @@ type Machine struct {
 	Running bool
 	// MetadataUnreadable is set when the domain has no metadata of this
 	// package or it cannot be decoded; the recorded fields are then empty
-	// and only Name, JobID and Running are known. Such a domain is still
-	// managed: Remove removes it, without deleting volumes.
+	// and only Name, JobID, Running, VCPUs and MemoryMiB are known. Such
+	// a domain is still managed: Remove removes it, without deleting
+	// volumes.
 	MetadataUnreadable bool
+	// VCPUs and MemoryMiB are the machine's size: what Clone gave it (the
+	// Spec's, else the image's), as recorded, or as its definition says
+	// for a machine whose metadata does not record it; what it holds of
+	// the host's capacity.
+	VCPUs     int
+	MemoryMiB int
+	// ScratchGiB is the size of the machine's scratch disk, 0 for none.
+	ScratchGiB int
 }

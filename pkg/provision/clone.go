@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 
 	"github.com/digitalocean/go-libvirt"
@@ -17,7 +18,8 @@ import (
 // storage is a pool volume gets a new volume of the job in the same pool,
 // made as the clone mode says (see doc.go); read-only, CD-ROM and
 // shareable disks are shared. A UEFI image's NVRAM is copied too. The
-// machine gets the Spec's size and scratch disk.
+// machine gets the Spec's size and scratch disk, and its consoles log
+// into the Spec's console directory.
 //
 // Clone returns an error wrapping ErrExists if the machine is already
 // defined, ErrImageNotFound or ErrImageInvalid if the image cannot be
@@ -25,8 +27,8 @@ import (
 // when its layout cannot take the Spec's size, such as fewer vCPUs than
 // NUMA cells, or when a scratch disk has no pool to go to),
 // ErrInvalidJobID, ErrInvalidCloneMode or ErrInvalidSpec for an unusable
-// Spec. If it fails after creating
-// anything, it removes what it created first.
+// Spec. If it fails after creating anything, it removes what it created
+// first.
 //
 // Volumes named for the job but without a domain, left by a Clone that
 // crashed before defining it, are deleted first. Callers therefore run at
@@ -179,6 +181,12 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		VCPUs:     s.VCPUs,
 		MemoryMiB: s.MemoryMiB,
 	}
+	if s.ConsoleDir != "" {
+		if plan.ConsoleLog, err = ConsoleLogPath(s.ConsoleDir, s.JobID); err != nil {
+			return Machine{}, err
+		}
+		m.ConsoleLogs = consoleLogs(&def, plan.ConsoleLog, false)
+	}
 	for i, dp := range plans {
 		vol, path, err := p.createDiskVolume(ctx, mode, dp, sources[i])
 		if err != nil {
@@ -241,10 +249,14 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 	return m, nil
 }
 
-// checkSize refuses a negative size.
+// checkSize refuses a negative size and a console directory libvirt
+// cannot take.
 func (s Spec) checkSize() error {
 	if s.VCPUs < 0 || s.MemoryMiB < 0 || s.ScratchGiB < 0 {
 		return fmt.Errorf("size %d vCPUs, %d MiB, scratch disk %d GiB: negative: %w", s.VCPUs, s.MemoryMiB, s.ScratchGiB, ErrInvalidSpec)
+	}
+	if s.ConsoleDir != "" && !filepath.IsAbs(s.ConsoleDir) {
+		return fmt.Errorf("console directory %q: must be an absolute path: %w", s.ConsoleDir, ErrInvalidSpec)
 	}
 	return nil
 }

@@ -99,6 +99,9 @@ type clonePlan struct {
 	// Scratch, when set, is the path of an empty qcow2 volume attached
 	// as an extra disk (scratchTarget says where).
 	Scratch string
+	// ConsoleLog, when set, is the file the main console logs to; the
+	// other serial ports and consoles log next to it (consoleLogs).
+	ConsoleLog string
 }
 
 // scratchSerial is the disk serial of a machine's scratch disk, by which a
@@ -399,6 +402,8 @@ func cloneXML(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, err
 			c.Target.VirtIO.State = ""
 		}
 	}
+	// After the renaming, so that these logs replace the image's.
+	consoleLogs(&d, plan.ConsoleLog, true)
 	return &d, nil
 }
 

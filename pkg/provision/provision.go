@@ -178,6 +178,13 @@ type Spec struct {
 	// cloned disk, after the image's disks on the same bus, with the
 	// serial "stretchy-scratch". Remove deletes it with the others.
 	ScratchGiB int
+	// ConsoleDir, when set, is the absolute directory, on the libvirt
+	// host, that the machine's serial ports and consoles log to: the main
+	// console to ConsoleLogPath(ConsoleDir, JobID), the others next to
+	// it (see consoleLogs). It must exist; libvirt's virtlogd creates the
+	// files. Empty keeps the image's chardev logs (renamed for the
+	// machine).
+	ConsoleDir string
 }
 
 // Machine describes a managed domain as recorded in its metadata.
@@ -215,4 +222,9 @@ type Machine struct {
 	MemoryMiB int
 	// ScratchGiB is the size of the machine's scratch disk, 0 for none.
 	ScratchGiB int
+	// ConsoleLogs are the files the machine's serial ports and consoles
+	// log to, the main console's first; none when it was built without
+	// Spec.ConsoleDir. Remove deletes them and their backups unless told
+	// to keep them.
+	ConsoleLogs []string
 }

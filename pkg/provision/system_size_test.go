@@ -1,13 +1,17 @@
 package provision
 
 import (
+	"errors"
+	"io/fs"
+	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 )
 
-// Tests of machine sizes and scratch disks on the real
+// Tests of machine sizes, scratch disks and console logs on the real
 // libvirtd with the tiny guest under TCG.
 
 // memTotalSlackMiB is how much less than its memory the tiny guest's
@@ -18,23 +22,61 @@ import (
 // until it is freed, the struct page array of about 1.6 % of memory,
 // page tables, the crash and DMA reservations). Debian 12's kernel in a
 // 256 MiB guest reports about 50 MiB less; a guest given the image's 128
-// MiB would report less than 128.
+// MiB would report less than 128. The total the kernel saw is checked
+// exactly, from its "Memory: available/total" boot line.
 const memTotalSlackMiB = 64
+
+// consoleDir returns a directory for console logs that virtlogd (root on
+// the test machine) can write and the test can read.
+func consoleDir(t *testing.T) string {
+	t.Helper()
+	return t.TempDir()
+}
+
+// waitConsole waits until the log at path holds want, and returns it.
+func waitConsole(t *testing.T, path, want string, timeout time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		b, err := os.ReadFile(path)
+		if err == nil && strings.Contains(string(b), want) {
+			return string(b)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("console log %s does not show %q after %v (%v):\n%s", path, want, timeout, err, b)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// kernelMemory matches the kernel's boot line on memory, as in
+// "Memory: 201124K/261752K available (…)": available and total KiB.
+var kernelMemory = regexp.MustCompile(`Memory: (\d+)K/(\d+)K available`)
 
 // TestSystemSizedClone boots a clone of the tiny guest with 2 vCPUs, 256
 // MiB and a 1 GiB scratch disk and asks the guest, through its agent, what
-// it got; Remove deletes the scratch disk.
+// it got; the clone's console log holds the kernel's boot lines, and
+// Remove deletes it with the scratch disk. The image is the tiny guest
+// without "quiet" on its kernel command line, so that the kernel prints
+// them.
 func TestSystemSizedClone(t *testing.T) {
 	l := systemConn(t)
 	ctx := t.Context()
-	if r, err := New(l, Options{}).InspectImage(ctx, testImage()); err != nil || r.VCPUs != 1 || r.MemoryMiB != 128 {
+	img := defineTestImage(t, l, imageShape{cmdline: "console=ttyS0 root=/dev/vda rw panic=1"})
+	if r, err := New(l, Options{}).InspectImage(ctx, img.Name); err != nil || r.VCPUs != 1 || r.MemoryMiB != 128 {
 		t.Fatalf("InspectImage = %d vCPUs, %d MiB, %v; want the tiny guest's 1 and 128", r.VCPUs, r.MemoryMiB, err)
 	}
 	p := New(l, Options{DomainType: "qemu"})
 	job := testJobID(t)
-	m := clone(t, p, Spec{Host: testHost, JobID: job, Image: testImage(), RunnerKind: "none", VCPUs: 2, MemoryMiB: 256, ScratchGiB: 1})
-	if m.VCPUs != 2 || m.MemoryMiB != 256 {
-		t.Fatalf("machine %+v; want 2 vCPUs, 256 MiB", m)
+	dir := consoleDir(t)
+	m := clone(t, p, Spec{Host: testHost, JobID: job, Image: img.Name, RunnerKind: "none",
+		VCPUs: 2, MemoryMiB: 256, ScratchGiB: 1, ConsoleDir: dir})
+	log, err := ConsoleLogPath(dir, job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.VCPUs != 2 || m.MemoryMiB != 256 || len(m.ConsoleLogs) != 1 || m.ConsoleLogs[0] != log {
+		t.Fatalf("machine %+v; want 2 vCPUs, 256 MiB, the console log %s", m, log)
 	}
 	scratch := m.Volumes[len(m.Volumes)-1]
 	if err := p.Start(ctx, job); err != nil {
@@ -59,10 +101,29 @@ func TestSystemSizedClone(t *testing.T) {
 	if code != 0 || len(fields) != 2 || fields[0] != strconv.Itoa(1<<30/512) || fields[1] != scratchSerial {
 		t.Errorf("vdb: exit %d, %q; want %d sectors of 512 bytes and serial %s", code, out, 1<<30/512, scratchSerial)
 	}
-	t.Logf("guest: 2 processors, MemTotal %d kB (%d kB less than 256 MiB), vdb %s", kib, 256<<10-kib, strings.Join(fields, " "))
+
+	text := waitConsole(t, log, "Linux version", 30*time.Second)
+	mem := kernelMemory.FindStringSubmatch(text)
+	if mem == nil {
+		t.Fatalf("no Memory: line in the console log:\n%s", text)
+	}
+	// The total is the RAM the firmware's map gives the kernel: all of it
+	// but the holes below 1 MiB.
+	if total, _ := strconv.Atoi(mem[2]); total > 256<<10 || total < 255<<10 {
+		t.Errorf("the kernel saw %s KiB of memory; want 256 MiB less at most 1 MiB", mem[2])
+	}
+	t.Logf("guest: 2 processors, kernel %s, MemTotal %d kB (%d kB less than 256 MiB), vdb %s; console log %d bytes",
+		mem[0], kib, 256<<10-kib, strings.Join(fields, " "), len(text))
+	tail, err := ConsoleTail(log, 40, 4096)
+	if err != nil || !strings.Contains(tail, "BusyBox") {
+		t.Errorf("ConsoleTail = %q, %v; want the end of the boot, the shell's banner", tail, err)
+	}
 
 	if existed, err := p.Remove(ctx, job); err != nil || !existed {
 		t.Fatalf("Remove = %v, %v", existed, err)
+	}
+	if _, err := os.Stat(log); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("console log after Remove: %v", err)
 	}
 	if _, err := l.StorageVolLookupByPath(scratch); !isNoStorageVol(err) {
 		t.Errorf("scratch volume %s after Remove: %v", scratch, err)

@@ -1,6 +1,7 @@
 package provision
 
 import (
+	"context"
 	"errors"
 	"io/fs"
 	"os"
@@ -9,6 +10,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/digitalocean/go-libvirt"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
 // Tests of machine sizes, scratch disks and console logs on the real
@@ -127,5 +132,63 @@ func TestSystemSizedClone(t *testing.T) {
 	}
 	if _, err := l.StorageVolLookupByPath(scratch); !isNoStorageVol(err) {
 		t.Errorf("scratch volume %s after Remove: %v", scratch, err)
+	}
+}
+
+// panicImage names the variant of the tiny guest whose init fails at
+// once (test/guest/README.md).
+func panicImage() string {
+	if name := os.Getenv("STRETCHY_TEST_PANIC_IMAGE"); name != "" {
+		return name
+	}
+	return "tiny-linux-panic"
+}
+
+// TestSystemPanicConsole boots a clone of the panic variant: it stops by
+// itself, and its console log holds the variant's message and the kernel's
+// panic.
+func TestSystemPanicConsole(t *testing.T) {
+	l := systemConn(t)
+	ctx := t.Context()
+	if _, err := l.DomainLookupByName(panicImage()); err != nil {
+		if os.Getenv("STRETCHY_REQUIRE_LIBVIRT") == "1" {
+			t.Fatalf("image %s not defined (go tool task image builds it): %v", panicImage(), err)
+		}
+		t.Skipf("image %s not defined (go tool task image builds it); set STRETCHY_TEST_PANIC_IMAGE", panicImage())
+	}
+	p := New(l, Options{DomainType: "qemu"})
+	job := testJobID(t)
+	dir := consoleDir(t)
+	m := clone(t, p, Spec{Host: testHost, JobID: job, Image: panicImage(), RunnerKind: "none", ConsoleDir: dir})
+	if err := p.Start(ctx, job); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	wait, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for domainState(t, l, m.Name) != libvirt.DomainShutoff {
+		select {
+		case <-wait.Done():
+			t.Fatalf("%s still runs after 60s; the panic variant should stop by itself", m.Name)
+		case <-tick.C:
+		}
+	}
+	// As a failed event carries it.
+	tail, err := ConsoleTail(m.ConsoleLogs[0], messages.MaxConsoleLines, messages.MaxConsoleBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"STRETCHY-TEST-PANIC", "Kernel panic - not syncing"} {
+		if !strings.Contains(tail, want) {
+			t.Errorf("console tail does not show %q:\n%s", want, tail)
+		}
+	}
+	t.Logf("console tail:\n%s", tail)
+	if existed, err := p.Remove(ctx, job); err != nil || !existed {
+		t.Fatalf("Remove = %v, %v", existed, err)
+	}
+	if _, err := os.Stat(m.ConsoleLogs[0]); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("console log after Remove: %v", err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"path"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -50,6 +51,19 @@ type Config struct {
 	HTTPAddr       string
 	LogFormat      string
 	LogLevel       string
+	// Bounds on the size of machines (docs/protocol.md 3.2): vCPUs and
+	// MiB of memory of one machine, and of all of the host's machines
+	// together; 0 is no bound.
+	MaxVCPUsPerMachine  int
+	MaxMemoryPerMachine int
+	HostVCPUs           int
+	HostMemory          int
+	// ConsoleDir is where machines' serial consoles log to, on the
+	// libvirt host (docs/protocol.md 7.7); empty captures none.
+	ConsoleDir string
+	// MaxHold caps how long a machine is held after its job failed
+	// (hold_on_failure_s) or on an operator's request; 0 holds none.
+	MaxHold time.Duration
 }
 
 // env-backed flag defaults, for the commands other than run: the
@@ -164,6 +178,9 @@ func (b *byteSize) Set(v string) error {
 // Defaults of settings that are not plain literals.
 const (
 	defaultMinFreeSpace = byteSize(2 << 30)
+	defaultConsoleDir   = "/var/log/stretchy-worker/console"
+	// maxMaxHold bounds --max-hold, as max_lifetime_s is bounded.
+	maxMaxHold = 7 * 24 * time.Hour
 )
 
 var nonHostChars = regexp.MustCompile(`[^A-Za-z0-9_-]+`)
@@ -208,6 +225,12 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.HTTPAddr, "http-addr", "", "address for /metrics, /healthz and /readyz, such as 127.0.0.1:9464; empty serves none (STRETCHY_HTTP_ADDR)")
 	fs.StringVar(&c.LogFormat, "log-format", "text", `"text" or "json" (STRETCHY_LOG_FORMAT)`)
 	fs.StringVar(&c.LogLevel, "log-level", "info", `"debug", "info", "warn" or "error" (STRETCHY_LOG_LEVEL)`)
+	fs.IntVar(&c.MaxVCPUsPerMachine, "max-vcpus-per-machine", 0, "vCPUs one machine may have, the request's or its image's; more is refused (resources_exceeded); 0: no bound (STRETCHY_MAX_VCPUS_PER_MACHINE)")
+	fs.IntVar(&c.MaxMemoryPerMachine, "max-memory-per-machine", 0, "MiB of memory one machine may have, the request's or its image's; more is refused (resources_exceeded); 0: no bound (STRETCHY_MAX_MEMORY_PER_MACHINE)")
+	fs.IntVar(&c.HostVCPUs, "host-vcpus", 0, "vCPUs this host's machines may have together; a request that does not fit waits; 0: no bound (STRETCHY_HOST_VCPUS)")
+	fs.IntVar(&c.HostMemory, "host-memory", 0, "MiB of memory this host's machines may have together; a request that does not fit waits; 0: no bound (STRETCHY_HOST_MEMORY)")
+	fs.StringVar(&c.ConsoleDir, "console-dir", defaultConsoleDir, "absolute directory for the machines' serial console logs, on the libvirt host; empty captures no consoles (STRETCHY_CONSOLE_DIR)")
+	fs.DurationVar(&c.MaxHold, "max-hold", time.Hour, "longest a machine is held after its job failed (hold_on_failure_s) or by worker hold; 0 holds none (STRETCHY_MAX_HOLD)")
 }
 
 // noFileKeys are flags the config file cannot set.
@@ -400,5 +423,45 @@ func (c *Config) Validate() error {
 	default:
 		bad(`--log-level %q: must be debug, info, warn or error`, c.LogLevel)
 	}
+	for _, b := range []struct {
+		flag     string
+		v, total int
+		totalOf  string
+	}{
+		{"--max-vcpus-per-machine", c.MaxVCPUsPerMachine, c.HostVCPUs, "--host-vcpus"},
+		{"--max-memory-per-machine", c.MaxMemoryPerMachine, c.HostMemory, "--host-memory"},
+	} {
+		if b.v < 0 {
+			bad("%s %d: must be 0 (no bound) or more", b.flag, b.v)
+		}
+		if b.total < 0 {
+			bad("%s %d: must be 0 (no bound) or more", b.totalOf, b.total)
+		}
+		if b.v > 0 && b.total > 0 && b.v > b.total {
+			bad("%s %d: more than %s %d, which no machine can exceed", b.flag, b.v, b.totalOf, b.total)
+		}
+	}
+	if c.ConsoleDir != "" && !filepath.IsAbs(c.ConsoleDir) {
+		bad("--console-dir %q: must be an absolute path, or empty to capture no consoles", c.ConsoleDir)
+	}
+	if c.MaxHold < 0 || c.MaxHold > maxMaxHold {
+		bad("--max-hold %s: must be between 0 (no holds) and %s", c.MaxHold, maxMaxHold)
+	}
 	return errors.Join(errs...)
+}
+
+// consoleCapture returns the directory the worker's machines log their
+// consoles to, "" for none: ConsoleDir, unless libvirt is remote, whose
+// files the worker could not read (docs/protocol.md 7.7).
+func (c *Config) consoleCapture() string {
+	u, err := url.Parse(c.LibvirtURI)
+	if err != nil {
+		return ""
+	}
+	driver, transport, _ := strings.Cut(u.Scheme, "+")
+	local := driver == "test" || transport == "unix" || (transport == "" && u.Host == "")
+	if !local {
+		return ""
+	}
+	return c.ConsoleDir
 }

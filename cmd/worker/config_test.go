@@ -39,6 +39,12 @@ images = ["win-*", "macos:14"]
 min-free-space = "20GiB"
 host = "from-file"
 nats-url = "nats://a:4222,nats://b:4222"
+max-vcpus-per-machine = 8
+max-memory-per-machine = 16384
+host-vcpus = 32
+host-memory = 65536
+console-dir = "/srv/consoles"
+max-hold = "30m"
 `
 	tests := []struct {
 		name  string
@@ -50,13 +56,30 @@ nats-url = "nats://a:4222,nats://b:4222"
 			if c.Parallelism != 3 || c.MaxVMs != 8 || c.AckWait != 30*time.Second || len(c.Images) != 0 || c.MinFreeSpace != 2<<30 {
 				t.Errorf("defaults: %+v", c)
 			}
+			if c.MaxVCPUsPerMachine != 0 || c.MaxMemoryPerMachine != 0 || c.HostVCPUs != 0 || c.HostMemory != 0 ||
+				c.ConsoleDir != "/var/log/stretchy-worker/console" || c.MaxHold != time.Hour {
+				t.Errorf("size, console and hold defaults: %+v", c)
+			}
 		}},
 		{"file", map[string]string{"STRETCHY_CONFIG": "@"}, nil, func(t *testing.T, c Config) {
 			if c.Parallelism != 5 || c.MaxVMs != 11 || c.AckWait != 45*time.Second || c.Images.String() != "win-*,macos:14" ||
 				c.MinFreeSpace != 20<<30 || c.Host != "from-file" || c.NATSURL != "nats://a:4222,nats://b:4222" {
 				t.Errorf("from the file: %+v", c)
 			}
+			if c.MaxVCPUsPerMachine != 8 || c.MaxMemoryPerMachine != 16384 || c.HostVCPUs != 32 || c.HostMemory != 65536 ||
+				c.ConsoleDir != "/srv/consoles" || c.MaxHold != 30*time.Minute {
+				t.Errorf("size, console and hold from the file: %+v", c)
+			}
 		}},
+		{"size, console and hold: environment over file, flag over environment",
+			map[string]string{"STRETCHY_CONFIG": "@", "STRETCHY_HOST_VCPUS": "16", "STRETCHY_CONSOLE_DIR": "", "STRETCHY_MAX_HOLD": "0s",
+				"STRETCHY_MAX_MEMORY_PER_MACHINE": "4096"},
+			[]string{"--max-memory-per-machine", "2048", "--host-memory", "8192"}, func(t *testing.T, c Config) {
+				if c.HostVCPUs != 16 || c.ConsoleDir != "" || c.MaxHold != 0 || c.MaxMemoryPerMachine != 2048 || c.HostMemory != 8192 ||
+					c.MaxVCPUsPerMachine != 8 {
+					t.Errorf("size, console and hold: %+v", c)
+				}
+			}},
 		{"environment over file", map[string]string{"STRETCHY_CONFIG": "@", "STRETCHY_PARALLELISM": "7", "STRETCHY_IMAGES": "gpu-*"}, nil,
 			func(t *testing.T, c Config) {
 				if c.Parallelism != 7 || c.Images.String() != "gpu-*" || c.MaxVMs != 11 {
@@ -114,6 +137,16 @@ func TestConfigBadValue(t *testing.T) {
 		{"environment pattern", map[string]string{"STRETCHY_IMAGES": "win-["}, "", nil, []string{`STRETCHY_IMAGES="win-[": invalid value for --images: pattern "win-["`}},
 		{"missing file", map[string]string{"STRETCHY_CONFIG": "/nonexistent/worker.toml"}, "", nil, []string{"config file /nonexistent/worker.toml"}},
 		{"http address", nil, `http-addr = "9464"`, nil, []string{`--http-addr "9464"`}},
+		{"negative vCPUs", nil, "", []string{"--max-vcpus-per-machine", "-1"}, []string{"--max-vcpus-per-machine -1: must be 0 (no bound) or more"}},
+		{"negative host memory", map[string]string{"STRETCHY_HOST_MEMORY": "-5"}, "", nil, []string{"--host-memory -5: must be 0 (no bound) or more"}},
+		{"memory per machine above the host's", nil, "max-memory-per-machine = 8192\nhost-memory = 4096", nil,
+			[]string{"--max-memory-per-machine 8192: more than --host-memory 4096"}},
+		{"vCPUs per machine above the host's", nil, "", []string{"--max-vcpus-per-machine", "4", "--host-vcpus", "2"},
+			[]string{"--max-vcpus-per-machine 4: more than --host-vcpus 2"}},
+		{"memory not a number", nil, `host-memory = "16GiB"`, nil, []string{`host-memory = "16GiB": invalid value`}},
+		{"relative console directory", nil, `console-dir = "console"`, nil, []string{`--console-dir "console": must be an absolute path`}},
+		{"hold too long", nil, "", []string{"--max-hold", "200h"}, []string{"--max-hold 200h0m0s: must be between 0 (no holds) and 168h0m0s"}},
+		{"negative hold", map[string]string{"STRETCHY_MAX_HOLD": "-1m"}, "", nil, []string{"--max-hold -1m0s"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -138,12 +171,35 @@ func TestConfigBadValue(t *testing.T) {
 	}
 }
 
+// TestConsoleCapture: consoles are captured only where the worker can read
+// the files, on the libvirt host.
+func TestConsoleCapture(t *testing.T) {
+	tests := []struct {
+		uri, dir, want string
+	}{
+		{"qemu:///system", "/var/log/c", "/var/log/c"},
+		{"qemu+unix:///system?socket=/run/x.sock", "/var/log/c", "/var/log/c"},
+		{"test:///default", "/var/log/c", "/var/log/c"},
+		{"qemu:///system", "", ""},
+		{"qemu+ssh://root@build-07/system", "/var/log/c", ""},
+		{"qemu+tls://build-07/system", "/var/log/c", ""},
+		{"qemu://build-07/system", "/var/log/c", ""},
+	}
+	for _, tt := range tests {
+		c := Config{LibvirtURI: tt.uri, ConsoleDir: tt.dir}
+		if got := c.consoleCapture(); got != tt.want {
+			t.Errorf("consoleCapture(%s, %q) = %q, want %q", tt.uri, tt.dir, got, tt.want)
+		}
+	}
+}
+
 // TestConfigPrint: worker config prints a file that loads to the same
 // configuration, with credentials in the URL masked.
 func TestConfigPrint(t *testing.T) {
 	clearEnv(t)
 	t.Setenv("STRETCHY_NATS_URL", "nats://user:hunter2@nats1:4222")
-	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--min-free-space", "5GiB", "--parallelism", "4"})
+	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--min-free-space", "5GiB", "--parallelism", "4",
+		"--host-memory", "65536", "--console-dir", "/srv/c", "--max-hold", "15m"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +213,8 @@ func TestConfigPrint(t *testing.T) {
 			t.Fatalf("the printed configuration shows a secret:\n%s", out)
 		}
 	}
-	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`} {
+	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`,
+		"host-memory = 65536", "max-vcpus-per-machine = 0", `console-dir = "/srv/c"`, `max-hold = "15m0s"`} {
 		if !strings.Contains(out, want) {
 			t.Errorf("missing %q in:\n%s", want, out)
 		}
@@ -171,7 +228,8 @@ func TestConfigPrint(t *testing.T) {
 	}
 	back.ConfigFile, back.NATS.Password = "", c.NATS.Password
 	if back.Images.String() != c.Images.String() || back.MinFreeSpace != c.MinFreeSpace || back.Parallelism != c.Parallelism ||
-		back.NATSURL != c.NATSURL || back.AckWait != c.AckWait || back.Host != c.Host {
+		back.NATSURL != c.NATSURL || back.AckWait != c.AckWait || back.Host != c.Host ||
+		back.HostMemory != c.HostMemory || back.ConsoleDir != c.ConsoleDir || back.MaxHold != c.MaxHold {
 		t.Fatalf("round trip:\n got %+v\nwant %+v", back, c)
 	}
 }

@@ -555,6 +555,29 @@ func badCases() []badCase {
 		}, code: CodeImageInvalid, readable: true,
 			requires: "an image domain " + corpusInvalidImage + " whose disk does not exist (the integration test defines it)",
 			note:     "a valid Jenkins provision for an image that cannot be cloned"},
+
+		// Sizes and holds (docs/protocol.md 3.2): added after the cases
+		// above so that their files keep their numbers.
+		p("vcpus-negative", invalid, true, "vcpus -1", provWith("vcpus", -1)),
+		p("vcpus-1025", invalid, true, "vcpus 1025, above the wire's bound", provWith("vcpus", 1025)),
+		p("vcpus-string", bad, true, `vcpus is the string "2"`, provWith("vcpus", "2")),
+		p("vcpus-float", bad, true, "vcpus is 2.0", provWith("vcpus", 2.0)),
+		p("memory-mib-negative", invalid, true, "memory_mib -256", provWith("memory_mib", -256)),
+		p("memory-mib-31", invalid, true, "memory_mib 31, below the wire's minimum", provWith("memory_mib", 31)),
+		p("memory-mib-4194305", invalid, true, "memory_mib one MiB above 4 TiB", provWith("memory_mib", 4<<20+1)),
+		p("memory-mib-uint64-max", invalid, true, "memory_mib 2^64-1 (reads as -1)", provWith("memory_mib", uint64(math.MaxUint64))),
+		p("scratch-disk-gib-negative", invalid, true, "scratch_disk_gib -1", provWith("scratch_disk_gib", -1)),
+		p("scratch-disk-gib-65537", invalid, true, "scratch_disk_gib one GiB above 64 TiB", provWith("scratch_disk_gib", 64<<10+1)),
+		p("scratch-disk-gib-bool", bad, true, "scratch_disk_gib is true", provWith("scratch_disk_gib", true)),
+		p("hold-on-failure-negative", invalid, true, "hold_on_failure_s -1", provWith("hold_on_failure_s", -1)),
+		p("hold-on-failure-86401", invalid, true, "hold_on_failure_s one second above a day", provWith("hold_on_failure_s", 86401)),
+		p("hold-on-failure-string", bad, true, `hold_on_failure_s is the string "30"`, provWith("hold_on_failure_s", "30")),
+		p("sizes-all-wrong", invalid, true, "vcpus, memory_mib, scratch_disk_gib and hold_on_failure_s all out of range: the failed event lists all four", func(id string) []byte {
+			return encode(prov(id, noneRunner()).with("vcpus", 5000).with("memory_mib", 1).with("scratch_disk_gib", -3).with("hold_on_failure_s", 1<<40))
+		}),
+		p("sized-image-not-found", CodeImageNotFound, true, "a valid sized provision (2 vCPUs, 256 MiB, a 1 GiB scratch disk, a 30 s hold) for an image no host has", func(id string) []byte {
+			return encode(prov(id, noneRunner()).with("vcpus", 2).with("memory_mib", 256).with("scratch_disk_gib", 1).with("hold_on_failure_s", 30))
+		}),
 	}
 	return cases
 }

@@ -84,6 +84,15 @@ type Event struct {
 	// secrets from it: it adopted the machine after a restart, and
 	// secrets are never kept beyond the worker process that received them.
 	OutputWithheld bool `msgpack:"output_withheld,omitempty"`
+	// Console is the end of what the machine wrote to its serial console
+	// (at most MaxConsoleLines lines and MaxConsoleBytes bytes, the job's
+	// secrets removed), set on failed events of a job whose machine was
+	// booted, when the console wrote anything.
+	Console string `msgpack:"console,omitempty"`
+	// ConsoleWithheld is set on failed events when the worker does not
+	// publish the console because it cannot scrub the job's secrets from
+	// it (it adopted the machine after a restart), as OutputWithheld.
+	ConsoleWithheld bool `msgpack:"console_withheld,omitempty"`
 	// Holder is the host that holds the job's claim, set on dropped events
 	// when it is known.
 	Holder string `msgpack:"holder,omitempty"`
@@ -98,6 +107,14 @@ type Event struct {
 	// find a machine.
 	Error *Error `msgpack:"error,omitempty"`
 }
+
+// Bounds of Event.Console. A Linux kernel's panic takes 30 to 45 lines
+// of about 60 bytes after the line that says why; the bounds keep a few
+// lines before it.
+const (
+	MaxConsoleBytes = 4 << 10
+	MaxConsoleLines = 60
+)
 
 // Error is a machine-readable code with a message for people.
 type Error struct {
@@ -135,6 +152,11 @@ const (
 	// space than the host's minimum on every delivery of a request pinned
 	// to the host; nothing was cloned.
 	CodeInsufficientStorage ErrorCode = "insufficient_storage"
+	// CodeResourcesExceeded means the machine's size (the request's vcpus
+	// or memory_mib, else the image's) is beyond the host's bounds on one
+	// machine, or beyond everything the host may ever run at once;
+	// nothing was built.
+	CodeResourcesExceeded ErrorCode = "resources_exceeded"
 )
 
 // Reasons carried in events: why a teardown began, or what the worker

@@ -18,6 +18,19 @@ const (
 	MaxBootTimeout     = time.Hour
 	DefaultMaxLifetime = 6 * time.Hour
 	MaxMaxLifetime     = 7 * 24 * time.Hour
+	// MaxHoldOnFailure bounds hold_on_failure_s; a host caps it further
+	// (worker --max-hold).
+	MaxHoldOnFailure = 24 * time.Hour
+)
+
+// Bounds of the optional size of a provision request's machine. They only
+// keep absurd values off the wire: each host refuses a size beyond its own,
+// lower bounds with CodeResourcesExceeded.
+const (
+	MaxVCPUs          = 1024
+	MinMemoryMiB      = 32
+	MaxMemoryMiB      = 4 << 20  // 4 TiB
+	MaxScratchDiskGiB = 64 << 10 // 64 TiB
 )
 
 // RunnerKind selects the CI runner the worker starts in the machine.
@@ -54,6 +67,16 @@ type Provision struct {
 	MaxLifetimeS int64 `msgpack:"max_lifetime_s,omitempty"`
 	// RequestedAt is when the orchestrator made the decision.
 	RequestedAt time.Time `msgpack:"requested_at"`
+	// VCPUs is the machine's number of virtual CPUs; 0 keeps the image's.
+	VCPUs int `msgpack:"vcpus,omitempty"`
+	// MemoryMiB is the machine's memory in MiB; 0 keeps the image's.
+	MemoryMiB int `msgpack:"memory_mib,omitempty"`
+	// ScratchDiskGiB adds an empty disk of that many GiB to the machine;
+	// 0 adds none.
+	ScratchDiskGiB int `msgpack:"scratch_disk_gib,omitempty"`
+	// HoldOnFailureS asks the host to keep the machine, in seconds, after
+	// the job failed, for debugging; the host caps it. 0 holds nothing.
+	HoldOnFailureS int64 `msgpack:"hold_on_failure_s,omitempty"`
 }
 
 // Runner is the runner section of a provision request: a kind and the
@@ -114,6 +137,12 @@ func (p *Provision) MaxLifetime() time.Duration {
 		return DefaultMaxLifetime
 	}
 	return time.Duration(p.MaxLifetimeS) * time.Second
+}
+
+// HoldOnFailure returns how long p asks its machine to be kept after a
+// failure, before the host's cap.
+func (p *Provision) HoldOnFailure() time.Duration {
+	return time.Duration(p.HoldOnFailureS) * time.Second
 }
 
 // Deadline is the instant the machine of p is torn down at the latest.

@@ -45,6 +45,10 @@ func goldenCases() map[string]any {
 			}},
 			RequestedAt: requestedAt,
 		},
+		"provision_sized_v1": &Provision{
+			V: 1, JobID: "job-46", Image: "debian-12", Runner: Runner{Kind: RunnerNone}, RequestedAt: requestedAt,
+			VCPUs: 4, MemoryMiB: 8192, ScratchDiskGiB: 50, HoldOnFailureS: 1800,
+		},
 		"teardown_v1": &Teardown{V: 1, JobID: "job-42", Reason: "job finished", RequestedAt: requestedAt},
 		"event_running_v1": &Event{
 			V: 1, JobID: "job-42", Host: "host-a", Image: "debian-12", Domain: "stretchy-job-42",
@@ -73,6 +77,12 @@ func goldenCases() map[string]any {
 			V: 1, JobID: "job-43", Host: "host-a", Image: "nope", Domain: "stretchy-job-43", State: StateFailed,
 			Time: requestedAt, Seq: 2, Attempt: 1,
 			Error: &Error{Code: CodeImageNotFound, Message: `image "nope" is not defined on host-a`},
+		},
+		"event_failed_console_v1": &Event{
+			V: 1, JobID: "job-47", Host: "host-a", Image: "debian-12", Domain: "stretchy-job-47", State: StateFailed,
+			Time: requestedAt.Add(5 * time.Minute), Seq: 6, Attempt: 1,
+			Console: "[    1.734510] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n[    1.735002] ---[ end Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100 ]---\n",
+			Error:   &Error{Code: CodeBootTimeout, Message: "the guest agent did not answer within 300s"},
 		},
 		"event_dropped_v1": &Event{
 			V: 1, JobID: "job-44", Host: "host-a", Image: "debian-12", Domain: "stretchy-job-44", State: StateDropped,
@@ -268,6 +278,20 @@ func TestProvisionValidateEnvelope(t *testing.T) {
 		{"negative boot timeout", func(p *Provision) { p.BootTimeoutS = -1 }, "boot_timeout_s"},
 		{"absurd lifetime", func(p *Provision) { p.MaxLifetimeS = 1 << 40 }, "max_lifetime_s"},
 		{"no requested_at", func(p *Provision) { p.RequestedAt = time.Time{} }, "requested_at"},
+		{"sized", func(p *Provision) { p.VCPUs, p.MemoryMiB, p.ScratchDiskGiB, p.HoldOnFailureS = 2, 256, 1, 30 }, ""},
+		{"largest size", func(p *Provision) {
+			p.VCPUs, p.MemoryMiB, p.ScratchDiskGiB, p.HoldOnFailureS = MaxVCPUs, MaxMemoryMiB, MaxScratchDiskGiB, 86400
+		}, ""},
+		{"smallest memory", func(p *Provision) { p.MemoryMiB = MinMemoryMiB }, ""},
+		{"negative vcpus", func(p *Provision) { p.VCPUs = -1 }, "vcpus: must be between 0 (the image's) and 1024, got -1"},
+		{"too many vcpus", func(p *Provision) { p.VCPUs = MaxVCPUs + 1 }, "vcpus: must be between 0 (the image's) and 1024, got 1025"},
+		{"negative memory", func(p *Provision) { p.MemoryMiB = -256 }, "memory_mib: must be 0 (the image's) or between 32 and 4194304, got -256"},
+		{"memory below the minimum", func(p *Provision) { p.MemoryMiB = MinMemoryMiB - 1 }, "memory_mib: must be 0 (the image's) or between 32 and 4194304, got 31"},
+		{"memory above the maximum", func(p *Provision) { p.MemoryMiB = MaxMemoryMiB + 1 }, "memory_mib"},
+		{"negative scratch disk", func(p *Provision) { p.ScratchDiskGiB = -1 }, "scratch_disk_gib: must be between 0 (none) and 65536, got -1"},
+		{"scratch disk too large", func(p *Provision) { p.ScratchDiskGiB = MaxScratchDiskGiB + 1 }, "scratch_disk_gib"},
+		{"negative hold", func(p *Provision) { p.HoldOnFailureS = -1 }, "hold_on_failure_s: must be between 0 (no hold) and 86400, got -1"},
+		{"hold over a day", func(p *Provision) { p.HoldOnFailureS = 86401 }, "hold_on_failure_s"},
 		// The runner section is not the envelope's.
 		{"unknown kind", func(p *Provision) { p.Runner.Kind = "buildkite" }, ""},
 		{"missing section", func(p *Provision) { p.Runner.Forgejo = nil }, ""},

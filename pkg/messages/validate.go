@@ -96,8 +96,10 @@ func Describe(s string) string {
 }
 
 // ValidateEnvelope checks the fields of p outside its runner section: v,
-// job_id, image, boot_timeout_s, max_lifetime_s and requested_at
-// (docs/protocol.md 3.1, 3.2). It returns an error wrapping
+// job_id, image, boot_timeout_s, max_lifetime_s, requested_at, vcpus,
+// memory_mib, scratch_disk_gib and hold_on_failure_s (docs/protocol.md
+// 3.1, 3.2). Only the wire's bounds apply; a host's bounds on sizes are
+// its own. It returns an error wrapping
 // ErrUnsupportedVersion, or a *ValidationError listing every problem
 // with them.
 //
@@ -128,6 +130,18 @@ func (p *Provision) ValidateEnvelope() error {
 	}
 	if p.RequestedAt.IsZero() {
 		ps.add("requested_at: missing")
+	}
+	if p.VCPUs < 0 || p.VCPUs > MaxVCPUs {
+		ps.add("vcpus: must be between 0 (the image's) and %d, got %d", MaxVCPUs, p.VCPUs)
+	}
+	if p.MemoryMiB != 0 && (p.MemoryMiB < MinMemoryMiB || p.MemoryMiB > MaxMemoryMiB) {
+		ps.add("memory_mib: must be 0 (the image's) or between %d and %d, got %d", MinMemoryMiB, MaxMemoryMiB, p.MemoryMiB)
+	}
+	if p.ScratchDiskGiB < 0 || p.ScratchDiskGiB > MaxScratchDiskGiB {
+		ps.add("scratch_disk_gib: must be between 0 (none) and %d, got %d", MaxScratchDiskGiB, p.ScratchDiskGiB)
+	}
+	if p.HoldOnFailureS < 0 || p.HoldOnFailureS > int64(MaxHoldOnFailure.Seconds()) {
+		ps.add("hold_on_failure_s: must be between 0 (no hold) and %d, got %d", int64(MaxHoldOnFailure.Seconds()), p.HoldOnFailureS)
 	}
 	return ps.err()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 
 	"github.com/digitalocean/go-libvirt"
@@ -17,13 +18,18 @@ import (
 // returns it; it does not start it. Each writable disk of the image whose
 // storage is a pool volume gets a new volume of the job in the same pool,
 // made as the clone mode says (see doc.go); read-only, CD-ROM and
-// shareable disks are shared. A UEFI image's NVRAM is copied too.
+// shareable disks are shared. A UEFI image's NVRAM is copied too. The
+// machine gets the Spec's size and scratch disk, and its consoles log
+// into the Spec's console directory.
 //
 // Clone returns an error wrapping ErrExists if the machine is already
 // defined, ErrImageNotFound or ErrImageInvalid if the image cannot be
-// cloned (ErrReflinkUnsupported with the latter), ErrInvalidJobID or
-// ErrInvalidCloneMode for an unusable Spec. If it fails after creating
-// anything, it removes what it created first.
+// cloned (ErrReflinkUnsupported with the latter; ErrImageInvalid also
+// when its layout cannot take the Spec's size, such as fewer vCPUs than
+// NUMA cells, or when a scratch disk has no pool to go to),
+// ErrInvalidJobID, ErrInvalidCloneMode or ErrInvalidSpec for an unusable
+// Spec. If it fails after creating anything, it removes what it created
+// first.
 //
 // Volumes named for the job but without a domain, left by a Clone that
 // crashed before defining it, are deleted first. Callers therefore run at
@@ -50,6 +56,9 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 	}
 	if s.CloneMode != "" && !s.CloneMode.valid() {
 		return Machine{}, fmt.Errorf("clone mode %q: %w", s.CloneMode, ErrInvalidCloneMode)
+	}
+	if err := s.checkSize(); err != nil {
+		return Machine{}, err
 	}
 	if strings.HasPrefix(s.Image, Prefix) {
 		return Machine{}, fmt.Errorf("image names must not start with %q: %w", Prefix, ErrImageInvalid)
@@ -122,6 +131,19 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 	if err != nil {
 		return Machine{}, err
 	}
+	if s.ScratchGiB > 0 && len(plans) == 0 {
+		return Machine{}, fmt.Errorf("a scratch disk goes into the pool of the image's first writable disk, and the image has none: %w", ErrImageInvalid)
+	}
+	vcpus, memoryMiB, err := domainSize(&def)
+	if err != nil {
+		return Machine{}, fmt.Errorf("size of the image: %w: %w", err, ErrImageInvalid)
+	}
+	if s.VCPUs > 0 {
+		vcpus = s.VCPUs
+	}
+	if s.MemoryMiB > 0 {
+		memoryMiB = s.MemoryMiB
+	}
 
 	// Only reads so far. What an earlier attempt of this job left behind
 	// goes first, so that the names are free.
@@ -155,6 +177,9 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		Deadline:    s.Deadline,
 		CloneMode:   mode,
 		OS:          settings.OS,
+		VCPUs:       vcpus,
+		MemoryMiB:   memoryMiB,
+		ScratchGiB:  s.ScratchGiB,
 	}
 	plan := clonePlan{
 		Image:  s.Image,
@@ -163,6 +188,15 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		Linked: mode == CloneLinked,
 		Disks:  make(map[string]diskOut, len(plans)),
 		Rand:   p.rand,
+		// The image's own size stays as it is, with all it says about it.
+		VCPUs:     s.VCPUs,
+		MemoryMiB: s.MemoryMiB,
+	}
+	if s.ConsoleDir != "" {
+		if plan.ConsoleLog, err = ConsoleLogPath(s.ConsoleDir, key); err != nil {
+			return Machine{}, err
+		}
+		m.ConsoleLogs = consoleLogs(&def, plan.ConsoleLog, false)
 	}
 	for i, dp := range plans {
 		vol, path, err := p.createDiskVolume(ctx, mode, dp, sources[i])
@@ -184,6 +218,15 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		}
 		created = append(created, vol)
 		plan.NVRAM = path
+		m.Volumes = append(m.Volumes, path)
+	}
+	if s.ScratchGiB > 0 {
+		vol, path, err := p.createScratchVolume(ctx, sources[0].pool, scratchVolumeName(key), uint64(s.ScratchGiB)<<30)
+		if err != nil {
+			return Machine{}, err
+		}
+		created = append(created, vol)
+		plan.Scratch = path
 		m.Volumes = append(m.Volumes, path)
 	}
 	if err := ctx.Err(); err != nil {
@@ -215,6 +258,18 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		return Machine{}, err
 	}
 	return m, nil
+}
+
+// checkSize refuses a negative size and a console directory libvirt
+// cannot take.
+func (s Spec) checkSize() error {
+	if s.VCPUs < 0 || s.MemoryMiB < 0 || s.ScratchGiB < 0 {
+		return fmt.Errorf("size %d vCPUs, %d MiB, scratch disk %d GiB: negative: %w", s.VCPUs, s.MemoryMiB, s.ScratchGiB, ErrInvalidSpec)
+	}
+	if s.ConsoleDir != "" && !filepath.IsAbs(s.ConsoleDir) {
+		return fmt.Errorf("console directory %q: must be an absolute path: %w", s.ConsoleDir, ErrInvalidSpec)
+	}
+	return nil
 }
 
 // reserveMACs builds the clone's definition with MAC addresses that no

@@ -94,6 +94,55 @@ type clonePlan struct {
 	TakenMACs map[string]bool
 	// Rand supplies the new MAC addresses.
 	Rand io.Reader
+	// VCPUs and MemoryMiB, when above 0, replace the image's size.
+	VCPUs, MemoryMiB int
+	// Scratch, when set, is the path of an empty qcow2 volume attached
+	// as an extra disk (scratchTarget says where).
+	Scratch string
+	// ConsoleLog, when set, is the file the main console logs to; the
+	// other serial ports and consoles log next to it (consoleLogs).
+	ConsoleLog string
+}
+
+// scratchSerial is the disk serial of a machine's scratch disk, by which a
+// guest finds it (/dev/disk/by-id/virtio-stretchy-scratch on Linux).
+const scratchSerial = "stretchy-scratch"
+
+// scratchVolumeName is the name of the scratch disk volume of the machine
+// with key.
+func scratchVolumeName(key string) string { return DomainName(key) + "-scratch.qcow2" }
+
+// diskPrefixes are the device name prefixes of the disk buses.
+var diskPrefixes = map[string]string{"virtio": "vd", "scsi": "sd", "sata": "sd", "usb": "sd", "ide": "hd", "xen": "xvd"}
+
+// scratchTarget returns the bus and device name of a scratch disk added to
+// d: the bus of the first disk that is not a CD-ROM or floppy (virtio if
+// there is none, or its bus has no device names), and the first free name
+// on it, such as vdb after vda.
+func scratchTarget(d *libvirtxml.Domain) (bus, dev string, err error) {
+	bus = "virtio"
+	used := map[string]bool{}
+	if d.Devices != nil {
+		found := false
+		for _, disk := range d.Devices.Disks {
+			if disk.Target == nil {
+				continue
+			}
+			used[disk.Target.Dev] = true
+			if !found && disk.Device != "cdrom" && disk.Device != "floppy" {
+				found = true
+				if _, ok := diskPrefixes[disk.Target.Bus]; ok {
+					bus = disk.Target.Bus
+				}
+			}
+		}
+	}
+	for c := 'a'; c <= 'z'; c++ {
+		if dev := diskPrefixes[bus] + string(c); !used[dev] {
+			return bus, dev, nil
+		}
+	}
+	return "", "", fmt.Errorf("no free device name on bus %s for a scratch disk: %w", bus, ErrImageInvalid)
 }
 
 // fallbackOUI is QEMU's locally administered prefix, used when the image's
@@ -310,6 +359,23 @@ func cloneXML(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, err
 		return nil, fmt.Errorf("clone plan has %d volumes for %d writable disks", len(plan.Disks), len(toCopy))
 	}
 
+	if err := resize(&d, plan.VCPUs, plan.MemoryMiB); err != nil {
+		return nil, err
+	}
+	if plan.Scratch != "" {
+		bus, dev, err := scratchTarget(&d)
+		if err != nil {
+			return nil, err
+		}
+		d.Devices.Disks = append(d.Devices.Disks, libvirtxml.DomainDisk{
+			Device: "disk",
+			Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "qcow2", Discard: "unmap"},
+			Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: plan.Scratch}},
+			Target: &libvirtxml.DomainDiskTarget{Dev: dev, Bus: bus},
+			Serial: scratchSerial,
+		})
+	}
+
 	if err := newMACs(d.Devices.Interfaces, plan.TakenMACs, plan.Rand); err != nil {
 		return nil, err
 	}
@@ -337,6 +403,8 @@ func cloneXML(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, err
 			c.Target.VirtIO.State = ""
 		}
 	}
+	// After the renaming, so that these logs replace the image's.
+	consoleLogs(&d, plan.ConsoleLog, true)
 	return &d, nil
 }
 

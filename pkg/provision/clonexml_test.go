@@ -109,8 +109,8 @@ const (
 
 // transform runs the pure half of Clone on img: plan the disks against
 // fakePools, pretend the volumes were created at their planned names, and
-// build the clone's XML.
-func transform(img *libvirtxml.Domain, mode CloneMode, taken map[string]bool, r io.Reader) (*libvirtxml.Domain, error) {
+// build the clone's XML. Each of more changes the plan first.
+func transform(img *libvirtxml.Domain, mode CloneMode, taken map[string]bool, r io.Reader, more ...func(*clonePlan)) (*libvirtxml.Domain, error) {
 	disks, err := writableDisks(img)
 	if err != nil {
 		return nil, err
@@ -132,6 +132,9 @@ func transform(img *libvirtxml.Domain, mode CloneMode, taken map[string]bool, r 
 	}
 	if imageNVRAM(img) != "" {
 		plan.NVRAM = testNVRAM
+	}
+	for _, f := range more {
+		f(&plan)
 	}
 	return cloneXML(img, plan)
 }

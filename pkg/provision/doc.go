@@ -36,6 +36,17 @@
 //     image. Right for small images, encrypted disks, or pools where
 //     neither of the others works.
 //
+// # Size, scratch disk, console
+//
+// A Spec may give the machine another size than the image's (VCPUs,
+// MemoryMiB; the image's CPU topology, NUMA cells and memory devices are
+// adjusted to fit), an empty scratch disk (ScratchGiB), and a directory
+// its serial ports and consoles log to (ConsoleDir; ConsoleLogPath names
+// the main console's file, ConsoleTail reads its end). Machine records
+// the size, the scratch volume and the logs, which Remove deletes with
+// the machine. docs/protocol.md 7.6 and 7.7 say what changes and how
+// virtlogd bounds the logs.
+//
 // # Connections
 //
 // go-libvirt calls take no context; every call made here is bounded by a

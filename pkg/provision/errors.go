@@ -27,6 +27,9 @@ var (
 	// mode that does not exist. From the image's metadata it comes with
 	// ErrImageInvalid.
 	ErrInvalidCloneMode = errors.New("invalid clone mode")
+	// ErrInvalidSpec means a Spec's size or console directory is not
+	// usable: a negative size, or a directory that is not absolute.
+	ErrInvalidSpec = errors.New("invalid machine spec")
 	// ErrReflinkUnsupported means reflink mode was asked for but a pool's
 	// file system cannot share extents (or the pool is not a local
 	// directory). It always comes with ErrImageInvalid: retrying cannot

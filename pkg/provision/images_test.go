@@ -63,6 +63,8 @@ type imageShape struct {
 	uefi string
 	// metadata is put into the image's <metadata>.
 	metadata string
+	// cmdline, if set, replaces the kernel command line.
+	cmdline string
 }
 
 // testImageDef is a test image on qemu:///system.
@@ -135,6 +137,9 @@ func defineTestImage(t testing.TB, l *libvirt.Libvirt, shape imageShape) testIma
 	def.Name, def.UUID, def.Title, def.Description, def.Metadata = name, "", "", "", nil
 	if shape.metadata != "" {
 		def.Metadata = &libvirtxml.DomainMetadata{XML: shape.metadata}
+	}
+	if shape.cmdline != "" {
+		def.OS.Cmdline = shape.cmdline
 	}
 	for i := range def.Devices.Interfaces {
 		def.Devices.Interfaces[i].MAC = nil // libvirt picks one

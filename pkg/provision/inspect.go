@@ -87,6 +87,11 @@ type ImageReport struct {
 	NVRAMPool string
 	// Firmware is "efi" for UEFI guests, else "bios".
 	Firmware string
+	// VCPUs and MemoryMiB are the image's own size, which its clones get
+	// unless a Spec gives another: the maximum vCPU count and <memory>,
+	// in MiB rounded up. MemoryMiB is 0 when the definition has none.
+	VCPUs     int
+	MemoryMiB int
 	// Generation changes whenever the image's definition or one of its
 	// disks or NVRAM is replaced or rewritten: a hash of its inactive
 	// definition and of each volume's path, capacity, allocation and
@@ -178,6 +183,9 @@ func (p *Provisioner) inspectImage(ctx context.Context, name string) (ImageRepor
 		r.CloneMode = CloneLinked
 	}
 	r.Firmware = firmware(&def)
+	if r.VCPUs, r.MemoryMiB, err = domainSize(&def); err != nil {
+		problem(PartStorage, fmt.Errorf("size of the image: %w: %w", err, ErrImageInvalid))
+	}
 	stamps := []string{doc}
 	if err := p.inspectStorage(ctx, &def, &r, problem, &stamps); err != nil {
 		return r, err

@@ -61,7 +61,7 @@ func TestInspectImage(t *testing.T) {
 					t.Errorf("generation %q, want 16 hex digits", r.Generation)
 				}
 				want := ImageReport{
-					Name: "image", Defined: true, State: "shut off", CloneMode: CloneLinked, Firmware: "bios",
+					Name: "image", Defined: true, State: "shut off", CloneMode: CloneLinked, Firmware: "bios", VCPUs: 1, MemoryMiB: 256,
 					Generation: r.Generation,
 					Disks: []ImageDisk{
 						{Target: "vda", Source: filepath.Join(dir, "pool", "image.qcow2"), Pool: "images", Format: "qcow2"},

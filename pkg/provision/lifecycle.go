@@ -54,31 +54,45 @@ func (p *Provisioner) Start(ctx context.Context, jobID string) error {
 	return nil
 }
 
-// Remove stops and undefines the job's machine and deletes the volumes its
-// metadata records. It is idempotent: a machine that does not exist yields
-// (false, nil). Without a domain, it deletes the volumes named for the job
-// (left by a Clone that crashed) and reports existed true if there were
-// any.
+// Remove stops and undefines the job's machine and deletes the volumes and
+// console logs its metadata records. It is idempotent: a machine that does
+// not exist yields (false, nil). Without a domain, it deletes the volumes
+// named for the job (left by a Clone that crashed) and reports existed
+// true if there were any.
 //
 // A volume is deleted only if its file name has the form Clone gives the
 // job's volumes and nothing else uses it: no other domain as a disk, a
 // backing file or NVRAM, no other volume as its backing store. Other
 // recorded volumes are kept and reported in the error, after the domain is
 // removed. If the metadata cannot be read, the volumes named for the job
-// are deleted by the same rules once the domain is gone.
+// are deleted by the same rules once the domain is gone. Console logs
+// are deleted, with virtlogd's backups of them, once the domain is gone,
+// if their file names are the job's (ConsoleLogPath).
 func (p *Provisioner) Remove(ctx context.Context, jobID string) (existed bool, err error) {
+	return p.RemoveWith(ctx, jobID, RemoveOptions{})
+}
+
+// RemoveOptions change what Remove deletes.
+type RemoveOptions struct {
+	// KeepConsole keeps the machine's console logs, for a reader after
+	// the machine is gone; RemoveConsoleLogs deletes them later.
+	KeepConsole bool
+}
+
+// RemoveWith is Remove with options.
+func (p *Provisioner) RemoveWith(ctx context.Context, jobID string, opts RemoveOptions) (existed bool, err error) {
 	name, err := managedDomain(jobID)
 	if err != nil {
 		return false, fmt.Errorf("remove: %w", err)
 	}
-	existed, err = p.remove(ctx, jobID, name)
+	existed, err = p.remove(ctx, jobID, name, opts)
 	if err != nil {
 		return existed, fmt.Errorf("remove %s: %w", name, err)
 	}
 	return existed, nil
 }
 
-func (p *Provisioner) remove(ctx context.Context, jobID, name string) (bool, error) {
+func (p *Provisioner) remove(ctx context.Context, jobID, name string, opts RemoveOptions) (bool, error) {
 	dom, err := call(ctx, p, func() (libvirt.Domain, error) { return p.conn.DomainLookupByName(name) })
 	if isNoDomain(err) {
 		removed, err := p.removeOrphans(ctx, jobID)
@@ -143,6 +157,11 @@ func (p *Provisioner) remove(ctx context.Context, jobID, name string) (bool, err
 		// What was created is unknown; the naming rule still tells.
 		if _, err := p.removeOrphans(ctx, jobID); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	if !opts.KeepConsole {
+		if err := removeConsoleLogs(jobID, m.ConsoleLogs); err != nil {
+			errs = append(errs, fmt.Errorf("console logs: %w", err))
 		}
 	}
 	if len(kept) > 0 {
@@ -274,5 +293,21 @@ func (p *Provisioner) machine(ctx context.Context, dom libvirt.Domain) (Machine,
 		m.JobID = m.Key
 	}
 	m.Running = libvirt.DomainState(state) != libvirt.DomainShutoff
+	if m.VCPUs == 0 || m.MemoryMiB == 0 {
+		// Built before the metadata recorded sizes, or unreadable: the
+		// definition says.
+		doc, err := call(ctx, p, func() (string, error) { return p.conn.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive) })
+		if err != nil {
+			return Machine{}, fmt.Errorf("definition of %s: %w", dom.Name, err)
+		}
+		// A definition libvirt wrote parses; if not, the size stays
+		// unknown (0) rather than keeping the machine from being listed.
+		var def libvirtxml.Domain
+		if def.Unmarshal(doc) == nil {
+			if vcpus, mib, err := domainSize(&def); err == nil {
+				m.VCPUs, m.MemoryMiB = vcpus, mib
+			}
+		}
+	}
 	return m, nil
 }

@@ -31,18 +31,27 @@ const (
 // metadataNS).
 type machineMetadata struct {
 	XMLName     xml.Name
-	XMLNS       string   `xml:"xmlns:stretchy,attr,omitempty"`
-	JobID       string   `xml:"job_id"`
-	Warm        bool     `xml:"warm,omitempty"`
-	Generation  string   `xml:"generation,omitempty"`
-	Image       string   `xml:"image"`
-	Host        string   `xml:"host,omitempty"`
-	RunnerKind  string   `xml:"runner_kind,omitempty"`
-	RequestedAt string   `xml:"requested_at,omitempty"`
-	Deadline    string   `xml:"deadline,omitempty"`
-	CloneMode   string   `xml:"clone_mode,omitempty"`
-	OS          string   `xml:"os,omitempty"`
-	Volumes     []string `xml:"volumes>volume"`
+	XMLNS       string    `xml:"xmlns:stretchy,attr,omitempty"`
+	JobID       string    `xml:"job_id"`
+	Warm        bool      `xml:"warm,omitempty"`
+	Generation  string    `xml:"generation,omitempty"`
+	Image       string    `xml:"image"`
+	Host        string    `xml:"host,omitempty"`
+	RunnerKind  string    `xml:"runner_kind,omitempty"`
+	RequestedAt string    `xml:"requested_at,omitempty"`
+	Deadline    string    `xml:"deadline,omitempty"`
+	CloneMode   string    `xml:"clone_mode,omitempty"`
+	OS          string    `xml:"os,omitempty"`
+	Volumes     []string  `xml:"volumes>volume"`
+	VCPUs       int       `xml:"vcpus,omitempty"`
+	MemoryMiB   int       `xml:"memory_mib,omitempty"`
+	ScratchGiB  int       `xml:"scratch_gib,omitempty"`
+	ConsoleLogs *fileList `xml:"console_logs"`
+}
+
+// fileList is a list of <file> elements, absent when empty.
+type fileList struct {
+	Files []string `xml:"file"`
 }
 
 // encodeMetadata returns the element to place inside <metadata> for m.
@@ -61,6 +70,12 @@ func encodeMetadata(m Machine) (string, error) {
 		CloneMode:   string(m.CloneMode),
 		OS:          m.OS,
 		Volumes:     m.Volumes,
+		VCPUs:       m.VCPUs,
+		MemoryMiB:   m.MemoryMiB,
+		ScratchGiB:  m.ScratchGiB,
+	}
+	if len(m.ConsoleLogs) > 0 {
+		md.ConsoleLogs = &fileList{Files: m.ConsoleLogs}
 	}
 	b, err := xml.Marshal(md)
 	if err != nil {
@@ -111,6 +126,13 @@ func decodeMetadata(doc string, m *Machine) error {
 	m.CloneMode = CloneMode(md.CloneMode)
 	m.OS = md.OS
 	m.Volumes = md.Volumes
+	m.VCPUs = md.VCPUs
+	m.MemoryMiB = md.MemoryMiB
+	m.ScratchGiB = md.ScratchGiB
+	m.ConsoleLogs = nil
+	if md.ConsoleLogs != nil {
+		m.ConsoleLogs = md.ConsoleLogs.Files
+	}
 	return nil
 }
 

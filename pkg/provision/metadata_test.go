@@ -22,7 +22,11 @@ func TestMetadataRoundTrip(t *testing.T) {
 			Deadline:    time.Date(2026, 3, 4, 7, 6, 7, 0, time.FixedZone("CET", 3600)),
 			CloneMode:   CloneReflink,
 			OS:          "windows",
-			Volumes:     []string{"/pool/stretchy-job-1-vda.qcow2", "/pool/stretchy-job-1-vdb.img", "/pool/stretchy-job-1-nvram.fd"},
+			Volumes:     []string{"/pool/stretchy-job-1-vda.qcow2", "/pool/stretchy-job-1-vdb.img", "/pool/stretchy-job-1-nvram.fd", "/pool/stretchy-job-1-scratch.qcow2"},
+			VCPUs:       2,
+			MemoryMiB:   256,
+			ScratchGiB:  10,
+			ConsoleLogs: []string{"/var/log/c/stretchy-job-1.log", "/var/log/c/stretchy-job-1.console1.log"},
 		}},
 		{"zero times and no volumes", Machine{JobID: "j", Image: "img"}},
 		{"text needing escapes", Machine{JobID: "j", Image: "a<b>&'\"", Host: "h"}},
@@ -61,6 +65,27 @@ func TestMetadataRoundTrip(t *testing.T) {
 				t.Errorf("round trip = %+v, want %+v", got, tt.m)
 			}
 		})
+	}
+}
+
+// TestMetadataWithoutSize: a machine built before the metadata recorded
+// sizes and console logs decodes with them empty, and a machine without
+// console logs records no element for them.
+func TestMetadataWithoutSize(t *testing.T) {
+	var m Machine
+	old := `<machine><job_id>a</job_id><image>img</image><volumes><volume>/p/stretchy-a-vda.qcow2</volume></volumes></machine>`
+	if err := decodeMetadata(old, &m); err != nil {
+		t.Fatal(err)
+	}
+	if m.VCPUs != 0 || m.MemoryMiB != 0 || m.ScratchGiB != 0 || m.ConsoleLogs != nil || len(m.Volumes) != 1 {
+		t.Errorf("decoded %+v", m)
+	}
+	doc, err := encodeMetadata(Machine{JobID: "a", Image: "img", VCPUs: 1, MemoryMiB: 128})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(doc, "console_logs") || strings.Contains(doc, "scratch_gib") || !strings.Contains(doc, "<vcpus>1</vcpus><memory_mib>128</memory_mib>") {
+		t.Errorf("encoded %s", doc)
 	}
 }
 

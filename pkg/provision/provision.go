@@ -178,6 +178,24 @@ type Spec struct {
 	// clone was made from, recorded for a warm machine so that a worker
 	// can tell, also after a restart, whether its image changed since.
 	Generation string
+	// VCPUs, when above 0, is the machine's number of vCPUs instead of
+	// the image's; MemoryMiB, when above 0, its memory in MiB. The
+	// image's CPU topology, NUMA cells and memory devices are adjusted
+	// to fit (see resize).
+	VCPUs     int
+	MemoryMiB int
+	// ScratchGiB, when above 0, adds an empty disk of that many GiB: a
+	// thin qcow2 volume of the job in the pool of the image's first
+	// cloned disk, after the image's disks on the same bus, with the
+	// serial "stretchy-scratch". Remove deletes it with the others.
+	ScratchGiB int
+	// ConsoleDir, when set, is the absolute directory, on the libvirt
+	// host, that the machine's serial ports and consoles log to: the main
+	// console to ConsoleLogPath(ConsoleDir, JobID), the others next to
+	// it (see consoleLogs). It must exist; libvirt's virtlogd creates the
+	// files. Empty keeps the image's chardev logs (renamed for the
+	// machine).
+	ConsoleDir string
 }
 
 // key returns the machine's key: Key, or JobID for a cold machine.
@@ -220,7 +238,21 @@ type Machine struct {
 	Running bool
 	// MetadataUnreadable is set when the domain has no metadata of this
 	// package or it cannot be decoded; the recorded fields are then empty
-	// and only Name, JobID and Running are known. Such a domain is still
-	// managed: Remove removes it, without deleting volumes.
+	// and only Name, JobID, Running, VCPUs and MemoryMiB are known. Such
+	// a domain is still managed: Remove removes it, without deleting
+	// volumes.
 	MetadataUnreadable bool
+	// VCPUs and MemoryMiB are the machine's size: what Clone gave it (the
+	// Spec's, else the image's), as recorded, or as its definition says
+	// for a machine whose metadata does not record it; what it holds of
+	// the host's capacity.
+	VCPUs     int
+	MemoryMiB int
+	// ScratchGiB is the size of the machine's scratch disk, 0 for none.
+	ScratchGiB int
+	// ConsoleLogs are the files the machine's serial ports and consoles
+	// log to, the main console's first; none when it was built without
+	// Spec.ConsoleDir. Remove deletes them and their backups unless told
+	// to keep them.
+	ConsoleLogs []string
 }

@@ -220,6 +220,32 @@ func (p *Provisioner) createDiskVolume(ctx context.Context, mode CloneMode, plan
 	return vol, path, nil
 }
 
+// createScratchVolume creates an empty, thin qcow2 volume of size bytes
+// named name in pool.
+func (p *Provisioner) createScratchVolume(ctx context.Context, pool libvirt.StoragePool, name string, size uint64) (libvirt.StorageVol, string, error) {
+	vx := libvirtxml.StorageVolume{
+		Name:       name,
+		Capacity:   &libvirtxml.StorageVolumeSize{Unit: "bytes", Value: size},
+		Allocation: &libvirtxml.StorageVolumeSize{Unit: "bytes", Value: 0},
+		Target:     &libvirtxml.StorageVolumeTarget{Format: &libvirtxml.StorageVolumeTargetFormat{Type: "qcow2"}},
+	}
+	doc, err := vx.Marshal()
+	if err != nil {
+		return libvirt.StorageVol{}, "", fmt.Errorf("scratch volume %s: encode XML: %w", name, err)
+	}
+	vol, err := mutate(ctx, p, func() (libvirt.StorageVol, error) { return p.conn.StorageVolCreateXML(pool, doc, 0) })
+	if err != nil {
+		return libvirt.StorageVol{}, "", fmt.Errorf("create scratch volume %s/%s: %w", pool.Name, name, err)
+	}
+	path, err := call(ctx, p, func() (string, error) { return p.conn.StorageVolGetPath(vol) })
+	if err != nil {
+		return libvirt.StorageVol{}, "", errors.Join(
+			fmt.Errorf("scratch volume %s/%s: path: %w", pool.Name, name, err),
+			p.deleteVolumes(ctx, []libvirt.StorageVol{vol}))
+	}
+	return vol, path, nil
+}
+
 // reflinkInto replaces the contents of the volume file dst, which libvirt
 // has just created (so that it knows the volume without a pool refresh,
 // which fails while the pool has a copy running, and so that the name is

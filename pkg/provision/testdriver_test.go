@@ -2,6 +2,8 @@ package provision
 
 import (
 	"errors"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -105,6 +107,8 @@ func TestCloneDefinesMachine(t *testing.T) {
 	want := Machine{
 		Name: "stretchy-j1", Key: "j1", JobID: "j1", Image: "image", Host: "host-a", RunnerKind: "none",
 		RequestedAt: testSpec("").RequestedAt, Deadline: testSpec("").Deadline, CloneMode: CloneLinked, Volumes: wantVols,
+		// The image's size, recorded.
+		VCPUs: 1, MemoryMiB: 256,
 	}
 	if !reflect.DeepEqual(m, want) {
 		t.Errorf("Clone = %+v\nwant %+v", m, want)
@@ -480,5 +484,130 @@ func TestList(t *testing.T) {
 	}
 	if !reflect.DeepEqual(rows, want) {
 		t.Errorf("List = %+v\nwant %+v", rows, want)
+	}
+}
+
+// TestCloneSizedMachine clones with a size, a scratch disk and a console
+// directory, and checks the definition, the recorded machine, and what
+// Remove deletes.
+func TestCloneSizedMachine(t *testing.T) {
+	l, dir := testNode(t)
+	img := domainXML(t, l, "image")
+	img.Name, img.UUID = "serial-image", ""
+	port := uint(0)
+	img.Devices.Serials = []libvirtxml.DomainSerial{{
+		Source: &libvirtxml.DomainChardevSource{Pty: &libvirtxml.DomainChardevSourcePty{}},
+		Target: &libvirtxml.DomainSerialTarget{Port: &port},
+	}}
+	img.Devices.Consoles = []libvirtxml.DomainConsole{{
+		Source: &libvirtxml.DomainChardevSource{Pty: &libvirtxml.DomainChardevSourcePty{}},
+		Target: &libvirtxml.DomainConsoleTarget{Type: "serial", Port: &port},
+	}}
+	defineTestDomain(t, l, img, false)
+	consoles := filepath.Join(dir, "console")
+	if err := os.Mkdir(consoles, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	p := New(l, Options{})
+	ctx := t.Context()
+	spec := func(job string) Spec {
+		s := testSpec(job)
+		s.Image, s.VCPUs, s.MemoryMiB, s.ScratchGiB, s.ConsoleDir = "serial-image", 2, 512, 3, consoles
+		return s
+	}
+
+	m := clone(t, p, spec("sized"))
+	scratch := filepath.Join(dir, "pool", "stretchy-sized-scratch.qcow2")
+	mainLog := filepath.Join(consoles, "stretchy-sized.log")
+	if m.VCPUs != 2 || m.MemoryMiB != 512 || m.ScratchGiB != 3 || !slices.Equal(m.ConsoleLogs, []string{mainLog}) ||
+		len(m.Volumes) != 3 || m.Volumes[2] != scratch {
+		t.Fatalf("machine %+v; want 2 vCPUs, 512 MiB, the scratch volume %s last, the log %s", m, scratch, mainLog)
+	}
+	got, ok, err := p.Lookup(ctx, "sized")
+	if err != nil || !ok || got.VCPUs != 2 || got.MemoryMiB != 512 || got.ScratchGiB != 3 || !slices.Equal(got.ConsoleLogs, m.ConsoleLogs) {
+		t.Fatalf("Lookup = %+v, %v, %v; want what Clone returned", got, ok, err)
+	}
+	def := domainXML(t, l, "stretchy-sized")
+	if vcpus, mib, err := domainSize(def); err != nil || vcpus != 2 || mib != 512 {
+		t.Errorf("definition's size %d vCPUs, %d MiB, %v", vcpus, mib, err)
+	}
+	// libvirt orders disks by bus and name.
+	i := slices.IndexFunc(def.Devices.Disks, func(d libvirtxml.DomainDisk) bool {
+		return d.Source.File != nil && d.Source.File.File == scratch
+	})
+	if i < 0 {
+		t.Fatalf("no disk is the scratch volume %s", scratch)
+	}
+	if d := def.Devices.Disks[i]; d.Serial != scratchSerial || d.Driver.Type != "qcow2" || d.Target.Dev != "vdd" || d.Target.Bus != "virtio" {
+		t.Errorf("scratch disk %+v, target %+v; want vdd (after the shared vdc) on virtio, qcow2, serial %s", d, d.Target, scratchSerial)
+	}
+	if l := def.Devices.Serials[0].Log; l == nil || l.File != mainLog || l.Append != "off" {
+		t.Errorf("serial log %+v; want %s, append off", l, mainLog)
+	}
+	if vx := volumeXML(t, l, scratch); vx.Capacity.Value != 3<<30 || vx.BackingStore != nil || vx.Target.Format.Type != "qcow2" {
+		t.Errorf("scratch volume: capacity %d, backing %+v, format %+v; want an empty 3 GiB qcow2", vx.Capacity.Value, vx.BackingStore, vx.Target.Format)
+	}
+
+	// virtlogd's files (the test driver writes none), another job's log,
+	// and a second machine whose log Remove is told to keep.
+	other := filepath.Join(consoles, "stretchy-sized-2.log")
+	for _, f := range []string{mainLog, mainLog + ".0", other} {
+		if err := os.WriteFile(f, []byte("boot\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if existed, err := p.Remove(ctx, "sized"); err != nil || !existed {
+		t.Fatalf("Remove = %v, %v", existed, err)
+	}
+	for _, f := range []string{mainLog, mainLog + ".0"} {
+		if _, err := os.Stat(f); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("%s after Remove: %v", f, err)
+		}
+	}
+	if _, err := os.Stat(other); err != nil {
+		t.Errorf("another job's log: %v", err)
+	}
+	if slices.Contains(volumeNames(t, l), "stretchy-sized-scratch.qcow2") {
+		t.Error("scratch volume left after Remove")
+	}
+
+	clone(t, p, spec("sized-2"))
+	if existed, err := p.RemoveWith(ctx, "sized-2", RemoveOptions{KeepConsole: true}); err != nil || !existed {
+		t.Fatalf("RemoveWith = %v, %v", existed, err)
+	}
+	if _, err := os.Stat(other); err != nil {
+		t.Errorf("log kept by RemoveWith: %v", err)
+	}
+}
+
+// TestLookupSizeFromDefinition: a machine whose metadata predates sizes
+// gets its size from its definition.
+func TestLookupSizeFromDefinition(t *testing.T) {
+	l, _ := testNode(t)
+	def := domainXML(t, l, "image")
+	def.Name, def.UUID = "stretchy-legacy", ""
+	def.VCPU = &libvirtxml.DomainVCPU{Value: 3}
+	def.Metadata = &libvirtxml.DomainMetadata{XML: `<stretchy:machine xmlns:stretchy="` + metadataNS + `"><job_id>legacy</job_id><image>image</image></stretchy:machine>`}
+	defineTestDomain(t, l, def, false)
+	m, ok, err := New(l, Options{}).Lookup(t.Context(), "legacy")
+	if err != nil || !ok || m.VCPUs != 3 || m.MemoryMiB != 256 || m.MetadataUnreadable {
+		t.Errorf("Lookup = %+v, %v, %v; want 3 vCPUs and 256 MiB from the definition", m, ok, err)
+	}
+}
+
+func TestCloneRefusesSpec(t *testing.T) {
+	l, _ := testNode(t)
+	p := New(l, Options{})
+	for _, s := range []Spec{
+		{JobID: "s1", Image: "image", VCPUs: -1},
+		{JobID: "s2", Image: "image", ScratchGiB: -1},
+		{JobID: "s3", Image: "image", ConsoleDir: "relative/dir"},
+	} {
+		if _, err := p.Clone(t.Context(), s); !errors.Is(err, ErrInvalidSpec) {
+			t.Errorf("Clone(%+v) = %v, want ErrInvalidSpec", s, err)
+		}
+	}
+	if names := volumeNames(t, l); slices.ContainsFunc(names, func(n string) bool { return strings.HasPrefix(n, Prefix) }) {
+		t.Errorf("refused Clones left %q", names)
 	}
 }

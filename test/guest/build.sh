@@ -2,6 +2,9 @@
 # Build the tiny test guest (Debian kernel + busybox + qemu-guest-agent) and
 # register it with libvirt as the shut-off image domain $IMAGE_NAME, whose
 # disk is the volume $IMAGE_NAME.qcow2 in the dir storage pool $POOL_NAME.
+# IMAGE_VARIANT=panic registers the variant whose init fails at once
+# (default name tiny-linux-panic): the same build, booted with
+# stretchy.panic on its kernel command line.
 #
 # Cached: the build is keyed by the candidate versions of the Debian packages
 # used and a hash of this directory; when nothing changed it only checks that
@@ -13,14 +16,32 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LIBVIRT_URI="${LIBVIRT_URI:-qemu:///system}"
 POOL_NAME="${POOL_NAME:-ci-images}"
 POOL_DIR="${POOL_DIR:-/var/lib/libvirt/ci-images}"
-IMAGE_NAME="${IMAGE_NAME:-tiny-linux}"
+IMAGE_VARIANT="${IMAGE_VARIANT:-}"
+case "$IMAGE_VARIANT" in
+  "") VARIANT_CMDLINE="" ;;
+  panic) VARIANT_CMDLINE=" stretchy.panic" ;;
+  *) echo "guest-build: ERROR: IMAGE_VARIANT '$IMAGE_VARIANT': the only variant is panic" >&2; exit 1 ;;
+esac
+IMAGE_NAME="${IMAGE_NAME:-tiny-linux${IMAGE_VARIANT:+-$IMAGE_VARIANT}}"
+# The guest's own name (host name, file system label): the image's, without
+# the variant's suffix, so that an image and its variants share one build.
+if [ -n "$IMAGE_VARIANT" ]; then GUEST_NAME="${GUEST_NAME:-${IMAGE_NAME%-"$IMAGE_VARIANT"}}"; fi
+GUEST_NAME="${GUEST_NAME:-$IMAGE_NAME}"
 BOOT_DIR="${BOOT_DIR:-/var/lib/libvirt/ci-boot/$IMAGE_NAME}"
 WORK="${WORK_DIR:-/var/cache/stretchy-test-guest}"
 VOLUME="$IMAGE_NAME.qcow2"
 DISK_SIZE=64M
 MEMORY_MIB=128
-MAC=52:54:00:7e:00:01
-CMDLINE="console=ttyS0 root=/dev/vda rw quiet panic=1"
+# The image's MAC address (clones get their own): a fixed one for
+# tiny-linux, one from a hash of the name for other images and variants, so
+# that the images on a host differ.
+if [ "$IMAGE_NAME" = tiny-linux ]; then
+  MAC=52:54:00:7e:00:01
+else
+  h="$(printf '%s' "$IMAGE_NAME" | sha256sum | cut -c1-4)"
+  MAC="52:54:00:7e:${h:0:2}:${h:2:2}"
+fi
+CMDLINE="console=ttyS0 root=/dev/vda rw quiet panic=1$VARIANT_CMDLINE"
 
 # Debian packages unpacked into the guest's root file system (the kernel
 # package is unpacked separately: only its kernel and a few modules are used).
@@ -42,7 +63,7 @@ virsh() { command virsh -q -c "$LIBVIRT_URI" "$@"; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root"
 export PATH="$PATH:/usr/sbin:/sbin"
-for n in "$POOL_NAME" "$IMAGE_NAME"; do
+for n in "$POOL_NAME" "$IMAGE_NAME" "$GUEST_NAME"; do
   case "$n" in stretchy-*) die "'$n': the prefix stretchy- is reserved for managed domains" ;; esac
 done
 for c in virsh qemu-img mkfs.ext4 xz dpkg-deb apt-get busybox; do
@@ -68,14 +89,14 @@ KPKG="$(awk '/^Package: linux-image-amd64$/ {m=1; next} /^Package: / {m=0}
              m && /^Depends: / {for (i = 2; i <= NF; i++) if ($i ~ /^linux-image-[0-9]/) {print $i; exit}}' <<<"$info")"
 [ -n "$KPKG" ] || die "cannot resolve the kernel package from linux-image-amd64"
 KVER="${KPKG#linux-image-}"
-key="$( { echo "$info" "$DISK_SIZE"
+key="$( { echo "$info" "$DISK_SIZE" "$GUEST_NAME"
           cd "$HERE" && find . -type f ! -name README.md ! -name '*~' | LC_ALL=C sort | xargs sha256sum; } |
         sha256sum | cut -c1-16)"
 
 OUT="$WORK/out"
 have_artifacts() {
   [ "$(cat "$WORK/key" 2>/dev/null)" = "$key" ] &&
-    [ -f "$OUT/$VOLUME" ] && [ -f "$OUT/initrd.img" ] && [ -f "$OUT/kernel" ]
+    [ -f "$OUT/disk.qcow2" ] && [ -f "$OUT/initrd.img" ] && [ -f "$OUT/kernel" ]
 }
 
 # ---------------------------------------------------------------- build
@@ -152,8 +173,8 @@ build() {
   mkdir -p "$r/etc/acpi/PWRF"
   printf '#!/bin/sh\nexec /sbin/poweroff\n' >"$r/etc/acpi/PWRF/00000080"
   chmod 755 "$r/etc/acpi/PWRF/00000080"
-  echo "$IMAGE_NAME" >"$r/etc/hostname"
-  printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost\n' "$IMAGE_NAME" >"$r/etc/hosts"
+  echo "$GUEST_NAME" >"$r/etc/hostname"
+  printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost\n' "$GUEST_NAME" >"$r/etc/hosts"
   printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n' >"$r/etc/nsswitch.conf"
   echo /bin/sh >"$r/etc/shells"
   echo 'export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' >"$r/etc/profile"
@@ -201,12 +222,12 @@ EOF
 
   # ext4 image straight from the folder (mkfs.ext4 -d keeps owners and modes)
   rm -f "$WORK/rootfs.ext4"; truncate -s "$DISK_SIZE" "$WORK/rootfs.ext4"
-  mkfs.ext4 -q -F -L "$IMAGE_NAME" -E lazy_itable_init=0,lazy_journal_init=0 \
+  mkfs.ext4 -q -F -L "$GUEST_NAME" -E lazy_itable_init=0,lazy_journal_init=0 \
     -d "$r" "$WORK/rootfs.ext4"
-  qemu-img convert -O qcow2 "$WORK/rootfs.ext4" "$OUT/$VOLUME"
+  qemu-img convert -O qcow2 "$WORK/rootfs.ext4" "$OUT/disk.qcow2"
   rm -rf "$WORK/rootfs.ext4" "$WORK/debs" "$WORK/kernel"   # ~470 MB, not needed any more
   echo "$key" >"$WORK/key"
-  log "built $VOLUME ($(du -h "$OUT/$VOLUME" | cut -f1) on disk), $(cat "$OUT/kernel-kind"), initrd $(du -h "$OUT/initrd.img" | cut -f1)"
+  log "built the disk of $GUEST_NAME ($(du -h "$OUT/disk.qcow2" | cut -f1) on disk), $(cat "$OUT/kernel-kind"), initrd $(du -h "$OUT/initrd.img" | cut -f1)"
 }
 
 mkdir -p "$WORK"
@@ -258,9 +279,9 @@ changed=""
 for f in kernel initrd.img; do
   [ -z "$(publish "$OUT/$f" "$BOOT_DIR/$f")" ] || { changed=1; log "installed $BOOT_DIR/$f"; }
 done
-if ! cmp -s "$OUT/$VOLUME" "$POOL_DIR/$VOLUME"; then
+if ! cmp -s "$OUT/disk.qcow2" "$POOL_DIR/$VOLUME"; then
   stop_image
-  publish "$OUT/$VOLUME" "$POOL_DIR/$VOLUME" >/dev/null
+  publish "$OUT/disk.qcow2" "$POOL_DIR/$VOLUME" >/dev/null
   changed=1
   log "installed volume $POOL_NAME/$VOLUME"
 fi
@@ -273,7 +294,7 @@ virsh vol-info --pool "$POOL_NAME" "$VOLUME" >/dev/null || die "volume $VOLUME n
 xml="$(cat <<EOF
 <domain type='qemu'>
   <name>$IMAGE_NAME</name>
-  <description>Tiny test guest image (busybox + qemu-guest-agent), built by test/guest/build.sh; key $key</description>
+  <description>Tiny test guest image (busybox + qemu-guest-agent)${IMAGE_VARIANT:+, variant $IMAGE_VARIANT}, built by test/guest/build.sh; key $key</description>
   <memory unit='MiB'>$MEMORY_MIB</memory>
   <vcpu>1</vcpu>
   <os>

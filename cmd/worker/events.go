@@ -172,6 +172,12 @@ func (t *table) write(ev messages.Event) error {
 	case ev.State == messages.StateDropped && ev.Holder != "":
 		detail = ev.Reason + ", held by " + ev.Holder
 	}
+	if !ev.HeldUntil.IsZero() {
+		detail += "; machine held until " + ev.HeldUntil.Local().Format("2006-01-02 15:04:05")
+	}
+	if ev.Console != "" || ev.ConsoleWithheld {
+		detail += "; console in the event (--json shows it)"
+	}
 	_, err := fmt.Fprintf(t.w, tableRow, ev.Time.Local().Format("2006-01-02 15:04:05.000"), ev.Host, ev.JobID,
 		fmt.Sprint(ev.Seq), ev.State, phase(ev.PhaseMS), detail)
 	return err
@@ -198,6 +204,10 @@ type JobSummary struct {
 	Outcome string    `json:"outcome"`
 	Exit    *int      `json:"exit_code,omitempty"`
 	Error   string    `json:"error,omitempty"`
+	// HeldUntil is set while the job's machine is held after its end;
+	// Released once a released event said it was removed.
+	HeldUntil time.Time `json:"held_until,omitzero"`
+	Released  time.Time `json:"released,omitzero"`
 }
 
 type summary struct {
@@ -222,6 +232,14 @@ func (s *summary) write(ev messages.Event) error {
 	if ev.State == messages.StateDropped {
 		// A host let go of the job; the holder's events tell its story.
 		return nil
+	}
+	if ev.State == messages.StateReleased {
+		// The held machine of the ended job is gone; the job's end stays.
+		j.HeldUntil, j.Released = time.Time{}, ev.Time
+		return nil
+	}
+	if ev.State.Terminal() && !ev.HeldUntil.IsZero() {
+		j.HeldUntil = ev.HeldUntil
 	}
 	j.Host, j.End = ev.Host, ev.Time
 	if ev.Image != "" {
@@ -267,8 +285,12 @@ func (s *summary) flush() error {
 		if j.Exit != nil {
 			exit = fmt.Sprint(*j.Exit)
 		}
+		outcome := j.Outcome
+		if !j.HeldUntil.IsZero() {
+			outcome += ", held until " + j.HeldUntil.Local().Format("2006-01-02 15:04:05")
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", j.JobID, j.Image, j.Host, dash(j.OS),
-			j.Start.Local().Format("2006-01-02 15:04:05"), j.Total, j.Outcome, exit, dash(j.Error))
+			j.Start.Local().Format("2006-01-02 15:04:05"), j.Total, outcome, exit, dash(j.Error))
 	}
 	return tw.Flush()
 }

@@ -12,6 +12,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
 const usage = `usage: worker <command> [flags]
@@ -23,6 +25,8 @@ commands:
   doctor    check this host, its images and NATS, with hints to fix them
   hosts     list the hosts of the fleet: state, images, slots, machines, space
   drain     make a host take no more provisions (undrain: take them again)
+  hold      keep a job's machine after its job ends (release: remove it now)
+  console   print the end of a job's machine's serial console
   config    print the effective configuration of worker run
   version   print the worker's version
 
@@ -55,6 +59,12 @@ func main() {
 		err = drainCommand(ctx, args, true)
 	case "undrain":
 		err = drainCommand(ctx, args, false)
+	case "hold":
+		err = controlCommand(ctx, messages.ControlHold, args)
+	case "release":
+		err = controlCommand(ctx, messages.ControlRelease, args)
+	case "console":
+		err = controlCommand(ctx, messages.ControlConsole, args)
 	case "config":
 		err = configCommand(args)
 	case "version":

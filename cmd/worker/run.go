@@ -159,18 +159,34 @@ func runCommand(ctx context.Context, args []string) error {
 		pool = &lifecycle.PoolConfig{Machines: machines, Ready: cfg.Warm, MaxReadyAge: cfg.WarmMaxAge,
 			RetireOnClose: cfg.WarmRetire, MaxVMs: cfg.MaxVMs}
 	}
+	consoleDir := cfg.consoleCapture()
+	if consoleDir != "" {
+		// virtlogd creates the logs, not the directory; root's only, as
+		// the logs may show what a job printed.
+		if err := os.MkdirAll(consoleDir, 0o700); err != nil {
+			return fmt.Errorf("--console-dir: %w", err)
+		}
+	}
 	life := lifecycle.New(lifecycle.Config{
-		Pool:     pool,
-		Host:     cfg.Host,
-		Machines: machines,
-		Agent:    qga.New(lv, qga.Options{Caller: link}),
-		Events:   mx.Events(pub),
-		History:  pub,
-		Journal:  pub,
-		Faults:   faults,
-		Claims:   claims,
-		ClaimTTL: bus.ClaimTTL(cfg.AckWait),
-		Slots:    slots,
+		Pool: pool,
+		Resources: lifecycle.Resources{
+			MaxVCPUs: cfg.MaxVCPUsPerMachine, MaxMemoryMiB: cfg.MaxMemoryPerMachine,
+			HostVCPUs: cfg.HostVCPUs, HostMemoryMiB: cfg.HostMemory,
+		},
+		Sizes:      machines,
+		ConsoleDir: consoleDir,
+		Holds:      machines,
+		MaxHold:    cfg.MaxHold,
+		Host:       cfg.Host,
+		Machines:   machines,
+		Agent:      qga.New(lv, qga.Options{Caller: link}),
+		Events:     mx.Events(pub),
+		History:    pub,
+		Journal:    pub,
+		Faults:     faults,
+		Claims:     claims,
+		ClaimTTL:   bus.ClaimTTL(cfg.AckWait),
+		Slots:      slots,
 		Report: func(op, jobID string, err error) {
 			log.Error("background work failed, will retry", "op", op, "job_id", jobID, "error", err)
 		},
@@ -185,6 +201,17 @@ func runCommand(ctx context.Context, args []string) error {
 		Fleet: &worker.FleetConfig{
 			Host: cfg.Host, Version: version(), Inventory: machines, Registry: fleet,
 			Images: cfg.Images, MinFreeSpace: uint64(cfg.MinFreeSpace), OnChange: logChange(log),
+		},
+		OnControl: func(c messages.Control, err error) {
+			attrs := []any{"op", c.Op, "job_id", c.JobID, "by", c.By}
+			if c.Op == messages.ControlHold {
+				attrs = append(attrs, "for", (time.Duration(c.ForS) * time.Second).String())
+			}
+			if err != nil {
+				log.Warn("control request refused", append(attrs, "error", err)...)
+				return
+			}
+			log.Info("control request served", attrs...)
 		},
 		OnSettle: func(s worker.Settlement) {
 			mx.Settled(s)
@@ -208,7 +235,7 @@ func runCommand(ctx context.Context, args []string) error {
 
 	log.Info("worker started", "host", cfg.Host, "version", version(), "libvirt_uri", cfg.LibvirtURI,
 		"parallelism", cfg.Parallelism, "max_vms", cfg.MaxVMs, "nats_url", redactURL(natsURL),
-		"images", cfg.Images.String(), "http_addr", cfg.HTTPAddr)
+		"images", cfg.Images.String(), "http_addr", cfg.HTTPAddr, "console_dir", consoleDir, "max_hold", cfg.MaxHold.String())
 	var side conc.WaitGroup
 	sideCtx, stopSide := context.WithCancel(ctx)
 	if cfg.HTTPAddr != "" {

@@ -102,15 +102,22 @@ func WorkerPermissions(host string) (pub, sub []string) {
 		"$KV."+tried+".>",
 		jsAPI+"DIRECT.GET.KV_"+tried+".$KV."+tried+".>",
 	)
-	return pub, []string{inbox, maxDeliveries}
+	// Control requests to this host (internal/worker/control.go), which
+	// it answers under the server's allow_responses (docs/security.md).
+	return pub, []string{inbox, maxDeliveries, messages.ControlSubject(host)}
 }
 
 // OperatorPermissions returns the subjects an operator's commands need:
-// worker hosts (the host registry) and worker drain and undrain (drain
-// requests of any host). They read and write nothing else.
+// worker hosts (the host registry), worker drain and undrain (drain
+// requests of any host), and worker hold, release and console (a job's
+// newest event, a control request to its host). They read and write
+// nothing else.
 func OperatorPermissions() (pub, sub []string) {
-	hosts, drains := messages.HostsBucket, messages.DrainsBucket
+	hosts, drains, evt := messages.HostsBucket, messages.DrainsBucket, messages.EventsStream
 	return []string{
+		jsAPI + "STREAM.INFO." + evt,
+		jsAPI + "STREAM.MSG.GET." + evt,
+		messages.ControlSubjects,
 		jsAPI + "STREAM.INFO.KV_" + hosts,
 		jsAPI + "DIRECT.GET.KV_" + hosts + ".$KV." + hosts + ".>",
 		jsAPI + "STREAM.INFO.KV_" + drains,

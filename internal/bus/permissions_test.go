@@ -31,6 +31,8 @@ func startPermServer(t *testing.T, pub, sub []string) *server.Server {
 			{Username: "user", Password: "user", Permissions: &server.Permissions{
 				Publish:   &server.SubjectPermission{Allow: pub},
 				Subscribe: &server.SubjectPermission{Allow: sub},
+				// A worker answers control requests (docs/security.md).
+				Response: &server.ResponsePermission{MaxMsgs: 1, Expires: 3 * time.Minute},
 			}},
 		},
 	})
@@ -161,11 +163,19 @@ func runWorker(s, admin *session, host string) error {
 	if _, err := s.nc.QueueSubscribeSync(maxDeliveries, "stretchy-libvirt-max-deliveries"); err != nil {
 		return err
 	}
+	// Control requests (internal/worker/control.go) to this host, which
+	// the worker answers.
+	if _, err := s.nc.Subscribe(messages.ControlSubject(host), func(m *nats.Msg) { _ = m.Respond([]byte("ok")) }); err != nil {
+		return err
+	}
 	if err := s.nc.Flush(); err != nil {
 		return err
 	}
 	if err := s.nc.LastError(); err != nil {
 		return err
+	}
+	if reply, err := admin.nc.RequestWithContext(ctx, messages.ControlSubject(host), []byte("hold")); err != nil || string(reply.Data) != "ok" {
+		return fmt.Errorf("control request: %v", err)
 	}
 	cons, err := Ensure(ctx, js, Topology{Host: host})
 	if err != nil {
@@ -409,7 +419,30 @@ func runOrchestrator(ctx context.Context, js, admin jetstream.JetStream, host st
 
 // runOperator lists the hosts and drains and undrains one, as worker
 // hosts, drain and undrain do, with admin in the worker's place.
-func runOperator(ctx context.Context, js, admin jetstream.JetStream, host string) error {
+func runOperator(s, adminS *session, host string) error {
+	ctx, js, admin := s.ctx, s.js, adminS.js
+	// worker hold, release and console: the job's host from its newest
+	// event, then a request to that host's worker.
+	if _, err := Ensure(ctx, admin, Topology{Host: host}); err != nil {
+		return err
+	}
+	if err := NewPublisher(admin).Publish(ctx, event(host, "held-1", messages.StateFailed, 1), "held-1:1"); err != nil {
+		return err
+	}
+	if ev, found, err := NewPublisher(js).LastEvent(ctx, "held-1", ""); err != nil || !found || ev.Host != host {
+		return fmt.Errorf("last event: %+v, %v, %v", ev, found, err)
+	}
+	sub, err := adminS.nc.Subscribe(messages.ControlSubject(host), func(m *nats.Msg) { _ = m.Respond([]byte("ok")) })
+	if err != nil {
+		return err
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := adminS.nc.Flush(); err != nil {
+		return err
+	}
+	if reply, err := s.nc.RequestWithContext(ctx, messages.ControlSubject(host), []byte("hold")); err != nil || string(reply.Data) != "ok" {
+		return fmt.Errorf("control request: %v", err)
+	}
 	wf, err := OpenFleet(ctx, admin, Topology{Host: host})
 	if err != nil {
 		return err
@@ -437,7 +470,7 @@ func TestOperatorPermissionsSuffice(t *testing.T) {
 	pub, sub := OperatorPermissions()
 	srv := startPermServer(t, pub, sub)
 	o, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
-	if err := runOperator(o.ctx, o.js, admin.js, "h1"); err != nil {
+	if err := runOperator(o, admin, "h1"); err != nil {
 		t.Fatalf("operator with its permissions: %v (refused: %q)", err, o.refused(t))
 	}
 	if r := o.refused(t); len(r) > 0 {
@@ -501,7 +534,7 @@ func TestEveryPermissionIsNeeded(t *testing.T) {
 	type run func(s, admin *session) error
 	worker := func(s, admin *session) error { return runWorker(s, admin, "h1") }
 	orchestrator := func(s, admin *session) error { return runOrchestrator(s.ctx, s.js, admin.js, "h1", false) }
-	operator := func(s, admin *session) error { return runOperator(s.ctx, s.js, admin.js, "h1") }
+	operator := func(s, admin *session) error { return runOperator(s, admin, "h1") }
 	// Deleting the consumer of a reset ordered consumer is best effort:
 	// the reader goes on without it, but the refusal is still reported.
 	bestEffort := map[string]bool{"$JS.API.CONSUMER.DELETE.STRETCHY_LIBVIRT_EVENTS.*": true}

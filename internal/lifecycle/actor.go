@@ -40,6 +40,9 @@ const (
 	PhaseWarming
 	// PhaseIdle: a warm machine waits, agent ready, for a job to bind it.
 	PhaseIdle
+	// PhaseHeld: the job ended, and its machine is kept, shut off, until
+	// its hold ends or an operator releases it (hold.go).
+	PhaseHeld
 	// PhaseSettling: work for a job with no machine known yet: finding
 	// out whether one exists (a teardown, an adoption) or publishing what
 	// a request or a restart needs (a refusal, an end cut off by a crash).
@@ -51,7 +54,7 @@ const (
 var phaseNames = map[Phase]string{
 	PhaseNew: "new", PhaseBuilding: "building", PhaseRollingBack: "rolling_back", PhaseReady: "ready",
 	PhaseEnding: "ending", PhaseTearingDown: "tearing_down", PhaseSettling: "settling", PhaseGone: "gone",
-	PhaseWarming: "warming", PhaseIdle: "idle",
+	PhaseWarming: "warming", PhaseIdle: "idle", PhaseHeld: "held",
 }
 
 func (p Phase) String() string { return phaseNames[p] }
@@ -64,11 +67,12 @@ var transitions = map[Phase][]Phase{
 	PhaseWarming:     {PhaseIdle, PhaseRollingBack},
 	PhaseIdle:        {PhaseBuilding, PhaseTearingDown},
 	PhaseBuilding:    {PhaseReady, PhaseRollingBack},
-	PhaseRollingBack: {PhaseGone},
+	PhaseRollingBack: {PhaseGone, PhaseHeld},
 	PhaseReady:       {PhaseEnding, PhaseTearingDown},
 	PhaseEnding:      {PhaseTearingDown, PhaseReady},
-	PhaseTearingDown: {PhaseGone, PhaseReady},
-	PhaseSettling:    {PhaseReady, PhaseTearingDown, PhaseGone},
+	PhaseTearingDown: {PhaseGone, PhaseReady, PhaseHeld},
+	PhaseHeld:        {PhaseTearingDown},
+	PhaseSettling:    {PhaseReady, PhaseTearingDown, PhaseHeld, PhaseGone},
 }
 
 // allowed reports whether a machine in phase from may move to to.
@@ -112,6 +116,7 @@ type provisionCmd struct {
 type warmCmd struct {
 	replyTo
 	image   string
+	size    Size // the image's
 	release func()
 }
 
@@ -156,6 +161,30 @@ type finishCmd struct {
 	cause *messages.Error
 }
 
+// holdCmd holds the machine (hold.go): when its job ends, or longer when
+// it is held already.
+type holdCmd struct {
+	replyTo
+	ctx context.Context
+	d   time.Duration
+	out *HoldInfo
+}
+
+// releaseCmd removes a held machine in its caller's slot, or cancels the
+// hold of a machine whose job runs.
+type releaseCmd struct {
+	replyTo
+	ctx context.Context
+	out *HoldInfo
+}
+
+// consoleCmd asks where the machine's console log is and which secrets
+// to scrub from it.
+type consoleCmd struct {
+	replyTo
+	out *consoleSource
+}
+
 // tickCmd is a tick whose caller waits until the actor is idle again.
 type tickCmd struct{ replyTo }
 
@@ -166,6 +195,12 @@ type ending struct {
 	d      Delivery
 	// self: the machine decided it (Tick), not a request.
 	self bool
+	// release: the end of a held machine, whose job ended before
+	// (hold.go); its removal publishes released.
+	release bool
+	// hold keeps the machine that long instead of removing it; set as
+	// the teardown begins (holdFor).
+	hold time.Duration
 }
 
 // record is everything known of one machine and its job. Only the actor's
@@ -191,6 +226,14 @@ type record struct {
 	// retiring is why a warm machine no job bound is being retired, after
 	// an attempt failed.
 	retiring string
+	// holdOnFailure is how long the machine is kept if its job fails (the
+	// request's hold_on_failure_s, capped by Config.MaxHold); holdFor an
+	// operator's hold, kept whenever the job ends.
+	holdOnFailure, holdFor time.Duration
+	// heldUntil is when a held machine's hold ends; holdRecorded: the
+	// hold is in its metadata and it is shut off.
+	heldUntil    time.Time
+	holdRecorded bool
 }
 
 // runnerState is what is known of a machine's runner.
@@ -257,6 +300,9 @@ type actor struct {
 	// registered is the job the registry maps to this actor, guarded by
 	// the Manager's mu.
 	registered string
+	// size is what the machine holds of the host while it counts,
+	// guarded by the Manager's mu.
+	size Size
 	// inbox is unbuffered: a command is either taken by the running actor
 	// or, once stopped is closed, not at all.
 	inbox   chan command
@@ -309,12 +355,15 @@ func (a *actor) to(p Phase) {
 	if !allowed(a.rec.phase, p) {
 		panic(fmt.Sprintf("lifecycle: machine of job %s: %s -> %s is not a transition", a.jobID, a.rec.phase, p))
 	}
+	if a.rec.phase == PhaseHeld || p == PhaseHeld {
+		a.m.noteHeld(a, p == PhaseHeld)
+	}
 	a.rec.phase = p
 	if p == PhaseGone && a.rec.counted {
 		// The machine is gone (or left for the next process): it stops
 		// counting now, before anyone is told.
 		a.rec.counted = false
-		a.m.countMachine(false, a.rec.image)
+		a.m.countMachine(a, false, a.rec.image, Size{})
 	}
 	if p == PhaseReady {
 		// The machine exists and runs: deliveries of its provision that
@@ -389,7 +438,7 @@ func (a *actor) close() {
 // counting, and every caller still waiting gets an answer.
 func (a *actor) stop() {
 	if a.rec.counted {
-		a.m.countMachine(false, a.rec.image)
+		a.m.countMachine(a, false, a.rec.image, Size{})
 	}
 	a.m.retire(a, a.rec.finished)
 	close(a.stopped)
@@ -454,6 +503,12 @@ func (a *actor) handle(root context.Context, cmd command) {
 		}
 		a.enders = append(a.enders, c.reply)
 		a.retire(root, c.reason)
+	case *holdCmd:
+		a.onHold(c)
+	case *releaseCmd:
+		a.onRelease(root, c)
+	case *consoleCmd:
+		a.onConsole(c)
 	case *tickCmd:
 		a.tick(root)
 		if a.act == nil {
@@ -584,6 +639,8 @@ func (a *actor) tick(root context.Context) {
 		if reason := a.m.retireReason(a); reason != "" && a.m.leavePool(a) {
 			a.retire(root, reason)
 		}
+	case PhaseHeld:
+		a.tickHeld(root)
 	case PhaseBuilding:
 		if !a.rec.claim.taken {
 			return // the build has not claimed the job yet

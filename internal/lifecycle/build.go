@@ -1,6 +1,7 @@
 package lifecycle
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -111,6 +112,9 @@ func noRunner(b *build) bool { return noAgent(b) || b.plan.Empty() }
 // job's emitter and gets it back with the outcome; everything else in it is
 // the build's own.
 type build struct {
+	// a is the build's actor; the build touches only what is guarded by
+	// the Manager's mu (its size).
+	a     *actor
 	cfg   *Config
 	m     *Manager
 	mode  buildMode
@@ -130,12 +134,17 @@ type build struct {
 
 	// claimed: the claim was taken, so what carries the job's name on
 	// the host is this build's to remove.
-	claimed    bool
-	phaseStart time.Time
-	imageOS    string // the OS the image declares, from the clone
-	plan       runners.Plan
-	pid        int
-	since      time.Time // when the runner started
+	claimed bool
+	// cloned: the machine was defined, so it has a console log, and a
+	// failure may hold it.
+	cloned bool
+	// holdOnFailure is recorded with the machine, for a later process.
+	holdOnFailure time.Duration
+	phaseStart    time.Time
+	imageOS       string // the OS the image declares, from the clone
+	plan          runners.Plan
+	pid           int
+	since         time.Time // when the runner started
 }
 
 // run runs the step table.
@@ -220,6 +229,7 @@ func (b *build) releaseSlot(context.Context) error {
 func (b *build) bindMachine(ctx context.Context) error {
 	mach, err := b.cfg.Pool.Machines.Bind(ctx, b.key, provision.Binding{
 		JobID: b.jobID, RunnerKind: string(b.req.Runner.Kind), RequestedAt: b.req.RequestedAt, Deadline: b.deadline,
+		HoldOnFailure: b.holdOnFailure,
 	})
 	if err != nil {
 		return err
@@ -256,11 +266,17 @@ func (b *build) clone(ctx context.Context) error {
 	mach, err := b.cfg.Machines.Clone(ctx, provision.Spec{
 		JobID: b.jobID, Key: b.warmKey(), Generation: b.generation, Image: b.req.Image, Host: b.cfg.Host, RunnerKind: string(b.req.Runner.Kind),
 		RequestedAt: b.req.RequestedAt, Deadline: b.deadline,
+		VCPUs: b.req.VCPUs, MemoryMiB: b.req.MemoryMiB, ScratchGiB: b.req.ScratchDiskGiB, ConsoleDir: b.cfg.ConsoleDir,
+		HoldOnFailure: b.holdOnFailure,
 	})
 	if err != nil {
 		return &stepError{code: cloneCode(err), err: err}
 	}
+	b.cloned = true
 	b.imageOS = mach.OS
+	sz := machineSize(mach)
+	sz.VCPUs, sz.MemoryMiB = cmp.Or(sz.VCPUs, b.req.VCPUs), cmp.Or(sz.MemoryMiB, b.req.MemoryMiB)
+	b.m.resize(b.a, sz)
 	return nil
 }
 
@@ -382,14 +398,19 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 	a.build = c
 	a.rec.image, a.rec.domain = req.Image, messages.DomainName(a.key)
 	a.rec.deadline, a.rec.kind = start.Add(req.MaxLifetime()), string(req.Runner.Kind)
+	if h := req.HoldOnFailure(); h > 0 && a.m.holdsOn() {
+		a.rec.holdOnFailure = min(h, a.m.cfg.MaxHold)
+	}
 	a.rec.em.identify(a.rec)
 	if !a.rec.counted {
+		// The request's size until the clone tells the machine's, which
+		// may be the image's; the provision's reservation covers the gap.
 		a.rec.counted = true
-		a.m.countMachine(true, a.rec.image)
+		a.m.countMachine(a, true, a.rec.image, Size{VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB})
 	}
 	b := &build{
-		cfg: &a.m.cfg, m: a.m, mode: mode, jobID: a.jobID, key: a.key, domain: a.rec.domain, deadline: a.rec.deadline,
-		req: req, d: c.d, em: a.rec.em, claim: claimer{a: a, d: c.d},
+		a: a, cfg: &a.m.cfg, m: a.m, mode: mode, jobID: a.jobID, key: a.key, domain: a.rec.domain, deadline: a.rec.deadline,
+		req: req, d: c.d, em: a.rec.em, claim: claimer{a: a, d: c.d}, holdOnFailure: a.rec.holdOnFailure,
 	}
 	// The table of runner kinds says which fields are secrets.
 	secrets := runners.Secrets(req.Runner)
@@ -414,7 +435,7 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 				err = ErrSuperseded
 			}
 			a.to(PhaseRollingBack)
-			a.launch(root, "roll back", a.rollback(err, stopped, b.claimed))
+			a.launch(root, "roll back", a.rollback(err, stopped, b.claimed, b.cloned))
 		}
 	})
 }
@@ -429,9 +450,9 @@ func (a *actor) startWarm(root context.Context, c *warmCmd) {
 	a.rec.generation = a.m.generation(image)
 	a.rec.em.identify(a.rec)
 	a.rec.counted = true
-	a.m.countMachine(true, image)
+	a.m.countMachine(a, true, image, c.size)
 	b := &build{
-		cfg: &a.m.cfg, m: a.m, mode: warmPrepare, key: a.key, domain: a.rec.domain, generation: a.rec.generation,
+		a: a, cfg: &a.m.cfg, m: a.m, mode: warmPrepare, key: a.key, domain: a.rec.domain, generation: a.rec.generation,
 		req: messages.Provision{Image: image, Runner: messages.Runner{Kind: messages.RunnerNone}},
 		d:   Delivery{Origin: "warm"},
 		em:  a.rec.em, claim: claimer{a: a, none: true}, release: c.release,
@@ -492,7 +513,7 @@ func (a *actor) answerWaiting(ans answer) {
 // teardown's end, failed for a permanent failure or on the final delivery,
 // nothing for a transient one (the request comes again). It runs in the
 // build's slot, to the end even when the build was stopped.
-func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context) func() {
+func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.Context) func() {
 	em, d, holder := a.rec.em, a.build.d, a.rec.claim.lostTo
 	var end ending
 	superseded := a.end != nil
@@ -500,6 +521,17 @@ func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context)
 		end = *a.end
 	}
 	jobID, key := a.jobID, a.key
+	// A failure of a machine that was built may hold it, and its failed
+	// event carries its console; the job's secrets come from its request.
+	var hold time.Duration
+	var con consoleSource
+	if cloned {
+		hold = a.holdFor(&ending{cause: &messages.Error{}})
+		con = a.consoleSource()
+		con.secrets, con.known = runners.Secrets(a.build.req.Runner), true
+	}
+	var heldUntil time.Time
+	holdRecorded := false
 	return func(context.Context) func() {
 		ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 		defer cancel()
@@ -538,7 +570,27 @@ func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context)
 			// The teardown is answered by its next delivery, which finds
 			// no machine of the job here (unknown_job).
 			ended = fmt.Errorf("job %s went to host %s while its teardown waited", jobID, dropped.Holder)
+		case !superseded && hold > 0 && failsForGood(stopped != nil, err, d):
+			// The job fails, and its machine is kept for whoever debugs it.
+			code, _ := classify(stopped != nil, err)
+			until := a.m.cfg.Now().Add(hold).UTC().Truncate(time.Second)
+			if perr := em.emit(ctx, messages.StateFailed, d, 0, "", &messages.Error{Code: code, Message: err.Error()},
+				con.fill(), func(ev *messages.Event) { ev.HeldUntil = until }); perr != nil {
+				// Unpublished: nobody knows of the hold; remove the
+				// machine and let the request come again.
+				result = errors.Join(err, perr)
+				if rerr := a.m.removeOwn(ctx, key, true); rerr != nil {
+					result = errors.Join(result, rerr)
+				}
+				break
+			}
+			result, finished, heldUntil = &Failure{Code: code, Err: err}, true, until
+			holdRecorded = a.m.recordHold(ctx, key, until) == nil
 		default:
+			var fill []func(*messages.Event)
+			if !superseded && failsForGood(stopped != nil, err, d) {
+				fill = append(fill, con.fill()) // read before the machine and its log go
+			}
 			if rerr := a.m.removeOwn(ctx, key, true); rerr != nil {
 				// The machine may still exist: let the request come again,
 				// which removes the leftover before building anew.
@@ -558,7 +610,7 @@ func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context)
 				result = err
 				break
 			}
-			if perr := em.emit(ctx, messages.StateFailed, d, 0, "", &messages.Error{Code: code, Message: err.Error()}); perr != nil {
+			if perr := em.emit(ctx, messages.StateFailed, d, 0, "", &messages.Error{Code: code, Message: err.Error()}, fill...); perr != nil {
 				result = errors.Join(err, perr)
 				break
 			}
@@ -566,7 +618,11 @@ func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context)
 		}
 		return func() {
 			a.rec.em = em
-			a.to(PhaseGone)
+			if heldUntil.IsZero() {
+				a.to(PhaseGone)
+			} else {
+				a.enterHeld(heldUntil, holdRecorded)
+			}
 			if release {
 				// The job's claim goes: a redelivery may be served by
 				// any host at once.
@@ -596,6 +652,16 @@ func (a *actor) rollback(err, stopped error, claimed bool) func(context.Context)
 			a.enders, a.end = nil, nil
 		}
 	}
+}
+
+// failsForGood reports whether a build's failure ends its job with a
+// failed event, rather than handing its request back for another try.
+func failsForGood(stopped bool, err error, d Delivery) bool {
+	if _, drop := isDropped(err); drop {
+		return false
+	}
+	_, permanent := classify(stopped, err)
+	return permanent || d.Final
 }
 
 // endSuperseded publishes the end of a job whose build a teardown stopped,

@@ -1,6 +1,7 @@
 package lifecycle
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -63,7 +64,8 @@ func (f *fakeMachines) Clone(ctx context.Context, s provision.Spec) (provision.M
 		return provision.Machine{}, provision.ErrExists
 	}
 	m := &provision.Machine{Name: name, Key: key, JobID: s.JobID, Warm: s.Key != "", Generation: s.Generation,
-		Image: s.Image, Host: s.Host, Deadline: s.Deadline, Volumes: []string{"/pool/" + name + "-vda.qcow2"}}
+		Image: s.Image, Host: s.Host, Deadline: s.Deadline, Volumes: []string{"/pool/" + name + "-vda.qcow2"},
+		VCPUs: cmp.Or(s.VCPUs, 2), MemoryMiB: cmp.Or(s.MemoryMiB, 512), HoldOnFailure: s.HoldOnFailure}
 	f.machines[key] = m
 	return *m, nil
 }

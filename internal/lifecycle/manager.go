@@ -112,6 +112,21 @@ type Config struct {
 	ClaimTTL time.Duration
 	// Pool, when set, keeps warm machines ready for jobs (pool.go).
 	Pool *PoolConfig
+	// Resources bounds machine sizes, one machine's and all the host's
+	// together (resources.go); zero fields are no bound.
+	Resources Resources
+	// Sizes tells images' own sizes; nil counts what a request leaves 0
+	// as 0 until its clone tells the machine's size.
+	Sizes ImageSizer
+	// ConsoleDir, when set, is where clones log their serial consoles
+	// (provision.Spec.ConsoleDir); a failed event carries the end of the
+	// log.
+	ConsoleDir string
+	// Holds, when set, keeps machines after their jobs end, shut off, for
+	// a request's hold_on_failure_s or an operator's hold (hold.go), up to
+	// MaxHold; nil or a MaxHold of 0 holds nothing.
+	Holds   HoldMachines
+	MaxHold time.Duration
 }
 
 // Delivery describes the request message being handled.
@@ -176,13 +191,19 @@ type Manager struct {
 	byJob    map[string]*actor
 	byKey    map[string]*actor
 	pool     poolState
-	machines int                  // actors that own or build a machine
-	byImage  map[string]int       // those machines by image
-	reserved int                  // machines promised to requests not yet read
-	done     map[string]time.Time // finished jobs, for idempotency
+	machines int            // actors that own or build a machine
+	byImage  map[string]int // those machines by image
+	used     Size           // what those machines hold
+	reserved int            // machines promised to requests not yet read
+	// reservedSize is what was promised to requests read but not yet
+	// handled (ReserveSize).
+	reservedSize Size
+	done         map[string]time.Time // finished jobs, for idempotency
 	// roomed is closed and replaced whenever room for a machine may have
 	// been freed (CapacityChanged).
 	roomed chan struct{}
+	// held are the held machines (hold.go).
+	held map[*actor]HeldMachine
 	// orphans are the volume paths the last reconciliation found without a
 	// domain; only the Reconcile goroutine touches it.
 	orphans map[string]bool
@@ -208,6 +229,7 @@ func New(cfg Config) *Manager {
 		byImage: make(map[string]int),
 		done:    make(map[string]time.Time),
 		roomed:  make(chan struct{}),
+		held:    make(map[*actor]HeldMachine),
 	}
 }
 
@@ -354,22 +376,38 @@ func (m *Manager) registerLocked(a *actor, jobID string) {
 	}
 }
 
-// countMachine makes a machine of image count against the host's
-// capacity (on true) or stop counting (false); only the machine's actor
-// calls it.
-func (m *Manager) countMachine(counted bool, image string) {
+// countMachine makes a's machine, of image and size sz, count against
+// the host's capacity (on true) or stop counting (false); only the
+// machine's actor calls it.
+func (m *Manager) countMachine(a *actor, counted bool, image string, sz Size) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if counted {
 		m.machines++
 		m.byImage[image]++
+		a.size = sz
+		m.used = m.used.add(sz)
 		return
 	}
 	m.machines--
 	if m.byImage[image]--; m.byImage[image] <= 0 {
 		delete(m.byImage, image)
 	}
+	m.used = m.used.sub(a.size)
+	a.size = Size{}
 	m.roomedLocked()
+}
+
+// resize changes what a's counted machine holds to sz, once its clone
+// tells its size.
+func (m *Manager) resize(a *actor, sz Size) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.used = m.used.sub(a.size).add(sz)
+	if sz.VCPUs < a.size.VCPUs || sz.MemoryMiB < a.size.MemoryMiB {
+		m.roomedLocked()
+	}
+	a.size = sz
 }
 
 // MachinesByImage returns how many machines of each image exist on this
@@ -397,6 +435,7 @@ func (m *Manager) retire(a *actor, finished bool) {
 		delete(m.byKey, a.key)
 	}
 	m.pool.forgetLocked(a)
+	delete(m.held, a)
 	if finished && a.registered != "" {
 		m.done[a.registered] = m.cfg.Now()
 	}
@@ -466,14 +505,14 @@ func (m *Manager) send(ctx context.Context, a *actor, cmd command) (answer, erro
 // and rolled back before Provision returns.
 func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Delivery) error {
 	for {
-		a, warm, victim, finished, err := m.lookupProvision(req)
+		a, warm, victims, finished, err := m.lookupProvision(req)
 		switch {
 		case err != nil:
 			return err
 		case finished:
 			return nil
 		}
-		if victim != nil {
+		for _, victim := range victims {
 			// An idle warm machine makes room for this cold build.
 			if _, err := m.send(ctx, victim, &retireCmd{reason: messages.ReasonCapacity}); err != nil {
 				return err
@@ -491,11 +530,12 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 }
 
 // lookupProvision finds the actor for a provision of req: the job's own,
-// or an idle warm machine of its image that the job binds (warm), or a new
-// one that builds it cold, with an idle warm machine of another image to
-// retire first (victim) when the host is full. finished: the job ended
-// here recently.
-func (m *Manager) lookupProvision(req messages.Provision) (a *actor, warm bool, victim *actor, finished bool, err error) {
+// or an idle warm machine of its image and size that the job binds
+// (warm), or a new one that builds it cold, with idle warm machines to
+// retire first (victims) when the host is full: at --max-vms, or holding
+// more of its totals than they allow with the reservations of the
+// requests read. finished: the job ended here recently.
+func (m *Manager) lookupProvision(req messages.Provision) (a *actor, warm bool, victims []*actor, finished bool, err error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -508,18 +548,24 @@ func (m *Manager) lookupProvision(req messages.Provision) (a *actor, warm bool, 
 	if _, ok := m.done[req.JobID]; ok {
 		return nil, false, nil, true, nil
 	}
-	if w := m.pool.popLocked(req.Image); w != nil {
+	if w := m.pool.popLocked(req.Image, &req); w != nil {
 		m.byJob[req.JobID] = w
 		w.registered = req.JobID
 		return w, true, nil, false, nil
 	}
-	if m.machines >= m.maxVMs() {
-		victim = m.pool.popLocked("")
+	var freed Size
+	for m.machines-len(victims) >= m.maxVMs() || m.overLocked(m.reservedSize.sub(freed)) {
+		v := m.pool.popLocked("", nil)
+		if v == nil {
+			break
+		}
+		victims = append(victims, v)
+		freed = freed.add(v.size)
 	}
 	a = newActor(m, req.JobID)
 	m.registerLocked(a, req.JobID)
 	m.actors.Go(func() { a.run(m.root) })
-	return a, false, victim, false, nil
+	return a, false, victims, false, nil
 }
 
 // Teardown removes the machine of jobID, publishing tearing_down and then

@@ -63,6 +63,7 @@ type poolState struct {
 	idle     map[string][]idleMachine // by image, oldest first
 	warming  map[string]int           // machines being prepared, by image
 	gens     map[string]string        // the images' generations, as last inspected
+	sizes    map[string]Size          // and their sizes
 	inspect  time.Time                // when they were
 	retryAt  map[string]time.Time
 	draining bool
@@ -77,7 +78,8 @@ type idleMachine struct {
 }
 
 func newPoolState() poolState {
-	return poolState{idle: map[string][]idleMachine{}, warming: map[string]int{}, gens: map[string]string{}, retryAt: map[string]time.Time{}}
+	return poolState{idle: map[string][]idleMachine{}, warming: map[string]int{}, gens: map[string]string{},
+		sizes: map[string]Size{}, retryAt: map[string]time.Time{}}
 }
 
 func (p *poolState) idleCount() int {
@@ -96,9 +98,10 @@ func (p *poolState) forgetLocked(a *actor) {
 }
 
 // popLocked takes the oldest idle machine of image whose generation is
-// the image's current one; image "" takes the oldest of any image, for a
-// cold build that needs its room.
-func (p *poolState) popLocked(image string) *actor {
+// the image's current one and that is what req asks for (its size, no
+// scratch disk); image "" takes the oldest of any image, for a cold build
+// that needs its room.
+func (p *poolState) popLocked(image string, req *messages.Provision) *actor {
 	best, bestImage := -1, ""
 	for img, l := range p.idle {
 		if image != "" && img != image {
@@ -107,6 +110,9 @@ func (p *poolState) popLocked(image string) *actor {
 		for i, im := range l {
 			if gen := p.gens[img]; image != "" && gen != "" && im.gen != gen {
 				continue // stale: retired at its next tick
+			}
+			if req != nil && !servesSize(im.a.size, *req) {
+				continue
 			}
 			if best < 0 || im.since.Before(p.idle[bestImage][best].since) {
 				best, bestImage = i, img
@@ -120,6 +126,12 @@ func (p *poolState) popLocked(image string) *actor {
 	a := p.idle[bestImage][best].a
 	p.idle[bestImage] = slices.Delete(p.idle[bestImage], best, best+1)
 	return a
+}
+
+// servesSize reports whether a warm machine of size sz is what req asks
+// for: a warm machine is its image's size and has no scratch disk.
+func servesSize(sz Size, req messages.Provision) bool {
+	return (req.VCPUs == 0 || req.VCPUs == sz.VCPUs) && (req.MemoryMiB == 0 || req.MemoryMiB == sz.MemoryMiB) && req.ScratchDiskGiB == 0
 }
 
 // SetDraining tells the pools that the host drains (no refills; idle
@@ -165,18 +177,18 @@ func (m *Manager) refill() {
 	due := now.Sub(m.pool.inspect) >= generationEvery
 	m.mu.Unlock()
 	if due {
-		gens := map[string]string{}
+		gens, sizes := map[string]string{}, map[string]Size{}
 		for image := range pc.Ready {
 			ctx, cancel := context.WithTimeout(m.root, generationEvery)
 			r, err := pc.Machines.InspectImage(ctx, image)
 			cancel()
 			if err == nil {
-				gens[image] = r.Generation
+				gens[image], sizes[image] = r.Generation, Size{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB}
 			}
 		}
 		m.mu.Lock()
 		for image, gen := range gens {
-			m.pool.gens[image] = gen
+			m.pool.gens[image], m.pool.sizes[image] = gen, sizes[image]
 		}
 		m.pool.inspect = now
 		m.mu.Unlock()
@@ -213,8 +225,13 @@ func (m *Manager) wantsWarm(image string, now time.Time) bool {
 	// Reservations are not counted: the worker holds one while it waits
 	// for any request, which may well bind this machine; a cold build
 	// that finds the host full retires an idle one instead.
+	// A warm machine takes what is left of the host's totals, not room
+	// the requests read were promised, and only within the bounds on one
+	// machine.
+	sz, known := p.sizes[image]
 	return !m.closed && !p.draining && have < m.cfg.Pool.Ready[image] &&
-		!now.Before(p.retryAt[image]) && m.machines < m.maxVMs()
+		!now.Before(p.retryAt[image]) && m.machines < m.maxVMs() &&
+		known && m.CheckBounds(sz) == nil && !m.overLocked(m.reservedSize.add(sz))
 }
 
 func (m *Manager) maxVMs() int {
@@ -240,10 +257,11 @@ func (m *Manager) startWarm(image string, release func()) bool {
 	a.rec.em.machine = key
 	m.registerLocked(a, "")
 	m.pool.warming[image]++
+	size := m.pool.sizes[image]
 	m.actors.Go(func() { a.run(m.root) })
 	m.mu.Unlock()
 	reply := make(chan answer, 1)
-	cmd := &warmCmd{image: image, release: release}
+	cmd := &warmCmd{image: image, size: size, release: release}
 	cmd.setReply(reply)
 	select {
 	case a.inbox <- cmd:

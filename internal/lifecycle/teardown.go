@@ -28,32 +28,42 @@ const (
 	// abandoned: the teardown's final delivery failed and said so; the
 	// machine may remain for a reconciliation to remove.
 	abandoned
+	// heldNow: the job's end is published and its machine held, shut
+	// off; heldUnrecorded: held, but recording the hold failed, which the
+	// next tick tries again.
+	heldNow
+	heldUnrecorded
 )
 
 // startTeardown removes the machine and publishes its end: in the slot of
 // the request that asked for it, or in release's for an end the machine
-// decided itself.
+// decided itself. A machine the end holds (holdFor) is kept instead.
 func (a *actor) startTeardown(root context.Context, e *ending, release func()) {
 	if a.rec.phase != PhaseTearingDown {
 		a.to(PhaseTearingDown)
 	}
+	e.hold = a.holdFor(e)
 	a.end = e
 	em, holder := a.rec.em, a.rec.claim.lostTo
+	var con consoleSource
+	if e.cause != nil {
+		con = a.consoleSource()
+	}
 	a.launch(root, "tear down", func(ctx context.Context) func() {
 		if release != nil {
 			defer release()
 		}
-		outcome, err := a.m.remove(ctx, a.key, &em, *e, holder)
+		outcome, until, err := a.m.remove(ctx, a.key, &em, *e, holder, con)
 		return func() {
 			a.rec.em = em
-			a.endTeardown(e, outcome, err)
+			a.endTeardown(e, outcome, until, err)
 		}
 	})
 }
 
 // endTeardown applies a teardown's outcome.
-func (a *actor) endTeardown(e *ending, outcome teardownOutcome, err error) {
-	if outcome == tornDown && e.reason != messages.ReasonClaimLost {
+func (a *actor) endTeardown(e *ending, outcome teardownOutcome, until time.Time, err error) {
+	if (outcome == tornDown || outcome == heldNow || outcome == heldUnrecorded) && e.reason != messages.ReasonClaimLost {
 		a.releaseClaim() // before the teardown is answered, and acked
 	}
 	enders := a.enders
@@ -67,6 +77,13 @@ func (a *actor) endTeardown(e *ending, outcome teardownOutcome, err error) {
 	case tornDown:
 		a.rec.finished = true
 		a.to(PhaseGone)
+	case heldNow, heldUnrecorded:
+		a.rec.finished = true
+		a.enterHeld(until, outcome == heldNow)
+		if outcome == heldUnrecorded && a.m.cfg.Report != nil {
+			a.m.cfg.Report("hold", a.jobID, err)
+		}
+		err = nil // the job ended; the hold is recorded at the next tick
 	case abandoned:
 		a.to(PhaseGone)
 	default:
@@ -74,7 +91,11 @@ func (a *actor) endTeardown(e *ending, outcome teardownOutcome, err error) {
 		if a.jobID == "" {
 			a.rec.retiring = e.reason // a warm machine's retirement, tried again
 		}
-		a.to(PhaseReady)
+		if e.release {
+			a.to(PhaseHeld)
+		} else {
+			a.to(PhaseReady)
+		}
 		if e.self && err != nil && a.m.cfg.Report != nil {
 			a.m.cfg.Report(e.reason, a.jobID, err)
 		}
@@ -84,58 +105,98 @@ func (a *actor) endTeardown(e *ending, outcome teardownOutcome, err error) {
 // remove removes the machine of em's job and publishes tearing_down and its
 // end: torn_down, or failed when the ending has a cause. A machine whose
 // job another host took (claim_lost) is removed without either: the job
-// goes on there, so this host publishes dropped instead.
-func (m *Manager) remove(ctx context.Context, key string, em *emitter, e ending, holder string) (teardownOutcome, error) {
-	if e.reason == messages.ReasonClaimLost {
+// goes on there, so this host publishes dropped instead. An ending with a
+// hold publishes the end with held_until and keeps the machine, shut off
+// (outcome heldNow, until the hold's end); a held machine's own end
+// (release) removes it and publishes released. con is the console a
+// failed end carries.
+func (m *Manager) remove(ctx context.Context, key string, em *emitter, e ending, holder string, con consoleSource) (teardownOutcome, time.Time, error) {
+	switch {
+	case e.release:
+		start := m.cfg.Now()
+		if _, err := m.cfg.Machines.Remove(ctx, key); err != nil {
+			return retryTeardown, time.Time{}, fmt.Errorf("remove held machine %s: %w", messages.DomainName(key), err)
+		}
+		if err := em.emit(ctx, messages.StateReleased, e.d, em.since(start), e.reason, nil); err != nil {
+			return retryTeardown, time.Time{}, err
+		}
+		return tornDown, time.Time{}, nil
+	case e.reason == messages.ReasonClaimLost:
 		if err := m.removeOwn(ctx, key, false); err != nil {
-			return retryTeardown, fmt.Errorf("remove machine of job %s: %w", em.jobID, err)
+			return retryTeardown, time.Time{}, fmt.Errorf("remove machine of job %s: %w", em.jobID, err)
 		}
 		if err := em.emit(ctx, messages.StateDropped, e.d, 0, messages.ReasonClaimLost, nil,
 			func(ev *messages.Event) { ev.Holder = holder }); err != nil {
-			return retryTeardown, err
+			return retryTeardown, time.Time{}, err
 		}
-		return tornDown, nil
+		return tornDown, time.Time{}, nil
 	}
 	if err := em.emit(ctx, messages.StateTearingDown, e.d, 0, e.reason, nil); err != nil {
-		return retryTeardown, err
+		return retryTeardown, time.Time{}, err
 	}
 	m.cfg.Faults.At(FaultMidTeardown)
+	state := messages.StateTornDown
+	var fill []func(*messages.Event)
+	if e.cause != nil {
+		state = messages.StateFailed
+		// Read before the machine and its log go.
+		fill = append(fill, con.fill())
+	}
+	if e.hold > 0 {
+		until := m.cfg.Now().Add(e.hold).UTC().Truncate(time.Second)
+		fill = append(fill, func(ev *messages.Event) { ev.HeldUntil = until })
+		if err := em.emit(ctx, state, e.d, 0, e.reason, e.cause, fill...); err != nil {
+			return retryTeardown, time.Time{}, err
+		}
+		if err := m.recordHold(ctx, key, until); err != nil {
+			return heldUnrecorded, until, err
+		}
+		return heldNow, until, nil
+	}
 	start := m.cfg.Now()
 	if _, err := m.cfg.Machines.Remove(ctx, key); err != nil {
 		err = fmt.Errorf("remove machine %s: %w", messages.DomainName(key), err)
 		if !e.d.Final {
-			return retryTeardown, err
+			return retryTeardown, time.Time{}, err
 		}
 		// Nobody will ask again: say so, and stop tracking a machine that
 		// the next reconciliation will find and retry.
 		if perr := em.emit(ctx, messages.StateFailed, e.d, em.since(start), e.reason,
 			&messages.Error{Code: messages.CodeTeardownFailed, Message: err.Error()}); perr != nil {
-			return retryTeardown, perr
+			return retryTeardown, time.Time{}, perr
 		}
-		return abandoned, &Failure{Code: messages.CodeTeardownFailed, Err: err}
+		return abandoned, time.Time{}, &Failure{Code: messages.CodeTeardownFailed, Err: err}
 	}
 	m.cfg.Faults.At(FaultAfterRemove)
-	state := messages.StateTornDown
-	if e.cause != nil {
-		state = messages.StateFailed
+	if err := em.emit(ctx, state, e.d, em.since(start), e.reason, e.cause, fill...); err != nil {
+		return retryTeardown, time.Time{}, err
 	}
-	if err := em.emit(ctx, state, e.d, em.since(start), e.reason, e.cause); err != nil {
-		return retryTeardown, err
-	}
-	return tornDown, nil
+	return tornDown, time.Time{}, nil
 }
 
 // adoptRecord fills the record of a machine this process did not create.
 func (a *actor) adoptRecord(mach provision.Machine) {
 	a.rec.image, a.rec.domain, a.rec.deadline, a.rec.kind = mach.Image, mach.Name, mach.Deadline, mach.RunnerKind
+	a.rec.holdOnFailure, a.rec.holdFor = min(mach.HoldOnFailure, a.m.cfg.MaxHold), min(mach.HoldFor, a.m.cfg.MaxHold)
 	if os, err := runners.ParseOS(mach.OS, ""); err == nil {
 		a.rec.runner.os = string(os)
 	}
 	a.rec.em.identify(a.rec)
 	if !a.rec.counted {
 		a.rec.counted = true
-		a.m.countMachine(true, a.rec.image)
+		a.m.countMachine(a, true, a.rec.image, machineSize(mach))
 	}
+}
+
+// adoptHeld takes over a machine held by an earlier process.
+func (a *actor) adoptHeld(mach provision.Machine, until time.Time, recorded bool) {
+	a.adoptRecord(mach)
+	a.rec.finished = true
+	for _, c := range a.enders {
+		c <- answer{}
+	}
+	a.enders = nil
+	a.enterHeld(until, recorded)
 }
 
 // lookUpForTeardown serves a teardown request for a job this process has
@@ -224,12 +285,33 @@ func (a *actor) adopt(mach provision.Machine) func(context.Context) func() {
 				a.retire(a.m.root, messages.ReasonReconcile)
 			}
 		}
+		if !mach.HeldUntil.IsZero() {
+			// Held by an earlier process: kept until its hold ends, or
+			// released at once by a host that holds nothing now.
+			until := mach.HeldUntil
+			var err error
+			switch {
+			case !a.m.holdsOn():
+				until = a.m.cfg.Now()
+			case mach.Running:
+				err = a.m.cfg.Holds.PowerOff(ctx, mach.Key) // it died before it could
+			}
+			return func() { a.adoptHeld(mach, until, err == nil) }
+		}
 		last, err := a.m.lastOwnEvent(ctx, a.jobID)
 		if err != nil {
 			// Without the history the worker cannot tell a running job
 			// from a half-built one: leave the machine for the next
 			// reconciliation.
 			return func() { a.settled(false, err) }
+		}
+		if last.Host == a.m.cfg.Host && last.State.Terminal() && !last.HeldUntil.IsZero() && a.m.holdsOn() {
+			// Its end was published with a hold that the earlier process
+			// died before it recorded.
+			return func() {
+				a.rec.em.seq = last.Seq
+				a.adoptHeld(mach, last.HeldUntil, false)
+			}
 		}
 		acked := last.Host == a.m.cfg.Host && a.m.acknowledged(last.State, mach.RunnerKind)
 		if !acked {

@@ -30,6 +30,7 @@ type Registry interface {
 	PutHost(ctx context.Context, rec messages.Host) error
 	DeleteHost(ctx context.Context) error
 	Carriers(ctx context.Context, image string) ([]string, error)
+	Hosts(ctx context.Context) ([]messages.Host, error)
 	Drained(ctx context.Context, host string) (bool, error)
 	Drain(ctx context.Context, host, by string) error
 	Undrain(ctx context.Context, host string) error
@@ -311,6 +312,12 @@ func (w *Worker) record() messages.Host {
 		SlotsTotal: w.cfg.Parallelism, SlotsInUse: int(inUse),
 		MachinesMax: w.cfg.MaxVMs, MachinesRunning: w.life.Active(),
 		Pools: slices.Clone(f.pools), Heartbeat: time.Now().UTC(),
+	}
+	used, bounds := w.life.Usage()
+	rec.VCPUsTotal, rec.VCPUsUsed, rec.MemoryTotalMiB, rec.MemoryUsedMiB = bounds.HostVCPUs, used.VCPUs, bounds.HostMemoryMiB, used.MemoryMiB
+	rec.MaxVCPUsPerMachine, rec.MaxMemoryPerMachineMiB = bounds.MaxVCPUs, bounds.MaxMemoryMiB
+	for _, h := range w.life.Held() {
+		rec.Held = append(rec.Held, messages.HostHeld{JobID: h.JobID, Until: h.Until.UTC()})
 	}
 	for _, name := range f.order {
 		c := f.images[name]

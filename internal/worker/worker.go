@@ -57,8 +57,12 @@ type Config struct {
 	// themselves; nil makes Parallelism slots of the worker's own.
 	Slots *Slots
 	// Fleet, when set, makes the worker route provisions by image, keep
-	// its host's record in the registry and drain on request (fleet.go).
+	// its host's record in the registry and drain on request (fleet.go);
+	// with NATS, it also answers the host's control requests (control.go).
 	Fleet *FleetConfig
+	// OnControl, when set, is told of each control request and its
+	// outcome.
+	OnControl func(c messages.Control, err error)
 }
 
 // Settlement says how one request message was settled.
@@ -172,6 +176,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	loops.Go(func() { w.watchLoop(ctx) })
 	loops.Go(func() { w.maxDeliveriesLoop(ctx, opCtx, advisories) })
 	loops.Go(func() { w.fleetLoop(ctx) })
+	loops.Go(func() { w.serveControl(ctx) })
 	loops.Wait()
 
 	grace := time.AfterFunc(w.cfg.ShutdownGrace, cancelOps)
@@ -256,18 +261,29 @@ func (w *Worker) provisionLoop(ctx, opCtx context.Context, ops *conc.WaitGroup) 
 			continue
 		}
 		stop := w.heartbeat(msg)
+		// A provision that does not fit what the host's machines leave of
+		// its totals waits here, like one at MaxVMs, holding no slot.
+		adm, ok := w.admit(ctx, msg)
+		if !ok {
+			stop()
+			unreserve()
+			w.handBack(msg)
+			continue
+		}
 		// Taken here, not in the operation's goroutine, so that the next
 		// pull waits until this provision has its slot.
 		if w.slots.acquire(ctx, requestNext) != nil {
 			stop()
+			adm.release()
 			unreserve()
 			w.handBack(msg)
 			return
 		}
 		ops.Go(func() {
 			defer unreserve()
+			defer adm.release()
 			defer w.slots.release()
-			w.handleProvision(opCtx, msg, stop)
+			w.handleProvision(opCtx, msg, stop, adm)
 		})
 	}
 }
@@ -371,10 +387,13 @@ func (w *Worker) delivery(msg jetstream.Msg) lifecycle.Delivery {
 
 // handleProvision serves a provision message in the slot it holds; stop
 // ends the message's heartbeat, which runs from the pull on.
-func (w *Worker) handleProvision(ctx context.Context, msg jetstream.Msg, stop func()) {
+func (w *Worker) handleProvision(ctx context.Context, msg jetstream.Msg, stop func(), adm admission) {
 	defer w.serving(ctx, msg)()
 	d := w.delivery(msg)
 	jobID, routed, err := w.route(ctx, msg, d)
+	if !routed && adm.beyond != nil {
+		jobID, routed, err = w.refuseSize(ctx, msg, adm, d)
+	}
 	if !routed {
 		jobID, err = w.provision(ctx, msg.Data(), d)
 	}

@@ -24,13 +24,18 @@ const (
 	// another host holds the job's claim (Event.Holder). The claim
 	// holder's events carry the job on; a dropped event never ends a job.
 	StateDropped State = "dropped"
+	// StateReleased is not a step of the job either: it says that the
+	// machine a job's end kept (Event.HeldUntil on its terminal event)
+	// was removed, when its hold ended (reason hold_expired) or an
+	// operator released it (reason released).
+	StateReleased State = "released"
 )
 
 // States lists every state in lifecycle order.
 var States = []State{
 	StateAccepted, StateCloning, StateCloned, StateBooting, StateRunning,
 	StateAgentReady, StateRunnerStarted, StateRunnerExited,
-	StateTearingDown, StateTornDown, StateFailed, StateDropped,
+	StateTearingDown, StateTornDown, StateFailed, StateDropped, StateReleased,
 }
 
 // Terminal reports whether no further event follows s for the same job.
@@ -93,6 +98,10 @@ type Event struct {
 	// publish the console because it cannot scrub the job's secrets from
 	// it (it adopted the machine after a restart), as OutputWithheld.
 	ConsoleWithheld bool `msgpack:"console_withheld,omitempty"`
+	// HeldUntil is set on the terminal event of a job whose machine is
+	// kept, shut off, for debugging instead of being removed: until when.
+	// A released event follows once it is removed.
+	HeldUntil time.Time `msgpack:"held_until,omitempty"`
 	// Holder is the host that holds the job's claim, set on dropped events
 	// when it is known.
 	Holder string `msgpack:"holder,omitempty"`
@@ -184,6 +193,10 @@ const (
 	ReasonDraining     = "draining"
 	ReasonShutdown     = "shutdown"
 	ReasonCapacity     = "capacity"
+	// Reasons a held machine is removed (released): its hold ended, or
+	// an operator released it (worker release).
+	ReasonHoldExpired = "hold_expired"
+	ReasonReleased    = "released"
 )
 
 // Claim is the value of a job's key in ClaimsBucket: the host that serves

@@ -142,10 +142,28 @@ type Host struct {
 	MachinesRunning int `msgpack:"machines_running" json:"machines_running"`
 	// Pools are the storage pools of the host's images.
 	Pools []HostPool `msgpack:"pools" json:"pools"`
+	// The host's bounds on machine sizes (0: none) and what its machines
+	// hold: VCPUsTotal and MemoryTotalMiB are --host-vcpus and
+	// --host-memory, the used ones the sizes of the machines that exist
+	// or are being built, held ones included.
+	VCPUsTotal             int `msgpack:"vcpus_total,omitempty" json:"vcpus_total,omitempty"`
+	VCPUsUsed              int `msgpack:"vcpus_used,omitempty" json:"vcpus_used"`
+	MemoryTotalMiB         int `msgpack:"memory_total_mib,omitempty" json:"memory_total_mib,omitempty"`
+	MemoryUsedMiB          int `msgpack:"memory_used_mib,omitempty" json:"memory_used_mib"`
+	MaxVCPUsPerMachine     int `msgpack:"max_vcpus_per_machine,omitempty" json:"max_vcpus_per_machine,omitempty"`
+	MaxMemoryPerMachineMiB int `msgpack:"max_memory_per_machine_mib,omitempty" json:"max_memory_per_machine_mib,omitempty"`
+	// Held are the machines the host keeps after their jobs ended.
+	Held []HostHeld `msgpack:"held,omitempty" json:"held,omitempty"`
 	// Started is when the worker process started; Heartbeat when the
 	// record was written.
 	Started   time.Time `msgpack:"started" json:"started"`
 	Heartbeat time.Time `msgpack:"heartbeat" json:"heartbeat"`
+}
+
+// HostHeld is a held machine: its job, and when its hold ends.
+type HostHeld struct {
+	JobID string    `msgpack:"job_id" json:"job_id"`
+	Until time.Time `msgpack:"until" json:"until"`
 }
 
 // HostImage is an image as a host carries it.

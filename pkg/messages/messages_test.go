@@ -84,6 +84,32 @@ func goldenCases() map[string]any {
 			Console: "[    1.734510] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n[    1.735002] ---[ end Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100 ]---\n",
 			Error:   &Error{Code: CodeBootTimeout, Message: "the guest agent did not answer within 300s"},
 		},
+		"event_failed_held_v1": &Event{
+			V: 1, JobID: "job-48", Host: "host-a", Image: "debian-12", Domain: "stretchy-job-48", State: StateFailed,
+			Time: requestedAt.Add(6 * time.Minute), Seq: 6, Attempt: 1, HeldUntil: requestedAt.Add(36 * time.Minute),
+			Console: "init: /sbin/init failed\n",
+			Error:   &Error{Code: CodeBootTimeout, Message: "the guest agent did not answer within 300s"},
+		},
+		"event_released_v1": &Event{
+			V: 1, JobID: "job-48", Host: "host-a", Image: "debian-12", Domain: "stretchy-job-48", State: StateReleased,
+			Time: requestedAt.Add(36 * time.Minute), Seq: 7, PhaseMS: 120, Reason: ReasonHoldExpired,
+		},
+		"host_resources_v1": &Host{
+			V: 1, Host: "host-b", Version: "v1.5.0", State: HostActive,
+			Images:     []HostImage{{Name: "debian-12", OS: "linux", Firmware: "bios", CloneMode: "linked", Generation: "5f0c2a9e41d7b3c8", Admitted: true}},
+			SlotsTotal: 3, MachinesMax: 8, MachinesRunning: 2,
+			VCPUsTotal: 16, VCPUsUsed: 6, MemoryTotalMiB: 32768, MemoryUsedMiB: 12288, MaxVCPUsPerMachine: 8, MaxMemoryPerMachineMiB: 16384,
+			Held:    []HostHeld{{JobID: "job-48", Until: requestedAt.Add(36 * time.Minute)}},
+			Started: requestedAt.Add(-time.Hour), Heartbeat: requestedAt,
+		},
+		"control_hold_v1":    &Control{V: 1, Op: ControlHold, JobID: "job-42", ForS: 1800, By: "ops@bastion"},
+		"control_console_v1": &Control{V: 1, Op: ControlConsole, JobID: "job-42", Bytes: 65536},
+		"control_reply_v1": &ControlReply{
+			V: 1, OK: true, Host: "host-a", Phase: "held", HeldUntil: requestedAt.Add(30 * time.Minute),
+		},
+		"control_reply_error_v1": &ControlReply{
+			V: 1, Host: "host-a", Phase: "building", Error: "the machine of job job-42 is being built; hold it once its runner started: not possible in the machine's phase",
+		},
 		"event_dropped_v1": &Event{
 			V: 1, JobID: "job-44", Host: "host-a", Image: "debian-12", Domain: "stretchy-job-44", State: StateDropped,
 			Time: requestedAt.Add(40 * time.Second), Seq: 3, Attempt: 1, Reason: ReasonClaimLost, Holder: "host-b",
@@ -153,7 +179,11 @@ func normalize(v any) any {
 		return c
 	case *Event:
 		c := *m
-		c.Time = c.Time.UTC()
+		c.Time, c.HeldUntil = c.Time.UTC(), c.HeldUntil.UTC()
+		return c
+	case *ControlReply:
+		c := *m
+		c.HeldUntil = c.HeldUntil.UTC()
 		return c
 	case *Claim:
 		c := *m
@@ -162,6 +192,9 @@ func normalize(v any) any {
 	case *Host:
 		c := *m
 		c.Started, c.Heartbeat = c.Started.UTC(), c.Heartbeat.UTC()
+		for i := range c.Held {
+			c.Held[i].Until = c.Held[i].Until.UTC()
+		}
 		return c
 	case *Drain:
 		c := *m

@@ -17,6 +17,8 @@ type Binding struct {
 	RunnerKind  string
 	RequestedAt time.Time
 	Deadline    time.Time
+	// HoldOnFailure: how long the machine is kept if the job fails.
+	HoldOnFailure time.Duration
 }
 
 // Bind records that the warm machine key now serves the job of b, in its
@@ -54,6 +56,7 @@ func (p *Provisioner) bind(ctx context.Context, key string, b Binding) (Machine,
 		return Machine{}, fmt.Errorf("not an unbound warm machine (job %q): %w", m.JobID, ErrExists)
 	}
 	m.JobID, m.RunnerKind, m.RequestedAt, m.Deadline = b.JobID, b.RunnerKind, b.RequestedAt, b.Deadline
+	m.HoldOnFailure = b.HoldOnFailure
 	doc, err := encodeMetadataElement(m)
 	if err != nil {
 		return Machine{}, err

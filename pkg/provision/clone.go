@@ -180,6 +180,8 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		VCPUs:       vcpus,
 		MemoryMiB:   memoryMiB,
 		ScratchGiB:  s.ScratchGiB,
+		// A hold asked for before the clone exists is the job's.
+		HoldOnFailure: s.HoldOnFailure,
 	}
 	plan := clonePlan{
 		Image:  s.Image,

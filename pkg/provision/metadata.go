@@ -47,6 +47,9 @@ type machineMetadata struct {
 	MemoryMiB   int       `xml:"memory_mib,omitempty"`
 	ScratchGiB  int       `xml:"scratch_gib,omitempty"`
 	ConsoleLogs *fileList `xml:"console_logs"`
+	HeldUntil   string    `xml:"held_until,omitempty"`
+	HoldForS    int64     `xml:"hold_for_s,omitempty"`
+	HoldOnFail  int64     `xml:"hold_on_failure_s,omitempty"`
 }
 
 // fileList is a list of <file> elements, absent when empty.
@@ -73,6 +76,9 @@ func encodeMetadata(m Machine) (string, error) {
 		VCPUs:       m.VCPUs,
 		MemoryMiB:   m.MemoryMiB,
 		ScratchGiB:  m.ScratchGiB,
+		HeldUntil:   formatTime(m.HeldUntil),
+		HoldForS:    int64(m.HoldFor / time.Second),
+		HoldOnFail:  int64(m.HoldOnFailure / time.Second),
 	}
 	if len(m.ConsoleLogs) > 0 {
 		md.ConsoleLogs = &fileList{Files: m.ConsoleLogs}
@@ -133,6 +139,11 @@ func decodeMetadata(doc string, m *Machine) error {
 	if md.ConsoleLogs != nil {
 		m.ConsoleLogs = md.ConsoleLogs.Files
 	}
+	if m.HeldUntil, err = parseTime(md.HeldUntil); err != nil {
+		return fmt.Errorf("decode metadata: held_until: %w", err)
+	}
+	m.HoldFor = time.Duration(max(0, md.HoldForS)) * time.Second
+	m.HoldOnFailure = time.Duration(max(0, md.HoldOnFail)) * time.Second
 	return nil
 }
 

@@ -196,6 +196,9 @@ type Spec struct {
 	// files. Empty keeps the image's chardev logs (renamed for the
 	// machine).
 	ConsoleDir string
+	// HoldOnFailure is recorded for the worker: how long the machine is
+	// kept after its job failed (Machine.HoldOnFailure).
+	HoldOnFailure time.Duration
 }
 
 // key returns the machine's key: Key, or JobID for a cold machine.
@@ -250,6 +253,14 @@ type Machine struct {
 	MemoryMiB int
 	// ScratchGiB is the size of the machine's scratch disk, 0 for none.
 	ScratchGiB int
+	// HeldUntil is set on a machine kept after its job ended (SetHold):
+	// until when. HoldFor is the hold a machine whose job still runs gets
+	// when that job ends.
+	HeldUntil time.Time
+	HoldFor   time.Duration
+	// HoldOnFailure is the hold the machine gets if its job fails, as its
+	// Spec or Binding recorded it.
+	HoldOnFailure time.Duration
 	// ConsoleLogs are the files the machine's serial ports and consoles
 	// log to, the main console's first; none when it was built without
 	// Spec.ConsoleDir. Remove deletes them and their backups unless told

@@ -141,6 +141,15 @@ type workerOptions struct {
 	// images these patterns match (worker run --images), with its record
 	// in the registry rewritten every half second.
 	Images []string
+	// Resources bounds machine sizes (worker run --max-vcpus-per-machine
+	// and the others); ConsoleDir is --console-dir (default: none);
+	// MaxHold is --max-hold (default: no holds).
+	Resources  lifecycle.Resources
+	ConsoleDir string
+	MaxHold    time.Duration
+	// NATS, when set with Images, makes the worker answer control
+	// requests on it (worker hold, release, console).
+	NATS *nats.Conn
 }
 
 // runningWorker is a worker serving in the test process.
@@ -204,10 +213,12 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 		parallelism = 3
 	}
 	slots := worker.NewSlots(parallelism)
+	machines := provision.New(l, provision.Options{DomainType: "qemu", Link: link})
 	rw.life = lifecycle.New(lifecycle.Config{
-		Host: o.Host, Machines: provision.New(l, provision.Options{DomainType: "qemu", Link: link}),
+		Host: o.Host, Machines: machines,
 		Agent: agent, Events: pub, History: pub, Journal: pub,
 		Claims: claims, ClaimTTL: bus.ClaimTTL(o.AckWait), Slots: slots,
+		Resources: o.Resources, Sizes: machines, ConsoleDir: o.ConsoleDir, Holds: machines, MaxHold: o.MaxHold,
 	})
 	var fleet *worker.FleetConfig
 	if len(o.Images) > 0 {
@@ -220,7 +231,7 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 			ImagesInterval: 2 * time.Second, HeartbeatInterval: 500 * time.Millisecond}
 	}
 	rw.w = worker.New(worker.Config{
-		Fleet:       fleet,
+		Fleet: fleet, NATS: o.NATS,
 		Parallelism: parallelism, MaxVMs: o.MaxVMs, AckWait: o.AckWait, MaxDeliver: 5, Slots: slots,
 		ShutdownGrace: o.ShutdownGrace, PullWait: time.Second, WatchInterval: 200 * time.Millisecond,
 		OnSettle: func(s worker.Settlement) {

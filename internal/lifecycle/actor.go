@@ -328,6 +328,10 @@ type actor struct {
 	pending *ending
 	// idle are tick callers waiting until no activity runs.
 	idle []chan answer
+	// poll times the runner polls between ticks (runnerPoll); pollArmed
+	// says it runs.
+	poll      *time.Timer
+	pollArmed bool
 }
 
 func newActor(m *Manager, jobID string) *actor {
@@ -391,6 +395,11 @@ func (a *actor) run(root context.Context) {
 			a.handle(root, cmd)
 		case <-a.ticks:
 			a.tick(root)
+		case <-a.runnerPoll():
+			a.pollArmed = false
+			if a.pollsRunner() {
+				a.launch(root, "look at runner", a.pollRunner())
+			}
 		case req := <-a.claims:
 			req.reply <- a.serveClaim(req)
 		case apply := <-done:
@@ -437,6 +446,9 @@ func (a *actor) close() {
 // stop retires the actor: the registry forgets it, the machine stops
 // counting, and every caller still waiting gets an answer.
 func (a *actor) stop() {
+	if a.poll != nil {
+		a.poll.Stop()
+	}
 	if a.rec.counted {
 		a.m.countMachine(a, false, a.rec.image, Size{})
 	}

@@ -122,6 +122,10 @@ type Config struct {
 	// (provision.Spec.ConsoleDir); a failed event carries the end of the
 	// log.
 	ConsoleDir string
+	// RunnerPoll is how often a running runner is looked at between
+	// ticks, by one guest agent call, so that its exit is noticed at
+	// once; 0 means 200ms, negative only at ticks.
+	RunnerPoll time.Duration
 	// Holds, when set, keeps machines after their jobs end, shut off, for
 	// a request's hold_on_failure_s or an operator's hold (hold.go), up to
 	// MaxHold; nil or a MaxHold of 0 holds nothing.
@@ -219,6 +223,9 @@ func New(cfg Config) *Manager {
 	}
 	if cfg.ClaimTTL <= 0 {
 		cfg.ClaimTTL = 15 * time.Second
+	}
+	if cfg.RunnerPoll == 0 {
+		cfg.RunnerPoll = 200 * time.Millisecond
 	}
 	root, cancel := context.WithCancel(context.Background())
 	return &Manager{

@@ -76,8 +76,52 @@ func (a *actor) probe() func(context.Context) func() {
 		if r.pid == 0 || a.m.cfg.Agent == nil {
 			return noop
 		}
+		return a.checkRunner(ctx, em, r, domain, true)
+	}
+}
+
+// pollRunner looks at the runner only, between ticks (Config.RunnerPoll):
+// a runner's exit is noticed within that interval instead of a tick's,
+// at the cost of one guest agent call per running runner.
+func (a *actor) pollRunner() func(context.Context) func() {
+	em, r, domain := a.rec.em, a.rec.runner, a.rec.domain
+	return func(ctx context.Context) func() { return a.checkRunner(ctx, em, r, domain, false) }
+}
+
+// pollsRunner reports whether the machine's runner is to be polled now.
+func (a *actor) pollsRunner() bool {
+	r := a.rec.runner
+	return a.rec.phase == PhaseReady && a.act == nil && a.m.cfg.RunnerPoll > 0 && a.m.cfg.Agent != nil &&
+		a.jobID != "" && r.pid != 0 && r.exit == nil && !a.m.cfg.Now().Before(a.rec.retryAt)
+}
+
+// runnerPoll returns the channel of the next runner poll, nil when the
+// runner is not polled now.
+func (a *actor) runnerPoll() <-chan time.Time {
+	if !a.pollsRunner() {
+		return nil
+	}
+	switch {
+	case a.poll == nil:
+		a.poll = time.NewTimer(a.m.cfg.RunnerPoll)
+	case !a.pollArmed:
+		a.poll.Reset(a.m.cfg.RunnerPoll)
+	}
+	a.pollArmed = true
+	return a.poll.C
+}
+
+// checkRunner asks the guest agent about the runner: an exit is published
+// (runner_exited) and ends the machine; a runner the agent keeps denying
+// it knows at ticks (tick: this check is a tick's) ends it too
+// (runner_lost).
+func (a *actor) checkRunner(ctx context.Context, em emitter, r runnerState, domain string, tick bool) func() {
+	noop := func() {}
+	{
 		st, err := a.m.cfg.Agent.Status(ctx, domain, r.pid)
 		switch {
+		case errors.Is(err, qga.ErrCommandFailed) && !tick:
+			return noop // counted at ticks only, whose spacing the rule means
 		case errors.Is(err, qga.ErrCommandFailed):
 			// The agent answers but no longer knows the runner (it was
 			// restarted in the guest): nothing will ever report its end.

@@ -343,3 +343,27 @@ func TestOverlap(t *testing.T) {
 		}
 	}
 }
+
+// TestRunnerExitNoticedBetweenTicks: a runner's exit is noticed by the
+// runner poll, with no tick at all; a host that polls only at ticks does
+// not notice it.
+func TestRunnerExitNoticedBetweenTicks(t *testing.T) {
+	for _, poll := range []time.Duration{5 * time.Millisecond, -1} {
+		t.Run(fmt.Sprint(poll), func(t *testing.T) {
+			fx, ag := newAgentFixture()
+			fx.m.cfg.RunnerPoll = poll
+			if err := fx.m.Provision(context.Background(), forgejoRequest(fx, "j1"), first); err != nil {
+				t.Fatal(err)
+			}
+			ag.exit(0, "")
+			if poll < 0 {
+				time.Sleep(50 * time.Millisecond) // any poll would have run by now
+				if got := fx.rec.last("j1").State; got != messages.StateRunnerStarted {
+					t.Fatalf("without polls or ticks the job went on to %s", got)
+				}
+				return
+			}
+			waitFor(t, func() bool { return fx.rec.last("j1").State == messages.StateTornDown })
+		})
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/digitalocean/go-libvirt"
 	"github.com/sourcegraph/conc"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
@@ -139,6 +140,12 @@ func runCommand(ctx context.Context, args []string) error {
 		_ = link.Close()
 	}()
 	lv := link.Libvirt()
+	// A libvirt connection of its own tells the guest agent's start, so
+	// that agent_ready follows it at once (qga.AgentEvents).
+	agentEvents := qga.NewAgentEvents(func(ctx context.Context) (*libvirt.Libvirt, error) {
+		return provision.Dial(ctx, cfg.LibvirtURI)
+	})
+	linkWG.Go(func() { _ = agentEvents.Run(linkCtx) })
 
 	pub := bus.NewPublisher(js)
 	machines := provision.New(lv, provision.Options{DomainType: cfg.DomainType, Link: link})

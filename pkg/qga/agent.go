@@ -67,6 +67,10 @@ type Options struct {
 	// DefaultMargin. Looking up a domain, which does not reach the agent,
 	// has Margin alone.
 	Margin time.Duration
+	// Events, when set and running, wakes WaitReady when an agent
+	// connects, also with a Caller; without it WaitReady polls when it
+	// has a Caller.
+	Events *AgentEvents
 }
 
 // Poll intervals.
@@ -77,6 +81,10 @@ const (
 	// readyPollWithEvents is how often WaitReady pings while the
 	// "agent connected" event can wake it: only a safety net.
 	readyPollWithEvents = time.Second
+	// readyRetry is how often WaitReady pings for a while after the
+	// agent connected, should its first ping come too early.
+	readyRetry      = 20 * time.Millisecond
+	readyRetryTimes = 50
 	// runPollMin and runPollMax bound Run's guest-exec-status interval,
 	// which doubles from the first to the second.
 	runPollMin = 10 * time.Millisecond
@@ -135,10 +143,11 @@ type OSInfo struct {
 // WaitReady returns once the guest agent of domain answers guest-ping.
 //
 // Until the guest has started qemu-ga, libvirt answers at once that the
-// agent is not connected. Without a Caller, WaitReady subscribes to
-// libvirt's agent lifecycle events and pings again as soon as the agent
-// connects, with a slow ticker as a safety net; with a Caller, or when
-// events are not available, it pings every 250 ms. The caller
+// agent is not connected. With Options.Events (running), or without a
+// Caller, WaitReady is woken by libvirt's agent lifecycle event and pings
+// as soon as the agent connects (again every 20 ms for a second, should
+// the first ping come too early), with a slow ticker as a safety net;
+// otherwise, or while events are not delivered, it pings every 250 ms. The caller
 // bounds the wait with ctx, its boot timeout: when ctx ends first,
 // WaitReady returns ErrAgentTimeout wrapping ctx's error, possibly up to
 // one ping timeout late when there is no Caller, as a call in flight cannot
@@ -168,17 +177,33 @@ func (a *Agent) WaitReady(ctx context.Context, domain string) error {
 
 	// Subscribe before the first ping, so that a connection between
 	// the two cannot go unnoticed.
-	events, unsubscribe := a.subscribe(ctx, dom)
-	defer unsubscribe()
+	var events <-chan any
+	var connects <-chan struct{}
+	if a.opts.Events != nil {
+		var stop func()
+		connects, stop = a.opts.Events.watch(dom)
+		defer stop()
+	} else {
+		var unsubscribe func()
+		events, unsubscribe = a.subscribe(ctx, dom)
+		defer unsubscribe()
+	}
 	interval := readyPoll
-	if events != nil {
+	if events != nil || connects != nil {
 		interval = readyPollWithEvents
 	}
 	ticker := time.NewTicker(interval)
 	defer ticker.Stop()
 
 	var last error
+	retries := 0
 	for {
+		if retries > 0 {
+			retries--
+			ticker.Reset(readyRetry)
+		} else {
+			ticker.Reset(interval)
+		}
 		err := a.ping(ctx, dom)
 		if err == nil {
 			return nil
@@ -201,14 +226,24 @@ func (a *Agent) WaitReady(ctx context.Context, domain string) error {
 				break wait
 			case <-ticker.C:
 				break wait
+			case _, ok := <-connects:
+				if !ok {
+					// The events stopped: poll.
+					connects, interval = nil, readyPoll
+					ticker.Reset(readyPoll)
+					continue
+				}
+				retries = readyRetryTimes
+				break wait
 			case ev, ok := <-events:
 				if !ok {
 					// The connection lost the subscription: poll.
-					events = nil
+					events, interval = nil, readyPoll
 					ticker.Reset(readyPoll)
 					continue
 				}
 				if agentConnected(ev, dom) {
+					retries = readyRetryTimes
 					break wait
 				}
 			}

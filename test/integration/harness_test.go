@@ -204,7 +204,13 @@ func startWorker(tb testing.TB, js jetstream.JetStream, o workerOptions) *runnin
 	}()
 	l := link.Libvirt()
 	rw := &runningWorker{}
-	var agent lifecycle.Agent = qga.New(l, qga.Options{Caller: link})
+	qopts := qga.Options{Caller: link}
+	if o.Socket == "" {
+		events := qga.NewAgentEvents(func(ctx context.Context) (*libvirt.Libvirt, error) { return provision.Dial(ctx, "qemu:///system") })
+		go func() { _ = events.Run(linkCtx) }()
+		qopts.Events = events
+	}
+	var agent lifecycle.Agent = qga.New(l, qopts)
 	if o.WrapAgent != nil {
 		agent = o.WrapAgent(agent)
 	}

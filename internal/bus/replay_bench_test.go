@@ -176,11 +176,12 @@ func storeLikeWorker(tb testing.TB, js jetstream.JetStream, n int) {
 // BenchmarkReplay measures replaying 100,000 stored events. read=ReadEvents
 // is the worker's replay (worker events, Publisher.Recent); read=plain
 // reads the same consumer decoding every event with messages.DecodeEvent
-// and Msg.Metadata, as ReadEvents does; read=raw only receives the
-// messages, which is what the NATS client costs whatever the reader does.
-// server=process runs the server in a process of its own, so that the
-// figures are the reader's; server=in-process, as the worker's embedded
-// server is, counts the server's allocations as well.
+// and Msg.Metadata, as ReadEvents did before it had a decoder of its own;
+// read=raw only receives the messages, which is what the NATS client
+// costs whatever the reader does. server=process runs the server in a
+// process of its own, so that the figures are the reader's;
+// server=in-process, as the worker's embedded server is, counts the
+// server's allocations as well.
 func BenchmarkReplay(b *testing.B) {
 	readers := []struct {
 		name string

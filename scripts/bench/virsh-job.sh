@@ -13,8 +13,9 @@
 # seconds, default 2), polls guest-exec-status every 100 ms until the
 # runner exited, and removes domain and volume again. Each step prints one
 # line "step NAME START END" with times in seconds since the epoch
-# (EPOCHREALTIME, no process per timestamp) as it ends, and "runner_pid
-# PID" once the runner runs, so that a harness can follow the job live.
+# (EPOCHREALTIME, no process per timestamp) as it ends (teardown also as
+# its parts, destroy and undefine+vol-delete), and "runner_pid PID" once
+# the runner runs, so that a harness can follow the job live.
 # The domain definition is prepared before the first step, untimed.
 # Whatever fails, the machine is removed (untimed then).
 set -euo pipefail
@@ -100,8 +101,11 @@ step exit "$t"
 
 t=$EPOCHREALTIME
 v destroy "$name" >/dev/null
+step destroy "$t"
+u=$EPOCHREALTIME
 v undefine "$name" >/dev/null
 defined=""
 v vol-delete --pool "$pool" "$vol" >/dev/null
 created=""
+step undefine+vol-delete "$u"
 step teardown "$t"

@@ -29,18 +29,31 @@ type EventsConfig struct {
 	Log   func(format string, args ...any)
 }
 
-// RunEvents runs internal/bus's BenchmarkReplay (with its profiles) and
-// BenchmarkAppend.
+// RunEvents runs internal/bus's BenchmarkReplay cfg.Count times, each
+// with servers and stored events of its own, so that its readers take
+// turns, and BenchmarkAppend with -count; then, unless cfg.Profiles is
+// empty, once more the replay through ReadEvents alone with its profiles,
+// whose figures are not kept (profiling slows it down).
 func RunEvents(ctx context.Context, cfg EventsConfig) (GoBench, error) {
 	out := GoBench{}
-	for _, b := range []struct{ name, benchtime string }{
-		{"BenchmarkReplay", "2x"},
-		{"BenchmarkAppend", "2000x"},
-	} {
-		cfg.Log("events: %s, -count %d", b.name, cfg.Count)
-		args := []string{"test", "-run", "^$", "-bench", "^" + b.name + "$", "-benchtime", b.benchtime,
-			"-count", strconv.Itoa(cfg.Count), "./internal/bus/"}
-		if b.name == "BenchmarkReplay" {
+	type run struct {
+		pattern, benchtime string
+		count              int
+		profile            bool
+	}
+	var runs []run
+	for range cfg.Count {
+		runs = append(runs, run{"^BenchmarkReplay$", "2x", 1, false})
+	}
+	runs = append(runs, run{"^BenchmarkAppend$", "2000x", cfg.Count, false})
+	if cfg.Profiles != "" {
+		runs = append(runs, run{"^BenchmarkReplay$/^server=process$/^read=ReadEvents$", "2x", 1, true})
+	}
+	for i, r := range runs {
+		cfg.Log("events %d/%d: %s", i+1, len(runs), r.pattern)
+		args := []string{"test", "-run", "^$", "-bench", r.pattern, "-benchtime", r.benchtime,
+			"-count", strconv.Itoa(r.count), "./internal/bus/"}
+		if r.profile {
 			args = append(args, "-args", "-replay-profile", cfg.Profiles)
 		}
 		cmd := exec.CommandContext(ctx, "go", args...)
@@ -49,6 +62,9 @@ func RunEvents(ctx context.Context, cfg EventsConfig) (GoBench, error) {
 		cmd.Stdout, cmd.Stderr = &stdout, os.Stderr
 		if err := cmd.Run(); err != nil {
 			return nil, fmt.Errorf("go %s: %w: %s", strings.Join(args, " "), err, tail(stdout.String(), 2000))
+		}
+		if r.profile {
+			continue
 		}
 		if err := parseGoBench(stdout.String(), out); err != nil {
 			return nil, err

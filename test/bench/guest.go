@@ -424,7 +424,7 @@ func (g *guests) virshJob(ctx context.Context, name string) (job, error) {
 	if err != nil {
 		return job{}, err
 	}
-	for _, s := range []string{"clone", "start", "agent", "runner", "exit", "teardown"} {
+	for _, s := range []string{"clone", "start", "agent", "runner", "exit", "destroy", "teardown"} {
 		if _, ok := steps[s]; !ok {
 			return job{}, fmt.Errorf("virsh job %s: no step %s", domain, s)
 		}
@@ -444,6 +444,7 @@ func (g *guests) virshJob(ctx context.Context, name string) (job, error) {
 		"teardown":    dur("teardown"),
 		"gone":        ms(steps["teardown"][1].Sub(steps["exit"][1])),
 		"e2e":         ms(steps["teardown"][1].Sub(steps["clone"][0])),
+		"destroy":     dur("destroy"),
 	}}
 	if len(exits) == 1 {
 		j.phases["noticed"] = ms(steps["exit"][1].Sub(exits[0].at))

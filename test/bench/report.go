@@ -246,8 +246,9 @@ func (r *Report) guests(p printer) {
 	for _, ph := range GuestPhases {
 		p("| %s | %s | %s |\n", ph.Name, ph.Worker, ph.Virsh)
 	}
-	p("\nItem 2 of the issue (the lead's) changes the worker's phases; rerunning this shows them before and after. " +
-		"Teardown is about as slow with virsh as through the worker: most of it is libvirt's `destroy` waiting for QEMU to exit.\n\n")
+	p("\nItem 2 of the issue (the lead's) changes the worker's phases; rerunning this shows them before and after. "+
+		"Of the virsh teardown, `virsh destroy` alone took %s ms: most of a teardown is libvirt stopping QEMU, whoever asks.\n\n",
+		Summarize(column(g.Virsh, "destroy")).Cell(0))
 }
 
 func (r *Report) sched(p printer) {
@@ -268,7 +269,8 @@ func (r *Report) sched(p printer) {
 		"exited wait for the 2 s watch tick). In turn with each worker run, the same libvirt operations run as **bare calls** in a "+
 		"tight loop on one connection at the same parallelism (create the overlay volume, define, start, destroy, undefine, delete "+
 		"the volume, definitions made beforehand; 3 runs of %d jobs) and through the **provisioner** (`provision.Clone`, `Start`, "+
-		"`Remove`; 1 run of %d jobs). One worker run of %d jobs per parallelism.\n\n", s.Jobs, s.Jobs, s.Jobs, s.ProvisionerJobs, s.Jobs)
+		"`Remove`; 1 run of %d jobs). One worker run of %d jobs per parallelism; the worker ÷ bare and worker ÷ provisioner "+
+		"ratios take the medians.\n\n", s.Jobs, s.Jobs, s.Jobs, s.ProvisionerJobs, s.Jobs)
 	p("| parallelism | worker jobs/s | in windows of 100 jobs | slot utilisation | while queued | machines at most | bare calls jobs/s | worker / bare | provisioner jobs/s | worker / provisioner |\n")
 	p("|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, par := range sortedKeys(s.Worker) {
@@ -291,8 +293,25 @@ func (r *Report) sched(p printer) {
 			pct(Summarize(utilisations(w))), pct(Summarize(q)), Summarize(machines).Cell(0), bs.Cell(0),
 			format(ws.Median/bs.Median, 3), ps.Cell(1), format(ws.Median/ps.Median, 2))
 	}
-	p("\nThe worker's own scheduling keeps its slots busy; what makes it slow next to the bare calls is the provisioner's work per " +
-		"job, which grows with the number of machines on the host (section 7).\n\n")
+	p("\nThe provisioner's loop has at most as many machines on the host as it has goroutines; the worker has many more, as "+
+		"the runners it sees exited wait for the next watch tick (machines at most). A job's provisioner work grows with the "+
+		"machines on the host (section 7); here is the provisioner's loop of %d jobs at parallelism %d with other running "+
+		"machines of the worker's on the host:\n\n", s.ScalingJobs, s.ScalingParallelism)
+	p("| other machines on the host |")
+	for _, n := range sortedKeys(s.Scaling) {
+		p(" %d |", n)
+	}
+	p("\n|---|")
+	for range s.Scaling {
+		p("---|")
+	}
+	p("\n| provisioner jobs/s |")
+	for _, n := range sortedKeys(s.Scaling) {
+		p(" %s |", format(s.Scaling[n], 1))
+	}
+	p("\n\nThe worker's slots are busy while work waits; what makes it slow next to the bare calls is the work each job " +
+		"does in them: the provisioner's, on a host with that many machines, then the job's events and claim (ten " +
+		"conditional publishes, each waiting for its ack, section 5).\n\n")
 }
 
 func (r *Report) memory(p printer) {
@@ -320,7 +339,7 @@ func (r *Report) events(p printer) {
 		p("Not measured in this run.\n\n")
 		return
 	}
-	p("`internal/bus`'s benchmarks, %d runs each (`-count`). **Replay**: 100,000 events of 10,000 jobs, stored as the "+
+	p("`internal/bus`'s benchmarks, %d runs each (the replay's in turn, each with servers and events of its own). **Replay**: 100,000 events of 10,000 jobs, stored as the "+
 		"worker stores them (through conditional publishes with their four headers), read back through the ordered consumer. "+
 		"B/event and allocs/event are the whole process's allocations over the timed replays ÷ events: with the server in a "+
 		"process of its own (`server=process`) that is the reader alone; in-process they include the server's. `read=raw` "+
@@ -368,23 +387,24 @@ func (r *Report) profiles(p printer) {
 	if r.ReplayCPU == "" {
 		p("Not profiled in this run.\n\n")
 	} else {
-		p("CPU and allocations of `BenchmarkReplay/server=process/read=ReadEvents`'s timed replays alone " +
-			"(`-replay-profile`; the reader's process, the server runs in another):\n\n")
+		p("CPU and allocations of `BenchmarkReplay/server=process/read=ReadEvents`'s timed replays alone, in a run of their " +
+			"own whose figures are not in section 5 (`-replay-profile`; the reader's process, the server runs in another):\n\n")
 		p("```\n%s\n```\n\n```\n%s\n```\n\n", r.ReplayCPU, r.ReplayAllocs)
 		e := r.Events
 		p("What showed, before the change (`read=plain`, which reads as `ReadEvents` did): a replay allocated %s B and %s objects "+
 			"per event, of which the NATS client's receiving (the message, its copy and its four decoded headers; `read=raw`) is "+
 			"%s B and %s objects; the rest was `ReadEvents`' own: a msgpack decoder, its reader and buffer and the event itself "+
 			"made anew for every event (`messages.DecodeEvent`), and a `MsgMetadata` per message to learn two numbers.\n\n",
-			e.Summary("BenchmarkReplay/server=process/read=plain", "B/event").Cell(0),
-			e.Summary("BenchmarkReplay/server=process/read=plain", "allocs/event").Cell(0),
-			e.Summary("BenchmarkReplay/server=process/read=raw", "B/event").Cell(0),
-			e.Summary("BenchmarkReplay/server=process/read=raw", "allocs/event").Cell(0))
+			format(e.Summary("BenchmarkReplay/server=process/read=plain", "B/event").Median, 0),
+			format(e.Summary("BenchmarkReplay/server=process/read=plain", "allocs/event").Median, 0),
+			format(e.Summary("BenchmarkReplay/server=process/read=raw", "B/event").Median, 0),
+			format(e.Summary("BenchmarkReplay/server=process/read=raw", "allocs/event").Median, 0))
 		p("What changed (`internal/bus/decode.go`): `ReadEvents` decodes a replay's events with one decoder, which hands every "+
 			"payload that is not plainly a map within `MaxMessageSize`, or that it refuses, to `messages.DecodeEvent`, so that the "+
 			"wire rules stay in `pkg/messages` (a fuzz test checks that it returns what `DecodeEvent` returns); the stream "+
 			"sequence and pending count come from the ack reply subject without allocating. Its own cost is now the event's "+
-			"strings: compare `read=plain` and `read=ReadEvents` in section 5.\n\n"+
+			"strings: compare `read=plain` and `read=ReadEvents` in section 5. Events/s moved less than the noise between runs on "+
+			"this machine, where the NATS client's receiving and the server are the larger costs.\n\n"+
 			"What is left: the NATS client's receiving (`nats.go` copies and decodes every message's headers into a map) is "+
 			"above the 500 B/event target by itself, and msgpack's reflective struct decoding takes %s of the reader's CPU "+
 			"(`eventDecoder.decode`, cumulative); a generated or hand-written decoder for `messages.Event` (pkg/messages) would "+

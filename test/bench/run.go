@@ -124,6 +124,7 @@ func Run(ctx context.Context, cfg Config) error {
 	err = part("sched", func() error {
 		r.Sched, err = RunSched(ctx, SchedConfig{
 			Self: self, Dir: cfg.Work, Jobs: cfg.Jobs, Parallelisms: ps, BareRounds: 3, ProvisionerJobs: 250,
+			Present: []int{0, 50, 100, 150}, ScalingJobs: 60, ScalingParallelism: 4,
 			Profile: cfg.ProfileParallelism, ProfileJobs: cfg.ProfileJobs, Log: logf,
 		})
 		if err != nil || cfg.ProfileParallelism == 0 {

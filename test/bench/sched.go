@@ -38,6 +38,11 @@ type SchedConfig struct {
 	// ProvisionerJobs how many jobs the provisioner's loop does (its rate
 	// does not depend on how many).
 	BareRounds, ProvisionerJobs int
+	// Present are the numbers of other machines on the host with which
+	// the provisioner's loop runs ScalingJobs jobs at ScalingParallelism,
+	// to show how a job's cost grows with the host's machines.
+	Present                         []int
+	ScalingJobs, ScalingParallelism int
 	// Profile, when set, makes one extra run of ProfileJobs jobs at that
 	// parallelism with CPU and allocation profiles written into Dir
 	// (sched-cpu.pprof, sched-allocs.pprof against
@@ -72,6 +77,10 @@ type SchedResult struct {
 	// loop's of provision.Clone, Start and Remove.
 	Worker, Bare, Provisioner map[int][]SchedRun
 	ProvisionerJobs           int
+	// Scaling is the provisioner loop's jobs/s by the number of other
+	// machines on the host.
+	Scaling                         map[int]float64
+	ScalingJobs, ScalingParallelism int
 	// Profiled tells the parallelism of the profiled run; 0 for none.
 	Profiled int
 }
@@ -108,6 +117,17 @@ func RunSched(ctx context.Context, cfg SchedConfig) (*SchedResult, error) {
 		res.Provisioner[p] = append(res.Provisioner[p], v)
 		cfg.Log("scheduling, parallelism %d: worker %.1f jobs/s (slots %.1f%% busy, %.1f%% while queued; %d machines at most), bare %.0f, provisioner %.1f",
 			p, w.JobsPerSecond, 100*w.Utilisation, 100*w.UtilisationQueued, w.MaxMachines, res.Bare[p][0].JobsPerSecond, v.JobsPerSecond)
+		_ = os.RemoveAll(dir)
+	}
+	res.Scaling, res.ScalingJobs, res.ScalingParallelism = map[int]float64{}, cfg.ScalingJobs, cfg.ScalingParallelism
+	for _, present := range cfg.Present {
+		dir := filepath.Join(cfg.Dir, fmt.Sprintf("sched-present-%d", present))
+		v, err := schedProvisionerAmong(ctx, dir, present, cfg.ScalingJobs, cfg.ScalingParallelism)
+		if err != nil {
+			return nil, fmt.Errorf("provisioner among %d machines: %w", present, err)
+		}
+		res.Scaling[present] = v.JobsPerSecond
+		cfg.Log("scheduling, provisioner among %d other machines: %.1f jobs/s", present, v.JobsPerSecond)
 		_ = os.RemoveAll(dir)
 	}
 	if cfg.Profile > 0 {
@@ -469,6 +489,12 @@ func bareDefinitions(doc, dir string, i int) (bareJob, error) {
 // schedProvisioner does the jobs' machines through the provisioner, on
 // one connection, parallelism at a time: Clone, Start, Remove.
 func schedProvisioner(ctx context.Context, dir string, jobs, parallelism int) (SchedRun, error) {
+	return schedProvisionerAmong(ctx, dir, 0, jobs, parallelism)
+}
+
+// schedProvisionerAmong is schedProvisioner on a host that has present
+// other running machines of the worker's, made before the clock starts.
+func schedProvisionerAmong(ctx context.Context, dir string, present, jobs, parallelism int) (SchedRun, error) {
 	uri, err := testNode(dir, nil)
 	if err != nil {
 		return SchedRun{}, err
@@ -479,18 +505,27 @@ func schedProvisioner(ctx context.Context, dir string, jobs, parallelism int) (S
 	}
 	defer func() { _ = l.Disconnect() }()
 	p := provision.New(l, provision.Options{})
-	var next atomic.Int64
 	start := time.Now()
+	machine := func(ctx context.Context, job string) error {
+		if _, err := p.Clone(ctx, provision.Spec{JobID: job, Image: testImage, Host: "bench", RunnerKind: "forgejo",
+			RequestedAt: start, Deadline: start.Add(time.Hour)}); err != nil {
+			return err
+		}
+		return p.Start(ctx, job)
+	}
+	for i := range present {
+		if err := machine(ctx, fmt.Sprintf("other-%d", i)); err != nil {
+			return SchedRun{}, err
+		}
+	}
+	var next atomic.Int64
+	start = time.Now()
 	g := pool.New().WithErrors().WithContext(ctx)
 	for range parallelism {
 		g.Go(func(ctx context.Context) error {
 			for i := next.Add(1) - 1; i < int64(jobs); i = next.Add(1) - 1 {
 				job := fmt.Sprintf("prov-%d", i)
-				if _, err := p.Clone(ctx, provision.Spec{JobID: job, Image: testImage, Host: "bench", RunnerKind: "forgejo",
-					RequestedAt: start, Deadline: start.Add(time.Hour)}); err != nil {
-					return err
-				}
-				if err := p.Start(ctx, job); err != nil {
+				if err := machine(ctx, job); err != nil {
 					return err
 				}
 				if _, err := p.Remove(ctx, job); err != nil {

@@ -124,11 +124,11 @@ func (r *Report) targets(p printer) {
 		targetTotal, r.Total.Round(time.Second), met(r.Total <= targetTotal, fmt.Sprintf("%s over", (r.Total-targetTotal).Round(time.Second))))
 	if g := r.Guests; g != nil {
 		a := Summarize(column(g.Worker, "agent"))
-		p("| agent_ready within %.0f ms of the agent connecting (item 2, the lead's) | %s ms | %s |\n", targetAgentReady, a.Cell(0),
-			met(a.Max <= targetAgentReady, fmt.Sprintf("by %.0f ms at the median, %.0f ms at worst", a.Median-targetAgentReady, a.Max-targetAgentReady)))
+		p("| agent_ready within %.0f ms of the agent connecting, every job (item 2, the lead's) | %s ms | %s |\n", targetAgentReady, a.Cell(0),
+			met(a.Max <= targetAgentReady, over(a, targetAgentReady)))
 		n := Summarize(column(g.Worker, "noticed"))
-		p("| runner exit noticed within %.0f ms (item 2) | %s ms | %s |\n", targetNoticed, n.Cell(0),
-			met(n.Max <= targetNoticed, fmt.Sprintf("by %.0f ms at the median, %.0f ms at worst", n.Median-targetNoticed, n.Max-targetNoticed)))
+		p("| runner exit noticed within %.0f ms, every job (item 2) | %s ms | %s |\n", targetNoticed, n.Cell(0),
+			met(n.Max <= targetNoticed, over(n, targetNoticed)))
 		for _, k := range []string{"clone", "teardown", "runner"} {
 			ratio := Summarize(Ratios(column(g.Worker, k), column(g.Virsh, k)))
 			name := map[string]string{"clone": "clone + define", "teardown": "teardown", "runner": "runner start"}[k]
@@ -166,6 +166,17 @@ func (r *Report) targets(p printer) {
 				r.Events.Summary("BenchmarkReplay/server=process/read=raw", "B/event").Cell(0))))
 	}
 	p("\n")
+}
+
+// over says by how much the worst and the median of s exceed limit.
+func over(s Summary, limit float64) string {
+	out := fmt.Sprintf("%.0f ms over at worst", s.Max-limit)
+	if s.Median > limit {
+		out += fmt.Sprintf(", %.0f ms at the median", s.Median-limit)
+	} else {
+		out += ", the median within"
+	}
+	return out
 }
 
 func pct(s Summary) string {

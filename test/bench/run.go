@@ -48,7 +48,7 @@ func (c *Config) Register(fs *flag.FlagSet) {
 	fs.IntVar(&c.Jobs, "jobs", 1000, "jobs per run of the scheduling benchmark")
 	fs.StringVar(&c.Parallelisms, "parallelisms", "1,4,16,64", "parallelisms of the scheduling benchmark")
 	fs.IntVar(&c.ProfileParallelism, "profile-parallelism", 16, "parallelism of the profiled scheduling run; 0 for none")
-	fs.IntVar(&c.ProfileJobs, "profile-jobs", 300, "jobs of the profiled scheduling run")
+	fs.IntVar(&c.ProfileJobs, "profile-jobs", 200, "jobs of the profiled scheduling run")
 	fs.IntVar(&c.EventCount, "event-count", 3, "go test -count of the event benchmarks")
 }
 
@@ -124,7 +124,7 @@ func Run(ctx context.Context, cfg Config) error {
 	err = part("sched", func() error {
 		r.Sched, err = RunSched(ctx, SchedConfig{
 			Self: self, Dir: cfg.Work, Jobs: cfg.Jobs, Parallelisms: ps, BareRounds: 3, ProvisionerJobs: 250,
-			Present: []int{0, 50, 100, 150}, ScalingJobs: 60, ScalingParallelism: 4,
+			Present: []int{0, 50, 100, 150}, ScalingJobs: 40, ScalingParallelism: 4,
 			Profile: cfg.ProfileParallelism, ProfileJobs: cfg.ProfileJobs, Log: logf,
 		})
 		if err != nil || cfg.ProfileParallelism == 0 {
@@ -143,7 +143,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	err = part("memory", func() error {
 		r.Memory, err = RunMemory(ctx, MemoryConfig{Self: self, Worker: cfg.Worker, Dir: cfg.Work, Image: cfg.Image,
-			Machines: 100, Settle: 10 * time.Second, Window: 10 * time.Second, Log: logf})
+			Machines: 100, Settle: 5 * time.Second, Window: 8 * time.Second, Log: logf})
 		return err
 	})
 	if err != nil {

@@ -331,11 +331,11 @@ func (r *Report) memory(p printer) {
 		p("Not measured in this run.\n\n")
 		return
 	}
-	p("Resident memory of the worker binary (`worker run`), from `/proc/<pid>/status`: VmRSS sampled every 250 ms for 10 s " +
-		"after the worker served for 10 s and managed the machines it should (its `/metrics`), and VmHWM, the peak, at the end. " +
-		"The managed machines are running domains of the test driver with the worker's metadata, made by the provisioner, and " +
-		"their `runner_started` events: the worker adopts them at start, as after a restart, and looks at each every 2 s " +
-		"(its agent calls fail on the test driver and are retried, as for a guest whose agent does not answer).\n\n")
+	p("Resident memory of the worker binary (`worker run`), from `/proc/<pid>/status`: VmRSS sampled every 250 ms for %s "+
+		"after the worker served for %s and managed the machines it should (its `/metrics`), and VmHWM, the peak, at the end. "+
+		"The managed machines are running domains of the test driver with the worker's metadata, made by the provisioner, and "+
+		"their `runner_started` events: the worker adopts them at start, as after a restart, and looks at each every 2 s "+
+		"(its agent calls fail on the test driver and are retried, as for a guest whose agent does not answer).\n\n", memoryWindow, memorySettle)
 	p("| case | RSS MiB | peak MiB | machines | setup |\n|---|---|---|---|---|\n")
 	for _, c := range r.Memory {
 		p("| %s | %s | %.1f | %d | %s |\n", c.Name, c.RSS.Cell(1), c.HWM, c.Machines, c.How)

@@ -52,6 +52,13 @@ func (c *Config) Register(fs *flag.FlagSet) {
 	fs.IntVar(&c.EventCount, "event-count", 3, "go test -count of the event benchmarks")
 }
 
+// How long a worker settles before its memory is sampled, and for how
+// long it is sampled.
+const (
+	memorySettle = 5 * time.Second
+	memoryWindow = 8 * time.Second
+)
+
 func (c Config) runs(part string) bool {
 	if c.Only == "" {
 		return true
@@ -143,7 +150,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	err = part("memory", func() error {
 		r.Memory, err = RunMemory(ctx, MemoryConfig{Self: self, Worker: cfg.Worker, Dir: cfg.Work, Image: cfg.Image,
-			Machines: 100, Settle: 5 * time.Second, Window: 8 * time.Second, Log: logf})
+			Machines: 100, Settle: memorySettle, Window: memoryWindow, Log: logf})
 		return err
 	})
 	if err != nil {

@@ -189,21 +189,6 @@ func TestFollowSeesNewEvents(t *testing.T) {
 	}
 }
 
-// BenchmarkReplay measures reading 100,000 stored events, decoded, through
-// the ordered consumer; events/s is reported.
-func BenchmarkReplay(b *testing.B) {
-	js := startJetStream(b)
-	const n = 100000
-	publishEvents(b, js, "bench", n)
-	b.ResetTimer()
-	for range b.N {
-		if got, _ := count(b, js, ReadOptions{Filter: messages.EventFilter("", "", "")}); got != n {
-			b.Fatalf("replayed %d events", got)
-		}
-	}
-	b.ReportMetric(float64(n*b.N)/b.Elapsed().Seconds(), "events/s")
-}
-
 // TestEnsureLeavesUnchangedStreamsAlone: a worker start updates a stream
 // only when its configuration differs (the server announces every update).
 func TestEnsureLeavesUnchangedStreamsAlone(t *testing.T) {

@@ -99,6 +99,7 @@ func ReadEvents(ctx context.Context, js jetstream.JetStream, o ReadOptions,
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
 	defer it.Stop()
+	dec := newEventDecoder()
 	for {
 		msg, err := it.Next()
 		if err != nil {
@@ -107,15 +108,19 @@ func ReadEvents(ctx context.Context, js jetstream.JetStream, o ReadOptions,
 			}
 			return fmt.Errorf("read events: %w", err)
 		}
-		meta, err := msg.Metadata()
-		if err != nil {
-			return fmt.Errorf("read events: %w", err)
+		seq, pending, ok := ackSequences(msg.Reply())
+		if !ok {
+			meta, err := msg.Metadata()
+			if err != nil {
+				return fmt.Errorf("read events: %w", err)
+			}
+			seq, pending = meta.Sequence.Stream, meta.NumPending
 		}
-		ev, derr := messages.DecodeEvent(msg.Data())
-		if err := fn(meta.Sequence.Stream, ev, derr); err != nil {
+		ev, derr := dec.decode(msg.Data())
+		if err := fn(seq, ev, derr); err != nil {
 			return err
 		}
-		if !follow && meta.NumPending == 0 {
+		if !follow && pending == 0 {
 			return nil
 		}
 	}

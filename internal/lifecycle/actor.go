@@ -328,6 +328,9 @@ type actor struct {
 	pending *ending
 	// idle are tick callers waiting until no activity runs.
 	idle []chan answer
+	// releasers are operators' releases that came while the machine's
+	// hold was being made; they are answered once it is removed.
+	releasers []chan answer
 	// poll times the runner polls between ticks (runnerPoll); pollArmed
 	// says it runs.
 	poll      *time.Timer
@@ -467,6 +470,9 @@ func (a *actor) stop() {
 	}
 	for _, c := range a.enders {
 		c <- rest
+	}
+	for _, c := range a.releasers {
+		c <- answer{err: errClosed}
 	}
 	for _, c := range a.idle {
 		c <- answer{}

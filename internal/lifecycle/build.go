@@ -414,6 +414,9 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 	}
 	// The table of runner kinds says which fields are secrets.
 	secrets := runners.Secrets(req.Runner)
+	// Known from the request on: the console of a machine held after a
+	// failed build is scrubbed of them too.
+	a.rec.runner.secrets, a.rec.runner.secretsKnown = secrets, true
 	a.launch(root, "build", func(ctx context.Context) func() {
 		err := b.run(ctx)
 		stopped := context.Cause(ctx)
@@ -422,7 +425,6 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 			a.rec.runner.os = b.em.os
 			if err == nil && a.end == nil {
 				a.rec.runner.pid, a.rec.runner.since = b.pid, b.since
-				a.rec.runner.secrets, a.rec.runner.secretsKnown = secrets, true
 				a.to(PhaseReady)
 				a.build.reply <- answer{}
 				a.build = nil
@@ -621,7 +623,7 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 			if heldUntil.IsZero() {
 				a.to(PhaseGone)
 			} else {
-				a.enterHeld(heldUntil, holdRecorded)
+				a.enterHeld(a.m.root, heldUntil, holdRecorded)
 			}
 			if release {
 				// The job's claim goes: a redelivery may be served by

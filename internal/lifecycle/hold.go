@@ -107,11 +107,17 @@ func (m *Manager) recordHold(ctx context.Context, key string, until time.Time) e
 	return m.cfg.Holds.PowerOff(ctx, key)
 }
 
-// enterHeld makes the machine a held one, its hold ending at until.
-func (a *actor) enterHeld(until time.Time, recorded bool) {
+// enterHeld makes the machine a held one, its hold ending at until; a
+// release asked for while it was being held begins at once.
+func (a *actor) enterHeld(root context.Context, until time.Time, recorded bool) {
 	a.rec.heldUntil, a.rec.holdRecorded = until, recorded
 	a.rec.holdFor = 0
 	a.to(PhaseHeld)
+	if len(a.releasers) > 0 && a.act == nil {
+		a.enders = append(a.enders, a.releasers...)
+		a.releasers = nil
+		a.startTeardown(root, &ending{release: true, reason: messages.ReasonReleased, d: Delivery{Origin: messages.ReasonReleased}}, nil)
+	}
 }
 
 // tickHeld records a hold not recorded yet, and ends a hold whose time
@@ -228,6 +234,11 @@ func (a *actor) onRelease(root context.Context, c *releaseCmd) {
 		c.reply <- answer{err: err}
 	case a.rec.phase == PhaseTearingDown && a.end != nil && a.end.release:
 		a.enders = append(a.enders, c.reply) // being released already
+		*c.out = HoldInfo{Phase: PhaseGone}
+	case a.rec.phase == PhaseTearingDown && a.end != nil && a.end.hold > 0:
+		// The job's end is being published and its machine held: released
+		// as soon as it is.
+		a.releasers = append(a.releasers, c.reply)
 		*c.out = HoldInfo{Phase: PhaseGone}
 	default:
 		*c.out = a.holdInfo()

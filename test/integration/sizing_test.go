@@ -267,6 +267,23 @@ func TestConsoleSecretScrubbed(t *testing.T) {
 	}
 }
 
+// waitHeld waits until the machine of job is held until until, powered
+// off: the worker records the hold right after the job's end.
+func waitHeld(t *testing.T, p *provision.Provisioner, job string, until time.Time) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		mach, found, err := p.Lookup(context.Background(), job)
+		if err == nil && found && !mach.Running && mach.HeldUntil.Equal(until) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("machine of %s not held until %v: %+v, found %v, %v", job, until, mach, found, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func errorText(ev messages.Event) string {
 	if ev.Error == nil {
 		return ""
@@ -297,10 +314,7 @@ func TestHoldOnFailure(t *testing.T) {
 		t.Errorf("console of the held machine's failure:\n%s", ev.Console)
 	}
 	p := provision.New(l, provision.Options{})
-	mach, found, err := p.Lookup(context.Background(), job)
-	if err != nil || !found || mach.Running || !mach.HeldUntil.Equal(ev.HeldUntil) {
-		t.Fatalf("held machine %+v, found %v, %v", mach, found, err)
-	}
+	waitHeld(t, p, job, ev.HeldUntil)
 	waitHosts(t, js, "the held machine listed", func(h map[string]messages.Host) bool {
 		for _, held := range h[testHost].Held {
 			if held.JobID == job {
@@ -365,9 +379,7 @@ func TestHoldSurvivesKill(t *testing.T) {
 	if end.HeldUntil.IsZero() {
 		t.Errorf("the operator's hold was lost across the restart: %+v", end)
 	}
-	if m, found, _ := p.Lookup(context.Background(), other); !found || m.Running {
-		t.Errorf("the operator-held machine: %+v, found %v", m, found)
-	}
+	waitHeld(t, p, other, end.HeldUntil)
 	out, err = exec.Command(workerBinary(t), "release", other, "--nats-url", url).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "removed") {
 		t.Errorf("worker release: %v\n%s", err, out)

@@ -708,6 +708,14 @@ func (a *actor) overdue() *ending {
 // operation slot (PhaseEnding), then tears down.
 func (a *actor) decideEnd(root context.Context, e *ending) {
 	a.to(PhaseEnding)
+	// Overtaken by a request (run resumes it) or closing: ready again.
+	a.teardownInSlot(root, e, func() { a.to(PhaseReady) })
+}
+
+// teardownInSlot waits for an operation slot, then tears down for e;
+// overtaken (a request or an operator's release came first, which run
+// begins) or closing, it calls overtaken instead.
+func (a *actor) teardownInSlot(root context.Context, e *ending, overtaken func()) {
 	slots := a.m.cfg.Slots
 	a.launch(root, "wait for a slot", func(ctx context.Context) func() {
 		release := func() {}
@@ -723,8 +731,7 @@ func (a *actor) decideEnd(root context.Context, e *ending) {
 			if err == nil {
 				release()
 			}
-			// Overtaken by a request (run resumes it) or closing.
-			a.to(PhaseReady)
+			overtaken()
 		}
 	})
 }

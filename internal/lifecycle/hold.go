@@ -147,25 +147,7 @@ func (a *actor) tickHeld(root context.Context) {
 		return
 	}
 	e := &ending{release: true, reason: messages.ReasonHoldExpired, d: Delivery{Origin: messages.ReasonHoldExpired}, self: true}
-	slots := a.m.cfg.Slots
-	a.launch(root, "wait for a slot", func(ctx context.Context) func() {
-		release := func() {}
-		var err error
-		if slots != nil {
-			release, err = slots.Acquire(ctx)
-		}
-		return func() {
-			if err == nil && a.pending == nil {
-				a.startTeardown(root, e, release)
-				return
-			}
-			if err == nil {
-				release()
-			}
-			// Overtaken by an operator's release (run begins it), or
-			// closing.
-		}
-	})
+	a.teardownInSlot(root, e, func() {})
 }
 
 // onHold: a machine whose job runs is held when the job ends; a held one

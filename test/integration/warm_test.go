@@ -118,18 +118,22 @@ func TestWarmPoolServesJobs(t *testing.T) {
 	events.wait(t, 2*bootWait, "two warm machines ready", func(evs []messages.Event) bool { return len(idleWarm(evs, host)) == 2 })
 
 	secrets := map[string]string{}
+	submitted := map[string]time.Time{}
 	var jobs []string
 	for i := range 3 {
 		job := uniqueJob(t, fmt.Sprintf("warm-%d", i))
 		req := stubRunnerRequest(job, 25)
 		secrets[job] = plantedSecret("warm")
 		req.Runner.Forgejo.Token = secrets[job]
+		submitted[job] = time.Now()
 		submitOn(t, js, host, req)
 		jobs = append(jobs, job)
 	}
 	warm := 0
 	for _, job := range jobs {
 		ev := events.waitState(t, job, messages.StateRunnerStarted, 2*bootWait)
+		// For the reader of -v, not a timing assertion.
+		t.Logf("job %s: request → runner_started %v (warm %v)", job, ev.Time.Sub(submitted[job]).Round(time.Millisecond), ev.Warm)
 		if ev.Warm {
 			warm++
 			if !messages.ValidWarmKey(ev.Machine) || ev.Domain != messages.DomainName(ev.Machine) {

@@ -623,7 +623,7 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 			if heldUntil.IsZero() {
 				a.to(PhaseGone)
 			} else {
-				a.enterHeld(a.m.root, heldUntil, holdRecorded)
+				a.enterHeld(heldUntil, holdRecorded)
 			}
 			if release {
 				// The job's claim goes: a redelivery may be served by

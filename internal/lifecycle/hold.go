@@ -109,14 +109,29 @@ func (m *Manager) recordHold(ctx context.Context, key string, until time.Time) e
 
 // enterHeld makes the machine a held one, its hold ending at until; a
 // release asked for while it was being held begins at once.
-func (a *actor) enterHeld(root context.Context, until time.Time, recorded bool) {
+func (a *actor) enterHeld(until time.Time, recorded bool) {
 	a.rec.heldUntil, a.rec.holdRecorded = until, recorded
 	a.rec.holdFor = 0
 	a.to(PhaseHeld)
-	if len(a.releasers) > 0 && a.act == nil {
-		a.enders = append(a.enders, a.releasers...)
+	if len(a.releasers) > 0 {
+		replies := a.releasers
 		a.releasers = nil
-		a.startTeardown(root, &ending{release: true, reason: messages.ReasonReleased, d: Delivery{Origin: messages.ReasonReleased}}, nil)
+		a.releaseHeld(a.m.root, replies...)
+	}
+}
+
+// releaseHeld removes the held machine in the caller's slot, answering
+// replies once it is gone.
+func (a *actor) releaseHeld(root context.Context, replies ...chan answer) {
+	e := &ending{release: true, reason: messages.ReasonReleased, d: Delivery{Origin: messages.ReasonReleased}}
+	a.enders = append(a.enders, replies...)
+	if a.act == nil {
+		a.startTeardown(root, e, nil)
+		return
+	}
+	if a.pending == nil {
+		a.pending = e
+		a.act.cancel(errOvertaken)
 	}
 }
 
@@ -193,18 +208,9 @@ func (a *actor) onHold(c *holdCmd) {
 func (a *actor) onRelease(root context.Context, c *releaseCmd) {
 	switch {
 	case a.rec.phase == PhaseHeld:
-		e := &ending{release: true, reason: messages.ReasonReleased, d: Delivery{Origin: messages.ReasonReleased}}
-		a.enders = append(a.enders, c.reply)
 		*c.out = a.holdInfo()
 		c.out.Phase = PhaseGone
-		if a.act == nil {
-			a.startTeardown(root, e, nil)
-			return
-		}
-		if a.pending == nil {
-			a.pending = e
-			a.act.cancel(errOvertaken)
-		}
+		a.releaseHeld(root, c.reply)
 	case (a.rec.phase == PhaseReady || a.rec.phase == PhaseEnding) && a.rec.holdFor > 0:
 		ctx, cancel := context.WithTimeout(c.ctx, holdTimeout)
 		defer cancel()

@@ -79,7 +79,7 @@ func (a *actor) endTeardown(e *ending, outcome teardownOutcome, until time.Time,
 		a.to(PhaseGone)
 	case heldNow, heldUnrecorded:
 		a.rec.finished = true
-		a.enterHeld(a.m.root, until, outcome == heldNow)
+		a.enterHeld(until, outcome == heldNow)
 		if outcome == heldUnrecorded && a.m.cfg.Report != nil {
 			a.m.cfg.Report("hold", a.jobID, err)
 		}
@@ -196,7 +196,7 @@ func (a *actor) adoptHeld(mach provision.Machine, until time.Time, recorded bool
 		c <- answer{}
 	}
 	a.enders = nil
-	a.enterHeld(a.m.root, until, recorded)
+	a.enterHeld(until, recorded)
 }
 
 // lookUpForTeardown serves a teardown request for a job this process has

@@ -27,7 +27,8 @@ const maxDeliveries = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + messages.R
 // those consumers, every kind of acknowledgement, forwarding shared
 // requests to image subjects, publishing the host's events,
 // Publisher.LastEvent and Publisher.Recent, ending requests that reached
-// max deliveries, the job claims and the fleet's buckets.
+// max deliveries, the job claims, the fleet's buckets and the arrivals of
+// provisions.
 func WorkerPermissions(host string) (pub, sub []string) {
 	req, evt := messages.RequestsStream, messages.EventsStream
 	pub = []string{
@@ -104,7 +105,10 @@ func WorkerPermissions(host string) (pub, sub []string) {
 	)
 	// Control requests to this host (internal/worker/control.go), which
 	// it answers under the server's allow_responses (docs/security.md).
-	return pub, []string{inbox, maxDeliveries, messages.ControlSubject(host)}
+	// Arrivals (arrivals.go): publishes of provisions, which wake the
+	// pull loop.
+	sub = append([]string{inbox, maxDeliveries, messages.ControlSubject(host)}, ArrivalSubjects(host)...)
+	return pub, sub
 }
 
 // OperatorPermissions returns the subjects an operator's commands need:

@@ -168,6 +168,12 @@ func runWorker(s, admin *session, host string) error {
 	if _, err := s.nc.Subscribe(messages.ControlSubject(host), func(m *nats.Msg) { _ = m.Respond([]byte("ok")) }); err != nil {
 		return err
 	}
+	// Arrivals of provisions (arrivals.go), which wake the pull loop.
+	if stop, err := WatchArrivals(s.nc, host, func(string) {}); err != nil {
+		return err
+	} else {
+		defer stop()
+	}
 	if err := s.nc.Flush(); err != nil {
 		return err
 	}

@@ -20,13 +20,21 @@ import (
 
 // nextProvision pulls one provision: pinned first, then the image
 // consumers in round-robin order after the image served last, then the
-// shared one, waiting up to PullWait there.
+// shared one; then it waits up to PullWait for a new one (arrivals.go).
 func (w *Worker) nextProvision(ctx context.Context) jetstream.Msg {
 	if w.fl == nil {
 		return w.next(ctx, w.cons.Pinned, w.cons.Provision)
 	}
-	consumers := append([]jetstream.Consumer{w.cons.Pinned}, w.fl.imageConsumers()...)
-	msg := w.next(ctx, append(consumers, w.cons.Provision)...)
+	// The images this host serves change while a pull waits.
+	consumers := func() []jetstream.Consumer {
+		return append(append([]jetstream.Consumer{w.cons.Pinned}, w.fl.imageConsumers()...), w.cons.Provision)
+	}
+	var msg jetstream.Msg
+	if w.arrivals != nil {
+		msg = w.nextArrival(ctx, consumers)
+	} else {
+		msg = w.next(ctx, consumers()...)
+	}
 	if msg == nil {
 		return nil
 	}

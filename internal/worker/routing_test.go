@@ -76,6 +76,12 @@ func (fh *fleetHost) changes(kind string) []Change {
 
 func startFleetHost(t *testing.T, env advisoryEnv, id string, minFree uint64, images ...string) *fleetHost {
 	t.Helper()
+	return startFleetHostPulling(t, env, id, minFree, 200*time.Millisecond, images...)
+}
+
+// startFleetHostPulling is startFleetHost with the worker's PullWait.
+func startFleetHostPulling(t *testing.T, env advisoryEnv, id string, minFree uint64, pullWait time.Duration, images ...string) *fleetHost {
+	t.Helper()
 	js := connect(t, env.url)
 	topo := bus.Topology{Host: id, AckWait: 3 * time.Second, MaxDeliver: 3}
 	cons, err := bus.Ensure(context.Background(), js, topo)
@@ -89,7 +95,7 @@ func startFleetHost(t *testing.T, env advisoryEnv, id string, minFree uint64, im
 	fh := &fleetHost{host: newFakeHost(), inv: &fakeInventory{images: images, free: 100 << 30}}
 	pub := bus.NewPublisher(js)
 	life := lifecycle.New(lifecycle.Config{Host: id, Machines: fh.host, Agent: agent{fh.host}, Events: pub, History: pub})
-	fh.w = New(Config{Parallelism: 2, MaxVMs: 20, AckWait: 3 * time.Second, MaxDeliver: 3, PullWait: 200 * time.Millisecond,
+	fh.w = New(Config{Parallelism: 2, MaxVMs: 20, AckWait: 3 * time.Second, MaxDeliver: 3, PullWait: pullWait,
 		WatchInterval: 100 * time.Millisecond, NATS: js.Conn(),
 		OnSettle: func(s Settlement) {
 			fh.mu.Lock()

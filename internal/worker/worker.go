@@ -106,6 +106,9 @@ type Worker struct {
 
 	// fl is the worker's part in a fleet; nil without Config.Fleet.
 	fl *fleet
+	// arrivals carries the subjects of provisions just published, while
+	// Run watches them (arrivals.go); nil otherwise.
+	arrivals chan string
 }
 
 // New returns a Worker reading from cons.
@@ -163,6 +166,8 @@ func (w *Worker) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	stopWatching := w.watchArrivals()
+	defer stopWatching()
 	w.reconcile(ctx)
 	w.fleetStart(ctx)
 	defer w.fleetStop()

@@ -178,31 +178,13 @@ type job struct {
 // startWorker starts the worker binary against the benchmark's NATS and
 // qemu:///system, with TCG guests, and waits until it serves.
 func (g *guests) startWorker(ctx context.Context) (*exec.Cmd, error) {
-	logPath := filepath.Join(g.cfg.Dir, "worker-guests.log")
-	logf, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
-	defer logf.Close()
-	cmd := exec.Command(g.cfg.Worker, "run", "--host", g.host, "--nats-url", g.cfg.NATS.URL,
+	return startWorkerProcess(ctx, g.cfg.Worker, filepath.Join(g.cfg.Dir, "worker-guests.log"),
+		"run", "--host", g.host, "--nats-url", g.cfg.NATS.URL,
 		"--domain-type", "qemu", "--parallelism", "3", "--max-vms", "4", "--images", g.cfg.Image,
 		"--log-format", "json")
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start worker: %w", err)
-	}
-	if err := waitForLog(ctx, cmd, logPath, `"msg":"worker started"`, 60*time.Second); err != nil {
-		g.stopWorker(cmd)
-		return nil, err
-	}
-	return cmd, nil
 }
 
-func (g *guests) stopWorker(cmd *exec.Cmd) {
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	_ = cmd.Wait()
-}
+func (g *guests) stopWorker(cmd *exec.Cmd) { stopWorkerProcess(cmd) }
 
 // waitForLog waits until the log of cmd holds want.
 func waitForLog(ctx context.Context, cmd *exec.Cmd, path, want string, timeout time.Duration) error {

@@ -20,7 +20,7 @@ type Config struct {
 	Worker string
 	// Work holds logs, profiles and scratch files.
 	Work string
-	// Only lists the parts to run (guests, sched, memory, events); empty
+	// Only lists the parts to run (guests, warm, sched, memory, events); empty
 	// runs them all.
 	Only string
 	// The guest benchmark.
@@ -32,6 +32,8 @@ type Config struct {
 	ProfileParallelism, ProfileJobs int
 	// The event benchmarks' go test -count.
 	EventCount int
+	// WarmJobs is how many jobs of each kind the warm pool benchmark runs.
+	WarmJobs int
 }
 
 // Register adds the flags of the bench command to fs.
@@ -40,7 +42,7 @@ func (c *Config) Register(fs *flag.FlagSet) {
 	fs.StringVar(&c.Root, "root", ".", "the repository's root directory")
 	fs.StringVar(&c.Worker, "worker", "bin/worker", "the worker binary")
 	fs.StringVar(&c.Work, "work", ".cache/bench", "directory for logs, profiles and scratch files")
-	fs.StringVar(&c.Only, "only", "", "comma-separated parts to run: guests, sched, memory, events (default all)")
+	fs.StringVar(&c.Only, "only", "", "comma-separated parts to run: guests, warm, sched, memory, events (default all)")
 	fs.StringVar(&c.Image, "image", "tiny-linux", "image domain the guest jobs clone")
 	fs.IntVar(&c.Sleep, "sleep", 2, "seconds each guest job's stub runner runs")
 	fs.IntVar(&c.Pairs, "pairs", 6, "pairs of single guest jobs (worker, virsh), run in turn")
@@ -50,6 +52,7 @@ func (c *Config) Register(fs *flag.FlagSet) {
 	fs.IntVar(&c.ProfileParallelism, "profile-parallelism", 16, "parallelism of the profiled scheduling run; 0 for none")
 	fs.IntVar(&c.ProfileJobs, "profile-jobs", 200, "jobs of the profiled scheduling run")
 	fs.IntVar(&c.EventCount, "event-count", 3, "go test -count of the event benchmarks")
+	fs.IntVar(&c.WarmJobs, "warm-jobs", 10, "jobs of each kind (warm, cold) of the warm pool benchmark")
 }
 
 // How long a worker settles before its memory is sampled, and for how
@@ -123,6 +126,19 @@ func Run(ctx context.Context, cfg Config) error {
 			Worker: cfg.Worker, Script: filepath.Join(cfg.Root, "scripts/bench/virsh-job.sh"), Image: cfg.Image,
 			Sleep: cfg.Sleep, Pairs: cfg.Pairs, Triples: cfg.Triples, Dir: cfg.Work, NATS: n, Log: logf,
 		})
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	err = part("warm", func() error {
+		n, err := StartNATS(ctx, self, filepath.Join(cfg.Work, "nats-warm"))
+		if err != nil {
+			return err
+		}
+		defer n.Stop()
+		r.Warm, err = RunWarm(ctx, WarmConfig{Worker: cfg.Worker, Image: cfg.Image, Sleep: 1, Jobs: cfg.WarmJobs,
+			Dir: cfg.Work, NATS: n, Log: logf})
 		return err
 	})
 	if err != nil {

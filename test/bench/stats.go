@@ -33,6 +33,23 @@ func Summarize(xs []float64) Summary {
 	return Summary{N: len(v), Median: med, Min: v[0], Max: v[len(v)-1]}
 }
 
+// Percentile returns the nearest-rank p-th percentile (0 < p <= 100) of
+// xs, NaN values left out.
+func Percentile(xs []float64, p float64) float64 {
+	var v []float64
+	for _, x := range xs {
+		if !math.IsNaN(x) {
+			v = append(v, x)
+		}
+	}
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	slices.Sort(v)
+	rank := int(math.Ceil(p / 100 * float64(len(v))))
+	return v[min(max(rank, 1), len(v))-1]
+}
+
 // Ratios returns a[i]/b[i] for each pair, NaN where either is missing or
 // b[i] is zero.
 func Ratios(a, b []float64) []float64 {

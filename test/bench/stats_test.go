@@ -40,3 +40,18 @@ func TestRatiosArePaired(t *testing.T) {
 		t.Fatalf("cell %q", c)
 	}
 }
+
+func TestPercentileIsNearestRank(t *testing.T) {
+	ten := []float64{10, 1, 9, 2, 8, 3, 7, 4, 6, 5}
+	for _, tt := range []struct{ p, want float64 }{{50, 5}, {95, 10}, {10, 1}, {100, 10}} {
+		if got := Percentile(ten, tt.p); got != tt.want {
+			t.Errorf("Percentile(1..10, %v) = %v, want %v", tt.p, got, tt.want)
+		}
+	}
+	if got := Percentile([]float64{math.NaN(), 3}, 95); got != 3 {
+		t.Errorf("NaN not left out: %v", got)
+	}
+	if !math.IsNaN(Percentile(nil, 50)) {
+		t.Error("Percentile of nothing is not NaN")
+	}
+}

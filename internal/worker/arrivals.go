@@ -48,15 +48,8 @@ func (w *Worker) watchArrivals() (stop func()) {
 // PullWait passes first, so that the caller looks at drain and capacity
 // again.
 func (w *Worker) nextArrival(ctx context.Context, consumers func() []jetstream.Consumer) jetstream.Msg {
-	for _, c := range consumers() {
-		msg, err := fetchOne(ctx, c, 0)
-		if err != nil {
-			w.pause(ctx)
-			return nil
-		}
-		if msg != nil {
-			return msg
-		}
+	if msg, failed := w.sweep(ctx, consumers(), 0); msg != nil || failed {
+		return msg
 	}
 	timeout := time.NewTimer(w.cfg.PullWait)
 	defer timeout.Stop()

@@ -204,25 +204,29 @@ func (w *Worker) inSlot(ctx context.Context, p priority, op func()) bool {
 // next pulls at most one message from the first consumer that has one,
 // waiting up to PullWait on the last.
 func (w *Worker) next(ctx context.Context, consumers ...jetstream.Consumer) jetstream.Msg {
+	msg, _ := w.sweep(ctx, consumers, w.cfg.PullWait)
+	return msg
+}
+
+// sweep pulls at most one message from the first of consumers that has
+// one, waiting up to lastWait on the last (none: only what is there now).
+// After a failed pull it pauses and reports failed.
+func (w *Worker) sweep(ctx context.Context, consumers []jetstream.Consumer, lastWait time.Duration) (msg jetstream.Msg, failed bool) {
 	for i, c := range consumers {
-		var batch jetstream.MessageBatch
-		var err error
-		if i < len(consumers)-1 {
-			batch, err = c.FetchNoWait(1)
-		} else {
-			pctx, cancel := context.WithTimeout(ctx, w.cfg.PullWait)
-			defer cancel()
-			batch, err = c.Fetch(1, jetstream.FetchContext(pctx))
+		wait := time.Duration(0)
+		if i == len(consumers)-1 {
+			wait = lastWait
 		}
+		msg, err := fetchOne(ctx, c, wait)
 		if err != nil {
 			w.pause(ctx)
-			return nil
+			return nil, true
 		}
-		for msg := range batch.Messages() {
-			return msg
+		if msg != nil {
+			return msg, false
 		}
 	}
-	return nil
+	return nil, false
 }
 
 // pause waits a moment after a failed pull so an unreachable server is not

@@ -252,14 +252,7 @@ func (g *guests) workerJob(ctx context.Context, name string) (job, error) {
 		_ = follow.Wait()
 	}()
 
-	req := messages.Provision{
-		V: messages.SchemaVersion, JobID: id, Image: g.cfg.Image,
-		Runner: messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-			URL: "https://forgejo.example.org/", UUID: "0e6f5f3c-bench", Token: "bench-token-" + randomHex(8),
-			Labels: []string{fmt.Sprintf("stub-sleep=%d", g.cfg.Sleep)},
-		}},
-		BootTimeoutS: 180, MaxLifetimeS: 600,
-	}
+	req := stubJob(id, g.cfg.Image, g.cfg.Sleep)
 	submitted := time.Now()
 	req.RequestedAt = submitted.UTC()
 	if _, err := bus.SubmitProvision(ctx, js, req, g.host); err != nil {
@@ -330,6 +323,18 @@ func (g *guests) workerJob(ctx context.Context, name string) (job, error) {
 		return job{}, err
 	}
 	return j, nil
+}
+
+// stubJob is a Forgejo job of image whose stub runner runs sleep seconds.
+func stubJob(id, image string, sleep int) messages.Provision {
+	return messages.Provision{
+		V: messages.SchemaVersion, JobID: id, Image: image,
+		Runner: messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
+			URL: "https://forgejo.example.org/", UUID: "0e6f5f3c-bench", Token: "bench-token-" + randomHex(8),
+			Labels: []string{fmt.Sprintf("stub-sleep=%d", sleep)},
+		}},
+		BootTimeoutS: 180, MaxLifetimeS: 600,
+	}
 }
 
 // errFollowed ends following a job's events at its end.

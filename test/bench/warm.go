@@ -128,14 +128,7 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 	job := func(host, name string) (time.Duration, messages.Event, error) {
 		id := fmt.Sprintf("%s-%s", host, name)
 		jobs = append(jobs, id)
-		req := messages.Provision{
-			V: messages.SchemaVersion, JobID: id, Image: cfg.Image,
-			Runner: messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-				URL: "https://forgejo.example.org/", UUID: "0e6f5f3c-bench", Token: "bench-token-" + randomHex(8),
-				Labels: []string{fmt.Sprintf("stub-sleep=%d", cfg.Sleep)},
-			}},
-			BootTimeoutS: 180, MaxLifetimeS: 600,
-		}
+		req := stubJob(id, cfg.Image, cfg.Sleep)
 		submitted := time.Now()
 		req.RequestedAt = submitted.UTC()
 		if _, err := bus.SubmitProvision(ctx, cfg.NATS.JS, req, host); err != nil {

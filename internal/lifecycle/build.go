@@ -142,9 +142,12 @@ type build struct {
 	holdOnFailure time.Duration
 	phaseStart    time.Time
 	imageOS       string // the OS the image declares, from the clone
-	plan          runners.Plan
-	pid           int
-	since         time.Time // when the runner started
+	// imageGeneration is the generation of the image the clone was
+	// made from, under which the guest's OS is remembered.
+	imageGeneration string
+	plan            runners.Plan
+	pid             int
+	since           time.Time // when the runner started
 }
 
 // run runs the step table.
@@ -273,7 +276,7 @@ func (b *build) clone(ctx context.Context) error {
 		return &stepError{code: cloneCode(err), err: err}
 	}
 	b.cloned = true
-	b.imageOS = mach.OS
+	b.imageOS, b.imageGeneration = mach.OS, mach.ImageGeneration
 	sz := machineSize(mach)
 	sz.VCPUs, sz.MemoryMiB = cmp.Or(sz.VCPUs, b.req.VCPUs), cmp.Or(sz.MemoryMiB, b.req.MemoryMiB)
 	b.m.resize(b.a, sz)
@@ -312,11 +315,19 @@ func (b *build) waitAgent(ctx context.Context) error {
 	return &stepError{code: messages.CodeAgentFailed, err: err}
 }
 
-// detectOS takes the image's declared OS family, or asks the guest.
+// detectOS takes the image's declared OS family, or what an earlier
+// clone of the same image generation said, or asks the guest.
 func (b *build) detectOS(ctx context.Context) error {
+	if os, ok := b.m.guestOS(b.req.Image, b.imageGeneration); ok && b.imageOS == "" {
+		b.em.os = string(os)
+		return nil
+	}
 	os, err := detectOS(ctx, b.cfg.Agent, b.domain, b.imageOS)
 	if err != nil {
 		return &stepError{code: messages.CodeAgentFailed, err: err}
+	}
+	if b.imageOS == "" {
+		b.m.learnGuestOS(b.req.Image, b.imageGeneration, os)
 	}
 	b.em.os = string(os)
 	return nil

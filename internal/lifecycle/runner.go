@@ -51,6 +51,40 @@ func detectOS(ctx context.Context, agent Agent, domain, imageOS string) (runners
 	return os, nil
 }
 
+// guestOS is what the guest of one image generation said it runs.
+type guestOS struct {
+	generation string
+	os         runners.OS
+}
+
+// guestOS returns the OS family an earlier clone of image's generation
+// reported: every clone of a generation boots the same disks, so asking
+// each guest again only delays the runner. An image whose generation is
+// not known ("") is always asked.
+func (m *Manager) guestOS(image, generation string) (runners.OS, bool) {
+	if generation == "" {
+		return "", false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	g, ok := m.guests[image]
+	return g.os, ok && g.generation == generation
+}
+
+// learnGuestOS remembers what a guest of image's generation reported; a
+// new generation replaces the image's old one.
+func (m *Manager) learnGuestOS(image, generation string, os runners.OS) {
+	if generation == "" {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.guests == nil {
+		m.guests = map[string]guestOS{}
+	}
+	m.guests[image] = guestOS{generation: generation, os: os}
+}
+
 // probe looks at a ready machine once: a domain that is shut off or gone
 // ends the machine (machine_stopped); a runner the guest agent reports as
 // exited is published with runner_exited and ends it; a guest agent that

@@ -26,6 +26,7 @@ type fakeAgent struct {
 	procs    map[int]*qga.Status
 	nextPID  int
 	commands []qga.ExecRequest
+	osInfos  int // guest-get-osinfo calls
 }
 
 func newFakeAgent() *fakeAgent {
@@ -41,6 +42,9 @@ func (a *fakeAgent) WaitReady(ctx context.Context, _ string) error {
 }
 
 func (a *fakeAgent) OSInfo(context.Context, string) (qga.OSInfo, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.osInfos++
 	return qga.OSInfo{ID: a.osID}, nil
 }
 
@@ -365,5 +369,39 @@ func TestRunnerExitNoticedBetweenTicks(t *testing.T) {
 			}
 			waitFor(t, func() bool { return fx.rec.last("j1").State == messages.StateTornDown })
 		})
+	}
+}
+
+// TestGuestOSIsAskedOncePerImageGeneration runs jobs of one image: the
+// first guest is asked what it runs, later clones of the same generation
+// are not, and a new generation of the image is asked again.
+func TestGuestOSIsAskedOncePerImageGeneration(t *testing.T) {
+	fx, ag := newAgentFixture()
+	ctx := context.Background()
+	provision := func(job string) {
+		t.Helper()
+		if err := fx.m.Provision(ctx, forgejoRequest(fx, job), first); err != nil {
+			t.Fatal(err)
+		}
+		if ev := fx.rec.last(job); ev.State != messages.StateRunnerStarted || ev.OS != "linux" {
+			t.Fatalf("%s: last event %s, OS %q; want runner_started on linux", job, ev.State, ev.OS)
+		}
+	}
+	asked := func() int {
+		ag.mu.Lock()
+		defer ag.mu.Unlock()
+		return ag.osInfos
+	}
+	provision("j1")
+	provision("j2")
+	if n := asked(); n != 1 {
+		t.Fatalf("guest-get-osinfo %d times for two clones of one generation, want 1", n)
+	}
+	fx.fm.mu.Lock()
+	fx.fm.generations["debian"] = "g2"
+	fx.fm.mu.Unlock()
+	provision("j3")
+	if n := asked(); n != 2 {
+		t.Fatalf("guest-get-osinfo %d times after the image changed, want 2", n)
 	}
 }

@@ -131,6 +131,15 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 	if err != nil {
 		return Machine{}, err
 	}
+	stamps := []string{doc}
+	for _, src := range sources {
+		if src != nil {
+			stamps = append(stamps, src.stamp)
+		}
+	}
+	if nvram.vol != nil {
+		stamps = append(stamps, nvram.vol.stamp)
+	}
 	if s.ScratchGiB > 0 && len(plans) == 0 {
 		return Machine{}, fmt.Errorf("a scratch disk goes into the pool of the image's first writable disk, and the image has none: %w", ErrImageInvalid)
 	}
@@ -165,21 +174,22 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 		err = errors.Join(err, rollback)
 	}()
 	m := Machine{
-		Name:        name,
-		Key:         key,
-		JobID:       s.JobID,
-		Warm:        s.Key != "",
-		Generation:  s.Generation,
-		Image:       s.Image,
-		Host:        s.Host,
-		RunnerKind:  s.RunnerKind,
-		RequestedAt: s.RequestedAt,
-		Deadline:    s.Deadline,
-		CloneMode:   mode,
-		OS:          settings.OS,
-		VCPUs:       vcpus,
-		MemoryMiB:   memoryMiB,
-		ScratchGiB:  s.ScratchGiB,
+		Name:            name,
+		Key:             key,
+		JobID:           s.JobID,
+		Warm:            s.Key != "",
+		Generation:      s.Generation,
+		Image:           s.Image,
+		Host:            s.Host,
+		RunnerKind:      s.RunnerKind,
+		RequestedAt:     s.RequestedAt,
+		Deadline:        s.Deadline,
+		CloneMode:       mode,
+		OS:              settings.OS,
+		ImageGeneration: generation(stamps),
+		VCPUs:           vcpus,
+		MemoryMiB:       memoryMiB,
+		ScratchGiB:      s.ScratchGiB,
 		// A hold asked for before the clone exists is the job's.
 		HoldOnFailure: s.HoldOnFailure,
 	}

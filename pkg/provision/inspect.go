@@ -190,9 +190,16 @@ func (p *Provisioner) inspectImage(ctx context.Context, name string) (ImageRepor
 	if err := p.inspectStorage(ctx, &def, &r, problem, &stamps); err != nil {
 		return r, err
 	}
-	sum := sha256.Sum256([]byte(strings.Join(stamps, "\n")))
-	r.Generation = hex.EncodeToString(sum[:8])
+	r.Generation = generation(stamps)
 	return r, nil
+}
+
+// generation hashes an image's inactive definition and its volumes'
+// stamps, in the order of its writable disks and then its NVRAM: the
+// image's Generation, which Clone computes the same way from what it read.
+func generation(stamps []string) string {
+	sum := sha256.Sum256([]byte(strings.Join(stamps, "\n")))
+	return hex.EncodeToString(sum[:8])
 }
 
 // firmware tells UEFI guests from BIOS ones by their definition.

@@ -392,3 +392,40 @@ func TestListImages(t *testing.T) {
 		t.Fatalf("generation %q after a change, %q before", again.Generation, all["image"].Generation)
 	}
 }
+
+// TestCloneTellsImageGeneration checks that a clone reports the
+// generation InspectImage gives the image it was made from, before and
+// after the image's definition changes.
+func TestCloneTellsImageGeneration(t *testing.T) {
+	l, _ := testNode(t)
+	p := New(l, Options{})
+	ctx := t.Context()
+	check := func(job string) string {
+		t.Helper()
+		r, err := p.InspectImage(ctx, "image")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := p.Clone(ctx, Spec{JobID: job, Image: "image", Host: "h"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.ImageGeneration != r.Generation || r.Generation == "" {
+			t.Fatalf("clone %s: image generation %q, InspectImage's %q", job, m.ImageGeneration, r.Generation)
+		}
+		return m.ImageGeneration
+	}
+	before := check("gen-a")
+	def := domainXML(t, l, "image")
+	def.Memory = &libvirtxml.DomainMemory{Value: 2, Unit: "GiB"}
+	doc, err := def.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.DomainDefineXMLFlags(doc, 0); err != nil {
+		t.Fatal(err)
+	}
+	if after := check("gen-b"); after == before {
+		t.Fatalf("generation %q unchanged after the image changed", after)
+	}
+}

@@ -233,6 +233,11 @@ type Machine struct {
 	// "windows", ...), empty if it declares none; callers that get one can
 	// skip detecting the guest OS.
 	OS string
+	// ImageGeneration is the generation of the image (ImageReport's
+	// Generation) as Clone read it; only Clone's result has it (it is not
+	// recorded). Two clones of one generation run the same guest, so what
+	// one's guest said about itself holds for the other.
+	ImageGeneration string
 	// Volumes are the paths of the volumes created for the job, disks
 	// and NVRAM; Remove deletes exactly these.
 	Volumes []string

@@ -103,6 +103,11 @@ func TestCloneDefinesMachine(t *testing.T) {
 	pool := filepath.Join(dir, "pool")
 
 	m := clone(t, p, testSpec("j1"))
+	// TestCloneTellsImageGeneration checks its value; it is not recorded.
+	if m.ImageGeneration == "" {
+		t.Error("Clone returned no image generation")
+	}
+	m.ImageGeneration = ""
 	wantVols := []string{filepath.Join(pool, "stretchy-j1-vda.qcow2"), filepath.Join(pool, "stretchy-j1-vdb.qcow2")}
 	want := Machine{
 		Name: "stretchy-j1", Key: "j1", JobID: "j1", Image: "image", Host: "host-a", RunnerKind: "none",

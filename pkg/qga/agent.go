@@ -85,10 +85,13 @@ const (
 	// agent connected, should its first ping come too early.
 	readyRetry      = 20 * time.Millisecond
 	readyRetryTimes = 50
-	// runPollMin and runPollMax bound Run's guest-exec-status interval,
-	// which doubles from the first to the second.
-	runPollMin = 10 * time.Millisecond
-	runPollMax = 500 * time.Millisecond
+	// Run asks guest-exec-status every runPollMin for the first
+	// runPollFast, which covers the short commands that prepare a runner
+	// (tens of ms under TCG), and then at an interval that doubles up to
+	// runPollMax. A status call costs the guest ~2 ms.
+	runPollMin  = 5 * time.Millisecond
+	runPollFast = 100 * time.Millisecond
+	runPollMax  = 500 * time.Millisecond
 )
 
 // Agent issues guest agent commands to domains over one libvirt

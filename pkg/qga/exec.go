@@ -189,8 +189,9 @@ func decodeOutput(s string) ([]byte, error) {
 }
 
 // Run starts req.Path in domain and waits until it exits, polling its status
-// with a ticker whose interval doubles from 10 ms to 500 ms: short commands
-// are seen to end within a few ms, long ones cost two calls a second. It returns the
+// every 5 ms for 100 ms and then at an interval that doubles up to 500 ms:
+// short commands are seen to end within a few ms, long ones cost two calls
+// a second. It returns the
 // final Status; when the program exited non-zero or was killed, also an
 // *ExitError. When ctx ends first it returns ErrRunTimeout wrapping ctx's
 // error and the last Status; the program may still run in the guest.
@@ -207,7 +208,7 @@ func (a *Agent) Run(ctx context.Context, domain string, req ExecRequest) (Status
 		return Status{}, err
 	}
 
-	interval := runPollMin
+	interval, fastUntil := runPollMin, time.Now().Add(runPollFast)
 	ticker := time.NewTicker(interval)
 	defer ticker.Stop()
 	var st Status
@@ -227,7 +228,7 @@ func (a *Agent) Run(ctx context.Context, domain string, req ExecRequest) (Status
 		if st.Exited {
 			break
 		}
-		if interval < runPollMax {
+		if interval < runPollMax && time.Now().After(fastUntil) {
 			interval = min(2*interval, runPollMax)
 			ticker.Reset(interval)
 		}

@@ -5,28 +5,57 @@ import (
 	"strings"
 )
 
-// writeFileScript runs as root (qemu-ga's user) and writes its standard
-// input to "$3" with mode "$4", in the directory "$2" below "$1"
+// prepareScript runs as root (qemu-ga's user) and prepares a launch in one
+// guest-exec, so that the runner starts after two round trips to the
+// guest, this one and the launch: it makes the directory "$3" private
+// (skipped when "$3" is empty), writes its standard input, the secret, to
+// "$4" with mode 0600 (skipped when "$4" is empty) and "$6", the launch
+// script, to "$5" with mode 0700, both in the directory "$2" below "$1"
 // (<home>/.stretchy), all owned by stretchy. The umask makes every file and
 // directory private from the moment it exists. qemu-ga's own
-// guest-file-open would create the file 0666 and root-owned.
+// guest-file-open would create the files 0666 and root-owned. The launch
+// script holds no secret, so it may travel as an argument.
 //
-// stretchy owns its home, so it can put a symbolic link at any of the three
-// paths, and root would then create, chown, chmod or write whatever the link
-// points to. So the script refuses a link at any of them, before and after
-// mkdir (which follows links in existing components), changes owners with
-// chown -h, removes a file left at "$3" and creates it with noclobber, so
-// that a link planted there in between makes the redirection fail instead
-// of being followed (a dangling link or one to a regular file; sh opens
-// one to a device or FIFO without O_EXCL). Paths above <home> belong to
-// root and may be links (FreeBSD's /home is one), so they are not checked.
-// A stretchy process running during the write could still swap a checked
-// directory for a link before chmod, which follows links; nothing of
-// stretchy runs yet in a fresh clone unless the image starts it at boot.
-const writeFileScript = `set -e
+// "$3" (the GitHub runner's root directory, into which the runner writes
+// its own credentials) becomes stretchy's with mode 0700; a symbolic link
+// there, which stretchy could have put to have root chmod its target, and
+// anything but a directory are refused, and a missing directory is left
+// alone (the launch then fails as for any missing runner program). chown -h
+// and the link check narrow, but cannot close, the window in which a
+// stretchy process could swap the directory for a link before chmod, which
+// follows links.
+//
+// stretchy owns its home, so it can put a symbolic link at any of the
+// paths written below it, and root would then create, chown, chmod or
+// write whatever the link points to. So the script refuses a link at
+// "$1", "$2" or a file, before and after mkdir (which follows links in
+// existing components), changes owners with chown -h, removes a file left
+// at a file's path and creates it with noclobber, so that a link planted
+// there in between makes the redirection fail instead of being followed (a
+// dangling link or one to a regular file; sh opens one to a device or FIFO
+// without O_EXCL). Paths above <home> belong to root and may be links
+// (FreeBSD's /home is one), so they are not checked. A stretchy process
+// running during the write could still swap a checked directory for a link
+// before chmod, which follows links; nothing of stretchy runs yet in a
+// fresh clone unless the image starts it at boot.
+const prepareScript = `set -e
 umask 077
 u=stretchy
 g=$(id -g "$u")
+if [ -n "$3" ]; then
+  if [ -L "$3" ]; then
+    echo "stretchy: refusing to make $3 private: it is a symbolic link" >&2
+    exit 1
+  fi
+  if [ -e "$3" ]; then
+    if [ ! -d "$3" ]; then
+      echo "stretchy: refusing to make $3 private: it is not a directory" >&2
+      exit 1
+    fi
+    chown -h "$u:$g" "$3"
+    chmod 0700 "$3"
+  fi
+fi
 nolinks() {
   for p in "$1" "$2" "$3"; do
     if [ -L "$p" ]; then
@@ -35,39 +64,28 @@ nolinks() {
     fi
   done
 }
-nolinks "$@"
+links() {
+  [ -z "$4" ] || nolinks "$1" "$2" "$4"
+  nolinks "$1" "$2" "$5"
+}
+links "$@"
 mkdir -p "$2"
-nolinks "$@"
+links "$@"
 chown -h "$u:$g" "$1" "$2"
 chmod 0700 "$1" "$2"
-rm -f "$3"
 set -C
-cat >"$3"
-nolinks "$@"
-chown -h "$u:$g" "$3"
-chmod "$4" "$3"
-`
-
-// privateDirScript runs as root and makes the directory "$1" owned by
-// stretchy and mode 0700, so that no other user can read what the runner
-// writes into it. It refuses a symbolic link, which stretchy could have put
-// there to have root chmod its target, and anything but a directory;
-// nothing at the path is left alone, and the launch then fails as for any
-// missing runner program. chown -h and the link check narrow, but cannot
-// close, the window in which a stretchy process could swap the directory
-// for a link before chmod, which follows links.
-const privateDirScript = `set -e
-if [ -L "$1" ]; then
-  echo "stretchy: refusing to make $1 private: it is a symbolic link" >&2
-  exit 1
+if [ -n "$4" ]; then
+  rm -f "$4"
+  cat >"$4"
+  nolinks "$1" "$2" "$4"
+  chown -h "$u:$g" "$4"
+  chmod 0600 "$4"
 fi
-[ -e "$1" ] || exit 0
-if [ ! -d "$1" ]; then
-  echo "stretchy: refusing to make $1 private: it is not a directory" >&2
-  exit 1
-fi
-chown -h "stretchy:$(id -g stretchy)" "$1"
-chmod 0700 "$1"
+rm -f "$5"
+printf '%s' "$6" >"$5"
+nolinks "$1" "$2" "$5"
+chown -h "$u:$g" "$5"
+chmod 0700 "$5"
 `
 
 // checkScriptPath refuses a launch script path that is not absolute or
@@ -113,30 +131,22 @@ func posixPlan(l layout, s start) Plan {
 	env := []string{"PATH=" + l.adminPath}
 	base, _, purpose := s.script()
 	script := l.join(l.jobDir, base+".sh")
-	write := func(file, mode string, content []byte, secret bool, purpose string) Command {
-		return Command{
-			Path:        "/bin/sh",
-			Args:        []string{"-c", writeFileScript, "sh", l.base, l.jobDir, file, mode},
-			Env:         env,
-			Stdin:       content,
-			SecretStdin: secret,
-			Purpose:     purpose,
-		}
-	}
 	wrapper := map[OS]string{Linux: linuxLaunchScript, FreeBSD: freebsdLaunchScript, Darwin: darwinLaunchScript}[l.os]
-	var prepare []Command
+	var did []string
 	if s.privateDir != "" {
-		prepare = append(prepare, Command{
-			Path:    "/bin/sh",
-			Args:    []string{"-c", privateDirScript, "sh", s.privateDir},
-			Env:     env,
-			Purpose: "make " + s.name + " directory private",
-		})
+		did = append(did, "make "+s.name+" directory private")
+	}
+	prep := Command{
+		Path:    "/bin/sh",
+		Args:    []string{"-c", prepareScript, "sh", l.base, l.jobDir, s.privateDir, s.secretFile, script, posixLaunchScript(l, s)},
+		Env:     env,
+		Purpose: strings.Join(append(did, "write "+base+" script"), ", "),
 	}
 	if s.secretFile != "" {
-		prepare = append(prepare, write(s.secretFile, "0600", []byte(s.secret), true, "write "+s.name+" secret"))
+		prep.Stdin, prep.SecretStdin = []byte(s.secret), true
+		prep.Purpose = strings.Join(append(did, "write "+s.name+" secret and "+base+" script"), ", ")
 	}
-	prepare = append(prepare, write(script, "0700", []byte(posixLaunchScript(l, s)), false, "write "+base+" script"))
+	prepare := []Command{prep}
 	return Plan{
 		Prepare: prepare,
 		Launch: Command{

@@ -117,7 +117,7 @@ func testLaunchScript(t *testing.T, sh []string, name string, runner func() mess
 	if err != nil {
 		t.Fatal(err)
 	}
-	script := string(p.Prepare[len(p.Prepare)-1].Stdin)
+	script := launchScript(p)
 	if out, err := shellCommand(sh, "-n", "-c", script).CombinedOutput(); err != nil {
 		t.Fatalf("sh -n: %v\n%s", err, out)
 	}
@@ -230,13 +230,13 @@ func TestPOSIXVersionScripts(t *testing.T) {
 					if len(p.Prepare) != 1 || p.Prepare[0].SecretStdin {
 						t.Fatalf("%d prepare commands, want 1 without a secret", len(p.Prepare))
 					}
-					if got := p.Prepare[0].Args[5]; !strings.HasSuffix(got, "/version.sh") {
+					if got := p.Prepare[0].Args[prepScriptFile]; !strings.HasSuffix(got, "/version.sh") {
 						t.Errorf("writes %s, want version.sh in the job directory", got)
 					}
 					tmp := t.TempDir()
 					home, bin := filepath.Join(tmp, "home"), filepath.Join(tmp, "bin")
 					l := layoutFor(goos, testJob)
-					script := string(p.Prepare[0].Stdin)
+					script := launchScript(p)
 					script = strings.ReplaceAll(script, "PATH="+shellQuote(l.userPath), "PATH="+bin+":/usr/bin:/bin")
 					script = strings.ReplaceAll(script, "/usr/local/bin/forgejo-runner", bin+"/forgejo-runner")
 					script = strings.ReplaceAll(script, l.home, home)
@@ -280,6 +280,9 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(p.Prepare) != 1 {
+		t.Fatalf("%d prepare commands, want 1", len(p.Prepare))
+	}
 	tmp := t.TempDir()
 	home, bin := filepath.Join(tmp, "home"), filepath.Join(tmp, "bin")
 	if err := os.MkdirAll(home, 0o755); err != nil {
@@ -288,50 +291,51 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 	writeFake(t, bin+"/id", `echo 1000`)
 	writeFake(t, bin+"/chown", `printf '%s\n' "$*" >>"$OUT/chown"`)
 	l := layoutFor(goos, testJob)
-	for _, c := range p.Prepare {
-		args := slices.Clone(c.Args)
-		for i := 3; i < len(args); i++ {
-			args[i] = strings.ReplaceAll(args[i], l.home, home)
-		}
-		// A stale file is replaced, not written through: a hard link to
-		// another file keeps that file's content.
-		target := filepath.Join(tmp, "target")
-		if err := os.WriteFile(target, []byte("keep"), 0o644); err != nil {
+	c := p.Prepare[0]
+	if c.Path != "/bin/sh" {
+		t.Fatalf("%s: runs %s, want /bin/sh", c.Purpose, c.Path)
+	}
+	args := homeArgs(c.Args, l.home, home)
+	// Stale files are replaced, not written through: a hard link to
+	// another file keeps that file's content.
+	target := filepath.Join(tmp, "target")
+	if err := os.WriteFile(target, []byte("keep"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_ = os.MkdirAll(filepath.Dir(args[prepSecretFile]), 0o700)
+	for _, f := range []string{args[prepSecretFile], args[prepScriptFile]} {
+		if err := os.Link(target, f); err != nil {
 			t.Fatal(err)
 		}
-		_ = os.MkdirAll(filepath.Dir(args[5]), 0o700)
-		_ = os.Remove(args[5])
-		if err := os.Link(target, args[5]); err != nil {
-			t.Fatal(err)
+	}
+	cmd := shellCommand(sh, args...)
+	cmd.Env = []string{"PATH=" + bin + ":/usr/bin:/bin", "OUT=" + tmp}
+	cmd.Stdin = bytes.NewReader(c.Stdin)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v\n%s", c.Purpose, err, out)
+	}
+	files := []struct {
+		path, want string
+		mode       os.FileMode
+	}{
+		{args[prepSecretFile], string(c.Stdin), 0o600},
+		{args[prepScriptFile], args[prepScript], 0o700},
+	}
+	for _, f := range files {
+		got, err := os.ReadFile(f.path)
+		if err != nil || string(got) != f.want {
+			t.Errorf("%s holds %q, %v; want %q", f.path, got, err, f.want)
 		}
-
-		if c.Path != "/bin/sh" {
-			t.Fatalf("%s: runs %s, want /bin/sh", c.Purpose, c.Path)
+		if fi, err := os.Lstat(f.path); err != nil || fi.Mode() != f.mode {
+			t.Errorf("%s: mode %v, %v; want %v", f.path, fi.Mode(), err, f.mode)
 		}
-		cmd := shellCommand(sh, args...)
-		cmd.Env = []string{"PATH=" + bin + ":/usr/bin:/bin", "OUT=" + tmp}
-		cmd.Stdin = bytes.NewReader(c.Stdin)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("%s: %v\n%s", c.Purpose, err, out)
-		}
-		got, err := os.ReadFile(args[5])
-		if err != nil || !bytes.Equal(got, c.Stdin) {
-			t.Errorf("%s: file holds %q, %v; want the command's stdin", c.Purpose, got, err)
-		}
-		if keep, _ := os.ReadFile(target); string(keep) != "keep" {
-			t.Errorf("%s: wrote through a hard link", c.Purpose)
-		}
-		fi, err := os.Lstat(args[5])
-		if err != nil {
-			t.Fatal(err)
-		}
-		if want := map[string]os.FileMode{"0600": 0o600, "0700": 0o700}[args[6]]; fi.Mode() != want {
-			t.Errorf("%s: mode %v, want %v", c.Purpose, fi.Mode(), want)
-		}
-		for _, d := range args[3:5] {
-			if fi, err := os.Stat(d); err != nil || fi.Mode().Perm() != 0o700 {
-				t.Errorf("%s: directory %s: %v, %v; want mode 0700", c.Purpose, d, fi.Mode(), err)
-			}
+	}
+	if keep, _ := os.ReadFile(target); string(keep) != "keep" {
+		t.Errorf("%s: wrote through a hard link", c.Purpose)
+	}
+	for _, d := range args[prepBase : prepJobDir+1] {
+		if fi, err := os.Stat(d); err != nil || fi.Mode().Perm() != 0o700 {
+			t.Errorf("directory %s: %v, %v; want mode 0700", d, fi.Mode(), err)
 		}
 	}
 	chowns, err := os.ReadFile(filepath.Join(tmp, "chown"))
@@ -342,12 +346,40 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 	want := strings.Join([]string{
 		"-h stretchy:1000 " + base + " " + dir,
 		"-h stretchy:1000 " + dir + "/token",
-		"-h stretchy:1000 " + base + " " + dir,
 		"-h stretchy:1000 " + dir + "/launch.sh",
 	}, "\n") + "\n"
 	if string(chowns) != want {
 		t.Errorf("chown calls:\n%s\nwant:\n%s", chowns, want)
 	}
+}
+
+// The arguments of the POSIX prepare command (prepareScript).
+const (
+	prepBase = 3 + iota
+	prepJobDir
+	prepPrivateDir
+	prepSecretFile
+	prepScriptFile
+	prepScript
+)
+
+// homeArgs returns the prepare command's arguments with the guest's home
+// replaced by home in every path.
+func homeArgs(args []string, guestHome, home string) []string {
+	args = slices.Clone(args)
+	for i := prepBase; i < prepScript; i++ {
+		args[i] = strings.ReplaceAll(args[i], guestHome, home)
+	}
+	return args
+}
+
+// launchScript returns the launch script a plan writes: the last argument
+// of the POSIX prepare command, the standard input of the last Windows one.
+func launchScript(p Plan) string {
+	if c := p.Prepare[0]; c.Path == "/bin/sh" {
+		return c.Args[prepScript]
+	}
+	return string(p.Prepare[len(p.Prepare)-1].Stdin)
 }
 
 // TestPOSIXWriteFileRefusesSymlinks plants a symbolic link, as stretchy
@@ -369,6 +401,7 @@ func TestPOSIXWriteFileRefusesSymlinks(t *testing.T) {
 		{"base directory", ".stretchy"},
 		{"job directory", ".stretchy/" + testJob},
 		{"secret file", ".stretchy/" + testJob + "/token"},
+		{"launch script", ".stretchy/" + testJob + "/launch.sh"},
 	}
 	for shName, sh := range posixShOnly(t) {
 		for _, tt := range tests {
@@ -388,16 +421,13 @@ func TestPOSIXWriteFileRefusesSymlinks(t *testing.T) {
 					t.Fatal(err)
 				}
 				target := trap
-				if tt.name == "secret file" {
+				if filepath.Ext(tt.link) != "" || strings.HasSuffix(tt.link, "/token") {
 					target = filepath.Join(trap, "token")
 				}
 				if err := os.Symlink(target, link); err != nil {
 					t.Fatal(err)
 				}
-				args := slices.Clone(write.Args)
-				for i := 3; i < len(args); i++ {
-					args[i] = strings.ReplaceAll(args[i], "/home/stretchy", home)
-				}
+				args := homeArgs(write.Args, "/home/stretchy", home)
 				cmd := shellCommand(sh, args...)
 				cmd.Env = []string{"PATH=" + bin + ":/usr/bin:/bin", "OUT=" + tmp}
 				cmd.Stdin = bytes.NewReader(write.Stdin)
@@ -408,7 +438,12 @@ func TestPOSIXWriteFileRefusesSymlinks(t *testing.T) {
 				if !errors.As(err, &exitErr) {
 					t.Fatalf("write through a link at %s: %v, want a non-zero exit", tt.link, err)
 				}
-				if want := "stretchy: refusing to write " + args[5] + ": " + link + " is a symbolic link\n"; stderr.String() != want {
+				// The secret is checked first, for links above both files.
+				file := args[prepSecretFile]
+				if tt.name == "launch script" {
+					file = args[prepScriptFile]
+				}
+				if want := "stretchy: refusing to write " + file + ": " + link + " is a symbolic link\n"; stderr.String() != want {
 					t.Errorf("stderr %q, want %q", stderr.String(), want)
 				}
 				entries, _ := os.ReadDir(trap)
@@ -466,8 +501,8 @@ func TestPOSIXGitHubRunnerDirBecomesPrivate(t *testing.T) {
 		}
 		c := p.Prepare[0]
 		l := layoutFor(goos, testJob)
-		if c.Path != "/bin/sh" || c.Args[len(c.Args)-1] != l.home+"/actions-runner" || c.SecretStdin {
-			t.Fatalf("%s: first prepare command is %q (%s %q), want /bin/sh on %s/actions-runner", goos, c.Purpose, c.Path, c.Args, l.home)
+		if c.Path != "/bin/sh" || c.Args[prepPrivateDir] != l.home+"/actions-runner" || !c.SecretStdin {
+			t.Fatalf("%s: prepare command is %q (%s %q), want /bin/sh making %s/actions-runner private", goos, c.Purpose, c.Path, c.Args, l.home)
 		}
 		for shName, sh := range posixShOnly(t) {
 			for _, tt := range tests {
@@ -479,10 +514,13 @@ func TestPOSIXGitHubRunnerDirBecomesPrivate(t *testing.T) {
 					mkdir(t, filepath.Dir(dir), 0o755)
 					mkdir(t, trap, 0o755)
 					tt.make(t, dir, trap)
-					args := slices.Clone(c.Args)
-					args[len(args)-1] = dir
+					args := homeArgs(c.Args, l.home, filepath.Join(tmp, "home"))
+					if args[prepPrivateDir] != dir {
+						t.Fatalf("private directory %s, want %s", args[prepPrivateDir], dir)
+					}
 					cmd := shellCommand(sh, args...)
 					cmd.Env = []string{"PATH=" + bin + ":/usr/bin:/bin", "OUT=" + tmp}
+					cmd.Stdin = bytes.NewReader(c.Stdin)
 					var stderr bytes.Buffer
 					cmd.Stderr = &stderr
 					err := cmd.Run()
@@ -506,9 +544,17 @@ func TestPOSIXGitHubRunnerDirBecomesPrivate(t *testing.T) {
 					if fi, err := os.Stat(trap); err != nil || fi.Mode().Perm() != 0o755 {
 						t.Errorf("the link's target: %v, %v; want it unchanged", fi.Mode(), err)
 					}
+					// The directory is made private first; a refusal stops
+					// everything after it.
 					chowns, _ := os.ReadFile(filepath.Join(tmp, "chown"))
-					if want := map[bool]string{true: "-h stretchy:1000 " + dir + "\n"}[tt.wantChown]; string(chowns) != want {
-						t.Errorf("chown calls %q, want %q", chowns, want)
+					first, _, _ := strings.Cut(string(chowns), "\n")
+					switch {
+					case tt.wantStderr != "" && len(chowns) > 0:
+						t.Errorf("chown calls %q after a refusal, want none", chowns)
+					case tt.wantChown && first != "-h stretchy:1000 "+dir:
+						t.Errorf("first chown call %q, want of %s", first, dir)
+					case !tt.wantChown && strings.Contains(string(chowns), " "+dir+"\n"):
+						t.Errorf("chown calls %q include %s", chowns, dir)
 					}
 				})
 			}
@@ -652,7 +698,7 @@ func TestJenkinsAgentDoesNotReconnect(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			script := string(p.Prepare[len(p.Prepare)-1].Stdin)
+			script := launchScript(p)
 			want := map[bool]string{true: " -noReconnect ", false: " \\\n  -noReconnect \\\n"}[goos == Windows]
 			if !strings.Contains(script, want) {
 				t.Errorf("the launch script does not pass -noReconnect as an argument of its own:\n%s", script)
@@ -669,7 +715,7 @@ func TestJenkinsWorkDir(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(p.Prepare[len(p.Prepare)-1].Stdin), "-workDir \\\n  '/srv/jenkins work'\n") {
-		t.Errorf("launch script does not use the given work dir:\n%s", p.Prepare[len(p.Prepare)-1].Stdin)
+	if !strings.Contains(launchScript(p), "-workDir \\\n  '/srv/jenkins work'\n") {
+		t.Errorf("launch script does not use the given work dir:\n%s", launchScript(p))
 	}
 }

@@ -122,6 +122,11 @@ type Provisioner struct {
 	// before either shows up in libvirt.
 	mu          sync.Mutex
 	pendingMACs map[string]bool
+
+	// domains and volumes keep what other domains' definitions and
+	// volumes' documents said, for hostMACs and storageUse.
+	domains parseCache[domainFacts]
+	volumes parseCache[string]
 }
 
 // New returns a Provisioner that works through conn.

@@ -543,15 +543,15 @@ func (p *Provisioner) listDomains(ctx context.Context) ([]libvirt.Domain, error)
 	return doms, nil
 }
 
-// domainDefs returns the definitions of every domain but skip: the
-// persistent one and, for running domains, the live one too, which has the
-// disks' backing chains and hot-plugged devices.
-func (p *Provisioner) domainDefs(ctx context.Context, skip string) ([]*libvirtxml.Domain, error) {
+// domainDefs returns what the definitions of every domain but skip say:
+// the persistent one and, for running domains, the live one too, which has
+// the disks' backing chains and hot-plugged devices.
+func (p *Provisioner) domainDefs(ctx context.Context, skip string) ([]domainFacts, error) {
 	doms, err := p.listDomains(ctx)
 	if err != nil {
 		return nil, err
 	}
-	var defs []*libvirtxml.Domain
+	var defs []domainFacts
 	for _, dom := range doms {
 		if dom.Name == skip {
 			continue
@@ -568,11 +568,11 @@ func (p *Provisioner) domainDefs(ctx context.Context, skip string) ([]*libvirtxm
 			if err != nil {
 				return nil, fmt.Errorf("domain %s XML: %w", dom.Name, err)
 			}
-			var def libvirtxml.Domain
-			if err := def.Unmarshal(doc); err != nil {
+			def, err := p.domains.get(doc, parseDomainFacts)
+			if err != nil {
 				return nil, fmt.Errorf("parse domain %s XML: %w", dom.Name, err)
 			}
-			defs = append(defs, &def)
+			defs = append(defs, def)
 		}
 	}
 	return defs, nil
@@ -586,7 +586,7 @@ func (p *Provisioner) hostMACs(ctx context.Context) (map[string]bool, error) {
 	}
 	macs := make(map[string]bool)
 	for _, def := range defs {
-		for _, mac := range domainMACs(def) {
+		for _, mac := range def.macs {
 			macs[mac] = true
 		}
 	}
@@ -640,18 +640,12 @@ func (p *Provisioner) storageUse(ctx context.Context, skip string, candidates []
 		return set, err
 	}
 	for _, def := range defs {
-		user := "domain " + def.Name
-		if path := imageNVRAM(def); path != "" {
-			set.addPath(path, user)
+		user := "domain " + def.name
+		if def.nvram != "" {
+			set.addPath(def.nvram, user)
 		}
-		if def.Devices == nil {
-			continue
-		}
-		for _, disk := range def.Devices.Disks {
-			set.addSource(disk.Source, user)
-			for bs := disk.BackingStore; bs != nil; bs = bs.BackingStore {
-				set.addSource(bs.Source, user)
-			}
+		for _, src := range def.sources {
+			set.addSource(src, user)
 		}
 	}
 	self := make(map[string]bool, len(candidates))
@@ -673,13 +667,11 @@ func (p *Provisioner) storageUse(ctx context.Context, skip string, candidates []
 		if err != nil {
 			return set, fmt.Errorf("volume %s XML: %w", v.path, err)
 		}
-		var vx libvirtxml.StorageVolume
-		if err := vx.Unmarshal(doc); err != nil {
+		backing, err := p.volumes.get(doc, parseBackingPath)
+		if err != nil {
 			return set, fmt.Errorf("parse volume %s XML: %w", v.path, err)
 		}
-		if vx.BackingStore != nil {
-			set.addPath(vx.BackingStore.Path, "volume "+v.path)
-		}
+		set.addPath(backing, "volume "+v.path)
 	}
 	return set, nil
 }

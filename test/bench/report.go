@@ -281,8 +281,10 @@ func (r *Report) guests(p printer) {
 	p("\nAgent connected → `agent_ready` is the worker's first `guest-ping` after libvirt's agent-connected event (sent at "+
 		"once; libvirt waits for the guest's answer) and the event's publication; the guest's OS is asked (guest-get-osinfo, "+
 		"and `uname -s` for an id it does not know, as tiny-linux's) only by the first clone of an image generation, as each "+
-		"generation runs the same disks. The spread is the guest's: its agent answers the first ping after %s ms at best and "+
-		"%s ms at the median here, while it is still booting; the virsh loop, pinging every 100 ms, saw %s ms at the median.\n",
+		"generation runs the same disks. Here it took %s ms at best and %s ms at the median, against %s ms at the median for "+
+		"the virsh loop pinging every 100 ms: the guest, still booting, answers its first ping late, but that does not account "+
+		"for all of the worker's median where it is above the loop's; this harness does not split the ping from the "+
+		"publication, so where the rest goes is not pinned down.\n",
 		format(a.Min, 0), format(a.Median, 0), format(va.Median, 0))
 	p("\nOf the virsh teardown, `virsh destroy` alone took %s ms: most of a teardown is the QEMU process ending, whoever asks. "+
 		"libvirt's destroy already is graceful, then forced (SIGTERM, SIGKILL after a bound); sending QEMU SIGKILL at once "+

@@ -271,6 +271,12 @@ func runCrashCase(t *testing.T, l *libvirt.Libvirt, c crashCase, row *crashRow) 
 		for _, job := range jobs {
 			events.waitState(t, job, messages.StateAgentReady, bootWait)
 		}
+		// agent_ready comes just before the provision's last steps; a
+		// teardown arriving before they end stops the build instead
+		// (removing the machine without the teardown's fault point).
+		// Once both provisions are acknowledged, the teardown finds
+		// ready machines.
+		waitQueueEmpty(t, js)
 		teardownOn(t, js, host, jobs[0])
 	}
 	if !waitKilled(t, first, 2*bootWait) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/sourcegraph/conc"
@@ -109,6 +110,9 @@ type provisionCmd struct {
 	req  messages.Provision
 	d    Delivery
 	warm bool
+	// left: the caller is gone and the build was cancelled for it; the
+	// actor waits for the build to end, no longer for the caller.
+	left bool
 }
 
 // warmCmd makes a new actor a warm machine of image; release frees the
@@ -335,6 +339,9 @@ type actor struct {
 	// says it runs.
 	poll      *time.Timer
 	pollArmed bool
+	// wakeups counts the actor's turns of its loop, for the tests that
+	// check it sleeps while it has nothing to do.
+	wakeups atomic.Uint64
 }
 
 func newActor(m *Manager, jobID string) *actor {
@@ -390,7 +397,7 @@ func (a *actor) run(root context.Context) {
 			done = a.act.done
 		}
 		var callerGone <-chan struct{}
-		if a.rec.phase == PhaseBuilding && a.build != nil {
+		if a.rec.phase == PhaseBuilding && a.build != nil && !a.build.left {
 			callerGone = a.build.ctx.Done()
 		}
 		select {
@@ -415,10 +422,12 @@ func (a *actor) run(root context.Context) {
 		case <-callerGone:
 			// The worker stops: roll the build back and hand the request
 			// back (6.4).
+			a.build.left = true
 			a.act.cancel(context.Canceled)
 		case <-root.Done():
 			a.close()
 		}
+		a.wakeups.Add(1)
 		if a.act == nil {
 			for _, c := range a.idle {
 				c <- answer{}
@@ -439,9 +448,14 @@ func (a *actor) close() {
 		if !a.act.finish {
 			a.act.cancel(errClosed)
 		}
-		apply := <-a.act.done
-		a.act = nil
-		apply()
+		// A rollback confirms the claim before it decides anything.
+		select {
+		case req := <-a.claims:
+			req.reply <- a.serveClaim(req)
+		case apply := <-a.act.done:
+			a.act = nil
+			apply()
+		}
 	}
 	a.rec.phase = PhaseGone
 }

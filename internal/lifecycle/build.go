@@ -65,13 +65,16 @@ type buildStep struct {
 	// startsPhase: the phase that the next timed event reports begins
 	// before this step's action.
 	startsPhase bool
+	// beforeAction is the fault point between the confirmation and the
+	// action.
+	beforeAction string
 	// action does the step's work; nil for a step that only reports.
 	action func(b *build, ctx context.Context) error
 	// afterAction is the fault point between the action and the event.
 	afterAction string
-	// confirmReport: the claim is confirmed again before the event.
-	confirmReport bool
-	// state is the event published once the action succeeded; "" for none.
+	// state is the event published once the action succeeded; "" for
+	// none. The claim is confirmed before every event of a job: a host
+	// that lost the job publishes nothing more of it but dropped.
 	state messages.State
 	clock phaseClock
 	// afterEvent is the fault point after the event.
@@ -89,10 +92,10 @@ var buildSteps = []buildStep{
 	{name: "accept", modes: jobModes, state: messages.StateAccepted, clock: sinceRequest, afterEvent: FaultAfterAccept},
 	{name: "begin the clone", modes: allModes, confirm: true, state: messages.StateCloning, afterEvent: FaultBeforeClone},
 	{name: "clone", modes: allModes, doing: coldBuild | warmPrepare, confirm: true, startsPhase: true,
-		action: (*build).clone, afterAction: FaultAfterClone, confirmReport: true, state: messages.StateCloned, clock: sincePhaseStart},
+		action: (*build).clone, afterAction: FaultAfterClone, state: messages.StateCloned, clock: sincePhaseStart},
 	{name: "begin the boot", modes: allModes, state: messages.StateBooting},
 	{name: "boot", modes: allModes, doing: coldBuild | warmPrepare, confirm: true, startsPhase: true,
-		action: (*build).boot, afterAction: FaultAfterStart, state: messages.StateRunning, clock: sincePhaseStart, afterEvent: FaultWaitingAgent},
+		beforeAction: FaultBeforeStart, action: (*build).boot, afterAction: FaultAfterStart, state: messages.StateRunning, clock: sincePhaseStart, afterEvent: FaultWaitingAgent},
 	{name: "give back the slot", modes: warmPrepare, action: (*build).releaseSlot},
 	{name: "wait for the guest agent", modes: coldBuild | warmPrepare, skip: noAgent, confirm: true, startsPhase: true, action: (*build).waitAgent},
 	{name: "detect the guest OS", modes: allModes, doing: coldBuild | warmPrepare, skip: noAgent, confirm: true,
@@ -168,17 +171,16 @@ func (b *build) run(ctx context.Context) error {
 			b.phaseStart = b.cfg.Now()
 		}
 		if s.action != nil && (s.doing == 0 || s.doing&b.mode != 0) {
+			b.cfg.Faults.At(s.beforeAction)
 			if err := s.action(b, ctx); err != nil {
 				return err
 			}
 		}
 		b.cfg.Faults.At(s.afterAction)
-		if s.confirmReport {
+		if s.state != "" {
 			if err := b.claim.confirm(ctx); err != nil {
 				return err
 			}
-		}
-		if s.state != "" {
 			var phase time.Duration
 			switch s.clock {
 			case sinceRequest:
@@ -526,6 +528,13 @@ func (a *actor) answerWaiting(ans answer) {
 // teardown's end, failed for a permanent failure or on the final delivery,
 // nothing for a transient one (the request comes again). It runs in the
 // build's slot, to the end even when the build was stopped.
+//
+// The outcome is this host's to decide only while it holds the job's
+// claim: the claim is confirmed before anything is decided and again
+// before an outcome is published, so a host that stalled inside a step and
+// lost the job meanwhile ends the build with dropped, whatever the step's
+// error; one that cannot confirm it publishes nothing and hands the
+// request back.
 func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.Context) func() {
 	em, d, holder := a.rec.em, a.build.d, a.rec.claim.lostTo
 	var end ending
@@ -534,6 +543,7 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 		end = *a.end
 	}
 	jobID, key := a.jobID, a.key
+	claim := claimer{a: a, d: d}
 	// A failure of a machine that was built may hold it, and its failed
 	// event carries its console; the job's secrets come from its request.
 	var hold time.Duration
@@ -552,18 +562,18 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 		// build and the teardowns that superseded it are told.
 		var result, ended error
 		finished, release := false, true
-		dropped, isDrop := isDropped(err)
-		if !isDrop {
-			dropped, isDrop = isDropped(stopped)
+		// ours confirms the claim before an outcome is decided: nil while
+		// this host holds the job, *Dropped once another host took it,
+		// another error when that cannot be told now.
+		ours := func() error {
+			if !claimed {
+				return nil
+			}
+			return claim.confirm(ctx)
 		}
-		switch {
-		case !claimed && !isDrop:
-			// Nothing was built, nobody was told: the request comes again.
-			result, release = err, false
-			ended = fmt.Errorf("job %s was not claimed: %w", jobID, err)
-		case isDrop:
-			// Another host serves the job now: undo what this delivery
-			// built, say so, and leave the request to the holder.
+		// drop undoes what this delivery built and says so: another host
+		// serves the job now, and the request is left to it.
+		drop := func(dropped *Dropped) {
 			release = false
 			if dropped.Holder == "" {
 				dropped.Holder = holder
@@ -583,6 +593,37 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 			// The teardown is answered by its next delivery, which finds
 			// no machine of the job here (unknown_job).
 			ended = fmt.Errorf("job %s went to host %s while its teardown waited", jobID, dropped.Holder)
+		}
+		// unsure hands the request back without an outcome: whether the
+		// job is still this host's is not known.
+		unsure := func(cerr error) {
+			result = errors.Join(err, cerr)
+			ended = fmt.Errorf("the claim of job %s could not be confirmed: %w", jobID, cerr)
+		}
+		dropped, isDrop := isDropped(err)
+		if !isDrop {
+			dropped, isDrop = isDropped(stopped)
+		}
+		var uncertain error
+		if !isDrop {
+			if cerr := ours(); cerr != nil {
+				if dropped, isDrop = isDropped(cerr); !isDrop {
+					uncertain = cerr
+				}
+			}
+		}
+		switch {
+		case !claimed && !isDrop:
+			// Nothing was built, nobody was told: the request comes again.
+			result, release = err, false
+			ended = fmt.Errorf("job %s was not claimed: %w", jobID, err)
+		case isDrop:
+			drop(dropped)
+		case uncertain != nil:
+			unsure(uncertain)
+			if rerr := a.m.removeOwn(ctx, key, true); rerr != nil {
+				result = errors.Join(result, rerr)
+			}
 		case !superseded && hold > 0 && failsForGood(stopped != nil, err, d):
 			// The job fails, and its machine is kept for whoever debugs it.
 			code, _ := classify(stopped != nil, err)
@@ -611,16 +652,26 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 				ended = fmt.Errorf("roll back the build of job %s: %w", jobID, rerr)
 				break
 			}
+			code, permanent := classify(stopped != nil, err)
+			if !superseded && !permanent && !d.Final {
+				result = err
+				break
+			}
+			// The removal took a while: the job must still be this
+			// host's when its end is published.
+			if cerr := ours(); cerr != nil {
+				if dropped, lost := isDropped(cerr); lost {
+					drop(dropped)
+				} else {
+					unsure(cerr)
+				}
+				break
+			}
 			if superseded {
 				// A teardown superseded the build: end the job for it,
 				// with the teardown's delivery.
 				result, ended = ErrSuperseded, a.m.endSuperseded(ctx, &em, end)
 				finished = ended == nil
-				break
-			}
-			code, permanent := classify(stopped != nil, err)
-			if !permanent && !d.Final {
-				result = err
 				break
 			}
 			if perr := em.emit(ctx, messages.StateFailed, d, 0, "", &messages.Error{Code: code, Message: err.Error()}, fill...); perr != nil {

@@ -31,6 +31,9 @@ const (
 	// FaultAfterClone: the domain and its volumes exist, cloned is not
 	// published, the domain is not started.
 	FaultAfterClone = "after_clone"
+	// FaultBeforeStart: cloned is published and the claim confirmed for
+	// the boot, the domain is not started.
+	FaultBeforeStart = "before_start"
 	// FaultAfterStart: the domain runs, running is not published.
 	FaultAfterStart = "after_start"
 	// FaultWaitingAgent: running is published, the guest agent has not
@@ -58,7 +61,7 @@ const (
 
 // FaultPoints lists every fault point in lifecycle order.
 var FaultPoints = []string{
-	FaultAfterAccept, FaultBeforeClone, FaultAfterClone, FaultAfterStart,
+	FaultAfterAccept, FaultBeforeClone, FaultAfterClone, FaultBeforeStart, FaultAfterStart,
 	FaultWaitingAgent, FaultAfterAgentReady, FaultAfterRunnerStart, FaultBeforeAck,
 	FaultAfterRunnerExit, FaultMidTeardown, FaultAfterRemove,
 }

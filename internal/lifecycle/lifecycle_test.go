@@ -25,6 +25,11 @@ type fakeMachines struct {
 	startErr error
 	// cloneGate, when set, blocks Clone until closed or ctx ends.
 	cloneGate chan struct{}
+	// startGate, when set, blocks Start until closed, whatever its ctx
+	// does (a stalled host notices nothing); startWaiting says Start
+	// waits there.
+	startGate    chan struct{}
+	startWaiting bool
 	clones    int
 	removes   int
 	orphans   []string
@@ -97,7 +102,15 @@ func (f *fakeMachines) InspectImage(_ context.Context, image string) (provision.
 
 func (f *fakeMachines) Start(_ context.Context, jobID string) error {
 	f.mu.Lock()
+	gate := f.startGate
+	f.startWaiting = gate != nil
+	f.mu.Unlock()
+	if gate != nil {
+		<-gate
+	}
+	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.startWaiting = false
 	if f.startErr != nil {
 		return f.startErr
 	}
@@ -151,6 +164,13 @@ func (f *fakeMachines) ListOrphanVolumes(context.Context) ([]string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return append([]string(nil), f.orphans...), nil
+}
+
+// waitingStart reports whether Start waits at its gate.
+func (f *fakeMachines) waitingStart() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.startWaiting
 }
 
 func (f *fakeMachines) count() int {

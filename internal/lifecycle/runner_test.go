@@ -27,6 +27,11 @@ type fakeAgent struct {
 	nextPID  int
 	commands []qga.ExecRequest
 	osInfos  int // guest-get-osinfo calls
+	// readyGate, when set, blocks WaitReady until closed, whatever its
+	// ctx does, and then returns readyErr; readyWaiting says it waits.
+	readyGate    chan struct{}
+	readyErr     error
+	readyWaiting bool
 }
 
 func newFakeAgent() *fakeAgent {
@@ -34,11 +39,29 @@ func newFakeAgent() *fakeAgent {
 }
 
 func (a *fakeAgent) WaitReady(ctx context.Context, _ string) error {
+	a.mu.Lock()
+	gate := a.readyGate
+	a.readyWaiting = gate != nil
+	a.mu.Unlock()
+	if gate != nil {
+		<-gate
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		a.readyWaiting = false
+		return a.readyErr
+	}
 	if a.never {
 		<-ctx.Done()
 		return fmt.Errorf("%w: %w", qga.ErrAgentTimeout, ctx.Err())
 	}
 	return nil
+}
+
+// waitingReady reports whether WaitReady waits at its gate.
+func (a *fakeAgent) waitingReady() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.readyWaiting
 }
 
 func (a *fakeAgent) OSInfo(context.Context, string) (qga.OSInfo, error) {

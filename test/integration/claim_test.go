@@ -43,8 +43,8 @@ func (el *eventLog) statesFrom(jobID, host string) []messages.State {
 // (SIGSTOP, as a GC pause or a suspended host would) for longer than
 // AckWait; the server hands the request to worker B, which claims the job
 // and builds it. When A resumes it finds its claim lost, undoes what it
-// built, publishes dropped naming B, leaves the request to B and goes on
-// serving. Both workers share one libvirtd here, which makes the test
+// built, publishes dropped naming B (never a terminal event, whatever its
+// interrupted step did), leaves the request to B and goes on serving. Both workers share one libvirtd here, which makes the test
 // stricter than two hosts: A's rollback must not touch B's machine of the
 // same name.
 func TestOneMachinePerJobAcrossHosts(t *testing.T) {
@@ -55,6 +55,12 @@ func TestOneMachinePerJobAcrossHosts(t *testing.T) {
 		a []messages.State
 	}{
 		{lifecycle.FaultAfterAccept, []messages.State{messages.StateAccepted, messages.StateDropped}},
+		// A stalls after the boot's claim confirmation: B removes A's
+		// machine (its leftover of the same name) and builds its own, so
+		// A's start fails when it resumes. That failure is not A's to
+		// report: A lost the job.
+		{lifecycle.FaultBeforeStart, []messages.State{messages.StateAccepted, messages.StateCloning, messages.StateCloned,
+			messages.StateBooting, messages.StateDropped}},
 		{lifecycle.FaultWaitingAgent, []messages.State{messages.StateAccepted, messages.StateCloning, messages.StateCloned,
 			messages.StateBooting, messages.StateRunning, messages.StateDropped}},
 	} {

@@ -43,6 +43,7 @@ var crashCases = []crashCase{
 	{fault: lifecycle.FaultAfterAccept},
 	{fault: lifecycle.FaultBeforeClone},
 	{fault: lifecycle.FaultAfterClone},
+	{fault: lifecycle.FaultBeforeStart},
 	{fault: lifecycle.FaultAfterStart},
 	{fault: lifecycle.FaultWaitingAgent},
 	{fault: lifecycle.FaultAfterAgentReady},

@@ -30,10 +30,10 @@ type fakeMachines struct {
 	// waits there.
 	startGate    chan struct{}
 	startWaiting bool
-	clones    int
-	removes   int
-	orphans   []string
-	removed   []string
+	clones       int
+	removes      int
+	orphans      []string
+	removed      []string
 	// generations are the images' generations for InspectImage.
 	generations map[string]string
 }

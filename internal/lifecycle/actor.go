@@ -721,6 +721,12 @@ func (a *actor) overdue() *ending {
 // decideEnd begins an end the machine decided by itself: it waits for an
 // operation slot (PhaseEnding), then tears down.
 func (a *actor) decideEnd(root context.Context, e *ending) {
+	if e.d == (Delivery{}) {
+		// No request caused it: its events are named for their origin,
+		// <job_id>:<state>:<reason> (docs/protocol.md 5.6, 8), so that
+		// two ends of one job for different reasons stay apart.
+		e.d = Delivery{Origin: e.reason, Request: a.rec.claim.request}
+	}
 	a.to(PhaseEnding)
 	// Overtaken by a request (run resumes it) or closing: ready again.
 	a.teardownInSlot(root, e, func() { a.to(PhaseReady) })

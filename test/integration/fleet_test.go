@@ -116,6 +116,13 @@ func TestFleetTwoHosts(t *testing.T) {
 		if len(terminal) != 1 || terminal[0].State != messages.StateTornDown {
 			t.Errorf("job %s ended with %+v", j, terminal)
 		}
+		// The watch loop's teardown after the runner's exit, as the
+		// headers say (docs/protocol.md 5.6, 8).
+		for _, st := range []messages.State{messages.StateRunnerExited, messages.StateTearingDown, messages.StateTornDown} {
+			if got, want := eventMsgID(t, js, j, st), fmt.Sprintf("%s:%s:%s", j, st, messages.ReasonRunnerExited); got != want {
+				t.Errorf("job %s: %s stored with Nats-Msg-Id %q, want %q", j, st, got, want)
+			}
+		}
 	}
 	var forwardedByB, settledByB int
 	for _, s := range b.settlements() {

@@ -312,6 +312,21 @@ func followEvents(tb testing.TB, js jetstream.JetStream) *eventLog {
 	return el
 }
 
+// eventMsgID returns the Nats-Msg-Id header of jobID's newest event in
+// state, as the event stream stored it.
+func eventMsgID(tb testing.TB, js jetstream.JetStream, jobID string, state messages.State) string {
+	tb.Helper()
+	s, err := js.Stream(context.Background(), messages.EventsStream)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	raw, err := s.GetLastMsgForSubject(context.Background(), messages.EventFilter("", jobID, state))
+	if err != nil {
+		tb.Fatalf("%s event of %s: %v", state, jobID, err)
+	}
+	return raw.Header.Get(jetstream.MsgIDHeader)
+}
+
 func (el *eventLog) of(jobID string) []messages.Event {
 	el.mu.Lock()
 	defer el.mu.Unlock()

@@ -135,10 +135,16 @@ func (a *actor) releaseHeld(root context.Context, replies ...chan answer) {
 	}
 }
 
-// tickHeld records a hold not recorded yet, and ends a hold whose time
-// is up, in an operation slot of its own.
+// tickHeld ends a hold whose time is up, in an operation slot of its own,
+// whether or not it was recorded, and records one not recorded yet.
 func (a *actor) tickHeld(root context.Context) {
-	if a.act != nil || a.m.cfg.Now().Before(a.rec.retryAt) {
+	now := a.m.cfg.Now()
+	if a.act != nil || now.Before(a.rec.retryAt) {
+		return
+	}
+	if !now.Before(a.rec.heldUntil) {
+		e := &ending{release: true, reason: messages.ReasonHoldExpired, d: Delivery{Origin: messages.ReasonHoldExpired}, self: true}
+		a.teardownInSlot(root, e, func() {})
 		return
 	}
 	if !a.rec.holdRecorded {
@@ -150,7 +156,12 @@ func (a *actor) tickHeld(root context.Context) {
 					a.rec.holdRecorded = true
 					return
 				}
+				// Tried again later, but the hold ends on time whatever
+				// became of its recording.
 				a.rec.retryAt = a.m.cfg.Now().Add(deadlineRetry)
+				if a.rec.heldUntil.Before(a.rec.retryAt) {
+					a.rec.retryAt = a.rec.heldUntil
+				}
 				if a.m.cfg.Report != nil {
 					a.m.cfg.Report("hold", a.jobID, err)
 				}
@@ -158,11 +169,6 @@ func (a *actor) tickHeld(root context.Context) {
 		})
 		return
 	}
-	if a.m.cfg.Now().Before(a.rec.heldUntil) {
-		return
-	}
-	e := &ending{release: true, reason: messages.ReasonHoldExpired, d: Delivery{Origin: messages.ReasonHoldExpired}, self: true}
-	a.teardownInSlot(root, e, func() {})
 }
 
 // onHold: a machine whose job runs is held when the job ends; a held one

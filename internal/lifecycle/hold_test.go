@@ -15,6 +15,9 @@ import (
 func (f *fakeMachines) SetHold(_ context.Context, key string, h provision.Hold) (provision.Machine, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.holdErr != nil {
+		return provision.Machine{}, f.holdErr
+	}
 	m, ok := f.machines[key]
 	if !ok {
 		return provision.Machine{}, provision.ErrNotFound
@@ -232,4 +235,34 @@ func TestHoldSurvivesRestart(t *testing.T) {
 	tickAll(t, m2)
 	waitFor(t, func() bool { _, ok := fx.fm.machine("j2"); return !ok })
 	waitFor(t, func() bool { return fx.rec.last("j2").State == messages.StateReleased })
+}
+
+// TestUnrecordedHoldExpires: a hold whose recording keeps failing (libvirt
+// refuses the metadata) still ends at its time: the machine is removed and
+// released published, as for a recorded hold.
+func TestUnrecordedHoldExpires(t *testing.T) {
+	fx := holdFixture(time.Hour)
+	ctx := context.Background()
+	fx.fm.startErr = errors.New("no memory for the guest")
+	fx.fm.holdErr = errors.New("metadata: operation failed")
+	req := fx.request("j1", "debian")
+	req.HoldOnFailureS = 30
+	var f *Failure
+	if err := fx.m.Provision(ctx, req, first); !errors.As(err, &f) || f.Code != messages.CodeBootFailed {
+		t.Fatalf("Provision = %v, want boot_failed", err)
+	}
+	if held := fx.m.Held(); len(held) != 1 {
+		t.Fatalf("Held = %+v, want the machine held though its hold is not recorded", held)
+	}
+	tickAll(t, fx.m) // tries to record the hold again, and fails
+	fx.clk.Advance(31 * time.Second)
+	tickAll(t, fx.m)
+	waitFor(t, func() bool { return fx.rec.last("j1").State == messages.StateReleased })
+	if _, ok := fx.fm.machine("j1"); ok {
+		t.Fatal("the machine is still there after its hold")
+	}
+	if ev := fx.rec.last("j1"); ev.Reason != messages.ReasonHoldExpired {
+		t.Fatalf("released with reason %q", ev.Reason)
+	}
+	waitFor(t, func() bool { return fx.m.Active() == 0 && len(fx.m.Held()) == 0 })
 }

@@ -23,6 +23,8 @@ type fakeMachines struct {
 	machines map[string]*provision.Machine
 	cloneErr error
 	startErr error
+	// holdErr, when set, fails SetHold.
+	holdErr error
 	// cloneGate, when set, blocks Clone until closed or ctx ends.
 	cloneGate chan struct{}
 	// startGate, when set, blocks Start until closed, whatever its ctx

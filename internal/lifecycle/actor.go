@@ -44,6 +44,11 @@ const (
 	// PhaseHeld: the job ended, and its machine is kept, shut off, until
 	// its hold ends or an operator releases it (hold.go).
 	PhaseHeld
+	// PhaseRemoving: a build's rollback could not remove its machine,
+	// which may run the job's runner: it still counts, keeps the job's
+	// claim, and its removal is tried again at ticks; provisions of its
+	// job wait for that, a teardown request ends the job.
+	PhaseRemoving
 	// PhaseSettling: work for a job with no machine known yet: finding
 	// out whether one exists (a teardown, an adoption) or publishing what
 	// a request or a restart needs (a refusal, an end cut off by a crash).
@@ -55,7 +60,7 @@ const (
 var phaseNames = map[Phase]string{
 	PhaseNew: "new", PhaseBuilding: "building", PhaseRollingBack: "rolling_back", PhaseReady: "ready",
 	PhaseEnding: "ending", PhaseTearingDown: "tearing_down", PhaseSettling: "settling", PhaseGone: "gone",
-	PhaseWarming: "warming", PhaseIdle: "idle", PhaseHeld: "held",
+	PhaseWarming: "warming", PhaseIdle: "idle", PhaseHeld: "held", PhaseRemoving: "removing",
 }
 
 func (p Phase) String() string { return phaseNames[p] }
@@ -68,10 +73,11 @@ var transitions = map[Phase][]Phase{
 	PhaseWarming:     {PhaseIdle, PhaseRollingBack},
 	PhaseIdle:        {PhaseBuilding, PhaseTearingDown},
 	PhaseBuilding:    {PhaseReady, PhaseRollingBack},
-	PhaseRollingBack: {PhaseGone, PhaseHeld},
+	PhaseRollingBack: {PhaseGone, PhaseHeld, PhaseIdle, PhaseRemoving},
 	PhaseReady:       {PhaseEnding, PhaseTearingDown},
 	PhaseEnding:      {PhaseTearingDown, PhaseReady},
-	PhaseTearingDown: {PhaseGone, PhaseReady, PhaseHeld},
+	PhaseTearingDown: {PhaseGone, PhaseReady, PhaseHeld, PhaseRemoving},
+	PhaseRemoving:    {PhaseTearingDown},
 	PhaseHeld:        {PhaseTearingDown},
 	PhaseSettling:    {PhaseReady, PhaseTearingDown, PhaseHeld, PhaseGone},
 }
@@ -142,9 +148,12 @@ type teardownCmd struct {
 }
 
 // adoptCmd hands a machine found on the host to a new actor (Reconcile).
+// extra: the job has another machine, which its actor tracks; this one is
+// removed without events.
 type adoptCmd struct {
 	replyTo
-	mach provision.Machine
+	mach  provision.Machine
+	extra bool
 }
 
 // rejectCmd publishes the failed event of a refused request.
@@ -205,6 +214,9 @@ type ending struct {
 	// hold keeps the machine that long instead of removing it; set as
 	// the teardown begins (holdFor).
 	hold time.Duration
+	// back is the phase a teardown that must be tried again returns to;
+	// set as it begins.
+	back Phase
 }
 
 // record is everything known of one machine and its job. Only the actor's
@@ -307,6 +319,9 @@ type actor struct {
 	// size is what the machine holds of the host while it counts,
 	// guarded by the Manager's mu.
 	size Size
+	// pooled is a warm machine's entry in its pool when a job last took
+	// it from there, guarded by the Manager's mu.
+	pooled idleMachine
 	// inbox is unbuffered: a command is either taken by the running actor
 	// or, once stopped is closed, not at all.
 	inbox   chan command
@@ -567,6 +582,8 @@ func (a *actor) onProvision(root context.Context, c *provisionCmd) {
 		a.startBuild(root, c)
 	case PhaseBuilding, PhaseRollingBack, PhaseSettling:
 		a.waiting = append(a.waiting, c.reply)
+	case PhaseRemoving:
+		c.reply <- answer{err: fmt.Errorf("the machine an earlier delivery of job %s built is not removed yet", a.jobID)}
 	default:
 		c.reply <- answer{}
 	}
@@ -589,7 +606,7 @@ func (a *actor) onTeardown(root context.Context, c *teardownCmd) {
 		a.to(PhaseSettling)
 		a.enders = append(a.enders, c.reply)
 		a.launch(root, "look up machine", a.lookUpForTeardown(e))
-	case a.rec.phase == PhaseReady || a.rec.phase == PhaseEnding:
+	case a.rec.phase == PhaseReady || a.rec.phase == PhaseEnding || a.rec.phase == PhaseRemoving:
 		a.enders = append(a.enders, c.reply)
 		if a.pending != nil {
 			return // a teardown is about to begin: its end answers this one too
@@ -622,6 +639,17 @@ func (a *actor) onAdopt(root context.Context, c *adoptCmd) {
 	}
 	a.to(PhaseSettling)
 	a.enders = append(a.enders, c.reply)
+	if c.extra {
+		key := a.key
+		a.launch(root, "remove a second machine", func(ctx context.Context) func() {
+			err := a.m.removeOwn(ctx, key, false)
+			if err != nil {
+				err = fmt.Errorf("remove %s, a second machine of job %s: %w", messages.DomainName(key), a.jobID, err)
+			}
+			return func() { a.settled(false, err) }
+		})
+		return
+	}
 	a.launch(root, "adopt", a.adopt(c.mach))
 }
 
@@ -652,6 +680,7 @@ func (a *actor) onFinish(root context.Context, c *finishCmd) {
 	a.to(PhaseSettling)
 	a.rec.image, a.rec.domain, a.rec.runner.os = c.last.Image, c.last.Domain, c.last.OS
 	a.rec.em.identify(a.rec)
+	a.rec.em.machine = c.last.Machine
 	em := a.rec.em
 	a.launch(root, "finish teardown", func(ctx context.Context) func() {
 		finished, err := a.m.finishTeardown(ctx, &em, c)
@@ -673,6 +702,8 @@ func (a *actor) tick(root context.Context) {
 		}
 	case PhaseHeld:
 		a.tickHeld(root)
+	case PhaseRemoving:
+		a.tickRemoving(root)
 	case PhaseBuilding:
 		if !a.rec.claim.taken {
 			return // the build has not claimed the job yet

@@ -138,9 +138,15 @@ type build struct {
 	// claimed: the claim was taken, so what carries the job's name on
 	// the host is this build's to remove.
 	claimed bool
-	// cloned: the machine was defined, so it has a console log, and a
-	// failure may hold it.
+	// cloned: the machine was defined (or a warm one bound), so it has a
+	// console log, and a failure may hold it.
 	cloned bool
+	// bindTried: a warm machine's binding was asked of libvirt, so its
+	// metadata may name the job; bound: it does.
+	bindTried, bound bool
+	// machineEm is a warm machine's own emitter, from before its binding,
+	// for its events should the binding fail.
+	machineEm emitter
 	// holdOnFailure is recorded with the machine, for a later process.
 	holdOnFailure time.Duration
 	phaseStart    time.Time
@@ -232,6 +238,7 @@ func (b *build) releaseSlot(context.Context) error {
 // bindMachine records the job in the warm machine's metadata, so that a
 // worker started later knows the machine as the job's.
 func (b *build) bindMachine(ctx context.Context) error {
+	b.bindTried = true
 	mach, err := b.cfg.Pool.Machines.Bind(ctx, b.key, provision.Binding{
 		JobID: b.jobID, RunnerKind: string(b.req.Runner.Kind), RequestedAt: b.req.RequestedAt, Deadline: b.deadline,
 		HoldOnFailure: b.holdOnFailure,
@@ -239,6 +246,7 @@ func (b *build) bindMachine(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	b.bound, b.cloned = true, true
 	if !mach.Running {
 		return fmt.Errorf("bind warm machine %s: it is not running", b.domain)
 	}
@@ -400,6 +408,7 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 		start = now
 	}
 	mode := coldBuild
+	machineEm := a.rec.em
 	if c.warm {
 		// The job binds this warm machine: from now on its events are
 		// the job's, numbered from the job's own history.
@@ -424,6 +433,7 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 	b := &build{
 		a: a, cfg: &a.m.cfg, m: a.m, mode: mode, jobID: a.jobID, key: a.key, domain: a.rec.domain, deadline: a.rec.deadline,
 		req: req, d: c.d, em: a.rec.em, claim: claimer{a: a, d: c.d}, holdOnFailure: a.rec.holdOnFailure,
+		machineEm: machineEm,
 	}
 	// The table of runner kinds says which fields are secrets.
 	secrets := runners.Secrets(req.Runner)
@@ -450,7 +460,7 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 				err = ErrSuperseded
 			}
 			a.to(PhaseRollingBack)
-			a.launch(root, "roll back", a.rollback(err, stopped, b.claimed, b.cloned))
+			a.launch(root, "roll back", a.rollback(b, err, stopped))
 		}
 	})
 }
@@ -535,8 +545,16 @@ func (a *actor) answerWaiting(ans answer) {
 // lost the job meanwhile ends the build with dropped, whatever the step's
 // error; one that cannot confirm it publishes nothing and hands the
 // request back.
-func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.Context) func() {
+//
+// A warm machine the job took but did not bind (its claim was held
+// elsewhere, or the build stopped first) goes back to its pool: nothing of
+// the job reached it. One whose binding libvirt refused is retired, as
+// its metadata is not known. A machine the rollback cannot remove is not
+// forgotten: it stays counted, with its job's claim, and its removal is
+// tried again at ticks (PhaseRemoving).
+func (a *actor) rollback(b *build, err, stopped error) func(context.Context) func() {
 	em, d, holder := a.rec.em, a.build.d, a.rec.claim.lostTo
+	claimed := b.claimed
 	var end ending
 	superseded := a.end != nil
 	if superseded {
@@ -544,11 +562,14 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 	}
 	jobID, key := a.jobID, a.key
 	claim := claimer{a: a, d: d}
+	unbound := b.mode == warmBind && !b.bindTried
+	retireWarm := b.mode == warmBind && b.bindTried && !b.bound
+	machineEm := b.machineEm
 	// A failure of a machine that was built may hold it, and its failed
 	// event carries its console; the job's secrets come from its request.
 	var hold time.Duration
 	var con consoleSource
-	if cloned {
+	if b.cloned {
 		hold = a.holdFor(&ending{cause: &messages.Error{}})
 		con = a.consoleSource()
 		con.secrets, con.known = runners.Secrets(a.build.req.Runner), true
@@ -562,6 +583,19 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 		// build and the teardowns that superseded it are told.
 		var result, ended error
 		finished, release := false, true
+		// leftover: a machine of the job's is still there, which this host
+		// could not remove.
+		leftover := false
+		removeMine := func(orphans bool) error {
+			if unbound {
+				return nil // the pool's, not the job's
+			}
+			rerr := a.m.removeOwn(ctx, key, orphans)
+			if rerr != nil {
+				leftover = true
+			}
+			return rerr
+		}
 		// ours confirms the claim before an outcome is decided: nil while
 		// this host holds the job, *Dropped once another host took it,
 		// another error when that cannot be told now.
@@ -580,7 +614,7 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 			}
 			result = dropped
 			if claimed {
-				if rerr := a.m.removeOwn(ctx, key, false); rerr != nil {
+				if rerr := removeMine(false); rerr != nil {
 					result = errors.Join(dropped, rerr)
 				}
 			}
@@ -621,7 +655,21 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 			drop(dropped)
 		case uncertain != nil:
 			unsure(uncertain)
-			if rerr := a.m.removeOwn(ctx, key, true); rerr != nil {
+			if rerr := removeMine(true); rerr != nil {
+				result = errors.Join(result, rerr)
+			}
+		case unbound:
+			// The build stopped between the claim and the binding: the
+			// machine goes back to its pool, the request comes again.
+			result = err
+			ended = fmt.Errorf("job %s was not built: %w", jobID, err)
+		case retireWarm:
+			result = err
+			ended = fmt.Errorf("job %s was not built: %w", jobID, err)
+			outcome, _, rerr := a.m.remove(ctx, key, &machineEm,
+				ending{reason: messages.ReasonBindFailed, d: Delivery{Origin: messages.ReasonBindFailed}}, "", consoleSource{})
+			if outcome != tornDown {
+				leftover = true
 				result = errors.Join(result, rerr)
 			}
 		case !superseded && hold > 0 && failsForGood(stopped != nil, err, d):
@@ -633,7 +681,7 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 				// Unpublished: nobody knows of the hold; remove the
 				// machine and let the request come again.
 				result = errors.Join(err, perr)
-				if rerr := a.m.removeOwn(ctx, key, true); rerr != nil {
+				if rerr := removeMine(true); rerr != nil {
 					result = errors.Join(result, rerr)
 				}
 				break
@@ -645,9 +693,9 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 			if !superseded && failsForGood(stopped != nil, err, d) {
 				fill = append(fill, con.fill()) // read before the machine and its log go
 			}
-			if rerr := a.m.removeOwn(ctx, key, true); rerr != nil {
-				// The machine may still exist: let the request come again,
-				// which removes the leftover before building anew.
+			if rerr := removeMine(true); rerr != nil {
+				// The machine is still there: it is removed later, and
+				// the request, which comes again, waits for that.
 				result = errors.Join(err, rerr)
 				ended = fmt.Errorf("roll back the build of job %s: %w", jobID, rerr)
 				break
@@ -681,13 +729,27 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 			result, finished = &Failure{Code: code, Err: err}, true
 		}
 		return func() {
-			a.rec.em = em
-			if heldUntil.IsZero() {
+			switch {
+			case unbound:
+				a.rec.em = em
+				if release {
+					a.releaseClaim()
+				}
+				a.returnToPool(machineEm)
+			case leftover:
+				a.rec.em = em
+				a.rec.retryAt = time.Time{}
+				a.to(PhaseRemoving)
+				// The claim stays while the machine does: no other host
+				// builds the job beside a machine that may run its runner.
+			case heldUntil.IsZero():
+				a.rec.em = em
 				a.to(PhaseGone)
-			} else {
+			default:
+				a.rec.em = em
 				a.enterHeld(heldUntil, holdRecorded)
 			}
-			if release {
+			if release && !unbound && !leftover {
 				// The job's claim goes: a redelivery may be served by
 				// any host at once.
 				a.releaseClaim()
@@ -708,8 +770,8 @@ func (a *actor) rollback(err, stopped error, claimed, cloned bool) func(context.
 					c <- answer{}
 				default:
 					// A teardown that came while the build rolled back: this
-					// host has no machine of the job now; ask again, which
-					// says so (unknown_job).
+					// host has no machine of the job now (or one that is
+					// being removed); ask again.
 					c <- answer{retry: true}
 				}
 			}

@@ -23,8 +23,8 @@ type fakeMachines struct {
 	machines map[string]*provision.Machine
 	cloneErr error
 	startErr error
-	// holdErr, when set, fails SetHold.
-	holdErr error
+	// holdErr, when set, fails SetHold; bindErr Bind; removeErr Remove.
+	holdErr, bindErr, removeErr error
 	// cloneGate, when set, blocks Clone until closed or ctx ends.
 	cloneGate chan struct{}
 	// startGate, when set, blocks Start until closed, whatever its ctx
@@ -82,6 +82,9 @@ func (f *fakeMachines) Clone(ctx context.Context, s provision.Spec) (provision.M
 func (f *fakeMachines) Bind(_ context.Context, key string, b provision.Binding) (provision.Machine, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.bindErr != nil {
+		return provision.Machine{}, f.bindErr
+	}
 	m, ok := f.machines[key]
 	if !ok {
 		return provision.Machine{}, provision.ErrNotFound
@@ -127,6 +130,9 @@ func (f *fakeMachines) Start(_ context.Context, jobID string) error {
 func (f *fakeMachines) Remove(_ context.Context, jobID string) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.removeErr != nil {
+		return false, f.removeErr
+	}
 	f.removes++
 	f.removed = append(f.removed, jobID)
 	_, ok := f.machines[jobID]
@@ -168,6 +174,13 @@ func (f *fakeMachines) ListOrphanVolumes(context.Context) ([]string, error) {
 	return append([]string(nil), f.orphans...), nil
 }
 
+// failRemoves makes Remove fail with err, or succeed again with nil.
+func (f *fakeMachines) failRemoves(err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.removeErr = err
+}
+
 // waitingStart reports whether Start waits at its gate.
 func (f *fakeMachines) waitingStart() bool {
 	f.mu.Lock()
@@ -188,6 +201,16 @@ type recorder struct {
 	events []messages.Event
 	ids    map[string]int // msgID -> position
 	fail   error
+	// failState and failErr fail the Appends of events in that state.
+	failState messages.State
+	failErr   error
+}
+
+// failOn makes Appends of events in state fail with err; "" and nil undo.
+func (r *recorder) failOn(state messages.State, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.failState, r.failErr = state, err
 }
 
 // Publish stores ev unconditionally, as another host or an earlier process
@@ -221,6 +244,9 @@ func (r *recorder) Append(_ context.Context, ev messages.Event, msgID string, af
 	defer r.mu.Unlock()
 	if r.fail != nil {
 		return 0, 0, r.fail
+	}
+	if r.failErr != nil && ev.State == r.failState {
+		return 0, 0, r.failErr
 	}
 	var newest uint64
 	for i, e := range r.events {

@@ -359,21 +359,31 @@ func (m *Manager) lookup(jobID string, mode spawnMode) (a *actor, created, finis
 
 // spawnAdopter returns a new actor for a machine found on the host, under
 // its key and its job (none for a warm machine no job bound), or nil when
-// an actor has the machine or the job already.
-func (m *Manager) spawnAdopter(mach provision.Machine) *actor {
+// an actor has the machine already. extra: the job has an actor with
+// another machine, so this one is a second machine of the job (a warm
+// machine an earlier process bound and then lost track of), registered
+// under its key only, to be removed.
+func (m *Manager) spawnAdopter(mach provision.Machine) (a *actor, extra bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.closed || m.byKey[mach.Key] != nil || mach.JobID != "" && m.byJob[mach.JobID] != nil {
-		return nil
+	if m.closed || m.byKey[mach.Key] != nil {
+		return nil, false
 	}
-	a := newActor(m, mach.JobID)
+	register := mach.JobID
+	if o := m.byJob[mach.JobID]; mach.JobID != "" && o != nil {
+		if o.key == mach.Key {
+			return nil, false
+		}
+		register, extra = "", true
+	}
+	a = newActor(m, mach.JobID)
 	a.key = mach.Key
 	if mach.Warm {
 		a.rec.em.machine = mach.Key
 	}
-	m.registerLocked(a, mach.JobID)
+	m.registerLocked(a, register)
 	m.actors.Go(func() { a.run(m.root) })
-	return a
+	return a, extra
 }
 
 // registerLocked enters a into the registry: under its key, and under

@@ -24,6 +24,11 @@ func TestPhaseTransitions(t *testing.T) {
 		{PhaseSettling, PhaseTearingDown, true},
 		{PhaseSettling, PhaseBuilding, false},
 		{PhaseGone, PhaseReady, false},
+		{PhaseRollingBack, PhaseIdle, true},     // a warm machine its job did not bind goes back to its pool
+		{PhaseRollingBack, PhaseRemoving, true}, // a machine the rollback could not remove
+		{PhaseRemoving, PhaseTearingDown, true},
+		{PhaseRemoving, PhaseReady, false},
+		{PhaseTearingDown, PhaseRemoving, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.from.String()+"->"+tt.to.String(), func(t *testing.T) {

@@ -123,9 +123,30 @@ func (p *poolState) popLocked(image string, req *messages.Provision) *actor {
 	if best < 0 {
 		return nil
 	}
-	a := p.idle[bestImage][best].a
+	im := p.idle[bestImage][best]
+	im.a.pooled = im
 	p.idle[bestImage] = slices.Delete(p.idle[bestImage], best, best+1)
-	return a
+	return im.a
+}
+
+// unbind takes a job's registration off warm machine a, which the job
+// took from its pool but did not bind, and puts a back among the idle
+// machines as it was.
+func (m *Manager) unbind(a *actor) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if a.registered != "" && m.byJob[a.registered] == a {
+		delete(m.byJob, a.registered)
+	}
+	a.registered = ""
+	im := a.pooled
+	im.a = a
+	l := m.pool.idle[a.rec.image]
+	i := slices.IndexFunc(l, func(o idleMachine) bool { return im.since.Before(o.since) })
+	if i < 0 {
+		i = len(l)
+	}
+	m.pool.idle[a.rec.image] = slices.Insert(l, i, im)
 }
 
 // servesSize reports whether a warm machine of size sz is what req asks

@@ -39,6 +39,13 @@ const (
 // the request that asked for it, or in release's for an end the machine
 // decided itself. A machine the end holds (holdFor) is kept instead.
 func (a *actor) startTeardown(root context.Context, e *ending, release func()) {
+	e.back = PhaseReady
+	switch {
+	case e.release:
+		e.back = PhaseHeld
+	case a.rec.phase == PhaseRemoving:
+		e.back = PhaseRemoving
+	}
 	if a.rec.phase != PhaseTearingDown {
 		a.to(PhaseTearingDown)
 	}
@@ -91,11 +98,7 @@ func (a *actor) endTeardown(e *ending, outcome teardownOutcome, until time.Time,
 		if a.jobID == "" {
 			a.rec.retiring = e.reason // a warm machine's retirement, tried again
 		}
-		if e.release {
-			a.to(PhaseHeld)
-		} else {
-			a.to(PhaseReady)
-		}
+		a.to(e.back)
 		if e.self && err != nil && a.m.cfg.Report != nil {
 			a.m.cfg.Report(e.reason, a.jobID, err)
 		}
@@ -217,12 +220,46 @@ func (a *actor) lookUpForTeardown(e *ending) func(context.Context) func() {
 				a.startTeardown(a.m.root, e, nil)
 			}
 		}
+		// A warm machine bound to the job has a name of its own, which
+		// the job's events tell: one this process does not track yet is
+		// adopted by the next reconciliation, before which the job is not
+		// to be declared unknown.
+		if key, err := a.m.warmMachineOf(ctx, a.jobID); err != nil || key != "" {
+			if err == nil {
+				err = fmt.Errorf("job %s has machine %s, which this worker does not track yet", a.jobID, messages.DomainName(key))
+			}
+			return func() { a.settled(false, err) }
+		}
 		finished, err := a.m.unknownTeardown(ctx, &em, *e)
 		return func() {
 			a.rec.em = em
 			a.settled(finished, err)
 		}
 	}
+}
+
+// warmMachineOf returns the key of the warm machine bound to jobID on
+// this host, as the job's newest event of this host names it, if that
+// machine exists and names the job; "" otherwise.
+func (m *Manager) warmMachineOf(ctx context.Context, jobID string) (string, error) {
+	if m.cfg.History == nil {
+		return "", nil
+	}
+	last, found, err := m.cfg.History.LastEvent(ctx, jobID, m.cfg.Host)
+	if err != nil {
+		return "", fmt.Errorf("read the events of job %s: %w", jobID, err)
+	}
+	if !found || last.Machine == "" || !messages.ValidWarmKey(last.Machine) {
+		return "", nil
+	}
+	mach, found, err := m.cfg.Machines.Lookup(ctx, last.Machine)
+	if err != nil {
+		return "", fmt.Errorf("look up machine %s of job %s: %w", messages.DomainName(last.Machine), jobID, err)
+	}
+	if !found || mach.JobID != jobID {
+		return "", nil
+	}
+	return last.Machine, nil
 }
 
 // settled ends a job's bookkeeping that found no machine.
@@ -414,11 +451,11 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 		}
 		// A finished job's machine is adopted too: its last event is
 		// terminal, so it is removed as half-built.
-		a := m.spawnAdopter(mach)
+		a, extra := m.spawnAdopter(mach)
 		if a == nil {
 			continue // served already
 		}
-		ans, err := m.send(ctx, a, &adoptCmd{mach: mach})
+		ans, err := m.send(ctx, a, &adoptCmd{mach: mach, extra: extra})
 		if err == nil {
 			err = ans.err
 		}
@@ -539,7 +576,11 @@ func (m *Manager) FinishTeardowns(ctx context.Context) error {
 // exists after all (reconciliation's) or something followed its
 // tearing_down, on any host.
 func (m *Manager) finishTeardown(ctx context.Context, em *emitter, c *finishCmd) (finished bool, err error) {
-	if _, found, err := m.cfg.Machines.Lookup(ctx, em.jobID); err != nil {
+	key := em.jobID
+	if c.last.Machine != "" {
+		key = c.last.Machine // a warm machine's name is its own
+	}
+	if _, found, err := m.cfg.Machines.Lookup(ctx, key); err != nil {
 		return false, fmt.Errorf("look up machine of job %s: %w", em.jobID, err)
 	} else if found {
 		return false, nil
@@ -556,4 +597,44 @@ func (m *Manager) finishTeardown(ctx context.Context, em *emitter, c *finishCmd)
 		return false, err
 	}
 	return true, nil
+}
+
+// tickRemoving tries again to remove the machine a build's rollback could
+// not remove, keeping the job's claim meanwhile; once it is gone the job's
+// next delivery builds anew, here or elsewhere.
+func (a *actor) tickRemoving(root context.Context) {
+	if a.act != nil || a.m.cfg.Now().Before(a.rec.retryAt) {
+		return
+	}
+	if a.rec.claim.rev != 0 {
+		_ = a.keepClaim(root) // lost or not, the machine goes
+	}
+	key := a.key
+	a.launch(root, "remove", func(ctx context.Context) func() {
+		err := a.m.removeOwn(ctx, key, true)
+		return func() {
+			if err != nil {
+				a.rec.retryAt = a.m.cfg.Now().Add(deadlineRetry)
+				if a.m.cfg.Report != nil {
+					a.m.cfg.Report("remove a rolled back machine", a.jobID, err)
+				}
+				return
+			}
+			a.releaseClaim()
+			a.to(PhaseGone)
+		}
+	})
+}
+
+// returnToPool gives a warm machine that a job took but did not bind back
+// to its pool, idle as before with its own events (em).
+func (a *actor) returnToPool(em emitter) {
+	a.m.unbind(a)
+	a.jobID = ""
+	a.rec.em = em
+	a.rec.deadline, a.rec.kind = time.Time{}, ""
+	a.rec.holdOnFailure, a.rec.holdFor = 0, 0
+	a.rec.runner = runnerState{os: a.rec.runner.os}
+	a.rec.claim = claim{}
+	a.to(PhaseIdle)
 }

@@ -193,6 +193,10 @@ const (
 	ReasonDraining     = "draining"
 	ReasonShutdown     = "shutdown"
 	ReasonCapacity     = "capacity"
+	// ReasonBindFailed: a job took the idle warm machine and libvirt
+	// refused to record the job in its metadata, so what the machine is
+	// is not known; it is retired, and the job's request comes again.
+	ReasonBindFailed = "bind_failed"
 	// Reasons a held machine is removed (released): its hold ended, or
 	// an operator released it (worker release).
 	ReasonHoldExpired = "hold_expired"

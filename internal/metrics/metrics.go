@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/sourcegraph/conc"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/worker"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -33,6 +34,8 @@ type Probes struct {
 	NATSConnected, LibvirtConnected func() bool
 	// NATS and Libvirt make a round trip each, for /readyz.
 	NATS, Libvirt func(ctx context.Context) error
+	// Timeout bounds each round trip of /readyz; default 5s.
+	Timeout time.Duration
 }
 
 // Metrics holds the worker's instruments in their own registry.
@@ -186,7 +189,7 @@ func (s *snapshot) Collect(ch chan<- prometheus.Metric) {
 
 // Handler serves /metrics, /healthz (the process answers) and /readyz
 // (NATS and libvirt answer a round trip, and the host is not drained;
-// 503 with the reason otherwise).
+// 503 with the reasons otherwise).
 func (m *Metrics) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
@@ -194,20 +197,7 @@ func (m *Metrics) Handler() http.Handler {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
-		defer cancel()
-		var problems []string
-		for _, p := range []struct {
-			name string
-			f    func(context.Context) error
-		}{{"nats", m.probes.NATS}, {"libvirt", m.probes.Libvirt}} {
-			if p.f == nil {
-				continue
-			}
-			if err := p.f(ctx); err != nil {
-				problems = append(problems, fmt.Sprintf("%s: %v", p.name, err))
-			}
-		}
+		problems := m.check(r.Context())
 		if st := m.src.Snapshot().State; st == messages.HostDrained {
 			problems = append(problems, "host drained")
 		}
@@ -221,4 +211,39 @@ func (m *Metrics) Handler() http.Handler {
 		fmt.Fprintln(w, "ready")
 	})
 	return mux
+}
+
+// check makes the round trips of /readyz at once, each within its own
+// deadline, so that a connection that hangs neither delays the answer
+// past one timeout nor makes the other check fail. It returns the failed
+// checks, in a fixed order.
+func (m *Metrics) check(ctx context.Context) []string {
+	timeout := m.probes.Timeout
+	if timeout <= 0 {
+		timeout = 5 * time.Second
+	}
+	checks := []struct {
+		name string
+		f    func(context.Context) error
+	}{{"nats", m.probes.NATS}, {"libvirt", m.probes.Libvirt}}
+	errs := make([]error, len(checks))
+	var wg conc.WaitGroup
+	for i, c := range checks {
+		if c.f == nil {
+			continue
+		}
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(ctx, timeout)
+			defer cancel()
+			errs[i] = c.f(ctx)
+		})
+	}
+	wg.Wait()
+	var problems []string
+	for i, err := range errs {
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("%s: %v", checks[i].name, err))
+		}
+	}
+	return problems
 }

@@ -2,9 +2,13 @@ package metrics
 
 import (
 	"context"
+	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +23,10 @@ type source struct {
 }
 
 func (s *source) Snapshot() worker.Snapshot { return s.snap }
+
+func (s *source) Carries(image string) bool {
+	return slices.ContainsFunc(s.snap.Images, func(img messages.HostImage) bool { return img.Name == image })
+}
 
 // get answers a GET of path on a server of m's handler.
 func get(t *testing.T, m *Metrics, path string) (int, string) {
@@ -75,6 +83,59 @@ func TestReadyz(t *testing.T) {
 			for _, n := range tt.not {
 				if strings.Contains(body, n) {
 					t.Errorf("the answer names %q:\n%s", n, body)
+				}
+			}
+		})
+	}
+}
+
+// TestImageLabelBounded: requests name any image they like; the image
+// label names only the images the host carries, and counts the rest as
+// one, so made-up images add no series.
+func TestImageLabelBounded(t *testing.T) {
+	src := &source{snap: worker.Snapshot{
+		State:    messages.HostActive,
+		Images:   []messages.HostImage{{Name: "debian-12", Admitted: true}},
+		Machines: map[string]int{"debian-12": 2},
+	}}
+	m := New(src, Probes{})
+	m.Observe(messages.Event{State: messages.StateAccepted, Image: "debian-12", PhaseMS: 5})
+	for i := range 100 {
+		image := fmt.Sprintf("made-up-%d", i)
+		// A pinned request for an image the host does not have is
+		// accepted, then fails; its machine counts while it is built.
+		src.snap.Machines[image] = 1
+		m.Observe(messages.Event{State: messages.StateAccepted, Image: image, PhaseMS: 5})
+		m.Observe(messages.Event{State: messages.StateFailed, Image: image,
+			Error: &messages.Error{Code: messages.CodeImageNotFound}})
+	}
+	_, body := get(t, m, "/metrics")
+	for _, tt := range []struct {
+		series string
+		want   map[string]string // image label: value
+	}{
+		{"stretchy_worker_phase_duration_seconds_count", map[string]string{"debian-12": "1", otherImage: "100"}},
+		{"stretchy_worker_machines_running", map[string]string{"debian-12": "2", otherImage: "100"}},
+	} {
+		t.Run(tt.series, func(t *testing.T) {
+			got := map[string]string{}
+			label := regexp.MustCompile(`image="([^"]*)"`)
+			for _, line := range strings.Split(body, "\n") {
+				if !strings.HasPrefix(line, tt.series+"{") {
+					continue
+				}
+				image := label.FindStringSubmatch(line)
+				if image == nil {
+					t.Fatalf("no image label: %s", line)
+				}
+				got[image[1]] = line[strings.LastIndex(line, " ")+1:]
+			}
+			if len(got) != len(tt.want) {
+				t.Errorf("%d series, want %d: %v", len(got), len(tt.want), slices.Sorted(maps.Keys(got)))
+			}
+			for image, v := range tt.want {
+				if got[image] != v {
+					t.Errorf("image %q: %q, want %q", image, got[image], v)
 				}
 			}
 		})

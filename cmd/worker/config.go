@@ -83,11 +83,26 @@ func envOf(flagName string) string {
 	return "STRETCHY_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
-// patterns is a list of shell patterns, from a comma-separated flag value
-// (repeatable) or a TOML array.
+// listValue is a setting of several values: a flag repeated or comma
+// separated, a variable comma separated, a TOML array of strings (or one
+// string, comma separated) in the config file.
+type listValue interface {
+	flag.Value
+	// reset empties the list, so that a source replaces the default
+	// rather than adding to it.
+	reset()
+	// items are the values, as Set takes them one by one.
+	items() []string
+}
+
+// patterns is a list of shell patterns.
 type patterns []string
 
 func (p *patterns) String() string { return strings.Join(*p, ",") }
+
+func (p *patterns) reset() { *p = nil }
+
+func (p *patterns) items() []string { return slices.Clone(*p) }
 
 func (p *patterns) Set(v string) error {
 	for _, s := range strings.Split(v, ",") {
@@ -102,17 +117,20 @@ func (p *patterns) Set(v string) error {
 	return nil
 }
 
-// warmPools are the warm pools of a host: image=N, comma separated or
-// repeated, or a TOML array of such strings.
+// warmPools are the warm pools of a host: a list of image=N.
 type warmPools map[string]int
 
-func (w *warmPools) String() string {
+func (w *warmPools) String() string { return strings.Join(w.items(), ",") }
+
+func (w *warmPools) reset() { *w = nil }
+
+func (w *warmPools) items() []string {
 	var parts []string
 	for image, n := range *w {
 		parts = append(parts, fmt.Sprintf("%s=%d", image, n))
 	}
 	slices.Sort(parts)
-	return strings.Join(parts, ",")
+	return parts
 }
 
 func (w warmPools) total() int {
@@ -295,7 +313,7 @@ func loadConfig(name string, args []string) (Config, *flag.FlagSet, error) {
 			return
 		}
 		if err := setFromFile(f, v); err != nil {
-			errs = append(errs, fmt.Errorf("config file %s: %s = %#v: invalid value: %w", cfg.ConfigFile, f.Name, v, err))
+			errs = append(errs, fmt.Errorf("config file %s: %s = %s: invalid value: %w", cfg.ConfigFile, f.Name, fileValue(v), err))
 		}
 	})
 	// The secrets of NATSAuth come from the environment only.
@@ -310,8 +328,8 @@ func loadConfig(name string, args []string) (Config, *flag.FlagSet, error) {
 // resetAndSet sets a flag from one string, replacing (not adding to) a
 // list's default.
 func resetAndSet(f *flag.Flag, v string) error {
-	if p, ok := f.Value.(*patterns); ok {
-		*p = nil
+	if l, ok := f.Value.(listValue); ok {
+		l.reset()
 	}
 	if err := f.Value.Set(v); err != nil {
 		return plainError(err)
@@ -321,7 +339,7 @@ func resetAndSet(f *flag.Flag, v string) error {
 
 // setFromFile sets a flag from a TOML value: strings as written (a
 // duration as "30s", a size as "2GiB"), integers, booleans, and arrays of
-// strings for lists.
+// strings for lists (listValue).
 func setFromFile(f *flag.Flag, v any) error {
 	switch x := v.(type) {
 	case string:
@@ -331,20 +349,38 @@ func setFromFile(f *flag.Flag, v any) error {
 	case bool:
 		return resetAndSet(f, strconv.FormatBool(x))
 	case []any:
-		if _, ok := f.Value.(*patterns); !ok {
+		l, ok := f.Value.(listValue)
+		if !ok {
 			return errors.New("a list where one value is expected")
 		}
-		var items []string
+		l.reset()
 		for _, e := range x {
 			str, ok := e.(string)
 			if !ok {
-				return fmt.Errorf("list entry %v is not a string", e)
+				return fmt.Errorf("list entry %s is not a string", fileValue(e))
 			}
-			items = append(items, str)
+			if err := l.Set(str); err != nil {
+				return err
+			}
 		}
-		return resetAndSet(f, strings.Join(items, ","))
+		return nil
 	}
 	return fmt.Errorf("a %T is not a value of this setting", v)
+}
+
+// fileValue writes a value of the config file as TOML does.
+func fileValue(v any) string {
+	switch x := v.(type) {
+	case string:
+		return tomlString(x)
+	case []any:
+		items := make([]string, len(x))
+		for i, e := range x {
+			items[i] = fileValue(e)
+		}
+		return "[" + strings.Join(items, ", ") + "]"
+	}
+	return fmt.Sprint(v)
 }
 
 // plainError says what the flag package's "parse error" means.

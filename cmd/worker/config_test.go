@@ -130,6 +130,9 @@ func TestConfigBadValue(t *testing.T) {
 			[]string{`STRETCHY_ACK_WAIT="soon": invalid value for --ack-wait`}},
 		{"file", nil, `parallelism = "abc"`, nil, []string{`parallelism = "abc": invalid value`}},
 		{"file type", nil, `max-vms = 1.5`, nil, []string{`max-vms = 1.5: invalid value`}},
+		{"file list for one value", nil, `parallelism = [3]`, nil, []string{`parallelism = [3]: invalid value: a list where one value is expected`}},
+		{"file list entry", nil, `warm = ["debian-12"]`, nil, []string{`warm = ["debian-12"]: invalid value: "debian-12" is not image=N`}},
+		{"file list entry type", nil, `images = ["debian-*", 12]`, nil, []string{`images = ["debian-*", 12]: invalid value: list entry 12 is not a string`}},
 		{"file unknown key", nil, `paralelism = 4`, nil, []string{`unknown setting "paralelism"`}},
 		{"file syntax", nil, `parallelism = `, nil, []string{"config file"}},
 		{"file size", nil, `min-free-space = "lots"`, nil, []string{`min-free-space = "lots": invalid value`}},
@@ -171,6 +174,41 @@ func TestConfigBadValue(t *testing.T) {
 	}
 }
 
+// TestConfigLists: every setting of several values takes a TOML array
+// in the config file, or one string of comma-separated values, as the
+// flag does.
+func TestConfigLists(t *testing.T) {
+	tests := []struct {
+		name, file string
+		env        map[string]string
+		images     string
+		warm       string
+	}{
+		{"arrays", `images = ["debian-*", "win11-*"]` + "\n" + `warm = ["debian-12=2", "win11-24h2=1"]`, nil, "debian-*,win11-*", "debian-12=2,win11-24h2=1"},
+		{"strings", `images = "debian-*,win11-*"` + "\n" + `warm = "debian-12=2,win11-24h2=1"`, nil, "debian-*,win11-*", "debian-12=2,win11-24h2=1"},
+		{"one-entry arrays", `images = ["debian-*"]` + "\n" + `warm = ["debian-12=2"]`, nil, "debian-*", "debian-12=2"},
+		{"empty arrays", "images = []\nwarm = []", nil, "", ""},
+		{"entries with commas", `warm = ["debian-12=2,ubuntu-24.04=1"]`, nil, "", "debian-12=2,ubuntu-24.04=1"},
+		{"the environment replaces the file's", `images = ["debian-*"]` + "\n" + `warm = ["debian-12=2"]`,
+			map[string]string{"STRETCHY_IMAGES": "win11-*", "STRETCHY_WARM": "win11-24h2=1"}, "win11-*", "win11-24h2=1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clearEnv(t)
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			c, _, err := loadConfig("worker run", []string{"--config", writeConfig(t, tt.file)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Images.String() != tt.images || c.Warm.String() != tt.warm {
+				t.Errorf("images %q, warm %q; want %q, %q", c.Images.String(), c.Warm.String(), tt.images, tt.warm)
+			}
+		})
+	}
+}
+
 // TestConsoleCapture: consoles are captured only where the worker can read
 // the files, on the libvirt host.
 func TestConsoleCapture(t *testing.T) {
@@ -198,7 +236,7 @@ func TestConsoleCapture(t *testing.T) {
 func TestConfigPrint(t *testing.T) {
 	clearEnv(t)
 	t.Setenv("STRETCHY_NATS_URL", "nats://user:hunter2@nats1:4222")
-	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--min-free-space", "5GiB", "--parallelism", "4",
+	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--warm", "win-11=2,debian-12=1", "--min-free-space", "5GiB", "--parallelism", "4",
 		"--host-memory", "65536", "--console-dir", "/srv/c", "--max-hold", "15m"})
 	if err != nil {
 		t.Fatal(err)
@@ -213,7 +251,7 @@ func TestConfigPrint(t *testing.T) {
 			t.Fatalf("the printed configuration shows a secret:\n%s", out)
 		}
 	}
-	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`,
+	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*"]`, `warm = ["debian-12=1", "win-11=2"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`,
 		"host-memory = 65536", "max-vcpus-per-machine = 0", `console-dir = "/srv/c"`, `max-hold = "15m0s"`} {
 		if !strings.Contains(out, want) {
 			t.Errorf("missing %q in:\n%s", want, out)
@@ -227,7 +265,7 @@ func TestConfigPrint(t *testing.T) {
 		t.Fatal(err)
 	}
 	back.ConfigFile, back.NATS.Password = "", c.NATS.Password
-	if back.Images.String() != c.Images.String() || back.MinFreeSpace != c.MinFreeSpace || back.Parallelism != c.Parallelism ||
+	if back.Images.String() != c.Images.String() || back.Warm.String() != c.Warm.String() || back.MinFreeSpace != c.MinFreeSpace || back.Parallelism != c.Parallelism ||
 		back.NATSURL != c.NATSURL || back.AckWait != c.AckWait || back.Host != c.Host ||
 		back.HostMemory != c.HostMemory || back.ConsoleDir != c.ConsoleDir || back.MaxHold != c.MaxHold {
 		t.Fatalf("round trip:\n got %+v\nwant %+v", back, c)

@@ -136,20 +136,20 @@ func TestConfigBadValue(t *testing.T) {
 		{"file unknown key", nil, `paralelism = 4`, nil, []string{`unknown setting "paralelism"`}},
 		{"file syntax", nil, `parallelism = `, nil, []string{"config file"}},
 		{"file size", nil, `min-free-space = "lots"`, nil, []string{`min-free-space = "lots": invalid value`}},
-		{"file range", nil, `parallelism = 0`, nil, []string{"--parallelism 0: must be at least 1"}},
+		{"file range", nil, `parallelism = 0`, nil, []string{"--parallelism 0 (from config file ", "key parallelism): must be at least 1"}},
 		{"environment pattern", map[string]string{"STRETCHY_IMAGES": "win-["}, "", nil, []string{`STRETCHY_IMAGES="win-[": invalid value for --images: pattern "win-["`}},
 		{"missing file", map[string]string{"STRETCHY_CONFIG": "/nonexistent/worker.toml"}, "", nil, []string{"config file /nonexistent/worker.toml"}},
 		{"http address", nil, `http-addr = "9464"`, nil, []string{`--http-addr "9464"`}},
 		{"negative vCPUs", nil, "", []string{"--max-vcpus-per-machine", "-1"}, []string{"--max-vcpus-per-machine -1: must be 0 (no bound) or more"}},
-		{"negative host memory", map[string]string{"STRETCHY_HOST_MEMORY": "-5"}, "", nil, []string{"--host-memory -5: must be 0 (no bound) or more"}},
+		{"negative host memory", map[string]string{"STRETCHY_HOST_MEMORY": "-5"}, "", nil, []string{"--host-memory -5 (from STRETCHY_HOST_MEMORY): must be 0 (no bound) or more"}},
 		{"memory per machine above the host's", nil, "max-memory-per-machine = 8192\nhost-memory = 4096", nil,
-			[]string{"--max-memory-per-machine 8192: more than --host-memory 4096"}},
+			[]string{"--max-memory-per-machine 8192 (from config file ", "key max-memory-per-machine): more than --host-memory 4096 (from config file ", "key host-memory)"}},
 		{"vCPUs per machine above the host's", nil, "", []string{"--max-vcpus-per-machine", "4", "--host-vcpus", "2"},
 			[]string{"--max-vcpus-per-machine 4: more than --host-vcpus 2"}},
 		{"memory not a number", nil, `host-memory = "16GiB"`, nil, []string{`host-memory = "16GiB": invalid value`}},
-		{"relative console directory", nil, `console-dir = "console"`, nil, []string{`--console-dir "console": must be an absolute path`}},
+		{"relative console directory", nil, `console-dir = "console"`, nil, []string{`--console-dir "console" (from config file `, `key console-dir): must be an absolute path`}},
 		{"hold too long", nil, "", []string{"--max-hold", "200h"}, []string{"--max-hold 200h0m0s: must be between 0 (no holds) and 168h0m0s"}},
-		{"negative hold", map[string]string{"STRETCHY_MAX_HOLD": "-1m"}, "", nil, []string{"--max-hold -1m0s"}},
+		{"negative hold", map[string]string{"STRETCHY_MAX_HOLD": "-1m"}, "", nil, []string{"--max-hold -1m0s (from STRETCHY_MAX_HOLD)"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -168,6 +168,70 @@ func TestConfigBadValue(t *testing.T) {
 			for _, w := range tt.want {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+// TestConfigInvalidSource: a value that parses but is out of bounds
+// stops the worker with a message naming where it was set: the flag, the
+// environment variable, or the config file and its key (@ is the file).
+func TestConfigInvalidSource(t *testing.T) {
+	tests := []struct {
+		name      string
+		env       map[string]string
+		file      string
+		args      []string
+		want, not []string
+	}{
+		{"flag", nil, "", []string{"--ack-wait", "1s"}, []string{"--ack-wait 1s: must be at least 3s"}, []string{"(from", "(default)"}},
+		{"environment", map[string]string{"STRETCHY_ACK_WAIT": "1s"}, "", nil,
+			[]string{"--ack-wait 1s (from STRETCHY_ACK_WAIT): must be at least 3s"}, nil},
+		{"file", nil, `ack-wait = "1s"`, nil,
+			[]string{"--ack-wait 1s (from config file @, key ack-wait): must be at least 3s"}, nil},
+		{"file, its path from the environment", map[string]string{"STRETCHY_CONFIG": "@"}, `replicas = 7`, nil,
+			[]string{"--replicas 7 (from config file @, key replicas): must be between 1 and 5"}, nil},
+		{"flag over file", nil, `ack-wait = "1s"`, []string{"--ack-wait", "2s"}, []string{"--ack-wait 2s: must be at least 3s"}, []string{"(from"}},
+		{"two settings, two sources", map[string]string{"STRETCHY_MAX_VMS": "4"}, `warm = ["debian-12=4"]`, nil,
+			[]string{"--warm debian-12=4 (from config file @, key warm): 4 warm machines leave no room under --max-vms 4 (from STRETCHY_MAX_VMS)"}, nil},
+		{"a default in the message", nil, `warm = ["debian-12=8"]`, nil,
+			[]string{"--warm debian-12=8 (from config file @, key warm): 8 warm machines leave no room under --max-vms 8 (default)"}, nil},
+		{"string", map[string]string{"STRETCHY_LOG_LEVEL": "loud"}, "", nil,
+			[]string{`--log-level "loud" (from STRETCHY_LOG_LEVEL): must be debug, info, warn or error`}, nil},
+		{"bounds of machines", nil, "max-vcpus-per-machine = 8", []string{"--host-vcpus", "4"},
+			[]string{"--max-vcpus-per-machine 8 (from config file @, key max-vcpus-per-machine): more than --host-vcpus 4, which"}, nil},
+		{"credentials without a server", nil, `nats-creds = "/etc/stretchy/worker.creds"`, nil,
+			[]string{"--nats-creds (from config file @, key nats-creds): needs --nats-url"}, nil},
+		{"credentials file", map[string]string{"STRETCHY_NATS_URL": "nats://nats1:4222"}, `nats-creds = "/nonexistent/worker.creds"`, nil,
+			[]string{"--nats-creds (from config file @, key nats-creds): --nats-creds: open /nonexistent/worker.creds"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clearEnv(t)
+			args := tt.args
+			path := ""
+			if tt.file != "" {
+				path = writeConfig(t, tt.file)
+				if tt.env["STRETCHY_CONFIG"] == "" {
+					args = append([]string{"--config", path}, args...)
+				}
+			}
+			for k, v := range tt.env {
+				t.Setenv(k, strings.ReplaceAll(v, "@", path))
+			}
+			_, _, err := loadConfig("worker run", args)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tt.want {
+				if w = strings.ReplaceAll(w, "@", path); !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+			for _, n := range tt.not {
+				if strings.Contains(err.Error(), n) {
+					t.Errorf("error %q says %q", err, n)
 				}
 			}
 		})

@@ -27,7 +27,12 @@ import (
 // keys are the flags' names. A flag wins over the environment, the
 // environment over the file, the file over the default (loadConfig).
 type Config struct {
-	ConfigFile     string
+	ConfigFile string
+	// from says where each setting came from, for Validate's messages:
+	// an environment variable, "config file F, key K" or sourceDefault;
+	// a setting from its flag has none. loadConfig fills it.
+	from map[string]string
+
 	Host           string
 	NATSURL        string
 	NATS           NATSAuth
@@ -83,11 +88,26 @@ func envOf(flagName string) string {
 	return "STRETCHY_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
-// patterns is a list of shell patterns, from a comma-separated flag value
-// (repeatable) or a TOML array.
+// listValue is a setting of several values: a flag repeated or comma
+// separated, a variable comma separated, a TOML array of strings (or one
+// string, comma separated) in the config file.
+type listValue interface {
+	flag.Value
+	// reset empties the list, so that a source replaces the default
+	// rather than adding to it.
+	reset()
+	// items are the values, as Set takes them one by one.
+	items() []string
+}
+
+// patterns is a list of shell patterns.
 type patterns []string
 
 func (p *patterns) String() string { return strings.Join(*p, ",") }
+
+func (p *patterns) reset() { *p = nil }
+
+func (p *patterns) items() []string { return slices.Clone(*p) }
 
 func (p *patterns) Set(v string) error {
 	for _, s := range strings.Split(v, ",") {
@@ -102,17 +122,20 @@ func (p *patterns) Set(v string) error {
 	return nil
 }
 
-// warmPools are the warm pools of a host: image=N, comma separated or
-// repeated, or a TOML array of such strings.
+// warmPools are the warm pools of a host: a list of image=N.
 type warmPools map[string]int
 
-func (w *warmPools) String() string {
+func (w *warmPools) String() string { return strings.Join(w.items(), ",") }
+
+func (w *warmPools) reset() { *w = nil }
+
+func (w *warmPools) items() []string {
 	var parts []string
 	for image, n := range *w {
 		parts = append(parts, fmt.Sprintf("%s=%d", image, n))
 	}
 	slices.Sort(parts)
-	return strings.Join(parts, ",")
+	return parts
 }
 
 func (w warmPools) total() int {
@@ -269,6 +292,7 @@ func loadConfig(name string, args []string) (Config, *flag.FlagSet, error) {
 			cfg.ConfigFile = v
 		}
 	}
+	cfg.from = map[string]string{}
 	file := map[string]any{}
 	if cfg.ConfigFile != "" {
 		if _, err := toml.DecodeFile(cfg.ConfigFile, &file); err != nil {
@@ -285,6 +309,7 @@ func loadConfig(name string, args []string) (Config, *flag.FlagSet, error) {
 			return
 		}
 		if v, ok := os.LookupEnv(envOf(f.Name)); ok {
+			cfg.from[f.Name] = envOf(f.Name)
 			if err := resetAndSet(f, v); err != nil {
 				errs = append(errs, fmt.Errorf("%s=%q: invalid value for --%s: %w", envOf(f.Name), v, f.Name, err))
 			}
@@ -292,10 +317,12 @@ func loadConfig(name string, args []string) (Config, *flag.FlagSet, error) {
 		}
 		v, ok := file[f.Name]
 		if !ok {
+			cfg.from[f.Name] = sourceDefault
 			return
 		}
+		cfg.from[f.Name] = fmt.Sprintf("config file %s, key %s", cfg.ConfigFile, f.Name)
 		if err := setFromFile(f, v); err != nil {
-			errs = append(errs, fmt.Errorf("config file %s: %s = %#v: invalid value: %w", cfg.ConfigFile, f.Name, v, err))
+			errs = append(errs, fmt.Errorf("config file %s: %s = %s: invalid value: %w", cfg.ConfigFile, f.Name, fileValue(v), err))
 		}
 	})
 	// The secrets of NATSAuth come from the environment only.
@@ -310,8 +337,8 @@ func loadConfig(name string, args []string) (Config, *flag.FlagSet, error) {
 // resetAndSet sets a flag from one string, replacing (not adding to) a
 // list's default.
 func resetAndSet(f *flag.Flag, v string) error {
-	if p, ok := f.Value.(*patterns); ok {
-		*p = nil
+	if l, ok := f.Value.(listValue); ok {
+		l.reset()
 	}
 	if err := f.Value.Set(v); err != nil {
 		return plainError(err)
@@ -321,7 +348,7 @@ func resetAndSet(f *flag.Flag, v string) error {
 
 // setFromFile sets a flag from a TOML value: strings as written (a
 // duration as "30s", a size as "2GiB"), integers, booleans, and arrays of
-// strings for lists.
+// strings for lists (listValue).
 func setFromFile(f *flag.Flag, v any) error {
 	switch x := v.(type) {
 	case string:
@@ -331,20 +358,38 @@ func setFromFile(f *flag.Flag, v any) error {
 	case bool:
 		return resetAndSet(f, strconv.FormatBool(x))
 	case []any:
-		if _, ok := f.Value.(*patterns); !ok {
+		l, ok := f.Value.(listValue)
+		if !ok {
 			return errors.New("a list where one value is expected")
 		}
-		var items []string
+		l.reset()
 		for _, e := range x {
 			str, ok := e.(string)
 			if !ok {
-				return fmt.Errorf("list entry %v is not a string", e)
+				return fmt.Errorf("list entry %s is not a string", fileValue(e))
 			}
-			items = append(items, str)
+			if err := l.Set(str); err != nil {
+				return err
+			}
 		}
-		return resetAndSet(f, strings.Join(items, ","))
+		return nil
 	}
 	return fmt.Errorf("a %T is not a value of this setting", v)
+}
+
+// fileValue writes a value of the config file as TOML does.
+func fileValue(v any) string {
+	switch x := v.(type) {
+	case string:
+		return tomlString(x)
+	case []any:
+		items := make([]string, len(x))
+		for i, e := range x {
+			items[i] = fileValue(e)
+		}
+		return "[" + strings.Join(items, ", ") + "]"
+	}
+	return fmt.Sprint(v)
 }
 
 // plainError says what the flag package's "parse error" means.
@@ -355,97 +400,128 @@ func plainError(err error) error {
 	return err
 }
 
-// Validate fails fast, naming the setting at fault.
+// sourceDefault is where a setting no source set comes from.
+const sourceDefault = "default"
+
+// origin says where the value of a setting came from, for a message that
+// names the setting by its flag: nothing when the flag set it.
+func (c *Config) origin(name string) string {
+	switch src := c.from[name]; src {
+	case "":
+		return ""
+	case sourceDefault:
+		return " (default)"
+	default:
+		return " (from " + src + ")"
+	}
+}
+
+// Validate fails fast, naming the setting at fault and where its value
+// came from.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 	if !messages.ValidHost(c.Host) {
-		bad("--host %q: must be 1-64 characters of A-Z a-z 0-9 _ - (it is a NATS subject token)", c.Host)
+		bad("--host %q%s: must be 1-64 characters of A-Z a-z 0-9 _ - (it is a NATS subject token)", c.Host, c.origin("host"))
 	}
 	if c.NATSURL == "" && c.NATSDataDir == "" {
-		bad("--nats-data-dir: needed for the embedded server when --nats-url is empty")
+		bad("--nats-data-dir%s: needed for the embedded server when --nats-url%s is empty", c.origin("nats-data-dir"), c.origin("nats-url"))
 	}
-	if given := c.NATS.given(); c.NATSURL == "" && len(given) > 0 {
-		bad("%s: needs --nats-url; the embedded server takes no credentials or TLS", strings.Join(given, ", "))
+	// NATSAuth's messages name its flags; those set elsewhere are named
+	// with their sources first.
+	var natsGiven, natsFrom []string
+	for _, name := range c.NATS.given() {
+		if flagName, ok := strings.CutPrefix(name, "--"); ok && c.origin(flagName) != "" {
+			name += c.origin(flagName)
+			natsFrom = append(natsFrom, name)
+		}
+		natsGiven = append(natsGiven, name)
+	}
+	if c.NATSURL == "" && len(natsGiven) > 0 {
+		bad("%s: needs --nats-url; the embedded server takes no credentials or TLS", strings.Join(natsGiven, ", "))
 	} else if err := c.NATS.Validate(c.NATSURL); err != nil {
+		if len(natsFrom) > 0 {
+			err = fmt.Errorf("%s: %w", strings.Join(natsFrom, ", "), err)
+		}
 		errs = append(errs, err)
 	}
 	if c.NATSPort < 1 || c.NATSPort > 65535 {
-		bad("--nats-port %d: not a TCP port", c.NATSPort)
+		bad("--nats-port %d%s: not a TCP port", c.NATSPort, c.origin("nats-port"))
 	}
 	if u, err := url.Parse(c.LibvirtURI); err != nil || u.Scheme == "" {
-		bad("--libvirt-uri %q: not a libvirt URI such as qemu:///system", c.LibvirtURI)
+		bad("--libvirt-uri %q%s: not a libvirt URI such as qemu:///system", c.LibvirtURI, c.origin("libvirt-uri"))
 	}
 	switch c.DomainType {
 	case "", "kvm", "qemu":
 	default:
-		bad(`--domain-type %q: must be "kvm", "qemu" or empty`, c.DomainType)
+		bad(`--domain-type %q%s: must be "kvm", "qemu" or empty`, c.DomainType, c.origin("domain-type"))
 	}
 	if c.Parallelism < 1 {
-		bad("--parallelism %d: must be at least 1", c.Parallelism)
+		bad("--parallelism %d%s: must be at least 1", c.Parallelism, c.origin("parallelism"))
 	}
 	if warm := c.Warm.total(); warm >= c.MaxVMs {
-		bad("--warm %s: %d warm machines leave no room under --max-vms %d for a cold build", c.Warm.String(), warm, c.MaxVMs)
+		bad("--warm %s%s: %d warm machines leave no room under --max-vms %d%s for a cold build",
+			c.Warm.String(), c.origin("warm"), warm, c.MaxVMs, c.origin("max-vms"))
 	}
 	if c.WarmMaxAge < 0 {
-		bad("--warm-max-age %s: must not be negative", c.WarmMaxAge)
+		bad("--warm-max-age %s%s: must not be negative", c.WarmMaxAge, c.origin("warm-max-age"))
 	}
 	if c.MaxVMs < 1 {
-		bad("--max-vms %d: must be at least 1", c.MaxVMs)
+		bad("--max-vms %d%s: must be at least 1", c.MaxVMs, c.origin("max-vms"))
 	}
 	if c.AckWait < 3*time.Second {
-		bad("--ack-wait %s: must be at least 3s", c.AckWait)
+		bad("--ack-wait %s%s: must be at least 3s", c.AckWait, c.origin("ack-wait"))
 	}
 	if c.MaxDeliver < 1 {
-		bad("--max-deliver %d: must be at least 1", c.MaxDeliver)
+		bad("--max-deliver %d%s: must be at least 1", c.MaxDeliver, c.origin("max-deliver"))
 	}
 	if c.EventsMaxAge < time.Minute {
-		bad("--events-max-age %s: must be at least 1m", c.EventsMaxAge)
+		bad("--events-max-age %s%s: must be at least 1m", c.EventsMaxAge, c.origin("events-max-age"))
 	}
 	if c.RequestsMaxAge < time.Minute {
-		bad("--requests-max-age %s: must be at least 1m", c.RequestsMaxAge)
+		bad("--requests-max-age %s%s: must be at least 1m", c.RequestsMaxAge, c.origin("requests-max-age"))
 	}
 	if c.Replicas < 1 || c.Replicas > 5 {
-		bad("--replicas %d: must be between 1 and 5", c.Replicas)
+		bad("--replicas %d%s: must be between 1 and 5", c.Replicas, c.origin("replicas"))
 	}
 	if c.HTTPAddr != "" {
 		if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
-			bad("--http-addr %q: not host:port, such as 127.0.0.1:9464", c.HTTPAddr)
+			bad("--http-addr %q%s: not host:port, such as 127.0.0.1:9464", c.HTTPAddr, c.origin("http-addr"))
 		}
 	}
 	switch c.LogFormat {
 	case "text", "json":
 	default:
-		bad(`--log-format %q: must be "text" or "json"`, c.LogFormat)
+		bad(`--log-format %q%s: must be "text" or "json"`, c.LogFormat, c.origin("log-format"))
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:
-		bad(`--log-level %q: must be debug, info, warn or error`, c.LogLevel)
+		bad(`--log-level %q%s: must be debug, info, warn or error`, c.LogLevel, c.origin("log-level"))
 	}
 	for _, b := range []struct {
 		flag     string
 		v, total int
 		totalOf  string
 	}{
-		{"--max-vcpus-per-machine", c.MaxVCPUsPerMachine, c.HostVCPUs, "--host-vcpus"},
-		{"--max-memory-per-machine", c.MaxMemoryPerMachine, c.HostMemory, "--host-memory"},
+		{"max-vcpus-per-machine", c.MaxVCPUsPerMachine, c.HostVCPUs, "host-vcpus"},
+		{"max-memory-per-machine", c.MaxMemoryPerMachine, c.HostMemory, "host-memory"},
 	} {
 		if b.v < 0 {
-			bad("%s %d: must be 0 (no bound) or more", b.flag, b.v)
+			bad("--%s %d%s: must be 0 (no bound) or more", b.flag, b.v, c.origin(b.flag))
 		}
 		if b.total < 0 {
-			bad("%s %d: must be 0 (no bound) or more", b.totalOf, b.total)
+			bad("--%s %d%s: must be 0 (no bound) or more", b.totalOf, b.total, c.origin(b.totalOf))
 		}
 		if b.v > 0 && b.total > 0 && b.v > b.total {
-			bad("%s %d: more than %s %d, which no machine can exceed", b.flag, b.v, b.totalOf, b.total)
+			bad("--%s %d%s: more than --%s %d%s, which no machine can exceed", b.flag, b.v, c.origin(b.flag), b.totalOf, b.total, c.origin(b.totalOf))
 		}
 	}
 	if c.ConsoleDir != "" && !filepath.IsAbs(c.ConsoleDir) {
-		bad("--console-dir %q: must be an absolute path, or empty to capture no consoles", c.ConsoleDir)
+		bad("--console-dir %q%s: must be an absolute path, or empty to capture no consoles", c.ConsoleDir, c.origin("console-dir"))
 	}
 	if c.MaxHold < 0 || c.MaxHold > maxMaxHold {
-		bad("--max-hold %s: must be between 0 (no holds) and %s", c.MaxHold, maxMaxHold)
+		bad("--max-hold %s%s: must be between 0 (no holds) and %s", c.MaxHold, c.origin("max-hold"), maxMaxHold)
 	}
 	return errors.Join(errs...)
 }

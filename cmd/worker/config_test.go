@@ -130,23 +130,26 @@ func TestConfigBadValue(t *testing.T) {
 			[]string{`STRETCHY_ACK_WAIT="soon": invalid value for --ack-wait`}},
 		{"file", nil, `parallelism = "abc"`, nil, []string{`parallelism = "abc": invalid value`}},
 		{"file type", nil, `max-vms = 1.5`, nil, []string{`max-vms = 1.5: invalid value`}},
+		{"file list for one value", nil, `parallelism = [3]`, nil, []string{`parallelism = [3]: invalid value: a list where one value is expected`}},
+		{"file list entry", nil, `warm = ["debian-12"]`, nil, []string{`warm = ["debian-12"]: invalid value: "debian-12" is not image=N`}},
+		{"file list entry type", nil, `images = ["debian-*", 12]`, nil, []string{`images = ["debian-*", 12]: invalid value: list entry 12 is not a string`}},
 		{"file unknown key", nil, `paralelism = 4`, nil, []string{`unknown setting "paralelism"`}},
 		{"file syntax", nil, `parallelism = `, nil, []string{"config file"}},
 		{"file size", nil, `min-free-space = "lots"`, nil, []string{`min-free-space = "lots": invalid value`}},
-		{"file range", nil, `parallelism = 0`, nil, []string{"--parallelism 0: must be at least 1"}},
+		{"file range", nil, `parallelism = 0`, nil, []string{"--parallelism 0 (from config file ", "key parallelism): must be at least 1"}},
 		{"environment pattern", map[string]string{"STRETCHY_IMAGES": "win-["}, "", nil, []string{`STRETCHY_IMAGES="win-[": invalid value for --images: pattern "win-["`}},
 		{"missing file", map[string]string{"STRETCHY_CONFIG": "/nonexistent/worker.toml"}, "", nil, []string{"config file /nonexistent/worker.toml"}},
 		{"http address", nil, `http-addr = "9464"`, nil, []string{`--http-addr "9464"`}},
 		{"negative vCPUs", nil, "", []string{"--max-vcpus-per-machine", "-1"}, []string{"--max-vcpus-per-machine -1: must be 0 (no bound) or more"}},
-		{"negative host memory", map[string]string{"STRETCHY_HOST_MEMORY": "-5"}, "", nil, []string{"--host-memory -5: must be 0 (no bound) or more"}},
+		{"negative host memory", map[string]string{"STRETCHY_HOST_MEMORY": "-5"}, "", nil, []string{"--host-memory -5 (from STRETCHY_HOST_MEMORY): must be 0 (no bound) or more"}},
 		{"memory per machine above the host's", nil, "max-memory-per-machine = 8192\nhost-memory = 4096", nil,
-			[]string{"--max-memory-per-machine 8192: more than --host-memory 4096"}},
+			[]string{"--max-memory-per-machine 8192 (from config file ", "key max-memory-per-machine): more than --host-memory 4096 (from config file ", "key host-memory)"}},
 		{"vCPUs per machine above the host's", nil, "", []string{"--max-vcpus-per-machine", "4", "--host-vcpus", "2"},
 			[]string{"--max-vcpus-per-machine 4: more than --host-vcpus 2"}},
 		{"memory not a number", nil, `host-memory = "16GiB"`, nil, []string{`host-memory = "16GiB": invalid value`}},
-		{"relative console directory", nil, `console-dir = "console"`, nil, []string{`--console-dir "console": must be an absolute path`}},
+		{"relative console directory", nil, `console-dir = "console"`, nil, []string{`--console-dir "console" (from config file `, `key console-dir): must be an absolute path`}},
 		{"hold too long", nil, "", []string{"--max-hold", "200h"}, []string{"--max-hold 200h0m0s: must be between 0 (no holds) and 168h0m0s"}},
-		{"negative hold", map[string]string{"STRETCHY_MAX_HOLD": "-1m"}, "", nil, []string{"--max-hold -1m0s"}},
+		{"negative hold", map[string]string{"STRETCHY_MAX_HOLD": "-1m"}, "", nil, []string{"--max-hold -1m0s (from STRETCHY_MAX_HOLD)"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -166,6 +169,105 @@ func TestConfigBadValue(t *testing.T) {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q does not say %q", err, w)
 				}
+			}
+		})
+	}
+}
+
+// TestConfigInvalidSource: a value that parses but is out of bounds
+// stops the worker with a message naming where it was set: the flag, the
+// environment variable, or the config file and its key (@ is the file).
+func TestConfigInvalidSource(t *testing.T) {
+	tests := []struct {
+		name      string
+		env       map[string]string
+		file      string
+		args      []string
+		want, not []string
+	}{
+		{"flag", nil, "", []string{"--ack-wait", "1s"}, []string{"--ack-wait 1s: must be at least 3s"}, []string{"(from", "(default)"}},
+		{"environment", map[string]string{"STRETCHY_ACK_WAIT": "1s"}, "", nil,
+			[]string{"--ack-wait 1s (from STRETCHY_ACK_WAIT): must be at least 3s"}, nil},
+		{"file", nil, `ack-wait = "1s"`, nil,
+			[]string{"--ack-wait 1s (from config file @, key ack-wait): must be at least 3s"}, nil},
+		{"file, its path from the environment", map[string]string{"STRETCHY_CONFIG": "@"}, `replicas = 7`, nil,
+			[]string{"--replicas 7 (from config file @, key replicas): must be between 1 and 5"}, nil},
+		{"flag over file", nil, `ack-wait = "1s"`, []string{"--ack-wait", "2s"}, []string{"--ack-wait 2s: must be at least 3s"}, []string{"(from"}},
+		{"two settings, two sources", map[string]string{"STRETCHY_MAX_VMS": "4"}, `warm = ["debian-12=4"]`, nil,
+			[]string{"--warm debian-12=4 (from config file @, key warm): 4 warm machines leave no room under --max-vms 4 (from STRETCHY_MAX_VMS)"}, nil},
+		{"a default in the message", nil, `warm = ["debian-12=8"]`, nil,
+			[]string{"--warm debian-12=8 (from config file @, key warm): 8 warm machines leave no room under --max-vms 8 (default)"}, nil},
+		{"string", map[string]string{"STRETCHY_LOG_LEVEL": "loud"}, "", nil,
+			[]string{`--log-level "loud" (from STRETCHY_LOG_LEVEL): must be debug, info, warn or error`}, nil},
+		{"bounds of machines", nil, "max-vcpus-per-machine = 8", []string{"--host-vcpus", "4"},
+			[]string{"--max-vcpus-per-machine 8 (from config file @, key max-vcpus-per-machine): more than --host-vcpus 4, which"}, nil},
+		{"credentials without a server", nil, `nats-creds = "/etc/stretchy/worker.creds"`, nil,
+			[]string{"--nats-creds (from config file @, key nats-creds): needs --nats-url"}, nil},
+		{"credentials file", map[string]string{"STRETCHY_NATS_URL": "nats://nats1:4222"}, `nats-creds = "/nonexistent/worker.creds"`, nil,
+			[]string{"--nats-creds (from config file @, key nats-creds): --nats-creds: open /nonexistent/worker.creds"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clearEnv(t)
+			args := tt.args
+			path := ""
+			if tt.file != "" {
+				path = writeConfig(t, tt.file)
+				if tt.env["STRETCHY_CONFIG"] == "" {
+					args = append([]string{"--config", path}, args...)
+				}
+			}
+			for k, v := range tt.env {
+				t.Setenv(k, strings.ReplaceAll(v, "@", path))
+			}
+			_, _, err := loadConfig("worker run", args)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tt.want {
+				if w = strings.ReplaceAll(w, "@", path); !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+			for _, n := range tt.not {
+				if strings.Contains(err.Error(), n) {
+					t.Errorf("error %q says %q", err, n)
+				}
+			}
+		})
+	}
+}
+
+// TestConfigLists: every setting of several values takes a TOML array
+// in the config file, or one string of comma-separated values, as the
+// flag does.
+func TestConfigLists(t *testing.T) {
+	tests := []struct {
+		name, file string
+		env        map[string]string
+		images     string
+		warm       string
+	}{
+		{"arrays", `images = ["debian-*", "win11-*"]` + "\n" + `warm = ["debian-12=2", "win11-24h2=1"]`, nil, "debian-*,win11-*", "debian-12=2,win11-24h2=1"},
+		{"strings", `images = "debian-*,win11-*"` + "\n" + `warm = "debian-12=2,win11-24h2=1"`, nil, "debian-*,win11-*", "debian-12=2,win11-24h2=1"},
+		{"one-entry arrays", `images = ["debian-*"]` + "\n" + `warm = ["debian-12=2"]`, nil, "debian-*", "debian-12=2"},
+		{"empty arrays", "images = []\nwarm = []", nil, "", ""},
+		{"entries with commas", `warm = ["debian-12=2,ubuntu-24.04=1"]`, nil, "", "debian-12=2,ubuntu-24.04=1"},
+		{"the environment replaces the file's", `images = ["debian-*"]` + "\n" + `warm = ["debian-12=2"]`,
+			map[string]string{"STRETCHY_IMAGES": "win11-*", "STRETCHY_WARM": "win11-24h2=1"}, "win11-*", "win11-24h2=1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clearEnv(t)
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			c, _, err := loadConfig("worker run", []string{"--config", writeConfig(t, tt.file)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Images.String() != tt.images || c.Warm.String() != tt.warm {
+				t.Errorf("images %q, warm %q; want %q, %q", c.Images.String(), c.Warm.String(), tt.images, tt.warm)
 			}
 		})
 	}
@@ -198,7 +300,7 @@ func TestConsoleCapture(t *testing.T) {
 func TestConfigPrint(t *testing.T) {
 	clearEnv(t)
 	t.Setenv("STRETCHY_NATS_URL", "nats://user:hunter2@nats1:4222")
-	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--min-free-space", "5GiB", "--parallelism", "4",
+	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--warm", "win-11=2,debian-12=1", "--min-free-space", "5GiB", "--parallelism", "4",
 		"--host-memory", "65536", "--console-dir", "/srv/c", "--max-hold", "15m"})
 	if err != nil {
 		t.Fatal(err)
@@ -213,7 +315,7 @@ func TestConfigPrint(t *testing.T) {
 			t.Fatalf("the printed configuration shows a secret:\n%s", out)
 		}
 	}
-	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`,
+	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*"]`, `warm = ["debian-12=1", "win-11=2"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`,
 		"host-memory = 65536", "max-vcpus-per-machine = 0", `console-dir = "/srv/c"`, `max-hold = "15m0s"`} {
 		if !strings.Contains(out, want) {
 			t.Errorf("missing %q in:\n%s", want, out)
@@ -227,7 +329,7 @@ func TestConfigPrint(t *testing.T) {
 		t.Fatal(err)
 	}
 	back.ConfigFile, back.NATS.Password = "", c.NATS.Password
-	if back.Images.String() != c.Images.String() || back.MinFreeSpace != c.MinFreeSpace || back.Parallelism != c.Parallelism ||
+	if back.Images.String() != c.Images.String() || back.Warm.String() != c.Warm.String() || back.MinFreeSpace != c.MinFreeSpace || back.Parallelism != c.Parallelism ||
 		back.NATSURL != c.NATSURL || back.AckWait != c.AckWait || back.Host != c.Host ||
 		back.HostMemory != c.HostMemory || back.ConsoleDir != c.ConsoleDir || back.MaxHold != c.MaxHold {
 		t.Fatalf("round trip:\n got %+v\nwant %+v", back, c)

@@ -245,9 +245,9 @@ func printConfig(w io.Writer, fs *flag.FlagSet) error {
 		}
 		v := f.Value.String()
 		switch x := f.Value.(type) {
-		case *patterns:
+		case listValue:
 			var items []string
-			for _, p := range *x {
+			for _, p := range x.items() {
 				items = append(items, tomlString(p))
 			}
 			fmt.Fprintf(&b, "%s = [%s]\n", f.Name, strings.Join(items, ", "))

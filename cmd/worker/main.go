@@ -36,9 +36,15 @@ set through the environment variable named in its help text.
 
 func main() {
 	args := os.Args[1:]
+	// Without a command, flags are run's; help is the worker's.
 	cmd := "run"
-	if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
-		cmd, args = args[0], args[1:]
+	if len(args) > 0 {
+		switch a := args[0]; {
+		case a == "-h" || a == "-help" || a == "--help":
+			cmd, args = "help", args[1:]
+		case a != "" && a[0] != '-':
+			cmd, args = a, args[1:]
+		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -69,7 +75,7 @@ func main() {
 		err = configCommand(args)
 	case "version":
 		fmt.Println(version())
-	case "help", "-h", "--help":
+	case "help":
 		fmt.Print(usage)
 		return
 	default:

@@ -295,6 +295,8 @@ type workerSource struct{ w **worker.Worker }
 
 func (s workerSource) Snapshot() worker.Snapshot { return (*s.w).Snapshot() }
 
+func (s workerSource) Carries(image string) bool { return *s.w != nil && (*s.w).Carries(image) }
+
 // drainOnSignal drains this host on SIGUSR1 and undrains it on SIGUSR2,
 // through the fleet's drain bucket, so that the drain outlives a restart.
 func drainOnSignal(ctx context.Context, w *worker.Worker, log *slog.Logger) {

@@ -32,7 +32,12 @@ func submitCommand(ctx context.Context, args []string) error {
 		return errors.New(submitUsage)
 	}
 	kind, args := args[0], args[1:]
+	help := kind == "-h" || kind == "-help" || kind == "--help"
+	if !help && kind != "provision" && kind != "teardown" {
+		return fmt.Errorf("unknown request %q\n%s", kind, submitUsage)
+	}
 	fs := flag.NewFlagSet("worker submit "+kind, flag.ContinueOnError)
+	fs.Usage = func() { fmt.Fprintf(fs.Output(), "%s\n\nflags:\n", submitUsage); fs.PrintDefaults() }
 	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
 	job := fs.String("job", "", "job id")
 	host := fs.String("host", "", "host id: pins a provision to a host; required for a teardown")
@@ -45,6 +50,10 @@ func submitCommand(ctx context.Context, args []string) error {
 	reason := fs.String("reason", "requested from the command line", "teardown reason")
 	var auth NATSAuth
 	auth.register(fs)
+	if help {
+		fs.Usage()
+		return flag.ErrHelp
+	}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -83,8 +92,6 @@ func submitCommand(ctx context.Context, args []string) error {
 		seq, err = bus.SubmitTeardown(ctx, js, messages.Teardown{
 			V: messages.SchemaVersion, JobID: *job, Reason: *reason, RequestedAt: time.Now().UTC(),
 		}, *host)
-	default:
-		return fmt.Errorf("unknown request %q\n%s", kind, submitUsage)
 	}
 	if err != nil {
 		return nc.explain(err)

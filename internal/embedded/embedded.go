@@ -6,7 +6,9 @@ package embedded
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -74,10 +76,60 @@ func Start(opts Options) (*server.Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start embedded nats: %w", err)
 	}
+	var fatal fatals
+	s.SetLogger(&fatal, false, false)
+	// Start listens for clients before it returns, so a port in use is
+	// known now; a route's listener may fail later.
 	s.Start()
+	if err := fatal.first(); err != nil {
+		s.Shutdown()
+		return nil, fmt.Errorf("start embedded nats: %w", err)
+	}
 	if !s.ReadyForConnections(10 * time.Second) {
 		s.Shutdown()
+		if err := fatal.first(); err != nil {
+			return nil, fmt.Errorf("start embedded nats: %w", err)
+		}
 		return nil, fmt.Errorf("start embedded nats on %s:%d: not ready after 10s", opts.Host, opts.Port)
 	}
 	return s, nil
 }
+
+// fatals is the server's logger: it keeps the first fatal error and drops
+// the rest, as the embedded server always has. A nats-server's own logger
+// exits the process on a fatal error (a port in use, JetStream that
+// cannot start); embedded, it is Start's error.
+type fatals struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (f *fatals) Fatalf(format string, v ...any) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return
+	}
+	// A listener's error names the address and keeps its cause
+	// (errors.Is(err, syscall.EADDRINUSE)).
+	for _, a := range v {
+		var op *net.OpError
+		if err, ok := a.(error); ok && errors.As(err, &op) {
+			f.err = err
+			return
+		}
+	}
+	f.err = fmt.Errorf(format, v...)
+}
+
+func (f *fatals) first() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.err
+}
+
+func (*fatals) Noticef(string, ...any) {}
+func (*fatals) Warnf(string, ...any)   {}
+func (*fatals) Errorf(string, ...any)  {}
+func (*fatals) Debugf(string, ...any)  {}
+func (*fatals) Tracef(string, ...any)  {}

@@ -6,5 +6,7 @@
 // /metrics, /healthz and /readyz.
 //
 // Labels are phase, image, code, consumer, pool, state and op; never a
-// job id, so the number of series stays bounded by the fleet's images.
+// job id, and image only for the images the host carries (any other is
+// _other), so the number of series stays bounded by the host's images
+// whatever images requests name.
 package metrics

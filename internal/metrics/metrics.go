@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/sourcegraph/conc"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/worker"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -16,14 +17,22 @@ import (
 
 const namespace = "stretchy_worker"
 
+// otherImage is the image label of every image the host does not carry
+// (a request may name any image). No image is named so: a valid image
+// name begins with a letter or a digit.
+const otherImage = "_other"
+
 // Publisher is the lifecycle's event publisher (lifecycle.Publisher).
 type Publisher interface {
 	Append(ctx context.Context, ev messages.Event, msgID string, after uint64) (seq, pos uint64, err error)
 }
 
-// Source is what is read from the worker at each scrape.
+// Source is what is read from the worker: its state at each scrape, and
+// the images it carries as events are observed.
 type Source interface {
 	Snapshot() worker.Snapshot
+	// Carries reports whether the host carries image now.
+	Carries(image string) bool
 }
 
 // Probes tell whether the worker's connections answer.
@@ -33,6 +42,8 @@ type Probes struct {
 	NATSConnected, LibvirtConnected func() bool
 	// NATS and Libvirt make a round trip each, for /readyz.
 	NATS, Libvirt func(ctx context.Context) error
+	// Timeout bounds each round trip of /readyz; default 5s.
+	Timeout time.Duration
 }
 
 // Metrics holds the worker's instruments in their own registry.
@@ -60,7 +71,7 @@ func New(src Source, probes Probes) *Metrics {
 		reg: prometheus.NewRegistry(), src: src, probes: probes,
 		phase: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "phase_duration_seconds",
-			Help: "Duration of each phase of a job, by the event that ends it (accepted: time in the queue; cloned, running, agent_ready, runner_started, runner_exited, torn_down) and image.",
+			Help: "Duration of each phase of a job, by the event that ends it (accepted: time in the queue; cloned, running, agent_ready, runner_started, runner_exited, torn_down) and image (_other: images the host does not carry).",
 			// 10 ms to about 3 hours: clones take milliseconds, runs hours.
 			Buckets: prometheus.ExponentialBuckets(0.01, 2.5, 16),
 		}, []string{"phase", "image"}),
@@ -106,8 +117,17 @@ func (m *Metrics) Observe(ev messages.Event) {
 		m.claimsLost.Inc()
 	}
 	if phases[ev.State] && (ev.State != messages.StateTornDown || ev.Error == nil) {
-		m.phase.WithLabelValues(string(ev.State), ev.Image).Observe(float64(ev.PhaseMS) / 1000)
+		m.phase.WithLabelValues(string(ev.State), m.image(ev.Image)).Observe(float64(ev.PhaseMS) / 1000)
 	}
+}
+
+// image is the label of an image: its name if the host carries it,
+// otherImage if not, so that requests for made-up images add no series.
+func (m *Metrics) image(name string) string {
+	if m.src.Carries(name) {
+		return name
+	}
+	return otherImage
 }
 
 // Settled counts a settled request; pass it the worker's settlements.
@@ -123,7 +143,7 @@ type snapshot struct{ m *Metrics }
 var (
 	descInFlight = prometheus.NewDesc(namespace+"_operations_in_flight", "Operations (provisions until ready, teardowns) running now.", nil, nil)
 	descSlots    = prometheus.NewDesc(namespace+"_operation_slots", "Operation slots (--parallelism).", nil, nil)
-	descMachines = prometheus.NewDesc(namespace+"_machines_running", "Machines that exist or are being built, by image.", []string{"image"}, nil)
+	descMachines = prometheus.NewDesc(namespace+"_machines_running", "Machines that exist or are being built, by image (_other: images the host does not carry).", []string{"image"}, nil)
 	descMaxVMs   = prometheus.NewDesc(namespace+"_machines_max", "Machines this host runs at most (--max-vms).", nil, nil)
 	descPending  = prometheus.NewDesc(namespace+"_requests_waiting", "Requests waiting on each consumer this host pulls from (queue depth), as last sampled.", []string{"consumer"}, nil)
 	descState    = prometheus.NewDesc(namespace+"_host_state", "1 for the host's state: active, draining or drained.", []string{"state"}, nil)
@@ -157,8 +177,22 @@ func (s *snapshot) Collect(ch chan<- prometheus.Metric) {
 	ch <- gauge(descInFlight, float64(snap.SlotsInUse))
 	ch <- gauge(descSlots, float64(snap.SlotsTotal))
 	ch <- gauge(descMaxVMs, float64(snap.MachinesMax))
+	carried := make(map[string]bool, len(snap.Images))
+	for _, img := range snap.Images {
+		carried[img.Name] = true
+	}
+	// Machines are counted from the moment a request is accepted, for
+	// whatever image it names.
+	other := 0
 	for image, n := range snap.Machines {
+		if !carried[image] {
+			other += n
+			continue
+		}
 		ch <- gauge(descMachines, float64(n), image)
+	}
+	if other > 0 {
+		ch <- gauge(descMachines, float64(other), otherImage)
 	}
 	for _, img := range snap.Images {
 		if _, ok := snap.Machines[img.Name]; !ok {
@@ -186,7 +220,7 @@ func (s *snapshot) Collect(ch chan<- prometheus.Metric) {
 
 // Handler serves /metrics, /healthz (the process answers) and /readyz
 // (NATS and libvirt answer a round trip, and the host is not drained;
-// 503 with the reason otherwise).
+// 503 with the reasons otherwise).
 func (m *Metrics) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
@@ -194,20 +228,7 @@ func (m *Metrics) Handler() http.Handler {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
-		defer cancel()
-		var problems []string
-		for _, p := range []struct {
-			name string
-			f    func(context.Context) error
-		}{{"nats", m.probes.NATS}, {"libvirt", m.probes.Libvirt}} {
-			if p.f == nil {
-				continue
-			}
-			if err := p.f(ctx); err != nil {
-				problems = append(problems, fmt.Sprintf("%s: %v", p.name, err))
-			}
-		}
+		problems := m.check(r.Context())
 		if st := m.src.Snapshot().State; st == messages.HostDrained {
 			problems = append(problems, "host drained")
 		}
@@ -221,4 +242,39 @@ func (m *Metrics) Handler() http.Handler {
 		fmt.Fprintln(w, "ready")
 	})
 	return mux
+}
+
+// check makes the round trips of /readyz at once, each within its own
+// deadline, so that a connection that hangs neither delays the answer
+// past one timeout nor makes the other check fail. It returns the failed
+// checks, in a fixed order.
+func (m *Metrics) check(ctx context.Context) []string {
+	timeout := m.probes.Timeout
+	if timeout <= 0 {
+		timeout = 5 * time.Second
+	}
+	checks := []struct {
+		name string
+		f    func(context.Context) error
+	}{{"nats", m.probes.NATS}, {"libvirt", m.probes.Libvirt}}
+	errs := make([]error, len(checks))
+	var wg conc.WaitGroup
+	for i, c := range checks {
+		if c.f == nil {
+			continue
+		}
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(ctx, timeout)
+			defer cancel()
+			errs[i] = c.f(ctx)
+		})
+	}
+	wg.Wait()
+	var problems []string
+	for i, err := range errs {
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("%s: %v", checks[i].name, err))
+		}
+	}
+	return problems
 }

@@ -350,6 +350,16 @@ func (w *Worker) Snapshot() Snapshot {
 	return s
 }
 
+// Carries reports whether this host carries image now; false when the
+// worker has no FleetConfig.
+func (w *Worker) Carries(image string) bool {
+	if w.fl == nil {
+		return false
+	}
+	carried, _ := w.fl.lookup(image)
+	return carried
+}
+
 // sample reads how many requests wait on each consumer this host pulls.
 func (w *Worker) sample(ctx context.Context) {
 	f := w.fl

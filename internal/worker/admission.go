@@ -36,6 +36,9 @@ func (w *Worker) admit(ctx context.Context, msg jetstream.Msg) (adm admission, o
 	if err != nil || runners.Validate(&req) != nil {
 		return adm, true
 	}
+	if w.fl != nil && !w.fl.keep(req.Image) {
+		return adm, true // not an image of this host's: nothing of it is looked up
+	}
 	adm.req = req
 	sz, err := w.life.SizeOf(ctx, req)
 	if err != nil {

@@ -94,6 +94,12 @@ func (w *Worker) route(ctx context.Context, msg jetstream.Msg, d lifecycle.Deliv
 	case onImage:
 		return "", false, nil
 	case subject == messages.HostProvisionSubject(f.cfg.Host):
+		if !f.keep(req.Image) {
+			// Not one of the host's images: the request must not make the
+			// worker look up, let alone clone, any other domain.
+			cause := fmt.Errorf("host %s does not serve image %q (--images %s)", f.cfg.Host, req.Image, strings.Join(f.cfg.Images, ","))
+			return req.JobID, true, w.life.Reject(ctx, req.JobID, req.Image, messages.CodeImageNotFound, cause, d)
+		}
 		if !isCarried || admitted {
 			return "", false, nil
 		}

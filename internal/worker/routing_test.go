@@ -82,6 +82,13 @@ func startFleetHost(t *testing.T, env advisoryEnv, id string, minFree uint64, im
 // startFleetHostPulling is startFleetHost with the worker's PullWait.
 func startFleetHostPulling(t *testing.T, env advisoryEnv, id string, minFree uint64, pullWait time.Duration, images ...string) *fleetHost {
 	t.Helper()
+	return startFleetHostServing(t, env, id, minFree, pullWait, nil, images...)
+}
+
+// startFleetHostServing is startFleetHostPulling with the host's --images
+// patterns.
+func startFleetHostServing(t *testing.T, env advisoryEnv, id string, minFree uint64, pullWait time.Duration, patterns []string, images ...string) *fleetHost {
+	t.Helper()
 	js := connect(t, env.url)
 	topo := bus.Topology{Host: id, AckWait: 3 * time.Second, MaxDeliver: 3}
 	cons, err := bus.Ensure(context.Background(), js, topo)
@@ -102,7 +109,7 @@ func startFleetHostPulling(t *testing.T, env advisoryEnv, id string, minFree uin
 			fh.settl = append(fh.settl, s)
 			fh.mu.Unlock()
 		},
-		Fleet: &FleetConfig{Host: id, Version: "test", Inventory: fh.inv, Registry: reg, MinFreeSpace: minFree,
+		Fleet: &FleetConfig{Host: id, Version: "test", Inventory: fh.inv, Registry: reg, MinFreeSpace: minFree, Images: patterns,
 			ImagesInterval: 200 * time.Millisecond, HeartbeatInterval: 200 * time.Millisecond,
 			OnChange: func(c Change) {
 				fh.mu.Lock()
@@ -300,5 +307,41 @@ func TestImagesTakeTurns(t *testing.T) {
 		if got := order(); got != tt.want {
 			t.Errorf("after %q was served: asks %q, want %q", tt.served, got, tt.want)
 		}
+	}
+}
+
+// TestPinnedRequestForImageNotServed: a request pinned to a host for an
+// image its --images leave out (a domain the host has, but does not serve
+// as an image) is refused with image_not_found before anything is looked
+// up or cloned; a pinned request for an image the host serves is built.
+func TestPinnedRequestForImageNotServed(t *testing.T) {
+	env := startServer(t)
+	log := watchEvents(t, env.url)
+	a := startFleetHostServing(t, env, "a", 0, 200*time.Millisecond, []string{"ci-*"}, "ci-debian", "accounting-vm")
+	op, err := bus.BindFleet(context.Background(), env.js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitRegistered(t, op, map[string]int{"a": 1})
+	if _, err := bus.SubmitProvision(context.Background(), env.js, provisionFor("pinned-other", "accounting-vm"), "a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bus.SubmitProvision(context.Background(), env.js, provisionFor("pinned-ci", "ci-debian"), "a"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "failed of pinned-other", func() bool { return log.has("pinned-other", messages.StateFailed) })
+	waitFor(t, "agent_ready of pinned-ci", func() bool { return log.has("pinned-ci", messages.StateAgentReady) })
+	evs := log.of("pinned-other")
+	if len(evs) != 1 || evs[0].Error == nil || evs[0].Error.Code != messages.CodeImageNotFound {
+		t.Fatalf("events of pinned-other: %+v, want only failed with image_not_found", evs)
+	}
+	if msg := evs[0].Error.Message; !strings.Contains(msg, "accounting-vm") || !strings.Contains(msg, "--images") {
+		t.Fatalf("message %q does not say that the host does not serve the image", msg)
+	}
+	a.host.mu.Lock()
+	_, cloned := a.host.machines["pinned-other"]
+	a.host.mu.Unlock()
+	if cloned {
+		t.Fatal("the domain accounting-vm was cloned for a job")
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -49,12 +50,24 @@ func (w *Worker) serveControl(ctx context.Context) {
 	}
 }
 
-// answerControl handles one control request and replies.
+// DefaultReplyPrefixes are the subjects under which control requests are
+// answered: nats.go's default inbox prefix.
+var DefaultReplyPrefixes = []string{nats.InboxPrefix}
+
+// answerControl handles one control request and replies, unless its reply
+// subject is not an inbox: the worker may publish where its sender may
+// not (the claims bucket, the event subjects), so a request that asks for
+// a reply anywhere else is refused, and nothing of it is done.
 func (w *Worker) answerControl(ctx context.Context, msg *nats.Msg) {
 	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	defer cancel()
 	reply := messages.ControlReply{V: messages.SchemaVersion, Host: w.fl.cfg.Host}
 	c, err := messages.DecodeControl(msg.Data)
+	answer := msg.Reply != ""
+	if answer && !isInbox(msg.Reply, w.replyPrefixes()) {
+		answer = false
+		err = fmt.Errorf("reply subject %q is not an inbox (%s): not answered", msg.Reply, strings.Join(w.replyPrefixes(), ", "))
+	}
 	if err == nil {
 		err = c.Validate()
 	}
@@ -65,16 +78,42 @@ func (w *Worker) answerControl(ctx context.Context, msg *nats.Msg) {
 	if err != nil {
 		reply.Error = err.Error()
 	}
+	if answer {
+		if data, merr := messages.Marshal(reply); merr == nil {
+			_ = msg.Respond(data)
+		}
+	}
 	if w.cfg.OnControl != nil {
 		w.cfg.OnControl(c, err)
 	}
-	if msg.Reply == "" {
-		return
+}
+
+func (w *Worker) replyPrefixes() []string {
+	if len(w.cfg.ReplyPrefixes) > 0 {
+		return w.cfg.ReplyPrefixes
 	}
-	data, merr := messages.Marshal(reply)
-	if merr == nil {
-		_ = msg.Respond(data)
+	return DefaultReplyPrefixes
+}
+
+// isInbox reports whether subject is a literal subject under one of the
+// inbox prefixes: no wildcard, no empty token, nothing but the prefix.
+func isInbox(subject string, prefixes []string) bool {
+	if strings.ContainsAny(subject, " \t\r\n") {
+		return false
 	}
+	for _, p := range prefixes {
+		rest, ok := strings.CutPrefix(subject, p)
+		if !ok || rest == "" {
+			continue
+		}
+		for _, tok := range strings.Split(rest, ".") {
+			if tok == "" || tok == "*" || tok == ">" {
+				return false
+			}
+		}
+		return true
+	}
+	return false
 }
 
 func (w *Worker) control(ctx context.Context, c messages.Control, reply *messages.ControlReply) error {

@@ -57,9 +57,10 @@ type fleetHost struct {
 	inv   *fakeInventory
 	w     *Worker
 	stop  func()
-	mu    sync.Mutex
-	seen  []Change
-	settl []Settlement
+	mu       sync.Mutex
+	seen     []Change
+	settl    []Settlement
+	controls []error // the outcome of each control request, as OnControl told it
 }
 
 func (fh *fleetHost) changes(kind string) []Change {
@@ -107,6 +108,11 @@ func startFleetHostServing(t *testing.T, env advisoryEnv, id string, minFree uin
 		OnSettle: func(s Settlement) {
 			fh.mu.Lock()
 			fh.settl = append(fh.settl, s)
+			fh.mu.Unlock()
+		},
+		OnControl: func(_ messages.Control, err error) {
+			fh.mu.Lock()
+			fh.controls = append(fh.controls, err)
 			fh.mu.Unlock()
 		},
 		Fleet: &FleetConfig{Host: id, Version: "test", Inventory: fh.inv, Registry: reg, MinFreeSpace: minFree, Images: patterns,

@@ -61,8 +61,11 @@ type Config struct {
 	// with NATS, it also answers the host's control requests (control.go).
 	Fleet *FleetConfig
 	// OnControl, when set, is told of each control request and its
-	// outcome.
+	// outcome, once it was answered.
 	OnControl func(c messages.Control, err error)
+	// ReplyPrefixes are the inbox prefixes a control request's reply
+	// subject must begin with to be served; default DefaultReplyPrefixes.
+	ReplyPrefixes []string
 }
 
 // Settlement says how one request message was settled.

@@ -53,10 +53,10 @@ func (fi *fakeInventory) InspectPools(context.Context) ([]provision.PoolReport, 
 // fleetHost is one host of a fleet: a worker over fakes, on a shared
 // in-process JetStream, with a real registry.
 type fleetHost struct {
-	host  *fakeHost
-	inv   *fakeInventory
-	w     *Worker
-	stop  func()
+	host     *fakeHost
+	inv      *fakeInventory
+	w        *Worker
+	stop     func()
 	mu       sync.Mutex
 	seen     []Change
 	settl    []Settlement

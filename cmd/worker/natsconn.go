@@ -322,6 +322,17 @@ type natsClient struct {
 	// Reconnect keeps reconnecting for as long as the process runs, as a
 	// worker must; otherwise nats.go's default applies.
 	Reconnect bool
+	// NoEcho keeps the server from delivering the connection's own
+	// publishes to its own subscriptions (docs/security.md).
+	NoEcho bool
+}
+
+// workerClient is how worker run connects: reconnecting for as long as it
+// runs, and without echo. The worker subscribes to subjects it also
+// publishes to (the provision subjects it wakes up on, its control
+// subject); nothing it does needs to receive its own messages.
+func workerClient(host string, log *slog.Logger) natsClient {
+	return natsClient{Name: "stretchy-libvirt-worker " + host, Log: log, Reconnect: true, NoEcho: true}
 }
 
 // natsConn is a NATS connection that remembers the server's first
@@ -360,6 +371,9 @@ func connectNATS(urls string, auth NATSAuth, c natsClient) (*natsConn, jetstream
 	)
 	if c.Reconnect {
 		opts = append(opts, nats.MaxReconnects(-1))
+	}
+	if c.NoEcho {
+		opts = append(opts, nats.NoEcho())
 	}
 	if c.Log != nil {
 		log := c.Log

@@ -610,3 +610,44 @@ func TestWorkerPermissionsCoverAdvisories(t *testing.T) {
 		t.Fatalf("the worker may subscribe to %q, not to %s", sub, worker.MaxDeliveriesSubject)
 	}
 }
+
+// TestWorkerConnectsWithoutEcho: worker run's connection does not get its
+// own publishes back on its subscriptions, while another client's reach it.
+func TestWorkerConnectsWithoutEcho(t *testing.T) {
+	srv := startNATS(t, &server.Options{})
+	nc, _, err := connectNATS(srv.ClientURL(), NATSAuth{}, workerClient("h1", slog.New(slog.DiscardHandler)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	other, _, err := connectNATS(srv.ClientURL(), NATSAuth{}, natsClient{Name: "other"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	sub, err := nc.SubscribeSync("stretchy.LIBVIRT.req.provision")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Publish("stretchy.LIBVIRT.req.provision", []byte("own")); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// The server has the worker's own message before the other's: an echo
+	// would arrive first.
+	if err := other.Publish("stretchy.LIBVIRT.req.provision", []byte("other")); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	msg, err := sub.NextMsg(10 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(msg.Data) != "other" {
+		t.Fatalf("the worker's connection got %q first, its own publish", msg.Data)
+	}
+}

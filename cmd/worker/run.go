@@ -81,9 +81,7 @@ func runCommand(ctx context.Context, args []string) error {
 		log.Info("started embedded nats", "url", natsURL, "data_dir", cfg.NATSDataDir)
 	}
 
-	nc, js, err := connectNATS(natsURL, cfg.NATS, natsClient{
-		Name: "stretchy-libvirt-worker " + cfg.Host, Log: log, Reconnect: true,
-	})
+	nc, js, err := connectNATS(natsURL, cfg.NATS, workerClient(cfg.Host, log))
 	if err != nil {
 		return err
 	}

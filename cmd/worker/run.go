@@ -151,9 +151,13 @@ func runCommand(ctx context.Context, args []string) error {
 	// the teardowns machines begin by themselves.
 	slots := worker.NewSlots(cfg.Parallelism)
 	var w *worker.Worker
-	mx := metrics.New(workerSource{&w}, metrics.Probes{
+	var mx *metrics.Metrics
+	agent := qga.New(lv, qga.Options{Caller: link, Events: agentEvents,
+		Ready: func(wake qga.Wake) { mx.AgentReady(string(wake)) }})
+	mx = metrics.New(workerSource{&w}, metrics.Probes{
 		NATSConnected:    nc.IsConnected,
 		LibvirtConnected: link.Connected,
+		AgentEvents:      agent.EventsLive,
 		NATS:             nc.FlushWithContext,
 		Libvirt: func(ctx context.Context) error {
 			return link.Call(ctx, 5*time.Second, func() error { _, err := lv.ConnectGetLibVersion(); return err })
@@ -184,7 +188,7 @@ func runCommand(ctx context.Context, args []string) error {
 		MaxHold:    cfg.MaxHold,
 		Host:       cfg.Host,
 		Machines:   machines,
-		Agent:      qga.New(lv, qga.Options{Caller: link}),
+		Agent:      agent,
 		Events:     mx.Events(pub),
 		History:    pub,
 		Journal:    pub,

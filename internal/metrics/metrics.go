@@ -38,8 +38,9 @@ type Source interface {
 // Probes tell whether the worker's connections answer.
 type Probes struct {
 	// NATSConnected and LibvirtConnected report the connection states
-	// for /metrics, without a round trip.
-	NATSConnected, LibvirtConnected func() bool
+	// for /metrics, without a round trip; AgentEvents whether the guest
+	// agent client is woken by libvirt's agent lifecycle events now.
+	NATSConnected, LibvirtConnected, AgentEvents func() bool
 	// NATS and Libvirt make a round trip each, for /readyz.
 	NATS, Libvirt func(ctx context.Context) error
 	// Timeout bounds each round trip of /readyz; default 5s.
@@ -53,6 +54,7 @@ type Metrics struct {
 	failures     *prometheus.CounterVec
 	claimsLost   prometheus.Counter
 	redeliveries *prometheus.CounterVec
+	agentReady   *prometheus.CounterVec
 	src          Source
 	probes       Probes
 }
@@ -86,8 +88,12 @@ func New(src Source, probes Probes) *Metrics {
 			Namespace: namespace, Name: "redeliveries_total",
 			Help: "Requests settled by this host that had been delivered before (delivery count above 1), by op.",
 		}, []string{"op"}),
+		agentReady: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "agent_ready_total",
+			Help: "Guest agents found ready, by what made the guest-ping that found them: event (libvirt said the agent connected), poll (the polling interval), first (the first ping).",
+		}, []string{"wake"}),
 	}
-	m.reg.MustRegister(m.phase, m.failures, m.claimsLost, m.redeliveries, &snapshot{m: m},
+	m.reg.MustRegister(m.phase, m.failures, m.claimsLost, m.redeliveries, m.agentReady, &snapshot{m: m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -130,6 +136,10 @@ func (m *Metrics) image(name string) string {
 	return otherImage
 }
 
+// AgentReady counts a guest agent found ready, by what woke the ping that
+// found it (qga.Wake).
+func (m *Metrics) AgentReady(wake string) { m.agentReady.WithLabelValues(wake).Inc() }
+
 // Settled counts a settled request; pass it the worker's settlements.
 func (m *Metrics) Settled(s worker.Settlement) {
 	if (s.Op == "provision" || s.Op == "teardown") && s.Attempt > 1 {
@@ -152,11 +162,12 @@ var (
 	descPoolLow  = prometheus.NewDesc(namespace+"_pool_low", "1 while a pool has less free space than --min-free-space.", []string{"pool"}, nil)
 	descNATS     = prometheus.NewDesc(namespace+"_nats_connected", "1 while the NATS connection is up.", nil, nil)
 	descLibvirt  = prometheus.NewDesc(namespace+"_libvirt_connected", "1 while the libvirt connection is up.", nil, nil)
+	descAgentEvt = prometheus.NewDesc(namespace+"_agent_events", "1 while the guest agent client is woken by libvirt's agent lifecycle events; 0 while it polls.", nil, nil)
 )
 
 func (s *snapshot) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descInFlight, descSlots, descMachines, descMaxVMs, descPending,
-		descState, descImage, descPoolFree, descPoolLow, descNATS, descLibvirt} {
+		descState, descImage, descPoolFree, descPoolLow, descNATS, descLibvirt, descAgentEvt} {
 		ch <- d
 	}
 }
@@ -215,6 +226,9 @@ func (s *snapshot) Collect(ch chan<- prometheus.Metric) {
 	}
 	if f := s.m.probes.LibvirtConnected; f != nil {
 		ch <- gauge(descLibvirt, bit(f()))
+	}
+	if f := s.m.probes.AgentEvents; f != nil {
+		ch <- gauge(descAgentEvt, bit(f()))
 	}
 }
 

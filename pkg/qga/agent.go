@@ -71,7 +71,23 @@ type Options struct {
 	// connects, also with a Caller; without it WaitReady polls when it
 	// has a Caller.
 	Events *AgentEvents
+	// Ready, when set, is told how each WaitReady that succeeded found
+	// the agent, so that a host can see whether agent events reach it.
+	Ready func(Wake)
 }
+
+// Wake is what made the guest-ping that found an agent ready.
+type Wake string
+
+// The ways WaitReady finds an agent.
+const (
+	// WakeFirst: the first ping answered; the agent was up already.
+	WakeFirst Wake = "first"
+	// WakeEvent: a ping right after libvirt said the agent connected.
+	WakeEvent Wake = "event"
+	// WakePoll: a ping of the polling interval.
+	WakePoll Wake = "poll"
+)
 
 // Poll intervals.
 const (
@@ -114,6 +130,10 @@ func New(conn Conn, opts Options) *Agent {
 	}
 	return &Agent{conn: conn, opts: opts}
 }
+
+// EventsLive reports whether WaitReady is woken by agent lifecycle events
+// now: Options.Events is set and delivers them.
+func (a *Agent) EventsLive() bool { return a.opts.Events != nil && a.opts.Events.Live() }
 
 // Info is what guest-info reports about the agent.
 type Info struct {
@@ -200,6 +220,7 @@ func (a *Agent) WaitReady(ctx context.Context, domain string) error {
 
 	var last error
 	retries := 0
+	woken := WakeFirst
 	for {
 		if retries > 0 {
 			retries--
@@ -209,6 +230,9 @@ func (a *Agent) WaitReady(ctx context.Context, domain string) error {
 		}
 		err := a.ping(ctx, dom)
 		if err == nil {
+			if a.opts.Ready != nil {
+				a.opts.Ready(woken)
+			}
 			return nil
 		}
 		if ctx.Err() != nil {
@@ -228,6 +252,9 @@ func (a *Agent) WaitReady(ctx context.Context, domain string) error {
 			case <-ctx.Done():
 				break wait
 			case <-ticker.C:
+				if retries == 0 {
+					woken = WakePoll
+				}
 				break wait
 			case _, ok := <-connects:
 				if !ok {
@@ -236,7 +263,7 @@ func (a *Agent) WaitReady(ctx context.Context, domain string) error {
 					ticker.Reset(readyPoll)
 					continue
 				}
-				retries = readyRetryTimes
+				retries, woken = readyRetryTimes, WakeEvent
 				break wait
 			case ev, ok := <-events:
 				if !ok {
@@ -246,7 +273,7 @@ func (a *Agent) WaitReady(ctx context.Context, domain string) error {
 					continue
 				}
 				if agentConnected(ev, dom) {
-					retries = readyRetryTimes
+					retries, woken = readyRetryTimes, WakeEvent
 					break wait
 				}
 			}

@@ -47,9 +47,17 @@ func TestWaitReadyWithAgentEvents(t *testing.T) {
 	var guests []*guestWait
 	for range 2 {
 		rec := &recordingConn{Conn: connect(t)}
-		a := qga.New(rec, qga.Options{Caller: callerFunc{}, Events: events})
-		g := newGuest(t, guestSpec{boot: true, agent: true})
-		guests = append(guests, &guestWait{g: g, rec: rec, a: a})
+		gw := &guestWait{rec: rec}
+		gw.a = qga.New(rec, qga.Options{Caller: callerFunc{}, Events: events, Ready: func(w qga.Wake) {
+			gw.mu.Lock()
+			gw.wakes = append(gw.wakes, w)
+			gw.mu.Unlock()
+		}})
+		if !gw.a.EventsLive() {
+			t.Fatal("EventsLive is false with live events")
+		}
+		gw.g = newGuest(t, guestSpec{boot: true, agent: true})
+		guests = append(guests, gw)
 	}
 	var waits sync.WaitGroup
 	for _, gw := range guests {
@@ -71,14 +79,22 @@ func TestWaitReadyWithAgentEvents(t *testing.T) {
 		if limit := int(gw.took/time.Second) + 4; len(commands) > limit {
 			t.Errorf("%s: %d pings in %v, want at most %d: woken by polling, not the event", gw.g.name, len(commands), gw.took, limit)
 		}
-		t.Logf("%s: ready %v after its start, %d pings", gw.g.name, gw.took.Round(time.Millisecond), len(commands))
+		gw.mu.Lock()
+		wakes := gw.wakes
+		gw.mu.Unlock()
+		if len(wakes) != 1 {
+			t.Errorf("%s: Ready was told %v, want one wake", gw.g.name, wakes)
+		}
+		t.Logf("%s: ready %v after its start, %d pings, woken by %v", gw.g.name, gw.took.Round(time.Millisecond), len(commands), wakes)
 	}
 }
 
 type guestWait struct {
-	g    *guest
-	rec  *recordingConn
-	a    *qga.Agent
-	err  error
-	took time.Duration
+	mu    sync.Mutex
+	wakes []qga.Wake
+	g     *guest
+	rec   *recordingConn
+	a     *qga.Agent
+	err   error
+	took  time.Duration
 }

@@ -277,11 +277,33 @@ func TestMetricsDuringJob(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	waitHosts(t, js, "registered", func(hs map[string]messages.Host) bool { return carries(hs[testHost], testImage()) })
+	// worker run gives its guest agent client libvirt's agent lifecycle
+	// events, so that agent_ready follows the agent's start at once.
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		_, body := scrape(t, base+"/metrics")
+		if got, _ := metricValue(body, `stretchy_worker_agent_events`); got == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest agent client is not woken by agent events:\n%s", body)
+		}
+	}
 	job := uniqueJob(t, "metrics")
 	submitTo(t, js, stubRunnerRequest(job, 5))
 	events.waitState(t, job, messages.StateRunnerStarted, bootWait)
 
 	code, body := scrape(t, base+"/metrics")
+	var ready float64
+	for _, wake := range []string{"event", "poll", "first"} {
+		n, _ := metricValue(body, `stretchy_worker_agent_ready_total{wake="`+wake+`"}`)
+		ready += n
+		if n > 0 {
+			t.Logf("the guest agent was found ready by a ping of kind %s", wake)
+		}
+	}
+	if ready != 1 {
+		t.Errorf("agents found ready: %v, want 1", ready)
+	}
 	if code != 200 {
 		t.Fatalf("/metrics: %d", code)
 	}

@@ -105,7 +105,7 @@ func forgejoRequest(fx fixture, jobID string) messages.Provision {
 	req := fx.request(jobID, "debian")
 	req.BootTimeoutS = 1
 	req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-		URL: "https://code.example.org/", UUID: "u-1", Token: planted, Labels: []string{"debian"},
+		URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: planted, Labels: []string{"debian"},
 	}}
 	return req
 }

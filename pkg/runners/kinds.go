@@ -62,7 +62,7 @@ var kinds = []Kind{
 		Fields: []Field{
 			forgejoSection.text(Field{Wire: "runner.forgejo.url", Rule: RuleURL, Required: true, Flag: "url", Usage: "the instance's URL"},
 				func(s *messages.ForgejoRunner) *string { return &s.URL }),
-			forgejoSection.text(Field{Wire: "runner.forgejo.uuid", Rule: RuleText, Required: true, Flag: "uuid", Usage: "the runner's UUID"},
+			forgejoSection.text(Field{Wire: "runner.forgejo.uuid", Rule: RuleUUID, Required: true, Flag: "uuid", Usage: "the runner's UUID"},
 				func(s *messages.ForgejoRunner) *string { return &s.UUID }),
 			forgejoSection.text(Field{Wire: "runner.forgejo.token", Rule: RuleSecret, Required: true, Secret: true, Flag: "secret-file", Usage: "forgejo token"},
 				func(s *messages.ForgejoRunner) *string { return &s.Token }),
@@ -72,6 +72,7 @@ var kinds = []Kind{
 				func(s *messages.ForgejoRunner) *[]string { return &s.Labels }),
 		},
 		has:     forgejoSection.present,
+		check:   forgejoCheck,
 		program: everywhere(forgejoProgram),
 		start:   func(l layout, r messages.Runner) (start, error) { return forgejo(l, r.Forgejo) },
 		version: forgejoVersion,
@@ -189,6 +190,17 @@ func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
 	}
 	s.args = append(s.args, "--wait")
 	return s, nil
+}
+
+// forgejoCheck refuses an instance URL with a query or a fragment (a "?"
+// or "#" in a URL can be nothing else): forgejo-runner appends
+// /api/actions to the URL it is given, so every call it makes would miss,
+// and one-job would exit 1 as it declares itself.
+func forgejoCheck(r messages.Runner) []string {
+	if strings.ContainsAny(r.Forgejo.URL, "?#") {
+		return []string{"runner.forgejo.url: must have no query or fragment: Forgejo Runner appends /api/actions to it"}
+	}
+	return nil
 }
 
 func forgejoProgram(l layout) string {

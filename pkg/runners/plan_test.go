@@ -17,11 +17,11 @@ var update = flag.Bool("update", false, "rewrite the golden plan files under tes
 
 const testJob = "job-42_x"
 
-// Awkward but valid values: spaces, both quotes, $, backticks, & and ?,
-// non-ASCII text.
+// Awkward but valid values: spaces, both quotes, $, backticks, &,
+// non-ASCII text. A Forgejo URL has no query (Validate).
 func forgejoRunner() messages.Runner {
 	return messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-		URL:    "https://code.example.org/forgejo/?a=1&b=$x",
+		URL:    "https://code.example.org/forgejo/a&b=$x'y/",
 		UUID:   "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f",
 		Token:  "fj-token-0123456789abcdef",
 		Labels: []string{"ubuntu latest", "it's", "日本語", `say "hi" $(id) ` + "`x`", "docker:docker://node:22"},
@@ -203,7 +203,7 @@ func TestSecretsTravelOnlyAsSecretStdin(t *testing.T) {
 	const secret = "PLANTED-SECRET-9f8e7d6c"
 	runners := map[string]messages.Runner{
 		"forgejo": {Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-			URL: "https://f.example/", UUID: "u", Token: secret, Labels: []string{"l"},
+			URL: "https://f.example/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: secret, Labels: []string{"l"},
 		}},
 		"github":  {Kind: messages.RunnerGitHub, GitHub: &messages.GitHubRunner{JITConfig: secret}},
 		"jenkins": {Kind: messages.RunnerJenkins, Jenkins: &messages.JenkinsAgent{URL: "https://j.example/", AgentName: "a", Secret: secret}},

@@ -142,7 +142,7 @@ func testLaunchScript(t *testing.T, sh []string, name string, runner func() mess
 		program = bin + "/forgejo-runner"
 		wantArgs = []string{
 			"one-job",
-			"--url=https://code.example.org/forgejo/?a=1&b=$x",
+			"--url=https://code.example.org/forgejo/a&b=$x'y/",
 			"--uuid=0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f",
 			"--token-url=file:" + home + "/.stretchy/job-42_x/token",
 			"--label=ubuntu latest:host",

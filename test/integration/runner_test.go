@@ -77,11 +77,11 @@ func TestRunnersStartAsStretchyWithSecretsInFiles(t *testing.T) {
 			name: "forgejo", report: "forgejo-runner", wantExit: 3,
 			runner: func(secret string) messages.Runner {
 				return messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-					URL: "https://code.example.org/?a=1&b=$x", UUID: "0e6f5f3c-uuid", Token: secret,
+					URL: "https://code.example.org/a&b=$x'y/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: secret,
 					Labels: []string{"debian 12", "it's", "日本語", "stub-exit=3"}, Handle: "h-77",
 				}}
 			},
-			argv: []string{"'one-job'", "'--url=https://code.example.org/?a=1&b=$x'", "'--uuid=0e6f5f3c-uuid'",
+			argv: []string{"'one-job'", `'--url=https://code.example.org/a&b=$x'\''y/'`, "'--uuid=0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f'",
 				"'--label=debian 12:host'", `'--label=it'\''s:host'`, "'--label=日本語:host'", "'--handle=h-77'", "'--wait'"},
 		},
 		{

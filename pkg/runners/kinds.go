@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
@@ -38,8 +39,9 @@ type Kind struct {
 	// program is the path of the program the image must provide
 	// (Plan.Program) on l's OS family.
 	program func(l layout) (string, error)
-	// start is what starting the runner of r takes on l's OS family.
-	start func(l layout, r messages.Runner) (start, error)
+	// start is what starting the runner of r takes on l's OS family, in
+	// a machine that lives at most lifetime.
+	start func(l layout, r messages.Runner, lifetime time.Duration) (start, error)
 	// version is what asking the program for its version takes.
 	version func(l layout) (start, error)
 }
@@ -74,7 +76,9 @@ var kinds = []Kind{
 		has:     forgejoSection.present,
 		check:   forgejoCheck,
 		program: everywhere(forgejoProgram),
-		start:   func(l layout, r messages.Runner) (start, error) { return forgejo(l, r.Forgejo) },
+		start: func(l layout, r messages.Runner, lifetime time.Duration) (start, error) {
+			return forgejo(l, r.Forgejo, lifetime)
+		},
 		version: forgejoVersion,
 	},
 	{
@@ -87,7 +91,7 @@ var kinds = []Kind{
 		},
 		has:     githubSection.present,
 		program: githubProgram,
-		start:   func(l layout, r messages.Runner) (start, error) { return github(l, r.GitHub) },
+		start:   func(l layout, r messages.Runner, _ time.Duration) (start, error) { return github(l, r.GitHub) },
 		version: githubVersion,
 	},
 	{
@@ -107,7 +111,7 @@ var kinds = []Kind{
 		has:     jenkinsSection.present,
 		check:   jenkinsCheck,
 		program: everywhere(jenkinsProgram),
-		start:   func(l layout, r messages.Runner) (start, error) { return jenkins(l, r.Jenkins) },
+		start:   func(l layout, r messages.Runner, _ time.Duration) (start, error) { return jenkins(l, r.Jenkins) },
 		version: jenkinsVersion,
 	},
 }
@@ -166,7 +170,16 @@ func (k Kind) Program(os OS) (string, error) {
 // (--wait: waiting for it), runs it and exits. The token is read from a file
 // through --token-url. Flags are passed as --flag=value so that a value
 // starting with "-" cannot be taken for a flag.
-func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
+//
+// The runner cancels a job after its runner.timeout, 3h unless its
+// configuration file says otherwise; one-job has no flag for it. So the
+// runner is given a configuration file (--config, a flag of every
+// command) that holds nothing but runner.timeout, the machine's
+// lifetime: the worker's deadline comes first, and a job is no longer cut
+// short at 3 h in a machine meant to live 6 h. The file holds no secret.
+// forgejo-runner takes its defaults for every setting the file leaves
+// out, as without a file.
+func forgejo(l layout, f *messages.ForgejoRunner, lifetime time.Duration) (start, error) {
 	if f == nil {
 		return start{}, fmt.Errorf("forgejo runner: missing settings: %w", ErrInvalid)
 	}
@@ -174,10 +187,13 @@ func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
 		program:    forgejoProgram(l),
 		secret:     f.Token,
 		secretFile: l.join(l.jobDir, "token"),
+		config:     forgejoConfig(lifetime),
+		configFile: l.join(l.jobDir, "forgejo-runner.yaml"),
 	}
 	s.exe = s.program
 	s.args = []string{
 		"one-job",
+		"--config=" + s.configFile,
 		"--url=" + f.URL,
 		"--uuid=" + f.UUID,
 		"--token-url=" + l.fileURL(s.secretFile),
@@ -201,6 +217,17 @@ func forgejoCheck(r messages.Runner) []string {
 		return []string{"runner.forgejo.url: must have no query or fragment: Forgejo Runner appends /api/actions to it"}
 	}
 	return nil
+}
+
+// forgejoConfig is the configuration file forgejo-runner is given: its
+// job timeout, in whole seconds, rounded up. It is a YAML string, which
+// the runner's YAML library (go.yaml.in/yaml/v3) reads into a
+// time.Duration with time.ParseDuration; it refuses a bare number.
+func forgejoConfig(lifetime time.Duration) string {
+	seconds := int64((lifetime + time.Second - 1) / time.Second)
+	return "# Forgejo Runner configuration for one CI job. Written by the stretchy libvirt worker.\n" +
+		"runner:\n" +
+		fmt.Sprintf("  timeout: %ds\n", seconds)
 }
 
 func forgejoProgram(l layout) string {

@@ -39,7 +39,7 @@ func TestKindProgram(t *testing.T) {
 		for _, goos := range allOS {
 			t.Run(rc.name+"/"+string(goos), func(t *testing.T) {
 				program, err := k.Program(goos)
-				plan, perr := For(testJob, goos, rc.runner())
+				plan, perr := For(testJob, goos, rc.runner(), testLifetime)
 				switch {
 				case errors.Is(perr, ErrUnsupported):
 					if !errors.Is(err, ErrUnsupported) {

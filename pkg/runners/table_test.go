@@ -241,7 +241,7 @@ func TestSecrets(t *testing.T) {
 		})
 		for _, goos := range allOS {
 			t.Run(string(k.Kind)+"/"+string(goos), func(t *testing.T) {
-				plan, err := For(testJob, goos, r)
+				plan, err := For(testJob, goos, r, testLifetime)
 				if errors.Is(err, ErrUnsupported) {
 					return
 				}

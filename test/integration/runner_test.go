@@ -130,6 +130,22 @@ func TestRunnersStartAsStretchyWithSecretsInFiles(t *testing.T) {
 					t.Errorf("argv lacks %s:\n%s", want, argv)
 				}
 			}
+			if tt.name == "forgejo" {
+				// The job timeout follows the request's lifetime
+				// (provisionRequest: max_lifetime_s 600), in a file
+				// private to stretchy that the runner is pointed at.
+				config := "/home/stretchy/.stretchy/" + job + "/forgejo-runner.yaml"
+				if !slices.Contains(strings.Split(argv, "\n"), "'--config="+config+"'") {
+					t.Errorf("argv lacks --config=%s:\n%s", config, argv)
+				}
+				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+				st, err := agent.Run(ctx, domain, qga.ExecRequest{Path: "/bin/sh", Args: []string{"-c", `stat -c '%a %u:%g' "$1" && cat "$1"`, "sh", config}, Capture: true})
+				cancel()
+				want := "600 1000:1000\n# Forgejo Runner configuration for one CI job. Written by the stretchy libvirt worker.\nrunner:\n  timeout: 600s\n"
+				if err != nil || string(st.Stdout) != want {
+					t.Errorf("%s: %q, %v; want %q", config, st.Stdout, err, want)
+				}
+			}
 			switch tt.name {
 			case "github":
 				if !strings.Contains(report, "jitconfig-sha256="+digest(secret)) {

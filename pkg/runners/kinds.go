@@ -44,6 +44,20 @@ type Kind struct {
 	start func(l layout, r messages.Runner, lifetime time.Duration) (start, error)
 	// version is what asking the program for its version takes.
 	version func(l layout) (start, error)
+	// conflicts, if set, lists the files in the guest that make the
+	// runner fail every job (Kind.Conflicts).
+	conflicts func(l layout) []Conflict
+}
+
+// Conflict is a file an image must not hold for a runner kind: the
+// runner reads it, and then fails every job at once. worker doctor --boot
+// looks for these (docs/protocol.md 7.4).
+type Conflict struct {
+	// Path is the file's absolute path in the guest.
+	Path string
+	// Why says, for people, what the file is and what the runner makes
+	// of it.
+	Why string
 }
 
 // The sections of messages.Runner, for the table.
@@ -79,7 +93,8 @@ var kinds = []Kind{
 		start: func(l layout, r messages.Runner, lifetime time.Duration) (start, error) {
 			return forgejo(l, r.Forgejo, lifetime)
 		},
-		version: forgejoVersion,
+		version:   forgejoVersion,
+		conflicts: forgejoConflicts,
 	},
 	{
 		Kind:    messages.RunnerGitHub,
@@ -144,6 +159,15 @@ func lookup(kind messages.RunnerKind) (Kind, bool) {
 func (k Kind) clone() Kind {
 	k.Fields = slices.Clone(k.Fields)
 	return k
+}
+
+// Conflicts returns the files that make the runner of k fail every job
+// on an OS of family os, nil for a kind, or an OS family, that has none.
+func (k Kind) Conflicts(os OS) []Conflict {
+	if k.conflicts == nil || !os.valid() {
+		return nil
+	}
+	return k.conflicts(layoutFor(os, ""))
 }
 
 // Starts reports whether k starts a runner program; only
@@ -217,6 +241,21 @@ func forgejoCheck(r messages.Runner) []string {
 		return []string{"runner.forgejo.url: must have no query or fragment: Forgejo Runner appends /api/actions to it"}
 	}
 	return nil
+}
+
+// forgejoConflicts: forgejo-runner reads a registration from
+// runner.file, ".runner" in its working directory (the launch script
+// changes to the home directory), if there is one, as a server
+// connection, and one-job refuses a connection from its command line
+// beside it. register and create-runner-file write the file, so an image
+// whose runner was once registered by hand holds one.
+func forgejoConflicts(l layout) []Conflict {
+	return []Conflict{{
+		Path: l.join(l.home, ".runner"),
+		Why: "forgejo-runner reads it as a registration (a runner registered by hand, with register or create-runner-file, " +
+			"leaves it) and then refuses the connection the worker passes on its command line: " +
+			"\"server connection conflict between program arguments and config\", exit 1, for every job",
+	}}
 }
 
 // forgejoConfig is the configuration file forgejo-runner is given: its

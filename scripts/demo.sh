@@ -87,7 +87,7 @@ printf 'github-jit-config-%s' "$run" >"$dir/github.secret"
 printf 'jenkins-secret-%s' "$run" >"$dir/jenkins.secret"
 start=$(date +%s.%N)
 "$W" submit provision --job "$run-forgejo" --image "$IMAGE" --max-lifetime 10m --boot-timeout 2m \
-  --runner forgejo --url https://forgejo.example.org/ --uuid 0e6f5f3c-demo --label debian-12 --label tiny \
+  --runner forgejo --url https://forgejo.example.org/ --uuid 0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f --label debian-12 --label tiny \
   --secret-file "$dir/forgejo.secret"
 "$W" submit provision --job "$run-github" --image "$IMAGE" --max-lifetime 10m --boot-timeout 2m \
   --runner github --secret-file "$dir/github.secret"

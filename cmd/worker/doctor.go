@@ -37,8 +37,9 @@ and, with --nats-url, the NATS server, streams and this host's consumers.
 stretchy-doctor-<random> of host doctor-<random> (workers leave it alone),
 waits for its guest agent, detects its OS, runs "echo Hello" (Windows:
 Write-Host 'Hello'), looks for each runner's program and asks it for its
-version as stretchy, checks the agent's version, and removes the machine
-again, also on failure or Ctrl-C.
+version as stretchy, looks for files that make a runner fail every job
+(a Forgejo Runner registration, <home>/.runner), checks the agent's
+version, and removes the machine again, also on failure or Ctrl-C.
 
 Each check prints a line "ok", "warn" or "fail" with what it found and,
 unless ok, a hint how to fix it. The exit status is 1 if a check failed
@@ -601,8 +602,9 @@ func (d *doctor) checkEcho(ctx context.Context, agent *qga.Agent, image, machine
 }
 
 // checkRunners looks for stretchy's home and the program of each runner
-// kind of the table (pkg/runners) where the worker will start it, and asks
-// the program for its version.
+// kind of the table (pkg/runners) where the worker will start it, asks
+// the program for its version, and fails a kind whose Conflicts, files
+// that make it fail every job, the image holds.
 func (d *doctor) checkRunners(ctx context.Context, agent *qga.Agent, image, job string, osFamily runners.OS) {
 	machine := provision.DomainName(job)
 	homeChecked := false
@@ -636,8 +638,29 @@ func (d *doctor) checkRunners(ctx context.Context, agent *qga.Agent, image, job 
 				"%s", missing(program, err)))
 			continue
 		}
-		d.add(ok(name, image, "%s exists, %s", program, runnerVersion(ctx, agent, machine, job, osFamily, k.Kind)))
+		version := runnerVersion(ctx, agent, machine, job, osFamily, k.Kind)
+		if c, err := conflict(ctx, agent, machine, osFamily, k); err != nil {
+			d.add(warn(name, image, "run doctor again", "%s exists, %s; could not look for %s: %v", program, version, c.Path, err))
+		} else if c.Path != "" {
+			d.add(fail(name, image, "remove "+c.Path+" from the image (docs/protocol.md 7.4)",
+				"%s exists, %s, but %s exists: %s", program, version, c.Path, c.Why))
+		} else {
+			d.add(ok(name, image, "%s exists, %s", program, version))
+		}
 	}
+}
+
+// conflict returns the first file of k's Conflicts that the guest holds,
+// or none (an empty Path); on an error, the Conflict it could not look
+// for.
+func conflict(ctx context.Context, agent *qga.Agent, machine string, osFamily runners.OS, k runners.Kind) (runners.Conflict, error) {
+	for _, c := range k.Conflicts(osFamily) {
+		found, err := guestPathExists(ctx, agent, machine, osFamily, c.Path)
+		if err != nil || found {
+			return c, err
+		}
+	}
+	return runners.Conflict{}, nil
 }
 
 // runnerVersion asks the program of kind for its version as stretchy,

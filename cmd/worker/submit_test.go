@@ -86,10 +86,10 @@ func TestSubmitRunnerSection(t *testing.T) {
 		{name: "default", want: messages.Runner{Kind: messages.RunnerNone}},
 		{name: "none ignores runner flags", args: []string{"--runner", "none", "--url", "https://x/", secret},
 			want: messages.Runner{Kind: messages.RunnerNone}},
-		{name: "forgejo", args: []string{"--runner", "forgejo", "--url", "https://code.example.org/", "--uuid", "u-1",
+		{name: "forgejo", args: []string{"--runner", "forgejo", "--url", "https://code.example.org/", "--uuid", "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f",
 			"--label", "debian-12", "--label", "x86 64", "--handle", "h-1", "--agent-name", "ignored", secret},
 			want: messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-				URL: "https://code.example.org/", UUID: "u-1", Token: "the-secret", Labels: []string{"debian-12", "x86 64"}, Handle: "h-1"}}},
+				URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: "the-secret", Labels: []string{"debian-12", "x86 64"}, Handle: "h-1"}}},
 		{name: "forgejo without labels", args: []string{"--runner", "forgejo", secret},
 			want: messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{Token: "the-secret"}}},
 		{name: "github", args: []string{"--runner", "github", "--url", "https://ignored/", secret},

@@ -344,7 +344,7 @@ func (b *build) detectOS(ctx context.Context) error {
 }
 
 func (b *build) planRunner(context.Context) error {
-	plan, err := runners.For(b.jobID, runners.OS(b.em.os), b.req.Runner)
+	plan, err := runners.For(b.jobID, runners.OS(b.em.os), b.req.Runner, b.req.MaxLifetime())
 	switch {
 	case errors.Is(err, runners.ErrUnsupported):
 		return &stepError{code: messages.CodeRunnerUnsupported, err: err}
@@ -355,7 +355,7 @@ func (b *build) planRunner(context.Context) error {
 	return nil
 }
 
-// prepareRunner writes the runner's secret and launch script.
+// prepareRunner writes the runner's secret, configuration and launch script.
 func (b *build) prepareRunner(ctx context.Context) error {
 	for _, c := range b.plan.Prepare {
 		pctx, cancel := context.WithTimeout(ctx, prepareTimeout)

@@ -128,7 +128,7 @@ func forgejoRequest(fx fixture, jobID string) messages.Provision {
 	req := fx.request(jobID, "debian")
 	req.BootTimeoutS = 1
 	req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-		URL: "https://code.example.org/", UUID: "u-1", Token: planted, Labels: []string{"debian"},
+		URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: planted, Labels: []string{"debian"},
 	}}
 	return req
 }
@@ -183,6 +183,51 @@ func TestRunnerLifecycle(t *testing.T) {
 		if strings.Contains(fmt.Sprintf("%+v %v", ev, ev.Error), planted) {
 			t.Fatalf("secret in event %+v", ev)
 		}
+	}
+}
+
+// TestForgejoJobTimeoutFollowsLifetime: Forgejo Runner cancels a job
+// after its runner.timeout, 3 h unless configured, which is below the
+// default max_lifetime_s of 6 h. The worker writes a configuration whose
+// timeout is the request's lifetime, by the root-run command that writes
+// the secret and the launch script, and points the runner at it.
+func TestForgejoJobTimeoutFollowsLifetime(t *testing.T) {
+	tests := []struct {
+		name     string
+		lifetime int64 // max_lifetime_s
+		want     string
+	}{
+		{"default lifetime", 0, "timeout: 21600s"},
+		{"two hours", 7200, "timeout: 7200s"},
+		{"a week", 604800, "timeout: 604800s"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			fx, ag := newAgentFixture()
+			req := forgejoRequest(fx, "j1")
+			req.MaxLifetimeS = tt.lifetime
+			if err := fx.m.Provision(context.Background(), req, first); err != nil {
+				t.Fatal(err)
+			}
+			if len(ag.commands) < 2 {
+				t.Fatalf("%d guest commands, want the preparation and the launch", len(ag.commands))
+			}
+			const config = "/home/stretchy/.stretchy/j1/forgejo-runner.yaml"
+			prep := ag.commands[len(ag.commands)-2]
+			var wrote, points bool
+			for i, a := range prep.Args {
+				if a == config && i+1 < len(prep.Args) && strings.Contains(prep.Args[i+1], "\nrunner:\n  "+tt.want+"\n") {
+					wrote = true
+				}
+				if strings.Contains(a, "'--config="+config+"'") {
+					points = true
+				}
+			}
+			if !wrote || !points {
+				t.Errorf("the preparation writes %s with %q: %v; the launch script passes --config=%s: %v\n%q",
+					config, tt.want, wrote, config, points, prep.Args)
+			}
+		})
 	}
 }
 

@@ -279,7 +279,7 @@ func (se *scheduleEnv) submit(t *testing.T, jobID string, lifetime time.Duration
 	req := messages.Provision{V: 1, JobID: jobID, Image: "debian-12", RequestedAt: time.Now().UTC(),
 		MaxLifetimeS: int64(lifetime / time.Second),
 		Runner: messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-			URL: "https://code.example.org/", UUID: "u-1", Token: "token-" + jobID, Labels: []string{"debian"},
+			URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: "token-" + jobID, Labels: []string{"debian"},
 		}}}
 	if _, err := bus.SubmitProvision(context.Background(), se.env.js, req, ""); err != nil {
 		t.Fatal(err)

@@ -578,6 +578,13 @@ func badCases() []badCase {
 		p("sized-image-not-found", CodeImageNotFound, true, "a valid sized provision (2 vCPUs, 256 MiB, a 1 GiB scratch disk, a 30 s hold) for an image no host has", func(id string) []byte {
 			return encode(prov(id, noneRunner()).with("vcpus", 2).with("memory_mib", 256).with("scratch_disk_gib", 1).with("hold_on_failure_s", 30))
 		}),
+
+		// What Forgejo Runner refuses at once, exiting 1 (docs/protocol.md
+		// 3.3), added last so that the files above keep their numbers.
+		r("uuid-not-a-uuid", "forgejo.uuid that is not a UUID", provRunner(withForgejo("uuid", "0e6f5f3c-uuid"))),
+		r("uuid-without-hyphens", "forgejo.uuid as 32 hexadecimal digits without hyphens", provRunner(withForgejo("uuid", "0e6f5f3c3b7a4c2e9d7a1c2b3a4d5e6f"))),
+		r("url-query", "forgejo.url with a query", provRunner(withForgejo("url", "https://code.example.org/?lang=en"))),
+		r("url-fragment", "forgejo.url with a fragment", provRunner(withForgejo("url", "https://code.example.org/#top"))),
 	}
 	return cases
 }

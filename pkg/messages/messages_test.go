@@ -422,6 +422,14 @@ func TestFieldRules(t *testing.T) {
 		{"url relative", CheckURL, "/a/b", "f: scheme must be http or https"},
 		{"url no host", CheckURL, "http://", "f: has no host"},
 		{"url unparsable", CheckURL, "http://[::1", "f: not a URL"},
+		{"uuid", CheckUUID, "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", ""},
+		{"uuid upper case", CheckUUID, "0E6F5F3C-3B7A-4C2E-9D7A-1C2B3A4D5E6F", ""},
+		{"uuid empty", CheckUUID, "", "f: missing"},
+		{"uuid text", CheckUUID, "u-1", "f: must be a UUID, 32 hexadecimal digits as 8-4-4-4-12"},
+		{"uuid without hyphens", CheckUUID, "0e6f5f3c3b7a4c2e9d7a1c2b3a4d5e6f", "f: must be a UUID, 32 hexadecimal digits as 8-4-4-4-12"},
+		{"uuid urn", CheckUUID, "urn:uuid:0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", "f: must be a UUID, 32 hexadecimal digits as 8-4-4-4-12"},
+		{"uuid trailing newline", CheckUUID, "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f\n", "f: must be a UUID, 32 hexadecimal digits as 8-4-4-4-12"},
+		{"uuid secret", CheckUUID, secret, "f: must be a UUID, 32 hexadecimal digits as 8-4-4-4-12"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -16,6 +16,7 @@ import (
 var (
 	idPattern    = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
 	imagePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}$`)
+	uuidPattern  = regexp.MustCompile(`^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$`)
 )
 
 // Limits on the runner section.
@@ -107,8 +108,8 @@ func Describe(s string) string {
 // described, with the rest of each runner kind, by the table of kinds in
 // pkg/runners, whose Validate checks a whole request, this envelope and
 // then the runner section (its kind, which sections are set, each field
-// of the kind's section by the rules CheckText, CheckURL, CheckSecret and
-// CheckLabels, and the kind's own checks). Readers of requests use
+// of the kind's section by the rules CheckText, CheckURL, CheckUUID,
+// CheckSecret and CheckLabels, and the kind's own checks). Readers of requests use
 // runners.Validate; the name of this one says it is not enough.
 func (p *Provision) ValidateEnvelope() error {
 	if err := checkVersion(p.V); err != nil {
@@ -179,6 +180,19 @@ func CheckURL(field, v string) string {
 		return field + ": has no host"
 	case u.User != nil:
 		return field + ": must not carry credentials"
+	}
+	return ""
+}
+
+// CheckUUID checks a UUID in its usual text form, the one Forgejo gives
+// runners: 32 hexadecimal digits of either case in groups of
+// 8-4-4-4-12, separated by hyphens.
+func CheckUUID(field, v string) string {
+	switch {
+	case v == "":
+		return field + ": missing"
+	case !uuidPattern.MatchString(v):
+		return field + ": must be a UUID, 32 hexadecimal digits as 8-4-4-4-12"
 	}
 	return ""
 }

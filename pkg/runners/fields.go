@@ -23,6 +23,9 @@ const (
 	// RuleLabels is a list of 1 to 64 runner labels (messages.CheckLabels),
 	// the rule of a list field.
 	RuleLabels
+	// RuleUUID is a UUID as 8-4-4-4-12 hexadecimal digits
+	// (messages.CheckUUID).
+	RuleUUID
 )
 
 // Field is one field of a runner kind's section in a provision request.
@@ -118,6 +121,8 @@ func (f Field) problems(r messages.Runner) []string {
 		p = messages.CheckText(f.Wire, v)
 	case RuleURL:
 		p = messages.CheckURL(f.Wire, v)
+	case RuleUUID:
+		p = messages.CheckUUID(f.Wire, v)
 	case RuleSecret:
 		p = messages.CheckSecret(f.Wire, v)
 	default:

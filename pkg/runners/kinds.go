@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
@@ -38,10 +39,25 @@ type Kind struct {
 	// program is the path of the program the image must provide
 	// (Plan.Program) on l's OS family.
 	program func(l layout) (string, error)
-	// start is what starting the runner of r takes on l's OS family.
-	start func(l layout, r messages.Runner) (start, error)
+	// start is what starting the runner of r takes on l's OS family, in
+	// a machine that lives at most lifetime.
+	start func(l layout, r messages.Runner, lifetime time.Duration) (start, error)
 	// version is what asking the program for its version takes.
 	version func(l layout) (start, error)
+	// conflicts, if set, lists the files in the guest that make the
+	// runner fail every job (Kind.Conflicts).
+	conflicts func(l layout) []Conflict
+}
+
+// Conflict is a file an image must not hold for a runner kind: the
+// runner reads it, and then fails every job at once. worker doctor --boot
+// looks for these (docs/protocol.md 7.4).
+type Conflict struct {
+	// Path is the file's absolute path in the guest.
+	Path string
+	// Why says, for people, what the file is and what the runner makes
+	// of it.
+	Why string
 }
 
 // The sections of messages.Runner, for the table.
@@ -62,7 +78,7 @@ var kinds = []Kind{
 		Fields: []Field{
 			forgejoSection.text(Field{Wire: "runner.forgejo.url", Rule: RuleURL, Required: true, Flag: "url", Usage: "the instance's URL"},
 				func(s *messages.ForgejoRunner) *string { return &s.URL }),
-			forgejoSection.text(Field{Wire: "runner.forgejo.uuid", Rule: RuleText, Required: true, Flag: "uuid", Usage: "the runner's UUID"},
+			forgejoSection.text(Field{Wire: "runner.forgejo.uuid", Rule: RuleUUID, Required: true, Flag: "uuid", Usage: "the runner's UUID"},
 				func(s *messages.ForgejoRunner) *string { return &s.UUID }),
 			forgejoSection.text(Field{Wire: "runner.forgejo.token", Rule: RuleSecret, Required: true, Secret: true, Flag: "secret-file", Usage: "forgejo token"},
 				func(s *messages.ForgejoRunner) *string { return &s.Token }),
@@ -72,9 +88,13 @@ var kinds = []Kind{
 				func(s *messages.ForgejoRunner) *[]string { return &s.Labels }),
 		},
 		has:     forgejoSection.present,
+		check:   forgejoCheck,
 		program: everywhere(forgejoProgram),
-		start:   func(l layout, r messages.Runner) (start, error) { return forgejo(l, r.Forgejo) },
-		version: forgejoVersion,
+		start: func(l layout, r messages.Runner, lifetime time.Duration) (start, error) {
+			return forgejo(l, r.Forgejo, lifetime)
+		},
+		version:   forgejoVersion,
+		conflicts: forgejoConflicts,
 	},
 	{
 		Kind:    messages.RunnerGitHub,
@@ -86,7 +106,7 @@ var kinds = []Kind{
 		},
 		has:     githubSection.present,
 		program: githubProgram,
-		start:   func(l layout, r messages.Runner) (start, error) { return github(l, r.GitHub) },
+		start:   func(l layout, r messages.Runner, _ time.Duration) (start, error) { return github(l, r.GitHub) },
 		version: githubVersion,
 	},
 	{
@@ -106,7 +126,7 @@ var kinds = []Kind{
 		has:     jenkinsSection.present,
 		check:   jenkinsCheck,
 		program: everywhere(jenkinsProgram),
-		start:   func(l layout, r messages.Runner) (start, error) { return jenkins(l, r.Jenkins) },
+		start:   func(l layout, r messages.Runner, _ time.Duration) (start, error) { return jenkins(l, r.Jenkins) },
 		version: jenkinsVersion,
 	},
 }
@@ -141,6 +161,15 @@ func (k Kind) clone() Kind {
 	return k
 }
 
+// Conflicts returns the files that make the runner of k fail every job
+// on an OS of family os, nil for a kind, or an OS family, that has none.
+func (k Kind) Conflicts(os OS) []Conflict {
+	if k.conflicts == nil || !os.valid() {
+		return nil
+	}
+	return k.conflicts(layoutFor(os, ""))
+}
+
 // Starts reports whether k starts a runner program; only
 // messages.RunnerNone does not.
 func (k Kind) Starts() bool { return k.start != nil }
@@ -165,7 +194,16 @@ func (k Kind) Program(os OS) (string, error) {
 // (--wait: waiting for it), runs it and exits. The token is read from a file
 // through --token-url. Flags are passed as --flag=value so that a value
 // starting with "-" cannot be taken for a flag.
-func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
+//
+// The runner cancels a job after its runner.timeout, 3h unless its
+// configuration file says otherwise; one-job has no flag for it. So the
+// runner is given a configuration file (--config, a flag of every
+// command) that holds nothing but runner.timeout, the machine's
+// lifetime: the worker's deadline comes first, and a job is no longer cut
+// short at 3 h in a machine meant to live 6 h. The file holds no secret.
+// forgejo-runner takes its defaults for every setting the file leaves
+// out, as without a file.
+func forgejo(l layout, f *messages.ForgejoRunner, lifetime time.Duration) (start, error) {
 	if f == nil {
 		return start{}, fmt.Errorf("forgejo runner: missing settings: %w", ErrInvalid)
 	}
@@ -173,10 +211,13 @@ func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
 		program:    forgejoProgram(l),
 		secret:     f.Token,
 		secretFile: l.join(l.jobDir, "token"),
+		config:     forgejoConfig(lifetime),
+		configFile: l.join(l.jobDir, "forgejo-runner.yaml"),
 	}
 	s.exe = s.program
 	s.args = []string{
 		"one-job",
+		"--config=" + s.configFile,
 		"--url=" + f.URL,
 		"--uuid=" + f.UUID,
 		"--token-url=" + l.fileURL(s.secretFile),
@@ -189,6 +230,43 @@ func forgejo(l layout, f *messages.ForgejoRunner) (start, error) {
 	}
 	s.args = append(s.args, "--wait")
 	return s, nil
+}
+
+// forgejoCheck refuses an instance URL with a query or a fragment (a "?"
+// or "#" in a URL can be nothing else): forgejo-runner appends
+// /api/actions to the URL it is given, so every call it makes would miss,
+// and one-job would exit 1 as it declares itself.
+func forgejoCheck(r messages.Runner) []string {
+	if strings.ContainsAny(r.Forgejo.URL, "?#") {
+		return []string{"runner.forgejo.url: must have no query or fragment: Forgejo Runner appends /api/actions to it"}
+	}
+	return nil
+}
+
+// forgejoConflicts: forgejo-runner reads a registration from
+// runner.file, ".runner" in its working directory (the launch script
+// changes to the home directory), if there is one, as a server
+// connection, and one-job refuses a connection from its command line
+// beside it. register and create-runner-file write the file, so an image
+// whose runner was once registered by hand holds one.
+func forgejoConflicts(l layout) []Conflict {
+	return []Conflict{{
+		Path: l.join(l.home, ".runner"),
+		Why: "forgejo-runner reads it as a registration (a runner registered by hand, with register or create-runner-file, " +
+			"leaves it) and then refuses the connection the worker passes on its command line: " +
+			"\"server connection conflict between program arguments and config\", exit 1, for every job",
+	}}
+}
+
+// forgejoConfig is the configuration file forgejo-runner is given: its
+// job timeout, in whole seconds, rounded up. It is a YAML string, which
+// the runner's YAML library (go.yaml.in/yaml/v3) reads into a
+// time.Duration with time.ParseDuration; it refuses a bare number.
+func forgejoConfig(lifetime time.Duration) string {
+	seconds := int64((lifetime + time.Second - 1) / time.Second)
+	return "# Forgejo Runner configuration for one CI job. Written by the stretchy libvirt worker.\n" +
+		"runner:\n" +
+		fmt.Sprintf("  timeout: %ds\n", seconds)
 }
 
 func forgejoProgram(l layout) string {

@@ -2,6 +2,8 @@ package runners
 
 import (
 	"errors"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -39,7 +41,7 @@ func TestKindProgram(t *testing.T) {
 		for _, goos := range allOS {
 			t.Run(rc.name+"/"+string(goos), func(t *testing.T) {
 				program, err := k.Program(goos)
-				plan, perr := For(testJob, goos, rc.runner())
+				plan, perr := For(testJob, goos, rc.runner(), testLifetime)
 				switch {
 				case errors.Is(perr, ErrUnsupported):
 					if !errors.Is(err, ErrUnsupported) {
@@ -66,5 +68,47 @@ func TestKindProgram(t *testing.T) {
 	}
 	if h := Home("plan9"); h != "" {
 		t.Errorf("Home(plan9) = %q", h)
+	}
+}
+
+// TestKindConflicts: forgejo-runner reads .runner in its working
+// directory, the home directory the launch script changes to, so that
+// file conflicts with every Forgejo job; the other runners have none.
+func TestKindConflicts(t *testing.T) {
+	for _, k := range Kinds() {
+		for _, goos := range allOS {
+			t.Run(string(k.Kind)+"/"+string(goos), func(t *testing.T) {
+				var want []string
+				if k.Kind == messages.RunnerForgejo {
+					want = []string{layoutFor(goos, "").join(Home(goos), ".runner")}
+				}
+				var got []string
+				for _, c := range k.Conflicts(goos) {
+					got = append(got, c.Path)
+					if c.Why == "" {
+						t.Errorf("%s: no reason given", c.Path)
+					}
+				}
+				if !slices.Equal(got, want) {
+					t.Errorf("Conflicts = %q, want %q", got, want)
+				}
+			})
+		}
+	}
+	forgejo, _ := Lookup(messages.RunnerForgejo)
+	if c := forgejo.Conflicts("plan9"); c != nil {
+		t.Errorf("Conflicts on plan9 = %+v", c)
+	}
+	// The launch script runs the runner in the home directory, where the
+	// relative runner.file is read.
+	for _, goos := range allOS {
+		p, err := For(testJob, goos, forgejoRunner(), testLifetime)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cd := map[bool]string{true: "Set-Location -LiteralPath " + psQuote(p.Home), false: "HOME=" + shellQuote(p.Home)}[goos == Windows]
+		if !strings.Contains(launchScript(p), cd) {
+			t.Errorf("%s: the launch script does not work in %s", goos, p.Home)
+		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
@@ -28,10 +29,11 @@ var (
 	// example GitHub Actions Runner on FreeBSD.
 	ErrUnsupported = errors.New("unsupported runner and OS combination")
 	// ErrInvalid means the request cannot be turned into a safe plan: a bad
-	// job id, a missing runner section, a NUL byte, or a value the runner
-	// would misread (a Jenkins agent name starting with "@"). Validate
-	// refuses all of these; For checks them again, as it may be given a
-	// runner section that never passed Validate.
+	// job id, a missing runner section, a NUL byte, a value the runner
+	// would misread (a Jenkins agent name starting with "@"), or a
+	// lifetime that is not positive. Validate refuses all of these; For
+	// checks them again, as it may be given a runner section that never
+	// passed Validate.
 	ErrInvalid = errors.New("invalid runner request")
 )
 
@@ -90,8 +92,8 @@ type Command struct {
 // from job data.
 type Plan struct {
 	// Prepare makes private the directory a runner writes its own
-	// credentials into (GitHub), then writes the secret and the launch
-	// script.
+	// credentials into (GitHub), then writes the secret, the runner's
+	// configuration (Forgejo) and the launch script.
 	Prepare []Command
 	// Launch starts the runner and exits when it does.
 	Launch Command
@@ -107,12 +109,16 @@ type Plan struct {
 func (p Plan) Empty() bool { return p.Launch.Path == "" }
 
 // For returns the plan that starts runner r for job jobID on an OS of family
-// os. For messages.RunnerNone there is nothing to start: For returns the
-// zero Plan (Empty reports true) and no error, and the machine lives until
-// it is torn down or reaches its deadline. For returns an error wrapping
+// os, in a machine that lives at most lifetime, the request's
+// messages.Provision.MaxLifetime: a runner that ends a job after a timeout
+// of its own is given lifetime as that timeout, so that the machine's
+// deadline, not the runner's default, bounds the job. For
+// messages.RunnerNone there is nothing to start: For returns the zero Plan
+// (Empty reports true) and no error, and the machine lives until it is
+// torn down or reaches its deadline. For returns an error wrapping
 // ErrUnsupported when the runner does not run on os, and one wrapping
-// ErrInvalid when r cannot be turned into a safe plan.
-func For(jobID string, os OS, r messages.Runner) (Plan, error) {
+// ErrInvalid when r or lifetime cannot be turned into a safe plan.
+func For(jobID string, os OS, r messages.Runner, lifetime time.Duration) (Plan, error) {
 	k, known := lookup(r.Kind)
 	if known && !k.Starts() {
 		return Plan{}, nil
@@ -126,8 +132,11 @@ func For(jobID string, os OS, r messages.Runner) (Plan, error) {
 	if !known {
 		return Plan{}, fmt.Errorf("runner kind %q: %w", r.Kind, ErrInvalid)
 	}
+	if lifetime <= 0 {
+		return Plan{}, fmt.Errorf("lifetime %s: %w", lifetime, ErrInvalid)
+	}
 	l := layoutFor(os, jobID)
-	s, err := k.start(l, r)
+	s, err := k.start(l, r, lifetime)
 	if err != nil {
 		return Plan{}, err
 	}
@@ -192,6 +201,10 @@ type start struct {
 	// credentials into, which is made private to stretchy before the
 	// launch.
 	privateDir string
+	// config, if set, is the runner's configuration, written to
+	// configFile (mode 0600) before the launch. It holds no secret.
+	config     string
+	configFile string
 	// version says that exe only tells its version (VersionPlan): the
 	// script is version.sh or version.ps1 and says so, and there is no
 	// secret.

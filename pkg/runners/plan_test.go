@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
@@ -17,11 +18,15 @@ var update = flag.Bool("update", false, "rewrite the golden plan files under tes
 
 const testJob = "job-42_x"
 
-// Awkward but valid values: spaces, both quotes, $, backticks, & and ?,
-// non-ASCII text.
+// testLifetime is the machine's lifetime the plans are made for, the
+// default max_lifetime_s.
+const testLifetime = 6 * time.Hour
+
+// Awkward but valid values: spaces, both quotes, $, backticks, &,
+// non-ASCII text. A Forgejo URL has no query (Validate).
 func forgejoRunner() messages.Runner {
 	return messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-		URL:    "https://code.example.org/forgejo/?a=1&b=$x",
+		URL:    "https://code.example.org/forgejo/a&b=$x'y/",
 		UUID:   "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f",
 		Token:  "fj-token-0123456789abcdef",
 		Labels: []string{"ubuntu latest", "it's", "日本語", `say "hi" $(id) ` + "`x`", "docker:docker://node:22"},
@@ -62,7 +67,7 @@ func TestForGolden(t *testing.T) {
 		for _, goos := range allOS {
 			name := rc.name + "_" + string(goos)
 			t.Run(rc.name+"/"+string(goos), func(t *testing.T) {
-				p, err := For(testJob, goos, rc.runner())
+				p, err := For(testJob, goos, rc.runner(), testLifetime)
 				var got string
 				if err != nil {
 					got = "error: " + err.Error() + "\n"
@@ -144,7 +149,7 @@ func TestVersionPlanRefuses(t *testing.T) {
 }
 
 func TestForGitHubOnFreeBSDIsUnsupported(t *testing.T) {
-	_, err := For(testJob, FreeBSD, githubRunner())
+	_, err := For(testJob, FreeBSD, githubRunner(), testLifetime)
 	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "GitHub Actions Runner does not support FreeBSD") {
 		t.Fatalf("err = %v, want ErrUnsupported saying GitHub Actions Runner does not support FreeBSD", err)
 	}
@@ -152,12 +157,12 @@ func TestForGitHubOnFreeBSDIsUnsupported(t *testing.T) {
 
 func TestForNoneStartsNothing(t *testing.T) {
 	for _, goos := range allOS {
-		p, err := For(testJob, goos, messages.Runner{Kind: messages.RunnerNone})
+		p, err := For(testJob, goos, messages.Runner{Kind: messages.RunnerNone}, testLifetime)
 		if err != nil || !p.Empty() || len(p.Prepare) != 0 {
 			t.Errorf("%s: For(none) = %+v, %v; want an empty plan", goos, p, err)
 		}
 	}
-	if p, _ := For(testJob, Linux, forgejoRunner()); p.Empty() {
+	if p, _ := For(testJob, Linux, forgejoRunner(), testLifetime); p.Empty() {
 		t.Error("a forgejo plan reports Empty")
 	}
 }
@@ -189,11 +194,84 @@ func TestForRefusesInvalid(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if _, err := For(tt.job, tt.os, tt.runner); !errors.Is(err, tt.want) {
+			if _, err := For(tt.job, tt.os, tt.runner, testLifetime); !errors.Is(err, tt.want) {
 				t.Fatalf("err = %v, want %v", err, tt.want)
 			}
 		})
 	}
+}
+
+// TestForRefusesLifetime: a machine's lifetime is positive; the runner's
+// job timeout is made of it.
+func TestForRefusesLifetime(t *testing.T) {
+	for _, rc := range runnerCases {
+		for _, lifetime := range []time.Duration{0, -time.Second} {
+			t.Run(fmt.Sprintf("%s/%s", rc.name, lifetime), func(t *testing.T) {
+				if _, err := For(testJob, Linux, rc.runner(), lifetime); !errors.Is(err, ErrInvalid) {
+					t.Fatalf("err = %v, want %v", err, ErrInvalid)
+				}
+			})
+		}
+	}
+}
+
+// TestForgejoConfig pins the configuration file forgejo-runner gets: its
+// job timeout is the machine's lifetime in whole seconds, rounded up, as
+// a duration string (the runner's YAML library refuses a bare number for
+// a duration), and it holds nothing else.
+func TestForgejoConfig(t *testing.T) {
+	tests := []struct {
+		lifetime time.Duration
+		timeout  string
+	}{
+		{6 * time.Hour, "21600s"},
+		{time.Second, "1s"},
+		{1500 * time.Millisecond, "2s"},
+		{7 * 24 * time.Hour, "604800s"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.lifetime.String(), func(t *testing.T) {
+			for _, goos := range allOS {
+				p, err := For(testJob, goos, forgejoRunner(), tt.lifetime)
+				if err != nil {
+					t.Fatal(err)
+				}
+				l := layoutFor(goos, testJob)
+				file := l.join(l.jobDir, "forgejo-runner.yaml")
+				want := "# Forgejo Runner configuration for one CI job. Written by the stretchy libvirt worker.\n" +
+					"runner:\n" +
+					"  timeout: " + tt.timeout + "\n"
+				got, ok := plannedFile(p, file)
+				if !ok || got != want {
+					t.Errorf("%s: %s holds %q (written: %v), want %q", goos, file, got, ok, want)
+				}
+				if script := launchScript(p); !strings.Contains(script, "--config="+file) {
+					t.Errorf("%s: the launch script does not pass --config=%s:\n%s", goos, file, script)
+				}
+			}
+		})
+	}
+}
+
+// plannedFile returns what the Prepare commands of p write to file, and
+// whether they write it: the POSIX prepare command takes each file's
+// content as the argument after its path, each Windows one writes its
+// standard input to the file its command text names.
+func plannedFile(p Plan, file string) (string, bool) {
+	for _, c := range p.Prepare {
+		if c.Path == "/bin/sh" {
+			for i := prepBase; i+1 < len(c.Args); i++ {
+				if c.Args[i] == file {
+					return c.Args[i+1], true
+				}
+			}
+			continue
+		}
+		if strings.Contains(c.Args[len(c.Args)-1], "$f = "+psQuote(file)+";") {
+			return string(c.Stdin), true
+		}
+	}
+	return "", false
 }
 
 // TestSecretsTravelOnlyAsSecretStdin plants a unique secret in every
@@ -203,7 +281,7 @@ func TestSecretsTravelOnlyAsSecretStdin(t *testing.T) {
 	const secret = "PLANTED-SECRET-9f8e7d6c"
 	runners := map[string]messages.Runner{
 		"forgejo": {Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-			URL: "https://f.example/", UUID: "u", Token: secret, Labels: []string{"l"},
+			URL: "https://f.example/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: secret, Labels: []string{"l"},
 		}},
 		"github":  {Kind: messages.RunnerGitHub, GitHub: &messages.GitHubRunner{JITConfig: secret}},
 		"jenkins": {Kind: messages.RunnerJenkins, Jenkins: &messages.JenkinsAgent{URL: "https://j.example/", AgentName: "a", Secret: secret}},
@@ -211,7 +289,7 @@ func TestSecretsTravelOnlyAsSecretStdin(t *testing.T) {
 	for kind, r := range runners {
 		for _, goos := range allOS {
 			t.Run(kind+"/"+string(goos), func(t *testing.T) {
-				p, err := For(testJob, goos, r)
+				p, err := For(testJob, goos, r, testLifetime)
 				if errors.Is(err, ErrUnsupported) {
 					return
 				}
@@ -251,7 +329,7 @@ func TestSecretsTravelOnlyAsSecretStdin(t *testing.T) {
 // argument would have to survive Windows command-line quoting twice.
 func TestWindowsCommandsHoldNoDoubleQuote(t *testing.T) {
 	for _, rc := range runnerCases {
-		p, err := For(testJob, Windows, rc.runner())
+		p, err := For(testJob, Windows, rc.runner(), testLifetime)
 		if err != nil {
 			t.Fatal(err)
 		}

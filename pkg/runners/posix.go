@@ -9,12 +9,14 @@ import (
 // guest-exec, so that the runner starts after two round trips to the
 // guest, this one and the launch: it makes the directory "$3" private
 // (skipped when "$3" is empty), writes its standard input, the secret, to
-// "$4" with mode 0600 (skipped when "$4" is empty) and "$6", the launch
-// script, to "$5" with mode 0700, both in the directory "$2" below "$1"
-// (<home>/.stretchy), all owned by stretchy. The umask makes every file and
-// directory private from the moment it exists. qemu-ga's own
-// guest-file-open would create the files 0666 and root-owned. The launch
-// script holds no secret, so it may travel as an argument.
+// "$4" with mode 0600 (skipped when "$4" is empty), "$6", the launch
+// script, to "$5" with mode 0700 and "$8", the runner's configuration, to
+// "$7" with mode 0600 (skipped when "$7" is empty), all in the directory
+// "$2" below "$1" (<home>/.stretchy), all owned by stretchy. The umask
+// makes every file and directory private from the moment it exists.
+// qemu-ga's own guest-file-open would create the files 0666 and
+// root-owned. The launch script and the configuration hold no secret, so
+// they may travel as arguments.
 //
 // "$3" (the GitHub runner's root directory, into which the runner writes
 // its own credentials) becomes stretchy's with mode 0700; a symbolic link
@@ -67,6 +69,7 @@ nolinks() {
 links() {
   [ -z "$4" ] || nolinks "$1" "$2" "$4"
   nolinks "$1" "$2" "$5"
+  [ -z "$7" ] || nolinks "$1" "$2" "$7"
 }
 links "$@"
 mkdir -p "$2"
@@ -80,6 +83,13 @@ if [ -n "$4" ]; then
   nolinks "$1" "$2" "$4"
   chown -h "$u:$g" "$4"
   chmod 0600 "$4"
+fi
+if [ -n "$7" ]; then
+  rm -f "$7"
+  printf '%s' "$8" >"$7"
+  nolinks "$1" "$2" "$7"
+  chown -h "$u:$g" "$7"
+  chmod 0600 "$7"
 fi
 rm -f "$5"
 printf '%s' "$6" >"$5"
@@ -136,15 +146,26 @@ func posixPlan(l layout, s start) Plan {
 	if s.privateDir != "" {
 		did = append(did, "make "+s.name+" directory private")
 	}
+	var files []string
+	if s.secretFile != "" {
+		files = append(files, "secret")
+	}
+	if s.configFile != "" {
+		files = append(files, "configuration")
+	}
+	wrote := "write " + base + " script"
+	if len(files) > 0 {
+		wrote = "write " + s.name + " " + strings.Join(files, ", ") + " and " + base + " script"
+	}
 	prep := Command{
-		Path:    "/bin/sh",
-		Args:    []string{"-c", prepareScript, "sh", l.base, l.jobDir, s.privateDir, s.secretFile, script, posixLaunchScript(l, s)},
+		Path: "/bin/sh",
+		Args: []string{"-c", prepareScript, "sh", l.base, l.jobDir, s.privateDir, s.secretFile, script, posixLaunchScript(l, s),
+			s.configFile, s.config},
 		Env:     env,
-		Purpose: strings.Join(append(did, "write "+base+" script"), ", "),
+		Purpose: strings.Join(append(did, wrote), ", "),
 	}
 	if s.secretFile != "" {
 		prep.Stdin, prep.SecretStdin = []byte(s.secret), true
-		prep.Purpose = strings.Join(append(did, "write "+s.name+" secret and "+base+" script"), ", ")
 	}
 	prepare := []Command{prep}
 	return Plan{

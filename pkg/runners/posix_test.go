@@ -110,7 +110,7 @@ func TestPOSIXLaunchScripts(t *testing.T) {
 }
 
 func testLaunchScript(t *testing.T, sh []string, name string, runner func() messages.Runner, goos OS) {
-	p, err := For(testJob, goos, runner())
+	p, err := For(testJob, goos, runner(), testLifetime)
 	if errors.Is(err, ErrUnsupported) {
 		t.Skip(err)
 	}
@@ -142,7 +142,8 @@ func testLaunchScript(t *testing.T, sh []string, name string, runner func() mess
 		program = bin + "/forgejo-runner"
 		wantArgs = []string{
 			"one-job",
-			"--url=https://code.example.org/forgejo/?a=1&b=$x",
+			"--config=" + home + "/.stretchy/job-42_x/forgejo-runner.yaml",
+			"--url=https://code.example.org/forgejo/a&b=$x'y/",
 			"--uuid=0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f",
 			"--token-url=file:" + home + "/.stretchy/job-42_x/token",
 			"--label=ubuntu latest:host",
@@ -276,7 +277,7 @@ func TestPOSIXWriteFile(t *testing.T) {
 }
 
 func testWriteFile(t *testing.T, sh []string, goos OS) {
-	p, err := For(testJob, goos, forgejoRunner())
+	p, err := For(testJob, goos, forgejoRunner(), testLifetime)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -303,7 +304,7 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 		t.Fatal(err)
 	}
 	_ = os.MkdirAll(filepath.Dir(args[prepSecretFile]), 0o700)
-	for _, f := range []string{args[prepSecretFile], args[prepScriptFile]} {
+	for _, f := range []string{args[prepSecretFile], args[prepScriptFile], args[prepConfigFile]} {
 		if err := os.Link(target, f); err != nil {
 			t.Fatal(err)
 		}
@@ -320,6 +321,7 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 	}{
 		{args[prepSecretFile], string(c.Stdin), 0o600},
 		{args[prepScriptFile], args[prepScript], 0o700},
+		{args[prepConfigFile], args[prepConfig], 0o600},
 	}
 	for _, f := range files {
 		got, err := os.ReadFile(f.path)
@@ -346,6 +348,7 @@ func testWriteFile(t *testing.T, sh []string, goos OS) {
 	want := strings.Join([]string{
 		"-h stretchy:1000 " + base + " " + dir,
 		"-h stretchy:1000 " + dir + "/token",
+		"-h stretchy:1000 " + dir + "/forgejo-runner.yaml",
 		"-h stretchy:1000 " + dir + "/launch.sh",
 	}, "\n") + "\n"
 	if string(chowns) != want {
@@ -361,20 +364,23 @@ const (
 	prepSecretFile
 	prepScriptFile
 	prepScript
+	prepConfigFile
+	prepConfig
 )
 
 // homeArgs returns the prepare command's arguments with the guest's home
 // replaced by home in every path.
 func homeArgs(args []string, guestHome, home string) []string {
 	args = slices.Clone(args)
-	for i := prepBase; i < prepScript; i++ {
+	for _, i := range []int{prepBase, prepJobDir, prepPrivateDir, prepSecretFile, prepScriptFile, prepConfigFile} {
 		args[i] = strings.ReplaceAll(args[i], guestHome, home)
 	}
 	return args
 }
 
-// launchScript returns the launch script a plan writes: the last argument
-// of the POSIX prepare command, the standard input of the last Windows one.
+// launchScript returns the launch script a plan writes: the argument
+// prepScript of the POSIX prepare command, the standard input of the last
+// Windows one.
 func launchScript(p Plan) string {
 	if c := p.Prepare[0]; c.Path == "/bin/sh" {
 		return c.Args[prepScript]
@@ -387,7 +393,7 @@ func launchScript(p Plan) string {
 // checks that the write is refused before anything is created, owned or
 // written through the link.
 func TestPOSIXWriteFileRefusesSymlinks(t *testing.T) {
-	p, err := For(testJob, Linux, forgejoRunner())
+	p, err := For(testJob, Linux, forgejoRunner(), testLifetime)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -402,6 +408,7 @@ func TestPOSIXWriteFileRefusesSymlinks(t *testing.T) {
 		{"job directory", ".stretchy/" + testJob},
 		{"secret file", ".stretchy/" + testJob + "/token"},
 		{"launch script", ".stretchy/" + testJob + "/launch.sh"},
+		{"configuration", ".stretchy/" + testJob + "/forgejo-runner.yaml"},
 	}
 	for shName, sh := range posixShOnly(t) {
 		for _, tt := range tests {
@@ -440,8 +447,11 @@ func TestPOSIXWriteFileRefusesSymlinks(t *testing.T) {
 				}
 				// The secret is checked first, for links above both files.
 				file := args[prepSecretFile]
-				if tt.name == "launch script" {
+				switch tt.name {
+				case "launch script":
 					file = args[prepScriptFile]
+				case "configuration":
+					file = args[prepConfigFile]
 				}
 				if want := "stretchy: refusing to write " + file + ": " + link + " is a symbolic link\n"; stderr.String() != want {
 					t.Errorf("stderr %q, want %q", stderr.String(), want)
@@ -495,7 +505,7 @@ func TestPOSIXGitHubRunnerDirBecomesPrivate(t *testing.T) {
 		{name: "missing", make: func(*testing.T, string, string) {}},
 	}
 	for _, goos := range []OS{Linux, Darwin} {
-		p, err := For(testJob, goos, githubRunner())
+		p, err := For(testJob, goos, githubRunner(), testLifetime)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -625,7 +635,7 @@ type wrapperCase struct {
 }
 
 func testWrapper(t *testing.T, sh []string, script string, tt wrapperCase) {
-	p, err := For(testJob, tt.os, forgejoRunner())
+	p, err := For(testJob, tt.os, forgejoRunner(), testLifetime)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -694,7 +704,7 @@ func TestLabels(t *testing.T) {
 func TestJenkinsAgentDoesNotReconnect(t *testing.T) {
 	for _, goos := range allOS {
 		t.Run(string(goos), func(t *testing.T) {
-			p, err := For(testJob, goos, jenkinsRunner())
+			p, err := For(testJob, goos, jenkinsRunner(), testLifetime)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -711,7 +721,7 @@ func TestJenkinsAgentDoesNotReconnect(t *testing.T) {
 func TestJenkinsWorkDir(t *testing.T) {
 	r := jenkinsRunner()
 	r.Jenkins.WorkDir = "/srv/jenkins work"
-	p, err := For(testJob, Linux, r)
+	p, err := For(testJob, Linux, r, testLifetime)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -157,7 +157,7 @@ func TestFieldRules(t *testing.T) {
 					t.Errorf("not in section %s", k.Section)
 				}
 				switch {
-				case f.Rule < RuleText || f.Rule > RuleLabels:
+				case f.Rule < RuleText || f.Rule > RuleUUID:
 					t.Errorf("rule %d is none of the rules", f.Rule)
 				case f.List() != (f.Rule == RuleLabels):
 					t.Errorf("list %v with rule %d", f.List(), f.Rule)
@@ -206,6 +206,8 @@ func filled(k Kind) messages.Runner {
 			f.SetValues(&r, []string{f.Wire + "-label"})
 		case RuleSecret:
 			f.Set(&r, "PLANTED-"+f.Wire)
+		case RuleUUID:
+			f.Set(&r, "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f")
 		default:
 			f.Set(&r, f.Wire+"-value")
 		}
@@ -239,7 +241,7 @@ func TestSecrets(t *testing.T) {
 		})
 		for _, goos := range allOS {
 			t.Run(string(k.Kind)+"/"+string(goos), func(t *testing.T) {
-				plan, err := For(testJob, goos, r)
+				plan, err := For(testJob, goos, r, testLifetime)
 				if errors.Is(err, ErrUnsupported) {
 					return
 				}

@@ -52,6 +52,26 @@ func TestValidateProblems(t *testing.T) {
 		}},
 		{"forgejo no labels", forgejo(func(f *messages.ForgejoRunner) { f.Labels = nil }),
 			[]string{"runner.forgejo.labels: must hold 1-64 labels, got 0"}},
+		// Forgejo Runner parses the UUID (github.com/google/uuid) and
+		// exits 1 on anything else; Forgejo gives the 8-4-4-4-12 form.
+		{"forgejo uuid upper case", forgejo(func(f *messages.ForgejoRunner) { f.UUID = "0E6F5F3C-3B7A-4C2E-9D7A-1C2B3A4D5E6F" }), nil},
+		{"forgejo uuid not a UUID", forgejo(func(f *messages.ForgejoRunner) { f.UUID = "0e6f5f3c-uuid" }),
+			[]string{"runner.forgejo.uuid: must be a UUID, 32 hexadecimal digits as 8-4-4-4-12"}},
+		{"forgejo uuid without hyphens", forgejo(func(f *messages.ForgejoRunner) { f.UUID = "0e6f5f3c3b7a4c2e9d7a1c2b3a4d5e6f" }),
+			[]string{"runner.forgejo.uuid: must be a UUID, 32 hexadecimal digits as 8-4-4-4-12"}},
+		{"forgejo uuid in braces", forgejo(func(f *messages.ForgejoRunner) { f.UUID = "{0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f}" }),
+			[]string{"runner.forgejo.uuid: must be a UUID, 32 hexadecimal digits as 8-4-4-4-12"}},
+		{"forgejo uuid not hexadecimal", forgejo(func(f *messages.ForgejoRunner) { f.UUID = "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6g" }),
+			[]string{"runner.forgejo.uuid: must be a UUID, 32 hexadecimal digits as 8-4-4-4-12"}},
+		// Forgejo Runner appends /api/actions to the URL, so a query or
+		// a fragment breaks every call it makes, and it exits 1.
+		{"forgejo url with query", forgejo(func(f *messages.ForgejoRunner) { f.URL = "https://code.example.org/?a=1" }),
+			[]string{"runner.forgejo.url: must have no query or fragment: Forgejo Runner appends /api/actions to it"}},
+		{"forgejo url with empty query", forgejo(func(f *messages.ForgejoRunner) { f.URL = "https://code.example.org/forgejo?" }),
+			[]string{"runner.forgejo.url: must have no query or fragment: Forgejo Runner appends /api/actions to it"}},
+		{"forgejo url with fragment", forgejo(func(f *messages.ForgejoRunner) { f.URL = "https://code.example.org/#top" }),
+			[]string{"runner.forgejo.url: must have no query or fragment: Forgejo Runner appends /api/actions to it"}},
+		{"forgejo url with escaped ? and #", forgejo(func(f *messages.ForgejoRunner) { f.URL = "https://code.example.org/a%3Fb%23c/" }), nil},
 		{"github valid", githubRunner(), nil},
 		{"github empty", messages.Runner{Kind: messages.RunnerGitHub, GitHub: &messages.GitHubRunner{}},
 			[]string{"runner.github.jit_config: missing"}},

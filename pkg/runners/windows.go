@@ -24,6 +24,9 @@ func windowsPlan(l layout, s start) Plan {
 	if s.secretFile != "" {
 		prepare = append(prepare, windowsWrite(l, s.secretFile, []byte(s.secret), true, "write "+s.name+" secret"))
 	}
+	if s.configFile != "" {
+		prepare = append(prepare, windowsWrite(l, s.configFile, []byte(s.config), false, "write "+s.name+" configuration"))
+	}
 	prepare = append(prepare, windowsWrite(l, script, ps1, false, "write "+base+" script"))
 	return Plan{
 		Prepare: prepare,

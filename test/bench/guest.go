@@ -330,7 +330,7 @@ func stubJob(id, image string, sleep int) messages.Provision {
 	return messages.Provision{
 		V: messages.SchemaVersion, JobID: id, Image: image,
 		Runner: messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-			URL: "https://forgejo.example.org/", UUID: "0e6f5f3c-bench", Token: "bench-token-" + randomHex(8),
+			URL: "https://forgejo.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: "bench-token-" + randomHex(8),
 			Labels: []string{fmt.Sprintf("stub-sleep=%d", sleep)},
 		}},
 		BootTimeoutS: 180, MaxLifetimeS: 600,

@@ -186,7 +186,7 @@ func forgejoRequest(job, image string) messages.Provision {
 	return messages.Provision{
 		V: messages.SchemaVersion, JobID: job, Image: image,
 		Runner: messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-			URL: "https://forgejo.example.org/", UUID: "0e6f5f3c-bench", Token: "bench-token", Labels: []string{"bench"},
+			URL: "https://forgejo.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: "bench-token", Labels: []string{"bench"},
 		}},
 		MaxLifetimeS: 3600, RequestedAt: time.Now().UTC(),
 	}

@@ -102,7 +102,7 @@ func (a imageState) equal(b imageState) bool {
 func stubRunnerRequest(jobID string, sleep int) messages.Provision {
 	req := provisionRequest(jobID)
 	req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-		URL: "https://code.example.org/", UUID: "uuid-" + jobID, Token: "token-" + jobID,
+		URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: "token-" + jobID,
 		Labels: []string{fmt.Sprintf("stub-sleep=%d", sleep)},
 	}}
 	return req

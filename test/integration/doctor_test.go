@@ -21,6 +21,7 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
 )
 
 // doctorCheck is one check of "worker doctor --json".
@@ -355,6 +356,54 @@ func TestDoctorBoot(t *testing.T) {
 	r.want(t, "boot.runner.jenkins", image, "ok", `/home/stretchy/agent.jar exists, version "3283.v0stub"`, "")
 	// The tiny guest has Debian 12's qemu-ga 7.2.
 	r.want(t, "boot.agent_version", image, "warn", "older than 8.0", "8.0 or newer")
+	r.want(t, "boot.cleanup", image, "ok", "removed stretchy-doctor-", "")
+	if left := doctorLeftovers(t, l); len(left) > 0 {
+		t.Errorf("left behind: %v", left)
+	}
+}
+
+// TestDoctorBootFindsRunnerRegistration: a .runner file in stretchy's
+// home, as forgejo-runner register or create-runner-file leave one, is
+// read by forgejo-runner one-job from its working directory as a second
+// server connection, beside the one the worker passes on its command
+// line, so every Forgejo job on the image fails at once. The image here
+// is an overlay of the test image that holds such a file; doctor --boot
+// must fail the Forgejo runner's check and say to remove it.
+func TestDoctorBootFindsRunnerRegistration(t *testing.T) {
+	l := dialLibvirt(t)
+	image := "doctortest-reg-" + doctorRand(t)
+	defineDoctorImage(t, l, image, overlayVolume(t, l, image+"-vda.qcow2"), true)
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	agent := qga.New(l, qga.Options{})
+	if err := agent.WaitReady(ctx, image); err != nil {
+		t.Fatal(err)
+	}
+	// Written as stretchy, as the runner would; synced, so that the
+	// image keeps it when it is stopped hard.
+	plant := `su -s /bin/sh stretchy -c 'cd && printf "{\"uuid\": \"0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f\"}\n" >.runner' && sync`
+	if _, err := agent.Run(ctx, image, qga.ExecRequest{Path: "/bin/sh", Args: []string{"-c", plant}, Capture: true}); err != nil {
+		t.Fatal(err)
+	}
+	dom, err := l.DomainLookupByName(image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.DomainDestroy(dom); err != nil {
+		t.Fatal(err)
+	}
+
+	r, code := runDoctor(t, "--boot", "--image", image, "--domain-type", "qemu", "--boot-timeout", "90s")
+	if code != 1 || r.Status != "fail" {
+		t.Errorf("exit status %d, status %q; want 1, fail", code, r.Status)
+	}
+	r.want(t, "boot.runner.forgejo", image, "fail", "/home/stretchy/.runner exists", "remove /home/stretchy/.runner from the image")
+	if failed := r.failed(); len(failed) != 1 {
+		t.Errorf("failed checks %+v, want only boot.runner.forgejo", failed)
+	}
+	// The other runners do not read it.
+	r.want(t, "boot.runner.github", image, "ok", "run.sh exists", "")
+	r.want(t, "boot.runner.jenkins", image, "ok", "agent.jar exists", "")
 	r.want(t, "boot.cleanup", image, "ok", "removed stretchy-doctor-", "")
 	if left := doctorLeftovers(t, l); len(left) > 0 {
 		t.Errorf("left behind: %v", left)

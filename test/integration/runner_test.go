@@ -77,11 +77,11 @@ func TestRunnersStartAsStretchyWithSecretsInFiles(t *testing.T) {
 			name: "forgejo", report: "forgejo-runner", wantExit: 3,
 			runner: func(secret string) messages.Runner {
 				return messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-					URL: "https://code.example.org/?a=1&b=$x", UUID: "0e6f5f3c-uuid", Token: secret,
+					URL: "https://code.example.org/a&b=$x'y/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: secret,
 					Labels: []string{"debian 12", "it's", "日本語", "stub-exit=3"}, Handle: "h-77",
 				}}
 			},
-			argv: []string{"'one-job'", "'--url=https://code.example.org/?a=1&b=$x'", "'--uuid=0e6f5f3c-uuid'",
+			argv: []string{"'one-job'", `'--url=https://code.example.org/a&b=$x'\''y/'`, "'--uuid=0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f'",
 				"'--label=debian 12:host'", `'--label=it'\''s:host'`, "'--label=日本語:host'", "'--handle=h-77'", "'--wait'"},
 		},
 		{
@@ -128,6 +128,22 @@ func TestRunnersStartAsStretchyWithSecretsInFiles(t *testing.T) {
 			for _, want := range tt.argv {
 				if !slices.Contains(strings.Split(argv, "\n"), want) {
 					t.Errorf("argv lacks %s:\n%s", want, argv)
+				}
+			}
+			if tt.name == "forgejo" {
+				// The job timeout follows the request's lifetime
+				// (provisionRequest: max_lifetime_s 600), in a file
+				// private to stretchy that the runner is pointed at.
+				config := "/home/stretchy/.stretchy/" + job + "/forgejo-runner.yaml"
+				if !slices.Contains(strings.Split(argv, "\n"), "'--config="+config+"'") {
+					t.Errorf("argv lacks --config=%s:\n%s", config, argv)
+				}
+				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+				st, err := agent.Run(ctx, domain, qga.ExecRequest{Path: "/bin/sh", Args: []string{"-c", `stat -c '%a %u:%g' "$1" && cat "$1"`, "sh", config}, Capture: true})
+				cancel()
+				want := "600 1000:1000\n# Forgejo Runner configuration for one CI job. Written by the stretchy libvirt worker.\nrunner:\n  timeout: 600s\n"
+				if err != nil || string(st.Stdout) != want {
+					t.Errorf("%s: %q, %v; want %q", config, st.Stdout, err, want)
 				}
 			}
 			switch tt.name {

@@ -132,7 +132,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 		runner messages.Runner
 	}{
 		{isolatedJob(t, "leak-fj"), messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-			URL: "https://code.example.org/", UUID: "0e6f5f3c-uuid", Token: fjSecret, Labels: []string{"debian-12"}, Handle: "h-1",
+			URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: fjSecret, Labels: []string{"debian-12"}, Handle: "h-1",
 		}}},
 		{isolatedJob(t, "leak-gh"), messages.Runner{Kind: messages.RunnerGitHub, GitHub: &messages.GitHubRunner{JITConfig: ghSecret}}},
 		{isolatedJob(t, "leak-jk"), messages.Runner{Kind: messages.RunnerJenkins, Jenkins: &messages.JenkinsAgent{
@@ -158,7 +158,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	req := provisionRequest(noImage)
 	req.Image = "no-such-image-for-secrets"
 	req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-		URL: "https://code.example.org/", UUID: "u", Token: errSecrets[0], Labels: []string{"x"},
+		URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: errSecrets[0], Labels: []string{"x"},
 	}}
 	if _, err := bus.SubmitProvision(ctx, js, req, ""); err != nil {
 		t.Fatal(err)
@@ -290,7 +290,7 @@ func TestSecretsScrubbedAcrossRestart(t *testing.T) {
 	submit := func(job, secret, sleep string) {
 		req := provisionRequest(job)
 		req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-			URL: "https://code.example.org/", UUID: "u-1", Token: secret,
+			URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: secret,
 			Labels: []string{"debian stub-print-secret stub-sleep=" + sleep},
 		}}
 		if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {

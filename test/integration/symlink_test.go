@@ -120,7 +120,7 @@ B=/home/stretchy/.stretchy J=/home/stretchy/.stretchy/` + job + ` su -s /bin/sh 
 
 			req := provisionRequest(job)
 			req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-				URL: "https://code.example.org/", UUID: "0e6f5f3c-uuid", Token: "PLANTED-" + job, Labels: []string{"debian-12"},
+				URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: "PLANTED-" + job, Labels: []string{"debian-12"},
 			}}
 			if _, err := bus.SubmitProvision(context.Background(), js, req, ""); err != nil {
 				t.Fatal(err)

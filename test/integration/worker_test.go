@@ -443,7 +443,7 @@ func TestParallelismOneEndsMachines(t *testing.T) {
 	forgejo := func(job string) {
 		req := provisionRequest(job)
 		req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
-			URL: "https://code.example.org/", UUID: "u-1", Token: plantedSecret("p1"), Labels: []string{"debian stub-sleep=1"},
+			URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: plantedSecret("p1"), Labels: []string{"debian stub-sleep=1"},
 		}}
 		if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
 			t.Fatal(err)

@@ -15,6 +15,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/redact"
 )
 
 // Console logs. A clone's serial ports and consoles write everything the
@@ -125,9 +126,9 @@ func consoleLogs(d *libvirtxml.Domain, main string, set bool) []string {
 // lines, of at most maxBytes bytes in all (less what precedes the first
 // line break of those bytes, unless that would leave nothing), with line
 // ends as "\n" (carriage returns and terminal escape sequences removed),
-// invalid UTF-8 replaced by "?", and every occurrence of each of secrets
-// replaced by "[REDACTED]" before anything is cut, so that no part of a
-// secret is left. It reads the backup virtlogd rolled the log over into,
+// invalid UTF-8 replaced by "?", and every occurrence of each of secrets,
+// in any form redact.New lists, replaced by "[REDACTED]" before anything
+// is cut, so that no part of a secret is left. It reads the backup virtlogd rolled the log over into,
 // path.0, too when the end of the log is not enough.
 //
 // It returns an error wrapping fs.ErrNotExist when there is no log (the
@@ -138,10 +139,8 @@ func ConsoleTail(path string, maxLines, maxBytes int, secrets ...string) (string
 	if maxLines <= 0 || maxBytes <= 0 {
 		return "", nil
 	}
-	longest := 0
-	for _, s := range secrets {
-		longest = max(longest, len(s))
-	}
+	sc := redact.New(secrets...)
+	longest := sc.Longest()
 	// Enough raw bytes that the normalized, scrubbed text normally holds
 	// maxBytes after the first longest bytes, which may be the cut end of
 	// a secret and are dropped: carriage returns and escape sequences
@@ -163,12 +162,7 @@ func ConsoleTail(path string, maxLines, maxBytes int, secrets ...string) (string
 			return "", fmt.Errorf("console log: %w", err)
 		}
 	}
-	text := normalizeConsole(data)
-	for _, s := range secrets {
-		if s != "" {
-			text = bytes.ReplaceAll(text, []byte(s), []byte(redacted))
-		}
-	}
+	text := []byte(sc.Scrub(string(normalizeConsole(data))))
 	if !complete {
 		// The read began inside the log: its first bytes may be the end
 		// of a secret, which the replacement above did not see whole.
@@ -182,9 +176,6 @@ func ConsoleTail(path string, maxLines, maxBytes int, secrets ...string) (string
 	}
 	return string(lastLines(text, maxLines, maxBytes)), nil
 }
-
-// redacted replaces a secret in a console log, as in runner output.
-const redacted = "[REDACTED]"
 
 // readTail returns the last n bytes of the file at path, and whether that
 // is the whole file.

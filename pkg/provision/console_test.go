@@ -2,8 +2,11 @@ package provision
 
 import (
 	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"io/fs"
+	"net/url"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -321,5 +324,33 @@ func TestRemoveConsoleLogs(t *testing.T) {
 	}
 	if err := RemoveConsoleLogs(dir, "../x"); !errors.Is(err, ErrInvalidJobID) {
 		t.Errorf("RemoveConsoleLogs(../x) = %v", err)
+	}
+}
+
+// TestConsoleTailEncodedSecrets: a guest that prints a secret encoded
+// (base64, JSON, a URL) does not get it past the scrubbing either.
+func TestConsoleTailEncodedSecrets(t *testing.T) {
+	const secret = `tok+en/"s3cr3t"?&=<x>!`
+	jsonEscape := func(s string) string { b, _ := json.Marshal(s); return string(b[1 : len(b)-1]) }
+	tests := []struct{ name, form string }{
+		{"base64", base64.StdEncoding.EncodeToString([]byte(secret))},
+		{"URL-safe base64", base64.URLEncoding.EncodeToString([]byte(secret))},
+		{"raw URL-safe base64", base64.RawURLEncoding.EncodeToString([]byte(secret))},
+		{"JSON", jsonEscape(secret)},
+		{"query escaped", url.QueryEscape(secret)},
+		{"path escaped", url.PathEscape(secret)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "stretchy-j.log")
+			writeFile(t, path, "config: "+tt.form+"\r\n")
+			got, err := ConsoleTail(path, 40, 4096, secret)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != "config: [REDACTED]\n" {
+				t.Errorf("ConsoleTail = %q, want the %s form redacted", got, tt.name)
+			}
+		})
 	}
 }

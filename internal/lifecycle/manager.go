@@ -211,6 +211,10 @@ type Manager struct {
 	// orphans are the volume paths the last reconciliation found without a
 	// domain; only the Reconcile goroutine touches it.
 	orphans map[string]bool
+	// consoleOrphans are the keys of the console logs the last
+	// reconciliation found without a domain (console.go); only the
+	// Reconcile goroutine touches it.
+	consoleOrphans map[string]bool
 	// guests is, by image, the OS family a guest of the image's latest
 	// generation seen reported (runner.go).
 	guests map[string]guestOS

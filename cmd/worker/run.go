@@ -176,7 +176,7 @@ func runCommand(ctx context.Context, args []string) error {
 		Pool: pool,
 		Resources: lifecycle.Resources{
 			MaxVCPUs: cfg.MaxVCPUsPerMachine, MaxMemoryMiB: cfg.MaxMemoryPerMachine,
-			HostVCPUs: cfg.HostVCPUs, HostMemoryMiB: cfg.HostMemory,
+			HostVCPUs: cfg.HostVCPUs, HostMemoryMiB: cfg.HostMemory, MaxScratchGiB: cfg.MaxScratchGiB,
 		},
 		Sizes:      machines,
 		ConsoleDir: consoleDir,

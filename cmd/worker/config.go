@@ -63,6 +63,9 @@ type Config struct {
 	MaxMemoryPerMachine int
 	HostVCPUs           int
 	HostMemory          int
+	// MaxScratchGiB bounds a machine's scratch disk (docs/protocol.md
+	// 7.6); 0 is no bound.
+	MaxScratchGiB int
 	// ConsoleDir is where machines' serial consoles log to, on the
 	// libvirt host (docs/protocol.md 7.7); empty captures none.
 	ConsoleDir string
@@ -252,6 +255,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.IntVar(&c.MaxMemoryPerMachine, "max-memory-per-machine", 0, "MiB of memory one machine may have, the request's or its image's; more is refused (resources_exceeded); 0: no bound (STRETCHY_MAX_MEMORY_PER_MACHINE)")
 	fs.IntVar(&c.HostVCPUs, "host-vcpus", 0, "vCPUs this host's machines may have together; a request that does not fit waits; 0: no bound (STRETCHY_HOST_VCPUS)")
 	fs.IntVar(&c.HostMemory, "host-memory", 0, "MiB of memory this host's machines may have together; a request that does not fit waits; 0: no bound (STRETCHY_HOST_MEMORY)")
+	fs.IntVar(&c.MaxScratchGiB, "max-scratch-gib", 100, "GiB of scratch disk (scratch_disk_gib) one machine may have; more is refused (resources_exceeded); 0: no bound (STRETCHY_MAX_SCRATCH_GIB)")
 	fs.StringVar(&c.ConsoleDir, "console-dir", defaultConsoleDir, "absolute directory for the machines' serial console logs, on the libvirt host; empty captures no consoles (STRETCHY_CONSOLE_DIR)")
 	fs.DurationVar(&c.MaxHold, "max-hold", time.Hour, "longest a machine is held after its job failed (hold_on_failure_s) or by worker hold; 0 holds none (STRETCHY_MAX_HOLD)")
 }
@@ -516,6 +520,9 @@ func (c *Config) Validate() error {
 		if b.v > 0 && b.total > 0 && b.v > b.total {
 			bad("--%s %d%s: more than --%s %d%s, which no machine can exceed", b.flag, b.v, c.origin(b.flag), b.totalOf, b.total, c.origin(b.totalOf))
 		}
+	}
+	if c.MaxScratchGiB < 0 || c.MaxScratchGiB > messages.MaxScratchDiskGiB {
+		bad("--max-scratch-gib %d: must be between 0 (no bound) and %d", c.MaxScratchGiB, messages.MaxScratchDiskGiB)
 	}
 	if c.ConsoleDir != "" && !filepath.IsAbs(c.ConsoleDir) {
 		bad("--console-dir %q%s: must be an absolute path, or empty to capture no consoles", c.ConsoleDir, c.origin("console-dir"))

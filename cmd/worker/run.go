@@ -170,9 +170,7 @@ func runCommand(ctx context.Context, args []string) error {
 	}
 	consoleDir := cfg.consoleCapture()
 	if consoleDir != "" {
-		// virtlogd creates the logs, not the directory; root's only, as
-		// the logs may show what a job printed.
-		if err := os.MkdirAll(consoleDir, 0o700); err != nil {
+		if err := prepareConsoleDir(consoleDir); err != nil {
 			return fmt.Errorf("--console-dir: %w", err)
 		}
 	}
@@ -180,7 +178,7 @@ func runCommand(ctx context.Context, args []string) error {
 		Pool: pool,
 		Resources: lifecycle.Resources{
 			MaxVCPUs: cfg.MaxVCPUsPerMachine, MaxMemoryMiB: cfg.MaxMemoryPerMachine,
-			HostVCPUs: cfg.HostVCPUs, HostMemoryMiB: cfg.HostMemory,
+			HostVCPUs: cfg.HostVCPUs, HostMemoryMiB: cfg.HostMemory, MaxScratchGiB: cfg.MaxScratchGiB,
 		},
 		Sizes:      machines,
 		ConsoleDir: consoleDir,

@@ -72,7 +72,7 @@ func (f *fakeMachines) Clone(ctx context.Context, s provision.Spec) (provision.M
 	}
 	m := &provision.Machine{Name: name, Key: key, JobID: s.JobID, Warm: s.Key != "", Generation: s.Generation,
 		Image: s.Image, Host: s.Host, Deadline: s.Deadline, Volumes: []string{"/pool/" + name + "-vda.qcow2"},
-		VCPUs: cmp.Or(s.VCPUs, 2), MemoryMiB: cmp.Or(s.MemoryMiB, 512), HoldOnFailure: s.HoldOnFailure,
+		VCPUs: cmp.Or(s.VCPUs, 2), MemoryMiB: cmp.Or(s.MemoryMiB, 512), ScratchGiB: s.ScratchGiB, HoldOnFailure: s.HoldOnFailure,
 		ImageGeneration: f.generations[s.Image]}
 	f.machines[key] = m
 	return *m, nil

@@ -198,11 +198,18 @@ type Manager struct {
 	machines int            // actors that own or build a machine
 	byImage  map[string]int // those machines by image
 	used     Size           // what those machines hold
-	reserved int            // machines promised to requests not yet read
+	// claimants are the machines that claim storage (storage.go): those
+	// counted, and warm ones about to be.
+	claimants map[*actor]claimant
+	reserved  int // machines promised to requests not yet read
 	// reservedSize is what was promised to requests read but not yet
 	// handled (ReserveSize).
 	reservedSize Size
-	done         map[string]time.Time // finished jobs, for idempotency
+	// reservedByImage is what those requests hold, by image, of what
+	// claims storage; storage is what the host's pools have room for.
+	reservedByImage map[string]imageUse
+	storage         Storage
+	done            map[string]time.Time // finished jobs, for idempotency
 	// roomed is closed and replaced whenever room for a machine may have
 	// been freed (CapacityChanged).
 	roomed chan struct{}
@@ -211,6 +218,10 @@ type Manager struct {
 	// orphans are the volume paths the last reconciliation found without a
 	// domain; only the Reconcile goroutine touches it.
 	orphans map[string]bool
+	// consoleOrphans are the keys of the console logs the last
+	// reconciliation found without a domain (console.go); only the
+	// Reconcile goroutine touches it.
+	consoleOrphans map[string]bool
 	// guests is, by image, the OS family a guest of the image's latest
 	// generation seen reported (runner.go).
 	guests map[string]guestOS
@@ -233,13 +244,15 @@ func New(cfg Config) *Manager {
 	root, cancel := context.WithCancel(context.Background())
 	return &Manager{
 		cfg: cfg, root: root, cancel: cancel,
-		byJob:   make(map[string]*actor),
-		byKey:   make(map[string]*actor),
-		pool:    newPoolState(),
-		byImage: make(map[string]int),
-		done:    make(map[string]time.Time),
-		roomed:  make(chan struct{}),
-		held:    make(map[*actor]HeldMachine),
+		byJob:           make(map[string]*actor),
+		byKey:           make(map[string]*actor),
+		pool:            newPoolState(),
+		byImage:         make(map[string]int),
+		claimants:       make(map[*actor]claimant),
+		reservedByImage: make(map[string]imageUse),
+		done:            make(map[string]time.Time),
+		roomed:          make(chan struct{}),
+		held:            make(map[*actor]HeldMachine),
 	}
 }
 
@@ -407,12 +420,14 @@ func (m *Manager) countMachine(a *actor, counted bool, image string, sz Size) {
 		m.byImage[image]++
 		a.size = sz
 		m.used = m.used.add(sz)
+		m.claimants[a] = claimant{image: image, scratchGiB: sz.ScratchGiB}
 		return
 	}
 	m.machines--
 	if m.byImage[image]--; m.byImage[image] <= 0 {
 		delete(m.byImage, image)
 	}
+	delete(m.claimants, a)
 	m.used = m.used.sub(a.size)
 	a.size = Size{}
 	m.roomedLocked()
@@ -424,7 +439,11 @@ func (m *Manager) resize(a *actor, sz Size) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.used = m.used.sub(a.size).add(sz)
-	if sz.VCPUs < a.size.VCPUs || sz.MemoryMiB < a.size.MemoryMiB {
+	if c, ok := m.claimants[a]; ok {
+		c.scratchGiB = sz.ScratchGiB
+		m.claimants[a] = c
+	}
+	if sz.VCPUs < a.size.VCPUs || sz.MemoryMiB < a.size.MemoryMiB || sz.ScratchGiB < a.size.ScratchGiB {
 		m.roomedLocked()
 	}
 	a.size = sz
@@ -553,8 +572,8 @@ func (m *Manager) Provision(ctx context.Context, req messages.Provision, d Deliv
 // or an idle warm machine of its image and size that the job binds
 // (warm), or a new one that builds it cold, with idle warm machines to
 // retire first (victims) when the host is full: at --max-vms, or holding
-// more of its totals than they allow with the reservations of the
-// requests read. finished: the job ended here recently.
+// more of its totals, or claiming more of the room of a pool the build
+// claims of, than they allow with the reservations of the requests read. finished: the job ended here recently.
 func (m *Manager) lookupProvision(req messages.Provision) (a *actor, warm bool, victims []*actor, finished bool, err error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -581,6 +600,9 @@ func (m *Manager) lookupProvision(req messages.Provision) (a *actor, warm bool, 
 		}
 		victims = append(victims, v)
 		freed = freed.add(v.size)
+	}
+	for v := m.storageVictimLocked(req, victims); v != nil; v = m.storageVictimLocked(req, victims) {
+		victims = append(victims, v)
 	}
 	a = newActor(m, req.JobID)
 	m.registerLocked(a, req.JobID)

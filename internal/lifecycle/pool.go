@@ -246,13 +246,13 @@ func (m *Manager) wantsWarm(image string, now time.Time) bool {
 	// Reservations are not counted: the worker holds one while it waits
 	// for any request, which may well bind this machine; a cold build
 	// that finds the host full retires an idle one instead.
-	// A warm machine takes what is left of the host's totals, not room
-	// the requests read were promised, and only within the bounds on one
-	// machine.
+	// A warm machine takes what is left of the host's totals and of its
+	// pools' room, not room the requests read were promised, and only
+	// within the bounds on one machine.
 	sz, known := p.sizes[image]
 	return !m.closed && !p.draining && have < m.cfg.Pool.Ready[image] &&
 		!now.Before(p.retryAt[image]) && m.machines < m.maxVMs() &&
-		known && m.CheckBounds(sz) == nil && !m.overLocked(m.reservedSize.add(sz))
+		known && m.CheckBounds(sz) == nil && !m.overLocked(m.reservedSize.add(sz)) && m.storageFitsLocked(image, sz, false)
 }
 
 func (m *Manager) maxVMs() int {
@@ -278,6 +278,9 @@ func (m *Manager) startWarm(image string, release func()) bool {
 	a.rec.em.machine = key
 	m.registerLocked(a, "")
 	m.pool.warming[image]++
+	// Its storage is claimed from now, not once its actor counts it, so
+	// that the next wantsWarm sees it.
+	m.claimants[a] = claimant{image: image}
 	size := m.pool.sizes[image]
 	m.actors.Go(func() { a.run(m.root) })
 	m.mu.Unlock()
@@ -288,6 +291,9 @@ func (m *Manager) startWarm(image string, release func()) bool {
 	case a.inbox <- cmd:
 		return true
 	case <-a.stopped:
+		m.mu.Lock()
+		delete(m.claimants, a)
+		m.mu.Unlock()
 		return false
 	}
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
+	"github.com/stretchy-ci/libvirt-worker/pkg/redact"
 	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
@@ -200,9 +201,9 @@ func (a *actor) reportExit(ctx context.Context, em emitter, exit *runnerExit, si
 	}
 }
 
-// output returns the end of what the runner printed, without secrets:
-// each of stdout and stderr is scrubbed on its own and in whole before the
-// two are joined and cut to their last maxOutput bytes, so that a secret
+// output returns the end of what the runner printed, without secrets in
+// any of the forms redact.New lists: each of stdout and stderr is
+// scrubbed on its own and in whole before the two are joined and cut to their last maxOutput bytes, so that a secret
 // cut by either does not leave a part of itself. A stream the agent
 // truncated at its limit may end in the first bytes of a secret; that end
 // is redacted too. When the job's secrets are not known (the machine was
@@ -211,7 +212,14 @@ func output(r runnerState, st qga.Status) (out string, withheld bool) {
 	if !r.secretsKnown {
 		return "", len(st.Stdout)+len(st.Stderr) > 0
 	}
-	out = scrub(string(st.Stdout), r.secrets, st.StdoutTruncated) + scrub(string(st.Stderr), r.secrets, st.StderrTruncated)
+	sc := redact.New(r.secrets...)
+	scrub := func(b []byte, truncated bool) string {
+		if truncated {
+			return sc.ScrubCut(string(b))
+		}
+		return sc.Scrub(string(b))
+	}
+	out = scrub(st.Stdout, st.StdoutTruncated) + scrub(st.Stderr, st.StderrTruncated)
 	if len(out) > maxOutput {
 		out = out[len(out)-maxOutput:]
 		if i := strings.IndexByte(out, '\n'); i >= 0 && i < len(out)-1 {
@@ -219,60 +227,4 @@ func output(r runnerState, st qga.Status) (out string, withheld bool) {
 		}
 	}
 	return strings.ToValidUTF8(out, "?"), false
-}
-
-// redacted replaces a secret in a runner's output.
-const redacted = "[REDACTED]"
-
-// scrub replaces every occurrence of each secret in s; when s was cut
-// short after its last byte (truncated), an end of s that begins a secret
-// is replaced as well.
-func scrub(s string, secrets []string, truncated bool) string {
-	for _, secret := range secrets {
-		if secret != "" {
-			s = strings.ReplaceAll(s, secret, redacted)
-		}
-	}
-	if !truncated {
-		return s
-	}
-	cut := len(s)
-	for _, secret := range secrets {
-		if n := overlap(s, secret); n > 0 {
-			cut = min(cut, len(s)-n)
-		}
-	}
-	if cut < len(s) {
-		s = s[:cut] + redacted
-	}
-	return s
-}
-
-// overlap returns the length of the longest end of s that is a proper
-// beginning of secret, in time linear in len(secret): the KMP failure
-// function of secret, run over the end of s. Secrets hold no NUL byte.
-func overlap(s, secret string) int {
-	if len(secret) < 2 {
-		return 0
-	}
-	fail := make([]int, len(secret))
-	for i, k := 1, 0; i < len(secret); i++ {
-		for k > 0 && secret[i] != secret[k] {
-			k = fail[k-1]
-		}
-		if secret[i] == secret[k] {
-			k++
-		}
-		fail[i] = k
-	}
-	k := 0
-	for i := max(0, len(s)-len(secret)+1); i < len(s); i++ {
-		for k > 0 && (k == len(secret) || s[i] != secret[k]) {
-			k = fail[k-1]
-		}
-		if s[i] == secret[k] {
-			k++
-		}
-	}
-	return min(k, len(secret)-1)
 }

@@ -430,7 +430,8 @@ func (m *Manager) lastOwnEvent(ctx context.Context, jobID string) (messages.Even
 // metadata names (another worker may share this libvirtd; tests do).
 //
 // Volumes of jobs without a domain (a worker stopped between creating them
-// and defining the domain) are removed too. A machine that cannot be
+// and defining the domain) are removed too, and so are console logs of
+// machines without one (sweepConsoles). A machine that cannot be
 // removed is left for the next reconciliation; the errors are returned
 // together once every machine was looked at.
 func (m *Manager) Reconcile(ctx context.Context) error {
@@ -485,6 +486,9 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 		}
 	}
 	m.orphans = seen
+	if err := m.sweepConsoles(ctx, machines); err != nil {
+		errs = append(errs, fmt.Errorf("sweep console logs: %w", err))
+	}
 	return errors.Join(errs...)
 }
 

@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"fmt"
+	"math"
 	"path"
 	"slices"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
@@ -172,12 +174,14 @@ func (f *fleet) lookup(image string) (isCarried, admitted bool) {
 }
 
 // inventory lists the host's images and pools again, creates the consumers
-// of new images and drops lost ones. Failures keep what was known.
-func (f *fleet) inventory(ctx context.Context) {
+// of new images and drops lost ones, and returns the pools' room and what
+// clones of the images claim of them, for admission (ok false: nothing
+// new was found). Failures keep what was known.
+func (f *fleet) inventory(ctx context.Context) (st lifecycle.Storage, ok bool) {
 	reports, err := f.cfg.Inventory.ListImages(ctx, f.keep)
 	if err != nil {
 		f.tell(Change{Kind: "error", Err: fmt.Errorf("list images: %w", err)})
-		return
+		return st, false
 	}
 	if err := f.cfg.Inventory.RefreshPools(ctx); err != nil {
 		f.tell(Change{Kind: "error", Err: err})
@@ -185,7 +189,7 @@ func (f *fleet) inventory(ctx context.Context) {
 	pools, err := f.cfg.Inventory.InspectPools(ctx)
 	if err != nil {
 		f.tell(Change{Kind: "error", Err: err})
-		return
+		return st, false
 	}
 	free := map[string]uint64{}
 	for _, p := range pools {
@@ -270,6 +274,33 @@ func (f *fleet) inventory(ctx context.Context) {
 	for _, c := range changes {
 		f.tell(c)
 	}
+	return storageOf(found, free, f.cfg.MinFreeSpace), true
+}
+
+// storageOf returns the room of the active pools, their free space less
+// minFree, and what a clone of each image claims of them
+// (lifecycle.Storage): its scratch disk goes into the pool of its first
+// writable disk, and a copy clone takes the allocation of the image's
+// disks, which the copy writes.
+func storageOf(images map[string]provision.ImageReport, free map[string]uint64, minFree uint64) lifecycle.Storage {
+	st := lifecycle.Storage{Room: make(map[string]int64, len(free)), Images: make(map[string]lifecycle.ImageStorage, len(images))}
+	for pool, n := range free {
+		st.Room[pool] = int64(min(n, math.MaxInt64)) - int64(min(minFree, math.MaxInt64))
+	}
+	for name, r := range images {
+		var is lifecycle.ImageStorage
+		if len(r.Disks) > 0 {
+			is.ScratchPool = r.Disks[0].Pool
+		}
+		if r.CloneMode == provision.CloneCopy {
+			is.Clone = map[string]int64{}
+			for _, d := range r.Disks {
+				is.Clone[d.Pool] += int64(min(d.Allocation, math.MaxInt64))
+			}
+		}
+		st.Images[name] = is
+	}
+	return st
 }
 
 // imageConsumers returns the consumers of the admitted images, in
@@ -316,6 +347,7 @@ func (w *Worker) record() messages.Host {
 	used, bounds := w.life.Usage()
 	rec.VCPUsTotal, rec.VCPUsUsed, rec.MemoryTotalMiB, rec.MemoryUsedMiB = bounds.HostVCPUs, used.VCPUs, bounds.HostMemoryMiB, used.MemoryMiB
 	rec.MaxVCPUsPerMachine, rec.MaxMemoryPerMachineMiB = bounds.MaxVCPUs, bounds.MaxMemoryMiB
+	rec.MaxScratchGiB = bounds.MaxScratchGiB
 	for _, h := range w.life.Held() {
 		rec.Held = append(rec.Held, messages.HostHeld{JobID: h.JobID, Until: h.Until.UTC()})
 	}
@@ -395,7 +427,9 @@ func (w *Worker) fleetStart(ctx context.Context) {
 	if w.fl == nil {
 		return
 	}
-	w.fl.inventory(ctx)
+	if st, ok := w.fl.inventory(ctx); ok {
+		w.life.SetStorage(st)
+	}
 	w.beat(ctx)
 }
 
@@ -437,7 +471,9 @@ func (w *Worker) fleetLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-images.C:
-			w.fl.inventory(ctx)
+			if st, ok := w.fl.inventory(ctx); ok {
+				w.life.SetStorage(st)
+			}
 			w.beat(ctx)
 		case <-beat.C:
 			w.beat(ctx)

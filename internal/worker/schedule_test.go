@@ -73,7 +73,7 @@ func (h *fakeHost) Clone(_ context.Context, s provision.Spec) (provision.Machine
 		return provision.Machine{}, provision.ErrExists
 	}
 	m := provision.Machine{Name: provision.DomainName(s.JobID), Key: s.JobID, JobID: s.JobID, Image: s.Image,
-		Host: s.Host, Deadline: s.Deadline, RunnerKind: s.RunnerKind, OS: "linux"}
+		Host: s.Host, Deadline: s.Deadline, RunnerKind: s.RunnerKind, OS: "linux", ScratchGiB: s.ScratchGiB}
 	h.machines[s.JobID] = &fakeMachine{Machine: m}
 	return m, nil
 }

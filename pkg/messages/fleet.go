@@ -152,6 +152,9 @@ type Host struct {
 	MemoryUsedMiB          int `msgpack:"memory_used_mib,omitempty" json:"memory_used_mib"`
 	MaxVCPUsPerMachine     int `msgpack:"max_vcpus_per_machine,omitempty" json:"max_vcpus_per_machine,omitempty"`
 	MaxMemoryPerMachineMiB int `msgpack:"max_memory_per_machine_mib,omitempty" json:"max_memory_per_machine_mib,omitempty"`
+	// MaxScratchGiB is --max-scratch-gib, the bound on one machine's
+	// scratch disk (0: none).
+	MaxScratchGiB int `msgpack:"max_scratch_gib,omitempty" json:"max_scratch_gib,omitempty"`
 	// Held are the machines the host keeps after their jobs ended.
 	Held []HostHeld `msgpack:"held,omitempty" json:"held,omitempty"`
 	// Started is when the worker process started; Heartbeat when the

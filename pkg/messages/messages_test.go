@@ -102,6 +102,14 @@ func goldenCases() map[string]any {
 			Held:    []HostHeld{{JobID: "job-48", Until: requestedAt.Add(36 * time.Minute)}},
 			Started: requestedAt.Add(-time.Hour), Heartbeat: requestedAt,
 		},
+		"host_scratch_v1": &Host{
+			V: 1, Host: "host-c", Version: "v1.6.0", State: HostActive,
+			Images:     []HostImage{{Name: "debian-12", OS: "linux", Firmware: "bios", CloneMode: "linked", Generation: "5f0c2a9e41d7b3c8", Admitted: true}},
+			SlotsTotal: 3, MachinesMax: 8, MachinesRunning: 1,
+			Pools:         []HostPool{{Name: "ci-images", FreeBytes: 53687091200}},
+			MaxScratchGiB: 100,
+			Started:       requestedAt.Add(-time.Hour), Heartbeat: requestedAt,
+		},
 		"control_hold_v1":    &Control{V: 1, Op: ControlHold, JobID: "job-42", ForS: 1800, By: "ops@bastion"},
 		"control_console_v1": &Control{V: 1, Op: ControlConsole, JobID: "job-42", Bytes: 65536},
 		"control_reply_v1": &ControlReply{

@@ -9,12 +9,15 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
+	"syscall"
 	"unicode/utf8"
 
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/redact"
 )
 
 // Console logs. A clone's serial ports and consoles write everything the
@@ -125,9 +128,9 @@ func consoleLogs(d *libvirtxml.Domain, main string, set bool) []string {
 // lines, of at most maxBytes bytes in all (less what precedes the first
 // line break of those bytes, unless that would leave nothing), with line
 // ends as "\n" (carriage returns and terminal escape sequences removed),
-// invalid UTF-8 replaced by "?", and every occurrence of each of secrets
-// replaced by "[REDACTED]" before anything is cut, so that no part of a
-// secret is left. It reads the backup virtlogd rolled the log over into,
+// invalid UTF-8 replaced by "?", and every occurrence of each of secrets,
+// in any form redact.New lists, replaced by "[REDACTED]" before anything
+// is cut, so that no part of a secret is left. It reads the backup virtlogd rolled the log over into,
 // path.0, too when the end of the log is not enough.
 //
 // It returns an error wrapping fs.ErrNotExist when there is no log (the
@@ -138,10 +141,8 @@ func ConsoleTail(path string, maxLines, maxBytes int, secrets ...string) (string
 	if maxLines <= 0 || maxBytes <= 0 {
 		return "", nil
 	}
-	longest := 0
-	for _, s := range secrets {
-		longest = max(longest, len(s))
-	}
+	sc := redact.New(secrets...)
+	longest := sc.Longest()
 	// Enough raw bytes that the normalized, scrubbed text normally holds
 	// maxBytes after the first longest bytes, which may be the cut end of
 	// a secret and are dropped: carriage returns and escape sequences
@@ -163,12 +164,7 @@ func ConsoleTail(path string, maxLines, maxBytes int, secrets ...string) (string
 			return "", fmt.Errorf("console log: %w", err)
 		}
 	}
-	text := normalizeConsole(data)
-	for _, s := range secrets {
-		if s != "" {
-			text = bytes.ReplaceAll(text, []byte(s), []byte(redacted))
-		}
-	}
+	text := []byte(sc.Scrub(string(normalizeConsole(data))))
 	if !complete {
 		// The read began inside the log: its first bytes may be the end
 		// of a secret, which the replacement above did not see whole.
@@ -183,13 +179,13 @@ func ConsoleTail(path string, maxLines, maxBytes int, secrets ...string) (string
 	return string(lastLines(text, maxLines, maxBytes)), nil
 }
 
-// redacted replaces a secret in a console log, as in runner output.
-const redacted = "[REDACTED]"
-
 // readTail returns the last n bytes of the file at path, and whether that
-// is the whole file.
+// is the whole file. It does not follow a symbolic link at path (the
+// directory is the worker's, CheckConsoleDir, but the name is the
+// machine's) and does not wait for a writer to open a FIFO there; only a
+// regular file is read.
 func readTail(path string, n int64) ([]byte, bool, error) {
-	f, err := os.Open(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, false, err
 	}
@@ -354,4 +350,65 @@ func globEscape(path string) string {
 		b.WriteRune(r)
 	}
 	return b.String()
+}
+
+// ConsoleLogKeys returns the keys of the machines that have console logs,
+// or virtlogd's backups of them, in dir: the files named as Clone names a
+// machine's logs, whoever's machine it was. It reads dir only; a missing
+// dir has none. RemoveConsoleLogs deletes a key's files.
+func ConsoleLogKeys(dir string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list console logs: %w", err)
+	}
+	var keys []string
+	for _, e := range entries {
+		m := consoleLogPattern.FindStringSubmatch(e.Name())
+		if m == nil || !strings.HasPrefix(m[1], Prefix) {
+			continue
+		}
+		if key := strings.TrimPrefix(m[1], Prefix); messages.ValidMachineKey(key) {
+			keys = append(keys, key)
+		}
+	}
+	slices.Sort(keys)
+	return slices.Compact(keys), nil
+}
+
+// CheckConsoleDir returns an error unless dir, the console directory, is
+// a directory (not a symbolic link to one) that the calling process's
+// user owns and that neither its group nor others may write to. The
+// worker reads the files in it and deletes them by name: a user who
+// could put a file or a link there could make it read or delete another
+// file (ConsoleTail does not follow a link at a log's name, and a
+// directory only the worker can change needs no more).
+func CheckConsoleDir(dir string) error {
+	return checkConsoleDir(dir, os.Geteuid())
+}
+
+func checkConsoleDir(dir string, uid int) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("console directory: %w", err)
+	}
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("console directory %s is a symbolic link; name the directory itself", dir)
+	case !fi.IsDir():
+		return fmt.Errorf("console directory %s is not a directory", dir)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fmt.Errorf("console directory %s: no owner known", dir)
+	}
+	if int(st.Uid) != uid {
+		return fmt.Errorf("console directory %s is owned by uid %d, not the worker's (uid %d): chown it", dir, st.Uid, uid)
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("console directory %s has mode %04o: group or others may write to it; chmod go-w it (0700)", dir, fi.Mode().Perm())
+	}
+	return nil
 }

@@ -2,8 +2,11 @@ package provision
 
 import (
 	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"io/fs"
+	"net/url"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -321,5 +324,135 @@ func TestRemoveConsoleLogs(t *testing.T) {
 	}
 	if err := RemoveConsoleLogs(dir, "../x"); !errors.Is(err, ErrInvalidJobID) {
 		t.Errorf("RemoveConsoleLogs(../x) = %v", err)
+	}
+}
+
+// TestConsoleTailEncodedSecrets: a guest that prints a secret encoded
+// (base64, JSON, a URL) does not get it past the scrubbing either.
+func TestConsoleTailEncodedSecrets(t *testing.T) {
+	const secret = `tok+en/"s3cr3t"?&=<x>!`
+	jsonEscape := func(s string) string { b, _ := json.Marshal(s); return string(b[1 : len(b)-1]) }
+	tests := []struct{ name, form string }{
+		{"base64", base64.StdEncoding.EncodeToString([]byte(secret))},
+		{"URL-safe base64", base64.URLEncoding.EncodeToString([]byte(secret))},
+		{"raw URL-safe base64", base64.RawURLEncoding.EncodeToString([]byte(secret))},
+		{"JSON", jsonEscape(secret)},
+		{"query escaped", url.QueryEscape(secret)},
+		{"path escaped", url.PathEscape(secret)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "stretchy-j.log")
+			writeFile(t, path, "config: "+tt.form+"\r\n")
+			got, err := ConsoleTail(path, 40, 4096, secret)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != "config: [REDACTED]\n" {
+				t.Errorf("ConsoleTail = %q, want the %s form redacted", got, tt.name)
+			}
+		})
+	}
+}
+
+// TestConsoleTailRefusesLinks: a symbolic link in the console directory,
+// at a log or at its backup, is not followed to what it points at.
+func TestConsoleTailRefusesLinks(t *testing.T) {
+	tests := []struct {
+		name string
+		link string // which of the log and its backup is a link
+	}{
+		{"the log", "stretchy-j.log"},
+		{"its backup", "stretchy-j.log.0"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			target := filepath.Join(t.TempDir(), "shadow")
+			writeFile(t, target, "root:$6$hash:19000:0:99999:7:::\n")
+			path := filepath.Join(dir, "stretchy-j.log")
+			if tt.link != "stretchy-j.log" {
+				writeFile(t, path, "short\n")
+			}
+			if err := os.Symlink(target, filepath.Join(dir, tt.link)); err != nil {
+				t.Fatal(err)
+			}
+			got, err := ConsoleTail(path, 40, 4096)
+			if err == nil || strings.Contains(got, "root:") {
+				t.Fatalf("ConsoleTail = %q, %v; want the link refused", got, err)
+			}
+		})
+	}
+}
+
+func TestConsoleLogKeys(t *testing.T) {
+	dir := t.TempDir()
+	for _, n := range []string{"stretchy-a.log", "stretchy-a.log.1", "stretchy-b.serial1.log", "stretchy-c.console2.log.0",
+		"stretchy-.log", "stretchy-d.log.x", "stretchy-e.txt", "image.log", "stretchy-f_g.log"} {
+		writeFile(t, filepath.Join(dir, n), "")
+	}
+	got, err := ConsoleLogKeys(dir)
+	if want := []string{"a", "b", "c", "f_g"}; err != nil || !slices.Equal(got, want) {
+		t.Errorf("ConsoleLogKeys = %q, %v; want %q", got, err, want)
+	}
+	if got, err := ConsoleLogKeys(filepath.Join(dir, "missing")); err != nil || got != nil {
+		t.Errorf("ConsoleLogKeys of a missing directory = %q, %v", got, err)
+	}
+}
+
+// TestCheckConsoleDir: the console directory must be the worker's alone,
+// since what is in it is read and deleted by name.
+func TestCheckConsoleDir(t *testing.T) {
+	uid := os.Geteuid()
+	tests := []struct {
+		name  string
+		setup func(t *testing.T, path string)
+		uid   int // the worker's
+		want  string
+	}{
+		{"the worker's, mode 0700", mkdir(0o700), uid, ""},
+		{"group may read", mkdir(0o750), uid, ""},
+		{"group may write", mkdir(0o770), uid, "group or others may write to it"},
+		{"anyone may write", mkdir(0o777), uid, "group or others may write to it"},
+		{"anyone may write, sticky", mkdir(os.ModeSticky | 0o777), uid, "group or others may write to it"},
+		{"another user's", mkdir(0o700), uid + 1, "not the worker's"},
+		{"a symbolic link", func(t *testing.T, path string) {
+			real := filepath.Join(t.TempDir(), "real")
+			mkdir(0o700)(t, real)
+			if err := os.Symlink(real, path); err != nil {
+				t.Fatal(err)
+			}
+		}, uid, "is a symbolic link"},
+		{"a file", func(t *testing.T, path string) { writeFile(t, path, "") }, uid, "not a directory"},
+		{"missing", func(*testing.T, string) {}, uid, "no such file"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "console")
+			tt.setup(t, path)
+			err := checkConsoleDir(path, tt.uid)
+			switch {
+			case tt.want == "" && err != nil:
+				t.Fatalf("checkConsoleDir = %v, want it accepted", err)
+			case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
+				t.Fatalf("checkConsoleDir = %v, want %q", err, tt.want)
+			}
+		})
+	}
+	if err := CheckConsoleDir(t.TempDir()); err != nil {
+		t.Errorf("CheckConsoleDir of a new directory of the test's own = %v", err)
+	}
+}
+
+// mkdir makes a directory with exactly mode, whatever the umask.
+func mkdir(mode os.FileMode) func(t *testing.T, path string) {
+	return func(t *testing.T, path string) {
+		t.Helper()
+		if err := os.Mkdir(path, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(path, mode&os.ModePerm|mode&os.ModeSticky); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

@@ -58,6 +58,10 @@ type ImageDisk struct {
 	// Format is the format clones are made from, e.g. "qcow2"; empty when
 	// the disk's volume was not found.
 	Format string
+	// Allocation is the space, in bytes, the disk's volume takes in its
+	// pool as libvirt reports it (a sparse file's written part): what a
+	// copy clone's copy of it takes there.
+	Allocation uint64
 }
 
 // ImageReport is what InspectImage found out about an image.
@@ -278,7 +282,7 @@ func (p *Provisioner) inspectStorage(ctx context.Context, def *libvirtxml.Domain
 		var ref *volumeRef
 		if src != nil {
 			ref = &src.ref
-			info.Pool = src.ref.Pool
+			info.Pool, info.Allocation = src.ref.Pool, src.allocation
 			*stamps = append(*stamps, src.stamp)
 		}
 		// The job id only names the volumes Clone would create.

@@ -64,8 +64,9 @@ func TestInspectImage(t *testing.T) {
 					Name: "image", Defined: true, State: "shut off", CloneMode: CloneLinked, Firmware: "bios", VCPUs: 1, MemoryMiB: 256,
 					Generation: r.Generation,
 					Disks: []ImageDisk{
-						{Target: "vda", Source: filepath.Join(dir, "pool", "image.qcow2"), Pool: "images", Format: "qcow2"},
-						{Target: "vdb", Source: filepath.Join(dir, "pool", "data.raw"), Pool: "images", Format: "raw"},
+						// Allocations as the test node's volumes give them.
+						{Target: "vda", Source: filepath.Join(dir, "pool", "image.qcow2"), Pool: "images", Format: "qcow2", Allocation: 1 << 20},
+						{Target: "vdb", Source: filepath.Join(dir, "pool", "data.raw"), Pool: "images", Format: "raw", Allocation: 1 << 30},
 					},
 				}
 				if !reflect.DeepEqual(r, want) {
@@ -308,8 +309,8 @@ func TestSystemInspectImage(t *testing.T) {
 				t.Fatalf("Disks = %+v, want %d", r.Disks, len(img.Disks))
 			}
 			for _, d := range r.Disks {
-				if d.Pool != testPool || d.Format == "" {
-					t.Errorf("disk %+v: want it in pool %s with a format", d, testPool)
+				if d.Pool != testPool || d.Format == "" || d.Allocation == 0 {
+					t.Errorf("disk %+v: want it in pool %s with a format and the space it takes there", d, testPool)
 				}
 			}
 			if r.NVRAM != img.NVRAM || r.NVRAMPool != tt.nvramPool {

@@ -40,6 +40,8 @@ type volume struct {
 	// stamp changes when the volume's content is replaced: its path,
 	// capacity, allocation and modification time as libvirt reports them.
 	stamp string
+	// allocation is the space the volume takes in its pool, in bytes.
+	allocation uint64
 }
 
 // poolTypes caches pool types by pool name for one operation.
@@ -75,6 +77,7 @@ func (p *Provisioner) describeVolume(ctx context.Context, pool libvirt.StoragePo
 		allocation, _ = volumeBytes(vx.Allocation)
 	}
 	v.stamp = fmt.Sprintf("%s/%s %d %d %s", pool.Name, vol.Name, capacity, allocation, mtime)
+	v.allocation = allocation
 	if v.ref.Path == "" {
 		if v.ref.Path, err = call(ctx, p, func() (string, error) { return p.conn.StorageVolGetPath(vol) }); err != nil {
 			return nil, fmt.Errorf("path of volume %s/%s: %w", pool.Name, vol.Name, err)

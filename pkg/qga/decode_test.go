@@ -2,9 +2,11 @@ package qga
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"reflect"
 	"strings"
 	"testing"
@@ -112,6 +114,8 @@ func TestClassify(t *testing.T) {
 
 func TestScrub(t *testing.T) {
 	secret := "c2VjcmV0LXRva2Vu"
+	// A program's input as a libvirt message could quote it: escaped.
+	input := `pass word/"1"`
 	tests := []struct {
 		name     string
 		err      error
@@ -120,10 +124,12 @@ func TestScrub(t *testing.T) {
 		{"quotes the secret", libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "bad command {\"input-data\":\"" + secret + "\"}"}, true},
 		{"plain error quoting it", errors.New("x " + secret), true},
 		{"clean", libvirt.Error{Code: uint32(libvirt.ErrAgentUnresponsive), Message: "not connected"}, false},
+		{"quotes the input JSON-escaped", errors.New(`bad argument "pass word/\"1\""`), true},
+		{"quotes the input percent-encoded", errors.New("url " + url.QueryEscape(input)), true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := scrub(tt.err, "", secret)
+			got := scrub(tt.err, "", secret, input)
 			if strings.Contains(got.Error(), secret) {
 				t.Errorf("scrub left the secret in %q", got)
 			}
@@ -147,9 +153,11 @@ func TestStderrTail(t *testing.T) {
 	}{
 		{"short", "oops\n", "", "oops"},
 		{"long keeps the end", long, "", "…" + long[len(long)-maxStderrTail:]},
-		{"input removed", "got s3cr3t-value here", "s3cr3t-value", "got [input] here"},
-		{"input line removed", "line: s3cr3t-value", "user\ns3cr3t-value\n", "line: [input]"},
+		{"input removed", "got s3cr3t-value here", "s3cr3t-value", "got [REDACTED] here"},
+		{"input line removed", "line: s3cr3t-value", "user\ns3cr3t-value\n", "line: [REDACTED]"},
 		{"short input lines kept", "user", "user\n", "user"},
+		{"input echoed in base64", "got " + base64.StdEncoding.EncodeToString([]byte("s3cr3t-value\n")), "s3cr3t-value\n", "got [REDACTED]"},
+		{"input line echoed percent-encoded", "GET /?t=" + url.QueryEscape("s3cr3t value"), "user\ns3cr3t value\n", "GET /?t=[REDACTED]"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

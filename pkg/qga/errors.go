@@ -6,6 +6,8 @@ import (
 	"strings"
 
 	"github.com/digitalocean/go-libvirt"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/redact"
 )
 
 // Sentinel errors for the branches callers take. They are always wrapped
@@ -93,24 +95,19 @@ func withSentinel(err error) error {
 	return err
 }
 
-// scrub returns err, or, when its text quotes one of secrets, a libvirt.Error
-// with the same code whose message says it was withheld. libvirt's messages
-// do not quote agent commands today; this keeps it so should one ever do.
+// scrub returns err, or, when its text quotes one of secrets in any form
+// redact.New lists, a libvirt.Error with the same code whose message says
+// it was withheld. libvirt's messages do not quote agent commands today;
+// this keeps it so should one ever do.
 func scrub(err error, secrets ...string) error {
-	if err == nil {
-		return nil
+	if err == nil || !redact.New(secrets...).Contains(err.Error()) {
+		return err
 	}
-	msg := err.Error()
-	for _, s := range secrets {
-		if s != "" && strings.Contains(msg, s) {
-			var e libvirt.Error
-			if errors.As(err, &e) {
-				return libvirt.Error{Code: e.Code, Message: "libvirt error message withheld: it quoted the program's input"}
-			}
-			return errors.New("error message withheld: it quoted the program's input")
-		}
+	var e libvirt.Error
+	if errors.As(err, &e) {
+		return libvirt.Error{Code: e.Code, Message: "libvirt error message withheld: it quoted the program's input"}
 	}
-	return err
+	return errors.New("error message withheld: it quoted the program's input")
 }
 
 // ExecError means the guest agent refused to start a program, for example
@@ -173,18 +170,20 @@ func (e *ExitError) Error() string {
 }
 
 // stderrTail returns at most the last maxStderrTail bytes of stderr with
-// surrounding white space removed, after blanking out the program's input
-// and each of its lines of eight bytes or more: a program that echoes a
-// secret it was given must not leak it into an error message.
+// surrounding white space removed, after replacing the program's input
+// and each of its lines of eight bytes or more, in any form redact.New
+// lists, with redact.Mark: a program that echoes a secret it was given
+// must not leak it into an error message.
 func stderrTail(stderr, stdin []byte) string {
 	s := string(stderr)
 	if len(stdin) > 0 {
-		s = strings.ReplaceAll(s, string(stdin), "[input]")
+		secrets := []string{string(stdin)}
 		for line := range strings.SplitSeq(string(stdin), "\n") {
 			if line = strings.TrimSpace(line); len(line) >= 8 {
-				s = strings.ReplaceAll(s, line, "[input]")
+				secrets = append(secrets, line)
 			}
 		}
+		s = redact.New(secrets...).Scrub(s)
 	}
 	s = strings.TrimSpace(s)
 	if len(s) > maxStderrTail {

@@ -89,33 +89,37 @@ func TestSizedMachine(t *testing.T) {
 }
 
 // TestSizeBeyondBounds: requests beyond the host's bound on one machine
-// fail with resources_exceeded and nothing is built, pinned at once, and
-// shared at once too when no other host could serve them.
+// (vCPUs, memory, scratch disk) fail with resources_exceeded and nothing
+// is built, pinned at once, and shared at once too when no other host
+// could serve them.
 func TestSizeBeyondBounds(t *testing.T) {
 	l := dialLibvirt(t)
 	_, js := startNATS(t)
 	events := followEvents(t, js)
 	defs := watchDefinitions(t)
 	startWorker(t, js, workerOptions{Images: []string{testImage()},
-		Resources: lifecycle.Resources{MaxVCPUs: 2, MaxMemoryMiB: 512, HostVCPUs: 4, HostMemoryMiB: 1024}})
+		Resources: lifecycle.Resources{MaxVCPUs: 2, MaxMemoryMiB: 512, HostVCPUs: 4, HostMemoryMiB: 1024, MaxScratchGiB: 1}})
 	waitHosts(t, js, "the worker's record", func(h map[string]messages.Host) bool { return carries(h[testHost], testImage()) })
 	cases := []struct {
 		prefix   string
 		vcpus    int
 		mib      int
+		scratch  int
 		shared   bool
 		inReason string
 	}{
-		{"cpus", 3, 0, false, "--max-vcpus-per-machine 2"},
-		{"mem", 0, 600, false, "--max-memory-per-machine 512"},
-		{"shared", 4, 0, true, "--max-vcpus-per-machine 2"},
+		{"cpus", 3, 0, 0, false, "--max-vcpus-per-machine 2"},
+		{"mem", 0, 600, 0, false, "--max-memory-per-machine 512"},
+		{"shared", 4, 0, 0, true, "--max-vcpus-per-machine 2"},
+		{"scratch", 0, 0, 2, false, "--max-scratch-gib 1"},
+		{"scratch-shared", 0, 0, 2, true, "--max-scratch-gib 1"},
 	}
 	var jobs []string
 	for _, c := range cases {
 		job := uniqueJob(t, "big-"+c.prefix)
 		jobs = append(jobs, job)
 		req := noneRequest(job, testImage())
-		req.VCPUs, req.MemoryMiB = c.vcpus, c.mib
+		req.VCPUs, req.MemoryMiB, req.ScratchDiskGiB = c.vcpus, c.mib, c.scratch
 		host := testHost
 		if c.shared {
 			host = ""
@@ -143,6 +147,33 @@ func TestSizeBeyondBounds(t *testing.T) {
 	}
 	if _, found, _ := provision.New(l, provision.Options{}).Lookup(context.Background(), jobs[0]); found {
 		t.Error("a machine exists for a refused request")
+	}
+}
+
+// TestScratchBeyondPoolSpace: a scratch disk larger than its image's pool
+// could ever hold, sparse as it is, is refused with insufficient_storage
+// naming the pool, and nothing is built.
+func TestScratchBeyondPoolSpace(t *testing.T) {
+	_, js := startNATS(t)
+	events := followEvents(t, js)
+	defs := watchDefinitions(t)
+	startWorker(t, js, workerOptions{Images: []string{testImage()}})
+	waitHosts(t, js, "the worker's record", func(h map[string]messages.Host) bool { return carries(h[testHost], testImage()) })
+	job := uniqueJob(t, "scratch-huge")
+	req := noneRequest(job, testImage())
+	req.ScratchDiskGiB = messages.MaxScratchDiskGiB
+	submitOn(t, js, testHost, req)
+	ev := events.waitState(t, job, messages.StateFailed, time.Minute)
+	if ev.Error == nil || ev.Error.Code != messages.CodeInsufficientStorage || !strings.Contains(ev.Error.Message, "storage pool") {
+		t.Errorf("failed with %+v, want insufficient_storage naming the pool", ev.Error)
+	}
+	if got := events.states(job); len(got) != 1 || ev.Attempt != 1 {
+		t.Errorf("events %v, attempt %d; want only failed, on the first delivery", got, ev.Attempt)
+	}
+	for _, d := range defs() {
+		if strings.Contains(d, job) {
+			t.Errorf("%s was defined for a refused request", d)
+		}
 	}
 }
 

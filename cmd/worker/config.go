@@ -522,7 +522,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	if c.MaxScratchGiB < 0 || c.MaxScratchGiB > messages.MaxScratchDiskGiB {
-		bad("--max-scratch-gib %d: must be between 0 (no bound) and %d", c.MaxScratchGiB, messages.MaxScratchDiskGiB)
+		bad("--max-scratch-gib %d%s: must be between 0 (no bound) and %d", c.MaxScratchGiB, c.origin("max-scratch-gib"), messages.MaxScratchDiskGiB)
 	}
 	if c.ConsoleDir != "" && !filepath.IsAbs(c.ConsoleDir) {
 		bad("--console-dir %q%s: must be an absolute path, or empty to capture no consoles", c.ConsoleDir, c.origin("console-dir"))

@@ -23,7 +23,7 @@ func TestMaxScratchGiB(t *testing.T) {
 		{name: "environment", env: map[string]string{"STRETCHY_MAX_SCRATCH_GIB": "20"}, want: 20},
 		{name: "file", file: "max-scratch-gib = 0", want: 0},
 		{name: "negative", args: []string{"--max-scratch-gib", "-1"}, err: "--max-scratch-gib -1: must be between 0 (no bound) and 65536"},
-		{name: "beyond the protocol's limit", file: "max-scratch-gib = 65537", err: "--max-scratch-gib 65537: must be between 0 (no bound) and 65536"},
+		{name: "beyond the protocol's limit", file: "max-scratch-gib = 65537", err: "key max-scratch-gib): must be between 0 (no bound) and 65536"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -53,9 +53,13 @@ type Config struct {
 	Warm           warmPools
 	WarmMaxAge     time.Duration
 	WarmRetire     bool
-	HTTPAddr       string
-	LogFormat      string
-	LogLevel       string
+	// KeysDir holds the keys sealed runner secrets are opened with;
+	// RequireSealed refuses secrets in the clear (docs/protocol.md 3.13).
+	KeysDir       string
+	RequireSealed bool
+	HTTPAddr      string
+	LogFormat     string
+	LogLevel      string
 	// Bounds on the size of machines (docs/protocol.md 3.2): vCPUs and
 	// MiB of memory of one machine, and of all of the host's machines
 	// together; 0 is no bound.
@@ -247,6 +251,8 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.Var(&c.MinFreeSpace, "min-free-space", "free space every pool of an image needs for this host to clone it, such as 2GiB (STRETCHY_MIN_FREE_SPACE)")
 	fs.Var(&c.Warm, "warm", "warm pools: image=N keeps N machines of the image booted and idle for jobs, comma separated or repeated (STRETCHY_WARM)")
 	fs.DurationVar(&c.WarmMaxAge, "warm-max-age", time.Hour, "an idle warm machine this old is replaced; 0 keeps it (STRETCHY_WARM_MAX_AGE)")
+	fs.StringVar(&c.KeysDir, "keys-dir", defaultKeysDir, "directory of the keys sealed runner secrets are opened with (worker keys); a missing directory holds none (STRETCHY_KEYS_DIR)")
+	fs.BoolVar(&c.RequireSealed, "require-sealed-secrets", false, "refuse provisions whose runner secret is in the clear (secret_not_sealed); needs a key in --keys-dir (STRETCHY_REQUIRE_SEALED_SECRETS)")
 	fs.BoolVar(&c.WarmRetire, "warm-retire-on-stop", false, "remove the idle warm machines when the worker stops; otherwise the next start replaces them (STRETCHY_WARM_RETIRE_ON_STOP)")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "", "address for /metrics, /healthz and /readyz, such as 127.0.0.1:9464; empty serves none (STRETCHY_HTTP_ADDR)")
 	fs.StringVar(&c.LogFormat, "log-format", "text", `"text" or "json" (STRETCHY_LOG_FORMAT)`)

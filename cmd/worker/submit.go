@@ -48,6 +48,7 @@ func submitCommand(ctx context.Context, args []string) error {
 	bootTimeout := fs.Duration("boot-timeout", 0, "boot timeout (0: the worker's default)")
 	maxLifetime := fs.Duration("max-lifetime", 0, "maximum lifetime of the machine (0: the worker's default)")
 	reason := fs.String("reason", "requested from the command line", "teardown reason")
+	sealing := fs.String("seal", string(sealAuto), "seal the runner secret to a key of the hosts that may serve the request (docs/protocol.md 3.13): auto (when they list a common key), always (or refuse), never")
 	var auth NATSAuth
 	auth.register(fs)
 	if help {
@@ -79,6 +80,23 @@ func submitCommand(ctx context.Context, args []string) error {
 			Runner:       r,
 			BootTimeoutS: int64(bootTimeout.Seconds()), MaxLifetimeS: int64(maxLifetime.Seconds()),
 			RequestedAt: time.Now().UTC(),
+		}
+		mode := sealMode(*sealing)
+		if mode != sealAuto && mode != sealAlways && mode != sealNever {
+			return fmt.Errorf("--seal %q: must be auto, always or never", *sealing)
+		}
+		if mode != sealNever && len(runners.Secrets(req.Runner)) > 0 {
+			var hosts []messages.Host
+			if fl, ferr := bus.BindFleet(ctx, js); ferr == nil {
+				hosts, _ = fl.Hosts(ctx)
+			}
+			sealed, serr := sealFor(&req, hosts, *host, mode)
+			switch {
+			case serr != nil:
+				return serr
+			case !sealed:
+				fmt.Fprintln(os.Stderr, "worker submit: no sealing key is known for the hosts that may serve this request; the runner secret travels in the clear")
+			}
 		}
 		switch {
 		case *byImage && *host != "":

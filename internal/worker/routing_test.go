@@ -90,6 +90,13 @@ func startFleetHostPulling(t *testing.T, env advisoryEnv, id string, minFree uin
 // patterns.
 func startFleetHostServing(t *testing.T, env advisoryEnv, id string, minFree uint64, pullWait time.Duration, patterns []string, images ...string) *fleetHost {
 	t.Helper()
+	return startFleetHostWith(t, env, id, minFree, pullWait, patterns, nil, images...)
+}
+
+// startFleetHostWith is startFleetHostServing with changes to the worker's
+// configuration.
+func startFleetHostWith(t *testing.T, env advisoryEnv, id string, minFree uint64, pullWait time.Duration, patterns []string, change func(*Config), images ...string) *fleetHost {
+	t.Helper()
 	js := connect(t, env.url)
 	topo := bus.Topology{Host: id, AckWait: 3 * time.Second, MaxDeliver: 3}
 	cons, err := bus.Ensure(context.Background(), js, topo)
@@ -103,7 +110,7 @@ func startFleetHostServing(t *testing.T, env advisoryEnv, id string, minFree uin
 	fh := &fleetHost{host: newFakeHost(), inv: &fakeInventory{images: images, free: 100 << 30}}
 	pub := bus.NewPublisher(js)
 	life := lifecycle.New(lifecycle.Config{Host: id, Machines: fh.host, Agent: agent{fh.host}, Events: pub, History: pub})
-	fh.w = New(Config{Parallelism: 2, MaxVMs: 20, AckWait: 3 * time.Second, MaxDeliver: 3, PullWait: pullWait,
+	cfg := Config{Parallelism: 2, MaxVMs: 20, AckWait: 3 * time.Second, MaxDeliver: 3, PullWait: pullWait,
 		WatchInterval: 100 * time.Millisecond, NATS: js.Conn(),
 		OnSettle: func(s Settlement) {
 			fh.mu.Lock()
@@ -122,7 +129,11 @@ func startFleetHostServing(t *testing.T, env advisoryEnv, id string, minFree uin
 				fh.seen = append(fh.seen, c)
 				fh.mu.Unlock()
 			}},
-	}, cons, life)
+	}
+	if change != nil {
+		change(&cfg)
+	}
+	fh.w = New(cfg, cons, life)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- fh.w.Run(ctx) }()

@@ -26,6 +26,8 @@ type fakeHost struct {
 	// gates hold WaitReady of a job's machine until closed.
 	gates   map[string]chan struct{}
 	nextPID int
+	// stdin is what the commands run in each job's guest read, in order.
+	stdin map[string][]string
 }
 
 type fakeMachine struct {
@@ -142,8 +144,21 @@ func (h *fakeHost) OSInfo(context.Context, string) (qga.OSInfo, error) {
 	return qga.OSInfo{ID: "debian"}, nil
 }
 
-func (h *fakeHost) Run(context.Context, string, qga.ExecRequest) (qga.Status, error) {
+func (h *fakeHost) Run(_ context.Context, domain string, req qga.ExecRequest) (qga.Status, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.stdin == nil {
+		h.stdin = map[string][]string{}
+	}
+	h.stdin[h.jobOf(domain)] = append(h.stdin[h.jobOf(domain)], string(req.Stdin))
 	return qga.Status{Exited: true}, nil
+}
+
+// stdinOf returns what the commands run in jobID's guest read.
+func (h *fakeHost) stdinOf(jobID string) []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.stdin[jobID]...)
 }
 
 func (h *fakeHost) Status(_ context.Context, domain string, _ int) (qga.Status, error) {

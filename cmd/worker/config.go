@@ -17,6 +17,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -230,7 +231,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.Host, "host", defaultHost(), "host id: names this host's subjects and appears in events (STRETCHY_HOST)")
 	fs.StringVar(&c.NATSURL, "nats-url", "", "NATS server or cluster URL(s), comma separated; empty starts an embedded server (STRETCHY_NATS_URL)")
 	c.NATS.register(fs)
-	fs.StringVar(&c.NATSDataDir, "nats-data-dir", "/var/lib/stretchy-worker/nats", "JetStream directory of the embedded server (STRETCHY_NATS_DATA_DIR)")
+	fs.StringVar(&c.NATSDataDir, "nats-data-dir", defaultNATSDataDir, "directory of the embedded server: its JetStream data, and its credentials, made at first start (STRETCHY_NATS_DATA_DIR)")
 	fs.IntVar(&c.NATSPort, "nats-port", 4222, "loopback port of the embedded server (STRETCHY_NATS_PORT)")
 	fs.StringVar(&c.LibvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection URI, as for virsh -c: qemu:///system, or qemu+tls://, qemu+ssh://, qemu+tcp:// for a remote host (STRETCHY_LIBVIRT_URI)")
 	fs.StringVar(&c.DomainType, "domain-type", "", `libvirt domain type of clones: "kvm", "qemu" (TCG, no hardware virtualization) or empty to keep the image's (STRETCHY_DOMAIN_TYPE)`)
@@ -442,7 +443,8 @@ func (c *Config) Validate() error {
 		natsGiven = append(natsGiven, name)
 	}
 	if c.NATSURL == "" && len(natsGiven) > 0 {
-		bad("%s: needs --nats-url; the embedded server takes no credentials or TLS", strings.Join(natsGiven, ", "))
+		bad("%s: only for a NATS server given with --nats-url; without one, the worker starts its embedded server, "+
+			"which has no TLS and makes its own credentials, in %s (docs/security.md 1.1)", strings.Join(natsGiven, ", "), embedded.CredentialsPath(c.NATSDataDir))
 	} else if err := c.NATS.Validate(c.NATSURL); err != nil {
 		if len(natsFrom) > 0 {
 			err = fmt.Errorf("%s: %w", strings.Join(natsFrom, ", "), err)

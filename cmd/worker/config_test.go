@@ -202,7 +202,7 @@ func TestConfigInvalidSource(t *testing.T) {
 		{"bounds of machines", nil, "max-vcpus-per-machine = 8", []string{"--host-vcpus", "4"},
 			[]string{"--max-vcpus-per-machine 8 (from config file @, key max-vcpus-per-machine): more than --host-vcpus 4, which"}, nil},
 		{"credentials without a server", nil, `nats-creds = "/etc/stretchy/worker.creds"`, nil,
-			[]string{"--nats-creds (from config file @, key nats-creds): needs --nats-url"}, nil},
+			[]string{"--nats-creds (from config file @, key nats-creds): only for a NATS server given with --nats-url"}, nil},
 		{"credentials file", map[string]string{"STRETCHY_NATS_URL": "nats://nats1:4222"}, `nats-creds = "/nonexistent/worker.creds"`, nil,
 			[]string{"--nats-creds (from config file @, key nats-creds): --nats-creds: open /nonexistent/worker.creds"}, nil},
 	}

@@ -137,6 +137,8 @@ func (c *doctorConfig) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.LibvirtURI, "libvirt-uri", envString("STRETCHY_LIBVIRT_URI", "qemu:///system"), "libvirt connection URI, as for virsh -c (STRETCHY_LIBVIRT_URI)")
 	fs.StringVar(&c.NATSURL, "nats-url", envString("STRETCHY_NATS_URL", ""), "NATS URL(s) to check; empty skips the NATS checks (STRETCHY_NATS_URL)")
 	c.NATS.register(fs)
+	fs.StringVar(&c.NATS.EmbeddedDir, "nats-data-dir", envString("STRETCHY_NATS_DATA_DIR", defaultNATSDataDir),
+		"--nats-data-dir of worker run on this host: given no other credentials, a --nats-url on loopback is checked with its embedded server's credentials there (STRETCHY_NATS_DATA_DIR)")
 	fs.StringVar(&c.Host, "host", envString("STRETCHY_HOST", defaultHost()), "host id whose consumers to look for, as for worker run (STRETCHY_HOST)")
 	fs.StringVar(&c.DomainType, "domain-type", envString("STRETCHY_DOMAIN_TYPE", ""), `--boot: domain type of the clone, "kvm", "qemu" or empty to keep the image's (STRETCHY_DOMAIN_TYPE)`)
 	fs.DurationVar(&c.BootTimeout, "boot-timeout", messages.DefaultBootTimeout, "--boot: how long the guest agent may take to answer")

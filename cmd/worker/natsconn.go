@@ -7,7 +7,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"net"
 	"net/url"
 	"os"
 	"regexp"
@@ -18,6 +20,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
+
+	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 )
 
 // secret holds a credential taken from the environment. It prints as
@@ -36,6 +40,12 @@ func (s secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 // Secrets are read from files or the environment, never from flag values,
 // so that they stay out of process lists and shell history.
 type NATSAuth struct {
+	// EmbeddedDir, when set, is the --nats-data-dir of a worker on this
+	// host: with no other credentials and every URL on loopback, the
+	// command authenticates with that worker's embedded server's
+	// credentials (docs/security.md 1.1). It is not one of the methods:
+	// it applies only when none is given.
+	EmbeddedDir  string
 	User         string
 	Password     secret // STRETCHY_NATS_PASSWORD only
 	PasswordFile string
@@ -97,6 +107,9 @@ const (
 	authNKey  = "--nats-nkey-seed"
 	authCreds = "--nats-creds"
 	authURL   = "credentials in --nats-url"
+	// authEmbedded is no flag: the credentials of the embedded server in
+	// EmbeddedDir, used when none is given.
+	authEmbedded = "the embedded server's credentials"
 )
 
 // methods lists the authentication methods given.
@@ -133,7 +146,62 @@ func (a NATSAuth) method(urls string) string {
 	if m := a.methods(urls); len(m) > 0 {
 		return m[0]
 	}
+	if e := a.embedded(urls); e.applies && e.err == nil {
+		return authEmbedded
+	}
 	return authNone
+}
+
+// embeddedCredentials says whether a connection authenticates with the
+// credentials of a worker's embedded server, and with which.
+type embeddedCredentials struct {
+	// applies: EmbeddedDir is set, no other credentials or TLS settings
+	// are given, and every URL is on loopback, where worker run's
+	// embedded server listens.
+	applies bool
+	path    string
+	creds   embedded.Credentials
+	// err is why they could not be read, when they apply.
+	err error
+}
+
+func (a NATSAuth) embedded(urls string) embeddedCredentials {
+	if a.EmbeddedDir == "" || len(a.given()) > 0 || urlHasCredentials(urls) || !onLoopback(urls) {
+		return embeddedCredentials{}
+	}
+	e := embeddedCredentials{applies: true, path: embedded.CredentialsPath(a.EmbeddedDir)}
+	e.creds, e.err = embedded.LoadCredentials(a.EmbeddedDir)
+	return e
+}
+
+// unreadable tells whether the embedded server's credentials are simply
+// not there for this user: no worker ran with this data directory, or the
+// user may not read it. The command then connects without credentials,
+// as it would to another server on loopback; explainConnect says why when
+// the server wants some.
+func (e embeddedCredentials) unreadable() bool {
+	return errors.Is(e.err, fs.ErrNotExist) || errors.Is(e.err, fs.ErrPermission)
+}
+
+// onLoopback tells whether every server of urls is on this host's
+// loopback.
+func onLoopback(urls string) bool {
+	for _, s := range strings.Split(urls, ",") {
+		s = strings.TrimSpace(s)
+		if !strings.Contains(s, "://") {
+			s = "nats://" + s
+		}
+		u, err := url.Parse(s)
+		if err != nil {
+			return false
+		}
+		if h := u.Hostname(); h != "localhost" {
+			if ip := net.ParseIP(h); ip == nil || !ip.IsLoopback() {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // options turns the settings into nats.go options, reading and checking
@@ -200,6 +268,15 @@ func (a NATSAuth) options(urls string) ([]nats.Option, error) {
 		errs = append(errs, err)
 	} else if tc != nil {
 		opts = append(opts, nats.Secure(tc))
+	}
+	if e := a.embedded(urls); e.applies {
+		switch {
+		case e.err == nil:
+			// The seed is read for each signature, never kept.
+			opts = append(opts, nats.Nkey(e.creds.PublicKey(), e.creds.Sign))
+		case !e.unreadable():
+			errs = append(errs, e.err)
+		}
 	}
 	return opts, errors.Join(errs...)
 }
@@ -309,6 +386,42 @@ func (a NATSAuth) tlsConfig() (*tls.Config, error) {
 		}
 	}
 	return tc, errors.Join(errs...)
+}
+
+// defaultNATSDataDir is worker run's --nats-data-dir, where the other
+// commands look for its embedded server's credentials.
+const defaultNATSDataDir = "/var/lib/stretchy-worker/nats"
+
+// natsFlags are the NATS settings of the commands other than run. Their
+// defaults are worker run's embedded server on this host: the loopback
+// port of STRETCHY_NATS_PORT, the credentials in STRETCHY_NATS_DATA_DIR,
+// so that the same environment serves both (docs/security.md 1.1).
+type natsFlags struct {
+	URL  string
+	Auth NATSAuth
+}
+
+func (f *natsFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.URL, "nats-url", defaultNATSURL(), "NATS URL(s), comma separated; default: the embedded server of worker run on this host, "+
+		"on 127.0.0.1 and STRETCHY_NATS_PORT (STRETCHY_NATS_URL)")
+	f.Auth.register(fs)
+	fs.StringVar(&f.Auth.EmbeddedDir, "nats-data-dir", envString("STRETCHY_NATS_DATA_DIR", defaultNATSDataDir),
+		"--nats-data-dir of worker run on this host: given no other credentials, a URL on loopback is connected to with "+
+			"its embedded server's credentials there (STRETCHY_NATS_DATA_DIR)")
+}
+
+// connect dials NATS as the command name.
+func (f natsFlags) connect(name string) (*natsConn, jetstream.JetStream, error) {
+	return connectNATS(f.URL, f.Auth, natsClient{Name: name})
+}
+
+// defaultNATSURL is STRETCHY_NATS_URL, or where worker run's embedded
+// server listens: 127.0.0.1, port STRETCHY_NATS_PORT or 4222.
+func defaultNATSURL() string {
+	if u, ok := os.LookupEnv("STRETCHY_NATS_URL"); ok {
+		return u
+	}
+	return "nats://127.0.0.1:" + envString("STRETCHY_NATS_PORT", "4222")
 }
 
 // natsClient says who connects and how the connection behaves.
@@ -504,8 +617,18 @@ func (a NATSAuth) explainConnect(urls string, err error) error {
 			hint = fmt.Sprintf("check --nats-creds %s: is its account known to the server, its user allowed?", a.CredsFile)
 		case authURL:
 			hint = "check the credentials in --nats-url"
+		case authEmbedded:
+			hint = fmt.Sprintf("the server refused the embedded server's credentials %s: it is not the embedded server of the worker "+
+				"with --nats-data-dir %s, or that worker made new ones since it started; or give other credentials", embedded.CredentialsPath(a.EmbeddedDir), a.EmbeddedDir)
 		default:
 			hint = "the server wants credentials: give --nats-user, --nats-token-file, --nats-nkey-seed or --nats-creds"
+			if e := a.embedded(urls); e.applies && errors.Is(e.err, fs.ErrNotExist) {
+				hint += fmt.Sprintf("; for the embedded server of worker run on this host, the commands use its credentials, but there are none in %s: "+
+					"give the worker's --nats-data-dir (STRETCHY_NATS_DATA_DIR)", e.path)
+			} else if e.applies && errors.Is(e.err, fs.ErrPermission) {
+				hint += fmt.Sprintf("; for the embedded server of worker run on this host, the commands use its credentials %s, "+
+					"which this user may not read: run the command as root or as the worker's user", e.path)
+			}
 		}
 		if a.TLSCert != "" {
 			hint += ", or the user mapped from --nats-tls-cert " + a.TLSCert

@@ -34,7 +34,7 @@ func controlCommand(ctx context.Context, op messages.ControlOp, args []string) e
 	fs := flag.NewFlagSet("worker "+string(op), flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), holdUsage); fs.PrintDefaults() }
 	var nf natsFlags
-	nf.register(fs)
+	nf.register(fs, operatorRole)
 	host := fs.String("host", "", "the job's host; empty finds it from the job's newest event")
 	var holdFor time.Duration
 	var bytes int

@@ -40,7 +40,7 @@ func eventsCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("worker events", flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), eventsUsage); fs.PrintDefaults() }
 	var nf natsFlags
-	nf.register(fs)
+	nf.register(fs, orchestratorRole)
 	job := fs.String("job", "", "only events of this job")
 	host := fs.String("host", "", "only events of this host")
 	state := fs.String("state", "", "only events in this state")

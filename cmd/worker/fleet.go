@@ -61,7 +61,7 @@ func hostsCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("worker hosts", flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), hostsUsage); fs.PrintDefaults() }
 	var nf natsFlags
-	nf.register(fs)
+	nf.register(fs, operatorRole)
 	asJSON := fs.Bool("json", false, "print a JSON array instead of a table")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -165,7 +165,7 @@ func drainCommand(ctx context.Context, args []string, drain bool) error {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), drainUsage); fs.PrintDefaults() }
 	var nf natsFlags
-	nf.register(fs)
+	nf.register(fs, operatorRole)
 	by := fs.String("by", defaultBy(), "who asks, recorded with the drain")
 	// The host comes first, flags after it, or the other way round.
 	var host string

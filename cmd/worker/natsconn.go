@@ -21,6 +21,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
+	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 )
 
@@ -395,13 +396,31 @@ const defaultNATSDataDir = "/var/lib/stretchy-worker/nats"
 // natsFlags are the NATS settings of the commands other than run. Their
 // defaults are worker run's embedded server on this host: the loopback
 // port of STRETCHY_NATS_PORT, the credentials in STRETCHY_NATS_DATA_DIR,
-// so that the same environment serves both (docs/security.md 1.1).
+// so that the same environment serves both (docs/security.md 1.1); and
+// the inbox prefix of the command's role (docs/security.md 2).
 type natsFlags struct {
-	URL  string
-	Auth NATSAuth
+	URL         string
+	Auth        NATSAuth
+	InboxPrefix string
 }
 
-func (f *natsFlags) register(fs *flag.FlagSet) {
+// role is whom a command acts for, which names its inboxes.
+type role struct {
+	// inbox is the role's inbox prefix, env the variable that changes it.
+	inbox, env string
+}
+
+var (
+	// orchestratorRole: worker submit and worker events.
+	orchestratorRole = role{bus.OrchestratorInbox, "STRETCHY_ORCHESTRATOR_INBOX_PREFIX"}
+	// operatorRole: worker hosts, drain, undrain, hold, release and
+	// console; worker run's --operator-inbox-prefix is the same setting.
+	operatorRole = role{bus.OperatorInbox, "STRETCHY_OPERATOR_INBOX_PREFIX"}
+)
+
+func (f *natsFlags) register(fs *flag.FlagSet, r role) {
+	fs.StringVar(&f.InboxPrefix, "inbox-prefix", envString(r.env, r.inbox),
+		"prefix of the inboxes where the replies to this command's requests arrive; its NATS user must be allowed to subscribe to PREFIX.> ("+r.env+")")
 	fs.StringVar(&f.URL, "nats-url", defaultNATSURL(), "NATS URL(s), comma separated; default: the embedded server of worker run on this host, "+
 		"on 127.0.0.1 and STRETCHY_NATS_PORT (STRETCHY_NATS_URL)")
 	f.Auth.register(fs)
@@ -412,7 +431,26 @@ func (f *natsFlags) register(fs *flag.FlagSet) {
 
 // connect dials NATS as the command name.
 func (f natsFlags) connect(name string) (*natsConn, jetstream.JetStream, error) {
-	return connectNATS(f.URL, f.Auth, natsClient{Name: name})
+	return connectNATS(f.URL, f.Auth, natsClient{Name: name, InboxPrefix: f.InboxPrefix})
+}
+
+// checkInboxPrefix says what makes p no inbox prefix: the connection's
+// inboxes are p, a dot and more tokens, and its NATS user's permission to
+// subscribe to them is p.>, so p is one or more literal tokens.
+func checkInboxPrefix(p string) error {
+	switch {
+	case p == "":
+		return errors.New("empty")
+	case strings.ContainsAny(p, " \t\r\n"):
+		return errors.New("white space in a subject")
+	case strings.ContainsAny(p, "*>"):
+		return errors.New("a wildcard (* or >) in a prefix of literal subjects")
+	case strings.HasSuffix(p, "."):
+		return errors.New("a trailing dot: the prefix is tokens without their separator, such as " + bus.OperatorInbox)
+	case strings.HasPrefix(p, ".") || strings.Contains(p, ".."):
+		return errors.New("an empty token")
+	}
+	return nil
 }
 
 // defaultNATSURL is STRETCHY_NATS_URL, or where worker run's embedded
@@ -438,14 +476,17 @@ type natsClient struct {
 	// NoEcho keeps the server from delivering the connection's own
 	// publishes to its own subscriptions (docs/security.md).
 	NoEcho bool
+	// InboxPrefix is the prefix of the connection's inboxes, its role's
+	// (docs/security.md 2); empty keeps nats.go's "_INBOX".
+	InboxPrefix string
 }
 
 // workerClient is how worker run connects: reconnecting for as long as it
 // runs, and without echo. The worker subscribes to subjects it also
 // publishes to (the provision subjects it wakes up on, its control
 // subject); nothing it does needs to receive its own messages.
-func workerClient(host string, log *slog.Logger) natsClient {
-	return natsClient{Name: "stretchy-libvirt-worker " + host, Log: log, Reconnect: true, NoEcho: true}
+func workerClient(host, inboxPrefix string, log *slog.Logger) natsClient {
+	return natsClient{Name: "stretchy-libvirt-worker " + host, Log: log, Reconnect: true, NoEcho: true, InboxPrefix: inboxPrefix}
 }
 
 // natsConn is a NATS connection that remembers the server's first
@@ -464,6 +505,12 @@ func connectNATS(urls string, auth NATSAuth, c natsClient) (*natsConn, jetstream
 	opts, err := auth.options(urls)
 	if err != nil {
 		return nil, nil, err
+	}
+	if p := c.InboxPrefix; p != "" {
+		if err := checkInboxPrefix(p); err != nil {
+			return nil, nil, fmt.Errorf("--inbox-prefix %q: %w", p, err)
+		}
+		opts = append(opts, nats.CustomInboxPrefix(p))
 	}
 	violated, violation := context.WithCancelCause(context.Background())
 	conn := &natsConn{violated: violated}

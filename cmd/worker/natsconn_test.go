@@ -483,6 +483,8 @@ func permServer(t *testing.T, users map[string][2][]string) (*server.Server, str
 		list = append(list, &server.User{Username: name, Password: password, Permissions: &server.Permissions{
 			Publish:   &server.SubjectPermission{Allow: perms[0]},
 			Subscribe: &server.SubjectPermission{Allow: perms[1]},
+			// A worker answers control requests (docs/security.md 2.1).
+			Response: &server.ResponsePermission{MaxMsgs: 1, Expires: 3 * time.Minute},
 		}})
 	}
 	return startNATS(t, &server.Options{Users: list}), writeFile(t, "password", []byte(password))
@@ -509,7 +511,7 @@ func TestPermissionViolationNamesSubject(t *testing.T) {
 		js jetstream.JetStream
 	}
 	connect := func(user string) conn {
-		nc, js, err := connectNATS(url, NATSAuth{User: user, PasswordFile: pwFile}, natsClient{Name: "test"})
+		nc, js, err := connectNATS(url, NATSAuth{User: user, PasswordFile: pwFile}, natsClient{Name: "test", InboxPrefix: bus.WorkerInbox("h1")})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -625,7 +627,7 @@ func TestWorkerPermissionsCoverAdvisories(t *testing.T) {
 // own publishes back on its subscriptions, while another client's reach it.
 func TestWorkerConnectsWithoutEcho(t *testing.T) {
 	srv := startNATS(t, &server.Options{})
-	nc, _, err := connectNATS(srv.ClientURL(), NATSAuth{}, workerClient("h1", slog.New(slog.DiscardHandler)))
+	nc, _, err := connectNATS(srv.ClientURL(), NATSAuth{}, workerClient("h1", bus.WorkerInbox("h1"), slog.New(slog.DiscardHandler)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -772,7 +774,7 @@ func TestClientDefaultsMatchRun(t *testing.T) {
 				t.Fatal(err)
 			}
 			var nf natsFlags
-			nf.register(flag.NewFlagSet("client", flag.ContinueOnError))
+			nf.register(flag.NewFlagSet("client", flag.ContinueOnError), operatorRole)
 			if nf.URL != tt.url || nf.Auth.EmbeddedDir != tt.dir {
 				t.Fatalf("client: --nats-url %q, --nats-data-dir %q; want %q, %q", nf.URL, nf.Auth.EmbeddedDir, tt.url, tt.dir)
 			}

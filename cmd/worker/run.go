@@ -90,7 +90,7 @@ func runCommand(ctx context.Context, args []string) error {
 		log.Info("started embedded nats", "url", natsURL, "data_dir", cfg.NATSDataDir, "credentials", creds.Path())
 	}
 
-	nc, js, err := connectNATS(natsURL, natsAuth, workerClient(cfg.Host, log))
+	nc, js, err := connectNATS(natsURL, natsAuth, workerClient(cfg.Host, cfg.workerInbox(), log))
 	if err != nil {
 		return err
 	}
@@ -212,6 +212,8 @@ func runCommand(ctx context.Context, args []string) error {
 		Parallelism: cfg.Parallelism, MaxVMs: cfg.MaxVMs, AckWait: cfg.AckWait,
 		MaxDeliver: cfg.MaxDeliver, ShutdownGrace: cfg.ShutdownGrace, Faults: faults,
 		NATS: nc.Conn, Slots: slots,
+		// Only operators send control requests (docs/protocol.md 2.9).
+		ReplyPrefixes: []string{cfg.OperatorInboxPrefix + "."},
 		// Often enough to renew every claim within a third of its TTL.
 		WatchInterval: min(2*time.Second, bus.ClaimTTL(cfg.AckWait)/3),
 		Fleet: &worker.FleetConfig{

@@ -37,7 +37,7 @@ func submitCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("worker submit "+kind, flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprintf(fs.Output(), "%s\n\nflags:\n", submitUsage); fs.PrintDefaults() }
 	var nf natsFlags
-	nf.register(fs)
+	nf.register(fs, orchestratorRole)
 	job := fs.String("job", "", "job id")
 	host := fs.String("host", "", "host id: pins a provision to a host; required for a teardown")
 	byImage := fs.Bool("by-image", false, "publish the provision on its image's subject, where only hosts that carry the image take it (docs/protocol.md 2.5)")

@@ -18,7 +18,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
 const libvirtSocket = "/var/run/libvirt/libvirt-sock"
@@ -251,5 +253,84 @@ func TestEmbeddedServerCommands(t *testing.T) {
 		if strings.Contains(out, seed) || strings.Contains(out, seed[2:20]) {
 			t.Errorf("output %d shows the seed:\n%s", i, out)
 		}
+	}
+}
+
+// TestRunWithLeastPermissions runs worker run against a NATS server whose
+// users hold exactly the documented permissions (docs/security.md 2),
+// each with its role's inbox prefix only: the worker starts and serves,
+// an orchestrator's submit and events and an operator's hosts, drain,
+// undrain and hold work with their defaults. An operator command with
+// another inbox prefix is refused, and the worker leaves a control
+// request unanswered whose reply subject is not under the operators'
+// prefix.
+func TestRunWithLeastPermissions(t *testing.T) {
+	requireLibvirt(t)
+	host := "h-least"
+	wpub, wsub := bus.WorkerPermissions(host)
+	opub, osub := bus.OrchestratorPermissions()
+	ppub, psub := bus.OperatorPermissions()
+	srv, pwFile := permServer(t, map[string][2][]string{
+		"worker": {wpub, wsub}, "orchestrator": {opub, osub}, "operator": {ppub, psub},
+	})
+	url := "nats://" + hostPort(srv)
+	as := func(user string) []string {
+		return []string{"STRETCHY_NATS_URL=" + url, "STRETCHY_NATS_USER=" + user, "STRETCHY_NATS_PASSWORD_FILE=" + pwFile,
+			"STRETCHY_HOST=" + host, "STRETCHY_NATS_DATA_DIR=" + t.TempDir()}
+	}
+	w := startDaemon(t, append(as("worker"), "STRETCHY_LIBVIRT_URI=test:///default", "STRETCHY_CONSOLE_DIR="), "run")
+
+	job := "least-1"
+	for _, c := range []struct {
+		user string
+		env  []string
+		args []string
+		code int
+		says string
+	}{
+		{"orchestrator", nil, []string{"submit", "provision", "--job", job, "--image", "no-such-image", "--host", host}, 0, "submitted provision"},
+		{"orchestrator", nil, []string{"events", "--job", job, "--follow", "--until", "failed"}, 0, "image_not_found"},
+		{"operator", nil, []string{"hosts"}, 0, host},
+		{"operator", nil, []string{"drain", host}, 0, "drains"},
+		{"operator", nil, []string{"undrain", host}, 0, "takes provisions again"},
+		{"operator", nil, []string{"hold", job}, 1, "host " + host + ": "},
+		{"operator", nil, []string{"hosts", "--inbox-prefix", "_INBOX.elsewhere"}, 1, `may not subscribe to "_INBOX.elsewhere.`},
+		{"operator", []string{"STRETCHY_OPERATOR_INBOX_PREFIX=_INBOX.elsewhere"}, []string{"hosts"}, 1, `may not subscribe to "_INBOX.elsewhere.`},
+		{"operator", nil, []string{"hosts", "--inbox-prefix", "_INBOX.stretchy.operator."}, 1, "--inbox-prefix \"_INBOX.stretchy.operator.\": a trailing dot"},
+		{"orchestrator", []string{"STRETCHY_ORCHESTRATOR_INBOX_PREFIX=" + bus.OperatorInbox}, []string{"events", "--job", job},
+			1, `may not subscribe to "` + bus.OperatorInbox + `.`},
+	} {
+		t.Run(c.user+" "+strings.Join(append(c.env, c.args...), " "), func(t *testing.T) {
+			stdout, stderr, code := runWorker(t, append(as(c.user), c.env...), c.args...)
+			if code != c.code || !strings.Contains(stdout+stderr, c.says) {
+				t.Fatalf("exit status %d, want %d, saying %q:\n%s%s", code, c.code, c.says, stdout, stderr)
+			}
+		})
+	}
+
+	// A control request whose reply subject is an inbox, but not an
+	// operator's, is refused unanswered.
+	admin, _, err := connectNATS(url, NATSAuth{User: "admin", PasswordFile: pwFile}, natsClient{Name: "admin", InboxPrefix: bus.OrchestratorInbox})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	data, err := messages.Marshal(messages.Control{V: messages.SchemaVersion, Op: messages.ControlConsole, JobID: job})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.Request(messages.ControlSubject(host), data, 2*time.Second); !errors.Is(err, nats.ErrTimeout) {
+		t.Fatalf("a control request with the reply subject of an orchestrator's inbox: %v, want no answer", err)
+	}
+	want := `reply subject \"` + bus.OrchestratorInbox + "."
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(w.log.String(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the worker's log does not say it refused the request (%s):\n%s", want, w.log.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if log := w.log.String(); strings.Contains(strings.ToLower(log), "permissions violation") {
+		t.Fatalf("the worker was refused something:\n%s", log)
 	}
 }

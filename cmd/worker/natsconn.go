@@ -665,8 +665,9 @@ func (a NATSAuth) explainConnect(urls string, err error) error {
 		case authURL:
 			hint = "check the credentials in --nats-url"
 		case authEmbedded:
-			hint = fmt.Sprintf("the server refused the embedded server's credentials %s: it is not the embedded server of the worker "+
-				"with --nats-data-dir %s, or that worker made new ones since it started; or give other credentials", embedded.CredentialsPath(a.EmbeddedDir), a.EmbeddedDir)
+			hint = fmt.Sprintf("the server refused the embedded server's credentials %s: what listens there is not the embedded server "+
+				"of the worker whose --nats-data-dir is %s (give that worker's), or it replaced them since; or give other credentials",
+				embedded.CredentialsPath(a.EmbeddedDir), a.EmbeddedDir)
 		default:
 			hint = "the server wants credentials: give --nats-user, --nats-token-file, --nats-nkey-seed or --nats-creds"
 			if e := a.embedded(urls); e.applies && errors.Is(e.err, fs.ErrNotExist) {

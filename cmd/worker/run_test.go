@@ -119,6 +119,48 @@ func startDaemon(t *testing.T, env []string, args ...string) *daemon {
 	return d
 }
 
+// runWorkerAs is runWorker as the user uid, from a copy of the test
+// binary that user may run.
+func runWorkerAs(t *testing.T, uid int, env []string, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "worker-as")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	bin := filepath.Join(dir, "worker")
+	b, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, args...)
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "STRETCHY_") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	cmd.Env = append(append(cmd.Env, "WORKER_TEST_RUN_MAIN=1"), env...)
+	cmd.Dir = dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid)}}
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err = cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case errors.As(err, &exit):
+		code = exit.ExitCode()
+	case err != nil:
+		t.Fatal(err)
+	}
+	return out.String(), errOut.String(), code
+}
+
 // TestEmbeddedServerCommands runs worker run with its embedded server, as
 // on a single host, and the other commands against it with the same
 // environment and no NATS flags: they find the server and its
@@ -211,6 +253,17 @@ func TestEmbeddedServerCommands(t *testing.T) {
 		stdout, stderr, code := runWorker(t, append(env, "STRETCHY_NATS_DATA_DIR="+other), "hosts")
 		outputs = append(outputs, stdout, stderr)
 		want := "there are none in " + embedded.CredentialsPath(other)
+		if code != 1 || !strings.Contains(stderr, "authorization violation") || !strings.Contains(stderr, want) {
+			t.Fatalf("exit status %d, want 1 and an authorization violation saying %q:\n%s", code, want, stderr)
+		}
+	})
+	t.Run("a user who may not read the credentials", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("running a command as another user needs root")
+		}
+		stdout, stderr, code := runWorkerAs(t, 65534, env, "hosts")
+		outputs = append(outputs, stdout, stderr)
+		want := embedded.CredentialsPath(dir) + ", which this user may not read: run the command as root or as the worker's user"
 		if code != 1 || !strings.Contains(stderr, "authorization violation") || !strings.Contains(stderr, want) {
 			t.Fatalf("exit status %d, want 1 and an authorization violation saying %q:\n%s", code, want, stderr)
 		}

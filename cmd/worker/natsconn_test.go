@@ -720,6 +720,7 @@ func TestEmbeddedCredentials(t *testing.T) {
 		says string // "": connects
 	}{
 		{"the worker's data directory", NATSAuth{EmbeddedDir: dir}, ""},
+		{"the file as --nats-nkey-seed", NATSAuth{NKeySeedFile: embedded.CredentialsPath(dir)}, ""},
 		{"another data directory", NATSAuth{EmbeddedDir: t.TempDir()}, "there are none in "},
 		{"another server's credentials", NATSAuth{EmbeddedDir: func() string {
 			other := t.TempDir()

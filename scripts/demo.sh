@@ -14,6 +14,9 @@ HOST=demo
 URL="nats://127.0.0.1:$PORT"
 export STRETCHY_NATS_URL="$URL"
 dir=$(mktemp -d /tmp/stretchy-demo.XXXXXX)
+# The worker's embedded server takes only its own credentials, which it
+# makes in its data directory; the other commands find them there.
+export STRETCHY_NATS_DATA_DIR="$dir/nats"
 run="demo-$(date +%H%M%S)"
 jobs=("$run-forgejo" "$run-github" "$run-jenkins")
 wpid="" epid="" submitted=""

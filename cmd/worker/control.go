@@ -33,7 +33,8 @@ unless --host names it; the host's worker answers (docs/protocol.md 2.9).
 func controlCommand(ctx context.Context, op messages.ControlOp, args []string) error {
 	fs := flag.NewFlagSet("worker "+string(op), flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), holdUsage); fs.PrintDefaults() }
-	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
+	var nf natsFlags
+	nf.register(fs, operatorRole)
 	host := fs.String("host", "", "the job's host; empty finds it from the job's newest event")
 	var holdFor time.Duration
 	var bytes int
@@ -43,8 +44,6 @@ func controlCommand(ctx context.Context, op messages.ControlOp, args []string) e
 	case messages.ControlConsole:
 		fs.IntVar(&bytes, "bytes", 64<<10, fmt.Sprintf("at most this many bytes of the log's end (at most %d)", messages.MaxControlConsoleBytes))
 	}
-	var auth NATSAuth
-	auth.register(fs)
 	var job string
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 		job, args = args[0], args[1:]
@@ -63,7 +62,7 @@ func controlCommand(ctx context.Context, op messages.ControlOp, args []string) e
 	if holdFor < 0 || holdFor > messages.MaxHold {
 		return fmt.Errorf("--for %s: must be between 0 and %s", holdFor, messages.MaxHold)
 	}
-	nc, js, err := connectNATS(*natsURL, auth, natsClient{Name: "stretchy-libvirt-worker client"})
+	nc, js, err := nf.connect("stretchy-libvirt-worker client")
 	if err != nil {
 		return err
 	}

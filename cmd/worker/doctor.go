@@ -125,6 +125,7 @@ type doctorConfig struct {
 	LibvirtURI  string
 	NATSURL     string
 	NATS        NATSAuth
+	InboxPrefix string
 	Host        string
 	DomainType  string
 	BootTimeout time.Duration
@@ -137,6 +138,10 @@ func (c *doctorConfig) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.LibvirtURI, "libvirt-uri", envString("STRETCHY_LIBVIRT_URI", "qemu:///system"), "libvirt connection URI, as for virsh -c (STRETCHY_LIBVIRT_URI)")
 	fs.StringVar(&c.NATSURL, "nats-url", envString("STRETCHY_NATS_URL", ""), "NATS URL(s) to check; empty skips the NATS checks (STRETCHY_NATS_URL)")
 	c.NATS.register(fs)
+	fs.StringVar(&c.NATS.EmbeddedDir, "nats-data-dir", envString("STRETCHY_NATS_DATA_DIR", defaultNATSDataDir),
+		"--nats-data-dir of worker run on this host: given no other credentials, a --nats-url on loopback is checked with its embedded server's credentials there (STRETCHY_NATS_DATA_DIR)")
+	fs.StringVar(&c.InboxPrefix, "inbox-prefix", envString("STRETCHY_INBOX_PREFIX", ""),
+		"prefix of the inboxes of the NATS checks, as worker run's; empty: "+bus.WorkerInbox("<host>")+", the --host's worker's (STRETCHY_INBOX_PREFIX)")
 	fs.StringVar(&c.Host, "host", envString("STRETCHY_HOST", defaultHost()), "host id whose consumers to look for, as for worker run (STRETCHY_HOST)")
 	fs.StringVar(&c.DomainType, "domain-type", envString("STRETCHY_DOMAIN_TYPE", ""), `--boot: domain type of the clone, "kvm", "qemu" or empty to keep the image's (STRETCHY_DOMAIN_TYPE)`)
 	fs.DurationVar(&c.BootTimeout, "boot-timeout", messages.DefaultBootTimeout, "--boot: how long the guest agent may take to answer")
@@ -815,7 +820,12 @@ func (d *doctor) checkNATS(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, doctorCallTimeout)
 	defer cancel()
 	shown := redactURL(d.cfg.NATSURL)
-	nc, js, err := connectNATS(d.cfg.NATSURL, d.cfg.NATS, natsClient{Name: "stretchy-libvirt-worker doctor"})
+	// The checks are the worker's view of NATS, as with its credentials.
+	inbox := d.cfg.InboxPrefix
+	if inbox == "" {
+		inbox = bus.WorkerInbox(d.cfg.Host)
+	}
+	nc, js, err := connectNATS(d.cfg.NATSURL, d.cfg.NATS, natsClient{Name: "stretchy-libvirt-worker doctor", InboxPrefix: inbox})
 	if err != nil {
 		d.add(fail("nats", shown, "check the URL, the credentials and that nats-server runs with JetStream (-js) and is reachable "+
 			"from this host; without --nats-url, worker run starts an embedded server instead", "%v", err))

@@ -12,8 +12,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
@@ -41,7 +39,8 @@ type eventQuery struct {
 func eventsCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("worker events", flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), eventsUsage); fs.PrintDefaults() }
-	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
+	var nf natsFlags
+	nf.register(fs, orchestratorRole)
 	job := fs.String("job", "", "only events of this job")
 	host := fs.String("host", "", "only events of this host")
 	state := fs.String("state", "", "only events in this state")
@@ -53,8 +52,6 @@ func eventsCommand(ctx context.Context, args []string) error {
 	until := fs.String("until", "", "with --follow: exit after an event in this state (for scripts)")
 	summary := fs.Bool("summary", false, "one line per job: image, host, OS, start, total time, outcome, error")
 	asJSON := fs.Bool("json", false, "print JSON lines instead of a table")
-	var auth NATSAuth
-	auth.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -85,7 +82,7 @@ func eventsCommand(ctx context.Context, args []string) error {
 	if q.summary && q.opts.Follow {
 		return errors.New("--summary prints once the replay ends: it does not go with --follow")
 	}
-	nc, js, err := connectNATS(*natsURL, auth, natsClient{Name: "stretchy-libvirt-worker client"})
+	nc, js, err := nf.connect("stretchy-libvirt-worker client")
 	if err != nil {
 		return err
 	}

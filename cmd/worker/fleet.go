@@ -14,8 +14,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
@@ -39,8 +37,8 @@ until undrain. SIGUSR1 to a worker drains its own host (SIGUSR2 undrains).
 `
 
 // operatorConn connects an operator's command and binds the fleet's buckets.
-func operatorConn(ctx context.Context, natsURL string, auth NATSAuth) (*natsConn, *bus.Fleet, context.Context, func(), error) {
-	nc, js, err := connectNATS(natsURL, auth, natsClient{Name: "stretchy-libvirt-worker client"})
+func operatorConn(ctx context.Context, nf natsFlags) (*natsConn, *bus.Fleet, context.Context, func(), error) {
+	nc, js, err := nf.connect("stretchy-libvirt-worker client")
 	if err != nil {
 		return nil, nil, nil, nil, err
 	}
@@ -62,14 +60,13 @@ func operatorConn(ctx context.Context, natsURL string, auth NATSAuth) (*natsConn
 func hostsCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("worker hosts", flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), hostsUsage); fs.PrintDefaults() }
-	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
+	var nf natsFlags
+	nf.register(fs, operatorRole)
 	asJSON := fs.Bool("json", false, "print a JSON array instead of a table")
-	var auth NATSAuth
-	auth.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	nc, f, ctx, done, err := operatorConn(ctx, *natsURL, auth)
+	nc, f, ctx, done, err := operatorConn(ctx, nf)
 	if err != nil {
 		return err
 	}
@@ -167,10 +164,9 @@ func drainCommand(ctx context.Context, args []string, drain bool) error {
 	}
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), drainUsage); fs.PrintDefaults() }
-	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
+	var nf natsFlags
+	nf.register(fs, operatorRole)
 	by := fs.String("by", defaultBy(), "who asks, recorded with the drain")
-	var auth NATSAuth
-	auth.register(fs)
 	// The host comes first, flags after it, or the other way round.
 	var host string
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
@@ -184,7 +180,7 @@ func drainCommand(ctx context.Context, args []string, drain bool) error {
 	} else if fs.NArg() > 0 || host == "" {
 		return errors.New(strings.SplitN(drainUsage, "\n\n", 2)[0])
 	}
-	nc, f, ctx, done, err := operatorConn(ctx, *natsURL, auth)
+	nc, f, ctx, done, err := operatorConn(ctx, nf)
 	if err != nil {
 		return err
 	}

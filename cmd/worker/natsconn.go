@@ -7,7 +7,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"net"
 	"net/url"
 	"os"
 	"regexp"
@@ -18,6 +20,9 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
+
+	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 )
 
 // secret holds a credential taken from the environment. It prints as
@@ -36,6 +41,12 @@ func (s secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 // Secrets are read from files or the environment, never from flag values,
 // so that they stay out of process lists and shell history.
 type NATSAuth struct {
+	// EmbeddedDir, when set, is the --nats-data-dir of a worker on this
+	// host: with no other credentials and every URL on loopback, the
+	// command authenticates with that worker's embedded server's
+	// credentials (docs/security.md 1.1). It is not one of the methods:
+	// it applies only when none is given.
+	EmbeddedDir  string
 	User         string
 	Password     secret // STRETCHY_NATS_PASSWORD only
 	PasswordFile string
@@ -97,6 +108,9 @@ const (
 	authNKey  = "--nats-nkey-seed"
 	authCreds = "--nats-creds"
 	authURL   = "credentials in --nats-url"
+	// authEmbedded is no flag: the credentials of the embedded server in
+	// EmbeddedDir, used when none is given.
+	authEmbedded = "the embedded server's credentials"
 )
 
 // methods lists the authentication methods given.
@@ -133,7 +147,62 @@ func (a NATSAuth) method(urls string) string {
 	if m := a.methods(urls); len(m) > 0 {
 		return m[0]
 	}
+	if e := a.embedded(urls); e.applies && e.err == nil {
+		return authEmbedded
+	}
 	return authNone
+}
+
+// embeddedCredentials says whether a connection authenticates with the
+// credentials of a worker's embedded server, and with which.
+type embeddedCredentials struct {
+	// applies: EmbeddedDir is set, no other credentials or TLS settings
+	// are given, and every URL is on loopback, where worker run's
+	// embedded server listens.
+	applies bool
+	path    string
+	creds   embedded.Credentials
+	// err is why they could not be read, when they apply.
+	err error
+}
+
+func (a NATSAuth) embedded(urls string) embeddedCredentials {
+	if a.EmbeddedDir == "" || len(a.given()) > 0 || urlHasCredentials(urls) || !onLoopback(urls) {
+		return embeddedCredentials{}
+	}
+	e := embeddedCredentials{applies: true, path: embedded.CredentialsPath(a.EmbeddedDir)}
+	e.creds, e.err = embedded.LoadCredentials(a.EmbeddedDir)
+	return e
+}
+
+// unreadable tells whether the embedded server's credentials are simply
+// not there for this user: no worker ran with this data directory, or the
+// user may not read it. The command then connects without credentials,
+// as it would to another server on loopback; explainConnect says why when
+// the server wants some.
+func (e embeddedCredentials) unreadable() bool {
+	return errors.Is(e.err, fs.ErrNotExist) || errors.Is(e.err, fs.ErrPermission)
+}
+
+// onLoopback tells whether every server of urls is on this host's
+// loopback.
+func onLoopback(urls string) bool {
+	for _, s := range strings.Split(urls, ",") {
+		s = strings.TrimSpace(s)
+		if !strings.Contains(s, "://") {
+			s = "nats://" + s
+		}
+		u, err := url.Parse(s)
+		if err != nil {
+			return false
+		}
+		if h := u.Hostname(); h != "localhost" {
+			if ip := net.ParseIP(h); ip == nil || !ip.IsLoopback() {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // options turns the settings into nats.go options, reading and checking
@@ -200,6 +269,15 @@ func (a NATSAuth) options(urls string) ([]nats.Option, error) {
 		errs = append(errs, err)
 	} else if tc != nil {
 		opts = append(opts, nats.Secure(tc))
+	}
+	if e := a.embedded(urls); e.applies {
+		switch {
+		case e.err == nil:
+			// The seed is read for each signature, never kept.
+			opts = append(opts, nats.Nkey(e.creds.PublicKey(), e.creds.Sign))
+		case !e.unreadable():
+			errs = append(errs, e.err)
+		}
 	}
 	return opts, errors.Join(errs...)
 }
@@ -311,6 +389,79 @@ func (a NATSAuth) tlsConfig() (*tls.Config, error) {
 	return tc, errors.Join(errs...)
 }
 
+// defaultNATSDataDir is worker run's --nats-data-dir, where the other
+// commands look for its embedded server's credentials.
+const defaultNATSDataDir = "/var/lib/stretchy-worker/nats"
+
+// natsFlags are the NATS settings of the commands other than run. Their
+// defaults are worker run's embedded server on this host: the loopback
+// port of STRETCHY_NATS_PORT, the credentials in STRETCHY_NATS_DATA_DIR,
+// so that the same environment serves both (docs/security.md 1.1); and
+// the inbox prefix of the command's role (docs/security.md 2).
+type natsFlags struct {
+	URL         string
+	Auth        NATSAuth
+	InboxPrefix string
+}
+
+// role is whom a command acts for, which names its inboxes.
+type role struct {
+	// inbox is the role's inbox prefix, env the variable that changes it.
+	inbox, env string
+}
+
+var (
+	// orchestratorRole: worker submit and worker events.
+	orchestratorRole = role{bus.OrchestratorInbox, "STRETCHY_ORCHESTRATOR_INBOX_PREFIX"}
+	// operatorRole: worker hosts, drain, undrain, hold, release and
+	// console; worker run's --operator-inbox-prefix is the same setting.
+	operatorRole = role{bus.OperatorInbox, "STRETCHY_OPERATOR_INBOX_PREFIX"}
+)
+
+func (f *natsFlags) register(fs *flag.FlagSet, r role) {
+	fs.StringVar(&f.InboxPrefix, "inbox-prefix", envString(r.env, r.inbox),
+		"prefix of the inboxes where the replies to this command's requests arrive; its NATS user must be allowed to subscribe to PREFIX.> ("+r.env+")")
+	fs.StringVar(&f.URL, "nats-url", defaultNATSURL(), "NATS URL(s), comma separated; default: the embedded server of worker run on this host, "+
+		"on 127.0.0.1 and STRETCHY_NATS_PORT (STRETCHY_NATS_URL)")
+	f.Auth.register(fs)
+	fs.StringVar(&f.Auth.EmbeddedDir, "nats-data-dir", envString("STRETCHY_NATS_DATA_DIR", defaultNATSDataDir),
+		"--nats-data-dir of worker run on this host: given no other credentials, a URL on loopback is connected to with "+
+			"its embedded server's credentials there (STRETCHY_NATS_DATA_DIR)")
+}
+
+// connect dials NATS as the command name.
+func (f natsFlags) connect(name string) (*natsConn, jetstream.JetStream, error) {
+	return connectNATS(f.URL, f.Auth, natsClient{Name: name, InboxPrefix: f.InboxPrefix})
+}
+
+// checkInboxPrefix says what makes p no inbox prefix: the connection's
+// inboxes are p, a dot and more tokens, and its NATS user's permission to
+// subscribe to them is p.>, so p is one or more literal tokens.
+func checkInboxPrefix(p string) error {
+	switch {
+	case p == "":
+		return errors.New("empty")
+	case strings.ContainsAny(p, " \t\r\n"):
+		return errors.New("white space in a subject")
+	case strings.ContainsAny(p, "*>"):
+		return errors.New("a wildcard (* or >) in a prefix of literal subjects")
+	case strings.HasSuffix(p, "."):
+		return errors.New("a trailing dot: the prefix is tokens without their separator, such as " + bus.OperatorInbox)
+	case strings.HasPrefix(p, ".") || strings.Contains(p, ".."):
+		return errors.New("an empty token")
+	}
+	return nil
+}
+
+// defaultNATSURL is STRETCHY_NATS_URL, or where worker run's embedded
+// server listens: 127.0.0.1, port STRETCHY_NATS_PORT or 4222.
+func defaultNATSURL() string {
+	if u, ok := os.LookupEnv("STRETCHY_NATS_URL"); ok {
+		return u
+	}
+	return "nats://127.0.0.1:" + envString("STRETCHY_NATS_PORT", "4222")
+}
+
 // natsClient says who connects and how the connection behaves.
 type natsClient struct {
 	// Name is shown in the server's connection list.
@@ -325,14 +476,17 @@ type natsClient struct {
 	// NoEcho keeps the server from delivering the connection's own
 	// publishes to its own subscriptions (docs/security.md).
 	NoEcho bool
+	// InboxPrefix is the prefix of the connection's inboxes, its role's
+	// (docs/security.md 2); empty keeps nats.go's "_INBOX".
+	InboxPrefix string
 }
 
 // workerClient is how worker run connects: reconnecting for as long as it
 // runs, and without echo. The worker subscribes to subjects it also
 // publishes to (the provision subjects it wakes up on, its control
 // subject); nothing it does needs to receive its own messages.
-func workerClient(host string, log *slog.Logger) natsClient {
-	return natsClient{Name: "stretchy-libvirt-worker " + host, Log: log, Reconnect: true, NoEcho: true}
+func workerClient(host, inboxPrefix string, log *slog.Logger) natsClient {
+	return natsClient{Name: "stretchy-libvirt-worker " + host, Log: log, Reconnect: true, NoEcho: true, InboxPrefix: inboxPrefix}
 }
 
 // natsConn is a NATS connection that remembers the server's first
@@ -351,6 +505,12 @@ func connectNATS(urls string, auth NATSAuth, c natsClient) (*natsConn, jetstream
 	opts, err := auth.options(urls)
 	if err != nil {
 		return nil, nil, err
+	}
+	if p := c.InboxPrefix; p != "" {
+		if err := checkInboxPrefix(p); err != nil {
+			return nil, nil, fmt.Errorf("--inbox-prefix %q: %w", p, err)
+		}
+		opts = append(opts, nats.CustomInboxPrefix(p))
 	}
 	violated, violation := context.WithCancelCause(context.Background())
 	conn := &natsConn{violated: violated}
@@ -504,8 +664,19 @@ func (a NATSAuth) explainConnect(urls string, err error) error {
 			hint = fmt.Sprintf("check --nats-creds %s: is its account known to the server, its user allowed?", a.CredsFile)
 		case authURL:
 			hint = "check the credentials in --nats-url"
+		case authEmbedded:
+			hint = fmt.Sprintf("the server refused the embedded server's credentials %s: what listens there is not the embedded server "+
+				"of the worker whose --nats-data-dir is %s (give that worker's), or it replaced them since; or give other credentials",
+				embedded.CredentialsPath(a.EmbeddedDir), a.EmbeddedDir)
 		default:
 			hint = "the server wants credentials: give --nats-user, --nats-token-file, --nats-nkey-seed or --nats-creds"
+			if e := a.embedded(urls); e.applies && errors.Is(e.err, fs.ErrNotExist) {
+				hint += fmt.Sprintf("; for the embedded server of worker run on this host, the commands use its credentials, but there are none in %s: "+
+					"give the worker's --nats-data-dir (STRETCHY_NATS_DATA_DIR)", e.path)
+			} else if e.applies && errors.Is(e.err, fs.ErrPermission) {
+				hint += fmt.Sprintf("; for the embedded server of worker run on this host, the commands use its credentials %s, "+
+					"which this user may not read: run the command as root or as the worker's user", e.path)
+			}
 		}
 		if a.TLSCert != "" {
 			hint += ", or the user mapped from --nats-tls-cert " + a.TLSCert

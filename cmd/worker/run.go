@@ -74,12 +74,20 @@ func runCommand(ctx context.Context, args []string) error {
 		log.Warn("fault injection armed; this worker will signal itself", "fault", os.Getenv("STRETCHY_FAULT"), "signal", sig.String())
 	}
 
-	natsURL := cfg.NATSURL
+	natsURL, natsAuth := cfg.NATSURL, cfg.NATS
 	if natsURL == "" {
 		if err := os.MkdirAll(cfg.NATSDataDir, 0o700); err != nil {
 			return fmt.Errorf("nats data dir: %w", err)
 		}
-		srv, err := embedded.Start(embedded.Options{StoreDir: cfg.NATSDataDir, Port: cfg.NATSPort})
+		// Anything that can reach the host's loopback can reach the
+		// server, guests with user-mode networking too: it takes only
+		// its own user, whose seed only root and the worker's user may
+		// read (docs/security.md 1.1).
+		creds, err := embedded.EnsureCredentials(cfg.NATSDataDir)
+		if err != nil {
+			return err
+		}
+		srv, err := embedded.Start(embedded.Options{StoreDir: cfg.NATSDataDir, Port: cfg.NATSPort, NKey: creds.PublicKey()})
 		if err != nil {
 			return err
 		}
@@ -88,10 +96,11 @@ func runCommand(ctx context.Context, args []string) error {
 			srv.WaitForShutdown()
 		}()
 		natsURL = srv.ClientURL()
-		log.Info("started embedded nats", "url", natsURL, "data_dir", cfg.NATSDataDir)
+		natsAuth.EmbeddedDir = cfg.NATSDataDir
+		log.Info("started embedded nats", "url", natsURL, "data_dir", cfg.NATSDataDir, "credentials", creds.Path())
 	}
 
-	nc, js, err := connectNATS(natsURL, cfg.NATS, workerClient(cfg.Host, log))
+	nc, js, err := connectNATS(natsURL, natsAuth, workerClient(cfg.Host, cfg.workerInbox(), log))
 	if err != nil {
 		return err
 	}
@@ -213,6 +222,8 @@ func runCommand(ctx context.Context, args []string) error {
 		Parallelism: cfg.Parallelism, MaxVMs: cfg.MaxVMs, AckWait: cfg.AckWait,
 		MaxDeliver: cfg.MaxDeliver, ShutdownGrace: cfg.ShutdownGrace, Faults: faults,
 		NATS: nc.Conn, Slots: slots, Keys: keys, RequireSealed: cfg.RequireSealed,
+		// Only operators send control requests (docs/protocol.md 2.9).
+		ReplyPrefixes: []string{cfg.OperatorInboxPrefix + "."},
 		// Often enough to renew every claim within a third of its TTL.
 		WatchInterval: min(2*time.Second, bus.ClaimTTL(cfg.AckWait)/3),
 		Fleet: &worker.FleetConfig{

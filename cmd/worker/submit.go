@@ -10,8 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
@@ -38,7 +36,8 @@ func submitCommand(ctx context.Context, args []string) error {
 	}
 	fs := flag.NewFlagSet("worker submit "+kind, flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprintf(fs.Output(), "%s\n\nflags:\n", submitUsage); fs.PrintDefaults() }
-	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
+	var nf natsFlags
+	nf.register(fs, orchestratorRole)
 	job := fs.String("job", "", "job id")
 	host := fs.String("host", "", "host id: pins a provision to a host; required for a teardown")
 	byImage := fs.Bool("by-image", false, "publish the provision on its image's subject, where only hosts that carry the image take it (docs/protocol.md 2.5)")
@@ -49,8 +48,6 @@ func submitCommand(ctx context.Context, args []string) error {
 	maxLifetime := fs.Duration("max-lifetime", 0, "maximum lifetime of the machine (0: the worker's default)")
 	reason := fs.String("reason", "requested from the command line", "teardown reason")
 	sealing := fs.String("seal", string(sealAuto), "seal the runner secret to a key of the hosts that may serve the request (docs/protocol.md 3.13): auto (when they list a common key), always (or refuse), never")
-	var auth NATSAuth
-	auth.register(fs)
 	if help {
 		fs.Usage()
 		return flag.ErrHelp
@@ -58,7 +55,7 @@ func submitCommand(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	nc, js, err := connectNATS(*natsURL, auth, natsClient{Name: "stretchy-libvirt-worker client"})
+	nc, js, err := nf.connect("stretchy-libvirt-worker client")
 	if err != nil {
 		return err
 	}

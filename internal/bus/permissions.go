@@ -11,10 +11,34 @@ import "github.com/stretchy-ci/libvirt-worker/pkg/messages"
 const (
 	jsAPI = "$JS.API."
 	jsAck = "$JS.ACK."
-	// inbox is where replies to requests (JetStream API calls,
-	// acknowledged publishes, pulls) arrive; nats.go's default prefix.
-	inbox = "_INBOX.>"
 )
+
+// Inbox prefixes of the roles, for nats.CustomInboxPrefix. Replies to a
+// connection's requests (JetStream API calls, acknowledged publishes,
+// pulls, control requests) arrive on inboxes under its prefix, and each
+// role may subscribe under its own prefix only, so that none reads
+// another's replies: a worker's pull replies are whole requests, runner
+// secrets included. The orchestrator's and the operator's are not scoped
+// to this provisioner, as one connection may drive several.
+const (
+	// OrchestratorInbox is the prefix of worker submit and worker events.
+	OrchestratorInbox = "_INBOX.stretchy.orchestrator"
+	// OperatorInbox is the prefix of worker hosts, drain, undrain, hold,
+	// release and console; a worker answers control requests only on
+	// reply subjects under it.
+	OperatorInbox = "_INBOX.stretchy.operator"
+)
+
+// WorkerInbox returns the inbox prefix of the worker of host (and of
+// worker doctor checking that host). Host ids name this provisioner's
+// hosts only, so the provisioner's id is part of it.
+func WorkerInbox(host string) string {
+	return "_INBOX.stretchy." + messages.ProvisionerID + ".worker." + host
+}
+
+// under is the subscribe permission of an inbox prefix: every inbox
+// under it.
+func under(prefix string) string { return prefix + ".>" }
 
 // maxDeliveries is where the server announces that a consumer of the
 // request stream gave up on a message; the worker takes these advisories
@@ -22,7 +46,8 @@ const (
 const maxDeliveries = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + messages.RequestsStream + ".>"
 
 // WorkerPermissions returns the subjects the worker of host must be allowed
-// to publish to and to subscribe to, and no more. They cover bus.Ensure
+// to publish to and to subscribe to, and no more, connected with the inbox
+// prefix WorkerInbox(host). They cover bus.Ensure
 // (both streams, the host's consumers), the image consumers, pulls from
 // those consumers, every kind of acknowledgement, forwarding shared
 // requests to image subjects, publishing the host's events,
@@ -107,15 +132,15 @@ func WorkerPermissions(host string) (pub, sub []string) {
 	// it answers under the server's allow_responses (docs/security.md).
 	// Arrivals (arrivals.go): publishes of provisions, which wake the
 	// pull loop.
-	sub = append([]string{inbox, maxDeliveries, messages.ControlSubject(host)}, ArrivalSubjects(host)...)
+	sub = append([]string{under(WorkerInbox(host)), maxDeliveries, messages.ControlSubject(host)}, ArrivalSubjects(host)...)
 	return pub, sub
 }
 
 // OperatorPermissions returns the subjects an operator's commands need:
 // worker hosts (the host registry), worker drain and undrain (drain
 // requests of any host), and worker hold, release and console (a job's
-// newest event, a control request to its host). They read and write
-// nothing else.
+// newest event, a control request to its host), connected with the inbox
+// prefix OperatorInbox. They read and write nothing else.
 func OperatorPermissions() (pub, sub []string) {
 	hosts, drains, evt := messages.HostsBucket, messages.DrainsBucket, messages.EventsStream
 	return []string{
@@ -127,12 +152,13 @@ func OperatorPermissions() (pub, sub []string) {
 		jsAPI + "STREAM.INFO.KV_" + drains,
 		jsAPI + "DIRECT.GET.KV_" + drains + ".$KV." + drains + ".>",
 		"$KV." + drains + ".>",
-	}, []string{inbox}
+	}, []string{under(OperatorInbox)}
 }
 
 // OrchestratorPermissions returns the subjects an orchestrator must be
 // allowed to publish to and to subscribe to for SubmitProvision (shared or
-// pinned to any host), SubmitTeardown and ReadEvents. It cannot create the
+// pinned to any host), SubmitTeardown and ReadEvents, connected with the
+// inbox prefix OrchestratorInbox. It cannot create the
 // streams; add StreamPermissions for that.
 func OrchestratorPermissions() (pub, sub []string) {
 	evt := messages.EventsStream
@@ -147,7 +173,7 @@ func OrchestratorPermissions() (pub, sub []string) {
 		// heartbeat) deletes its previous consumer.
 		jsAPI + "CONSUMER.DELETE." + evt + ".*",
 	}
-	return pub, []string{inbox}
+	return pub, []string{under(OrchestratorInbox)}
 }
 
 // StreamPermissions returns the subjects needed to create or update both

@@ -24,17 +24,27 @@ import (
 // "admin" and the user "user" holding exactly pub and sub.
 func startPermServer(t *testing.T, pub, sub []string) *server.Server {
 	t.Helper()
+	return startUsersServer(t, map[string][2][]string{"user": {pub, sub}})
+}
+
+// startUsersServer starts a JetStream server with the unrestricted user
+// "admin" and one user per entry of users, named by its key, holding
+// exactly the publish and subscribe lists of its value. Each user's
+// password is its name.
+func startUsersServer(t *testing.T, users map[string][2][]string) *server.Server {
+	t.Helper()
+	list := []*server.User{{Username: "admin", Password: "admin"}}
+	for name, perms := range users {
+		list = append(list, &server.User{Username: name, Password: name, Permissions: &server.Permissions{
+			Publish:   &server.SubjectPermission{Allow: perms[0]},
+			Subscribe: &server.SubjectPermission{Allow: perms[1]},
+			// A worker answers control requests (docs/security.md).
+			Response: &server.ResponsePermission{MaxMsgs: 1, Expires: 3 * time.Minute},
+		}})
+	}
 	srv, err := server.NewServer(&server.Options{
 		Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true,
-		Users: []*server.User{
-			{Username: "admin", Password: "admin"},
-			{Username: "user", Password: "user", Permissions: &server.Permissions{
-				Publish:   &server.SubjectPermission{Allow: pub},
-				Subscribe: &server.SubjectPermission{Allow: sub},
-				// A worker answers control requests (docs/security.md).
-				Response: &server.ResponsePermission{MaxMsgs: 1, Expires: 3 * time.Minute},
-			}},
-		},
+		Users: list,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -61,12 +71,14 @@ type session struct {
 	violations []error
 }
 
-func connectAs(t *testing.T, srv *server.Server, user string) *session {
+// connectAs connects as user, with the inbox prefix of its role; admin
+// keeps nats.go's default, "_INBOX".
+func connectAs(t *testing.T, srv *server.Server, user, inboxPrefix string) *session {
 	t.Helper()
 	ctx, cancel := context.WithCancelCause(context.Background())
 	t.Cleanup(func() { cancel(nil) })
 	s := &session{}
-	nc, err := nats.Connect(srv.ClientURL(), nats.UserInfo(user, user),
+	opts := []nats.Option{nats.UserInfo(user, user),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			if errors.Is(err, nats.ErrPermissionViolation) {
 				s.mu.Lock()
@@ -74,7 +86,11 @@ func connectAs(t *testing.T, srv *server.Server, user string) *session {
 				s.mu.Unlock()
 				cancel(err)
 			}
-		}))
+		})}
+	if inboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(inboxPrefix))
+	}
+	nc, err := nats.Connect(srv.ClientURL(), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -475,7 +491,7 @@ func runOperator(s, adminS *session, host string) error {
 func TestOperatorPermissionsSuffice(t *testing.T) {
 	pub, sub := OperatorPermissions()
 	srv := startPermServer(t, pub, sub)
-	o, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+	o, admin := connectAs(t, srv, "user", OperatorInbox), connectAs(t, srv, "admin", "")
 	if err := runOperator(o, admin, "h1"); err != nil {
 		t.Fatalf("operator with its permissions: %v (refused: %q)", err, o.refused(t))
 	}
@@ -497,7 +513,7 @@ func without(list []string, i int) []string {
 func TestWorkerPermissionsSuffice(t *testing.T) {
 	pub, sub := WorkerPermissions("h1")
 	srv := startPermServer(t, pub, sub)
-	w, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+	w, admin := connectAs(t, srv, "user", WorkerInbox("h1")), connectAs(t, srv, "admin", "")
 	if err := runWorker(w, admin, "h1"); err != nil {
 		t.Fatalf("worker with its permissions: %v (refused: %q)", err, w.refused(t))
 	}
@@ -522,7 +538,7 @@ func TestOrchestratorPermissionsSuffice(t *testing.T) {
 				pub = append(pub, StreamPermissions()...)
 			}
 			srv := startPermServer(t, pub, sub)
-			o, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+			o, admin := connectAs(t, srv, "user", OrchestratorInbox), connectAs(t, srv, "admin", "")
 			if err := runOrchestrator(o.ctx, o.js, admin.js, "h1", create); err != nil {
 				t.Fatalf("orchestrator with its permissions: %v (refused: %q)", err, o.refused(t))
 			}
@@ -549,17 +565,19 @@ func TestEveryPermissionIsNeeded(t *testing.T) {
 		name     string
 		pub, sub []string
 		removed  string
+		inbox    string
 		run      run
 	}
 	var cases []tc
 	for _, role := range []struct {
 		name     string
 		pub, sub []string
+		inbox    string
 		run      run
 	}{
-		{"worker", nil, nil, worker},
-		{"orchestrator", nil, nil, orchestrator},
-		{"operator", nil, nil, operator},
+		{"worker", nil, nil, WorkerInbox("h1"), worker},
+		{"orchestrator", nil, nil, OrchestratorInbox, orchestrator},
+		{"operator", nil, nil, OperatorInbox, operator},
 	} {
 		switch role.name {
 		case "worker":
@@ -570,17 +588,17 @@ func TestEveryPermissionIsNeeded(t *testing.T) {
 			role.pub, role.sub = OperatorPermissions()
 		}
 		for i, p := range role.pub {
-			cases = append(cases, tc{role.name + " pub " + p, without(role.pub, i), role.sub, p, role.run})
+			cases = append(cases, tc{role.name + " pub " + p, without(role.pub, i), role.sub, p, role.inbox, role.run})
 		}
 		for i, s := range role.sub {
-			cases = append(cases, tc{role.name + " sub " + s, role.pub, without(role.sub, i), s, role.run})
+			cases = append(cases, tc{role.name + " sub " + s, role.pub, without(role.sub, i), s, role.inbox, role.run})
 		}
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
 			srv := startPermServer(t, c.pub, c.sub)
-			s, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+			s, admin := connectAs(t, srv, "user", c.inbox), connectAs(t, srv, "admin", "")
 			err := c.run(s, admin)
 			refused := s.refused(t)
 			if err == nil && !bestEffort[c.removed] {
@@ -637,5 +655,140 @@ func TestSecurityDocMatches(t *testing.T) {
 		if got := u.Permissions.Subscribe.Allow; !slices.Equal(got, w[1]) {
 			t.Errorf("%s may subscribe to %q, want %q", u.Username, got, w[1])
 		}
+	}
+}
+
+// TestOperatorCannotReceiveWorkerPullReplies: an operator's connection
+// cannot receive a worker's pull replies, which are whole requests,
+// runner secrets included. The server refuses the operator's
+// subscriptions to the worker's inboxes and to every inbox. A user who
+// may subscribe to "_INBOX.>", as operators could before inboxes were per
+// role, receives the request, secret and all, on the same server: that
+// is what this test would see of the operator if it could.
+func TestOperatorCannotReceiveWorkerPullReplies(t *testing.T) {
+	wpub, wsub := WorkerPermissions("h1")
+	opub, osub := OperatorPermissions()
+	srv := startUsersServer(t, map[string][2][]string{
+		"worker":      {wpub, wsub},
+		"operator":    {opub, osub},
+		"every-inbox": {opub, []string{"_INBOX.>"}},
+	})
+	admin := connectAs(t, srv, "admin", "")
+	w := connectAs(t, srv, "worker", WorkerInbox("h1"))
+	cons, err := Ensure(w.ctx, w.js, Topology{Host: "h1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	targets := []string{"_INBOX.>", WorkerInbox("h1") + ".>"}
+	listen := func(s *session) []*nats.Subscription {
+		var subs []*nats.Subscription
+		for _, subject := range targets {
+			sub, err := s.nc.SubscribeSync(subject)
+			if err != nil {
+				t.Fatal(err)
+			}
+			subs = append(subs, sub)
+		}
+		return subs
+	}
+	op := connectAs(t, srv, "operator", OperatorInbox)
+	opSubs := listen(op)
+	before := connectAs(t, srv, "every-inbox", OperatorInbox)
+	beforeSubs := listen(before)
+	if r := before.refused(t); len(r) > 0 {
+		t.Fatalf("the server refused %q to a user allowed every inbox", r)
+	}
+	refused := op.refused(t)
+	slices.Sort(targets)
+	if !slices.Equal(refused, targets) {
+		t.Fatalf("the server refused the operator %q, want %q", refused, targets)
+	}
+
+	const secret = "jit-config-Secret-of-job-eavesdrop-1"
+	req := provision("eavesdrop-1")
+	req.Runner = messages.Runner{Kind: messages.RunnerGitHub, GitHub: &messages.GitHubRunner{JITConfig: secret}}
+	if _, err := SubmitProvision(w.ctx, admin.js, req, ""); err != nil {
+		t.Fatal(err)
+	}
+	msg, err := fetchOne(w.ctx, cons.Provision)
+	if err != nil {
+		t.Fatalf("the worker's pull: %v", err)
+	}
+	if err := msg.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	// The pull reply went to an inbox of the worker's: the user allowed
+	// every inbox got it on each of its subscriptions.
+	// (On "_INBOX.>" it also sees the admin's replies.)
+	for i, sub := range beforeSubs {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			m, err := sub.NextMsg(time.Until(deadline))
+			if err != nil {
+				t.Fatalf("a user allowed every inbox, subscribed to %s: %v; the test cannot see an eavesdropper", targets[i], err)
+			}
+			// A pulled message keeps its subject and carries the reply
+			// subject of its acknowledgement.
+			if strings.HasPrefix(m.Reply, "$JS.ACK."+messages.RequestsStream+".") && strings.Contains(string(m.Data), secret) {
+				break
+			}
+		}
+	}
+	// The server delivered it to every subscriber at once; the operator's
+	// subscriptions have nothing.
+	for i, sub := range opSubs {
+		if m, err := sub.NextMsg(200 * time.Millisecond); !errors.Is(err, nats.ErrTimeout) {
+			t.Fatalf("the operator, subscribed to %s, got %v (%v)", targets[i], m, err)
+		}
+	}
+}
+
+// TestInboxesPerRole: each role may subscribe to its own inboxes and no
+// other role's, nor to every inbox.
+func TestInboxesPerRole(t *testing.T) {
+	wpub, wsub := WorkerPermissions("h1")
+	w2pub, w2sub := WorkerPermissions("h2")
+	opub, osub := OrchestratorPermissions()
+	ppub, psub := OperatorPermissions()
+	roles := []struct {
+		user, inbox string
+		perms       [2][]string
+	}{
+		{"worker-h1", WorkerInbox("h1"), [2][]string{wpub, wsub}},
+		{"worker-h2", WorkerInbox("h2"), [2][]string{w2pub, w2sub}},
+		{"orchestrator", OrchestratorInbox, [2][]string{opub, osub}},
+		{"operator", OperatorInbox, [2][]string{ppub, psub}},
+	}
+	users := map[string][2][]string{}
+	for _, r := range roles {
+		users[r.user] = r.perms
+	}
+	srv := startUsersServer(t, users)
+	for _, r := range roles {
+		for _, other := range roles {
+			name := r.user + " subscribes to the inboxes of " + other.user
+			t.Run(name, func(t *testing.T) {
+				s := connectAs(t, srv, r.user, r.inbox)
+				if _, err := s.nc.SubscribeSync(other.inbox + ".>"); err != nil {
+					t.Fatal(err)
+				}
+				refused := s.refused(t)
+				if r.user == other.user && len(refused) > 0 {
+					t.Fatalf("refused its own inboxes: %q", refused)
+				}
+				if r.user != other.user && !slices.Equal(refused, []string{other.inbox + ".>"}) {
+					t.Fatalf("refused %q, want %s", refused, other.inbox+".>")
+				}
+			})
+		}
+		t.Run(r.user+" subscribes to every inbox", func(t *testing.T) {
+			s := connectAs(t, srv, r.user, r.inbox)
+			if _, err := s.nc.SubscribeSync("_INBOX.>"); err != nil {
+				t.Fatal(err)
+			}
+			if refused := s.refused(t); !slices.Equal(refused, []string{"_INBOX.>"}) {
+				t.Fatalf("refused %q, want _INBOX.>", refused)
+			}
+		})
 	}
 }

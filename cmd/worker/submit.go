@@ -83,9 +83,9 @@ func submitCommand(ctx context.Context, args []string) error {
 			return fmt.Errorf("--seal %q: must be auto, always or never", *sealing)
 		}
 		if mode != sealNever && len(runners.Secrets(req.Runner)) > 0 {
-			var hosts []messages.Host
-			if fl, ferr := bus.BindFleet(ctx, js); ferr == nil {
-				hosts, _ = fl.Hosts(ctx)
+			hosts, herr := bus.ReadHosts(ctx, js)
+			if herr != nil && mode == sealAlways {
+				return nc.explain(fmt.Errorf("--seal always: %w", herr))
 			}
 			sealed, serr := sealFor(&req, hosts, *host, mode)
 			switch {

@@ -139,6 +139,17 @@ func BindFleet(ctx context.Context, js jetstream.JetStream) (*Fleet, error) {
 	return f, nil
 }
 
+// ReadHosts returns every host's record, as Fleet.Hosts does, binding
+// only the host registry: what an orchestrator reads to find the hosts'
+// images and sealing keys (docs/protocol.md 3.9, 3.13).
+func ReadHosts(ctx context.Context, js jetstream.JetStream) ([]messages.Host, error) {
+	kv, err := js.KeyValue(ctx, messages.HostsBucket)
+	if err != nil {
+		return nil, fmt.Errorf("key-value bucket %s (is a worker running?): %w", messages.HostsBucket, err)
+	}
+	return (&Fleet{js: js, hosts: kv}).Hosts(ctx)
+}
+
 // PutHost writes this host's record.
 func (f *Fleet) PutHost(ctx context.Context, rec messages.Host) error {
 	rec.V, rec.Host = messages.SchemaVersion, f.host

@@ -157,13 +157,16 @@ func OperatorPermissions() (pub, sub []string) {
 
 // OrchestratorPermissions returns the subjects an orchestrator must be
 // allowed to publish to and to subscribe to for SubmitProvision (shared or
-// pinned to any host), SubmitTeardown and ReadEvents, connected with the
+// pinned to any host), SubmitTeardown, ReadEvents and ReadHosts, connected with the
 // inbox prefix OrchestratorInbox. It cannot create the
 // streams; add StreamPermissions for that.
 func OrchestratorPermissions() (pub, sub []string) {
-	evt := messages.EventsStream
+	evt, hosts := messages.EventsStream, messages.HostsBucket
 	pub = []string{
 		messages.RequestSubjects, // SubmitProvision, SubmitTeardown
+		// ReadHosts: the hosts' images and the keys to seal secrets to.
+		jsAPI + "STREAM.INFO.KV_" + hosts,
+		jsAPI + "DIRECT.GET.KV_" + hosts + ".$KV." + hosts + ".>",
 		// ReadEvents: an ordered consumer with a generated name and one
 		// filter under the event subjects.
 		jsAPI + "CONSUMER.CREATE." + evt + ".*." + messages.EventSubjects,

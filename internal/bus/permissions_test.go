@@ -386,6 +386,17 @@ func runOrchestrator(ctx context.Context, js, admin jetstream.JetStream, host st
 	if _, err := Ensure(ctx, admin, Topology{Host: host}); err != nil {
 		return fmt.Errorf("worker's ensure: %w", err)
 	}
+	// The hosts' records, for their images and sealing keys.
+	wf, err := OpenFleet(ctx, admin, Topology{Host: host})
+	if err != nil {
+		return err
+	}
+	if err := wf.PutHost(ctx, messages.Host{State: messages.HostActive}); err != nil {
+		return err
+	}
+	if recs, err := ReadHosts(ctx, js); err != nil || len(recs) != 1 || recs[0].Host != host {
+		return fmt.Errorf("hosts: %+v, %v", recs, err)
+	}
 	if _, err := SubmitProvision(ctx, js, provision("o-1"), ""); err != nil {
 		return err
 	}
@@ -402,7 +413,7 @@ func runOrchestrator(ctx context.Context, js, admin jetstream.JetStream, host st
 		}
 	}
 	var n int
-	err := ReadEvents(ctx, js, ReadOptions{Filter: messages.EventFilter("", "o-1", "")},
+	err = ReadEvents(ctx, js, ReadOptions{Filter: messages.EventFilter("", "o-1", "")},
 		func(uint64, messages.Event, error) error { n++; return nil })
 	if err != nil {
 		return fmt.Errorf("replay: %w", err)

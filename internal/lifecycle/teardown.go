@@ -603,6 +603,10 @@ func (m *Manager) finishTeardown(ctx context.Context, em *emitter, c *finishCmd)
 	return true, nil
 }
 
+// removingRetry spaces out the attempts to remove a machine a rollback
+// could not remove, between the deliveries of its job that try at once.
+const removingRetry = 5 * time.Second
+
 // tickRemoving tries again to remove the machine a build's rollback could
 // not remove, keeping the job's claim meanwhile; once it is gone the job's
 // next delivery builds anew, here or elsewhere.
@@ -613,19 +617,28 @@ func (a *actor) tickRemoving(root context.Context) {
 	if a.rec.claim.rev != 0 {
 		_ = a.keepClaim(root) // lost or not, the machine goes
 	}
+	a.removeLeftover(root)
+}
+
+// removeLeftover removes the machine of a PhaseRemoving actor. Once it is
+// gone the actor stops, and the deliveries that waited for it are asked
+// again, which builds the job anew; while it is not, they are handed back.
+func (a *actor) removeLeftover(root context.Context) {
 	key := a.key
 	a.launch(root, "remove", func(ctx context.Context) func() {
 		err := a.m.removeOwn(ctx, key, true)
 		return func() {
-			if err != nil {
-				a.rec.retryAt = a.m.cfg.Now().Add(deadlineRetry)
-				if a.m.cfg.Report != nil {
-					a.m.cfg.Report("remove a rolled back machine", a.jobID, err)
-				}
+			if err == nil {
+				a.releaseClaim()
+				a.to(PhaseGone) // the waiting deliveries are answered retry
 				return
 			}
-			a.releaseClaim()
-			a.to(PhaseGone)
+			err = fmt.Errorf("remove the machine an earlier delivery of job %s built: %w", a.jobID, err)
+			a.answerWaiting(answer{err: err})
+			a.rec.retryAt = a.m.cfg.Now().Add(removingRetry)
+			if a.rec.removeFailures++; a.rec.removeFailures%6 == 1 && a.m.cfg.Report != nil {
+				a.m.cfg.Report("remove a rolled back machine", a.jobID, err)
+			}
 		}
 	})
 }

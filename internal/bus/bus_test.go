@@ -3,6 +3,7 @@ package bus
 import (
 	"context"
 	"fmt"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -275,5 +276,62 @@ func TestAppendNumbersAcrossHosts(t *testing.T) {
 		if e.Seq != uint64(i+1) {
 			t.Fatalf("event %d in stream order (%s of %s) has seq %d", i+1, e.State, e.Host, e.Seq)
 		}
+	}
+}
+
+// TestSubmitRetriesUnansweredPublish: a provision published while the
+// server does not answer (here: stopped for a moment, then started again
+// on the same port and store) is stored once it answers, once.
+func TestSubmitRetriesUnansweredPublish(t *testing.T) {
+	dir := t.TempDir()
+	srv, err := embedded.Start(embedded.Options{StoreDir: dir, Port: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := srv.Addr().(*net.TCPAddr).Port
+	nc, err := nats.Connect(srv.ClientURL(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Ensure(context.Background(), js, Topology{Host: "h1"}); err != nil {
+		t.Fatal(err)
+	}
+	srv.Shutdown()
+	srv.WaitForShutdown()
+	errc := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		_, err := SubmitProvision(ctx, js, provision("r-1"), "")
+		errc <- err
+	}()
+	// The first attempt goes nowhere: the server is down.
+	time.Sleep(6 * time.Second)
+	srv2, err := embedded.Start(embedded.Options{StoreDir: dir, Port: port})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		srv2.Shutdown()
+		srv2.WaitForShutdown()
+	}()
+	if err := <-errc; err != nil {
+		t.Fatalf("submit across the server's restart: %v", err)
+	}
+	s, err := js.Stream(context.Background(), messages.RequestsStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.Msgs != 1 {
+		t.Fatalf("%d requests stored, want 1", info.State.Msgs)
 	}
 }

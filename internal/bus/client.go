@@ -2,9 +2,11 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -37,16 +39,43 @@ func SubmitTeardown(ctx context.Context, js jetstream.JetStream, req messages.Te
 	return publishRequest(ctx, js, messages.TeardownSubject(host), &req, "teardown:"+req.JobID)
 }
 
+// publishRequest stores a request, retrying while the servers do not
+// answer in time (a cluster electing a leader, a loaded host) until ctx
+// ends: msgID makes a retried publish, whose first attempt may have been
+// stored, count once. Other errors (no such stream, a refused
+// permission) are returned at once.
 func publishRequest(ctx context.Context, js jetstream.JetStream, subject string, v any, msgID string) (uint64, error) {
 	data, err := messages.Marshal(v)
 	if err != nil {
 		return 0, err
 	}
-	ack, err := js.Publish(ctx, subject, data, jetstream.WithMsgID(msgID), jetstream.WithExpectStream(messages.RequestsStream))
-	if err != nil {
-		return 0, fmt.Errorf("publish %s: %w", subject, err)
+	backoff := 100 * time.Millisecond
+	for {
+		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		ack, err := js.Publish(actx, subject, data, jetstream.WithMsgID(msgID), jetstream.WithExpectStream(messages.RequestsStream))
+		cancel()
+		if err == nil {
+			return ack.Sequence, nil
+		}
+		if ctx.Err() != nil || !unanswered(err) {
+			return 0, fmt.Errorf("publish %s: %w", subject, err)
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return 0, fmt.Errorf("publish %s: %w", subject, errors.Join(err, ctx.Err()))
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 2*time.Second)
 	}
-	return ack.Sequence, nil
+}
+
+// unanswered reports whether err says that the servers did not answer a
+// publish in time, which a retry may change. No responders at all (no
+// stream takes the subject) is an answer: it is returned at once.
+func unanswered(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)
 }
 
 // ReadOptions select the events ReadEvents delivers.

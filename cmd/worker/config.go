@@ -86,6 +86,9 @@ type Config struct {
 	// OperatorInboxPrefix is the operators' inbox prefix: control
 	// requests are answered only on reply subjects under it.
 	OperatorInboxPrefix string
+	// Isolation keeps guests from the control plane and each other
+	// (isolation.go, docs/security.md 4).
+	Isolation isolationSettings
 }
 
 // env-backed flag defaults, for the commands other than run: the
@@ -278,6 +281,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.IntVar(&c.MaxScratchGiB, "max-scratch-gib", 100, "GiB of scratch disk (scratch_disk_gib) one machine may have; more is refused (resources_exceeded); 0: no bound (STRETCHY_MAX_SCRATCH_GIB)")
 	fs.StringVar(&c.ConsoleDir, "console-dir", defaultConsoleDir, "absolute directory for the machines' serial console logs, on the libvirt host; empty captures no consoles (STRETCHY_CONSOLE_DIR)")
 	fs.DurationVar(&c.MaxHold, "max-hold", time.Hour, "longest a machine is held after its job failed (hold_on_failure_s) or by worker hold; 0 holds none (STRETCHY_MAX_HOLD)")
+	c.Isolation.register(fs)
 }
 
 // noFileKeys are flags the config file cannot set.
@@ -562,6 +566,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxHold < 0 || c.MaxHold > maxMaxHold {
 		bad("--max-hold %s%s: must be between 0 (no holds) and %s", c.MaxHold, c.origin("max-hold"), maxMaxHold)
+	}
+	if err := c.Isolation.validate(c.origin); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

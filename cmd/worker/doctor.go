@@ -39,7 +39,10 @@ waits for its guest agent, detects its OS, runs "echo Hello" (Windows:
 Write-Host 'Hello'), looks for each runner's program and asks it for its
 version as stretchy, looks for files that make a runner fail every job
 (a Forgejo Runner registration, <home>/.runner), checks the agent's
-version, and removes the machine again, also on failure or Ctrl-C.
+version, says which interfaces the guest filter covers and tries, from
+inside the guest, to connect to each control-plane address (NATS,
+--http-addr, libvirtd, --isolate-from; docs/security.md 4.5), and removes
+the machine again, also on failure or Ctrl-C.
 
 Each check prints a line "ok", "warn" or "fail" with what it found and,
 unless ok, a hint how to fix it. The exit status is 1 if a check failed
@@ -56,7 +59,8 @@ unless ok, a hint how to fix it. The exit status is 1 if a check failed
 Check names: libvirt, pool, pool.space, image, image.name, image.state,
 image.settings, image.storage, image.nvram, boot.start, boot.agent, boot.os,
 boot.echo, boot.home, boot.runner.forgejo, boot.runner.github,
-boot.runner.jenkins, boot.agent_version, boot.cleanup, nats, nats.stream,
+boot.runner.jenkins, boot.agent_version, boot.nics, boot.isolation,
+boot.cleanup, nats, nats.stream,
 nats.claims, nats.consumer.
 
 `
@@ -129,6 +133,9 @@ type doctorConfig struct {
 	Host        string
 	DomainType  string
 	BootTimeout time.Duration
+	// Isolation is the control plane the boot check probes from inside
+	// the guest (doctor_isolation.go).
+	Isolation doctorIsolation
 }
 
 func (c *doctorConfig) register(fs *flag.FlagSet) {
@@ -145,6 +152,7 @@ func (c *doctorConfig) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.Host, "host", envString("STRETCHY_HOST", defaultHost()), "host id whose consumers to look for, as for worker run (STRETCHY_HOST)")
 	fs.StringVar(&c.DomainType, "domain-type", envString("STRETCHY_DOMAIN_TYPE", ""), `--boot: domain type of the clone, "kvm", "qemu" or empty to keep the image's (STRETCHY_DOMAIN_TYPE)`)
 	fs.DurationVar(&c.BootTimeout, "boot-timeout", messages.DefaultBootTimeout, "--boot: how long the guest agent may take to answer")
+	c.Isolation.register(fs)
 }
 
 // Validate fails fast, naming the flag at fault.
@@ -241,7 +249,7 @@ func doctorCommand(ctx context.Context, args []string) error {
 // are skipped.
 func (d *doctor) run(ctx context.Context) {
 	if link := d.checkLibvirt(ctx); link != nil {
-		p := provision.New(link.Libvirt(), provision.Options{DomainType: d.cfg.DomainType, Link: link})
+		p := d.guestFilterProvisioner(ctx, link)
 		agent := qga.New(link.Libvirt(), qga.Options{Caller: link})
 		d.checkPools(ctx, p)
 		for _, image := range d.cfg.Images {
@@ -508,6 +516,7 @@ func (d *doctor) boot(ctx context.Context, p *provision.Provisioner, agent *qga.
 	}
 	d.checkRunners(ctx, agent, image, job, osFamily)
 	d.checkAgentVersion(ctx, agent, image, machine)
+	d.checkIsolation(ctx, p, agent, image, job, osFamily)
 }
 
 // removeMachine removes the boot check's machine, also after ctx ended.

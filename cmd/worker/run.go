@@ -165,7 +165,11 @@ func runCommand(ctx context.Context, args []string) error {
 	linkWG.Go(func() { _ = agentEvents.Run(linkCtx) })
 
 	pub := bus.NewPublisher(js)
-	machines := provision.New(lv, provision.Options{DomainType: cfg.DomainType, Link: link})
+	isolation := guestIsolation(cfg, log)
+	machines := provision.New(lv, provision.Options{DomainType: cfg.DomainType, Link: link, Isolation: isolation})
+	if err := startIsolation(ctx, machines, isolation, cfg, natsURL, log); err != nil {
+		return err
+	}
 	// One set of operation slots for the requests the worker pulls and
 	// the teardowns machines begin by themselves.
 	slots := worker.NewSlots(cfg.Parallelism)

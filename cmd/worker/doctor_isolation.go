@@ -63,7 +63,7 @@ func (d *doctor) guestFilterProvisioner(ctx context.Context, link *provision.Lin
 	if !d.cfg.Boot {
 		return provision.New(link.Libvirt(), opts)
 	}
-	iso := &provision.Isolation{Filter: provision.DefaultGuestFilter, Unfiltered: provision.UnfilteredAllow}
+	iso := &provision.Isolation{Filter: provision.GuestFilterName(d.cfg.Host), Unfiltered: provision.UnfilteredAllow}
 	cctx, cancel := context.WithTimeout(ctx, doctorCallTimeout)
 	defer cancel()
 	di := &d.cfg.Isolation
@@ -304,7 +304,7 @@ func (d *doctor) checkIsolation(ctx context.Context, p *provision.Provisioner, a
 	took := time.Since(start)
 	switch {
 	case len(connected) > 0:
-		d.add(fail("boot.isolation", image, isolationHint(nics, di.filterFound),
+		d.add(fail("boot.isolation", image, isolationHint(nics, di.filterFound, provision.GuestFilterName(d.cfg.Host)),
 			"from inside the guest, %s answered (%d of %d probed: %s)", strings.Join(connected, ", "), len(connected), len(results), summary).took(took))
 	case len(untested) == len(results):
 		d.add(warn("boot.isolation", image, "install nc (netcat) or bash in the image, or probe by hand (docs/security.md 4.5)",
@@ -341,13 +341,13 @@ func (d *doctor) checkNICs(image string, nics []provision.NIC) {
 		d.add(warn("boot.nics", image, "check libvirt's nwfilter driver: virsh nwfilter-list", "%s: the guest filter cannot be read: %v", strings.Join(filtered, ", "), di.filterErr))
 	case !di.filterFound:
 		d.add(warn("boot.nics", image, "start worker run on this host once (isolation is on by default), then run doctor again",
-			"%s: libvirt has no guest filter %s yet, so this machine ran unfiltered", strings.Join(filtered, ", "), provision.DefaultGuestFilter))
+			"%s: libvirt has no guest filter %s yet, so this machine ran unfiltered", strings.Join(filtered, ", "), provision.GuestFilterName(d.cfg.Host)))
 	default:
-		d.add(ok("boot.nics", image, "%s: guest filter %s attached", strings.Join(filtered, ", "), provision.DefaultGuestFilter))
+		d.add(ok("boot.nics", image, "%s: guest filter %s attached", strings.Join(filtered, ", "), provision.GuestFilterName(d.cfg.Host)))
 	}
 }
 
-func isolationHint(nics []provision.NIC, filterFound bool) string {
+func isolationHint(nics []provision.NIC, filterFound bool, filter string) string {
 	for _, n := range nics {
 		if n.Kind == "user" {
 			return "a user-mode (slirp) guest reaches the host's loopback through 10.0.2.2 and whatever the host reaches; no filter applies " +
@@ -355,10 +355,10 @@ func isolationHint(nics []provision.NIC, filterFound bool) string {
 		}
 	}
 	if !filterFound {
-		return "start worker run on this host (isolation is on by default), which defines the guest filter " + provision.DefaultGuestFilter + ", then run doctor again"
+		return "start worker run on this host (isolation is on by default), which defines the guest filter " + filter + ", then run doctor again"
 	}
 	return "the guest filter did not stop it: check worker run's --isolate-from, that its machines' interfaces reference " +
-		provision.DefaultGuestFilter + " (virsh dumpxml), and libvirtd's log for nwfilter errors (docs/security.md 4)"
+		filter + " (virsh dumpxml), and libvirtd's log for nwfilter errors (docs/security.md 4)"
 }
 
 // probeSummary groups the probed targets by result: "3 refused (a, b,

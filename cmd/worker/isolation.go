@@ -392,7 +392,7 @@ func guestIsolation(cfg Config, log *slog.Logger) *provision.Isolation {
 	}
 	var warned sync.Map
 	return &provision.Isolation{
-		Filter:     provision.DefaultGuestFilter,
+		Filter:     provision.GuestFilterName(cfg.Host),
 		Unfiltered: provision.UnfilteredPolicy(cfg.Isolation.UnfilteredNICs),
 		Warn: func(image string, nics []string) {
 			if _, seen := warned.LoadOrStore(image, true); seen {
@@ -410,7 +410,7 @@ func startIsolation(ctx context.Context, p *provision.Provisioner, iso *provisio
 	switch {
 	case iso != nil:
 		cp := controlPlane{NATSURLs: natsURL, HTTPAddr: cfg.HTTPAddr, LibvirtURI: cfg.LibvirtURI, Extra: cfg.Isolation.IsolateFrom}
-		return defineGuestFilter(ctx, p, cp, log)
+		return defineGuestFilter(ctx, p, cp, iso.Filter, log)
 	case cfg.Isolation.IsolateGuests:
 		log.Info("libvirt's test driver has no guest networks: no guest filter", "libvirt_uri", cfg.LibvirtURI)
 	default:
@@ -422,7 +422,7 @@ func startIsolation(ctx context.Context, p *provision.Provisioner, iso *provisio
 // defineGuestFilter defines the guest filter with the control plane of
 // worker run, once at start. Where libvirtd runs on this host, the
 // firewall tools it needs are checked first.
-func defineGuestFilter(ctx context.Context, p *provision.Provisioner, cp controlPlane, log *slog.Logger) error {
+func defineGuestFilter(ctx context.Context, p *provision.Provisioner, cp controlPlane, filter string, log *slog.Logger) error {
 	if libvirtLocal(cp.LibvirtURI) {
 		if missing := missingFirewallTools(); len(missing) > 0 {
 			return fmt.Errorf("--isolate-guests: %s missing on this host; libvirt's nwfilter needs them to filter guests "+
@@ -450,6 +450,6 @@ func defineGuestFilter(ctx context.Context, p *provision.Provisioner, cp control
 		items[i] = d.String()
 	}
 	log.Info("guest filter defined: guests of bridge and network interfaces reach neither each other nor these",
-		"filter", provision.DefaultGuestFilter, "deny", strings.Join(items, ","))
+		"filter", filter, "deny", strings.Join(items, ","))
 	return nil
 }

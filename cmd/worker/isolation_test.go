@@ -188,7 +188,7 @@ func TestTestDriverHasNoIsolation(t *testing.T) {
 		t.Errorf("test driver: isolation %+v, want none", iso)
 	}
 	cfg.LibvirtURI = "qemu:///system"
-	if iso := guestIsolation(cfg, nil); iso == nil || iso.Filter != provision.DefaultGuestFilter || iso.Unfiltered != provision.UnfilteredWarn {
+	if iso := guestIsolation(cfg, nil); iso == nil || iso.Filter != provision.GuestFilterName(cfg.Host) || iso.Unfiltered != provision.UnfilteredWarn {
 		t.Errorf("qemu:///system: isolation %+v", iso)
 	}
 	cfg.Isolation.IsolateGuests = false

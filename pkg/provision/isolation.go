@@ -34,8 +34,14 @@ import (
 // passes. The interfaces also get <port isolated='yes'/>, so that the
 // host's bridge itself forwards nothing between two clones on it.
 
-// DefaultGuestFilter is the name of the filter a worker defines.
+// DefaultGuestFilter is the name of the guest filter of an Isolation
+// that names none; a worker names its own GuestFilterName(host).
 const DefaultGuestFilter = "stretchy-guest"
+
+// GuestFilterName is the guest filter of the worker of host: each worker
+// defines its own, so that two workers sharing a libvirtd (tests run so)
+// do not replace each other's destinations.
+func GuestFilterName(host string) string { return DefaultGuestFilter + "-" + host }
 
 // ManagedMACPrefix and ManagedMACMask describe the MAC addresses of the
 // isolated interfaces of clones: locally administered unicast addresses

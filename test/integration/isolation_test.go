@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
 
 // closedPort returns a loopback port nothing listens on.
@@ -75,6 +77,13 @@ func TestWorkerRunDefinesGuestFilter(t *testing.T) {
 	httpPort, extraPort := closedPort(t), closedPort(t)
 	common := []string{"--nats-url", natsURL, "--host", testHost + "-iso", "--images", "no-image-matches-this"}
 
+	filter := provision.GuestFilterName(testHost + "-iso")
+	t.Cleanup(func() {
+		// A worker's filter outlives it; this host id is the test's.
+		if nf, err := l.NwfilterLookupByName(filter); err == nil {
+			_ = l.NwfilterUndefine(nf)
+		}
+	})
 	t.Run("on", func(t *testing.T) {
 		rec := runUntilLog(t, append(common, "--http-addr", "127.0.0.1:"+strconv.Itoa(httpPort),
 			// Only loopback and a network without a port: doctor --boot
@@ -83,7 +92,7 @@ func TestWorkerRunDefinesGuestFilter(t *testing.T) {
 			"--isolate-from", "127.0.0.1:"+strconv.Itoa(extraPort), "--isolate-from", "198.18.0.0/15"),
 			"guest filter defined", "worker started")
 		deny, _ := rec["deny"].(string)
-		if rec["filter"] != "stretchy-guest" || deny == "" {
+		if rec["filter"] != filter || deny == "" {
 			t.Fatalf("log %v; want the guest filter defined before the worker started", rec)
 		}
 		t.Logf("deny list logged: %s", deny)
@@ -94,8 +103,8 @@ func TestWorkerRunDefinesGuestFilter(t *testing.T) {
 				t.Errorf("deny list %v lacks %s", got, want)
 			}
 		}
-		if _, err := l.NwfilterLookupByName("stretchy-guest"); err != nil {
-			t.Errorf("libvirt has no filter stretchy-guest: %v", err)
+		if _, err := l.NwfilterLookupByName(filter); err != nil {
+			t.Errorf("libvirt has no filter %s: %v", filter, err)
 		}
 	})
 	t.Run("off", func(t *testing.T) {

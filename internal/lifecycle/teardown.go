@@ -352,7 +352,10 @@ func (a *actor) adopt(mach provision.Machine) func(context.Context) func() {
 		}
 		acked := last.Host == a.m.cfg.Host && a.m.acknowledged(last.State, mach.RunnerKind)
 		if !acked {
-			if _, err := a.m.cfg.Machines.Remove(ctx, mach.Key); err != nil {
+			// Looked up again, not removed by name alone: with two workers
+			// on one libvirtd, the machine listed may have been replaced
+			// since by another host's build of the job, of the same name.
+			if err := a.m.removeOwn(ctx, mach.Key, false); err != nil {
 				err = fmt.Errorf("remove half-built machine %s: %w", mach.Name, err)
 				return func() { a.settled(false, err) }
 			}

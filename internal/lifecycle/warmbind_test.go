@@ -226,3 +226,26 @@ func TestRedeliveryRemovesLeftoverFirst(t *testing.T) {
 		t.Fatalf("clones %d, machines %d, counted %d; want 2, 1, 1", fx.fm.clones, fx.fm.count(), fx.m.Active())
 	}
 }
+
+// TestReconcileLeavesAReplacedMachine: reconciliation finds a half-built
+// machine of this host, and before it removes it another host that took
+// the job (two workers on one libvirtd) has replaced it by its own of the
+// same name: that one is left alone.
+func TestReconcileLeavesAReplacedMachine(t *testing.T) {
+	fx := newFixture()
+	fx.fm.mu.Lock()
+	fx.fm.machines["j1"] = &provision.Machine{Name: "stretchy-j1", Key: "j1", JobID: "j1", Image: "debian", Host: "h1", Running: true}
+	fx.fm.afterList = func() {
+		fx.fm.mu.Lock()
+		defer fx.fm.mu.Unlock()
+		fx.fm.machines["j1"] = &provision.Machine{Name: "stretchy-j1", Key: "j1", JobID: "j1", Image: "debian", Host: "h2", Running: true}
+		fx.fm.afterList = nil
+	}
+	fx.fm.mu.Unlock()
+	if err := fx.m.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if m, ok := fx.fm.machine("j1"); !ok || m.Host != "h2" {
+		t.Fatalf("the other host's machine of j1: present %v, %+v", ok, m)
+	}
+}

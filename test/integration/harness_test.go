@@ -380,6 +380,10 @@ func (el *eventLog) dump() string {
 		if ev.Error != nil {
 			fmt.Fprintf(&b, " error=%s: %s", ev.Error.Code, ev.Error.Message)
 		}
+		if ev.Console != "" {
+			// The end of a failed machine's console says why it died.
+			fmt.Fprintf(&b, "\n    console: %s", strings.ReplaceAll(strings.TrimSpace(ev.Console), "\n", "\n    console: "))
+		}
 		b.WriteByte('\n')
 	}
 	return b.String()

@@ -142,7 +142,8 @@ func TestParallelismBoundsOperations(t *testing.T) {
 	l := dialLibvirt(t)
 	_, js := startNATS(t)
 	events := followEvents(t, js)
-	rw := startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 20})
+	// Consoles captured: a machine that dies while booting says why.
+	rw := startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 20, ConsoleDir: t.TempDir()})
 
 	const n = 20
 	jobs := make([]string, n)

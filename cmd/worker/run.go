@@ -170,6 +170,14 @@ func runCommand(ctx context.Context, args []string) error {
 	if err := startIsolation(ctx, machines, isolation, cfg, natsURL, log); err != nil {
 		return err
 	}
+	// What Clone and Remove know of the host's other domains and volumes,
+	// kept current by libvirt's events on a connection of its own.
+	linkWG.Go(func() {
+		_ = machines.Watch(linkCtx, provision.WatchOptions{
+			Events:  func(ctx context.Context) (provision.EventConn, error) { return provision.Dial(ctx, cfg.LibvirtURI) },
+			OnCheck: viewLogger(log),
+		})
+	})
 	// One set of operation slots for the requests the worker pulls and
 	// the teardowns machines begin by themselves.
 	slots := worker.NewSlots(cfg.Parallelism)
@@ -376,5 +384,19 @@ func logChange(log *slog.Logger) func(worker.Change) {
 		default:
 			log.Info(strings.ReplaceAll(c.Kind, "_", " "), "image", c.Image)
 		}
+	}
+}
+
+// viewLogger logs when the host view stops or starts being current.
+func viewLogger(log *slog.Logger) func(error) {
+	var failing bool
+	return func(err error) {
+		switch {
+		case err != nil && !failing:
+			log.Warn("host view check failed; clones and removals scan the host until it succeeds", "error", err)
+		case err == nil && failing:
+			log.Info("host view current again")
+		}
+		failing = err != nil
 	}
 }

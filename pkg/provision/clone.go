@@ -278,6 +278,7 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 	if err := p.define(ctx, name, plan.UUID, cloneDoc); err != nil {
 		return Machine{}, err
 	}
+	p.view.putDomain(name, []domainFacts{factsOf(cloneDef)})
 	return m, nil
 }
 

@@ -59,6 +59,19 @@
 // refuses or allows them. isolation.go lists the rules; docs/security.md
 // section 4 what they mean for operators.
 //
+// # The host view
+//
+// Clone picks MAC addresses no other domain has, and Remove deletes no
+// volume another domain or volume uses, so both need to know the host's
+// other domains and volumes. While Watch runs, they read them from a view
+// the Provisioner keeps (view.go): its own changes as it makes them,
+// libvirt's domain events for other programs' domains, and a full check
+// every CheckInterval for volumes, of which libvirt sends no events.
+// A job then costs the same on a host with one machine or hundreds.
+// Without Watch, or while the view cannot be trusted (before its first
+// check, after a lost connection or a call that got no answer), they scan
+// the host on every call.
+//
 // # Connections
 //
 // go-libvirt calls take no context; every call made here is bounded by a

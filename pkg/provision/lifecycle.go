@@ -145,13 +145,16 @@ func (p *Provisioner) remove(ctx context.Context, jobID, name string, opts Remov
 	if err := p.undefine(ctx, dom, nvramFlag); err != nil {
 		return true, err
 	}
+	p.view.dropDomain(name)
 
 	var errs []error
 	for _, v := range del {
 		err := p.do(ctx, func() error { return p.conn.StorageVolDelete(v.vol, 0) })
 		if err != nil && !isNoStorageVol(err) {
 			errs = append(errs, fmt.Errorf("delete volume %s: %w", v.path, err))
+			continue
 		}
+		p.view.dropVolume(v.path)
 	}
 	if m.MetadataUnreadable {
 		// What was created is unknown; the naming rule still tells.
@@ -180,11 +183,11 @@ func (p *Provisioner) nvramFlag(ctx context.Context, dom libvirt.Domain, del []p
 	if err != nil {
 		return 0, fmt.Errorf("domain XML: %w", err)
 	}
-	var def libvirtxml.Domain
-	if err := def.Unmarshal(doc); err != nil {
+	f, err := p.domains.get(doc, parseDomainFacts)
+	if err != nil {
 		return 0, fmt.Errorf("parse domain XML: %w", err)
 	}
-	path := imageNVRAM(&def)
+	path := f.nvram
 	if path == "" {
 		return libvirt.DomainUndefineNvram, nil
 	}

@@ -73,27 +73,5 @@ func parseDomainFacts(doc string) (domainFacts, error) {
 	if err := def.Unmarshal(doc); err != nil {
 		return domainFacts{}, err
 	}
-	f := domainFacts{name: def.Name, macs: domainMACs(&def), nvram: imageNVRAM(&def)}
-	if def.Devices != nil {
-		for _, disk := range def.Devices.Disks {
-			f.sources = append(f.sources, disk.Source)
-			for bs := disk.BackingStore; bs != nil; bs = bs.BackingStore {
-				f.sources = append(f.sources, bs.Source)
-			}
-		}
-	}
-	return f, nil
-}
-
-// parseBackingPath returns the path of a volume's backing store, "" for
-// none.
-func parseBackingPath(doc string) (string, error) {
-	var vx libvirtxml.StorageVolume
-	if err := vx.Unmarshal(doc); err != nil {
-		return "", err
-	}
-	if vx.BackingStore == nil {
-		return "", nil
-	}
-	return vx.BackingStore.Path, nil
+	return factsOf(&def), nil
 }

@@ -130,9 +130,12 @@ type Provisioner struct {
 	pendingMACs map[string]bool
 
 	// domains and volumes keep what other domains' definitions and
-	// volumes' documents said, for hostMACs and storageUse.
+	// volumes' documents said, for hostMACs, storageUse and the view.
 	domains parseCache[domainFacts]
-	volumes parseCache[string]
+	volumes parseCache[volumeFacts]
+	// view is what is known of the host's domains and volumes while
+	// Watch runs (view.go).
+	view *hostView
 }
 
 // New returns a Provisioner that works through conn.
@@ -143,7 +146,7 @@ func New(conn Conn, opts Options) *Provisioner {
 	if opts.CopyTimeout <= 0 {
 		opts.CopyTimeout = DefaultCopyTimeout
 	}
-	return &Provisioner{conn: conn, opts: opts, rand: rand.Reader, pendingMACs: make(map[string]bool)}
+	return &Provisioner{conn: conn, opts: opts, rand: rand.Reader, pendingMACs: make(map[string]bool), view: newHostView()}
 }
 
 // CloneMode says how a clone gets its own copy of an image's disks.

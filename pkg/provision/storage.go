@@ -16,14 +16,27 @@ import (
 
 // call runs fn, one or a few libvirt calls, bounded by the call timeout.
 func call[T any](ctx context.Context, p *Provisioner, fn func() (T, error)) (T, error) {
-	return bounded(ctx, p.opts.Link, p.opts.CallTimeout, fn)
+	v, err := bounded(ctx, p.opts.Link, p.opts.CallTimeout, fn)
+	p.unsure(err)
+	return v, err
+}
+
+// unsure stops using the view after a call whose outcome is not known
+// (libvirtd did not answer, the connection broke): what it did, or what
+// libvirtd did meanwhile, is known again after Watch's next full check.
+func (p *Provisioner) unsure(err error) {
+	if IsUnavailable(err) {
+		p.view.invalidate()
+	}
 }
 
 // mutate is call for calls that create something the caller must know
 // about to undo it: they are not abandoned when ctx is canceled, only on
 // timeout, so callers check ctx themselves afterwards.
 func mutate[T any](ctx context.Context, p *Provisioner, fn func() (T, error)) (T, error) {
-	return bounded(context.WithoutCancel(ctx), p.opts.Link, p.opts.CallTimeout, fn)
+	v, err := bounded(context.WithoutCancel(ctx), p.opts.Link, p.opts.CallTimeout, fn)
+	p.unsure(err)
+	return v, err
 }
 
 // do is call for calls that return only an error.
@@ -205,6 +218,7 @@ func (p *Provisioner) createDiskVolume(ctx context.Context, mode CloneMode, plan
 		vol, err = bounded(ctx, p.opts.Link, p.opts.CopyTimeout, func() (libvirt.StorageVol, error) {
 			return p.conn.StorageVolCreateXMLFrom(src.pool, doc, src.vol, 0)
 		})
+		p.unsure(err)
 	} else {
 		vol, err = mutate(ctx, p, func() (libvirt.StorageVol, error) { return p.conn.StorageVolCreateXML(src.pool, doc, 0) })
 	}
@@ -220,6 +234,11 @@ func (p *Provisioner) createDiskVolume(ctx context.Context, mode CloneMode, plan
 			fmt.Errorf("volume %s/%s: %w", src.pool.Name, plan.Name, err),
 			p.deleteVolumes(ctx, []libvirt.StorageVol{vol}))
 	}
+	backing := ""
+	if mode == CloneLinked {
+		backing = plan.Src.Path
+	}
+	p.view.putVolume(vol, path, backing)
 	return vol, path, nil
 }
 
@@ -246,6 +265,7 @@ func (p *Provisioner) createScratchVolume(ctx context.Context, pool libvirt.Stor
 			fmt.Errorf("scratch volume %s/%s: path: %w", pool.Name, name, err),
 			p.deleteVolumes(ctx, []libvirt.StorageVol{vol}))
 	}
+	p.view.putVolume(vol, path, "")
 	return vol, path, nil
 }
 
@@ -333,6 +353,7 @@ func (p *Provisioner) copyNVRAM(ctx context.Context, jobID string, src nvramSour
 		vol, err = bounded(ctx, p.opts.Link, p.opts.CopyTimeout, func() (libvirt.StorageVol, error) {
 			return p.conn.StorageVolCreateXMLFrom(into, doc, src.vol.vol, 0)
 		})
+		p.unsure(err)
 	case pool != nil:
 		into = *pool
 		vx.Capacity = &libvirtxml.StorageVolumeSize{Unit: "bytes", Value: uint64(src.size)}
@@ -360,6 +381,7 @@ func (p *Provisioner) copyNVRAM(ctx context.Context, jobID string, src nvramSour
 			fmt.Errorf("NVRAM volume %s/%s: path: %w", into.Name, name, err),
 			p.deleteVolumes(ctx, []libvirt.StorageVol{vol}))
 	}
+	p.view.putVolume(vol, path, "")
 	return vol, path, nil
 }
 
@@ -373,6 +395,7 @@ func (p *Provisioner) upload(ctx context.Context, vol libvirt.StorageVol, path s
 	_, err = bounded(ctx, p.opts.Link, p.opts.CopyTimeout, func() (struct{}, error) {
 		return struct{}{}, p.conn.StorageVolUpload(vol, f, 0, uint64(size), 0)
 	})
+	p.unsure(err)
 	return err
 }
 
@@ -390,7 +413,9 @@ func (p *Provisioner) deleteVolumes(ctx context.Context, vols []libvirt.StorageV
 			if IsUnavailable(err) {
 				break
 			}
+			continue
 		}
+		p.view.dropVolumeNamed(vol)
 	}
 	return errors.Join(errs...)
 }
@@ -479,9 +504,15 @@ func (p *Provisioner) activePools(ctx context.Context) ([]libvirt.StoragePool, e
 // the domain left behind. Volumes something still uses are kept and named
 // in the error.
 func (p *Provisioner) removeOrphans(ctx context.Context, jobID string) (removed []string, err error) {
-	found, err := p.scanVolumes(ctx, func(name string) bool { return ownedVolumePath(jobID, name) })
-	if err != nil || len(found) == 0 {
+	owned := func(name string) bool { return ownedVolumePath(jobID, name) }
+	var found []poolVolume
+	if p.view.use() {
+		found = p.view.volumesOf(owned)
+	} else if found, err = p.scanVolumes(ctx, owned); err != nil {
 		return nil, err
+	}
+	if len(found) == 0 {
+		return nil, nil
 	}
 	del, kept, err := p.unused(ctx, "", found)
 	if err != nil {
@@ -494,6 +525,7 @@ func (p *Provisioner) removeOrphans(ctx context.Context, jobID string) (removed 
 			errs = append(errs, fmt.Errorf("delete orphan volume %s: %w", v.path, err))
 			continue
 		}
+		p.view.dropVolume(v.path)
 		removed = append(removed, v.path)
 	}
 	if len(kept) > 0 {
@@ -583,6 +615,9 @@ func (p *Provisioner) domainDefs(ctx context.Context, skip string) ([]domainFact
 
 // hostMACs returns the MAC addresses of every domain on the host.
 func (p *Provisioner) hostMACs(ctx context.Context) (map[string]bool, error) {
+	if p.view.use() {
+		return p.view.macs(), nil
+	}
 	defs, err := p.domainDefs(ctx, "")
 	if err != nil {
 		return nil, err
@@ -637,6 +672,12 @@ func (s storageSet) addSource(src *libvirtxml.DomainDiskSource, user string) {
 // their backing chains as far as libvirt reports them, NVRAM) and the
 // backing stores of every volume in an active pool except the candidates.
 func (p *Provisioner) storageUse(ctx context.Context, skip string, candidates []poolVolume) (storageSet, error) {
+	if p.view.use() {
+		if err := p.readNewVolumes(ctx, candidates); err != nil {
+			return storageSet{}, err
+		}
+		return p.view.storageUse(skip, candidates), nil
+	}
 	set := storageSet{paths: make(map[string]bool), volumes: make(map[[2]string]bool), users: make(map[string]string)}
 	defs, err := p.domainDefs(ctx, skip)
 	if err != nil {
@@ -670,11 +711,11 @@ func (p *Provisioner) storageUse(ctx context.Context, skip string, candidates []
 		if err != nil {
 			return set, fmt.Errorf("volume %s XML: %w", v.path, err)
 		}
-		backing, err := p.volumes.get(doc, parseBackingPath)
+		f, err := p.volumes.get(doc, parseVolumeFacts)
 		if err != nil {
 			return set, fmt.Errorf("parse volume %s XML: %w", v.path, err)
 		}
-		set.addPath(backing, "volume "+v.path)
+		set.addPath(f.backing, "volume "+v.path)
 	}
 	return set, nil
 }
@@ -697,4 +738,54 @@ func (p *Provisioner) unused(ctx context.Context, skip string, candidates []pool
 		del = append(del, c)
 	}
 	return del, kept, nil
+}
+
+// readNewVolumes reads into the view the volumes of the candidates' pools
+// that it does not know: one list per pool, and a read of each volume
+// another program created through libvirt since Watch's last check, so
+// that nothing it uses is deleted.
+func (p *Provisioner) readNewVolumes(ctx context.Context, candidates []poolVolume) error {
+	n := p.view.begin()
+	defer p.view.end(n)
+	seen := map[string]bool{}
+	var known map[[2]string]bool
+	for _, c := range candidates {
+		if seen[c.vol.Pool] {
+			continue
+		}
+		seen[c.vol.Pool] = true
+		pool, err := call(ctx, p, func() (libvirt.StoragePool, error) { return p.conn.StoragePoolLookupByName(c.vol.Pool) })
+		if isNoStoragePool(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("look up pool %s: %w", c.vol.Pool, err)
+		}
+		vols, err := call(ctx, p, func() ([]libvirt.StorageVol, error) {
+			vols, _, err := p.conn.StoragePoolListAllVolumes(pool, 1, 0)
+			return vols, err
+		})
+		if isNoStoragePool(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("list volumes of pool %s: %w", pool.Name, err)
+		}
+		if known == nil {
+			known = p.view.volumeNames()
+		}
+		for _, vol := range vols {
+			if known[[2]string{vol.Pool, vol.Name}] {
+				continue
+			}
+			e, found, err := p.volumeFactsOf(ctx, vol)
+			if err != nil {
+				return err
+			}
+			if found {
+				p.view.readVolume(n, e)
+			}
+		}
+	}
+	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -26,11 +27,17 @@ var nodeTemplate string
 // given domains' XML added, and returns its test:/// URI. Each connection
 // to it gets a private copy of that state in libvirtd.
 func testNode(dir string, domains []string) (string, error) {
+	return testNodeWith(dir, domains, nil)
+}
+
+// testNodeWith is testNode with volumes (their XML) added to the pool.
+func testNodeWith(dir string, domains, volumes []string) (string, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "pool"), 0o755); err != nil {
 		return "", err
 	}
 	doc := strings.ReplaceAll(nodeTemplate, "@DIR@", dir)
 	doc = strings.Replace(doc, "@DOMAINS@", strings.Join(domains, "\n"), 1)
+	doc = strings.Replace(doc, "@VOLUMES@", strings.Join(volumes, "\n"), 1)
 	path := filepath.Join(dir, "node.xml")
 	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
 		return "", err
@@ -114,6 +121,19 @@ func startInProcess(ctx context.Context, o inProcessOptions) (*inProcess, error)
 	lv := link.Libvirt()
 	pub := bus.NewPublisher(js)
 	machines := provision.New(lv, provision.Options{Link: link})
+	viewChecked := make(chan error, 1)
+	linkWG.Go(func() {
+		_ = machines.Watch(linkCtx, provision.WatchOptions{
+			Events:  func(ctx context.Context) (provision.EventConn, error) { return provision.Dial(ctx, o.LibvirtURI) },
+			OnCheck: firstCheck(viewChecked),
+		})
+	})
+	if err := waitCheck(ctx, viewChecked); err != nil {
+		stopLink()
+		linkWG.Wait()
+		_ = link.Close()
+		return nil, err
+	}
 	slots := worker.NewSlots(o.Parallelism)
 	life := lifecycle.New(lifecycle.Config{
 		Host: o.Host, Machines: machines, Agent: o.Agent, Events: pub, History: pub, Journal: pub,
@@ -145,4 +165,29 @@ func startInProcess(ctx context.Context, o inProcessOptions) (*inProcess, error)
 		}
 		return nil
 	}}, nil
+}
+
+// firstCheck returns a provision.WatchOptions.OnCheck that sends the
+// outcome of the first full check of the host view on ch.
+func firstCheck(ch chan<- error) func(error) {
+	var once sync.Once
+	return func(err error) { once.Do(func() { ch <- err }) }
+}
+
+// waitCheck waits for the first full check of a host view: the worker
+// pulls only after its first reconciliation, which takes longer.
+func waitCheck(ctx context.Context, ch <-chan error) error {
+	t := time.NewTimer(time.Minute)
+	defer t.Stop()
+	select {
+	case err := <-ch:
+		if err != nil {
+			return fmt.Errorf("host view: %w", err)
+		}
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return fmt.Errorf("host view: no full check within a minute")
+	}
 }

@@ -34,6 +34,9 @@ type Config struct {
 	EventCount int
 	// WarmJobs is how many jobs of each kind the warm pool benchmark runs.
 	WarmJobs int
+	// AmongJobs is how many jobs the worker does on a host with other
+	// machines (section 3); 0 for none.
+	AmongJobs int
 }
 
 // Register adds the flags of the bench command to fs.
@@ -53,6 +56,7 @@ func (c *Config) Register(fs *flag.FlagSet) {
 	fs.IntVar(&c.ProfileJobs, "profile-jobs", 200, "jobs of the profiled scheduling run")
 	fs.IntVar(&c.EventCount, "event-count", 3, "go test -count of the event benchmarks")
 	fs.IntVar(&c.WarmJobs, "warm-jobs", 10, "jobs of each kind (warm, cold) of the warm pool benchmark")
+	fs.IntVar(&c.AmongJobs, "among-jobs", 200, "jobs of the worker's runs on a host with other machines (scheduling); 0 for none")
 }
 
 // How long a worker settles before its memory is sampled, and for how
@@ -147,7 +151,7 @@ func Run(ctx context.Context, cfg Config) error {
 	err = part("sched", func() error {
 		r.Sched, err = RunSched(ctx, SchedConfig{
 			Self: self, Dir: cfg.Work, Jobs: cfg.Jobs, Parallelisms: ps, BareRounds: 3, ProvisionerJobs: 250,
-			Present: []int{0, 50, 100, 150}, ScalingJobs: 40, ScalingParallelism: 4,
+			Present: []int{0, 50, 100, 150}, ScalingJobs: 40, ScalingParallelism: 4, WorkerAmongJobs: cfg.AmongJobs,
 			Profile: cfg.ProfileParallelism, ProfileJobs: cfg.ProfileJobs, Log: logf,
 		})
 		if err != nil || cfg.ProfileParallelism == 0 {

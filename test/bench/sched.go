@@ -15,6 +15,7 @@ import (
 
 	"github.com/digitalocean/go-libvirt"
 	"github.com/nats-io/nats.go"
+	"github.com/sourcegraph/conc"
 	"github.com/sourcegraph/conc/pool"
 	"libvirt.org/go/libvirtxml"
 
@@ -40,9 +41,13 @@ type SchedConfig struct {
 	BareRounds, ProvisionerJobs int
 	// Present are the numbers of other machines on the host with which
 	// the provisioner's loop runs ScalingJobs jobs at ScalingParallelism,
-	// to show how a job's cost grows with the host's machines.
+	// with its host view and scanning the host per job as it did before
+	// it had one, to show how a job's cost depends on the host's
+	// machines; and the worker WorkerAmongJobs jobs, in turn with the
+	// provisioner's loop with its view.
 	Present                         []int
 	ScalingJobs, ScalingParallelism int
+	WorkerAmongJobs                 int
 	// Profile, when set, makes one extra run of ProfileJobs jobs at that
 	// parallelism with CPU and allocation profiles written into Dir
 	// (sched-cpu.pprof, sched-allocs.pprof against
@@ -78,9 +83,11 @@ type SchedResult struct {
 	Worker, Bare, Provisioner map[int][]SchedRun
 	ProvisionerJobs           int
 	// Scaling is the provisioner loop's jobs/s by the number of other
-	// machines on the host.
-	Scaling                         map[int]float64
-	ScalingJobs, ScalingParallelism int
+	// machines on the host, with its view and scanning (ScalingScan);
+	// WorkerAmong the worker's, each in turn with a run of the first.
+	Scaling, ScalingScan, WorkerAmong map[int]float64
+	ScalingJobs, ScalingParallelism   int
+	WorkerAmongJobs                   int
 	// Profiled tells the parallelism of the profiled run; 0 for none.
 	Profiled int
 }
@@ -98,7 +105,7 @@ func RunSched(ctx context.Context, cfg SchedConfig) (*SchedResult, error) {
 		Worker: map[int][]SchedRun{}, Bare: map[int][]SchedRun{}, Provisioner: map[int][]SchedRun{}}
 	for i, p := range cfg.Parallelisms {
 		dir := filepath.Join(cfg.Dir, fmt.Sprintf("sched-%d", i))
-		w, err := schedWorker(ctx, cfg.Self, dir, cfg.Jobs, p, nil)
+		w, err := schedWorker(ctx, cfg.Self, dir, cfg.Jobs, p, 0, nil)
 		if err != nil {
 			return nil, fmt.Errorf("worker at parallelism %d: %w", p, err)
 		}
@@ -110,7 +117,7 @@ func RunSched(ctx context.Context, cfg SchedConfig) (*SchedResult, error) {
 			}
 			res.Bare[p] = append(res.Bare[p], b)
 		}
-		v, err := schedProvisioner(ctx, dir, cfg.ProvisionerJobs, p)
+		v, err := schedProvisionerAmong(ctx, dir, 0, cfg.ProvisionerJobs, p, true)
 		if err != nil {
 			return nil, fmt.Errorf("provisioner at parallelism %d: %w", p, err)
 		}
@@ -119,20 +126,34 @@ func RunSched(ctx context.Context, cfg SchedConfig) (*SchedResult, error) {
 			p, w.JobsPerSecond, 100*w.Utilisation, 100*w.UtilisationQueued, w.MaxMachines, res.Bare[p][0].JobsPerSecond, v.JobsPerSecond)
 		_ = os.RemoveAll(dir)
 	}
-	res.Scaling, res.ScalingJobs, res.ScalingParallelism = map[int]float64{}, cfg.ScalingJobs, cfg.ScalingParallelism
+	res.Scaling, res.ScalingScan, res.WorkerAmong = map[int]float64{}, map[int]float64{}, map[int]float64{}
+	res.ScalingJobs, res.ScalingParallelism, res.WorkerAmongJobs = cfg.ScalingJobs, cfg.ScalingParallelism, cfg.WorkerAmongJobs
 	for _, present := range cfg.Present {
 		dir := filepath.Join(cfg.Dir, fmt.Sprintf("sched-present-%d", present))
-		v, err := schedProvisionerAmong(ctx, dir, present, cfg.ScalingJobs, cfg.ScalingParallelism)
+		v, err := schedProvisionerAmong(ctx, dir, present, cfg.ScalingJobs, cfg.ScalingParallelism, true)
 		if err != nil {
 			return nil, fmt.Errorf("provisioner among %d machines: %w", present, err)
 		}
-		res.Scaling[present] = v.JobsPerSecond
-		cfg.Log("scheduling, provisioner among %d other machines: %.1f jobs/s", present, v.JobsPerSecond)
+		sc, err := schedProvisionerAmong(ctx, dir, present, cfg.ScalingJobs, cfg.ScalingParallelism, false)
+		if err != nil {
+			return nil, fmt.Errorf("provisioner scanning among %d machines: %w", present, err)
+		}
+		res.Scaling[present], res.ScalingScan[present] = v.JobsPerSecond, sc.JobsPerSecond
+		line := fmt.Sprintf("scheduling, provisioner among %d other machines: %.1f jobs/s with its view, %.1f scanning", present, v.JobsPerSecond, sc.JobsPerSecond)
+		if cfg.WorkerAmongJobs > 0 {
+			w, err := schedWorker(ctx, cfg.Self, dir, cfg.WorkerAmongJobs, cfg.ScalingParallelism, present, nil)
+			if err != nil {
+				return nil, fmt.Errorf("worker among %d machines: %w", present, err)
+			}
+			res.WorkerAmong[present] = w.JobsPerSecond
+			line += fmt.Sprintf(", worker %.1f", w.JobsPerSecond)
+		}
+		cfg.Log("%s", line)
 		_ = os.RemoveAll(dir)
 	}
 	if cfg.Profile > 0 {
 		dir := filepath.Join(cfg.Dir, "sched-profiled")
-		if _, err := schedWorker(ctx, cfg.Self, dir, cfg.ProfileJobs, cfg.Profile, &profileFiles{dir: cfg.Dir, name: "sched"}); err != nil {
+		if _, err := schedWorker(ctx, cfg.Self, dir, cfg.ProfileJobs, cfg.Profile, 0, &profileFiles{dir: cfg.Dir, name: "sched"}); err != nil {
 			return nil, fmt.Errorf("profiled worker run: %w", err)
 		}
 		res.Profiled = cfg.Profile
@@ -192,9 +213,10 @@ func forgejoRequest(job, image string) messages.Provision {
 	}
 }
 
-// schedWorker is one run of the in-process worker.
-func schedWorker(ctx context.Context, self, dir string, jobs, parallelism int, prof *profileFiles) (SchedRun, error) {
-	uri, err := testNode(dir, nil)
+// schedWorker is one run of the in-process worker, on a host with
+// present machines of another host (otherNode).
+func schedWorker(ctx context.Context, self, dir string, jobs, parallelism, present int, prof *profileFiles) (SchedRun, error) {
+	uri, err := otherNode(ctx, dir, present)
 	if err != nil {
 		return SchedRun{}, err
 	}
@@ -486,16 +508,13 @@ func bareDefinitions(doc, dir string, i int) (bareJob, error) {
 	return bareJob{volXML: volXML, domXML: domXML}, nil
 }
 
-// schedProvisioner does the jobs' machines through the provisioner, on
-// one connection, parallelism at a time: Clone, Start, Remove.
-func schedProvisioner(ctx context.Context, dir string, jobs, parallelism int) (SchedRun, error) {
-	return schedProvisionerAmong(ctx, dir, 0, jobs, parallelism)
-}
-
-// schedProvisionerAmong is schedProvisioner on a host that has present
-// other running machines of the worker's, made before the clock starts.
-func schedProvisionerAmong(ctx context.Context, dir string, present, jobs, parallelism int) (SchedRun, error) {
-	uri, err := testNode(dir, nil)
+// schedProvisionerAmong does the jobs' machines through the provisioner,
+// on one connection, parallelism at a time: Clone, Start, Remove, on a
+// host with present running machines of another host (otherNode). With
+// view, the provisioner keeps its host view as the worker runs it;
+// without, it scans the host on every Clone and Remove.
+func schedProvisionerAmong(ctx context.Context, dir string, present, jobs, parallelism int, view bool) (SchedRun, error) {
+	uri, err := otherNode(ctx, dir, present)
 	if err != nil {
 		return SchedRun{}, err
 	}
@@ -505,6 +524,24 @@ func schedProvisionerAmong(ctx context.Context, dir string, present, jobs, paral
 	}
 	defer func() { _ = l.Disconnect() }()
 	p := provision.New(l, provision.Options{})
+	if view {
+		wctx, stop := context.WithCancel(ctx)
+		var wg conc.WaitGroup
+		defer func() {
+			stop()
+			wg.Wait()
+		}()
+		checked := make(chan error, 1)
+		wg.Go(func() {
+			_ = p.Watch(wctx, provision.WatchOptions{
+				Events:  func(ctx context.Context) (provision.EventConn, error) { return provision.Dial(ctx, uri) },
+				OnCheck: firstCheck(checked),
+			})
+		})
+		if err := waitCheck(ctx, checked); err != nil {
+			return SchedRun{}, err
+		}
+	}
 	start := time.Now()
 	machine := func(ctx context.Context, job string) error {
 		if _, err := p.Clone(ctx, provision.Spec{JobID: job, Image: testImage, Host: "bench", RunnerKind: "forgejo",
@@ -512,11 +549,6 @@ func schedProvisionerAmong(ctx context.Context, dir string, present, jobs, paral
 			return err
 		}
 		return p.Start(ctx, job)
-	}
-	for i := range present {
-		if err := machine(ctx, fmt.Sprintf("other-%d", i)); err != nil {
-			return SchedRun{}, err
-		}
 	}
 	var next atomic.Int64
 	start = time.Now()
@@ -540,4 +572,57 @@ func schedProvisionerAmong(ctx context.Context, dir string, present, jobs, paral
 	}
 	wall := time.Since(start)
 	return SchedRun{Wall: wall, JobsPerSecond: float64(jobs) / wall.Seconds()}, nil
+}
+
+// otherHost is the host id of otherNode's machines.
+const otherHost = "bench-other"
+
+// otherNode makes a test driver node in dir holding the image and present
+// running machines of another host (otherHost), each with its own disk
+// volume in the pool, cloned by the provisioner so that they are what a
+// worker makes; a worker of another host id leaves them alone, but
+// Clone and Remove must take their MAC addresses and disks into account.
+// It returns the node's URI.
+func otherNode(ctx context.Context, dir string, present int) (string, error) {
+	uri, err := testNode(dir, nil)
+	if err != nil || present == 0 {
+		return uri, err
+	}
+	l, err := provision.Dial(ctx, uri)
+	if err != nil {
+		return "", err
+	}
+	defer func() { _ = l.Disconnect() }()
+	p := provision.New(l, provision.Options{})
+	now := time.Now().UTC()
+	var domains, volumes []string
+	for i := range present {
+		m, err := p.Clone(ctx, provision.Spec{JobID: fmt.Sprintf("other-%d", i), Image: testImage, Host: otherHost,
+			RunnerKind: string(messages.RunnerForgejo), RequestedAt: now, Deadline: now.Add(6 * time.Hour)})
+		if err != nil {
+			return "", err
+		}
+		dom, err := l.DomainLookupByName(m.Name)
+		if err != nil {
+			return "", err
+		}
+		doc, err := l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive|libvirt.DomainXMLSecure)
+		if err != nil {
+			return "", err
+		}
+		domains = append(domains, doc)
+		for _, path := range m.Volumes {
+			vol, err := l.StorageVolLookupByPath(path)
+			if err != nil {
+				return "", err
+			}
+			vdoc, err := l.StorageVolGetXMLDesc(vol, 0)
+			if err != nil {
+				return "", err
+			}
+			volumes = append(volumes, vdoc)
+		}
+	}
+	// Domains in a test driver node run unless they say otherwise.
+	return testNodeWith(dir, domains, volumes)
 }

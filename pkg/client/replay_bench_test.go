@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -231,6 +232,46 @@ func BenchmarkReplay(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkReplayPaired measures the library's iterator against the
+// callback loop behind it in pairs: each iteration replays the 100,000
+// stored events once through each, in turns that alternate which goes
+// first, so that a shared machine's load falls on both alike. It reports
+// each one's events/s over all its replays and "iterator/callback", the
+// median over the pairs of the iterator's rate over the callback's (the
+// target of docs/benchmarks.md: at least 0.90).
+func BenchmarkReplayPaired(b *testing.B) {
+	js := startJetStreamProcess(b)
+	storeLikeWorker(b, js, replayEvents)
+	var ratios []float64
+	var spent [2]time.Duration
+	readers := [2]func(testing.TB, jetstream.JetStream) int{replayCount, replayIterator}
+	b.ResetTimer()
+	for i := range b.N {
+		var took [2]time.Duration
+		for k := range 2 {
+			r := (i + k) % 2 // 0: callback, 1: iterator
+			start := time.Now()
+			if got := readers[r](b, js); got != replayEvents {
+				b.Fatalf("replayed %d events, want %d", got, replayEvents)
+			}
+			took[r] = time.Since(start)
+		}
+		spent[0] += took[0]
+		spent[1] += took[1]
+		ratios = append(ratios, took[0].Seconds()/took[1].Seconds())
+	}
+	b.StopTimer()
+	slices.Sort(ratios)
+	median := ratios[len(ratios)/2]
+	if len(ratios)%2 == 0 {
+		median = (ratios[len(ratios)/2-1] + ratios[len(ratios)/2]) / 2
+	}
+	events := float64(replayEvents * b.N)
+	b.ReportMetric(events/spent[0].Seconds(), "callback-events/s")
+	b.ReportMetric(events/spent[1].Seconds(), "iterator-events/s")
+	b.ReportMetric(median, "iterator/callback")
 }
 
 // replayCount replays every stored event through the callback loop and

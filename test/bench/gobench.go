@@ -31,7 +31,9 @@ type EventsConfig struct {
 
 // RunEvents runs pkg/client's BenchmarkReplay cfg.Count times, each
 // with servers and stored events of its own, so that its readers take
-// turns, and internal/bus's BenchmarkAppend with -count; then, unless
+// turns, its BenchmarkReplayPaired once (the iterator against the
+// callback loop, pair by pair), and internal/bus's BenchmarkAppend with
+// -count; then, unless
 // cfg.Profiles is empty, once more the replay through ReadEvents alone
 // with its profiles, whose figures are not kept (profiling slows it
 // down).
@@ -46,6 +48,7 @@ func RunEvents(ctx context.Context, cfg EventsConfig) (GoBench, error) {
 	for range cfg.Count {
 		runs = append(runs, run{"./pkg/client/", "^BenchmarkReplay$", "2x", 1, false})
 	}
+	runs = append(runs, run{"./pkg/client/", "^BenchmarkReplayPaired$", "10x", 1, false})
 	runs = append(runs, run{"./internal/bus/", "^BenchmarkAppend$", "2000x", cfg.Count, false})
 	if cfg.Profiles != "" {
 		runs = append(runs, run{"./pkg/client/", "^BenchmarkReplay$/^server=process$/^read=ReadEvents$", "2x", 1, true})

@@ -493,7 +493,7 @@ func (r *Report) profiles(p printer) {
 			format(e.Summary("BenchmarkReplay/server=process/read=plain", "allocs/event").Median, 0),
 			format(e.Summary("BenchmarkReplay/server=process/read=raw", "B/event").Median, 0),
 			format(e.Summary("BenchmarkReplay/server=process/read=raw", "allocs/event").Median, 0))
-		p("What changed (`internal/bus/decode.go`): `ReadEvents` decodes a replay's events with one decoder, which hands every "+
+		p("What changed (`internal/bus/decode.go`, now `pkg/client/decode.go`): `ReadEvents` (now the loop behind `Client.Events`) decodes a replay's events with one decoder, which hands every "+
 			"payload that is not plainly a map within `MaxMessageSize`, or that it refuses, to `messages.DecodeEvent`, so that the "+
 			"wire rules stay in `pkg/messages` (a fuzz test checks that it returns what `DecodeEvent` returns); the stream "+
 			"sequence and pending count come from the ack reply subject without allocating. Its own cost is now the event's "+

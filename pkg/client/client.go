@@ -280,12 +280,13 @@ func (c *Client) failStream(ctx context.Context, what string, err error) error {
 	return c.fail(what, err)
 }
 
-// isNetError reports a failed dial: nothing listens, the name does not
-// resolve, the network is down.
+// isNetError reports a failed dial (nothing listens, the network is down)
+// or a name that does not resolve; not a TLS handshake that the server
+// refused, which is the credentials' fault.
 func isNetError(err error) bool {
 	var op *net.OpError
 	var dns *net.DNSError
-	return errors.As(err, &op) || errors.As(err, &dns)
+	return errors.As(err, &op) && (op.Op == "dial" || op.Timeout()) || errors.As(err, &dns)
 }
 
 // redactURLs masks the credentials of URLs in a comma-separated list.

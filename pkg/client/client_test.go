@@ -584,6 +584,24 @@ func TestErrorsAreTyped(t *testing.T) {
 	if _, err := client.Connect(url, client.WithInboxPrefix("_INBOX.x.")); err == nil || !strings.Contains(err.Error(), "trailing dot") {
 		t.Fatalf("Connect with a bad inbox prefix: %v", err)
 	}
+
+	// A server that goes away: the submit is retried until the context
+	// ends, and says why.
+	srv, err := embedded.Start(embedded.Options{StoreDir: t.TempDir(), Port: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone := connect(t, srv.ClientURL(), client.WithNATSOptions(nats.MaxReconnects(-1)))
+	if _, err := bus.Ensure(ctx, dial(t, srv.ClientURL()), bus.Topology{Host: "h1"}); err != nil {
+		t.Fatal(err)
+	}
+	srv.Shutdown()
+	srv.WaitForShutdown()
+	short, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := gone.Submit(short, provision("gone-1")); !errors.Is(err, client.ErrUnreachable) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Submit while the server is gone: %v, want ErrUnreachable and the context's deadline", err)
+	}
 }
 
 // TestControlRequests: hold, release and console go to the job's host and

@@ -13,7 +13,8 @@ import (
 // Job is a handle on one job: the one Submit made, or any job by its id
 // (Client.Job). Its methods read the job's history from the event stream
 // each time, so a handle made after a restart of the orchestrator, or of
-// the worker, knows everything one made at the submit did.
+// the worker, knows what one made at the submit did, but the host a
+// pinned job waits for before its first event (AtHost names it).
 type Job struct {
 	// ID is the job id.
 	ID string

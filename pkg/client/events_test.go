@@ -125,34 +125,31 @@ func TestFollowSeesNewEvents(t *testing.T) {
 	publishEvents(t, js, "old", 100)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	got := make(chan messages.Event, 1)
-	done := make(chan error, 1)
+	type first struct {
+		ev  messages.Event
+		err error
+	}
+	got := make(chan first, 1)
 	go func() {
 		for ev, err := range New(js).Events(ctx, Query{New: true}) {
-			if err != nil {
-				done <- err
-				return
-			}
-			got <- ev
-			break
+			got <- first{ev, err}
+			return
 		}
-		done <- nil
+		got <- first{err: errors.New("the replay ended without an event")}
 	}()
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
 	for i := 0; ; i++ {
 		publishEvents(t, js, fmt.Sprintf("late%d", i), 1)
 		select {
-		case ev := <-got:
-			if !strings.HasPrefix(ev.JobID, "late") {
-				t.Fatalf("the reader of new events got %s, a stored event", ev.JobID)
+		case f := <-got:
+			if f.err != nil {
+				t.Fatal(f.err)
 			}
-			if err := <-done; err != nil {
-				t.Fatal(err)
+			if !strings.HasPrefix(f.ev.JobID, "late") {
+				t.Fatalf("the reader of new events got %s, a stored event", f.ev.JobID)
 			}
 			return
-		case err := <-done:
-			t.Fatalf("the reader ended: %v", err)
 		case <-ctx.Done():
 			t.Fatal("no new event arrived")
 		case <-tick.C:

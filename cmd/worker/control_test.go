@@ -15,10 +15,11 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
-// TestHoldGoesToTheServingHost: worker hold, release and console address
-// the host that serves the job. When the job's newest event is another
-// host's dropped (a stale delivery that host let go of, naming the
-// holder), that is the holder, not the host of the newest event.
+// TestHoldGoesToTheServingHost: worker hold, release and console, and
+// worker submit teardown without --host, address the host that serves
+// the job. When the job's newest event is another host's dropped (a stale
+// delivery that host let go of, naming the holder), that is the holder,
+// not the host of the newest event.
 func TestHoldGoesToTheServingHost(t *testing.T) {
 	srv := startNATS(t, &server.Options{})
 	url := "nats://" + hostPort(srv)
@@ -73,5 +74,17 @@ func TestHoldGoesToTheServingHost(t *testing.T) {
 	defer mu.Unlock()
 	if !slices.Equal(asked, []string{"host-a"}) {
 		t.Fatalf("the hold went to %q, want the holder host-a", asked)
+	}
+
+	// So does a teardown without --host.
+	if err := submitCommand(ctx, []string{"teardown", "--job", "held-x", "--nats-url", url, "--nats-data-dir", t.TempDir()}); err != nil {
+		t.Fatal(err)
+	}
+	requests, err := js.Stream(ctx, messages.RequestsStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := requests.GetLastMsgForSubject(ctx, messages.RequestSubjects); err != nil || m.Subject != messages.TeardownSubject("host-a") {
+		t.Fatalf("the teardown went to %v (%v), want %s", m, err, messages.TeardownSubject("host-a"))
 	}
 }

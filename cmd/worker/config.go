@@ -20,6 +20,7 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -249,7 +250,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	c.NATS.register(fs)
 	fs.StringVar(&c.InboxPrefix, "inbox-prefix", "", "prefix of the worker's inboxes, where the replies to its requests arrive; its NATS user must be allowed to subscribe to PREFIX.>; "+
 		"empty: "+bus.WorkerInbox("<host>")+" (STRETCHY_INBOX_PREFIX)")
-	fs.StringVar(&c.OperatorInboxPrefix, "operator-inbox-prefix", bus.OperatorInbox, "inbox prefix of the operators' commands (worker hold, release, console): "+
+	fs.StringVar(&c.OperatorInboxPrefix, "operator-inbox-prefix", client.OperatorInbox, "inbox prefix of the operators' commands (worker hold, release, console): "+
 		"a control request is answered only on a reply subject under it, which must be under _INBOX. (STRETCHY_OPERATOR_INBOX_PREFIX)")
 	fs.StringVar(&c.NATSDataDir, "nats-data-dir", defaultNATSDataDir, "directory of the embedded server: its JetStream data, and its credentials, made at first start (STRETCHY_NATS_DATA_DIR)")
 	fs.IntVar(&c.NATSPort, "nats-port", 4222, "loopback port of the embedded server (STRETCHY_NATS_PORT)")

@@ -8,11 +8,8 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"slices"
 	"text/tabwriter"
 
-	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
-	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 	"github.com/stretchy-ci/libvirt-worker/pkg/seal"
 )
 
@@ -80,78 +77,6 @@ func keysCommand(args []string, out io.Writer) error {
 		}
 		return tw.Flush()
 	}
-}
-
-// sealMode is when worker submit seals a provision's runner secret.
-type sealMode string
-
-const (
-	sealAuto   sealMode = "auto"   // when every host that may serve it lists a common key
-	sealAlways sealMode = "always" // or refuse to submit
-	sealNever  sealMode = "never"
-)
-
-// sealFor seals the secret of req's runner, in place, to a key that every
-// host that may serve the request lists in its record (the pinned host;
-// else every active host that carries the image), the first host's
-// preferred key first. It reports whether it sealed; with sealAuto and no
-// such key it leaves the secret in the clear.
-func sealFor(req *messages.Provision, hosts []messages.Host, pinned string, mode sealMode) (bool, error) {
-	secrets := runners.Secrets(req.Runner)
-	if mode == sealNever || len(secrets) == 0 {
-		return false, nil
-	}
-	key, ok := commonKey(hosts, pinned, req.Image)
-	if !ok {
-		if mode == sealAlways {
-			return false, fmt.Errorf("--seal always: no sealing key is listed by every host that may serve image %q (worker keys generate on each, or copy one key to all)", req.Image)
-		}
-		return false, nil
-	}
-	s, err := seal.Seal(key, req.JobID, secrets[0], rand.Reader)
-	if err != nil {
-		return false, err
-	}
-	if err := runners.Unseal(&req.Runner, ""); err != nil {
-		return false, err
-	}
-	req.Runner.Sealed = &s
-	return true, nil
-}
-
-// commonKey returns the first key of the first candidate host that every
-// candidate lists.
-func commonKey(hosts []messages.Host, pinned, image string) (messages.SealKey, bool) {
-	var candidates []messages.Host
-	for _, h := range hosts {
-		switch {
-		case pinned != "":
-			if h.Host == pinned {
-				candidates = append(candidates, h)
-			}
-		case h.State == messages.HostActive && slices.ContainsFunc(h.Images, func(im messages.HostImage) bool { return im.Name == image }):
-			candidates = append(candidates, h)
-		}
-	}
-	if len(candidates) == 0 {
-		return messages.SealKey{}, false
-	}
-	for _, k := range candidates[0].SealKeys {
-		if messages.SealKeyID(k.Public) != k.ID {
-			continue
-		}
-		all := true
-		for _, h := range candidates[1:] {
-			if !slices.ContainsFunc(h.SealKeys, func(o messages.SealKey) bool { return o.ID == k.ID && string(o.Public) == string(k.Public) }) {
-				all = false
-				break
-			}
-		}
-		if all {
-			return k, true
-		}
-	}
-	return messages.SealKey{}, false
 }
 
 // stdout is where keysCommand writes.

@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/url"
 	"os"
-	"regexp"
 	"strings"
 	"time"
 
@@ -21,8 +20,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 )
 
 // secret holds a credential taken from the environment. It prints as
@@ -393,33 +392,37 @@ func (a NATSAuth) tlsConfig() (*tls.Config, error) {
 // commands look for its embedded server's credentials.
 const defaultNATSDataDir = "/var/lib/stretchy-worker/nats"
 
-// natsFlags are the NATS settings of the commands other than run. Their
-// defaults are worker run's embedded server on this host: the loopback
-// port of STRETCHY_NATS_PORT, the credentials in STRETCHY_NATS_DATA_DIR,
-// so that the same environment serves both (docs/security.md 1.1); and
-// the inbox prefix of the command's role (docs/security.md 2).
+// natsFlags are the NATS settings of the client commands, which connect
+// through pkg/client. Their defaults are worker run's embedded server on
+// this host: the loopback port of STRETCHY_NATS_PORT, the credentials in
+// STRETCHY_NATS_DATA_DIR, so that the same environment serves both
+// (docs/security.md 1.1); and the inbox prefix of the command's role
+// (docs/security.md 2).
 type natsFlags struct {
 	URL         string
 	Auth        NATSAuth
 	InboxPrefix string
+	role        client.Role
 }
 
 // role is whom a command acts for, which names its inboxes.
 type role struct {
-	// inbox is the role's inbox prefix, env the variable that changes it.
-	inbox, env string
+	role client.Role
+	// env is the variable that changes the role's inbox prefix.
+	env string
 }
 
 var (
 	// orchestratorRole: worker submit and worker events.
-	orchestratorRole = role{bus.OrchestratorInbox, "STRETCHY_ORCHESTRATOR_INBOX_PREFIX"}
+	orchestratorRole = role{client.Orchestrator, "STRETCHY_ORCHESTRATOR_INBOX_PREFIX"}
 	// operatorRole: worker hosts, drain, undrain, hold, release and
 	// console; worker run's --operator-inbox-prefix is the same setting.
-	operatorRole = role{bus.OperatorInbox, "STRETCHY_OPERATOR_INBOX_PREFIX"}
+	operatorRole = role{client.Operator, "STRETCHY_OPERATOR_INBOX_PREFIX"}
 )
 
 func (f *natsFlags) register(fs *flag.FlagSet, r role) {
-	fs.StringVar(&f.InboxPrefix, "inbox-prefix", envString(r.env, r.inbox),
+	f.role = r.role
+	fs.StringVar(&f.InboxPrefix, "inbox-prefix", envString(r.env, r.role.InboxPrefix()),
 		"prefix of the inboxes where the replies to this command's requests arrive; its NATS user must be allowed to subscribe to PREFIX.> ("+r.env+")")
 	fs.StringVar(&f.URL, "nats-url", defaultNATSURL(), "NATS URL(s), comma separated; default: the embedded server of worker run on this host, "+
 		"on 127.0.0.1 and STRETCHY_NATS_PORT (STRETCHY_NATS_URL)")
@@ -429,29 +432,37 @@ func (f *natsFlags) register(fs *flag.FlagSet, r role) {
 			"its embedded server's credentials there (STRETCHY_NATS_DATA_DIR)")
 }
 
-// connect dials NATS as the command name.
-func (f natsFlags) connect(name string) (*natsConn, jetstream.JetStream, error) {
-	return connectNATS(f.URL, f.Auth, natsClient{Name: name, InboxPrefix: f.InboxPrefix})
+// client connects the command name through pkg/client, in the role the
+// flags were registered for. A refused permission ends the command's
+// call at once with a *client.PermissionError; the server's other
+// asynchronous errors go to stderr.
+func (f natsFlags) client(name string, opts ...client.Option) (*client.Client, error) {
+	if err := checkInboxPrefix(f.InboxPrefix); err != nil {
+		return nil, fmt.Errorf("--inbox-prefix %q: %w", f.InboxPrefix, err)
+	}
+	nopts, err := f.Auth.options(f.URL)
+	if err != nil {
+		return nil, err
+	}
+	c, err := client.Connect(f.URL, append([]client.Option{
+		client.WithName(name), client.WithRole(f.role), client.WithInboxPrefix(f.InboxPrefix),
+		client.WithNATSOptions(nopts...),
+		client.WithErrorHandler(func(err error) {
+			if !errors.Is(err, nats.ErrPermissionViolation) { // those become the command's error
+				fmt.Fprintln(os.Stderr, err)
+			}
+		}),
+	}, opts...)...)
+	var ce *client.ConnectError
+	if errors.As(err, &ce) {
+		return nil, fmt.Errorf("connect to nats %s: %w", ce.URLs, f.Auth.explainConnect(f.URL, ce.Err))
+	}
+	return c, err
 }
 
-// checkInboxPrefix says what makes p no inbox prefix: the connection's
-// inboxes are p, a dot and more tokens, and its NATS user's permission to
-// subscribe to them is p.>, so p is one or more literal tokens.
-func checkInboxPrefix(p string) error {
-	switch {
-	case p == "":
-		return errors.New("empty")
-	case strings.ContainsAny(p, " \t\r\n"):
-		return errors.New("white space in a subject")
-	case strings.ContainsAny(p, "*>"):
-		return errors.New("a wildcard (* or >) in a prefix of literal subjects")
-	case strings.HasSuffix(p, "."):
-		return errors.New("a trailing dot: the prefix is tokens without their separator, such as " + bus.OperatorInbox)
-	case strings.HasPrefix(p, ".") || strings.Contains(p, ".."):
-		return errors.New("an empty token")
-	}
-	return nil
-}
+// checkInboxPrefix says what makes p no inbox prefix
+// (client.CheckInboxPrefix).
+func checkInboxPrefix(p string) error { return client.CheckInboxPrefix(p) }
 
 // defaultNATSURL is STRETCHY_NATS_URL, or where worker run's embedded
 // server listens: 127.0.0.1, port STRETCHY_NATS_PORT or 4222.
@@ -621,23 +632,10 @@ func (c *natsConn) explain(err error) error {
 	return err
 }
 
-var permissionRE = regexp.MustCompile(`(?i)permissions violation for (publish|subscription) to "([^"]*)"`)
-
 // permissionError rewords the server's
 // `Permissions Violation for Publish to "subject"` so that it names what
-// the user lacks.
-func permissionError(err error) error {
-	m := permissionRE.FindStringSubmatch(err.Error())
-	if m == nil {
-		return err
-	}
-	op := "publish to"
-	if strings.EqualFold(m[1], "subscription") {
-		op = "subscribe to"
-	}
-	return fmt.Errorf("%w: the NATS user may not %s %q (docs/security.md lists what it needs)",
-		nats.ErrPermissionViolation, op, m[2])
-}
+// the user lacks, as pkg/client does for the client commands.
+func permissionError(err error) error { return client.PermissionViolation(err) }
 
 // explainConnect adds to a failed connect what to check, by the
 // authentication method in use.

@@ -33,6 +33,7 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/internal/worker"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -567,7 +568,7 @@ func TestCommandsWithAuthentication(t *testing.T) {
 	// No worker's embedded server here: its credentials are not found.
 	noEmbedded := t.TempDir()
 	t.Setenv("STRETCHY_NATS_DATA_DIR", noEmbedded)
-	opub, osub := bus.OrchestratorPermissions()
+	opub, osub := client.OrchestratorPermissions()
 	srv, pwFile := permServer(t, map[string][2][]string{
 		"orchestrator": {opub, osub},
 		"no-requests":  {dropSubject(opub, messages.RequestSubjects), osub},

@@ -20,6 +20,7 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -321,8 +322,8 @@ func TestRunWithLeastPermissions(t *testing.T) {
 	requireLibvirt(t)
 	host := "h-least"
 	wpub, wsub := bus.WorkerPermissions(host)
-	opub, osub := bus.OrchestratorPermissions()
-	ppub, psub := bus.OperatorPermissions()
+	opub, osub := client.OrchestratorPermissions()
+	ppub, psub := client.OperatorPermissions()
 	srv, pwFile := permServer(t, map[string][2][]string{
 		"worker": {wpub, wsub}, "orchestrator": {opub, osub}, "operator": {ppub, psub},
 	})
@@ -350,8 +351,8 @@ func TestRunWithLeastPermissions(t *testing.T) {
 		{"operator", nil, []string{"hosts", "--inbox-prefix", "_INBOX.elsewhere"}, 1, `may not subscribe to "_INBOX.elsewhere.`},
 		{"operator", []string{"STRETCHY_OPERATOR_INBOX_PREFIX=_INBOX.elsewhere"}, []string{"hosts"}, 1, `may not subscribe to "_INBOX.elsewhere.`},
 		{"operator", nil, []string{"hosts", "--inbox-prefix", "_INBOX.stretchy.operator."}, 1, "--inbox-prefix \"_INBOX.stretchy.operator.\": a trailing dot"},
-		{"orchestrator", []string{"STRETCHY_ORCHESTRATOR_INBOX_PREFIX=" + bus.OperatorInbox}, []string{"events", "--job", job},
-			1, `may not subscribe to "` + bus.OperatorInbox + `.`},
+		{"orchestrator", []string{"STRETCHY_ORCHESTRATOR_INBOX_PREFIX=" + client.OperatorInbox}, []string{"events", "--job", job},
+			1, `may not subscribe to "` + client.OperatorInbox + `.`},
 	} {
 		t.Run(c.user+" "+strings.Join(append(c.env, c.args...), " "), func(t *testing.T) {
 			stdout, stderr, code := runWorker(t, append(as(c.user), c.env...), c.args...)
@@ -363,7 +364,7 @@ func TestRunWithLeastPermissions(t *testing.T) {
 
 	// A control request whose reply subject is an inbox, but not an
 	// operator's, is refused unanswered.
-	admin, _, err := connectNATS(url, NATSAuth{User: "admin", PasswordFile: pwFile}, natsClient{Name: "admin", InboxPrefix: bus.OrchestratorInbox})
+	admin, _, err := connectNATS(url, NATSAuth{User: "admin", PasswordFile: pwFile}, natsClient{Name: "admin", InboxPrefix: client.OrchestratorInbox})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -375,7 +376,7 @@ func TestRunWithLeastPermissions(t *testing.T) {
 	if _, err := admin.Request(messages.ControlSubject(host), data, 2*time.Second); !errors.Is(err, nats.ErrTimeout) {
 		t.Fatalf("a control request with the reply subject of an orchestrator's inbox: %v, want no answer", err)
 	}
-	want := `reply subject \"` + bus.OrchestratorInbox + "."
+	want := `reply subject \"` + client.OrchestratorInbox + "."
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(w.log.String(), want) {
 		if time.Now().After(deadline) {

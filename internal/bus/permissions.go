@@ -13,21 +13,10 @@ const (
 	jsAck = "$JS.ACK."
 )
 
-// Inbox prefixes of the roles, for nats.CustomInboxPrefix. Replies to a
-// connection's requests (JetStream API calls, acknowledged publishes,
-// pulls, control requests) arrive on inboxes under its prefix, and each
-// role may subscribe under its own prefix only, so that none reads
-// another's replies: a worker's pull replies are whole requests, runner
-// secrets included. The orchestrator's and the operator's are not scoped
-// to this provisioner, as one connection may drive several.
-const (
-	// OrchestratorInbox is the prefix of worker submit and worker events.
-	OrchestratorInbox = "_INBOX.stretchy.orchestrator"
-	// OperatorInbox is the prefix of worker hosts, drain, undrain, hold,
-	// release and console; a worker answers control requests only on
-	// reply subjects under it.
-	OperatorInbox = "_INBOX.stretchy.operator"
-)
+// Each role has an inbox prefix of its own (docs/security.md 2.0): the
+// worker's is WorkerInbox; the orchestrator's and the operator's, with
+// their permissions, are pkg/client's (client.OrchestratorInbox,
+// client.OperatorPermissions, ...), as the calls they cover are.
 
 // WorkerInbox returns the inbox prefix of the worker of host (and of
 // worker doctor checking that host). Host ids name this provisioner's
@@ -136,52 +125,10 @@ func WorkerPermissions(host string) (pub, sub []string) {
 	return pub, sub
 }
 
-// OperatorPermissions returns the subjects an operator's commands need:
-// worker hosts (the host registry), worker drain and undrain (drain
-// requests of any host), and worker hold, release and console (a job's
-// newest event, a control request to its host), connected with the inbox
-// prefix OperatorInbox. They read and write nothing else.
-func OperatorPermissions() (pub, sub []string) {
-	hosts, drains, evt := messages.HostsBucket, messages.DrainsBucket, messages.EventsStream
-	return []string{
-		jsAPI + "STREAM.INFO." + evt,
-		jsAPI + "STREAM.MSG.GET." + evt,
-		messages.ControlSubjects,
-		jsAPI + "STREAM.INFO.KV_" + hosts,
-		jsAPI + "DIRECT.GET.KV_" + hosts + ".$KV." + hosts + ".>",
-		jsAPI + "STREAM.INFO.KV_" + drains,
-		jsAPI + "DIRECT.GET.KV_" + drains + ".$KV." + drains + ".>",
-		"$KV." + drains + ".>",
-	}, []string{under(OperatorInbox)}
-}
-
-// OrchestratorPermissions returns the subjects an orchestrator must be
-// allowed to publish to and to subscribe to for SubmitProvision (shared or
-// pinned to any host), SubmitTeardown, ReadEvents and ReadHosts, connected with the
-// inbox prefix OrchestratorInbox. It cannot create the
-// streams; add StreamPermissions for that.
-func OrchestratorPermissions() (pub, sub []string) {
-	evt, hosts := messages.EventsStream, messages.HostsBucket
-	pub = []string{
-		messages.RequestSubjects, // SubmitProvision, SubmitTeardown
-		// ReadHosts: the hosts' images and the keys to seal secrets to.
-		jsAPI + "STREAM.INFO.KV_" + hosts,
-		jsAPI + "DIRECT.GET.KV_" + hosts + ".$KV." + hosts + ".>",
-		// ReadEvents: an ordered consumer with a generated name and one
-		// filter under the event subjects.
-		jsAPI + "CONSUMER.CREATE." + evt + ".*." + messages.EventSubjects,
-		jsAPI + "CONSUMER.INFO." + evt + ".*",
-		jsAPI + "CONSUMER.MSG.NEXT." + evt + ".*",
-		// An ordered consumer that resets (after a reconnect or a missed
-		// heartbeat) deletes its previous consumer.
-		jsAPI + "CONSUMER.DELETE." + evt + ".*",
-	}
-	return pub, []string{under(OrchestratorInbox)}
-}
-
 // StreamPermissions returns the subjects needed to create or update both
 // streams with CreateOrUpdateStream, for an orchestrator that creates them
-// before any worker runs (workers hold these already).
+// before any worker runs (workers hold these already), beside
+// client.OrchestratorPermissions.
 func StreamPermissions() (pub []string) {
 	for _, s := range []string{messages.RequestsStream, messages.EventsStream} {
 		pub = append(pub, jsAPI+"STREAM.UPDATE."+s, jsAPI+"STREAM.CREATE."+s)

@@ -296,15 +296,14 @@ func (se *scheduleEnv) submit(t *testing.T, jobID string, lifetime time.Duration
 		Runner: messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
 			URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: "token-" + jobID, Labels: []string{"debian"},
 		}}}
-	if _, err := bus.SubmitProvision(context.Background(), se.env.js, req, ""); err != nil {
+	if _, err := submitProvision(context.Background(), se.env.js, req, ""); err != nil {
 		t.Fatal(err)
 	}
 }
 
 func (se *scheduleEnv) teardown(t *testing.T, jobID string) {
 	t.Helper()
-	req := messages.Teardown{V: 1, JobID: jobID, RequestedAt: time.Now().UTC()}
-	if _, err := bus.SubmitTeardown(context.Background(), se.env.js, req, "sched"); err != nil {
+	if err := submitTeardown(context.Background(), se.env.js, jobID, "sched"); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/seal"
 )
@@ -61,10 +61,7 @@ func TestSealedSecrets(t *testing.T) {
 		c.RequireSealed = true
 		c.Fleet.SealKeys = seal.NewKeyring(fresh, old).Published()
 	}, "img")
-	op, err := bus.BindFleet(context.Background(), env.js)
-	if err != nil {
-		t.Fatal(err)
-	}
+	op := client.New(env.js)
 	waitRegistered(t, op, map[string]int{"a": 1})
 	hosts, err := op.Hosts(context.Background())
 	if err != nil || len(hosts) != 1 {
@@ -88,7 +85,7 @@ func TestSealedSecrets(t *testing.T) {
 		stolen,
 	}
 	for _, req := range reqs {
-		if _, err := bus.SubmitProvision(context.Background(), env.js, req, "a"); err != nil {
+		if _, err := submitProvision(context.Background(), env.js, req, "a"); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -18,7 +18,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
@@ -99,7 +98,7 @@ func TestGuestCannotUseTheControlPlane(t *testing.T) {
 	events := followEvents(t, js)
 	job := uniqueJob(t, "guest-nats")
 	req := provisionRequest(job)
-	if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+	if _, err := submitReq(context.Background(), js, req, host); err != nil {
 		t.Fatal(err)
 	}
 	events.waitState(t, job, messages.StateAgentReady, bootWait)

@@ -13,7 +13,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/seal"
@@ -91,7 +90,7 @@ func TestSealedSecretTravelsSealed(t *testing.T) {
 		t.Fatal(err)
 	}
 	req.Runner.Sealed = &sealed
-	seq, err := bus.SubmitProvision(context.Background(), js, req, host)
+	seq, err := submitReq(context.Background(), js, req, host)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,7 +13,6 @@ import (
 	"github.com/digitalocean/go-libvirt"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
@@ -97,7 +96,7 @@ func warmHost(name string) string { return name + "-" + strings.TrimPrefix(runID
 
 func submitOn(t *testing.T, js jetstream.JetStream, host string, req messages.Provision) {
 	t.Helper()
-	if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+	if _, err := submitReq(context.Background(), js, req, host); err != nil {
 		t.Fatal(err)
 	}
 }

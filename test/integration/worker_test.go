@@ -10,7 +10,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"libvirt.org/go/libvirtxml"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -446,7 +445,7 @@ func TestParallelismOneEndsMachines(t *testing.T) {
 		req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
 			URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: plantedSecret("p1"), Labels: []string{"debian stub-sleep=1"},
 		}}
-		if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+		if _, err := submitReq(context.Background(), js, req, host); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -455,7 +454,7 @@ func TestParallelismOneEndsMachines(t *testing.T) {
 	forgejo(second)
 	req := provisionRequest(late)
 	req.MaxLifetimeS = 1
-	if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+	if _, err := submitReq(context.Background(), js, req, host); err != nil {
 		t.Fatal(err)
 	}
 

@@ -35,7 +35,17 @@ import (
 // crashed before defining it, are deleted first. Callers therefore run at
 // most one Clone per job and host at a time.
 func (p *Provisioner) Clone(ctx context.Context, s Spec) (Machine, error) {
+	viewed := p.view.use()
 	m, err := p.clone(ctx, s)
+	if err != nil && viewed && errors.Is(err, errVolumeTaken) {
+		// The host view did not know a volume the clone's names take,
+		// one another program made or an earlier attempt left since the
+		// last full check: libvirt's refusal is the news. The view is
+		// checked again, and the clone tried once more, which scans the
+		// host for what is left until that check is done.
+		p.view.invalidate()
+		m, err = p.clone(ctx, s)
+	}
 	if err != nil {
 		return Machine{}, fmt.Errorf("clone %s from image %s: %w", DomainName(s.key()), s.Image, err)
 	}

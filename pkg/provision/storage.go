@@ -223,7 +223,7 @@ func (p *Provisioner) createDiskVolume(ctx context.Context, mode CloneMode, plan
 		vol, err = mutate(ctx, p, func() (libvirt.StorageVol, error) { return p.conn.StorageVolCreateXML(src.pool, doc, 0) })
 	}
 	if err != nil {
-		return libvirt.StorageVol{}, "", fmt.Errorf("create volume %s/%s: %w", src.pool.Name, plan.Name, err)
+		return libvirt.StorageVol{}, "", fmt.Errorf("create volume %s/%s: %w", src.pool.Name, plan.Name, p.taken(ctx, src.pool, plan.Name, err))
 	}
 	path, err := call(ctx, p, func() (string, error) { return p.conn.StorageVolGetPath(vol) })
 	if err == nil && mode == CloneReflink {
@@ -242,6 +242,26 @@ func (p *Provisioner) createDiskVolume(ctx context.Context, mode CloneMode, plan
 	return vol, path, nil
 }
 
+// errVolumeTaken marks a volume creation that failed because a volume of
+// that name exists, as libvirt confirms: the storage driver says so with
+// ErrStorageVolExist, the test driver with a plain operation failure.
+var errVolumeTaken = errors.New("a volume of that name exists")
+
+// taken returns err, the failure to create volume name in pool, marked
+// errVolumeTaken when the volume exists.
+func (p *Provisioner) taken(ctx context.Context, pool libvirt.StoragePool, name string, err error) error {
+	if hasCode(err, libvirt.ErrStorageVolExist) {
+		return fmt.Errorf("%w: %w", errVolumeTaken, err)
+	}
+	if IsUnavailable(err) {
+		return err
+	}
+	if _, lerr := call(ctx, p, func() (libvirt.StorageVol, error) { return p.conn.StorageVolLookupByName(pool, name) }); lerr == nil {
+		return fmt.Errorf("%w: %w", errVolumeTaken, err)
+	}
+	return err
+}
+
 // createScratchVolume creates an empty, thin qcow2 volume of size bytes
 // named name in pool.
 func (p *Provisioner) createScratchVolume(ctx context.Context, pool libvirt.StoragePool, name string, size uint64) (libvirt.StorageVol, string, error) {
@@ -257,7 +277,7 @@ func (p *Provisioner) createScratchVolume(ctx context.Context, pool libvirt.Stor
 	}
 	vol, err := mutate(ctx, p, func() (libvirt.StorageVol, error) { return p.conn.StorageVolCreateXML(pool, doc, 0) })
 	if err != nil {
-		return libvirt.StorageVol{}, "", fmt.Errorf("create scratch volume %s/%s: %w", pool.Name, name, err)
+		return libvirt.StorageVol{}, "", fmt.Errorf("create scratch volume %s/%s: %w", pool.Name, name, p.taken(ctx, pool, name, err))
 	}
 	path, err := call(ctx, p, func() (string, error) { return p.conn.StorageVolGetPath(vol) })
 	if err != nil {
@@ -373,7 +393,7 @@ func (p *Provisioner) copyNVRAM(ctx context.Context, jobID string, src nvramSour
 		return libvirt.StorageVol{}, "", fmt.Errorf("NVRAM %s is in no pool and the image has no disk in a pool to put the copy in: %w", src.path, ErrImageInvalid)
 	}
 	if err != nil {
-		return libvirt.StorageVol{}, "", fmt.Errorf("NVRAM volume %s/%s: %w", into.Name, name, err)
+		return libvirt.StorageVol{}, "", fmt.Errorf("NVRAM volume %s/%s: %w", into.Name, name, p.taken(ctx, into, name, err))
 	}
 	path, err := call(ctx, p, func() (string, error) { return p.conn.StorageVolGetPath(vol) })
 	if err != nil {

@@ -288,12 +288,22 @@ func (v *hostView) macs() map[string]bool {
 	return out
 }
 
-// storageUse is Provisioner.storageUse from the view.
+// storageUse is Provisioner.storageUse from the view, as far as the
+// candidates go: the set holds only the candidates that something uses,
+// so that a Remove costs the same however much storage the host has in
+// use.
 func (v *hostView) storageUse(skip string, candidates []poolVolume) storageSet {
 	set := storageSet{paths: make(map[string]bool), volumes: make(map[[2]string]bool), users: make(map[string]string)}
-	self := make(map[string]bool, len(candidates))
+	paths := make(map[string]bool, len(candidates))
+	vols := make(map[[2]string]bool, len(candidates))
 	for _, c := range candidates {
-		self[c.path] = true
+		paths[c.path] = true
+		vols[[2]string{c.vol.Pool, c.vol.Name}] = true
+	}
+	addPath := func(path string, user func() string) {
+		if paths[path] {
+			set.addPath(path, user())
+		}
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -301,17 +311,27 @@ func (v *hostView) storageUse(skip string, candidates []poolVolume) storageSet {
 		if name == skip {
 			continue
 		}
-		user := "domain " + name
+		user := func() string { return "domain " + name }
 		for _, f := range d.facts {
-			set.addPath(f.nvram, user)
+			addPath(f.nvram, user)
 			for _, src := range f.sources {
-				set.addSource(src, user)
+				switch {
+				case src == nil:
+				case src.File != nil:
+					addPath(src.File.File, user)
+				case src.Block != nil:
+					addPath(src.Block.Dev, user)
+				case src.Volume != nil:
+					if key := [2]string{src.Volume.Pool, src.Volume.Volume}; vols[key] {
+						set.volumes[key] = true
+					}
+				}
 			}
 		}
 	}
 	for path, e := range v.volumes {
-		if !self[path] {
-			set.addPath(e.backing, "volume "+path)
+		if !paths[path] {
+			addPath(e.backing, func() string { return "volume " + path })
 		}
 	}
 	return set

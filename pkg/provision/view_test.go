@@ -177,7 +177,8 @@ func TestViewSeesVolumesAtItsChecks(t *testing.T) {
 	if !known() {
 		t.Fatal("a volume made behind the view's back is not seen by a full check")
 	}
-	if got := p.view.storageUse("", nil); !got.paths[filepath.Join(dir, "pool", "image.qcow2")] {
+	img := poolVolume{vol: libvirt.StorageVol{Pool: "images", Name: "image.qcow2"}, path: filepath.Join(dir, "pool", "image.qcow2")}
+	if got := p.view.storageUse("", []poolVolume{img}); !got.paths[img.path] {
 		t.Error("the new volume's backing store is not in use")
 	}
 	if err := l.StorageVolDelete(vol, 0); err != nil {
@@ -400,4 +401,45 @@ func TestSystemViewSeesOtherConnections(t *testing.T) {
 	}
 	undefined = true
 	soon(t, "a domain another connection undefined is forgotten", func() bool { return !p.view.macs()[mac] })
+}
+
+// TestViewCloneRetriesOnConflict: a volume named for the job that the view
+// does not know (made behind its back before any full check saw it) makes
+// libvirt refuse the clone's volume; the clone then checks again and
+// succeeds instead of failing on a stale view.
+func TestViewCloneRetriesOnConflict(t *testing.T) {
+	l, _ := testNode(t)
+	p := New(l, Options{})
+	watch(t, p, l, false)
+	ctx := t.Context()
+	first, err := p.Clone(ctx, testSpec("view-conflict"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Remove(ctx, first.Key); err != nil {
+		t.Fatal(err)
+	}
+	// The disk volume again, behind the view's back, as a crashed
+	// earlier attempt of the job would leave it.
+	pool, err := l.StoragePoolLookupByName("images")
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := filepath.Base(first.Volumes[0])
+	vx := libvirtxml.StorageVolume{
+		Name: name, Capacity: &libvirtxml.StorageVolumeSize{Value: 1},
+		Target: &libvirtxml.StorageVolumeTarget{Format: &libvirtxml.StorageVolumeTargetFormat{Type: "qcow2"}},
+	}
+	doc, _ := vx.Marshal()
+	if _, err := l.StorageVolCreateXML(pool, doc, 0); err != nil {
+		t.Fatal(err)
+	}
+	if len(p.view.volumesOf(func(n string) bool { return n == name })) != 0 {
+		t.Fatal("the view knows the volume made behind its back")
+	}
+	m := clone(t, p, testSpec("view-conflict"))
+	if len(m.Volumes) == 0 || m.Volumes[0] != first.Volumes[0] {
+		t.Errorf("cloned volumes %v, want %s first", m.Volumes, first.Volumes[0])
+	}
+	soon(t, "the view is current again", p.view.use)
 }

@@ -321,7 +321,53 @@ func (g *guests) workerJob(ctx context.Context, name string) (job, error) {
 	if err := g.gone(domain); err != nil {
 		return job{}, err
 	}
+	if stopped, ok := g.obs.domainStopped(domain); ok && len(exits) == 1 && seen[messages.StateAccepted].Time.After(submitted) {
+		ownOverhead(j.phases, submitted, connected, exits[0].at, stopped, seen)
+	}
 	return j, nil
+}
+
+// OverheadParts are the parts of the worker's own overhead per cold job:
+// end to end less the guest's boot, the runner's own run and QEMU's exit,
+// split at the job's events and the harness's reference points, which
+// together add up to end to end.
+var OverheadParts = []Phase{
+	{Key: "own_request", Name: "request published → `accepted` (delivery, claim, event)"},
+	{Key: "own_clone", Name: "`accepted` → `cloned` (clone + define, event)"},
+	{Key: "own_start", Name: "`cloned` → `running` (libvirt start, event)"},
+	{Key: "own_agent", Name: "agent connected → `agent_ready`"},
+	{Key: "own_runner", Name: "`agent_ready` → `runner_started` (secret files, launch, event)"},
+	{Key: "own_noticed", Name: "runner's exit → `runner_exited`"},
+	{Key: "own_teardown", Name: "`runner_exited` → removal begun"},
+	{Key: "own_removal", Name: "QEMU gone → `torn_down` (undefine, volumes, event)"},
+}
+
+// ownOverhead adds the worker's own overhead and its parts (OverheadParts)
+// to a worker job's phases, with the three it leaves out: boot (running
+// to the agent connected), run (runner_started to the runner's exit) and
+// qemu_exit (removal begun, which is torn_down less its phase_ms, to
+// libvirt's stopped event).
+func ownOverhead(ph map[string]float64, submitted, connected, exit, stopped time.Time, seen map[messages.State]messages.Event) {
+	at := func(s messages.State) time.Time { return seen[s].Time }
+	removal := at(messages.StateTornDown).Add(-time.Duration(seen[messages.StateTornDown].PhaseMS) * time.Millisecond)
+	parts := map[string]float64{
+		"own_request":  ms(at(messages.StateAccepted).Sub(submitted)),
+		"own_clone":    ms(at(messages.StateCloned).Sub(at(messages.StateAccepted))),
+		"own_start":    ms(at(messages.StateRunning).Sub(at(messages.StateCloned))),
+		"own_agent":    ms(at(messages.StateAgentReady).Sub(connected)),
+		"own_runner":   ms(at(messages.StateRunnerStarted).Sub(at(messages.StateAgentReady))),
+		"own_noticed":  ms(at(messages.StateRunnerExited).Sub(exit)),
+		"own_teardown": ms(removal.Sub(at(messages.StateRunnerExited))),
+		"own_removal":  ms(at(messages.StateTornDown).Sub(stopped)),
+	}
+	total := 0.0
+	for k, v := range parts {
+		ph[k] = v
+		total += v
+	}
+	ph["overhead"] = total
+	ph["run"] = ms(exit.Sub(at(messages.StateRunnerStarted)))
+	ph["qemu_exit"] = ms(stopped.Sub(removal))
 }
 
 // stubJob is a Forgejo job of image whose stub runner runs sleep seconds.

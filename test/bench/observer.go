@@ -26,10 +26,12 @@ type observer struct {
 
 	mu        sync.Mutex
 	connected map[string]time.Time // domain name -> first "agent connected"
+	stopped   map[string]time.Time // domain name -> first "stopped"
 }
 
 // newObserver connects to qemu:///system and records every domain's
-// agent lifecycle events from now on.
+// agent lifecycle events, and when it stopped (its QEMU process is gone),
+// from now on.
 func newObserver(ctx context.Context) (*observer, error) {
 	l, err := provision.Dial(ctx, "qemu:///system")
 	if err != nil {
@@ -42,7 +44,27 @@ func newObserver(ctx context.Context) (*observer, error) {
 		_ = l.Disconnect()
 		return nil, fmt.Errorf("subscribe to agent lifecycle events: %w", err)
 	}
-	o := &observer{l: l, agent: qga.New(l, qga.Options{}), stop: stop, connected: map[string]time.Time{}}
+	lifecycle, err := l.SubscribeEvents(sctx, libvirt.DomainEventIDLifecycle, libvirt.OptDomain{})
+	if err != nil {
+		stop()
+		_ = l.Disconnect()
+		return nil, fmt.Errorf("subscribe to lifecycle events: %w", err)
+	}
+	o := &observer{l: l, agent: qga.New(l, qga.Options{}), stop: stop, connected: map[string]time.Time{}, stopped: map[string]time.Time{}}
+	o.wg.Go(func() {
+		for ev := range lifecycle {
+			at := time.Now()
+			msg, ok := ev.(*libvirt.DomainEventCallbackLifecycleMsg)
+			if !ok || libvirt.DomainEventType(msg.Msg.Event) != libvirt.DomainEventStopped {
+				continue
+			}
+			o.mu.Lock()
+			if _, seen := o.stopped[msg.Msg.Dom.Name]; !seen {
+				o.stopped[msg.Msg.Dom.Name] = at
+			}
+			o.mu.Unlock()
+		}
+	})
 	o.wg.Go(func() {
 		for ev := range events {
 			at := time.Now()
@@ -69,7 +91,17 @@ func (o *observer) agentConnected(domain string) (time.Time, bool) {
 	return t, ok
 }
 
-// close ends the subscription and the connection.
+// domainStopped returns when libvirt said that domain stopped first, as
+// the observer received it: libvirt sends the event once the QEMU process
+// is gone.
+func (o *observer) domainStopped(domain string) (time.Time, bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	t, ok := o.stopped[domain]
+	return t, ok
+}
+
+// close ends the subscriptions and the connection.
 func (o *observer) close() {
 	o.stop()
 	o.wg.Wait()

@@ -37,6 +37,9 @@ type Config struct {
 	// AmongJobs is how many jobs the worker does on a host with other
 	// machines (section 3); 0 for none.
 	AmongJobs int
+	// ScalingRounds is how often each number of other machines is
+	// measured (section 3).
+	ScalingRounds int
 }
 
 // Register adds the flags of the bench command to fs.
@@ -56,6 +59,7 @@ func (c *Config) Register(fs *flag.FlagSet) {
 	fs.IntVar(&c.ProfileJobs, "profile-jobs", 200, "jobs of the profiled scheduling run")
 	fs.IntVar(&c.EventCount, "event-count", 3, "go test -count of the event benchmarks")
 	fs.IntVar(&c.WarmJobs, "warm-jobs", 10, "jobs of each kind (warm, cold) of the warm pool benchmark")
+	fs.IntVar(&c.ScalingRounds, "scaling-rounds", 3, "rounds of the runs among other machines (scheduling)")
 	fs.IntVar(&c.AmongJobs, "among-jobs", 200, "jobs of the worker's runs on a host with other machines (scheduling); 0 for none")
 }
 
@@ -151,7 +155,7 @@ func Run(ctx context.Context, cfg Config) error {
 	err = part("sched", func() error {
 		r.Sched, err = RunSched(ctx, SchedConfig{
 			Self: self, Dir: cfg.Work, Jobs: cfg.Jobs, Parallelisms: ps, BareRounds: 3, ProvisionerJobs: 250,
-			Present: []int{0, 50, 100, 150}, ScalingJobs: 40, ScalingParallelism: 4, WorkerAmongJobs: cfg.AmongJobs,
+			Present: []int{0, 50, 100, 150}, ScalingJobs: 100, ScalingParallelism: 4, ScalingRounds: cfg.ScalingRounds, WorkerAmongJobs: cfg.AmongJobs,
 			Profile: cfg.ProfileParallelism, ProfileJobs: cfg.ProfileJobs, Log: logf,
 		})
 		if err != nil || cfg.ProfileParallelism == 0 {

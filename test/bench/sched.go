@@ -48,7 +48,9 @@ type SchedConfig struct {
 	// provisioner's loop with its view.
 	Present                         []int
 	ScalingJobs, ScalingParallelism int
-	WorkerAmongJobs                 int
+	// ScalingRounds is how often each number of machines is measured.
+	ScalingRounds   int
+	WorkerAmongJobs int
 	// Profile, when set, makes one extra run of ProfileJobs jobs at that
 	// parallelism with CPU and allocation profiles written into Dir
 	// (sched-cpu.pprof, sched-allocs.pprof against
@@ -84,11 +86,12 @@ type SchedResult struct {
 	Worker, Bare, Provisioner map[int][]SchedRun
 	ProvisionerJobs           int
 	// Scaling is the provisioner loop's jobs/s by the number of other
-	// machines on the host, with its view and scanning (ScalingScan);
-	// WorkerAmong the worker's, each in turn with a run of the first.
-	Scaling, ScalingScan, WorkerAmong map[int]float64
+	// machines on the host, one per round, with its view and scanning
+	// (ScalingScan); WorkerAmong the worker's, each in turn with a run
+	// of the first.
+	Scaling, ScalingScan, WorkerAmong map[int][]float64
 	ScalingJobs, ScalingParallelism   int
-	WorkerAmongJobs                   int
+	ScalingRounds, WorkerAmongJobs    int
 	// Profiled tells the parallelism of the profiled run; 0 for none.
 	Profiled int
 }
@@ -106,7 +109,11 @@ func RunSched(ctx context.Context, cfg SchedConfig) (*SchedResult, error) {
 		Worker: map[int][]SchedRun{}, Bare: map[int][]SchedRun{}, Provisioner: map[int][]SchedRun{}}
 	for i, p := range cfg.Parallelisms {
 		dir := filepath.Join(cfg.Dir, fmt.Sprintf("sched-%d", i))
-		w, err := schedWorker(ctx, cfg.Self, dir, cfg.Jobs, p, 0, nil)
+		uri, err := testNode(dir, nil)
+		if err != nil {
+			return nil, err
+		}
+		w, err := schedWorker(ctx, cfg.Self, dir, uri, cfg.Jobs, p, nil)
 		if err != nil {
 			return nil, fmt.Errorf("worker at parallelism %d: %w", p, err)
 		}
@@ -118,7 +125,7 @@ func RunSched(ctx context.Context, cfg SchedConfig) (*SchedResult, error) {
 			}
 			res.Bare[p] = append(res.Bare[p], b)
 		}
-		v, err := schedProvisionerAmong(ctx, dir, 0, cfg.ProvisionerJobs, p, true)
+		v, err := schedProvisioner(ctx, uri, cfg.ProvisionerJobs, p, true)
 		if err != nil {
 			return nil, fmt.Errorf("provisioner at parallelism %d: %w", p, err)
 		}
@@ -127,34 +134,57 @@ func RunSched(ctx context.Context, cfg SchedConfig) (*SchedResult, error) {
 			p, w.JobsPerSecond, 100*w.Utilisation, 100*w.UtilisationQueued, w.MaxMachines, res.Bare[p][0].JobsPerSecond, v.JobsPerSecond)
 		_ = os.RemoveAll(dir)
 	}
-	res.Scaling, res.ScalingScan, res.WorkerAmong = map[int]float64{}, map[int]float64{}, map[int]float64{}
+	res.Scaling, res.ScalingScan, res.WorkerAmong = map[int][]float64{}, map[int][]float64{}, map[int][]float64{}
 	res.ScalingJobs, res.ScalingParallelism, res.WorkerAmongJobs = cfg.ScalingJobs, cfg.ScalingParallelism, cfg.WorkerAmongJobs
+	res.ScalingRounds = max(1, cfg.ScalingRounds)
+	// One node per number of other machines, made once: each connection
+	// to it starts from the same state.
+	nodes := map[int]string{}
 	for _, present := range cfg.Present {
 		dir := filepath.Join(cfg.Dir, fmt.Sprintf("sched-present-%d", present))
-		v, err := schedProvisionerAmong(ctx, dir, present, cfg.ScalingJobs, cfg.ScalingParallelism, true)
+		defer func() { _ = os.RemoveAll(dir) }()
+		uri, err := otherNode(ctx, dir, present)
 		if err != nil {
-			return nil, fmt.Errorf("provisioner among %d machines: %w", present, err)
+			return nil, fmt.Errorf("node with %d other machines: %w", present, err)
 		}
-		sc, err := schedProvisionerAmong(ctx, dir, present, cfg.ScalingJobs, cfg.ScalingParallelism, false)
-		if err != nil {
-			return nil, fmt.Errorf("provisioner scanning among %d machines: %w", present, err)
-		}
-		res.Scaling[present], res.ScalingScan[present] = v.JobsPerSecond, sc.JobsPerSecond
-		line := fmt.Sprintf("scheduling, provisioner among %d other machines: %.1f jobs/s with its view, %.1f scanning", present, v.JobsPerSecond, sc.JobsPerSecond)
-		if cfg.WorkerAmongJobs > 0 {
-			w, err := schedWorker(ctx, cfg.Self, dir, cfg.WorkerAmongJobs, cfg.ScalingParallelism, present, nil)
+		nodes[present] = uri
+	}
+	// The numbers of machines in turn, round after round, so that the
+	// machine's load falls on all alike.
+	for round := range res.ScalingRounds {
+		for _, present := range cfg.Present {
+			uri := nodes[present]
+			v, err := schedProvisioner(ctx, uri, cfg.ScalingJobs, cfg.ScalingParallelism, true)
 			if err != nil {
-				return nil, fmt.Errorf("worker among %d machines: %w", present, err)
+				return nil, fmt.Errorf("provisioner among %d machines: %w", present, err)
 			}
-			res.WorkerAmong[present] = w.JobsPerSecond
-			line += fmt.Sprintf(", worker %.1f", w.JobsPerSecond)
+			sc, err := schedProvisioner(ctx, uri, cfg.ScalingJobs, cfg.ScalingParallelism, false)
+			if err != nil {
+				return nil, fmt.Errorf("provisioner scanning among %d machines: %w", present, err)
+			}
+			res.Scaling[present] = append(res.Scaling[present], v.JobsPerSecond)
+			res.ScalingScan[present] = append(res.ScalingScan[present], sc.JobsPerSecond)
+			line := fmt.Sprintf("scheduling, round %d, provisioner among %d other machines: %.1f jobs/s with its view, %.1f scanning",
+				round+1, present, v.JobsPerSecond, sc.JobsPerSecond)
+			if cfg.WorkerAmongJobs > 0 {
+				dir := filepath.Join(cfg.Dir, fmt.Sprintf("sched-present-%d", present), fmt.Sprintf("worker-%d", round))
+				w, err := schedWorker(ctx, cfg.Self, dir, uri, cfg.WorkerAmongJobs, cfg.ScalingParallelism, nil)
+				if err != nil {
+					return nil, fmt.Errorf("worker among %d machines: %w", present, err)
+				}
+				res.WorkerAmong[present] = append(res.WorkerAmong[present], w.JobsPerSecond)
+				line += fmt.Sprintf(", worker %.1f", w.JobsPerSecond)
+			}
+			cfg.Log("%s", line)
 		}
-		cfg.Log("%s", line)
-		_ = os.RemoveAll(dir)
 	}
 	if cfg.Profile > 0 {
 		dir := filepath.Join(cfg.Dir, "sched-profiled")
-		if _, err := schedWorker(ctx, cfg.Self, dir, cfg.ProfileJobs, cfg.Profile, 0, &profileFiles{dir: cfg.Dir, name: "sched"}); err != nil {
+		uri, err := testNode(dir, nil)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := schedWorker(ctx, cfg.Self, dir, uri, cfg.ProfileJobs, cfg.Profile, &profileFiles{dir: cfg.Dir, name: "sched"}); err != nil {
 			return nil, fmt.Errorf("profiled worker run: %w", err)
 		}
 		res.Profiled = cfg.Profile
@@ -214,13 +244,9 @@ func forgejoRequest(job, image string) messages.Provision {
 	}
 }
 
-// schedWorker is one run of the in-process worker, on a host with
-// present machines of another host (otherNode).
-func schedWorker(ctx context.Context, self, dir string, jobs, parallelism, present int, prof *profileFiles) (SchedRun, error) {
-	uri, err := otherNode(ctx, dir, present)
-	if err != nil {
-		return SchedRun{}, err
-	}
+// schedWorker is one run of the in-process worker against the test
+// driver node at uri (testNode, otherNode), with NATS in dir.
+func schedWorker(ctx context.Context, self, dir, uri string, jobs, parallelism int, prof *profileFiles) (SchedRun, error) {
 	n, err := StartNATS(ctx, self, filepath.Join(dir, "nats"))
 	if err != nil {
 		return SchedRun{}, err
@@ -509,16 +535,12 @@ func bareDefinitions(doc, dir string, i int) (bareJob, error) {
 	return bareJob{volXML: volXML, domXML: domXML}, nil
 }
 
-// schedProvisionerAmong does the jobs' machines through the provisioner,
-// on one connection, parallelism at a time: Clone, Start, Remove, on a
-// host with present running machines of another host (otherNode). With
-// view, the provisioner keeps its host view as the worker runs it;
-// without, it scans the host on every Clone and Remove.
-func schedProvisionerAmong(ctx context.Context, dir string, present, jobs, parallelism int, view bool) (SchedRun, error) {
-	uri, err := otherNode(ctx, dir, present)
-	if err != nil {
-		return SchedRun{}, err
-	}
+// schedProvisioner does the jobs' machines through the provisioner, on
+// one connection, parallelism at a time: Clone, Start, Remove, against
+// the test driver node at uri (testNode, otherNode). With view, the
+// provisioner keeps its host view as the worker runs it; without, it
+// scans the host on every Clone and Remove.
+func schedProvisioner(ctx context.Context, uri string, jobs, parallelism int, view bool) (SchedRun, error) {
 	l, err := provision.Dial(ctx, uri)
 	if err != nil {
 		return SchedRun{}, err

@@ -174,8 +174,9 @@ func runCommand(ctx context.Context, args []string) error {
 	// kept current by libvirt's events on a connection of its own.
 	linkWG.Go(func() {
 		_ = machines.Watch(linkCtx, provision.WatchOptions{
-			Events:  func(ctx context.Context) (provision.EventConn, error) { return provision.Dial(ctx, cfg.LibvirtURI) },
-			OnCheck: viewLogger(log),
+			Events:      func(ctx context.Context) (provision.EventConn, error) { return provision.Dial(ctx, cfg.LibvirtURI) },
+			OnCheck:     viewLogger(log),
+			OnSharedMAC: sharedMACLogger(log),
 		})
 	})
 	// One set of operation slots for the requests the worker pulls and
@@ -398,5 +399,19 @@ func viewLogger(log *slog.Logger) func(error) {
 			log.Info("host view current again")
 		}
 		failing = err != nil
+	}
+}
+
+// sharedMACLogger warns of a MAC address a managed domain shares with
+// another, once per address and set of domains.
+func sharedMACLogger(log *slog.Logger) func(mac string, domains []string) {
+	seen := map[string]bool{}
+	return func(mac string, domains []string) {
+		key := mac + " " + strings.Join(domains, " ")
+		if seen[key] {
+			return
+		}
+		seen[key] = true
+		log.Warn("a managed domain shares its MAC address with another domain", "mac", mac, "domains", domains)
 	}
 }

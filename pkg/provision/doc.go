@@ -70,7 +70,11 @@
 // A job then costs the same on a host with one machine or hundreds.
 // Without Watch, or while the view cannot be trusted (before its first
 // check, after a lost connection or a call that got no answer), they scan
-// the host on every call.
+// the host on every call. A clone whose volume libvirt refuses because
+// one of that name exists, which the view did not know, marks the view
+// stale and tries once more; a full check tells of MAC addresses a
+// managed domain shares with another (WatchOptions.OnSharedMAC), the one
+// conflict libvirt does not refuse.
 //
 // # Connections
 //

@@ -443,3 +443,30 @@ func TestViewCloneRetriesOnConflict(t *testing.T) {
 	}
 	soon(t, "the view is current again", p.view.use)
 }
+
+// TestViewCheckReportsSharedMACs: a full check tells of a MAC address
+// that a managed domain shares with another, which libvirt does not
+// refuse and the view cannot prevent when the other was defined before
+// its events arrived; addresses shared by unmanaged domains alone are
+// not the worker's to report.
+func TestViewCheckReportsSharedMACs(t *testing.T) {
+	l, _ := testNode(t)
+	p := New(l, Options{})
+	m := clone(t, p, testSpec("view-shared"))
+	macs := domainMACs(domainXML(t, l, m.Name))
+	if len(macs) == 0 {
+		t.Fatal("the clone has no MAC address")
+	}
+	defineForeign(t, l, "twin", macs[0])
+	defineForeign(t, l, "other-a", "52:54:00:aa:bb:03")
+	defineForeign(t, l, "other-b", "52:54:00:aa:bb:03")
+	got := map[string][]string{}
+	o := WatchOptions{OnSharedMAC: func(mac string, domains []string) { got[mac] = domains }}
+	if err := p.checkView(t.Context(), o); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]string{macs[0]: {m.Name, "twin"}}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("shared MACs reported %v, want %v", got, want)
+	}
+}

@@ -3,6 +3,9 @@ package provision
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
@@ -39,6 +42,14 @@ type WatchOptions struct {
 	// OnCheck, when set, is told of each full check's outcome (err nil:
 	// the view is current).
 	OnCheck func(err error)
+	// OnSharedMAC, when set, is told of each MAC address that a full
+	// check finds on more than one domain, one of them managed (sorted
+	// names). Clone picks addresses no domain in the view has, and the
+	// view misses a domain only for the moment its events take to
+	// arrive (as a scan missed one defined between the scan and the
+	// define), so this is what is left to catch: libvirt does not
+	// refuse a definition whose MAC another domain has.
+	OnSharedMAC func(mac string, domains []string)
 }
 
 // watchEvents are the domain events that can change what the view keeps
@@ -234,7 +245,39 @@ func (p *Provisioner) checkView(ctx context.Context, o WatchOptions) (err error)
 	}
 	p.view.replace(n, domains, volumes)
 	p.view.setCurrent(true)
+	if o.OnSharedMAC != nil {
+		for mac, names := range sharedMACs(domains) {
+			o.OnSharedMAC(mac, names)
+		}
+	}
 	return nil
+}
+
+// sharedMACs returns the MAC addresses that more than one of domains
+// has, at least one of them managed, with the domains' sorted names.
+func sharedMACs(domains map[string][]domainFacts) map[string][]string {
+	by := map[string]map[string]bool{}
+	for name, facts := range domains {
+		for _, f := range facts {
+			for _, mac := range f.macs {
+				if by[mac] == nil {
+					by[mac] = map[string]bool{}
+				}
+				by[mac][name] = true
+			}
+		}
+	}
+	out := map[string][]string{}
+	for mac, names := range by {
+		if len(names) < 2 {
+			continue
+		}
+		list := slices.Sorted(maps.Keys(names))
+		if slices.ContainsFunc(list, func(n string) bool { return strings.HasPrefix(n, Prefix) && n != Prefix }) {
+			out[mac] = list
+		}
+	}
+	return out
 }
 
 // readDomainView reads domain name again into the view.

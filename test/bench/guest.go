@@ -273,8 +273,7 @@ func (g *guests) workerJob(ctx context.Context, name string) (job, error) {
 			watching = true
 			expect := ev.Time.Add(time.Duration(g.cfg.Sleep) * time.Second)
 			watch.Go(func(ctx context.Context) (exitTime, error) {
-				at, half, err := g.obs.watchExit(ctx, domain, ev.RunnerPID, expect)
-				return exitTime{at, half}, err
+				return watchResult(g.obs.watchExit(ctx, domain, ev.RunnerPID, expect))
 			})
 		}
 		if ev.State == messages.StateFailed {
@@ -315,6 +314,7 @@ func (g *guests) workerJob(ctx context.Context, name string) (job, error) {
 		"e2e":         ms(at(messages.StateTornDown).Sub(submitted)),
 	}}
 	if len(exits) == 1 {
+		exits[0] = exits[0].placed(at(messages.StateRunnerExited))
 		j.phases["noticed"] = ms(at(messages.StateRunnerExited).Sub(exits[0].at))
 		j.halfWidth = exits[0].half
 	}
@@ -388,6 +388,31 @@ var errFollowed = errors.New("the job ended")
 type exitTime struct {
 	at   time.Time
 	half time.Duration
+	// cut: the watcher lost the guest (the job's teardown went first,
+	// as on a loaded machine) before it saw the exit, which lies after
+	// at, the watcher's last look less its lag; placed is then the
+	// caller's to do, with the moment the exit was noticed as the upper
+	// bound.
+	cut bool
+}
+
+// watchResult is an exit watcher's outcome as an exitTime.
+func watchResult(at time.Time, half time.Duration, err error) (exitTime, error) {
+	var cut *watchCut
+	if errors.As(err, &cut) {
+		return exitTime{at: cut.after, cut: true}, nil
+	}
+	return exitTime{at: at, half: half}, err
+}
+
+// placed returns the exit placed in the middle of [e.at, noticed] when
+// the watcher was cut off.
+func (e exitTime) placed(noticed time.Time) exitTime {
+	if !e.cut || noticed.Before(e.at) {
+		return e
+	}
+	half := noticed.Sub(e.at) / 2
+	return exitTime{at: e.at.Add(half), half: half}
 }
 
 func states(seen map[messages.State]messages.Event) []messages.State {
@@ -443,8 +468,7 @@ func (g *guests) virshJob(ctx context.Context, name string) (job, error) {
 			}
 			expect := time.Now().Add(time.Duration(g.cfg.Sleep) * time.Second)
 			watch.Go(func(ctx context.Context) (exitTime, error) {
-				at, half, err := g.obs.watchExit(ctx, domain, pid, expect)
-				return exitTime{at, half}, err
+				return watchResult(g.obs.watchExit(ctx, domain, pid, expect))
 			})
 		}
 	}
@@ -479,6 +503,7 @@ func (g *guests) virshJob(ctx context.Context, name string) (job, error) {
 		"destroy":     dur("destroy"),
 	}}
 	if len(exits) == 1 {
+		exits[0] = exits[0].placed(steps["exit"][1])
 		j.phases["noticed"] = ms(steps["exit"][1].Sub(exits[0].at))
 		j.halfWidth = exits[0].half
 	}

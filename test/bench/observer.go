@@ -101,6 +101,27 @@ func (o *observer) domainStopped(domain string) (time.Time, bool) {
 	return t, ok
 }
 
+// waitStopped reports whether domain stops within d: an agent call that
+// failed as the domain was destroyed returns before libvirt's event.
+func (o *observer) waitStopped(ctx context.Context, domain string, d time.Duration) bool {
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.NewTimer(d)
+	defer deadline.Stop()
+	for {
+		if _, ok := o.domainStopped(domain); ok {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-deadline.C:
+			return false
+		case <-tick.C:
+		}
+	}
+}
+
 // close ends the subscriptions and the connection.
 func (o *observer) close() {
 	o.stop()
@@ -120,6 +141,14 @@ const (
 	// per round) between looks, which takes up to about 11 ms under TCG.
 	watcherLag = 15 * time.Millisecond
 )
+
+// watchCut is watchExit's error when the domain stopped before the
+// watcher saw the runner's exit, which lies after after.
+type watchCut struct{ after time.Time }
+
+func (c *watchCut) Error() string {
+	return fmt.Sprintf("the guest stopped before its exit watcher saw the runner exit (after %s)", c.after.Format(time.StampMilli))
+}
 
 // watchExit tells when the guest process pid of domain (a runner, as
 // guest-exec started it) exited. It starts a watcher in the guest through
@@ -158,6 +187,9 @@ func (o *observer) watchExit(ctx context.Context, domain string, pid int, expect
 		st, err := o.agent.Status(ctx, domain, wpid)
 		answered := time.Now()
 		if err != nil {
+			if !first && o.waitStopped(ctx, domain, 3*time.Second) {
+				return time.Time{}, 0, &watchCut{after: running.Add(-watcherLag)}
+			}
 			return time.Time{}, 0, fmt.Errorf("exit watcher in %s: %w", domain, err)
 		}
 		if st.Exited {

@@ -313,15 +313,18 @@ func (g *guests) workerJob(ctx context.Context, name string) (job, error) {
 		"gone":        ms(at(messages.StateTornDown).Sub(at(messages.StateRunnerExited))),
 		"e2e":         ms(at(messages.StateTornDown).Sub(submitted)),
 	}}
+	known := false
 	if len(exits) == 1 {
-		exits[0] = exits[0].placed(at(messages.StateRunnerExited))
+		exits[0], known = exits[0].placed(at(messages.StateRunnerExited))
+	}
+	if known {
 		j.phases["noticed"] = ms(at(messages.StateRunnerExited).Sub(exits[0].at))
 		j.halfWidth = exits[0].half
 	}
 	if err := g.gone(domain); err != nil {
 		return job{}, err
 	}
-	if stopped, ok := g.obs.domainStopped(domain); ok && len(exits) == 1 && seen[messages.StateAccepted].Time.After(submitted) {
+	if stopped, ok := g.obs.domainStopped(domain); ok && known && seen[messages.StateAccepted].Time.After(submitted) {
 		ownOverhead(j.phases, submitted, connected, exits[0].at, stopped, seen)
 	}
 	return j, nil
@@ -406,13 +409,18 @@ func watchResult(at time.Time, half time.Duration, err error) (exitTime, error) 
 }
 
 // placed returns the exit placed in the middle of [e.at, noticed] when
-// the watcher was cut off.
-func (e exitTime) placed(noticed time.Time) exitTime {
-	if !e.cut || noticed.Before(e.at) {
-		return e
+// the watcher was cut off; false when that interval is empty (the
+// watcher, slowed down in a loaded guest, looked last after the exit
+// was noticed), so that the exit is not known.
+func (e exitTime) placed(noticed time.Time) (exitTime, bool) {
+	if !e.cut {
+		return e, true
+	}
+	if noticed.Before(e.at) {
+		return exitTime{}, false
 	}
 	half := noticed.Sub(e.at) / 2
-	return exitTime{at: e.at.Add(half), half: half}
+	return exitTime{at: e.at.Add(half), half: half}, true
 }
 
 func states(seen map[messages.State]messages.Event) []messages.State {
@@ -503,7 +511,12 @@ func (g *guests) virshJob(ctx context.Context, name string) (job, error) {
 		"destroy":     dur("destroy"),
 	}}
 	if len(exits) == 1 {
-		exits[0] = exits[0].placed(steps["exit"][1])
+		var known bool
+		if exits[0], known = exits[0].placed(steps["exit"][1]); !known {
+			exits = nil
+		}
+	}
+	if len(exits) == 1 {
 		j.phases["noticed"] = ms(steps["exit"][1].Sub(exits[0].at))
 		j.halfWidth = exits[0].half
 	}

@@ -354,7 +354,7 @@ func (r *Report) sched(p printer) {
 		"last `torn_down`; in windows of 100 jobs, the rate of each 100 jobs in a row to end. **Slot utilisation** is busy slot time ÷ "+
 		"(slots × that wall time), busy slot time integrated from the worker's operations in flight (`Worker.Stats`) sampled every "+
 		"millisecond; *while queued* stops at the last `runner_started`, when no request waits any more (after it, runners that "+
-		"exited wait for the 2 s watch tick). In turn with each worker run, the same libvirt operations run as **bare calls** in a "+
+		"exited wait for the next runner poll, every 200 ms). In turn with each worker run, the same libvirt operations run as **bare calls** in a "+
 		"tight loop on one connection at the same parallelism (create the overlay volume, define, start, destroy, undefine, delete "+
 		"the volume, definitions made beforehand; 3 runs of %d jobs) and through the **provisioner** (`provision.Clone`, `Start`, "+
 		"`Remove`; 1 run of %d jobs). One worker run of %d jobs per parallelism; the worker ÷ bare and worker ÷ provisioner "+
@@ -382,7 +382,7 @@ func (r *Report) sched(p printer) {
 			format(ws.Median/bs.Median, 3), ps.Cell(1), format(ws.Median/ps.Median, 2))
 	}
 	p("\nThe provisioner's loop has at most as many machines on the host as it has goroutines; the worker has many more, as " +
-		"the runners it sees exited wait for the next watch tick (machines at most).\n\n")
+		"its runners' exits are seen at the next runner poll, every 200 ms (machines at most).\n\n")
 	p("**Among other machines.** The provisioner's loop of %d jobs at parallelism %d, and the worker with %d jobs at the same "+
 		"parallelism, on a host with other running machines (those of another host id, made by the provisioner, each with its "+
 		"disk volume in the pool: Clone must give no MAC address they have, Remove must delete nothing they use). The provisioner "+

@@ -387,8 +387,8 @@ func (r *Report) sched(p printer) {
 		"parallelism, on a host with other running machines (those of another host id, made by the provisioner, each with its "+
 		"disk volume in the pool: Clone must give no MAC address they have, Remove must delete nothing they use). The provisioner "+
 		"runs with its host view kept by `Watch` (libvirt's domain events and a full check every 30 s), as the worker runs it, "+
-		"and scanning the host on every Clone and Remove, as it did before it had one. %d rounds, the numbers of machines in "+
-		"turn in each; jobs/s, and ÷ the same round's rate among none:\n\n",
+		"and scanning the host on every Clone and Remove, as it did before it had one (in the first round only). %d rounds, the "+
+		"numbers of machines in turn in each; jobs/s, and ÷ the same round's rate among none:\n\n",
 		s.ScalingJobs, s.ScalingParallelism, s.WorkerAmongJobs, s.ScalingRounds)
 	ns := sortedKeys(s.Scaling)
 	p("| other machines on the host |")

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -351,7 +353,7 @@ func loadConfig(name string, args []string) (Config, *flag.FlagSet, error) {
 		}
 		cfg.from[f.Name] = fmt.Sprintf("config file %s, key %s", cfg.ConfigFile, f.Name)
 		if err := setFromFile(f, v); err != nil {
-			errs = append(errs, fmt.Errorf("config file %s: %s = %s: invalid value: %w", cfg.ConfigFile, f.Name, fileValue(v), err))
+			errs = append(errs, fmt.Errorf("config file %s: %s = %s: invalid value: %w", cfg.ConfigFile, f.Name, tomlValue(v), err))
 		}
 	})
 	// The secrets of NATSAuth come from the environment only.
@@ -395,7 +397,7 @@ func setFromFile(f *flag.Flag, v any) error {
 		for _, e := range x {
 			str, ok := e.(string)
 			if !ok {
-				return fmt.Errorf("list entry %s is not a string", fileValue(e))
+				return fmt.Errorf("list entry %s is not a string", tomlValue(e))
 			}
 			if err := l.Set(str); err != nil {
 				return err
@@ -404,21 +406,6 @@ func setFromFile(f *flag.Flag, v any) error {
 		return nil
 	}
 	return fmt.Errorf("a %T is not a value of this setting", v)
-}
-
-// fileValue writes a value of the config file as TOML does.
-func fileValue(v any) string {
-	switch x := v.(type) {
-	case string:
-		return tomlString(x)
-	case []any:
-		items := make([]string, len(x))
-		for i, e := range x {
-			items[i] = fileValue(e)
-		}
-		return "[" + strings.Join(items, ", ") + "]"
-	}
-	return fmt.Sprint(v)
 }
 
 // plainError says what the flag package's "parse error" means.
@@ -596,4 +583,74 @@ func (c *Config) consoleCapture() string {
 		return ""
 	}
 	return c.ConsoleDir
+}
+
+const configUsage = `usage: worker config [worker run flags]
+
+Prints the configuration "worker run" would start with, from its flags,
+environment variables (STRETCHY_...) and config file (--config or
+STRETCHY_CONFIG), in this order of precedence over the defaults, as a
+TOML file that --config accepts. Credentials in URLs are masked; secrets
+(STRETCHY_NATS_PASSWORD, STRETCHY_NATS_TOKEN) are never printed. An
+invalid value from any source is an error naming it.
+`
+
+func configCommand(args []string) error {
+	if slices.Contains(args, "-h") || slices.Contains(args, "--help") || slices.Contains(args, "-help") {
+		fmt.Fprint(os.Stderr, configUsage)
+	}
+	_, fs, err := loadConfig("worker config", args)
+	if err != nil {
+		return err
+	}
+	return printConfig(os.Stdout, fs)
+}
+
+// printConfig writes every setting of fs but --config as TOML, through
+// the same package that reads --config, so what it prints loads back.
+func printConfig(w io.Writer, fs *flag.FlagSet) error {
+	settings := map[string]any{}
+	fs.VisitAll(func(f *flag.Flag) {
+		if f.Name == "config" {
+			return
+		}
+		settings[f.Name] = settingValue(f)
+	})
+	var b bytes.Buffer
+	b.WriteString("# worker run's effective configuration (flag, then environment, then file, then default)\n")
+	if err := toml.NewEncoder(&b).Encode(settings); err != nil {
+		return fmt.Errorf("worker config: %w", err)
+	}
+	_, err := w.Write(b.Bytes())
+	return err
+}
+
+// settingValue is a flag's value as the config file holds it: a list as
+// an array of strings, an integer or boolean as itself, anything else
+// (durations, sizes, URLs with their credentials masked) as the string
+// the flag takes.
+func settingValue(f *flag.Flag) any {
+	switch x := f.Value.(type) {
+	case listValue:
+		return append([]string{}, x.items()...)
+	case flag.Getter:
+		switch v := x.Get().(type) {
+		case int, bool:
+			return v
+		}
+	}
+	if f.Name == "nats-url" {
+		return redactURL(f.Value.String())
+	}
+	return f.Value.String()
+}
+
+// tomlValue writes one value as TOML does, for messages that quote a
+// setting of the config file.
+func tomlValue(v any) string {
+	var b bytes.Buffer
+	if err := toml.NewEncoder(&b).Encode(map[string]any{"v": v}); err != nil {
+		return fmt.Sprint(v)
+	}
+	return strings.TrimSuffix(strings.TrimPrefix(b.String(), "v = "), "\n")
 }

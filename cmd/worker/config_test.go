@@ -300,7 +300,7 @@ func TestConsoleCapture(t *testing.T) {
 func TestConfigPrint(t *testing.T) {
 	clearEnv(t)
 	t.Setenv("STRETCHY_NATS_URL", "nats://user:hunter2@nats1:4222")
-	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--warm", "win-11=2,debian-12=1", "--min-free-space", "5GiB", "--parallelism", "4",
+	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--images", `odd"name\\`, "--warm", "win-11=2,debian-12=1", "--min-free-space", "5GiB", "--parallelism", "4",
 		"--host-memory", "65536", "--console-dir", "/srv/c", "--max-hold", "15m"})
 	if err != nil {
 		t.Fatal(err)
@@ -315,7 +315,7 @@ func TestConfigPrint(t *testing.T) {
 			t.Fatalf("the printed configuration shows a secret:\n%s", out)
 		}
 	}
-	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*"]`, `warm = ["debian-12=1", "win-11=2"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`,
+	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*", "odd\"name\\\\"]`, `warm = ["debian-12=1", "win-11=2"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`,
 		"host-memory = 65536", "max-vcpus-per-machine = 0", `console-dir = "/srv/c"`, `max-hold = "15m0s"`} {
 		if !strings.Contains(out, want) {
 			t.Errorf("missing %q in:\n%s", want, out)

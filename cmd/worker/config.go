@@ -145,8 +145,21 @@ func (p *patterns) Set(v string) error {
 	return nil
 }
 
-// warmPools are the warm pools of a host: a list of image=N.
-type warmPools map[string]int
+// warmPools are the warm pools of a host: a list of image=N, or
+// image=N:saved for a pool whose idle machines wait saved to disk.
+type warmPools map[string]warmPool
+
+// warmPool is one image's pool.
+type warmPool struct {
+	n     int
+	saved bool
+}
+
+// Warm pool modes, after image=N: (docs/protocol.md 6.7).
+const (
+	warmMemory = "memory" // idle machines run (the default)
+	warmSaved  = "saved"  // idle machines are saved to disk by libvirt
+)
 
 func (w *warmPools) String() string { return strings.Join(w.items(), ",") }
 
@@ -154,8 +167,12 @@ func (w *warmPools) reset() { *w = nil }
 
 func (w *warmPools) items() []string {
 	var parts []string
-	for image, n := range *w {
-		parts = append(parts, fmt.Sprintf("%s=%d", image, n))
+	for image, p := range *w {
+		part := fmt.Sprintf("%s=%d", image, p.n)
+		if p.saved {
+			part += ":" + warmSaved
+		}
+		parts = append(parts, part)
 	}
 	slices.Sort(parts)
 	return parts
@@ -163,10 +180,30 @@ func (w *warmPools) items() []string {
 
 func (w warmPools) total() int {
 	n := 0
-	for _, c := range w {
-		n += c
+	for _, p := range w {
+		n += p.n
 	}
 	return n
+}
+
+// ready is how many idle machines each pool keeps.
+func (w warmPools) ready() map[string]int {
+	r := make(map[string]int, len(w))
+	for image, p := range w {
+		r[image] = p.n
+	}
+	return r
+}
+
+// saved are the images whose pools are saved.
+func (w warmPools) saved() map[string]bool {
+	r := map[string]bool{}
+	for image, p := range w {
+		if p.saved {
+			r[image] = true
+		}
+	}
+	return r
 }
 
 func (w *warmPools) Set(v string) error {
@@ -177,12 +214,18 @@ func (w *warmPools) Set(v string) error {
 		if s = strings.TrimSpace(s); s == "" {
 			continue
 		}
-		image, count, ok := strings.Cut(s, "=")
+		image, rest, ok := strings.Cut(s, "=")
+		count, mode, _ := strings.Cut(rest, ":")
 		n, err := strconv.Atoi(count)
 		if !ok || err != nil || n < 0 || n > 64 || !messages.ValidImage(image) {
-			return fmt.Errorf("%q is not image=N, an image name and 0 to 64 machines", s)
+			return fmt.Errorf("%q is not image=N or image=N:MODE, an image name and 0 to 64 machines", s)
 		}
-		(*w)[image] = n
+		switch mode {
+		case "", warmMemory, warmSaved:
+		default:
+			return fmt.Errorf("%q: the pool's mode %q is not %s or %s", s, mode, warmMemory, warmSaved)
+		}
+		(*w)[image] = warmPool{n: n, saved: mode == warmSaved}
 	}
 	return nil
 }
@@ -269,7 +312,8 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.Var(&c.Images, "images", "shell patterns of the image domains this host serves, comma separated or repeated; default every valid image (STRETCHY_IMAGES)")
 	c.MinFreeSpace = defaultMinFreeSpace
 	fs.Var(&c.MinFreeSpace, "min-free-space", "free space every pool of an image needs for this host to clone it, such as 2GiB (STRETCHY_MIN_FREE_SPACE)")
-	fs.Var(&c.Warm, "warm", "warm pools: image=N keeps N machines of the image booted and idle for jobs, comma separated or repeated (STRETCHY_WARM)")
+	fs.Var(&c.Warm, "warm", "warm pools: image=N keeps N machines of the image booted and idle for jobs, comma separated or repeated; "+
+		"image=N:saved keeps them saved to disk by libvirt once booted, holding no memory, restored for a job (STRETCHY_WARM)")
 	fs.DurationVar(&c.WarmMaxAge, "warm-max-age", time.Hour, "an idle warm machine this old is replaced; 0 keeps it (STRETCHY_WARM_MAX_AGE)")
 	fs.StringVar(&c.KeysDir, "keys-dir", defaultKeysDir, "directory of the keys sealed runner secrets are opened with (worker keys); a missing directory holds none (STRETCHY_KEYS_DIR)")
 	fs.BoolVar(&c.RequireSealed, "require-sealed-secrets", false, "refuse provisions whose runner secret is in the clear (secret_not_sealed); needs a key in --keys-dir (STRETCHY_REQUIRE_SEALED_SECRETS)")

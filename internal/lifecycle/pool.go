@@ -24,6 +24,11 @@ import (
 // RetireOnClose is set. Refills take an operation slot only when one is
 // free that no request needs (Slots.TryAcquire), and only for the clone
 // and the boot, not while the guest boots.
+//
+// A saved pool's idle machines (PoolConfig.Saved) wait saved to disk, not
+// running: each is booted once, its clock set, and saved (savedPrepare);
+// a job binds it while saved, and it is restored, bound again and its
+// clock set before its runner starts (savedBind).
 
 // WarmMachines is what warm pools need of libvirt beyond Machines.
 // *provision.Provisioner implements it.

@@ -244,3 +244,47 @@ func TestSavedMachineRestoreFailure(t *testing.T) {
 	}
 	waitFor(t, func() bool { return fx.fm.count() == 0 && fx.m.Active() == 0 })
 }
+
+// TestReconcileSavedWarmMachines: after a restart an idle saved machine
+// is retired like an idle running one, and one a job bound while it was
+// saved, whose job published nothing yet, is removed as half-built (the
+// request comes again); the new process's saved pool is built anew.
+func TestReconcileSavedWarmMachines(t *testing.T) {
+	fx, ag, clk := savedPoolFixture(t, 2, 6)
+	poolTick(t, fx.m)
+	idle := warmKeys(fx.fm, false)
+	if len(idle) != 2 {
+		t.Fatalf("idle saved machines %v, want 2", idle)
+	}
+	// A binding recorded while saved, by a process that died then.
+	if _, err := fx.fm.Bind(context.Background(), idle[1], provision.Binding{JobID: "cut"}); err != nil {
+		t.Fatal(err)
+	}
+	m2 := New(Config{Host: "h1", Machines: fx.fm, Events: fx.rec, History: fx.rec, Agent: ag, Now: fx.clk.Now,
+		Pool: &PoolConfig{Machines: fx.fm, Ready: map[string]int{"debian": 2}, Saved: map[string]bool{"debian": true}, Clock: clk, MaxVMs: 6}})
+	defer m2.Close()
+	if err := m2.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	tickAll(t, m2)
+	for _, key := range idle {
+		if _, ok := fx.fm.machine(key); ok {
+			t.Fatalf("saved machine %s is still there after the restart", key)
+		}
+	}
+	if last := lastMachineEvent(fx.rec, idle[0]); last.Reason != messages.ReasonReconcile {
+		t.Fatalf("the idle saved machine ended with %+v, want retired for reconcile", last)
+	}
+	if evs := eventsOfJob(fx.rec, "cut"); len(evs) != 0 {
+		t.Fatalf("the half-bound job has events %v", evs)
+	}
+	poolTick(t, m2)
+	if got := warmKeys(fx.fm, false); len(got) != 2 {
+		t.Fatalf("the new process's pool holds %v, want 2", got)
+	}
+	for _, key := range warmKeys(fx.fm, false) {
+		if m, _ := fx.fm.machine(key); m.Running {
+			t.Fatalf("the new pool's machine %s runs, want it saved", key)
+		}
+	}
+}

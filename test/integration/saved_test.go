@@ -58,7 +58,11 @@ func TestSavedWarmPoolServesJobs(t *testing.T) {
 	submitted := time.Now()
 	submitOn(t, js, host, req)
 	ev := events.waitState(t, job, messages.StateRunnerStarted, 2*bootWait)
+	// For the reader of -v, not timing assertions.
 	t.Logf("job %s: request → runner_started %v (warm %v)", job, ev.Time.Sub(submitted).Round(time.Millisecond), ev.Warm)
+	for _, e := range events.of(job) {
+		t.Logf("  %s phase_ms %d", e.State, e.PhaseMS)
+	}
 	if !ev.Warm || ev.Machine != key {
 		t.Fatalf("the job's runner_started %+v: want it on the saved machine %s; events:\n%s", ev, key, events.dump())
 	}

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
 // Report is everything one run of the bench command measured.
@@ -475,6 +477,15 @@ func (r *Report) warmPools(p printer) {
 	if len(w.Saved) > 0 {
 		p("| RAM held per idle saved machine (the VmRSS of its QEMU processes; none runs) | %s MiB |\n", Summarize(w.SavedRSS).Cell(1))
 		p("| disk held per idle saved machine (its save file in /var/lib/libvirt/qemu/save) | %s MiB |\n", Summarize(w.SaveFile).Cell(0))
+		for _, st := range savedPhaseStates {
+			what := map[messages.State]string{
+				messages.StateAccepted:      "request → `accepted` (queueing, the claim, the binding while saved)",
+				messages.StateRunning:       "`running`'s phase: the restore, and the binding of the running machine",
+				messages.StateAgentReady:    "`agent_ready`'s phase: the guest agent after the restore, and its clock set",
+				messages.StateRunnerStarted: "`runner_started`'s phase: the runner's preparation and launch",
+			}[st]
+			p("| saved job: %s | %s ms |\n", what, Summarize(w.SavedPhases[st]).Cell(0))
+		}
 	}
 	p("\n")
 }

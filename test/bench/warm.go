@@ -46,6 +46,11 @@ type WarmResult struct {
 	// saved machine, sampled before each saved job once it was saved, in
 	// MiB (0: no process); SaveFile the size of its save file, in MiB.
 	SavedRSS, SaveFile []float64
+	// SavedPhases are, per saved job, the phase_ms of its events that
+	// tell where its time went: running (the restore), agent_ready (the
+	// agent, the clock) and runner_started (the runner's preparation and
+	// launch), by state.
+	SavedPhases map[messages.State][]float64
 	// Refill is, per warm job, from its accepted event to agent_ready of
 	// the machine that took its place in the pool, in ms.
 	Refill []float64
@@ -274,6 +279,14 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 			return nil, err
 		}
 		res.Saved, res.SavedBound = append(res.Saved, ms(sv)), append(res.SavedBound, sstarted.Warm)
+		if res.SavedPhases == nil {
+			res.SavedPhases = map[messages.State][]float64{}
+		}
+		for _, st := range savedPhaseStates {
+			if ev, ok := lastOf(book.all(), sstarted.JobID, st); ok {
+				res.SavedPhases[st] = append(res.SavedPhases[st], float64(ev.PhaseMS))
+			}
+		}
 		saccepted, _ := lastOf(book.all(), sstarted.JobID, messages.StateAccepted)
 		if _, err := refilledAfter(savedHost, saccepted); err != nil {
 			return nil, err
@@ -286,11 +299,15 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 			return nil, err
 		}
 		res.Cold = append(res.Cold, ms(c))
-		cfg.Log("warm pools %d/%d: warm %.0f ms (bound %v), saved %.0f ms (bound %v), cold %.0f ms, refill %.1f s, idle QEMU %.0f MiB, idle saved %.1f MiB",
-			i+1, cfg.Jobs, ms(w), started.Warm, ms(sv), sstarted.Warm, ms(c), res.Refill[i]/1000, rss, srss)
+		cfg.Log("warm pools %d/%d: warm %.0f ms (bound %v), saved %.0f ms (bound %v; restore %v ms), cold %.0f ms, refill %.1f s, idle QEMU %.0f MiB, idle saved %.1f MiB",
+			i+1, cfg.Jobs, ms(w), started.Warm, ms(sv), sstarted.Warm, res.SavedPhases[messages.StateRunning], ms(c), res.Refill[i]/1000, rss, srss)
 	}
 	return res, nil
 }
+
+// savedPhaseStates are the events whose phase_ms tell a saved job's
+// parts.
+var savedPhaseStates = []messages.State{messages.StateAccepted, messages.StateRunning, messages.StateAgentReady, messages.StateRunnerStarted}
 
 // lastOf returns the newest event of job in one of states.
 func lastOf(evs []messages.Event, job string, states ...messages.State) (messages.Event, bool) {

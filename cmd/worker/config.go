@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -143,8 +145,21 @@ func (p *patterns) Set(v string) error {
 	return nil
 }
 
-// warmPools are the warm pools of a host: a list of image=N.
-type warmPools map[string]int
+// warmPools are the warm pools of a host: a list of image=N, or
+// image=N:saved for a pool whose idle machines wait saved to disk.
+type warmPools map[string]warmPool
+
+// warmPool is one image's pool.
+type warmPool struct {
+	n     int
+	saved bool
+}
+
+// Warm pool modes, after image=N: (docs/protocol.md 6.7).
+const (
+	warmMemory = "memory" // idle machines run (the default)
+	warmSaved  = "saved"  // idle machines are saved to disk by libvirt
+)
 
 func (w *warmPools) String() string { return strings.Join(w.items(), ",") }
 
@@ -152,8 +167,12 @@ func (w *warmPools) reset() { *w = nil }
 
 func (w *warmPools) items() []string {
 	var parts []string
-	for image, n := range *w {
-		parts = append(parts, fmt.Sprintf("%s=%d", image, n))
+	for image, p := range *w {
+		part := fmt.Sprintf("%s=%d", image, p.n)
+		if p.saved {
+			part += ":" + warmSaved
+		}
+		parts = append(parts, part)
 	}
 	slices.Sort(parts)
 	return parts
@@ -161,10 +180,30 @@ func (w *warmPools) items() []string {
 
 func (w warmPools) total() int {
 	n := 0
-	for _, c := range w {
-		n += c
+	for _, p := range w {
+		n += p.n
 	}
 	return n
+}
+
+// ready is how many idle machines each pool keeps.
+func (w warmPools) ready() map[string]int {
+	r := make(map[string]int, len(w))
+	for image, p := range w {
+		r[image] = p.n
+	}
+	return r
+}
+
+// saved are the images whose pools are saved.
+func (w warmPools) saved() map[string]bool {
+	r := map[string]bool{}
+	for image, p := range w {
+		if p.saved {
+			r[image] = true
+		}
+	}
+	return r
 }
 
 func (w *warmPools) Set(v string) error {
@@ -175,12 +214,18 @@ func (w *warmPools) Set(v string) error {
 		if s = strings.TrimSpace(s); s == "" {
 			continue
 		}
-		image, count, ok := strings.Cut(s, "=")
+		image, rest, ok := strings.Cut(s, "=")
+		count, mode, _ := strings.Cut(rest, ":")
 		n, err := strconv.Atoi(count)
 		if !ok || err != nil || n < 0 || n > 64 || !messages.ValidImage(image) {
-			return fmt.Errorf("%q is not image=N, an image name and 0 to 64 machines", s)
+			return fmt.Errorf("%q is not image=N or image=N:MODE, an image name and 0 to 64 machines", s)
 		}
-		(*w)[image] = n
+		switch mode {
+		case "", warmMemory, warmSaved:
+		default:
+			return fmt.Errorf("%q: the pool's mode %q is not %s or %s", s, mode, warmMemory, warmSaved)
+		}
+		(*w)[image] = warmPool{n: n, saved: mode == warmSaved}
 	}
 	return nil
 }
@@ -267,7 +312,8 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.Var(&c.Images, "images", "shell patterns of the image domains this host serves, comma separated or repeated; default every valid image (STRETCHY_IMAGES)")
 	c.MinFreeSpace = defaultMinFreeSpace
 	fs.Var(&c.MinFreeSpace, "min-free-space", "free space every pool of an image needs for this host to clone it, such as 2GiB (STRETCHY_MIN_FREE_SPACE)")
-	fs.Var(&c.Warm, "warm", "warm pools: image=N keeps N machines of the image booted and idle for jobs, comma separated or repeated (STRETCHY_WARM)")
+	fs.Var(&c.Warm, "warm", "warm pools: image=N keeps N machines of the image booted and idle for jobs, comma separated or repeated; "+
+		"image=N:saved keeps them saved to disk by libvirt once booted, holding no memory, restored for a job (STRETCHY_WARM)")
 	fs.DurationVar(&c.WarmMaxAge, "warm-max-age", time.Hour, "an idle warm machine this old is replaced; 0 keeps it (STRETCHY_WARM_MAX_AGE)")
 	fs.StringVar(&c.KeysDir, "keys-dir", defaultKeysDir, "directory of the keys sealed runner secrets are opened with (worker keys); a missing directory holds none (STRETCHY_KEYS_DIR)")
 	fs.BoolVar(&c.RequireSealed, "require-sealed-secrets", false, "refuse provisions whose runner secret is in the clear (secret_not_sealed); needs a key in --keys-dir (STRETCHY_REQUIRE_SEALED_SECRETS)")
@@ -351,7 +397,7 @@ func loadConfig(name string, args []string) (Config, *flag.FlagSet, error) {
 		}
 		cfg.from[f.Name] = fmt.Sprintf("config file %s, key %s", cfg.ConfigFile, f.Name)
 		if err := setFromFile(f, v); err != nil {
-			errs = append(errs, fmt.Errorf("config file %s: %s = %s: invalid value: %w", cfg.ConfigFile, f.Name, fileValue(v), err))
+			errs = append(errs, fmt.Errorf("config file %s: %s = %s: invalid value: %w", cfg.ConfigFile, f.Name, tomlValue(v), err))
 		}
 	})
 	// The secrets of NATSAuth come from the environment only.
@@ -395,7 +441,7 @@ func setFromFile(f *flag.Flag, v any) error {
 		for _, e := range x {
 			str, ok := e.(string)
 			if !ok {
-				return fmt.Errorf("list entry %s is not a string", fileValue(e))
+				return fmt.Errorf("list entry %s is not a string", tomlValue(e))
 			}
 			if err := l.Set(str); err != nil {
 				return err
@@ -404,21 +450,6 @@ func setFromFile(f *flag.Flag, v any) error {
 		return nil
 	}
 	return fmt.Errorf("a %T is not a value of this setting", v)
-}
-
-// fileValue writes a value of the config file as TOML does.
-func fileValue(v any) string {
-	switch x := v.(type) {
-	case string:
-		return tomlString(x)
-	case []any:
-		items := make([]string, len(x))
-		for i, e := range x {
-			items[i] = fileValue(e)
-		}
-		return "[" + strings.Join(items, ", ") + "]"
-	}
-	return fmt.Sprint(v)
 }
 
 // plainError says what the flag package's "parse error" means.
@@ -596,4 +627,74 @@ func (c *Config) consoleCapture() string {
 		return ""
 	}
 	return c.ConsoleDir
+}
+
+const configUsage = `usage: worker config [worker run flags]
+
+Prints the configuration "worker run" would start with, from its flags,
+environment variables (STRETCHY_...) and config file (--config or
+STRETCHY_CONFIG), in this order of precedence over the defaults, as a
+TOML file that --config accepts. Credentials in URLs are masked; secrets
+(STRETCHY_NATS_PASSWORD, STRETCHY_NATS_TOKEN) are never printed. An
+invalid value from any source is an error naming it.
+`
+
+func configCommand(args []string) error {
+	if slices.Contains(args, "-h") || slices.Contains(args, "--help") || slices.Contains(args, "-help") {
+		fmt.Fprint(os.Stderr, configUsage)
+	}
+	_, fs, err := loadConfig("worker config", args)
+	if err != nil {
+		return err
+	}
+	return printConfig(os.Stdout, fs)
+}
+
+// printConfig writes every setting of fs but --config as TOML, through
+// the same package that reads --config, so what it prints loads back.
+func printConfig(w io.Writer, fs *flag.FlagSet) error {
+	settings := map[string]any{}
+	fs.VisitAll(func(f *flag.Flag) {
+		if f.Name == "config" {
+			return
+		}
+		settings[f.Name] = settingValue(f)
+	})
+	var b bytes.Buffer
+	b.WriteString("# worker run's effective configuration (flag, then environment, then file, then default)\n")
+	if err := toml.NewEncoder(&b).Encode(settings); err != nil {
+		return fmt.Errorf("worker config: %w", err)
+	}
+	_, err := w.Write(b.Bytes())
+	return err
+}
+
+// settingValue is a flag's value as the config file holds it: a list as
+// an array of strings, an integer or boolean as itself, anything else
+// (durations, sizes, URLs with their credentials masked) as the string
+// the flag takes.
+func settingValue(f *flag.Flag) any {
+	switch x := f.Value.(type) {
+	case listValue:
+		return append([]string{}, x.items()...)
+	case flag.Getter:
+		switch v := x.Get().(type) {
+		case int, bool:
+			return v
+		}
+	}
+	if f.Name == "nats-url" {
+		return redactURL(f.Value.String())
+	}
+	return f.Value.String()
+}
+
+// tomlValue writes one value as TOML does, for messages that quote a
+// setting of the config file.
+func tomlValue(v any) string {
+	var b bytes.Buffer
+	if err := toml.NewEncoder(&b).Encode(map[string]any{"v": v}); err != nil {
+		return fmt.Sprint(v)
+	}
+	return strings.TrimSuffix(strings.TrimPrefix(b.String(), "v = "), "\n")
 }

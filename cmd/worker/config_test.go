@@ -132,6 +132,7 @@ func TestConfigBadValue(t *testing.T) {
 		{"file type", nil, `max-vms = 1.5`, nil, []string{`max-vms = 1.5: invalid value`}},
 		{"file list for one value", nil, `parallelism = [3]`, nil, []string{`parallelism = [3]: invalid value: a list where one value is expected`}},
 		{"file list entry", nil, `warm = ["debian-12"]`, nil, []string{`warm = ["debian-12"]: invalid value: "debian-12" is not image=N`}},
+		{"warm pool mode", nil, `warm = ["debian-12=2:paused"]`, nil, []string{`"debian-12=2:paused": the pool's mode "paused" is not memory or saved`}},
 		{"file list entry type", nil, `images = ["debian-*", 12]`, nil, []string{`images = ["debian-*", 12]: invalid value: list entry 12 is not a string`}},
 		{"file unknown key", nil, `paralelism = 4`, nil, []string{`unknown setting "paralelism"`}},
 		{"file syntax", nil, `parallelism = `, nil, []string{"config file"}},
@@ -253,6 +254,7 @@ func TestConfigLists(t *testing.T) {
 		{"one-entry arrays", `images = ["debian-*"]` + "\n" + `warm = ["debian-12=2"]`, nil, "debian-*", "debian-12=2"},
 		{"empty arrays", "images = []\nwarm = []", nil, "", ""},
 		{"entries with commas", `warm = ["debian-12=2,ubuntu-24.04=1"]`, nil, "", "debian-12=2,ubuntu-24.04=1"},
+		{"pool modes", `warm = ["debian-12=2:saved", "ubuntu-24.04=1:memory"]`, nil, "", "debian-12=2:saved,ubuntu-24.04=1"},
 		{"the environment replaces the file's", `images = ["debian-*"]` + "\n" + `warm = ["debian-12=2"]`,
 			map[string]string{"STRETCHY_IMAGES": "win11-*", "STRETCHY_WARM": "win11-24h2=1"}, "win11-*", "win11-24h2=1"},
 	}
@@ -300,7 +302,7 @@ func TestConsoleCapture(t *testing.T) {
 func TestConfigPrint(t *testing.T) {
 	clearEnv(t)
 	t.Setenv("STRETCHY_NATS_URL", "nats://user:hunter2@nats1:4222")
-	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--warm", "win-11=2,debian-12=1", "--min-free-space", "5GiB", "--parallelism", "4",
+	c, fs, err := loadConfig("worker run", []string{"--images", "win-*", "--images", `odd"name\\`, "--warm", "win-11=2:saved,debian-12=1", "--min-free-space", "5GiB", "--parallelism", "4",
 		"--host-memory", "65536", "--console-dir", "/srv/c", "--max-hold", "15m"})
 	if err != nil {
 		t.Fatal(err)
@@ -315,7 +317,7 @@ func TestConfigPrint(t *testing.T) {
 			t.Fatalf("the printed configuration shows a secret:\n%s", out)
 		}
 	}
-	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*"]`, `warm = ["debian-12=1", "win-11=2"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`,
+	for _, want := range []string{`nats-url = "nats://REDACTED@nats1:4222"`, `images = ["win-*", "odd\"name\\\\"]`, `warm = ["debian-12=1", "win-11=2:saved"]`, `min-free-space = "5GiB"`, "parallelism = 4", `ack-wait = "30s"`,
 		"host-memory = 65536", "max-vcpus-per-machine = 0", `console-dir = "/srv/c"`, `max-hold = "15m0s"`} {
 		if !strings.Contains(out, want) {
 			t.Errorf("missing %q in:\n%s", want, out)

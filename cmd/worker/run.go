@@ -197,8 +197,8 @@ func runCommand(ctx context.Context, args []string) error {
 	})
 	var pool *lifecycle.PoolConfig
 	if len(cfg.Warm) > 0 {
-		pool = &lifecycle.PoolConfig{Machines: machines, Ready: cfg.Warm, MaxReadyAge: cfg.WarmMaxAge,
-			RetireOnClose: cfg.WarmRetire, MaxVMs: cfg.MaxVMs}
+		pool = &lifecycle.PoolConfig{Machines: machines, Ready: cfg.Warm.ready(), Saved: cfg.Warm.saved(), Clock: agent,
+			MaxReadyAge: cfg.WarmMaxAge, RetireOnClose: cfg.WarmRetire, MaxVMs: cfg.MaxVMs}
 	}
 	consoleDir := cfg.consoleCapture()
 	if consoleDir != "" {

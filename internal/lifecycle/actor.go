@@ -237,6 +237,9 @@ type record struct {
 	retryAt time.Time
 	// finished: the job ended here for good; set as the actor stops.
 	finished bool
+	// saved: a warm machine of a saved pool, which waits saved to disk,
+	// not running, and is restored when a job binds it.
+	saved bool
 	// generation is the image generation a warm machine was cloned from.
 	generation string
 	// retiring is why a warm machine no job bound is being retired, after

@@ -43,9 +43,19 @@ const (
 	// events, runner. Cloning, booting and the agent are done already, so
 	// their events report the binding's moment.
 	warmBind
+	// savedPrepare is warmPrepare for a saved pool: the guest's clock is
+	// set once, which proves the agent may, and the machine is saved
+	// (provision.Provisioner.Save) once agent-ready.
+	savedPrepare
+	// savedBind is warmBind for a saved machine: bound while saved, it is
+	// restored (its boot: running reports the restore), bound again as
+	// it runs, its agent waited for and its clock set to the host's.
+	savedBind
 
-	allModes = coldBuild | warmPrepare | warmBind
-	jobModes = coldBuild | warmBind
+	prepareModes = warmPrepare | savedPrepare
+	bindModes    = warmBind | savedBind
+	allModes     = coldBuild | prepareModes | bindModes
+	jobModes     = coldBuild | bindModes
 )
 
 // buildStep is one row of the build's step table. The runner (build.run)
@@ -88,18 +98,20 @@ type buildStep struct {
 var buildSteps = []buildStep{
 	{name: "claim the job", modes: jobModes, action: (*build).takeClaim},
 	{name: "remove a leftover", modes: coldBuild, action: (*build).removeLeftover},
-	{name: "bind the warm machine", modes: warmBind, action: (*build).bindMachine},
+	{name: "bind the warm machine", modes: bindModes, action: (*build).bindMachine},
 	{name: "accept", modes: jobModes, state: messages.StateAccepted, clock: sinceRequest, afterEvent: FaultAfterAccept},
 	{name: "begin the clone", modes: allModes, confirm: true, state: messages.StateCloning, afterEvent: FaultBeforeClone},
-	{name: "clone", modes: allModes, doing: coldBuild | warmPrepare, confirm: true, startsPhase: true,
+	{name: "clone", modes: allModes, doing: coldBuild | prepareModes, confirm: true, startsPhase: true,
 		action: (*build).clone, afterAction: FaultAfterClone, state: messages.StateCloned, clock: sincePhaseStart},
 	{name: "begin the boot", modes: allModes, state: messages.StateBooting},
-	{name: "boot", modes: allModes, doing: coldBuild | warmPrepare, confirm: true, startsPhase: true,
+	{name: "boot", modes: allModes, doing: coldBuild | prepareModes | savedBind, confirm: true, startsPhase: true,
 		beforeAction: FaultBeforeStart, action: (*build).boot, afterAction: FaultAfterStart, state: messages.StateRunning, clock: sincePhaseStart, afterEvent: FaultWaitingAgent},
-	{name: "give back the slot", modes: warmPrepare, action: (*build).releaseSlot},
-	{name: "wait for the guest agent", modes: coldBuild | warmPrepare, skip: noAgent, confirm: true, startsPhase: true, action: (*build).waitAgent},
-	{name: "detect the guest OS", modes: allModes, doing: coldBuild | warmPrepare, skip: noAgent, confirm: true,
+	{name: "give back the slot", modes: prepareModes, action: (*build).releaseSlot},
+	{name: "wait for the guest agent", modes: coldBuild | prepareModes | savedBind, skip: noAgent, confirm: true, startsPhase: true, action: (*build).waitAgent},
+	{name: "set the guest's clock", modes: savedPrepare | savedBind, skip: noClock, confirm: true, action: (*build).setClock},
+	{name: "detect the guest OS", modes: allModes, doing: coldBuild | prepareModes, skip: noAgent, confirm: true,
 		action: (*build).detectOS, state: messages.StateAgentReady, clock: sincePhaseStart, afterEvent: FaultAfterAgentReady},
+	{name: "save the machine", modes: savedPrepare, action: (*build).save},
 	{name: "plan the runner", modes: jobModes, skip: noAgent, action: (*build).planRunner},
 	{name: "prepare the runner", modes: jobModes, skip: noRunner, confirm: true, startsPhase: true, action: (*build).prepareRunner},
 	{name: "start the runner", modes: jobModes, skip: noRunner, confirm: true, action: (*build).launchRunner,
@@ -110,6 +122,7 @@ var buildSteps = []buildStep{
 
 func noAgent(b *build) bool  { return b.cfg.Agent == nil }
 func noRunner(b *build) bool { return noAgent(b) || b.plan.Empty() }
+func noClock(b *build) bool  { return noAgent(b) || b.cfg.Pool.Clock == nil }
 
 // build is the working state of one build activity. The actor hands it the
 // job's emitter and gets it back with the outcome; everything else in it is
@@ -219,7 +232,7 @@ func (e *stepError) Unwrap() error { return e.err }
 // warmKey is the key a warm machine is cloned under; "" for a cold one,
 // named for its job.
 func (b *build) warmKey() string {
-	if b.mode == warmPrepare {
+	if b.mode&prepareModes != 0 {
 		return b.key
 	}
 	return ""
@@ -239,18 +252,23 @@ func (b *build) releaseSlot(context.Context) error {
 // worker started later knows the machine as the job's.
 func (b *build) bindMachine(ctx context.Context) error {
 	b.bindTried = true
-	mach, err := b.cfg.Pool.Machines.Bind(ctx, b.key, provision.Binding{
-		JobID: b.jobID, RunnerKind: string(b.req.Runner.Kind), RequestedAt: b.req.RequestedAt, Deadline: b.deadline,
-		HoldOnFailure: b.holdOnFailure,
-	})
+	mach, err := b.cfg.Pool.Machines.Bind(ctx, b.key, b.binding())
 	if err != nil {
 		return err
 	}
 	b.bound, b.cloned = true, true
-	if !mach.Running {
+	if !mach.Running && b.mode != savedBind {
 		return fmt.Errorf("bind warm machine %s: it is not running", b.domain)
 	}
 	return nil
+}
+
+// binding is what the job records in a warm machine's metadata.
+func (b *build) binding() provision.Binding {
+	return provision.Binding{
+		JobID: b.jobID, RunnerKind: string(b.req.Runner.Kind), RequestedAt: b.req.RequestedAt, Deadline: b.deadline,
+		HoldOnFailure: b.holdOnFailure,
+	}
 }
 
 func (b *build) takeClaim(ctx context.Context) error {
@@ -304,10 +322,67 @@ func cloneCode(err error) messages.ErrorCode {
 }
 
 func (b *build) boot(ctx context.Context) error {
+	if b.mode == savedBind {
+		return b.restore(ctx)
+	}
 	if err := b.cfg.Machines.Start(ctx, b.key); err != nil {
 		return &stepError{code: messages.CodeBootFailed, err: err}
 	}
 	return nil
+}
+
+// restore starts a saved warm machine the job bound, from its saved
+// memory (or afresh, when libvirt could not restore it: the next step
+// then waits for its agent as after a boot), and records the job in its
+// running definition, which is the one it was saved with.
+func (b *build) restore(ctx context.Context) error {
+	pm := b.cfg.Pool.Machines
+	if _, err := pm.Restore(ctx, b.key); err != nil {
+		return &stepError{code: messages.CodeBootFailed, err: err}
+	}
+	_, err := pm.Bind(ctx, b.key, b.binding())
+	return err
+}
+
+// setClock sets the guest's clock to the host's: a restored guest's clock
+// stands where it was saved, which TLS and the runners' tokens mind. A
+// saved pool's preparation sets it once too, so that an image whose agent
+// may not do it fails there, not in a job.
+func (b *build) setClock(ctx context.Context) error {
+	if err := b.cfg.Pool.Clock.SetTime(ctx, b.domain, b.cfg.Now()); err != nil {
+		return &stepError{code: messages.CodeAgentFailed,
+			err: fmt.Errorf("set the clock of %s (saved warm pools need the guest agent's guest-set-time): %w", b.domain, err)}
+	}
+	return nil
+}
+
+// saveRetry is how often a saved pool's preparation looks for a free
+// operation slot for its save.
+const saveRetry = 100 * time.Millisecond
+
+// save stops an agent-ready warm machine of a saved pool with its memory
+// on disk. The save is a stop operation: it waits for an operation slot
+// that no request needs (Slots.TryAcquire), so that it never keeps one
+// waiting.
+func (b *build) save(ctx context.Context) error {
+	release := func() {}
+	if s := b.cfg.Slots; s != nil {
+		for {
+			var ok bool
+			if release, ok = s.TryAcquire(); ok {
+				break
+			}
+			t := time.NewTimer(saveRetry)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return fmt.Errorf("save %s: %w", b.domain, context.Cause(ctx))
+			case <-t.C:
+			}
+		}
+	}
+	defer release()
+	return b.cfg.Pool.Machines.Save(ctx, b.key)
 }
 
 // waitAgent waits for the guest agent, within the request's boot timeout.
@@ -413,6 +488,9 @@ func (a *actor) startBuild(root context.Context, c *provisionCmd) {
 		// The job binds this warm machine: from now on its events are
 		// the job's, numbered from the job's own history.
 		mode = warmBind
+		if a.rec.saved {
+			mode = savedBind
+		}
 		a.jobID = req.JobID
 		a.rec.em = emitter{cfg: &a.m.cfg, jobID: req.JobID, machine: a.key}
 	}
@@ -473,11 +551,16 @@ func (a *actor) startWarm(root context.Context, c *warmCmd) {
 	image := c.image
 	a.rec.image, a.rec.domain = image, messages.DomainName(a.key)
 	a.rec.generation = a.m.generation(image)
+	a.rec.saved = a.m.cfg.Pool.Saved[image]
+	mode := warmPrepare
+	if a.rec.saved {
+		mode = savedPrepare
+	}
 	a.rec.em.identify(a.rec)
 	a.rec.counted = true
 	a.m.countMachine(a, true, image, c.size)
 	b := &build{
-		a: a, cfg: &a.m.cfg, m: a.m, mode: warmPrepare, key: a.key, domain: a.rec.domain, generation: a.rec.generation,
+		a: a, cfg: &a.m.cfg, m: a.m, mode: mode, key: a.key, domain: a.rec.domain, generation: a.rec.generation,
 		req: messages.Provision{Image: image, Runner: messages.Runner{Kind: messages.RunnerNone}},
 		d:   Delivery{Origin: "warm"},
 		em:  a.rec.em, claim: claimer{a: a, none: true}, release: c.release,
@@ -562,8 +645,8 @@ func (a *actor) rollback(b *build, err, stopped error) func(context.Context) fun
 	}
 	jobID, key := a.jobID, a.key
 	claim := claimer{a: a, d: d}
-	unbound := b.mode == warmBind && !b.bindTried
-	retireWarm := b.mode == warmBind && b.bindTried && !b.bound
+	unbound := b.mode&bindModes != 0 && !b.bindTried
+	retireWarm := b.mode&bindModes != 0 && b.bindTried && !b.bound
 	machineEm := b.machineEm
 	// A failure of a machine that was built may hold it, and its failed
 	// event carries its console; the job's secrets come from its request.

@@ -41,6 +41,11 @@ type fakeMachines struct {
 	removed      []string
 	// generations are the images' generations for InspectImage.
 	generations map[string]string
+	// saved are the warm machines Save saved (saved_test.go), saves and
+	// restores count the calls, restoreErr fails Restore.
+	saved           map[string]bool
+	saves, restores int
+	restoreErr      error
 }
 
 func newFakeMachines() *fakeMachines {

@@ -24,6 +24,11 @@ import (
 // RetireOnClose is set. Refills take an operation slot only when one is
 // free that no request needs (Slots.TryAcquire), and only for the clone
 // and the boot, not while the guest boots.
+//
+// A saved pool's idle machines (PoolConfig.Saved) wait saved to disk, not
+// running: each is booted once, its clock set, and saved (savedPrepare);
+// a job binds it while saved, and it is restored, bound again and its
+// clock set before its runner starts (savedBind).
 
 // WarmMachines is what warm pools need of libvirt beyond Machines.
 // *provision.Provisioner implements it.
@@ -32,6 +37,18 @@ type WarmMachines interface {
 	Bind(ctx context.Context, key string, b provision.Binding) (provision.Machine, error)
 	// InspectImage reports an image, with its generation.
 	InspectImage(ctx context.Context, image string) (provision.ImageReport, error)
+	// Save stops a running warm machine with its memory on disk (saved
+	// pools).
+	Save(ctx context.Context, key string) error
+	// Restore starts a saved warm machine from its saved memory, or
+	// afresh (fresh) when that cannot be done.
+	Restore(ctx context.Context, key string) (fresh bool, err error)
+}
+
+// GuestClock sets a guest's clock through its agent. *qga.Agent
+// implements it.
+type GuestClock interface {
+	SetTime(ctx context.Context, domain string, t time.Time) error
 }
 
 // PoolConfig configures the warm pools of a host.
@@ -39,6 +56,13 @@ type PoolConfig struct {
 	Machines WarmMachines
 	// Ready is how many idle warm machines to keep of each image.
 	Ready map[string]int
+	// Saved are the images whose pools are saved: each idle machine is
+	// booted once, then saved to disk by libvirt, so that it holds no
+	// host memory or CPU while it waits, and restored when a job binds
+	// it. The others wait running.
+	Saved map[string]bool
+	// Clock sets restored guests' clocks; required with Saved pools.
+	Clock GuestClock
 	// MaxReadyAge retires an idle warm machine this old; 0 means never.
 	MaxReadyAge time.Duration
 	// RetireOnClose retires the idle machines when the Manager closes;

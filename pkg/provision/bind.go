@@ -24,7 +24,10 @@ type Binding struct {
 // Bind records that the warm machine key now serves the job of b, in its
 // running definition and its persistent one, so that a worker started
 // later (Lookup, List) knows the machine as the job's. It fails for a
-// machine that is not warm or serves a job already.
+// machine that is not warm or serves a job already. A saved machine
+// (Save), which does not run, gets the binding in its persistent
+// definition only: restored, it runs with the definition it was saved
+// with, so it is bound again then.
 func (p *Provisioner) Bind(ctx context.Context, key string, b Binding) (Machine, error) {
 	m, err := p.bind(ctx, key, b)
 	if err != nil {
@@ -61,9 +64,13 @@ func (p *Provisioner) bind(ctx context.Context, key string, b Binding) (Machine,
 	if err != nil {
 		return Machine{}, err
 	}
+	impact := libvirt.DomainAffectLive | libvirt.DomainAffectConfig
+	if !m.Running {
+		impact = libvirt.DomainAffectConfig
+	}
 	err = p.do(ctx, func() error {
 		return p.conn.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{doc},
-			libvirt.OptString{metadataPrefix}, libvirt.OptString{metadataNS}, libvirt.DomainAffectLive|libvirt.DomainAffectConfig)
+			libvirt.OptString{metadataPrefix}, libvirt.OptString{metadataNS}, impact)
 	})
 	if err != nil {
 		return Machine{}, fmt.Errorf("set metadata: %w", err)

@@ -29,6 +29,8 @@ type Conn interface {
 	DomainSetMetadata(dom libvirt.Domain, typ int32, metadata libvirt.OptString, key libvirt.OptString, uri libvirt.OptString, flags libvirt.DomainModificationImpact) error
 	DomainDefineXMLFlags(xml string, flags libvirt.DomainDefineFlags) (libvirt.Domain, error)
 	DomainCreate(dom libvirt.Domain) error
+	DomainCreateWithFlags(dom libvirt.Domain, flags uint32) (libvirt.Domain, error)
+	DomainManagedSave(dom libvirt.Domain, flags uint32) error
 	DomainDestroy(dom libvirt.Domain) error
 	DomainUndefineFlags(dom libvirt.Domain, flags libvirt.DomainUndefineFlagsValues) error
 	ConnectListAllStoragePools(needResults int32, flags libvirt.ConnectListAllStoragePoolsFlags) ([]libvirt.StoragePool, uint32, error)
@@ -103,7 +105,8 @@ type Options struct {
 	// DefaultCallTimeout. A call that exceeds it fails with ErrTimeout.
 	CallTimeout time.Duration
 	// CopyTimeout bounds calls that copy a whole volume (copy mode, NVRAM
-	// upload); 0 means DefaultCopyTimeout.
+	// upload) or a machine's whole memory (Save, Restore); 0 means
+	// DefaultCopyTimeout.
 	CopyTimeout time.Duration
 	// Link, when the connection given to New is Link.Libvirt(), lets calls
 	// wait while the Link reconnects, and lets a call that times out reset

@@ -360,6 +360,19 @@ func (a *Agent) Info(ctx context.Context, domain string) (Info, error) {
 	return info, nil
 }
 
+// SetTime sets the guest's clock to t (guest-set-time), as a guest
+// restored from a saved state needs: its clock stands where it was saved.
+// qemu-ga also writes the time to the guest's hardware clock where it can.
+func (a *Agent) SetTime(ctx context.Context, domain string, t time.Time) error {
+	dom, err := a.lookup(ctx, domain)
+	if err != nil {
+		return err
+	}
+	return a.command(ctx, dom, "guest-set-time", struct {
+		Time int64 `json:"time"`
+	}{t.UnixNano()}, a.opts.CallTimeout, nil)
+}
+
 // OSInfo returns what the guest says about its operating system.
 func (a *Agent) OSInfo(ctx context.Context, domain string) (OSInfo, error) {
 	dom, err := a.lookup(ctx, domain)

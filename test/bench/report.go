@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
 // Report is everything one run of the bench command measured.
@@ -28,12 +30,14 @@ type Report struct {
 // Targets of the performance issue.
 const (
 	targetTotal         = 20 * time.Minute
-	targetAgentReady    = 30.0  // ms from the agent connecting
-	targetNoticed       = 250.0 // ms from the runner's exit
-	targetClone         = 30.0  // ms, clone + define
-	targetRunnerStart   = 150.0 // ms, secret files + launch
-	targetWarmStart     = 500.0 // ms, request -> runner_started from a warm machine, p50
-	targetE2E           = 0.85  // worker ÷ baseline, submit → torn_down
+	targetAgentReady    = 30.0   // ms from the agent connecting
+	targetNoticed       = 250.0  // ms from the runner's exit
+	targetClone         = 30.0   // ms, clone + define
+	targetRunnerStart   = 150.0  // ms, secret files + launch
+	targetWarmStart     = 500.0  // ms, request -> runner_started from a warm machine, p50
+	targetSavedStart    = 1500.0 // ms, request -> runner_started from a saved warm machine, p50
+	targetSavedRSS      = 5.0    // MiB of host memory held per idle saved machine
+	targetE2E           = 0.85   // worker ÷ baseline, submit → torn_down
 	targetUtilisation   = 0.95
 	targetOverhead      = 200.0 // ms, the worker's own share of a cold job
 	targetFlat          = 0.8   // jobs/s among the most other machines ÷ among none
@@ -165,6 +169,15 @@ func (r *Report) targets(p printer) {
 		p("| request → `runner_started` from a warm machine ≤ %.0f ms, p50 (warm pools issue) | p50 %s ms, p95 %s ms (cold: p50 %s ms) | %s |\n",
 			targetWarmStart, format(p50, 0), format(Percentile(w.Warm, 95), 0), format(Percentile(w.Cold, 50), 0),
 			met(p50 <= targetWarmStart && allBound(w.Bound), fmt.Sprintf("p50 %.0f ms, %d of %d jobs bound a warm machine", p50, countTrue(w.Bound), len(w.Bound))))
+		if len(w.Saved) > 0 {
+			sp50 := Percentile(w.Saved, 50)
+			p("| request → `runner_started` from a saved warm machine ≤ %.0f ms, p50 (issue 22 item 3) | p50 %s ms, p95 %s ms (cold: p50 %s ms) | %s |\n",
+				targetSavedStart, format(sp50, 0), format(Percentile(w.Saved, 95), 0), format(Percentile(w.Cold, 50), 0),
+				met(sp50 <= targetSavedStart && allBound(w.SavedBound), fmt.Sprintf("p50 %.0f ms, %d of %d jobs bound a saved machine", sp50, countTrue(w.SavedBound), len(w.SavedBound))))
+			rss := Summarize(w.SavedRSS)
+			p("| host memory held per idle saved machine ≤ %.0f MiB (issue 22 item 3) | %s MiB (its QEMU processes' VmRSS) | %s |\n",
+				targetSavedRSS, rss.Cell(1), met(rss.Max <= targetSavedRSS, fmt.Sprintf("%.1f MiB at the most", rss.Max)))
+		}
 	}
 	if s := r.Sched; s != nil {
 		for _, par := range sortedKeys(s.Worker) {
@@ -504,30 +517,52 @@ func (r *Report) warmPools(p printer) {
 		p("Not measured in this run.\n\n")
 		return
 	}
-	p("Two worker binaries side by side on this host, against one NATS server in a process of its own: one with "+
-		"`--warm %s=1 --max-vms 3`, one without a pool. In turn (after one unmeasured job of each), a job is pinned to "+
-		"the host with the pool, and, once the pool has refilled, one to the host without it, %d times. The time is from "+
-		"before publishing the request to `runner_started`'s event time (the same clock); each stub runner runs %d s. "+
-		"A pool of saved machines (memory snapshots) is not built: measured apart on this machine (2026-12-02, 3 runs, "+
-		"`virsh save` and `virsh restore` of the tiny guest), a save took 1.7–1.9 s to a 70 MiB file and a restore 0.47–0.73 s, "+
-		"the agent answering 0.04–0.06 s later, which is more than a running warm machine's whole bind; a saved machine holds "+
-		"disk instead of about 270 MiB of RAM, and restores once (libvirt keeps its name and UUID).\n\n",
-		r.Config.Image, len(w.Warm), 1)
+	p("Three worker binaries side by side on this host, against one NATS server in a process of its own: one with "+
+		"`--warm %s=1 --max-vms 3` (a memory pool: the idle machine runs), one with `--warm %s=1:saved --max-vms 3` (a saved "+
+		"pool: the idle machine is saved to disk by libvirt once agent-ready, and restored for a job), one without a pool. "+
+		"In turn (after one unmeasured job of each), a job is pinned to the memory pool's host, once its pool has refilled "+
+		"one to the saved pool's host, once that pool has refilled and saved its machine one to the host without a pool, "+
+		"%d times. The time is from before publishing the request to `runner_started`'s event time (the same clock); each "+
+		"stub runner runs %d s.\n\n",
+		r.Config.Image, r.Config.Image, len(w.Warm), 1)
 	p("| | n | p50 | p95 | min–max |\n|---|---|---|---|---|\n")
 	for _, row := range []struct {
 		name string
 		xs   []float64
-	}{{"warm (bound a pool machine)", w.Warm}, {"cold (clone, boot, agent, runner)", w.Cold}} {
+	}{{"warm (bound a running pool machine)", w.Warm}, {"saved (restored and bound a saved pool machine)", w.Saved},
+		{"cold (clone, boot, agent, runner)", w.Cold}} {
+		if len(row.xs) == 0 {
+			continue
+		}
 		s := Summarize(row.xs)
 		p("| %s | %d | %s ms | %s ms | %s–%s ms |\n", row.name, s.N, format(Percentile(row.xs, 50), 0),
 			format(Percentile(row.xs, 95), 0), format(s.Min, 0), format(s.Max, 0))
 	}
 	ratio := Summarize(Ratios(w.Warm, w.Cold))
-	p("\nWarm ÷ cold, paired: %s. Jobs on the pool's host that bound a warm machine: %d of %d.\n\n",
+	p("\nWarm ÷ cold, paired: %s. Jobs on the pool's host that bound a warm machine: %d of %d.\n",
 		ratio.Cell(3), countTrue(w.Bound), len(w.Bound))
+	if len(w.Saved) > 0 {
+		p("Saved ÷ cold, paired: %s; saved ÷ warm, paired: %s. Jobs on the saved pool's host that bound a saved machine: %d of %d.\n",
+			Summarize(Ratios(w.Saved, w.Cold)).Cell(3), Summarize(Ratios(w.Saved, w.Warm)).Cell(2), countTrue(w.SavedBound), len(w.SavedBound))
+	}
+	p("\n")
 	p("| the pool | |\n|---|---|\n")
 	p("| refill: a warm job's `accepted` → its replacement's `agent_ready` | %s s |\n", Summarize(scale(w.Refill, 0.001)).Cell(1))
-	p("| RAM held per idle warm machine (its QEMU's VmRSS; the image defines %d MiB) | %s MiB |\n\n", w.MemoryMiB, Summarize(w.RSS).Cell(0))
+	p("| RAM held per idle warm machine (its QEMU's VmRSS; the image defines %d MiB) | %s MiB |\n", w.MemoryMiB, Summarize(w.RSS).Cell(0))
+	if len(w.Saved) > 0 {
+		p("| RAM held per idle saved machine (the VmRSS of its QEMU processes; none runs) | %s MiB |\n", Summarize(w.SavedRSS).Cell(1))
+		p("| disk held per idle saved machine (its save file in /var/lib/libvirt/qemu/save) | %s MiB |\n", Summarize(w.SaveFile).Cell(0))
+		for _, st := range savedPhaseStates {
+			what := map[messages.State]string{
+				messages.StateAccepted:      "request → `accepted` (queueing, the claim, the binding while saved)",
+				messages.StateRunning:       "`running`'s phase: the restore, and the binding of the running machine",
+				messages.StateAgentReady:    "`agent_ready`'s phase: the guest agent after the restore, and its clock set",
+				messages.StateRunnerStarted: "`runner_started`'s phase: the runner's preparation and launch",
+			}[st]
+			p("| saved job: %s | %s ms |\n", what, Summarize(w.SavedPhases[st]).Cell(0))
+		}
+	}
+	p("\n")
 }
 
 func scale(xs []float64, f float64) []float64 {

@@ -34,12 +34,23 @@ type WarmConfig struct {
 }
 
 // WarmResult is what the warm pool benchmark measured, in turn: for
-// each pair, request published -> runner_started of a job on the host
-// with a pool of one and of a job on a host without one.
+// each triple, request published -> runner_started of a job on the host
+// with a memory pool of one, of a job on the host with a saved pool of
+// one and of a job on a host without a pool.
 type WarmResult struct {
-	Warm, Cold []float64 // ms
-	// Bound says, per warm-host job, whether it bound a warm machine.
-	Bound []bool
+	Warm, Saved, Cold []float64 // ms
+	// Bound says, per warm-host job, whether it bound a warm machine;
+	// SavedBound the same of the saved pool's host.
+	Bound, SavedBound []bool
+	// SavedRSS is the resident memory of the QEMU processes of the idle
+	// saved machine, sampled before each saved job once it was saved, in
+	// MiB (0: no process); SaveFile the size of its save file, in MiB.
+	SavedRSS, SaveFile []float64
+	// SavedPhases are, per saved job, the phase_ms of its events that
+	// tell where its time went: running (the restore), agent_ready (the
+	// agent, the clock) and runner_started (the runner's preparation and
+	// launch), by state.
+	SavedPhases map[messages.State][]float64
 	// Refill is, per warm job, from its accepted event to agent_ready of
 	// the machine that took its place in the pool, in ms.
 	Refill []float64
@@ -50,12 +61,13 @@ type WarmResult struct {
 	MemoryMiB int
 }
 
-// RunWarm runs two workers side by side on this host, one keeping a pool
-// of one warm machine of cfg.Image and one without a pool, and has each
-// serve cfg.Jobs jobs in turn (after one unmeasured job of each).
+// RunWarm runs three workers side by side on this host, one keeping a
+// pool of one warm machine of cfg.Image running, one keeping it saved
+// and one without a pool, and has each serve cfg.Jobs jobs in turn
+// (after one unmeasured job of each).
 func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 	run := randomHex(3)
-	warmHost, coldHost := "benchwarm-"+run, "benchcold-"+run
+	warmHost, savedHost, coldHost := "benchwarm-"+run, "benchsaved-"+run, "benchcold-"+run
 	common := []string{"--nats-url", cfg.NATS.URL, "--domain-type", "qemu", "--parallelism", "3", "--max-vms", "3",
 		"--images", cfg.Image, "--log-format", "json"}
 	warmW, err := startWorkerProcess(ctx, cfg.Worker, filepath.Join(cfg.Dir, "worker-warm.log"),
@@ -64,6 +76,12 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 		return nil, err
 	}
 	defer stopWorkerProcess(warmW)
+	savedW, err := startWorkerProcess(ctx, cfg.Worker, filepath.Join(cfg.Dir, "worker-saved.log"),
+		append([]string{"run", "--host", savedHost, "--warm", cfg.Image + "=1:saved", "--warm-retire-on-stop"}, common...)...)
+	if err != nil {
+		return nil, err
+	}
+	defer stopWorkerProcess(savedW)
 	coldW, err := startWorkerProcess(ctx, cfg.Worker, filepath.Join(cfg.Dir, "worker-cold.log"),
 		append([]string{"run", "--host", coldHost}, common...)...)
 	if err != nil {
@@ -74,7 +92,7 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 	book := newEventBook()
 	follow := conc.NewWaitGroup()
 	fctx, stopFollowing := context.WithCancel(ctx)
-	for _, h := range []string{warmHost, coldHost} {
+	for _, h := range []string{warmHost, savedHost, coldHost} {
 		follow.Go(func() {
 			// From the stream's start, which the workers made: nothing
 			// published before this is missed.
@@ -109,12 +127,13 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
 		defer cancel()
 		stopWorkerProcess(warmW)
+		stopWorkerProcess(savedW)
 		stopWorkerProcess(coldW)
 		p := provision.New(l, provision.Options{})
 		keys := jobs
 		if all, err := p.List(cctx); err == nil {
 			for _, m := range all {
-				if m.Warm && m.Host == warmHost {
+				if m.Warm && (m.Host == warmHost || m.Host == savedHost) {
 					keys = append(keys, m.Key)
 				}
 			}
@@ -152,14 +171,51 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 		}
 		return started.Time.Sub(submitted), started, nil
 	}
-	idle := func() (string, error) {
-		ev, err := book.wait(ctx, 5*time.Minute, "an idle warm machine", func(evs []messages.Event) (messages.Event, bool) {
-			for _, ev := range idleMachines(evs, warmHost) {
+	idleOf := func(host string) (string, error) {
+		ev, err := book.wait(ctx, 5*time.Minute, "an idle warm machine of "+host, func(evs []messages.Event) (messages.Event, bool) {
+			for _, ev := range idleMachines(evs, host) {
 				return ev, true
 			}
 			return messages.Event{}, false
 		})
 		return ev.Machine, err
+	}
+	idle := func() (string, error) { return idleOf(warmHost) }
+	// savedIdle waits for the saved pool's idle machine to be saved: its
+	// agent_ready comes before the save.
+	savedIdle := func() (string, error) {
+		key, err := idleOf(savedHost)
+		if err != nil {
+			return "", err
+		}
+		p := provision.New(l, provision.Options{})
+		for deadline := time.Now().Add(5 * time.Minute); ; {
+			m, found, err := p.Lookup(ctx, key)
+			if err != nil {
+				return "", err
+			}
+			if found && !m.Running {
+				return key, nil
+			}
+			if !found || time.Now().After(deadline) {
+				return "", fmt.Errorf("saved pool machine %s: found %v, not saved within 5 minutes", key, found)
+			}
+			select {
+			case <-ctx.Done():
+				return "", ctx.Err()
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}
+	refilledAfter := func(host string, accepted messages.Event) (messages.Event, error) {
+		return book.wait(ctx, 5*time.Minute, "the pool of "+host+" refilled", func(evs []messages.Event) (messages.Event, bool) {
+			for _, ev := range evs {
+				if ev.Host == host && ev.JobID == "" && ev.State == messages.StateAgentReady && ev.Time.After(accepted.Time) {
+					return ev, true
+				}
+			}
+			return messages.Event{}, false
+		})
 	}
 
 	cfg.Log("warm pools: one unmeasured job of each, then %d of each in turn", cfg.Jobs)
@@ -167,6 +223,12 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 		return nil, err
 	}
 	if _, _, err := job(warmHost, "warmup"); err != nil {
+		return nil, err
+	}
+	if _, err := savedIdle(); err != nil {
+		return nil, err
+	}
+	if _, _, err := job(savedHost, "warmup"); err != nil {
 		return nil, err
 	}
 	if _, _, err := job(coldHost, "warmup"); err != nil {
@@ -194,28 +256,58 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 		// starts only once it has, so that no boot of the pool's shares
 		// the cores with the cold job's.
 		accepted, _ := lastOf(book.all(), started.JobID, messages.StateAccepted)
-		refilled, err := book.wait(ctx, 5*time.Minute, "the pool refilled", func(evs []messages.Event) (messages.Event, bool) {
-			for _, ev := range evs {
-				if ev.Host == warmHost && ev.JobID == "" && ev.State == messages.StateAgentReady && ev.Time.After(accepted.Time) {
-					return ev, true
-				}
-			}
-			return messages.Event{}, false
-		})
+		refilled, err := refilledAfter(warmHost, accepted)
 		if err != nil {
 			return nil, err
 		}
 		res.Refill = append(res.Refill, ms(refilled.Time.Sub(accepted.Time)))
+
+		skey, err := savedIdle()
+		if err != nil {
+			return nil, err
+		}
+		srss, err := domainRSS(messages.DomainName(skey))
+		if err != nil {
+			return nil, err
+		}
+		res.SavedRSS = append(res.SavedRSS, srss)
+		if fi, err := os.Stat(filepath.Join("/var/lib/libvirt/qemu/save", messages.DomainName(skey)+".save")); err == nil {
+			res.SaveFile = append(res.SaveFile, float64(fi.Size())/(1<<20))
+		}
+		sv, sstarted, err := job(savedHost, strconv.Itoa(i))
+		if err != nil {
+			return nil, err
+		}
+		res.Saved, res.SavedBound = append(res.Saved, ms(sv)), append(res.SavedBound, sstarted.Warm)
+		if res.SavedPhases == nil {
+			res.SavedPhases = map[messages.State][]float64{}
+		}
+		for _, st := range savedPhaseStates {
+			if ev, ok := lastOf(book.all(), sstarted.JobID, st); ok {
+				res.SavedPhases[st] = append(res.SavedPhases[st], float64(ev.PhaseMS))
+			}
+		}
+		saccepted, _ := lastOf(book.all(), sstarted.JobID, messages.StateAccepted)
+		if _, err := refilledAfter(savedHost, saccepted); err != nil {
+			return nil, err
+		}
+		if _, err := savedIdle(); err != nil {
+			return nil, err
+		}
 		c, _, err := job(coldHost, strconv.Itoa(i))
 		if err != nil {
 			return nil, err
 		}
 		res.Cold = append(res.Cold, ms(c))
-		cfg.Log("warm pools %d/%d: warm %.0f ms (bound %v), cold %.0f ms, refill %.1f s, idle QEMU %.0f MiB",
-			i+1, cfg.Jobs, ms(w), started.Warm, ms(c), res.Refill[i]/1000, rss)
+		cfg.Log("warm pools %d/%d: warm %.0f ms (bound %v), saved %.0f ms (bound %v; restore %v ms), cold %.0f ms, refill %.1f s, idle QEMU %.0f MiB, idle saved %.1f MiB",
+			i+1, cfg.Jobs, ms(w), started.Warm, ms(sv), sstarted.Warm, res.SavedPhases[messages.StateRunning], ms(c), res.Refill[i]/1000, rss, srss)
 	}
 	return res, nil
 }
+
+// savedPhaseStates are the events whose phase_ms tell a saved job's
+// parts.
+var savedPhaseStates = []messages.State{messages.StateAccepted, messages.StateRunning, messages.StateAgentReady, messages.StateRunnerStarted}
 
 // lastOf returns the newest event of job in one of states.
 func lastOf(evs []messages.Event, job string, states ...messages.State) (messages.Event, bool) {
@@ -273,6 +365,37 @@ func qemuRSS(domain string) (float64, error) {
 		}
 	}
 	return 0, errors.New("no VmRSS in " + domain + "'s QEMU status")
+}
+
+// domainRSS returns the resident memory of all processes of domain's
+// QEMU, found by their command lines ("-name guest=<domain>,"), in MiB: 0
+// when none runs, as for a saved machine.
+func domainRSS(domain string) (float64, error) {
+	dirs, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, err
+	}
+	total := 0.0
+	for _, d := range dirs {
+		cmdline, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
+		if err != nil || !strings.Contains(string(cmdline), "guest="+domain+",") {
+			continue
+		}
+		status, err := os.ReadFile(filepath.Join("/proc", d.Name(), "status"))
+		if err != nil {
+			continue // gone meanwhile
+		}
+		for _, line := range strings.Split(string(status), "\n") {
+			if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+				kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+				if err != nil {
+					return 0, err
+				}
+				total += kb / 1024
+			}
+		}
+	}
+	return total, nil
 }
 
 // eventBook keeps the events followed so far and wakes those waiting.

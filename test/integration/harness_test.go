@@ -397,7 +397,7 @@ func provisionRequest(jobID string) messages.Provision {
 	return messages.Provision{
 		V: messages.SchemaVersion, JobID: jobID, Image: testImage(),
 		Runner:       messages.Runner{Kind: messages.RunnerNone},
-		BootTimeoutS: 60, MaxLifetimeS: 600, RequestedAt: time.Now().UTC(),
+		BootTimeoutS: 240, MaxLifetimeS: 600, RequestedAt: time.Now().UTC(),
 	}
 }
 

@@ -20,7 +20,10 @@ var lifecycleStates = []messages.State{
 	messages.StateRunning, messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown,
 }
 
-const bootWait = 90 * time.Second
+// bootWait bounds the waits for a guest to boot and its agent to answer:
+// a tiny guest takes seconds, but a loaded 2-core TCG machine has been seen
+// to take more than a minute (the tests' requests allow 4, provisionRequest).
+const bootWait = 5 * time.Minute
 
 // domainXML returns the parsed definition of a domain.
 func domainXML(t *testing.T, l *libvirt.Libvirt, name string) *libvirtxml.Domain {

@@ -184,12 +184,15 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 	// savedIdle waits for the saved pool's idle machine to be saved: its
 	// agent_ready comes before the save.
 	savedIdle := func() (string, error) {
-		key, err := idleOf(savedHost)
-		if err != nil {
-			return "", err
-		}
 		p := provision.New(l, provision.Options{})
+		missing := 0
 		for deadline := time.Now().Add(5 * time.Minute); ; {
+			// Picked again each time: the events may name a machine that
+			// is gone by now.
+			key, err := idleOf(savedHost)
+			if err != nil {
+				return "", err
+			}
 			m, found, err := p.Lookup(ctx, key)
 			if err != nil {
 				return "", err
@@ -197,7 +200,12 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 			if found && !m.Running {
 				return key, nil
 			}
-			if !found || time.Now().After(deadline) {
+			if !found {
+				if missing++; missing == 1 {
+					cfg.Log("saved pool: the idle machine %s the events name is not on the host; looking again", key)
+				}
+			}
+			if time.Now().After(deadline) {
 				return "", fmt.Errorf("saved pool machine %s: found %v, not saved within 5 minutes", key, found)
 			}
 			select {

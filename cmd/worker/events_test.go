@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -71,5 +72,37 @@ func TestSummaryPassesOverMisaddressedTeardown(t *testing.T) {
 	}
 	if strings.Contains(out.String(), "unknown_job") {
 		t.Fatalf("summary %s takes the other host's answer for the job's end", out.String())
+	}
+}
+
+// TestEventsJSONUsesProtocolNames: worker events --json writes each event
+// with the field names of docs/protocol.md 5 (the msgpack keys), leaving
+// out what the event does not carry, so that a script reads the same
+// names as an orchestrator.
+func TestEventsJSONUsesProtocolNames(t *testing.T) {
+	code := 3
+	ev := messages.Event{V: 1, JobID: "j1", Host: "a", Image: "debian-12", State: messages.StateRunnerExited,
+		Time: time.Date(2026, 11, 27, 8, 0, 0, 0, time.UTC), Seq: 8, Attempt: 1, PhaseMS: 2500, ExitCode: &code,
+		Error: &messages.Error{Code: messages.CodeAgentFailed, Message: "m"}}
+	var out bytes.Buffer
+	if err := (jsonLines{json.NewEncoder(&out)}).write(ev); err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]any
+	if err := json.Unmarshal(out.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"v", "job_id", "host", "image", "state", "time", "seq", "attempt", "phase_ms", "exit_code", "error"} {
+		if _, ok := got[k]; !ok {
+			t.Errorf("no %q in %s", k, out.String())
+		}
+	}
+	for _, k := range []string{"JobID", "held_until", "machine", "warm", "console", "output"} {
+		if _, ok := got[k]; ok {
+			t.Errorf("%q in %s", k, out.String())
+		}
+	}
+	if e, _ := got["error"].(map[string]any); e["code"] != string(messages.CodeAgentFailed) {
+		t.Errorf("error %v, want its code under \"code\"", got["error"])
 	}
 }

@@ -54,67 +54,67 @@ func (s State) Valid() bool {
 // Event reports one step of a job's lifecycle. Events are published on
 // EventSubject and kept in EventsStream.
 type Event struct {
-	V     int    `msgpack:"v"`
-	JobID string `msgpack:"job_id"`
-	Host  string `msgpack:"host"`
-	Image string `msgpack:"image,omitempty"`
+	V     int    `msgpack:"v" json:"v"`
+	JobID string `msgpack:"job_id" json:"job_id"`
+	Host  string `msgpack:"host" json:"host"`
+	Image string `msgpack:"image,omitempty" json:"image,omitempty"`
 	// Domain is the libvirt domain of the job's machine, once known.
-	Domain string    `msgpack:"domain,omitempty"`
-	State  State     `msgpack:"state"`
-	Time   time.Time `msgpack:"time"`
+	Domain string    `msgpack:"domain,omitempty" json:"domain,omitempty"`
+	State  State     `msgpack:"state" json:"state"`
+	Time   time.Time `msgpack:"time" json:"time"`
 	// Seq numbers the events of one job from 1, in the order they happened.
-	Seq uint64 `msgpack:"seq"`
+	Seq uint64 `msgpack:"seq" json:"seq"`
 	// Attempt is the delivery count of the request message that caused the
 	// event; it is above 1 when a request was redelivered.
-	Attempt int `msgpack:"attempt"`
+	Attempt int `msgpack:"attempt" json:"attempt"`
 	// PhaseMS is how long, in milliseconds, the phase that this event ends
 	// took: for cloned the cloning, for running the boot.
-	PhaseMS int64 `msgpack:"phase_ms"`
+	PhaseMS int64 `msgpack:"phase_ms" json:"phase_ms"`
 	// Reason says why a teardown began (tearing_down) or what triggered the
 	// event, as a short machine-readable word.
-	Reason string `msgpack:"reason,omitempty"`
+	Reason string `msgpack:"reason,omitempty" json:"reason,omitempty"`
 	// OS is the guest's operating system family (linux, freebsd, darwin,
 	// windows), set from agent_ready on.
-	OS string `msgpack:"os,omitempty"`
+	OS string `msgpack:"os,omitempty" json:"os,omitempty"`
 	// RunnerPID is the guest-agent process id of the runner, set on
 	// runner_started; a restarted worker uses it to keep watching.
-	RunnerPID int `msgpack:"runner_pid,omitempty"`
+	RunnerPID int `msgpack:"runner_pid,omitempty" json:"runner_pid,omitempty"`
 	// ExitCode is the runner's exit status, set on runner_exited.
-	ExitCode *int `msgpack:"exit_code,omitempty"`
+	ExitCode *int `msgpack:"exit_code,omitempty" json:"exit_code,omitempty"`
 	// Output is the end of what the runner printed (at most 2 KiB, secrets
 	// removed), set on runner_exited when there was any.
-	Output string `msgpack:"output,omitempty"`
+	Output string `msgpack:"output,omitempty" json:"output,omitempty"`
 	// OutputWithheld is set on runner_exited when the worker does not
 	// publish the runner's output because it cannot scrub the job's
 	// secrets from it: it adopted the machine after a restart, and
 	// secrets are never kept beyond the worker process that received them.
-	OutputWithheld bool `msgpack:"output_withheld,omitempty"`
+	OutputWithheld bool `msgpack:"output_withheld,omitempty" json:"output_withheld,omitempty"`
 	// Console is the end of what the machine wrote to its serial console
 	// (at most MaxConsoleLines lines and MaxConsoleBytes bytes, the job's
 	// secrets removed), set on failed events of a job whose machine was
 	// booted, when the console wrote anything.
-	Console string `msgpack:"console,omitempty"`
+	Console string `msgpack:"console,omitempty" json:"console,omitempty"`
 	// ConsoleWithheld is set on failed events when the worker does not
 	// publish the console because it cannot scrub the job's secrets from
 	// it (it adopted the machine after a restart), as OutputWithheld.
-	ConsoleWithheld bool `msgpack:"console_withheld,omitempty"`
+	ConsoleWithheld bool `msgpack:"console_withheld,omitempty" json:"console_withheld,omitempty"`
 	// HeldUntil is set on the terminal event of a job whose machine is
 	// kept, shut off, for debugging instead of being removed: until when.
 	// A released event follows once it is removed.
-	HeldUntil time.Time `msgpack:"held_until,omitempty"`
+	HeldUntil time.Time `msgpack:"held_until,omitempty" json:"held_until,omitzero"`
 	// Holder is the host that holds the job's claim, set on dropped events
 	// when it is known.
-	Holder string `msgpack:"holder,omitempty"`
+	Holder string `msgpack:"holder,omitempty" json:"holder,omitempty"`
 	// Machine is the key of a warm machine (ValidWarmKey): on the events
 	// of its preparation and retirement, which have no JobID, and on the
 	// events of the job that bound it.
-	Machine string `msgpack:"machine,omitempty"`
+	Machine string `msgpack:"machine,omitempty" json:"machine,omitempty"`
 	// Warm is set on every event of a job served by a warm machine, one
 	// booted before the job existed.
-	Warm bool `msgpack:"warm,omitempty"`
+	Warm bool `msgpack:"warm,omitempty" json:"warm,omitempty"`
 	// Error is set on failed events and on torn_down events that did not
 	// find a machine.
-	Error *Error `msgpack:"error,omitempty"`
+	Error *Error `msgpack:"error,omitempty" json:"error,omitempty"`
 }
 
 // Bounds of Event.Console. A Linux kernel's panic takes 30 to 45 lines
@@ -127,8 +127,8 @@ const (
 
 // Error is a machine-readable code with a message for people.
 type Error struct {
-	Code    ErrorCode `msgpack:"code"`
-	Message string    `msgpack:"message"`
+	Code    ErrorCode `msgpack:"code" json:"code"`
+	Message string    `msgpack:"message" json:"message"`
 }
 
 // ErrorCode classifies failures for machines reading events.
@@ -220,10 +220,10 @@ const (
 // renews it (again by revision) while the job's machine exists; the
 // bucket's TTL removes the claims of hosts that stopped renewing.
 type Claim struct {
-	V    int    `msgpack:"v"`
-	Host string `msgpack:"host"`
+	V    int    `msgpack:"v" json:"v"`
+	Host string `msgpack:"host" json:"host"`
 	// Request is the stream sequence of the provision request the host
 	// serves (0 for a machine adopted after a restart).
-	Request uint64    `msgpack:"request"`
-	Since   time.Time `msgpack:"since"`
+	Request uint64    `msgpack:"request" json:"request"`
+	Since   time.Time `msgpack:"since" json:"since"`
 }

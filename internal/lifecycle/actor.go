@@ -169,9 +169,14 @@ type rejectCmd struct {
 // it removed the machine (FinishTeardowns).
 type finishCmd struct {
 	replyTo
-	last  messages.Event // the job's tearing_down, as the journal has it
+	last  messages.Event // the job's newest event, as the journal has it
 	state messages.State
 	cause *messages.Error
+	// reason is the teardown's; vanished: last is not a tearing_down but
+	// the job was ready, and its machine went while no worker ran, so
+	// the teardown's tearing_down comes first.
+	reason   string
+	vanished bool
 }
 
 // holdCmd holds the machine (hold.go): when its job ends, or longer when

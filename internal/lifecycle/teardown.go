@@ -538,6 +538,11 @@ func causeOf(reason, domain string) (state messages.State, cause *messages.Error
 // left to be delivered again, and no domain for reconciliation to find.
 // Such a job's newest event is this host's tearing_down; it gets the
 // terminal event that teardown would have published (same Nats-Msg-Id).
+// So does a ready job whose newest event is this host's runner_started
+// or runner_exited and whose machine is gone: it went while no worker
+// ran (libvirtd or the host restarted), and nothing else would end it.
+// It gets the teardown a reconciliation that found its machine stopped
+// would have begun (5.2 M; after runner_exited, 5.2 L), both events.
 // It reads the host's events of the last Remember (24 h); run it once at
 // start, after the first reconciliation, which adopts the machines whose
 // removal had not happened yet.
@@ -555,17 +560,32 @@ func (m *Manager) FinishTeardowns(ctx context.Context) error {
 	}
 	var errs []error
 	for id, ev := range newest {
-		if ev.State != messages.StateTearingDown || !messages.ValidJobID(id) {
+		if !messages.ValidJobID(id) {
 			continue
 		}
-		state, cause, ok := causeOf(ev.Reason, ev.Domain)
+		reason, vanished := ev.Reason, false
+		switch ev.State {
+		case messages.StateTearingDown:
+		case messages.StateRunnerStarted:
+			// Ready, and its machine is gone (reconciliation adopted those
+			// that exist): libvirtd or the host restarted while no worker
+			// ran. Ended as a stopped machine found at start (5.2 M).
+			reason, vanished = messages.ReasonReconcile, true
+		case messages.StateRunnerExited:
+			// Its runner exited and the machine went before its teardown
+			// began (5.2 L).
+			reason, vanished = messages.ReasonRunnerExited, true
+		default:
+			continue
+		}
+		state, cause, ok := causeOf(reason, ev.Domain)
 		if !ok {
 			continue
 		}
 		if active, finished := m.known(id); active || finished {
 			continue
 		}
-		ans, err := m.call(ctx, id, spawnUnlessFinished, &finishCmd{last: ev, state: state, cause: cause})
+		ans, err := m.call(ctx, id, spawnUnlessFinished, &finishCmd{last: ev, state: state, cause: cause, reason: reason, vanished: vanished})
 		if err == nil {
 			err = ans.err
 		}
@@ -593,11 +613,17 @@ func (m *Manager) finishTeardown(ctx context.Context, em *emitter, c *finishCmd)
 	if err != nil {
 		return false, fmt.Errorf("read the events of job %s: %w", em.jobID, err)
 	}
-	if !found || last.Host != m.cfg.Host || last.State != messages.StateTearingDown || last.Reason != c.last.Reason {
+	if !found || last.Host != m.cfg.Host || last.State != c.last.State || last.Reason != c.last.Reason || last.Seq != c.last.Seq {
 		return false, nil
 	}
 	em.seq = last.Seq
-	if err := em.emit(ctx, c.state, Delivery{Origin: c.last.Reason}, 0, c.last.Reason, c.cause); err != nil {
+	d := Delivery{Origin: c.reason}
+	if c.vanished {
+		if err := em.emit(ctx, messages.StateTearingDown, d, 0, c.reason, nil); err != nil {
+			return false, err
+		}
+	}
+	if err := em.emit(ctx, c.state, d, 0, c.reason, c.cause); err != nil {
 		return false, err
 	}
 	return true, nil

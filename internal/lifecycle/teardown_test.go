@@ -75,3 +75,88 @@ func TestFinishTeardowns(t *testing.T) {
 		t.Fatalf("exited: %v", got)
 	}
 }
+
+// TestFinishTeardownsEndsVanishedMachines: a job that was ready on this
+// host, whose machine went while no worker ran (its libvirtd restarted
+// and lost it), is ended by the restarted worker: as a stopped machine
+// found at start (5.2 M), or after its runner's exit as that teardown
+// (5.2 L). Before, nothing ended it: the job stayed at runner_started for
+// good (found by the soak, seed 4).
+func TestFinishTeardownsEndsVanishedMachines(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	m := New(Config{Host: "h1", Machines: fx.fm, Events: fx.rec, History: fx.rec, Journal: fx.rec, Now: fx.clk.Now})
+	ev := func(job, host string, state messages.State, seq uint64) {
+		if err := fx.rec.Publish(ctx, messages.Event{V: 1, JobID: job, Host: host, Domain: "stretchy-" + job,
+			State: state, Time: fx.clk.Now(), Seq: seq, Attempt: 1}, job+":"+string(state)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ev("gone", "h1", messages.StateRunnerStarted, 7)
+	ev("exited", "h1", messages.StateRunnerExited, 8)
+	// Left alone: a machine that exists (reconciliation adopts it), one
+	// another host serves, one not acknowledged yet (its request comes
+	// again), and one that ended.
+	ev("present", "h1", messages.StateRunnerStarted, 7)
+	fx.fm.machines["present"] = &provision.Machine{Name: "stretchy-present", JobID: "present", Host: "h1"}
+	ev("theirs", "h2", messages.StateRunnerStarted, 7)
+	ev("booting", "h1", messages.StateRunning, 5)
+	ev("ended", "h1", messages.StateRunnerStarted, 7)
+	ev("ended", "h2", messages.StateFailed, 8)
+	before := len(fx.rec.events)
+
+	if err := m.FinishTeardowns(ctx); err != nil {
+		t.Fatal(err)
+	}
+	type want struct {
+		state  messages.State
+		seq    uint64
+		reason string
+		code   messages.ErrorCode
+		msgID  string
+	}
+	wants := map[string][]want{
+		"gone": {
+			{messages.StateTearingDown, 8, messages.ReasonReconcile, "", "gone:tearing_down:reconcile"},
+			{messages.StateFailed, 9, messages.ReasonReconcile, messages.CodeMachineStopped, "gone:failed:reconcile"},
+		},
+		"exited": {
+			{messages.StateTearingDown, 9, messages.ReasonRunnerExited, "", "exited:tearing_down:runner_exited"},
+			{messages.StateTornDown, 10, messages.ReasonRunnerExited, "", "exited:torn_down:runner_exited"},
+		},
+	}
+	added := fx.rec.events[before:]
+	if len(added) != 4 {
+		t.Fatalf("published %d events, want 4: %+v", len(added), added)
+	}
+	for job, ws := range wants {
+		var got []messages.Event
+		for _, e := range added {
+			if e.JobID == job {
+				got = append(got, e)
+			}
+		}
+		if len(got) != len(ws) {
+			t.Fatalf("%s: published %+v", job, got)
+		}
+		for i, w := range ws {
+			g := got[i]
+			code := messages.ErrorCode("")
+			if g.Error != nil {
+				code = g.Error.Code
+			}
+			if g.State != w.state || g.Seq != w.seq || g.Reason != w.reason || code != w.code || g.Attempt != 0 || g.Host != "h1" {
+				t.Errorf("%s event %d = %+v, want %+v", job, i, g, w)
+			}
+			if _, ok := fx.rec.ids[w.msgID]; !ok {
+				t.Errorf("%s: no event with Nats-Msg-Id %s", job, w.msgID)
+			}
+		}
+	}
+	if err := m.FinishTeardowns(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(fx.rec.events); n != before+4 {
+		t.Fatalf("a second run published %d more events", n-before-4)
+	}
+}

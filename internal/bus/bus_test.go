@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -275,5 +276,38 @@ func TestAppendNumbersAcrossHosts(t *testing.T) {
 		if e.Seq != uint64(i+1) {
 			t.Fatalf("event %d in stream order (%s of %s) has seq %d", i+1, e.State, e.Host, e.Seq)
 		}
+	}
+}
+
+// TestAppendRefusesAnotherHostsEvent: an event whose Nats-Msg-Id another
+// host's event holds (two hosts served the same step of a job with the
+// same delivery count, one through a repeated request) is not taken for
+// stored: the server drops it as a duplicate, and Append says so. Before,
+// Append returned the other host's event as this one's, and a host built
+// and ran a job with none of its events stored (soak, seeds 4 and 5).
+func TestAppendRefusesAnotherHostsEvent(t *testing.T) {
+	js := startJetStream(t)
+	ctx := context.Background()
+	a, b := NewPublisher(js), NewPublisher(js)
+	ev := func(host string, st messages.State, seq uint64) messages.Event {
+		return messages.Event{V: 1, JobID: "job-1", Host: host, State: st, Time: time.Now().UTC(), Seq: seq, Attempt: 1}
+	}
+	if _, _, err := a.Append(ctx, ev("a", messages.StateAccepted, 1), "job-1:accepted:1", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.Append(ctx, ev("b", messages.StateAccepted, 1), "job-1:accepted:1", 0); !errors.Is(err, ErrOthersEvent) {
+		t.Fatalf("b's accepted under a's Nats-Msg-Id: %v, want ErrOthersEvent", err)
+	}
+	// The same when a went on: the server finds the duplicate after b
+	// follows a's newest event.
+	if _, _, err := a.Append(ctx, ev("a", messages.StateCloning, 2), "job-1:cloning:1", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.Append(ctx, ev("b", messages.StateAccepted, 1), "job-1:accepted:1", 0); !errors.Is(err, ErrOthersEvent) {
+		t.Fatalf("b's accepted under a's older Nats-Msg-Id: %v, want ErrOthersEvent", err)
+	}
+	// A's own retry is still stored once and returned as stored.
+	if seq, _, err := a.Append(ctx, ev("a", messages.StateAccepted, 1), "job-1:accepted:1", 0); err != nil || seq != 1 {
+		t.Fatalf("a's retried accepted: seq %d, %v", seq, err)
 	}
 }

@@ -83,8 +83,9 @@ func (p *Publisher) Append(ctx context.Context, ev messages.Event, msgID string,
 		case err == nil && !ack.Duplicate:
 			return ev.Seq, ack.Sequence, nil
 		case err == nil:
-			// Stored before by a publish whose ack was lost; it is the
-			// job's newest event, or the condition would have failed.
+			// Stored before by a publish whose ack was lost, or by
+			// another host with the same Nats-Msg-Id: the server looks
+			// for duplicates before it checks the condition.
 			return p.storedSeq(ctx, ev, ack.Sequence)
 		case !wrongLastSequence(err):
 			return 0, 0, err
@@ -94,6 +95,9 @@ func (p *Publisher) Append(ctx context.Context, ev messages.Event, msgID string,
 			return 0, 0, fmt.Errorf("publish event %s: %w", msgID, err)
 		}
 		if found && id == msgID {
+			if newest.Host != ev.Host {
+				return 0, 0, fmt.Errorf("%s event of job %s: %w (%s's, stream sequence %d)", ev.State, ev.JobID, ErrOthersEvent, newest.Host, at)
+			}
 			return newest.Seq, at, nil // stored by an earlier attempt
 		}
 		ev.Seq, after = newest.Seq+1, at
@@ -110,7 +114,15 @@ func wrongLastSequence(err error) bool {
 			aerr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
-// storedSeq returns the seq of the event stored at stream sequence at.
+// ErrOthersEvent means that the event stream holds another host's event
+// under the Nats-Msg-Id of an event being appended, so it was not
+// stored: two hosts served the same step of a job with the same delivery
+// count (one of them a repeated request).
+var ErrOthersEvent = errors.New("the event stream holds another host's event under this Nats-Msg-Id")
+
+// storedSeq returns the seq of the event stored at stream sequence at,
+// which the server named as ev's duplicate; ErrOthersEvent when another
+// host stored it.
 func (p *Publisher) storedSeq(ctx context.Context, ev messages.Event, at uint64) (uint64, uint64, error) {
 	s, err := p.js.Stream(ctx, messages.EventsStream)
 	if err != nil {
@@ -123,6 +135,9 @@ func (p *Publisher) storedSeq(ctx context.Context, ev messages.Event, at uint64)
 	old, err := messages.DecodeEvent(raw.Data)
 	if err != nil {
 		return 0, 0, fmt.Errorf("event %d of job %s: %w", at, ev.JobID, err)
+	}
+	if old.Host != ev.Host {
+		return 0, 0, fmt.Errorf("%s event of job %s: %w (%s's, stream sequence %d)", ev.State, ev.JobID, ErrOthersEvent, old.Host, at)
 	}
 	return old.Seq, at, nil
 }

@@ -212,6 +212,16 @@ func mustEnd(j *Job) (end, silent bool) {
 	return true, false
 }
 
+// published reports whether a provision of the job was stored.
+func (c *checker) published(id string) bool {
+	for _, r := range c.h.Requests {
+		if r.JobID == id && r.Op == "provision" && r.Err == "" {
+			return true
+		}
+	}
+	return false
+}
+
 func (c *checker) checkTerminal(v *jobView) {
 	var terminals []string
 	for _, e := range v.events {
@@ -228,6 +238,9 @@ func (c *checker) checkTerminal(v *jobView) {
 		return
 	}
 	end, silent := mustEnd(v.job)
+	if !c.published(v.id) && (v.job.Kind != KindBad || v.job.Bad.Subject == "provision") {
+		end, silent = false, true // the server stored no provision of it
+	}
 	switch {
 	case silent && len(v.events) > 0:
 		c.add("terminal", v.id, "", "a job that must have no event has %d (first: %s from %s)", len(v.events), v.events[0].Event.State, v.events[0].Event.Host)
@@ -330,7 +343,10 @@ func wanted(j *Job, ev messages.Event) bool {
 	case KindNoImage:
 		return ev.State == messages.StateFailed && code(ev) == messages.CodeImageNotFound
 	case KindBad:
-		return ev.State == messages.StateFailed && code(ev) == j.Bad.Code && ev.Image == "" && ev.Domain == ""
+		// A refused request's failed names no image or domain (5.2 G); a
+		// shared request for an image nobody carries names its image (6.5).
+		refused := j.Bad.Code != messages.CodeImageNotFound
+		return ev.State == messages.StateFailed && code(ev) == j.Bad.Code && ev.Domain == "" && (!refused || ev.Image == "")
 	}
 	return false
 }

@@ -133,6 +133,9 @@ func clean() *builder {
 	b.ev("j6", "c", messages.StateTearingDown, 0, "machine_stopped", reason(messages.ReasonStopped))
 	b.ev("j6", "c", messages.StateFailed, 0, "machine_stopped", reason(messages.ReasonStopped), failure(messages.CodeMachineStopped))
 
+	b.job(Job{ID: "j12", Kind: KindBad, Route: RouteShared, Bad: &Bad{File: "178-image-not-found.msgpack", Subject: "provision", Code: messages.CodeImageNotFound, FailedEvent: true}})
+	b.ev("j12", "b", messages.StateFailed, 5, "", failure(messages.CodeImageNotFound), func(e *messages.Event) { e.Image = "corpus-no-such-image" })
+
 	b.teardown("nobody-1", "a")
 	b.ev("nobody-1", "a", messages.StateTornDown, 1, "", reason(messages.ReasonRequested), failure(messages.CodeUnknownJob))
 
@@ -151,7 +154,7 @@ func TestCleanHistoryPasses(t *testing.T) {
 		r.Print(&out, &b.h)
 		t.Fatalf("a clean history has violations:\n%s", out.String())
 	}
-	if r.Summary.Jobs != 6 || r.Summary.Outcomes["torn_down (runner_exited)"] != 2 {
+	if r.Summary.Jobs != 7 || r.Summary.Outcomes["torn_down (runner_exited)"] != 2 {
 		t.Errorf("summary = %+v", r.Summary)
 	}
 }
@@ -184,6 +187,15 @@ func TestViolations(t *testing.T) {
 		{"two terminal events from two hosts", func(t *testing.T, b *builder) {
 			b.ev("j2", "c", messages.StateTornDown, 1, "unknown", reason(messages.ReasonRequested), failure(messages.CodeUnknownJob))
 		}, "terminal", "j2"},
+		{"an event of a job whose publish failed", func(t *testing.T, b *builder) {
+			b.job(Job{ID: "j11", Kind: KindRun, Route: RouteShared, Image: "soak-all", Runner: "forgejo"})
+			b.h.Requests[len(b.h.Requests)-1].Err = "message size exceeds maximum allowed"
+			b.h.Requests[len(b.h.Requests)-1].Stream = 0
+			b.ev("j11", "a", messages.StateAccepted, 1, "")
+		}, "terminal", "j11"},
+		{"a refused bad request naming an image", func(t *testing.T, b *builder) {
+			b.h.Events[index(t, b, "j4", "c", messages.StateFailed)].Event.Image = "soak-all"
+		}, "outcome", "j4"},
 		{"an event of a job that must have none", func(t *testing.T, b *builder) {
 			b.ev("j3", "a", messages.StateAccepted, 1, "")
 		}, "terminal", "j3"},

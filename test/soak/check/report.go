@@ -75,6 +75,9 @@ type line struct {
 	text string
 }
 
+// PrintJob writes the whole history of job id and the faults around it.
+func PrintJob(w io.Writer, h *History, id string) { printJob(w, h, id) }
+
 func printJob(w io.Writer, h *History, id string) {
 	var lines []line
 	var first, last time.Time

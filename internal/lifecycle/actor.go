@@ -749,7 +749,10 @@ func (a *actor) overdue() *ending {
 		if reason == "" {
 			reason = messages.ReasonRunnerExited
 		}
-		return &ending{reason: reason, self: true}
+		// An adopted teardown ends as it would have (a stopped machine
+		// fails).
+		_, cause, _ := causeOf(reason, a.rec.domain)
+		return &ending{reason: reason, cause: cause, self: true}
 	}
 	return nil
 }

@@ -361,7 +361,11 @@ func (a *actor) adopt(mach provision.Machine) func(context.Context) func() {
 		return func() {
 			a.adoptRecord(mach)
 			a.rec.em.seq = last.Seq
-			if !mach.Running {
+			// A machine shut off after this host's tearing_down is one
+			// whose removal was cut off half-way (destroyed, not yet
+			// undefined): its teardown is done again with that reason, as
+			// for a running one (5.2 L), not ended as stopped (M).
+			if !mach.Running && last.State != messages.StateTearingDown {
 				_, cause, _ := causeOf(messages.ReasonReconcile, mach.Name)
 				a.startTeardown(a.m.root, &ending{reason: messages.ReasonReconcile, cause: cause,
 					d: Delivery{Origin: messages.ReasonReconcile}}, nil)

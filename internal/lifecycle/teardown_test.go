@@ -160,3 +160,54 @@ func TestFinishTeardownsEndsVanishedMachines(t *testing.T) {
 		t.Fatalf("a second run published %d more events", n-before-4)
 	}
 }
+
+// TestReconcileFinishesHalfRemovedMachine: a worker killed inside a
+// removal (the domain destroyed, not yet undefined) leaves a shut-off
+// machine whose job's newest event is its tearing_down. The restarted
+// worker does that teardown again with its reason, and the job ends as
+// it would have. Before, reconciliation took it for a machine that
+// stopped by itself and ended a job whose runner had exited with failed
+// machine_stopped (soak, seed 4).
+func TestReconcileFinishesHalfRemovedMachine(t *testing.T) {
+	for _, tc := range []struct {
+		reason string
+		state  messages.State
+		code   messages.ErrorCode
+	}{
+		{messages.ReasonRunnerExited, messages.StateTornDown, ""},
+		{messages.ReasonRequested, messages.StateTornDown, ""},
+		{messages.ReasonStopped, messages.StateFailed, messages.CodeMachineStopped},
+	} {
+		t.Run(tc.reason, func(t *testing.T) {
+			fx := newFixture()
+			ctx := context.Background()
+			for i, st := range []messages.State{messages.StateRunning, messages.StateTearingDown} {
+				ev := messages.Event{V: 1, JobID: "j", Host: "h1", Domain: "stretchy-j", State: st, Seq: uint64(5 + i), Time: fx.clk.Now()}
+				id := "j:running:1"
+				if st == messages.StateTearingDown {
+					ev.Reason, id = tc.reason, "j:tearing_down:"+tc.reason
+				}
+				if err := fx.rec.Publish(ctx, ev, id); err != nil {
+					t.Fatal(err)
+				}
+			}
+			fx.fm.machines["j"] = &provision.Machine{Name: "stretchy-j", JobID: "j", Image: "debian", Host: "h1", Running: false}
+			if err := fx.m.Reconcile(ctx); err != nil {
+				t.Fatal(err)
+			}
+			tickAll(t, fx.m)
+			waitFor(t, func() bool { return fx.rec.last("j").State.Terminal() })
+			last := fx.rec.last("j")
+			code := messages.ErrorCode("")
+			if last.Error != nil {
+				code = last.Error.Code
+			}
+			if last.State != tc.state || last.Reason != tc.reason || code != tc.code {
+				t.Fatalf("the job ended %s (%s) %s, want %s (%s) %s; events %v", last.State, last.Reason, code, tc.state, tc.reason, tc.code, fx.rec.states("j"))
+			}
+			if _, ok := fx.fm.machines["j"]; ok {
+				t.Fatal("the machine is still there")
+			}
+		})
+	}
+}

@@ -86,22 +86,21 @@ func (a *actor) serveClaim(req claimRequest) error {
 // returns nil when this host holds the claim (or claims are off) and
 // *Dropped when another host does.
 func (a *actor) takeClaim(ctx context.Context, d Delivery) error {
-	c := a.m.cfg.Claims
-	if c == nil {
-		return nil
+	if c := a.m.cfg.Claims; c != nil {
+		rev, holder, err := c.Take(ctx, a.jobID, d.Request)
+		if err != nil {
+			return err
+		}
+		if rev == 0 {
+			a.rec.claim.lostTo = holder.Host
+			return &Dropped{Holder: holder.Host, Reason: messages.ReasonClaimedElsewhere, Leave: holder.Request == d.Request}
+		}
+		a.rec.claim = claim{rev: rev, request: d.Request, at: a.m.cfg.Now(), taken: true}
 	}
-	rev, holder, err := c.Take(ctx, a.jobID, d.Request)
-	if err != nil {
-		return err
-	}
-	if rev == 0 {
-		a.rec.claim.lostTo = holder.Host
-		return &Dropped{Holder: holder.Host, Reason: messages.ReasonClaimedElsewhere, Leave: holder.Request == d.Request}
-	}
-	a.rec.claim = claim{rev: rev, request: d.Request, at: a.m.cfg.Now(), taken: true}
 	// A claim is taken on a job nobody holds: one that is new, one
 	// whose holder let it go (it ended, or its build failed), or one
-	// whose holder stalled past the TTL. The job's events tell which.
+	// whose holder stalled past the TTL. The job's events tell which;
+	// without claims (one host) they still tell a job that ended.
 	kind := ""
 	if a.build != nil {
 		kind = string(a.build.req.Runner.Kind)

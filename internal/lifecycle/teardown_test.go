@@ -2,6 +2,7 @@ package lifecycle
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -209,5 +210,63 @@ func TestReconcileFinishesHalfRemovedMachine(t *testing.T) {
 				t.Fatal("the machine is still there")
 			}
 		})
+	}
+}
+
+// TestTeardownOfJobThatWentElsewhere: a teardown sent to the host of a
+// job's newest event reaches it after the job went on on another host
+// (this one died or stalled mid-build; its redelivery went there). This
+// host has no machine of the job and publishes nothing: the job's end is
+// the other host's. Before, it published torn_down with unknown_job, a
+// second terminal event of a job another host ran (soak, seed 7, in a
+// teardown storm).
+func TestTeardownOfJobThatWentElsewhere(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		other []messages.State // the other host's events, after this host's
+		drop  bool             // a third host's dropped (holder h2) comes last
+	}{
+		{"building there", []messages.State{messages.StateAccepted, messages.StateCloning}, false},
+		{"ended there", []messages.State{messages.StateAccepted, messages.StateRunnerStarted, messages.StateTearingDown, messages.StateTornDown}, false},
+		{"dropped by a third host", []messages.State{messages.StateAccepted, messages.StateRunnerStarted}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fx := newFixture()
+			ctx := context.Background()
+			seq := uint64(0)
+			pub := func(host string, st messages.State, attempt int, mod ...func(*messages.Event)) {
+				seq++
+				ev := messages.Event{V: 1, JobID: "j", Host: host, State: st, Seq: seq, Attempt: attempt, Time: fx.clk.Now()}
+				for _, m := range mod {
+					m(&ev)
+				}
+				if err := fx.rec.Publish(ctx, ev, fmt.Sprintf("j:%s:%d:%s", st, attempt, host)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			pub("h1", messages.StateAccepted, 1)
+			pub("h1", messages.StateCloning, 1)
+			for _, st := range tc.other {
+				pub("h2", st, 2)
+			}
+			if tc.drop {
+				pub("h3", messages.StateDropped, 3, func(e *messages.Event) { e.Holder = "h2" })
+			}
+			before := len(fx.rec.events)
+			if err := fx.m.Teardown(ctx, "j", messages.ReasonRequested, nil, first); err != nil {
+				t.Fatalf("teardown: %v, want it acknowledged", err)
+			}
+			if got := fx.rec.events[before:]; len(got) != 0 {
+				t.Fatalf("h1 published %+v for a job h2 serves or ended", got)
+			}
+		})
+	}
+	// A job nobody else has events of still gets its unknown_job.
+	fx := newFixture()
+	if err := fx.m.Teardown(context.Background(), "solo", messages.ReasonRequested, nil, first); err != nil {
+		t.Fatal(err)
+	}
+	if last := fx.rec.last("solo"); last.State != messages.StateTornDown || last.Error == nil || last.Error.Code != messages.CodeUnknownJob {
+		t.Fatalf("teardown of an unknown job: %+v, want torn_down unknown_job", last)
 	}
 }

@@ -311,3 +311,46 @@ func TestAppendRefusesAnotherHostsEvent(t *testing.T) {
 		t.Fatalf("a's retried accepted: seq %d, %v", seq, err)
 	}
 }
+
+// TestAppendStaleBuildStep: a host that stalled in a build, while another
+// host took the job and ran it to its end, publishes its step when it
+// resumes; it must not be stored after the other host's events: the
+// host lost the job (5.2 R). Its dropped still is, and a new attempt's
+// accepted follows another host's unfinished events, as a redelivery
+// does. Before, the stale step was renumbered and stored after the other
+// host's torn_down (soak, seed 8).
+func TestAppendStaleBuildStep(t *testing.T) {
+	js := startJetStream(t)
+	ctx := context.Background()
+	a, b := NewPublisher(js), NewPublisher(js)
+	ev := func(host string, st messages.State, attempt int) messages.Event {
+		return messages.Event{V: 1, JobID: "job-1", Host: host, State: st, Time: time.Now().UTC(), Attempt: attempt}
+	}
+	var posA, posB uint64
+	var err error
+	for _, st := range []messages.State{messages.StateAccepted, messages.StateCloning} {
+		if _, posA, err = a.Append(ctx, ev("a", st, 1), fmt.Sprintf("job-1:%s:1", st), posA); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// a stalls; the redelivery's accepted on b follows a's cloning.
+	for _, st := range []messages.State{messages.StateAccepted, messages.StateCloning, messages.StateRunnerStarted} {
+		if _, posB, err = b.Append(ctx, ev("b", st, 2), fmt.Sprintf("job-1:%s:2", st), posB); err != nil {
+			t.Fatalf("b's %s after a's events: %v", st, err)
+		}
+	}
+	if _, _, err := a.Append(ctx, ev("a", messages.StateCloned, 1), "job-1:cloned:1", posA); !errors.Is(err, ErrJobMovedOn) {
+		t.Fatalf("a's stale cloned after b's runner_started: %v, want ErrJobMovedOn", err)
+	}
+	for _, st := range []messages.State{messages.StateTearingDown, messages.StateTornDown} {
+		if _, posB, err = b.Append(ctx, ev("b", st, 0), fmt.Sprintf("job-1:%s:runner_exited", st), posB); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := a.Append(ctx, ev("a", messages.StateAccepted, 3), "job-1:accepted:3", posA); !errors.Is(err, ErrJobMovedOn) {
+		t.Fatalf("a's accepted after b's torn_down: %v, want ErrJobMovedOn", err)
+	}
+	if _, _, err := a.Append(ctx, ev("a", messages.StateDropped, 1), "job-1:dropped:1:a:7", posA); err != nil {
+		t.Fatalf("a's dropped: %v", err)
+	}
+}

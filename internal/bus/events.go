@@ -100,9 +100,39 @@ func (p *Publisher) Append(ctx context.Context, ev messages.Event, msgID string,
 			}
 			return newest.Seq, at, nil // stored by an earlier attempt
 		}
+		if found && !mayFollow(ev, newest) {
+			return 0, 0, fmt.Errorf("%s event of job %s: %w (%s's %s, stream sequence %d)", ev.State, ev.JobID, ErrJobMovedOn, newest.Host, newest.State, at)
+		}
 		ev.Seq, after = newest.Seq+1, at
 	}
 	return 0, 0, fmt.Errorf("publish event %s: other events of job %s kept coming first", msgID, ev.JobID)
+}
+
+// ErrJobMovedOn means that a step of a build was not published because
+// the job went on on another host since this host's last event: that
+// host's event, not a dropped one, is the job's newest (this host stalled
+// past its claim, 5.2 R), or the job ended (for accepted).
+var ErrJobMovedOn = errors.New("the job went on on another host")
+
+// mayFollow reports whether ev may be numbered after newest, the job's
+// newest event, stored since the event ev's host saw last. Another
+// host's dropped, and anything of ev's own host, may be followed by any
+// event; a build's steps after accepted continue their host's own chain
+// and follow nothing else (a host that lost the job publishes nothing
+// more of it but dropped, 5.2 R); accepted, a new attempt, follows
+// anything but the job's end.
+func mayFollow(ev, newest messages.Event) bool {
+	if newest.Host == ev.Host || newest.State == messages.StateDropped {
+		return true
+	}
+	switch ev.State {
+	case messages.StateAccepted:
+		return !newest.State.Terminal() && newest.State != messages.StateReleased
+	case messages.StateCloning, messages.StateCloned, messages.StateBooting, messages.StateRunning,
+		messages.StateAgentReady, messages.StateRunnerStarted:
+		return false
+	}
+	return true
 }
 
 // wrongLastSequence reports whether err is the server's refusal of a

@@ -451,9 +451,19 @@ func (m *Manager) lastOwnEvent(ctx context.Context, jobID string) (messages.Even
 func (m *Manager) Reconcile(ctx context.Context) error {
 	machines, err := m.cfg.Machines.List(ctx)
 	if err != nil {
+		m.mu.Lock()
+		m.unlisted = true
+		m.mu.Unlock()
 		return fmt.Errorf("list managed machines: %w", err)
 	}
 	var errs []error
+	left := 0
+	defer func() {
+		m.mu.Lock()
+		m.unlisted, m.unadopted = false, left
+		m.roomedLocked()
+		m.mu.Unlock()
+	}()
 	for _, mach := range machines {
 		if !messages.ValidMachineKey(mach.Key) || mach.Name != messages.DomainName(mach.Key) {
 			continue
@@ -475,6 +485,8 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 			err = ans.err
 		}
 		if err != nil {
+			// Left where it is, untracked: it still counts.
+			left++
 			errs = append(errs, err)
 		}
 	}

@@ -2,8 +2,10 @@ package lifecycle
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -268,5 +270,84 @@ func TestTeardownOfJobThatWentElsewhere(t *testing.T) {
 	}
 	if last := fx.rec.last("solo"); last.State != messages.StateTornDown || last.Error == nil || last.Error.Code != messages.CodeUnknownJob {
 		t.Fatalf("teardown of an unknown job: %+v, want torn_down unknown_job", last)
+	}
+}
+
+// flakyHistory fails every read while down is set, as a NATS cluster that
+// lost its quorum does.
+type flakyHistory struct {
+	History
+	down *atomic.Bool
+}
+
+func (f flakyHistory) LastEvent(ctx context.Context, jobID, host string) (messages.Event, bool, error) {
+	if f.down.Load() {
+		return messages.Event{}, false, errors.New("nats: no response from stream")
+	}
+	return f.History.LastEvent(ctx, jobID, host)
+}
+
+// unlistable fails List while down is set, as a libvirtd that does not
+// answer.
+type unlistable struct {
+	*fakeMachines
+	down *atomic.Bool
+}
+
+func (u unlistable) List(ctx context.Context) ([]provision.Machine, error) {
+	if u.down.Load() {
+		return nil, errors.New("not connected to libvirt")
+	}
+	return u.fakeMachines.List(ctx)
+}
+
+// TestMachinesNotTakenOverCount: machines that a worker's first
+// reconciliation finds but cannot take over (the job's history does not
+// answer) or cannot even list still count against --max-vms, and the
+// reconciliation is tried again. Before, a worker restarted while its
+// NATS cluster recovered counted 0 of its 8 machines and built 5 more on
+// a host with --max-vms 8 (soak, seed 8).
+func TestMachinesNotTakenOverCount(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	var historyDown, libvirtDown atomic.Bool
+	machines := unlistable{fx.fm, &libvirtDown}
+	m := New(Config{Host: "h1", Machines: machines, Events: fx.rec, History: flakyHistory{fx.rec, &historyDown}, Now: fx.clk.Now})
+	defer m.Close()
+	for _, j := range []string{"j1", "j2"} {
+		if err := fx.rec.Publish(ctx, messages.Event{V: 1, JobID: j, Host: "h1", State: messages.StateRunning, Seq: 5}, j+":running:1"); err != nil {
+			t.Fatal(err)
+		}
+		fx.fm.machines[j] = &provision.Machine{Name: "stretchy-" + j, JobID: j, Host: "h1", Image: "debian", Running: true}
+	}
+	libvirtDown.Store(true)
+	if err := m.Reconcile(ctx); err == nil {
+		t.Fatal("a reconciliation that could not list the machines succeeded")
+	}
+	if _, ok := m.TryReserve(8); ok || !m.Unreconciled() {
+		t.Fatalf("room reserved with the host's machines not listed (unreconciled %v)", m.Unreconciled())
+	}
+	libvirtDown.Store(false)
+	historyDown.Store(true)
+	if err := m.Reconcile(ctx); err == nil {
+		t.Fatal("a reconciliation without the history succeeded")
+	}
+	if got := m.Active(); got != 2 || !m.Unreconciled() {
+		t.Fatalf("Active = %d, unreconciled %v; want the 2 machines left alone counted", got, m.Unreconciled())
+	}
+	if _, ok := m.TryReserve(2); ok {
+		t.Fatal("room reserved beyond --max-vms 2 beside 2 machines not taken over")
+	}
+	release, ok := m.TryReserve(3)
+	if !ok {
+		t.Fatal("no room under --max-vms 3")
+	}
+	release()
+	historyDown.Store(false)
+	if err := m.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.Active(); got != 2 || m.Unreconciled() {
+		t.Fatalf("after a reconciliation that took them over: Active = %d, unreconciled %v", got, m.Unreconciled())
 	}
 }

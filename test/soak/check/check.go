@@ -287,6 +287,14 @@ func (c *checker) explainingFault(v *jobView, e Event) (Fault, bool) {
 		return Fault{}, false
 	}
 	rule, ok := faultsFor[e.Event.Error.Code]
+	if e.Event.Error.Code == messages.CodeAgentFailed && e.Event.Reason == messages.ReasonRunnerLost {
+		// 5.2 notes: the agent reported the exit to a worker killed
+		// before it stored runner_exited; qemu-ga reports it once.
+		rule, ok = struct {
+			kinds []FaultKind
+			local bool
+		}{[]FaultKind{FaultWorkerKill}, true}, true
+	}
 	if !ok {
 		return Fault{}, false
 	}
@@ -635,6 +643,10 @@ func (c *checker) checkRequestsLeft() {
 	}
 }
 
+// serverDeleted is nats-server's reason in a MSG_TERMINATED advisory of a
+// message deleted while a consumer had it pending, not a worker's.
+const serverDeleted = "Unacknowledged message was deleted"
+
 func (c *checker) checkBadCodes() {
 	bySeq := map[uint64]*Job{}
 	for _, r := range c.h.Requests {
@@ -644,7 +656,9 @@ func (c *checker) checkBadCodes() {
 	}
 	for _, t := range c.h.Terminations {
 		j, ok := bySeq[t.Stream]
-		if !ok {
+		// The server also announces a message that left the stream while
+		// a consumer held it (after a node restarted) with this reason.
+		if !ok || t.Reason == serverDeleted {
 			continue
 		}
 		if t.Reason != string(j.Bad.Code) {

@@ -367,6 +367,26 @@ func TestFaultsExplainOnlyTheirHost(t *testing.T) {
 	}
 }
 
+func TestRunnerLostOnlyAfterAKillOfItsHost(t *testing.T) {
+	b := clean()
+	b.job(Job{ID: "j13", Kind: KindRun, Route: RouteShared, Image: "soak-all", Runner: "forgejo"})
+	b.build("j13", "b", 1, messages.StateRunnerStarted)
+	b.h.Faults = append(b.h.Faults, Fault{Kind: FaultWorkerKill, Target: "a", Start: b.tick(), End: b.tick()})
+	b.ev("j13", "b", messages.StateTearingDown, 0, "runner_lost", reason(messages.ReasonRunnerLost))
+	b.ev("j13", "b", messages.StateFailed, 0, "runner_lost", reason(messages.ReasonRunnerLost), failure(messages.CodeAgentFailed))
+	if r := Check(&b.h); len(r.Violations) != 1 || r.Violations[0].Invariant != "outcome" {
+		t.Fatalf("a kill of host a explains a lost runner on b: %+v", r.Violations)
+	}
+	b.h.Faults[len(b.h.Faults)-1].Target = "b"
+	if r := Check(&b.h); len(r.Violations) != 0 {
+		t.Fatalf("a kill of host b does not explain its lost runner: %+v", r.Violations)
+	}
+	b.h.Terminations = append(b.h.Terminations, Termination{Stream: b.h.Terminations[0].Stream, Reason: serverDeleted})
+	if r := Check(&b.h); len(r.Violations) != 0 {
+		t.Fatalf("the server's advisory of a deleted message counts as a code: %+v", r.Violations)
+	}
+}
+
 func TestHistoryRoundTrip(t *testing.T) {
 	b := clean()
 	var buf bytes.Buffer

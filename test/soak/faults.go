@@ -227,7 +227,7 @@ func (in *Injector) inject(ctx context.Context, p plan) (check.Fault, error) {
 		}
 		return check.Fault{}, nil
 	case check.FaultTeardownStorm:
-		n := in.orch.Storm(ctx, h.id)
+		n := in.orch.Storm(h.id)
 		f.End, f.Note = time.Now(), fmt.Sprintf("(%d teardowns)", n)
 		return f, nil
 	case check.FaultDrain:

@@ -107,6 +107,10 @@ type Orchestrator struct {
 	// reads its run time and exit code from its labels.
 	real bool
 
+	// ctx bounds the orchestrator's own publishes (teardowns, repeated
+	// requests), which outlive the moment that decided them.
+	ctx context.Context
+
 	mu       sync.Mutex
 	jobs     map[string]*jobState
 	order    []string
@@ -429,7 +433,13 @@ func (o *Orchestrator) sendTeardown(ctx context.Context, id, host string) {
 	if err != nil {
 		return
 	}
-	o.publish(ctx, id, "teardown", messages.TeardownSubject(host), data, "")
+	if r := o.publish(ctx, id, "teardown", messages.TeardownSubject(host), data, ""); r.Err != "" {
+		o.mu.Lock()
+		if st, ok := o.jobs[id]; ok {
+			delete(st.sentTo, host) // Finish sends it again
+		}
+		o.mu.Unlock()
+	}
 }
 
 // duplicate publishes st's provision again under another Nats-Msg-Id
@@ -480,7 +490,7 @@ func (o *Orchestrator) waitGone(ctx context.Context, seq uint64, timeout time.Du
 // Storm sends teardowns to host for every job it serves now, for a few
 // jobs it finished (no event may follow) and for a few job ids nobody
 // ever submitted (torn_down with unknown_job, 5.2 H).
-func (o *Orchestrator) Storm(ctx context.Context, host string) int {
+func (o *Orchestrator) Storm(host string) int {
 	o.mu.Lock()
 	var live, done []string
 	for _, id := range o.order {
@@ -507,7 +517,9 @@ func (o *Orchestrator) Storm(ctx context.Context, host string) int {
 	o.mu.Unlock()
 	all := append(append(live, done...), unknown...)
 	for _, id := range all {
-		o.tasks.Go(func() { o.sendTeardown(ctx, id, host) })
+		// The storm's teardowns outlive the fault: ctx is the
+		// orchestrator's.
+		o.tasks.Go(func() { o.sendTeardown(o.ctx, id, host) })
 	}
 	return len(all)
 }

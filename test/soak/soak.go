@@ -217,6 +217,7 @@ func Run(ctx context.Context, cfg Config) (*check.History, error) {
 	var wg conc.WaitGroup
 	orchCtx, stopOrch := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopOrch()
+	orch.ctx = orchCtx
 	followCtx, stopFollow := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopFollow()
 	wg.Go(func() {

@@ -53,13 +53,13 @@ type syncRun struct {
 // jobs at once. It writes a Markdown table of medians (minimum–maximum).
 func MeasureSync(ctx context.Context, cfg MeasureConfig, w io.Writer) error {
 	if cfg.Rounds == 0 {
-		cfg.Rounds = 3
+		cfg.Rounds = 5
 	}
 	if cfg.Serial == 0 {
-		cfg.Serial = 300
+		cfg.Serial = 1000
 	}
 	if cfg.Jobs == 0 {
-		cfg.Jobs, cfg.PerJob = 16, 50
+		cfg.Jobs, cfg.PerJob = 16, 100
 	}
 	if cfg.Logf == nil {
 		cfg.Logf = func(string, ...any) {}

@@ -602,20 +602,6 @@ func (o *Orchestrator) Open() int {
 	return n
 }
 
-// liveOn lists the job ids whose newest event is host's and that have
-// not ended.
-func (o *Orchestrator) liveOn(host string) []string {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	var out []string
-	for _, id := range o.order {
-		if st := o.jobs[id]; st.host == host && !st.terminal && st.job.Kind != check.KindBad {
-			out = append(out, id)
-		}
-	}
-	return out
-}
-
 // runIDFor names a run by its seed: a letter and four base-36 digits, so
 // that job ids stay short and a run's machines are recognisable.
 func runIDFor(seed int64) string {

@@ -138,13 +138,3 @@ func (p *proc) end(sig syscall.Signal, wait time.Duration) error {
 	p.mu.Unlock()
 	return nil
 }
-
-// pid is the running process's id, or 0.
-func (p *proc) pid() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.cmd == nil {
-		return 0
-	}
-	return p.cmd.Process.Pid
-}

@@ -306,6 +306,19 @@ func TestAppendRefusesAnotherHostsEvent(t *testing.T) {
 	if _, _, err := b.Append(ctx, ev("b", messages.StateAccepted, 1), "job-1:accepted:1", 0); !errors.Is(err, ErrOthersEvent) {
 		t.Fatalf("b's accepted under a's older Nats-Msg-Id: %v, want ErrOthersEvent", err)
 	}
+	// The failed event of a request out of deliveries is the fleet's:
+	// any host finds it stored (6.2).
+	md := func(host string) messages.Event {
+		e := ev(host, messages.StateFailed, 3)
+		e.Error = &messages.Error{Code: messages.CodeMaxDeliveries}
+		return e
+	}
+	if _, _, err := a.Append(ctx, md("a"), "job-1:failed:max_deliveries:9", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.Append(ctx, md("b"), "job-1:failed:max_deliveries:9", 0); err != nil {
+		t.Fatalf("b's max_deliveries after a's: %v, want it stored once", err)
+	}
 	// A's own retry is still stored once and returned as stored.
 	if seq, _, err := a.Append(ctx, ev("a", messages.StateAccepted, 1), "job-1:accepted:1", 0); err != nil || seq != 1 {
 		t.Fatalf("a's retried accepted: seq %d, %v", seq, err)

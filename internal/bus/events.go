@@ -95,7 +95,7 @@ func (p *Publisher) Append(ctx context.Context, ev messages.Event, msgID string,
 			return 0, 0, fmt.Errorf("publish event %s: %w", msgID, err)
 		}
 		if found && id == msgID {
-			if newest.Host != ev.Host {
+			if newest.Host != ev.Host && !fleetWide(ev) {
 				return 0, 0, fmt.Errorf("%s event of job %s: %w (%s's, stream sequence %d)", ev.State, ev.JobID, ErrOthersEvent, newest.Host, at)
 			}
 			return newest.Seq, at, nil // stored by an earlier attempt
@@ -150,6 +150,14 @@ func wrongLastSequence(err error) bool {
 // count (one of them a repeated request).
 var ErrOthersEvent = errors.New("the event stream holds another host's event under this Nats-Msg-Id")
 
+// fleetWide reports whether ev is an event that any host may publish for
+// the fleet under the same Nats-Msg-Id, so that it is stored once: the
+// failed event of a request that ran out of deliveries (6.2), which one
+// host publishes and another may find stored.
+func fleetWide(ev messages.Event) bool {
+	return ev.State == messages.StateFailed && ev.Error != nil && ev.Error.Code == messages.CodeMaxDeliveries
+}
+
 // storedSeq returns the seq of the event stored at stream sequence at,
 // which the server named as ev's duplicate; ErrOthersEvent when another
 // host stored it.
@@ -166,7 +174,7 @@ func (p *Publisher) storedSeq(ctx context.Context, ev messages.Event, at uint64)
 	if err != nil {
 		return 0, 0, fmt.Errorf("event %d of job %s: %w", at, ev.JobID, err)
 	}
-	if old.Host != ev.Host {
+	if old.Host != ev.Host && !fleetWide(ev) {
 		return 0, 0, fmt.Errorf("%s event of job %s: %w (%s's, stream sequence %d)", ev.State, ev.JobID, ErrOthersEvent, old.Host, at)
 	}
 	return old.Seq, at, nil

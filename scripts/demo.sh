@@ -3,19 +3,28 @@
 # machine per CI runner kind (Forgejo Runner, GitHub Actions Runner, Jenkins
 # agent), cloned from the tiny test image whose stub runners record how they
 # were started and exit after a few seconds. Watch the lifecycle events
-# live, then show a per-job summary and that nothing is left behind.
-# Usage: scripts/demo.sh path/to/worker
+# live, then show a per-job summary and that nothing is left behind. With
+# the example orchestrator (examples/dispatcher, built on pkg/client), it
+# then drives the same worker with three more jobs, one of which never
+# ends by itself and is torn down at its deadline.
+# Usage: scripts/demo.sh path/to/worker [path/to/dispatcher]
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib/daemon.sh"
 W="$1"
+D="${2:-}"
 IMAGE="${DEMO_IMAGE:-tiny-linux}"
 PORT="${DEMO_NATS_PORT:-14222}"
 HOST=demo
 URL="nats://127.0.0.1:$PORT"
 export STRETCHY_NATS_URL="$URL"
 dir=$(mktemp -d /tmp/stretchy-demo.XXXXXX)
+# The worker's embedded server takes only its own credentials, which it
+# makes in its data directory; the other commands find them there.
+export STRETCHY_NATS_DATA_DIR="$dir/nats"
 run="demo-$(date +%H%M%S)"
 jobs=("$run-forgejo" "$run-github" "$run-jenkins")
+# The dispatcher's jobs, torn down by the cleanup should it be interrupted.
+djobs=("$run-d-forgejo" "$run-d-github" "$run-d-none")
 wpid="" epid="" submitted=""
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -35,10 +44,10 @@ cleanup() {
   trap - EXIT INT TERM
   if [ -n "$submitted" ] && [ -n "$wpid" ] && kill -0 "$wpid" 2>/dev/null; then
     echo "tearing the demo's machines down..."
-    for job in "${jobs[@]}"; do
+    for job in "${jobs[@]}" "${djobs[@]}"; do
       "$W" submit teardown --job "$job" --host "$HOST" --reason "demo interrupted" >/dev/null 2>&1 || true
     done
-    for job in "${jobs[@]}"; do
+    for job in "${jobs[@]}" "${djobs[@]}"; do
       timeout 60 "$W" events --job "$job" --follow --until torn_down >/dev/null 2>&1 || true
     done
   fi
@@ -126,6 +135,26 @@ if [ "$done_ok" -ne 3 ]; then
   echo "  expected 3 jobs torn down after their runner exited with 0, got $done_ok"; exit 1
 fi
 awk -v s="$start" -v e="$end" 'BEGIN { printf "  three jobs provisioned, run and torn down in %.1f s\n", e - s }'
+
+if [ -n "$D" ]; then
+  say "An orchestrator on pkg/client: examples/dispatcher, three jobs, one of them torn down at its 90 s deadline"
+  printf 'forgejo-token-%s-d' "$run" >"$dir/forgejo-d.secret"
+  printf 'github-jit-config-%s-d' "$run" >"$dir/github-d.secret"
+  cat >"$dir/jobs.jsonl" <<JOBS
+{"job": "$run-d-forgejo", "image": "$IMAGE", "runner": "forgejo", "secret_file": "$dir/forgejo-d.secret", "max_lifetime": "10m", "fields": {"url": "https://forgejo.example.org/", "uuid": "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", "label": ["tiny", "stub-exit=3"]}}
+{"job": "$run-d-github", "image": "$IMAGE", "runner": "github", "by_image": true, "secret_file": "$dir/github-d.secret", "max_lifetime": "10m"}
+{"job": "$run-d-none", "image": "$IMAGE", "runner": "none", "deadline": "90s", "max_lifetime": "10m"}
+JOBS
+  sed 's/^/  jobs.jsonl: /' "$dir/jobs.jsonl"
+  submitted=1
+  # The embedded server's credentials, as the worker's commands find them.
+  "$D" --nats-url "$URL" --nats-nkey-seed "$STRETCHY_NATS_DATA_DIR/user.nk" --rate 1 --deadline 5m "$dir/jobs.jsonl" | tee "$dir/dispatcher.out" | sed 's/^/  /'
+  submitted=""
+  for want in "$run-d-forgejo .* torn_down  *3 " "$run-d-github .* torn_down  *0 " "$run-d-none .* torn_down .*torn down at its deadline"; do
+    grep -q -e "$want" "$dir/dispatcher.out" || { echo "  the dispatcher's summary lacks a line matching: $want"; exit 1; }
+  done
+  echo "  the dispatcher's three jobs ended as described: exit 3, exit 0, torn down at the deadline"
+fi
 kill -TERM "$wpid"
 wait "$wpid" || true
 wpid=""

@@ -8,8 +8,11 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib/daemon.sh"
 
 LIBVIRT_URI="${LIBVIRT_URI:-qemu:///system}"
+# iptables brings ebtables-nft, ebtables, iptables and ip6tables, which
+# libvirt's nwfilter runs for the worker's guest filter; iproute2's ip netns
+# makes the isolation tests' networks.
 PACKAGES=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
-          qemu-system-data busybox-static ovmf e2fsprogs)
+          qemu-system-data busybox-static ovmf e2fsprogs iptables iproute2)
 
 log() { echo "libvirt-up: $*"; }
 die() { echo "libvirt-up: ERROR: $*" >&2; exit 1; }
@@ -19,7 +22,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 missing_bits() {
   local c
-  for c in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img mkfs.ext4; do
+  for c in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img mkfs.ext4 ebtables iptables ip6tables ip; do
     command -v "$c" >/dev/null 2>&1 || echo "$c"
   done
   [ -f /usr/share/qemu/qboot.rom ] || echo qboot.rom
@@ -82,3 +85,7 @@ until virsh -c "$LIBVIRT_URI" version >/dev/null 2>&1; do
 done
 # Note: libvirt's "default" NAT network is not needed: our domains have no NIC
 # or a user-mode (<interface type='user'>) one, which need no host bridge.
+# The isolation tests make bridges and network namespaces of their own.
+virsh -c "$LIBVIRT_URI" nwfilter-list >/dev/null 2>&1 ||
+  die "libvirtd has no nwfilter driver (virsh nwfilter-list fails); the worker's guest filter needs it"
+

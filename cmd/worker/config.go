@@ -16,7 +16,11 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/nats-io/nats.go"
 
+	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -53,9 +57,13 @@ type Config struct {
 	Warm           warmPools
 	WarmMaxAge     time.Duration
 	WarmRetire     bool
-	HTTPAddr       string
-	LogFormat      string
-	LogLevel       string
+	// KeysDir holds the keys sealed runner secrets are opened with;
+	// RequireSealed refuses secrets in the clear (docs/protocol.md 3.13).
+	KeysDir       string
+	RequireSealed bool
+	HTTPAddr      string
+	LogFormat     string
+	LogLevel      string
 	// Bounds on the size of machines (docs/protocol.md 3.2): vCPUs and
 	// MiB of memory of one machine, and of all of the host's machines
 	// together; 0 is no bound.
@@ -72,6 +80,16 @@ type Config struct {
 	// MaxHold caps how long a machine is held after its job failed
 	// (hold_on_failure_s) or on an operator's request; 0 holds none.
 	MaxHold time.Duration
+
+	// InboxPrefix is the prefix of the worker's inboxes; empty is
+	// bus.WorkerInbox(Host) (workerInbox).
+	InboxPrefix string
+	// OperatorInboxPrefix is the operators' inbox prefix: control
+	// requests are answered only on reply subjects under it.
+	OperatorInboxPrefix string
+	// Isolation keeps guests from the control plane and each other
+	// (isolation.go, docs/security.md 4).
+	Isolation isolationSettings
 }
 
 // env-backed flag defaults, for the commands other than run: the
@@ -230,7 +248,11 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.Host, "host", defaultHost(), "host id: names this host's subjects and appears in events (STRETCHY_HOST)")
 	fs.StringVar(&c.NATSURL, "nats-url", "", "NATS server or cluster URL(s), comma separated; empty starts an embedded server (STRETCHY_NATS_URL)")
 	c.NATS.register(fs)
-	fs.StringVar(&c.NATSDataDir, "nats-data-dir", "/var/lib/stretchy-worker/nats", "JetStream directory of the embedded server (STRETCHY_NATS_DATA_DIR)")
+	fs.StringVar(&c.InboxPrefix, "inbox-prefix", "", "prefix of the worker's inboxes, where the replies to its requests arrive; its NATS user must be allowed to subscribe to PREFIX.>; "+
+		"empty: "+bus.WorkerInbox("<host>")+" (STRETCHY_INBOX_PREFIX)")
+	fs.StringVar(&c.OperatorInboxPrefix, "operator-inbox-prefix", client.OperatorInbox, "inbox prefix of the operators' commands (worker hold, release, console): "+
+		"a control request is answered only on a reply subject under it, which must be under _INBOX. (STRETCHY_OPERATOR_INBOX_PREFIX)")
+	fs.StringVar(&c.NATSDataDir, "nats-data-dir", defaultNATSDataDir, "directory of the embedded server: its JetStream data, and its credentials, made at first start (STRETCHY_NATS_DATA_DIR)")
 	fs.IntVar(&c.NATSPort, "nats-port", 4222, "loopback port of the embedded server (STRETCHY_NATS_PORT)")
 	fs.StringVar(&c.LibvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection URI, as for virsh -c: qemu:///system, or qemu+tls://, qemu+ssh://, qemu+tcp:// for a remote host (STRETCHY_LIBVIRT_URI)")
 	fs.StringVar(&c.DomainType, "domain-type", "", `libvirt domain type of clones: "kvm", "qemu" (TCG, no hardware virtualization) or empty to keep the image's (STRETCHY_DOMAIN_TYPE)`)
@@ -247,6 +269,8 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.Var(&c.MinFreeSpace, "min-free-space", "free space every pool of an image needs for this host to clone it, such as 2GiB (STRETCHY_MIN_FREE_SPACE)")
 	fs.Var(&c.Warm, "warm", "warm pools: image=N keeps N machines of the image booted and idle for jobs, comma separated or repeated (STRETCHY_WARM)")
 	fs.DurationVar(&c.WarmMaxAge, "warm-max-age", time.Hour, "an idle warm machine this old is replaced; 0 keeps it (STRETCHY_WARM_MAX_AGE)")
+	fs.StringVar(&c.KeysDir, "keys-dir", defaultKeysDir, "directory of the keys sealed runner secrets are opened with (worker keys); a missing directory holds none (STRETCHY_KEYS_DIR)")
+	fs.BoolVar(&c.RequireSealed, "require-sealed-secrets", false, "refuse provisions whose runner secret is in the clear (secret_not_sealed); needs a key in --keys-dir (STRETCHY_REQUIRE_SEALED_SECRETS)")
 	fs.BoolVar(&c.WarmRetire, "warm-retire-on-stop", false, "remove the idle warm machines when the worker stops; otherwise the next start replaces them (STRETCHY_WARM_RETIRE_ON_STOP)")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "", "address for /metrics, /healthz and /readyz, such as 127.0.0.1:9464; empty serves none (STRETCHY_HTTP_ADDR)")
 	fs.StringVar(&c.LogFormat, "log-format", "text", `"text" or "json" (STRETCHY_LOG_FORMAT)`)
@@ -258,6 +282,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.IntVar(&c.MaxScratchGiB, "max-scratch-gib", 100, "GiB of scratch disk (scratch_disk_gib) one machine may have; more is refused (resources_exceeded); 0: no bound (STRETCHY_MAX_SCRATCH_GIB)")
 	fs.StringVar(&c.ConsoleDir, "console-dir", defaultConsoleDir, "absolute directory for the machines' serial console logs, on the libvirt host; empty captures no consoles (STRETCHY_CONSOLE_DIR)")
 	fs.DurationVar(&c.MaxHold, "max-hold", time.Hour, "longest a machine is held after its job failed (hold_on_failure_s) or by worker hold; 0 holds none (STRETCHY_MAX_HOLD)")
+	c.Isolation.register(fs)
 }
 
 // noFileKeys are flags the config file cannot set.
@@ -442,12 +467,25 @@ func (c *Config) Validate() error {
 		natsGiven = append(natsGiven, name)
 	}
 	if c.NATSURL == "" && len(natsGiven) > 0 {
-		bad("%s: needs --nats-url; the embedded server takes no credentials or TLS", strings.Join(natsGiven, ", "))
+		bad("%s: only for a NATS server given with --nats-url; without one, the worker starts its embedded server, "+
+			"which has no TLS and makes its own credentials, in %s (docs/security.md 1.1)", strings.Join(natsGiven, ", "), embedded.CredentialsPath(c.NATSDataDir))
 	} else if err := c.NATS.Validate(c.NATSURL); err != nil {
 		if len(natsFrom) > 0 {
 			err = fmt.Errorf("%s: %w", strings.Join(natsFrom, ", "), err)
 		}
 		errs = append(errs, err)
+	}
+	if c.InboxPrefix != "" {
+		if err := checkInboxPrefix(c.InboxPrefix); err != nil {
+			bad("--inbox-prefix %q%s: %v", c.InboxPrefix, c.origin("inbox-prefix"), err)
+		}
+	}
+	if err := checkInboxPrefix(c.OperatorInboxPrefix); err != nil {
+		bad("--operator-inbox-prefix %q%s: %v", c.OperatorInboxPrefix, c.origin("operator-inbox-prefix"), err)
+	} else if !strings.HasPrefix(c.OperatorInboxPrefix, nats.InboxPrefix) {
+		// The worker publishes its replies under it, with permissions
+		// its senders may lack (docs/protocol.md 2.9).
+		bad("--operator-inbox-prefix %q%s: must be under %s, where the worker may answer control requests", c.OperatorInboxPrefix, c.origin("operator-inbox-prefix"), nats.InboxPrefix)
 	}
 	if c.NATSPort < 1 || c.NATSPort > 65535 {
 		bad("--nats-port %d%s: not a TCP port", c.NATSPort, c.origin("nats-port"))
@@ -530,7 +568,18 @@ func (c *Config) Validate() error {
 	if c.MaxHold < 0 || c.MaxHold > maxMaxHold {
 		bad("--max-hold %s%s: must be between 0 (no holds) and %s", c.MaxHold, c.origin("max-hold"), maxMaxHold)
 	}
+	if err := c.Isolation.validate(c.origin); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
+}
+
+// workerInbox is the prefix of the worker's inboxes.
+func (c *Config) workerInbox() string {
+	if c.InboxPrefix != "" {
+		return c.InboxPrefix
+	}
+	return bus.WorkerInbox(c.Host)
 }
 
 // consoleCapture returns the directory the worker's machines log their

@@ -202,7 +202,7 @@ func TestConfigInvalidSource(t *testing.T) {
 		{"bounds of machines", nil, "max-vcpus-per-machine = 8", []string{"--host-vcpus", "4"},
 			[]string{"--max-vcpus-per-machine 8 (from config file @, key max-vcpus-per-machine): more than --host-vcpus 4, which"}, nil},
 		{"credentials without a server", nil, `nats-creds = "/etc/stretchy/worker.creds"`, nil,
-			[]string{"--nats-creds (from config file @, key nats-creds): needs --nats-url"}, nil},
+			[]string{"--nats-creds (from config file @, key nats-creds): only for a NATS server given with --nats-url"}, nil},
 		{"credentials file", map[string]string{"STRETCHY_NATS_URL": "nats://nats1:4222"}, `nats-creds = "/nonexistent/worker.creds"`, nil,
 			[]string{"--nats-creds (from config file @, key nats-creds): --nats-creds: open /nonexistent/worker.creds"}, nil},
 	}
@@ -333,5 +333,55 @@ func TestConfigPrint(t *testing.T) {
 		back.NATSURL != c.NATSURL || back.AckWait != c.AckWait || back.Host != c.Host ||
 		back.HostMemory != c.HostMemory || back.ConsoleDir != c.ConsoleDir || back.MaxHold != c.MaxHold {
 		t.Fatalf("round trip:\n got %+v\nwant %+v", back, c)
+	}
+}
+
+// TestInboxPrefixSettings: worker run's inbox prefix defaults to its
+// host's worker inbox, and neither it nor the operators' prefix may be
+// anything but literal tokens; the operators' must be under _INBOX.
+func TestInboxPrefixSettings(t *testing.T) {
+	tests := []struct {
+		name  string
+		env   map[string]string
+		args  []string
+		inbox string // the worker's, when valid
+		says  string // "": valid
+	}{
+		{"default", nil, []string{"--host", "h1"}, "_INBOX.stretchy.LIBVIRT.worker.h1", ""},
+		{"given", nil, []string{"--host", "h1", "--inbox-prefix", "_INBOX.w.h1"}, "_INBOX.w.h1", ""},
+		{"from the environment", map[string]string{"STRETCHY_INBOX_PREFIX": "_R.h1"}, nil, "_R.h1", ""},
+		{"operators' own", nil, []string{"--operator-inbox-prefix", "_INBOX.ops"}, "", ""},
+		{"a wildcard", nil, []string{"--inbox-prefix", "_INBOX.a.*"}, "", `--inbox-prefix "_INBOX.a.*": a wildcard`},
+		{"a trailing dot", nil, []string{"--inbox-prefix", "_INBOX.a."}, "", `--inbox-prefix "_INBOX.a.": a trailing dot`},
+		{"an empty token", nil, []string{"--inbox-prefix", "_INBOX..a"}, "", `--inbox-prefix "_INBOX..a": an empty token`},
+		{"white space", nil, []string{"--inbox-prefix", "_INBOX.a b"}, "", `--inbox-prefix "_INBOX.a b": white space`},
+		{"a wildcard from the environment", map[string]string{"STRETCHY_INBOX_PREFIX": "_INBOX.>"}, nil, "",
+			`--inbox-prefix "_INBOX.>" (from STRETCHY_INBOX_PREFIX): a wildcard`},
+		{"operators' not under _INBOX.", nil, []string{"--operator-inbox-prefix", "ops.replies"}, "",
+			`--operator-inbox-prefix "ops.replies": must be under _INBOX.`},
+		{"operators' with a wildcard", map[string]string{"STRETCHY_OPERATOR_INBOX_PREFIX": "_INBOX.ops.>"}, nil, "",
+			`--operator-inbox-prefix "_INBOX.ops.>" (from STRETCHY_OPERATOR_INBOX_PREFIX): a wildcard`},
+		{"operators' empty", nil, []string{"--operator-inbox-prefix", ""}, "", `--operator-inbox-prefix "": empty`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clearEnv(t)
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			cfg, _, err := loadConfig("worker run", tt.args)
+			if tt.says == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if tt.inbox != "" && cfg.workerInbox() != tt.inbox {
+					t.Fatalf("the worker's inbox prefix %q, want %q", cfg.workerInbox(), tt.inbox)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.says) {
+				t.Fatalf("error %v, want one saying %q", err, tt.says)
+			}
+		})
 	}
 }

@@ -9,9 +9,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -33,7 +31,8 @@ unless --host names it; the host's worker answers (docs/protocol.md 2.9).
 func controlCommand(ctx context.Context, op messages.ControlOp, args []string) error {
 	fs := flag.NewFlagSet("worker "+string(op), flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), holdUsage); fs.PrintDefaults() }
-	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
+	var nf natsFlags
+	nf.register(fs, operatorRole)
 	host := fs.String("host", "", "the job's host; empty finds it from the job's newest event")
 	var holdFor time.Duration
 	var bytes int
@@ -43,8 +42,6 @@ func controlCommand(ctx context.Context, op messages.ControlOp, args []string) e
 	case messages.ControlConsole:
 		fs.IntVar(&bytes, "bytes", 64<<10, fmt.Sprintf("at most this many bytes of the log's end (at most %d)", messages.MaxControlConsoleBytes))
 	}
-	var auth NATSAuth
-	auth.register(fs)
 	var job string
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 		job, args = args[0], args[1:]
@@ -63,46 +60,37 @@ func controlCommand(ctx context.Context, op messages.ControlOp, args []string) e
 	if holdFor < 0 || holdFor > messages.MaxHold {
 		return fmt.Errorf("--for %s: must be between 0 and %s", holdFor, messages.MaxHold)
 	}
-	nc, js, err := connectNATS(*natsURL, auth, natsClient{Name: "stretchy-libvirt-worker client"})
+	c, err := nf.client("stretchy-libvirt-worker client", client.WithIdentity(defaultBy()))
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	ctx, stop := nc.failFast(ctx)
-	defer stop()
-	if *host == "" {
-		lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		last, found, err := bus.NewPublisher(js).LastEvent(lctx, job, "")
-		cancel()
-		if err != nil {
-			return nc.explain(err)
-		}
-		if !found {
-			return fmt.Errorf("job %s has no events: no host serves it (--host names one)", job)
-		}
-		*host = last.Host
+	defer c.Close()
+	var opts []client.JobOption
+	if *host != "" {
+		opts = append(opts, client.AtHost(*host))
 	}
-	req := messages.Control{V: messages.SchemaVersion, Op: op, JobID: job, ForS: int64(holdFor / time.Second), By: defaultBy(), Bytes: bytes}
-	data, err := messages.Marshal(req)
-	if err != nil {
-		return err
-	}
-	// A release waits for an operation slot and the removal.
-	rctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	j := c.Job(job, opts...)
+	// A release waits for an operation slot and the removal; finding the
+	// job's host takes one short replay.
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute+10*time.Second)
 	defer cancel()
-	msg, err := nc.RequestWithContext(rctx, messages.ControlSubject(*host), data)
-	if errors.Is(err, nats.ErrNoResponders) {
-		return fmt.Errorf("the worker of host %s does not answer: it is not running, or predates control requests", *host)
+	var reply messages.ControlReply
+	switch op {
+	case messages.ControlHold:
+		reply, err = j.Hold(ctx, holdFor)
+	case messages.ControlRelease:
+		reply, err = j.Release(ctx)
+	case messages.ControlConsole:
+		var console string
+		if console, err = j.Console(ctx, bytes); err == nil {
+			_, err = os.Stdout.WriteString(console)
+		}
+	}
+	if errors.Is(err, client.ErrNoHost) {
+		return fmt.Errorf("job %s has no events: no host serves it (--host names one)", job)
 	}
 	if err != nil {
-		return nc.explain(err)
-	}
-	reply, err := messages.DecodeControlReply(msg.Data)
-	if err != nil {
-		return fmt.Errorf("the reply of host %s: %w", *host, err)
-	}
-	if !reply.OK {
-		return fmt.Errorf("host %s: %s", reply.Host, reply.Error)
+		return err
 	}
 	switch op {
 	case messages.ControlHold:
@@ -117,12 +105,6 @@ func controlCommand(ctx context.Context, op messages.ControlOp, args []string) e
 		} else {
 			fmt.Printf("job %s: the hold of its machine on host %s is cancelled\n", job, reply.Host)
 		}
-	case messages.ControlConsole:
-		if reply.ConsoleWithheld {
-			return fmt.Errorf("host %s withholds the console of job %s: its worker restarted since the job began and cannot scrub the job's secrets; read the log on the host (docs/protocol.md 7.7)", reply.Host, job)
-		}
-		_, err := os.Stdout.WriteString(reply.Console)
-		return err
 	}
 	return nil
 }

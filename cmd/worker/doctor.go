@@ -39,7 +39,10 @@ waits for its guest agent, detects its OS, runs "echo Hello" (Windows:
 Write-Host 'Hello'), looks for each runner's program and asks it for its
 version as stretchy, looks for files that make a runner fail every job
 (a Forgejo Runner registration, <home>/.runner), checks the agent's
-version, and removes the machine again, also on failure or Ctrl-C.
+version, says which interfaces the guest filter covers and tries, from
+inside the guest, to connect to each control-plane address (NATS,
+--http-addr, libvirtd, --isolate-from; docs/security.md 4.5), and removes
+the machine again, also on failure or Ctrl-C.
 
 Each check prints a line "ok", "warn" or "fail" with what it found and,
 unless ok, a hint how to fix it. The exit status is 1 if a check failed
@@ -56,7 +59,8 @@ unless ok, a hint how to fix it. The exit status is 1 if a check failed
 Check names: libvirt, pool, pool.space, image, image.name, image.state,
 image.settings, image.storage, image.nvram, boot.start, boot.agent, boot.os,
 boot.echo, boot.home, boot.runner.forgejo, boot.runner.github,
-boot.runner.jenkins, boot.agent_version, boot.cleanup, nats, nats.stream,
+boot.runner.jenkins, boot.agent_version, boot.nics, boot.isolation,
+boot.cleanup, nats, nats.stream,
 nats.claims, nats.consumer.
 
 `
@@ -125,9 +129,13 @@ type doctorConfig struct {
 	LibvirtURI  string
 	NATSURL     string
 	NATS        NATSAuth
+	InboxPrefix string
 	Host        string
 	DomainType  string
 	BootTimeout time.Duration
+	// Isolation is the control plane the boot check probes from inside
+	// the guest (doctor_isolation.go).
+	Isolation doctorIsolation
 }
 
 func (c *doctorConfig) register(fs *flag.FlagSet) {
@@ -137,9 +145,14 @@ func (c *doctorConfig) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.LibvirtURI, "libvirt-uri", envString("STRETCHY_LIBVIRT_URI", "qemu:///system"), "libvirt connection URI, as for virsh -c (STRETCHY_LIBVIRT_URI)")
 	fs.StringVar(&c.NATSURL, "nats-url", envString("STRETCHY_NATS_URL", ""), "NATS URL(s) to check; empty skips the NATS checks (STRETCHY_NATS_URL)")
 	c.NATS.register(fs)
+	fs.StringVar(&c.NATS.EmbeddedDir, "nats-data-dir", envString("STRETCHY_NATS_DATA_DIR", defaultNATSDataDir),
+		"--nats-data-dir of worker run on this host: given no other credentials, a --nats-url on loopback is checked with its embedded server's credentials there (STRETCHY_NATS_DATA_DIR)")
+	fs.StringVar(&c.InboxPrefix, "inbox-prefix", envString("STRETCHY_INBOX_PREFIX", ""),
+		"prefix of the inboxes of the NATS checks, as worker run's; empty: "+bus.WorkerInbox("<host>")+", the --host's worker's (STRETCHY_INBOX_PREFIX)")
 	fs.StringVar(&c.Host, "host", envString("STRETCHY_HOST", defaultHost()), "host id whose consumers to look for, as for worker run (STRETCHY_HOST)")
 	fs.StringVar(&c.DomainType, "domain-type", envString("STRETCHY_DOMAIN_TYPE", ""), `--boot: domain type of the clone, "kvm", "qemu" or empty to keep the image's (STRETCHY_DOMAIN_TYPE)`)
 	fs.DurationVar(&c.BootTimeout, "boot-timeout", messages.DefaultBootTimeout, "--boot: how long the guest agent may take to answer")
+	c.Isolation.register(fs)
 }
 
 // Validate fails fast, naming the flag at fault.
@@ -236,7 +249,7 @@ func doctorCommand(ctx context.Context, args []string) error {
 // are skipped.
 func (d *doctor) run(ctx context.Context) {
 	if link := d.checkLibvirt(ctx); link != nil {
-		p := provision.New(link.Libvirt(), provision.Options{DomainType: d.cfg.DomainType, Link: link})
+		p := d.guestFilterProvisioner(ctx, link)
 		agent := qga.New(link.Libvirt(), qga.Options{Caller: link})
 		d.checkPools(ctx, p)
 		for _, image := range d.cfg.Images {
@@ -503,6 +516,7 @@ func (d *doctor) boot(ctx context.Context, p *provision.Provisioner, agent *qga.
 	}
 	d.checkRunners(ctx, agent, image, job, osFamily)
 	d.checkAgentVersion(ctx, agent, image, machine)
+	d.checkIsolation(ctx, p, agent, image, job, osFamily)
 }
 
 // removeMachine removes the boot check's machine, also after ctx ended.
@@ -815,7 +829,12 @@ func (d *doctor) checkNATS(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, doctorCallTimeout)
 	defer cancel()
 	shown := redactURL(d.cfg.NATSURL)
-	nc, js, err := connectNATS(d.cfg.NATSURL, d.cfg.NATS, natsClient{Name: "stretchy-libvirt-worker doctor"})
+	// The checks are the worker's view of NATS, as with its credentials.
+	inbox := d.cfg.InboxPrefix
+	if inbox == "" {
+		inbox = bus.WorkerInbox(d.cfg.Host)
+	}
+	nc, js, err := connectNATS(d.cfg.NATSURL, d.cfg.NATS, natsClient{Name: "stretchy-libvirt-worker doctor", InboxPrefix: inbox})
 	if err != nil {
 		d.add(fail("nats", shown, "check the URL, the credentials and that nats-server runs with JetStream (-js) and is reachable "+
 			"from this host; without --nats-url, worker run starts an embedded server instead", "%v", err))

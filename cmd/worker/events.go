@@ -12,14 +12,9 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
-
-// errStop ends reading events once the wanted one was seen.
-var errStop = errors.New("stop")
 
 const eventsUsage = `usage: worker events [--job ID] [--host H] [--state S] [--since 2h | --from T [--to T]]
                      [--follow | --new] [--until STATE] [--summary] [--json]
@@ -31,8 +26,7 @@ reads only what it prints. Times are RFC 3339 (2026-11-27T02:00:00Z).
 
 // eventQuery is what "worker events" was asked for.
 type eventQuery struct {
-	opts    bus.ReadOptions
-	to      time.Time
+	q       client.Query
 	until   messages.State
 	summary bool
 	asJSON  bool
@@ -41,7 +35,8 @@ type eventQuery struct {
 func eventsCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("worker events", flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), eventsUsage); fs.PrintDefaults() }
-	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
+	var nf natsFlags
+	nf.register(fs, orchestratorRole)
 	job := fs.String("job", "", "only events of this job")
 	host := fs.String("host", "", "only events of this host")
 	state := fs.String("state", "", "only events in this state")
@@ -53,14 +48,11 @@ func eventsCommand(ctx context.Context, args []string) error {
 	until := fs.String("until", "", "with --follow: exit after an event in this state (for scripts)")
 	summary := fs.Bool("summary", false, "one line per job: image, host, OS, start, total time, outcome, error")
 	asJSON := fs.Bool("json", false, "print JSON lines instead of a table")
-	var auth NATSAuth
-	auth.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	q := eventQuery{summary: *summary, asJSON: *asJSON, until: messages.State(*until)}
-	q.opts.Filter = messages.EventFilter(*host, *job, messages.State(*state))
-	q.opts.Follow, q.opts.New = *follow || *newOnly, *newOnly
+	q.q = client.Query{Host: *host, Job: *job, State: messages.State(*state), Follow: *follow || *newOnly, New: *newOnly}
 	for _, s := range []string{*state, *until} {
 		if s != "" && !messages.State(s).Valid() {
 			return fmt.Errorf("%q is not a state; states: %v", s, messages.States)
@@ -71,27 +63,25 @@ func eventsCommand(ctx context.Context, args []string) error {
 	case *since != 0 && *from != "":
 		return errors.New("give --since or --from, not both")
 	case *since != 0:
-		q.opts.Since = time.Now().Add(-*since)
+		q.q.Since = time.Now().Add(-*since)
 	case *from != "":
-		if q.opts.Since, err = time.Parse(time.RFC3339, *from); err != nil {
+		if q.q.Since, err = time.Parse(time.RFC3339, *from); err != nil {
 			return fmt.Errorf("--from: %w", err)
 		}
 	}
 	if *to != "" {
-		if q.to, err = time.Parse(time.RFC3339, *to); err != nil {
+		if q.q.Until, err = time.Parse(time.RFC3339, *to); err != nil {
 			return fmt.Errorf("--to: %w", err)
 		}
 	}
-	if q.summary && q.opts.Follow {
+	if q.summary && q.q.Follow {
 		return errors.New("--summary prints once the replay ends: it does not go with --follow")
 	}
-	nc, js, err := connectNATS(*natsURL, auth, natsClient{Name: "stretchy-libvirt-worker client"})
+	c, err := nf.client("stretchy-libvirt-worker client")
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	ctx, stop := nc.failFast(ctx)
-	defer stop()
+	defer c.Close()
 
 	var out eventWriter = newTable(os.Stdout)
 	switch {
@@ -100,28 +90,26 @@ func eventsCommand(ctx context.Context, args []string) error {
 	case q.asJSON:
 		out = jsonLines{json.NewEncoder(os.Stdout)}
 	}
-	err = bus.ReadEvents(ctx, js, q.opts, func(streamSeq uint64, ev messages.Event, derr error) error {
-		if derr != nil {
-			fmt.Fprintf(os.Stderr, "skipping undecodable event %d: %v\n", streamSeq, derr)
-			return nil
+	for ev, rerr := range c.Events(ctx, q.q) {
+		var derr *client.DecodeError
+		if errors.As(rerr, &derr) {
+			fmt.Fprintf(os.Stderr, "skipping undecodable event %d: %v\n", derr.StreamSeq, derr.Err)
+			continue
 		}
-		if !q.to.IsZero() && ev.Time.After(q.to) {
-			if q.opts.Follow {
-				return errStop
-			}
-			return nil
+		if rerr != nil {
+			err = rerr
+			break
 		}
-		if err := out.write(ev); err != nil {
-			return err
+		if err = out.write(ev); err != nil {
+			break
 		}
 		if q.until != "" && ev.State == q.until {
-			return errStop
+			break
 		}
-		return nil
-	})
-	// A refused request ends ctx; say so instead of exiting quietly.
-	err = nc.explain(err)
-	if errors.Is(err, errStop) || errors.Is(err, context.Canceled) {
+	}
+	// An interrupt ends a follower quietly; a refused request does not
+	// (it is a *client.PermissionError).
+	if errors.Is(err, context.Canceled) {
 		err = nil
 	}
 	if ferr := out.flush(); err == nil {
@@ -210,65 +198,58 @@ type JobSummary struct {
 	Released  time.Time `json:"released,omitzero"`
 }
 
+// summary folds each job's events into its client.Status, as an
+// orchestrator following the job sees it, and prints one line per job.
 type summary struct {
 	w      io.Writer
 	asJSON bool
-	jobs   map[string]*JobSummary
+	jobs   map[string]*client.Status
 }
 
 func newSummary(w io.Writer, asJSON bool) *summary {
-	return &summary{w: w, asJSON: asJSON, jobs: map[string]*JobSummary{}}
+	return &summary{w: w, asJSON: asJSON, jobs: map[string]*client.Status{}}
 }
 
 func (s *summary) write(ev messages.Event) error {
 	if ev.JobID == "" {
 		return nil // a warm machine's own event: no job to summarise
 	}
-	j := s.jobs[ev.JobID]
-	if j == nil {
-		j = &JobSummary{JobID: ev.JobID, Start: ev.Time, Outcome: "in progress"}
-		s.jobs[ev.JobID] = j
+	st := s.jobs[ev.JobID]
+	if st == nil {
+		st = &client.Status{JobID: ev.JobID}
+		s.jobs[ev.JobID] = st
 	}
-	if ev.State == messages.StateDropped {
-		// A host let go of the job; the holder's events tell its story.
-		return nil
-	}
-	if ev.State == messages.StateReleased {
-		// The held machine of the ended job is gone; the job's end stays.
-		j.HeldUntil, j.Released = time.Time{}, ev.Time
-		return nil
-	}
-	if ev.State.Terminal() && !ev.HeldUntil.IsZero() {
-		j.HeldUntil = ev.HeldUntil
-	}
-	j.Host, j.End = ev.Host, ev.Time
-	if ev.Image != "" {
-		j.Image = ev.Image
-	}
-	if ev.OS != "" {
-		j.OS = ev.OS
-	}
-	if ev.ExitCode != nil {
-		j.Exit = ev.ExitCode
-	}
-	if ev.State.Terminal() {
-		j.Outcome = string(ev.State)
-	} else {
-		j.Outcome = "in progress (" + string(ev.State) + ")"
-	}
-	if ev.Error != nil {
-		j.Error = string(ev.Error.Code) + ": " + ev.Error.Message
-	}
+	st.Apply(ev)
 	return nil
 }
 
-func (s *summary) flush() error {
+// summaries returns the jobs' lines, oldest job first.
+func (s *summary) summaries() []*JobSummary {
 	list := make([]*JobSummary, 0, len(s.jobs))
-	for _, j := range s.jobs {
+	for _, st := range s.jobs {
+		j := &JobSummary{JobID: st.JobID, Image: st.Image, Host: st.Host, OS: st.OS, Start: st.Start, End: st.Last,
+			Exit: st.ExitCode, Outcome: "in progress", Released: st.Released}
+		switch {
+		case st.Outcome != nil:
+			j.Outcome = string(st.Outcome.State)
+			if st.Released.IsZero() {
+				j.HeldUntil = st.Outcome.HeldUntil
+			}
+		case st.State != "":
+			j.Outcome = "in progress (" + string(st.State) + ")"
+		}
+		if st.Error != nil {
+			j.Error = string(st.Error.Code) + ": " + st.Error.Message
+		}
 		j.Total = j.End.Sub(j.Start).Round(time.Millisecond).String()
 		list = append(list, j)
 	}
 	sort.Slice(list, func(a, b int) bool { return list[a].Start.Before(list[b].Start) })
+	return list
+}
+
+func (s *summary) flush() error {
+	list := s.summaries()
 	if s.asJSON {
 		enc := json.NewEncoder(s.w)
 		for _, j := range list {

@@ -83,6 +83,7 @@ func TestConfigExamples(t *testing.T) {
 	}{
 		{"../../README.md", configExamples},
 		{"../../docs/fleet.md", configExamples},
+		{"../../docs/security.md", configExamples},
 		{"../../deploy/worker.toml", func(t *testing.T, path string) []configExample {
 			b, err := os.ReadFile(path)
 			if err != nil {

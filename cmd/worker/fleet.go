@@ -14,9 +14,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -38,49 +36,41 @@ so it works with the host's worker down and lasts across its restarts,
 until undrain. SIGUSR1 to a worker drains its own host (SIGUSR2 undrains).
 `
 
-// operatorConn connects an operator's command and binds the fleet's buckets.
-func operatorConn(ctx context.Context, natsURL string, auth NATSAuth) (*natsConn, *bus.Fleet, context.Context, func(), error) {
-	nc, js, err := connectNATS(natsURL, auth, natsClient{Name: "stretchy-libvirt-worker client"})
+// operatorConn connects an operator's command, whose calls the returned
+// context bounds.
+func operatorConn(ctx context.Context, nf natsFlags) (*client.Client, context.Context, func(), error) {
+	c, err := nf.client("stretchy-libvirt-worker client")
 	if err != nil {
-		return nil, nil, nil, nil, err
+		return nil, nil, nil, err
 	}
-	ctx, stop := nc.failFast(ctx)
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	done := func() {
+	return c, ctx, func() {
 		cancel()
-		stop()
-		nc.Close()
-	}
-	f, err := bus.BindFleet(ctx, js)
-	if err != nil {
-		done()
-		return nil, nil, nil, nil, nc.explain(err)
-	}
-	return nc, f, ctx, done, nil
+		c.Close()
+	}, nil
 }
 
 func hostsCommand(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("worker hosts", flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), hostsUsage); fs.PrintDefaults() }
-	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
+	var nf natsFlags
+	nf.register(fs, operatorRole)
 	asJSON := fs.Bool("json", false, "print a JSON array instead of a table")
-	var auth NATSAuth
-	auth.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	nc, f, ctx, done, err := operatorConn(ctx, *natsURL, auth)
+	c, ctx, done, err := operatorConn(ctx, nf)
 	if err != nil {
 		return err
 	}
 	defer done()
-	hosts, err := f.Hosts(ctx)
+	hosts, err := c.Hosts(ctx)
 	if err != nil {
-		return nc.explain(err)
+		return err
 	}
-	drains, err := f.Drains(ctx)
+	drains, err := c.Drains(ctx)
 	if err != nil {
-		return nc.explain(err)
+		return err
 	}
 	rows := hostRows(hosts, drains)
 	if *asJSON {
@@ -167,10 +157,9 @@ func drainCommand(ctx context.Context, args []string, drain bool) error {
 	}
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), drainUsage); fs.PrintDefaults() }
-	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
+	var nf natsFlags
+	nf.register(fs, operatorRole)
 	by := fs.String("by", defaultBy(), "who asks, recorded with the drain")
-	var auth NATSAuth
-	auth.register(fs)
 	// The host comes first, flags after it, or the other way round.
 	var host string
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
@@ -184,18 +173,18 @@ func drainCommand(ctx context.Context, args []string, drain bool) error {
 	} else if fs.NArg() > 0 || host == "" {
 		return errors.New(strings.SplitN(drainUsage, "\n\n", 2)[0])
 	}
-	nc, f, ctx, done, err := operatorConn(ctx, *natsURL, auth)
+	c, ctx, done, err := operatorConn(ctx, nf)
 	if err != nil {
 		return err
 	}
 	defer done()
 	if drain {
-		err = f.Drain(ctx, host, *by)
+		err = c.Drain(ctx, host, *by)
 	} else {
-		err = f.Undrain(ctx, host)
+		err = c.Undrain(ctx, host)
 	}
 	if err != nil {
-		return nc.explain(err)
+		return err
 	}
 	if drain {
 		fmt.Printf("host %s drains: it takes no provisions from now on (worker hosts shows when it is drained)\n", host)

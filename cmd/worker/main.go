@@ -28,6 +28,7 @@ commands:
   hold      keep a job's machine after its job ends (release: remove it now)
   console   print the end of a job's machine's serial console
   config    print the effective configuration of worker run
+  keys      make and list the keys runner secrets are sealed to
   version   print the worker's version
 
 Run "worker <command> -h" for the flags of a command. Every flag can also be
@@ -73,6 +74,8 @@ func main() {
 		err = controlCommand(ctx, messages.ControlConsole, args)
 	case "config":
 		err = configCommand(args)
+	case "keys":
+		err = keysCommand(args, stdout)
 	case "version":
 		fmt.Println(version())
 	case "help":

@@ -7,10 +7,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"net"
 	"net/url"
 	"os"
-	"regexp"
 	"strings"
 	"time"
 
@@ -18,6 +19,9 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
+
+	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 )
 
 // secret holds a credential taken from the environment. It prints as
@@ -36,6 +40,12 @@ func (s secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 // Secrets are read from files or the environment, never from flag values,
 // so that they stay out of process lists and shell history.
 type NATSAuth struct {
+	// EmbeddedDir, when set, is the --nats-data-dir of a worker on this
+	// host: with no other credentials and every URL on loopback, the
+	// command authenticates with that worker's embedded server's
+	// credentials (docs/security.md 1.1). It is not one of the methods:
+	// it applies only when none is given.
+	EmbeddedDir  string
 	User         string
 	Password     secret // STRETCHY_NATS_PASSWORD only
 	PasswordFile string
@@ -97,6 +107,9 @@ const (
 	authNKey  = "--nats-nkey-seed"
 	authCreds = "--nats-creds"
 	authURL   = "credentials in --nats-url"
+	// authEmbedded is no flag: the credentials of the embedded server in
+	// EmbeddedDir, used when none is given.
+	authEmbedded = "the embedded server's credentials"
 )
 
 // methods lists the authentication methods given.
@@ -133,7 +146,62 @@ func (a NATSAuth) method(urls string) string {
 	if m := a.methods(urls); len(m) > 0 {
 		return m[0]
 	}
+	if e := a.embedded(urls); e.applies && e.err == nil {
+		return authEmbedded
+	}
 	return authNone
+}
+
+// embeddedCredentials says whether a connection authenticates with the
+// credentials of a worker's embedded server, and with which.
+type embeddedCredentials struct {
+	// applies: EmbeddedDir is set, no other credentials or TLS settings
+	// are given, and every URL is on loopback, where worker run's
+	// embedded server listens.
+	applies bool
+	path    string
+	creds   embedded.Credentials
+	// err is why they could not be read, when they apply.
+	err error
+}
+
+func (a NATSAuth) embedded(urls string) embeddedCredentials {
+	if a.EmbeddedDir == "" || len(a.given()) > 0 || urlHasCredentials(urls) || !onLoopback(urls) {
+		return embeddedCredentials{}
+	}
+	e := embeddedCredentials{applies: true, path: embedded.CredentialsPath(a.EmbeddedDir)}
+	e.creds, e.err = embedded.LoadCredentials(a.EmbeddedDir)
+	return e
+}
+
+// unreadable tells whether the embedded server's credentials are simply
+// not there for this user: no worker ran with this data directory, or the
+// user may not read it. The command then connects without credentials,
+// as it would to another server on loopback; explainConnect says why when
+// the server wants some.
+func (e embeddedCredentials) unreadable() bool {
+	return errors.Is(e.err, fs.ErrNotExist) || errors.Is(e.err, fs.ErrPermission)
+}
+
+// onLoopback tells whether every server of urls is on this host's
+// loopback.
+func onLoopback(urls string) bool {
+	for _, s := range strings.Split(urls, ",") {
+		s = strings.TrimSpace(s)
+		if !strings.Contains(s, "://") {
+			s = "nats://" + s
+		}
+		u, err := url.Parse(s)
+		if err != nil {
+			return false
+		}
+		if h := u.Hostname(); h != "localhost" {
+			if ip := net.ParseIP(h); ip == nil || !ip.IsLoopback() {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // options turns the settings into nats.go options, reading and checking
@@ -200,6 +268,15 @@ func (a NATSAuth) options(urls string) ([]nats.Option, error) {
 		errs = append(errs, err)
 	} else if tc != nil {
 		opts = append(opts, nats.Secure(tc))
+	}
+	if e := a.embedded(urls); e.applies {
+		switch {
+		case e.err == nil:
+			// The seed is read for each signature, never kept.
+			opts = append(opts, nats.Nkey(e.creds.PublicKey(), e.creds.Sign))
+		case !e.unreadable():
+			errs = append(errs, e.err)
+		}
 	}
 	return opts, errors.Join(errs...)
 }
@@ -311,6 +388,91 @@ func (a NATSAuth) tlsConfig() (*tls.Config, error) {
 	return tc, errors.Join(errs...)
 }
 
+// defaultNATSDataDir is worker run's --nats-data-dir, where the other
+// commands look for its embedded server's credentials.
+const defaultNATSDataDir = "/var/lib/stretchy-worker/nats"
+
+// natsFlags are the NATS settings of the client commands, which connect
+// through pkg/client. Their defaults are worker run's embedded server on
+// this host: the loopback port of STRETCHY_NATS_PORT, the credentials in
+// STRETCHY_NATS_DATA_DIR, so that the same environment serves both
+// (docs/security.md 1.1); and the inbox prefix of the command's role
+// (docs/security.md 2).
+type natsFlags struct {
+	URL         string
+	Auth        NATSAuth
+	InboxPrefix string
+	role        client.Role
+}
+
+// role is whom a command acts for, which names its inboxes.
+type role struct {
+	role client.Role
+	// env is the variable that changes the role's inbox prefix.
+	env string
+}
+
+var (
+	// orchestratorRole: worker submit and worker events.
+	orchestratorRole = role{client.Orchestrator, "STRETCHY_ORCHESTRATOR_INBOX_PREFIX"}
+	// operatorRole: worker hosts, drain, undrain, hold, release and
+	// console; worker run's --operator-inbox-prefix is the same setting.
+	operatorRole = role{client.Operator, "STRETCHY_OPERATOR_INBOX_PREFIX"}
+)
+
+func (f *natsFlags) register(fs *flag.FlagSet, r role) {
+	f.role = r.role
+	fs.StringVar(&f.InboxPrefix, "inbox-prefix", envString(r.env, r.role.InboxPrefix()),
+		"prefix of the inboxes where the replies to this command's requests arrive; its NATS user must be allowed to subscribe to PREFIX.> ("+r.env+")")
+	fs.StringVar(&f.URL, "nats-url", defaultNATSURL(), "NATS URL(s), comma separated; default: the embedded server of worker run on this host, "+
+		"on 127.0.0.1 and STRETCHY_NATS_PORT (STRETCHY_NATS_URL)")
+	f.Auth.register(fs)
+	fs.StringVar(&f.Auth.EmbeddedDir, "nats-data-dir", envString("STRETCHY_NATS_DATA_DIR", defaultNATSDataDir),
+		"--nats-data-dir of worker run on this host: given no other credentials, a URL on loopback is connected to with "+
+			"its embedded server's credentials there (STRETCHY_NATS_DATA_DIR)")
+}
+
+// client connects the command name through pkg/client, in the role the
+// flags were registered for. A refused permission ends the command's
+// call at once with a *client.PermissionError; the server's other
+// asynchronous errors go to stderr.
+func (f natsFlags) client(name string, opts ...client.Option) (*client.Client, error) {
+	if err := checkInboxPrefix(f.InboxPrefix); err != nil {
+		return nil, fmt.Errorf("--inbox-prefix %q: %w", f.InboxPrefix, err)
+	}
+	nopts, err := f.Auth.options(f.URL)
+	if err != nil {
+		return nil, err
+	}
+	c, err := client.Connect(f.URL, append([]client.Option{
+		client.WithName(name), client.WithRole(f.role), client.WithInboxPrefix(f.InboxPrefix),
+		client.WithNATSOptions(nopts...),
+		client.WithErrorHandler(func(err error) {
+			if !errors.Is(err, nats.ErrPermissionViolation) { // those become the command's error
+				fmt.Fprintln(os.Stderr, err)
+			}
+		}),
+	}, opts...)...)
+	var ce *client.ConnectError
+	if errors.As(err, &ce) {
+		return nil, fmt.Errorf("connect to nats %s: %w", ce.URLs, f.Auth.explainConnect(f.URL, ce.Err))
+	}
+	return c, err
+}
+
+// checkInboxPrefix says what makes p no inbox prefix
+// (client.CheckInboxPrefix).
+func checkInboxPrefix(p string) error { return client.CheckInboxPrefix(p) }
+
+// defaultNATSURL is STRETCHY_NATS_URL, or where worker run's embedded
+// server listens: 127.0.0.1, port STRETCHY_NATS_PORT or 4222.
+func defaultNATSURL() string {
+	if u, ok := os.LookupEnv("STRETCHY_NATS_URL"); ok {
+		return u
+	}
+	return "nats://127.0.0.1:" + envString("STRETCHY_NATS_PORT", "4222")
+}
+
 // natsClient says who connects and how the connection behaves.
 type natsClient struct {
 	// Name is shown in the server's connection list.
@@ -325,14 +487,17 @@ type natsClient struct {
 	// NoEcho keeps the server from delivering the connection's own
 	// publishes to its own subscriptions (docs/security.md).
 	NoEcho bool
+	// InboxPrefix is the prefix of the connection's inboxes, its role's
+	// (docs/security.md 2); empty keeps nats.go's "_INBOX".
+	InboxPrefix string
 }
 
 // workerClient is how worker run connects: reconnecting for as long as it
 // runs, and without echo. The worker subscribes to subjects it also
 // publishes to (the provision subjects it wakes up on, its control
 // subject); nothing it does needs to receive its own messages.
-func workerClient(host string, log *slog.Logger) natsClient {
-	return natsClient{Name: "stretchy-libvirt-worker " + host, Log: log, Reconnect: true, NoEcho: true}
+func workerClient(host, inboxPrefix string, log *slog.Logger) natsClient {
+	return natsClient{Name: "stretchy-libvirt-worker " + host, Log: log, Reconnect: true, NoEcho: true, InboxPrefix: inboxPrefix}
 }
 
 // natsConn is a NATS connection that remembers the server's first
@@ -351,6 +516,12 @@ func connectNATS(urls string, auth NATSAuth, c natsClient) (*natsConn, jetstream
 	opts, err := auth.options(urls)
 	if err != nil {
 		return nil, nil, err
+	}
+	if p := c.InboxPrefix; p != "" {
+		if err := checkInboxPrefix(p); err != nil {
+			return nil, nil, fmt.Errorf("--inbox-prefix %q: %w", p, err)
+		}
+		opts = append(opts, nats.CustomInboxPrefix(p))
 	}
 	violated, violation := context.WithCancelCause(context.Background())
 	conn := &natsConn{violated: violated}
@@ -461,23 +632,10 @@ func (c *natsConn) explain(err error) error {
 	return err
 }
 
-var permissionRE = regexp.MustCompile(`(?i)permissions violation for (publish|subscription) to "([^"]*)"`)
-
 // permissionError rewords the server's
 // `Permissions Violation for Publish to "subject"` so that it names what
-// the user lacks.
-func permissionError(err error) error {
-	m := permissionRE.FindStringSubmatch(err.Error())
-	if m == nil {
-		return err
-	}
-	op := "publish to"
-	if strings.EqualFold(m[1], "subscription") {
-		op = "subscribe to"
-	}
-	return fmt.Errorf("%w: the NATS user may not %s %q (docs/security.md lists what it needs)",
-		nats.ErrPermissionViolation, op, m[2])
-}
+// the user lacks, as pkg/client does for the client commands.
+func permissionError(err error) error { return client.PermissionViolation(err) }
 
 // explainConnect adds to a failed connect what to check, by the
 // authentication method in use.
@@ -504,8 +662,19 @@ func (a NATSAuth) explainConnect(urls string, err error) error {
 			hint = fmt.Sprintf("check --nats-creds %s: is its account known to the server, its user allowed?", a.CredsFile)
 		case authURL:
 			hint = "check the credentials in --nats-url"
+		case authEmbedded:
+			hint = fmt.Sprintf("the server refused the embedded server's credentials %s: what listens there is not the embedded server "+
+				"of the worker whose --nats-data-dir is %s (give that worker's), or it replaced them since; or give other credentials",
+				embedded.CredentialsPath(a.EmbeddedDir), a.EmbeddedDir)
 		default:
 			hint = "the server wants credentials: give --nats-user, --nats-token-file, --nats-nkey-seed or --nats-creds"
+			if e := a.embedded(urls); e.applies && errors.Is(e.err, fs.ErrNotExist) {
+				hint += fmt.Sprintf("; for the embedded server of worker run on this host, the commands use its credentials, but there are none in %s: "+
+					"give the worker's --nats-data-dir (STRETCHY_NATS_DATA_DIR)", e.path)
+			} else if e.applies && errors.Is(e.err, fs.ErrPermission) {
+				hint += fmt.Sprintf("; for the embedded server of worker run on this host, the commands use its credentials %s, "+
+					"which this user may not read: run the command as root or as the worker's user", e.path)
+			}
 		}
 		if a.TLSCert != "" {
 			hint += ", or the user mapped from --nats-tls-cert " + a.TLSCert

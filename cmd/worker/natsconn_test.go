@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -18,17 +19,21 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/internal/worker"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -447,8 +452,10 @@ func TestNATSFlags(t *testing.T) {
 		t.Fatal(err)
 	}
 	err := cfg.Validate()
-	if err == nil || !strings.Contains(err.Error(), "--nats-user, STRETCHY_NATS_PASSWORD, --nats-tls-ca: needs --nats-url") {
-		t.Fatalf("embedded server with credentials: %v", err)
+	msg := "--nats-user, STRETCHY_NATS_PASSWORD, --nats-tls-ca: only for a NATS server given with --nats-url; " +
+		"without one, the worker starts its embedded server, which has no TLS and makes its own credentials, in /var/lib/stretchy-worker/nats/user.nk"
+	if err == nil || !strings.Contains(err.Error(), msg) {
+		t.Fatalf("embedded server with credentials: %v, want %q", err, msg)
 	}
 }
 
@@ -477,6 +484,8 @@ func permServer(t *testing.T, users map[string][2][]string) (*server.Server, str
 		list = append(list, &server.User{Username: name, Password: password, Permissions: &server.Permissions{
 			Publish:   &server.SubjectPermission{Allow: perms[0]},
 			Subscribe: &server.SubjectPermission{Allow: perms[1]},
+			// A worker answers control requests (docs/security.md 2.1).
+			Response: &server.ResponsePermission{MaxMsgs: 1, Expires: 3 * time.Minute},
 		}})
 	}
 	return startNATS(t, &server.Options{Users: list}), writeFile(t, "password", []byte(password))
@@ -503,7 +512,7 @@ func TestPermissionViolationNamesSubject(t *testing.T) {
 		js jetstream.JetStream
 	}
 	connect := func(user string) conn {
-		nc, js, err := connectNATS(url, NATSAuth{User: user, PasswordFile: pwFile}, natsClient{Name: "test"})
+		nc, js, err := connectNATS(url, NATSAuth{User: user, PasswordFile: pwFile}, natsClient{Name: "test", InboxPrefix: bus.WorkerInbox("h1")})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -556,7 +565,10 @@ func TestPermissionViolationNamesSubject(t *testing.T) {
 // with their flags as an orchestrator with its permissions, and as one
 // lacking one.
 func TestCommandsWithAuthentication(t *testing.T) {
-	opub, osub := bus.OrchestratorPermissions()
+	// No worker's embedded server here: its credentials are not found.
+	noEmbedded := t.TempDir()
+	t.Setenv("STRETCHY_NATS_DATA_DIR", noEmbedded)
+	opub, osub := client.OrchestratorPermissions()
 	srv, pwFile := permServer(t, map[string][2][]string{
 		"orchestrator": {opub, osub},
 		"no-requests":  {dropSubject(opub, messages.RequestSubjects), osub},
@@ -596,7 +608,8 @@ func TestCommandsWithAuthentication(t *testing.T) {
 		t.Fatalf("events without the permission: %v", err)
 	}
 	err = submitCommand(ctx, []string{"provision", "--job", "j3", "--image", "img", "--nats-url", url})
-	if err == nil || !strings.Contains(err.Error(), "authorization violation: the server wants credentials") {
+	if err == nil || !strings.Contains(err.Error(), "authorization violation: the server wants credentials") ||
+		!strings.Contains(err.Error(), "there are none in "+noEmbedded+"/user.nk") {
 		t.Fatalf("submit without credentials: %v", err)
 	}
 }
@@ -615,7 +628,7 @@ func TestWorkerPermissionsCoverAdvisories(t *testing.T) {
 // own publishes back on its subscriptions, while another client's reach it.
 func TestWorkerConnectsWithoutEcho(t *testing.T) {
 	srv := startNATS(t, &server.Options{})
-	nc, _, err := connectNATS(srv.ClientURL(), NATSAuth{}, workerClient("h1", slog.New(slog.DiscardHandler)))
+	nc, _, err := connectNATS(srv.ClientURL(), NATSAuth{}, workerClient("h1", bus.WorkerInbox("h1"), slog.New(slog.DiscardHandler)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -649,5 +662,131 @@ func TestWorkerConnectsWithoutEcho(t *testing.T) {
 	}
 	if string(msg.Data) != "other" {
 		t.Fatalf("the worker's connection got %q first, its own publish", msg.Data)
+	}
+}
+
+// TestEmbeddedCredentials: a command given no credentials uses those of
+// the embedded server in --nats-data-dir for servers on loopback only,
+// and says where it looked when they are missing.
+func TestEmbeddedCredentials(t *testing.T) {
+	dir := t.TempDir()
+	creds, err := embedded.EnsureCredentials(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := embedded.Start(embedded.Options{StoreDir: t.TempDir(), Port: -1, NKey: creds.PublicKey()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+	})
+	pw := writeFile(t, "pw", []byte("pw"))
+	p := newPKI(t)
+	t.Run("when they apply", func(t *testing.T) {
+		for _, tt := range []struct {
+			name string
+			auth NATSAuth
+			url  string
+			want bool
+		}{
+			{"127.0.0.1", NATSAuth{EmbeddedDir: dir}, "nats://127.0.0.1:4222", true},
+			{"localhost without a scheme", NATSAuth{EmbeddedDir: dir}, "localhost:4222", true},
+			{"::1", NATSAuth{EmbeddedDir: dir}, "nats://[::1]:4222", true},
+			{"every URL on loopback", NATSAuth{EmbeddedDir: dir}, "nats://127.0.0.1:4222, nats://127.0.0.2:4223", true},
+			{"a remote server", NATSAuth{EmbeddedDir: dir}, "nats://nats1.example.org:4222", false},
+			{"a remote server among them", NATSAuth{EmbeddedDir: dir}, "nats://127.0.0.1:4222,nats://10.0.2.2:4222", false},
+			{"credentials in the URL", NATSAuth{EmbeddedDir: dir}, "nats://u:p@127.0.0.1:4222", false},
+			{"a user", NATSAuth{EmbeddedDir: dir, User: "w", PasswordFile: pw}, "nats://127.0.0.1:4222", false},
+			{"a token", NATSAuth{EmbeddedDir: dir, Token: "t"}, "nats://127.0.0.1:4222", false},
+			{"TLS", NATSAuth{EmbeddedDir: dir, TLSCA: p.ca}, "tls://127.0.0.1:4222", false},
+			{"no data directory", NATSAuth{}, "nats://127.0.0.1:4222", false},
+		} {
+			t.Run(tt.name, func(t *testing.T) {
+				if got := tt.auth.embedded(tt.url).applies; got != tt.want {
+					t.Fatalf("the embedded server's credentials apply: %v, want %v", got, tt.want)
+				}
+				if got := tt.auth.method(tt.url) == authEmbedded; got != tt.want {
+					t.Fatalf("method %q", tt.auth.method(tt.url))
+				}
+			})
+		}
+	})
+
+	url := srv.ClientURL()
+	for _, tt := range []struct {
+		name string
+		auth NATSAuth
+		says string // "": connects
+	}{
+		{"the worker's data directory", NATSAuth{EmbeddedDir: dir}, ""},
+		{"the file as --nats-nkey-seed", NATSAuth{NKeySeedFile: embedded.CredentialsPath(dir)}, ""},
+		{"another data directory", NATSAuth{EmbeddedDir: t.TempDir()}, "there are none in "},
+		{"another server's credentials", NATSAuth{EmbeddedDir: func() string {
+			other := t.TempDir()
+			if _, err := embedded.EnsureCredentials(other); err != nil {
+				t.Fatal(err)
+			}
+			return other
+		}()}, "the server refused the embedded server's credentials"},
+		{"a token instead", NATSAuth{EmbeddedDir: dir, Token: "t"}, "check the token"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			nc, _, err := connectNATS(url, tt.auth, natsClient{Name: "test"})
+			if tt.says == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				nc.Close()
+				return
+			}
+			if err == nil {
+				nc.Close()
+				t.Fatal("connected")
+			}
+			if !errors.Is(err, nats.ErrAuthorization) || !strings.Contains(err.Error(), tt.says) {
+				t.Fatalf("error %q, want an authorization violation saying %q", err, tt.says)
+			}
+		})
+	}
+}
+
+// TestClientDefaultsMatchRun: without settings, the other commands look
+// for the server where worker run starts its embedded one, and with
+// STRETCHY_NATS_PORT and STRETCHY_NATS_DATA_DIR where those put it.
+func TestClientDefaultsMatchRun(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		env      map[string]string
+		url, dir string
+	}{
+		{"defaults", nil, "nats://127.0.0.1:4222", "/var/lib/stretchy-worker/nats"},
+		{"the environment of worker run", map[string]string{"STRETCHY_NATS_PORT": "14222", "STRETCHY_NATS_DATA_DIR": "/srv/nats"},
+			"nats://127.0.0.1:14222", "/srv/nats"},
+		{"a NATS URL", map[string]string{"STRETCHY_NATS_URL": "nats://nats1:4222", "STRETCHY_NATS_PORT": "14222"}, "nats://nats1:4222", "/var/lib/stretchy-worker/nats"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clearEnv(t)
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			cfg, _, err := loadConfig("worker run", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var nf natsFlags
+			nf.register(flag.NewFlagSet("client", flag.ContinueOnError), operatorRole)
+			if nf.URL != tt.url || nf.Auth.EmbeddedDir != tt.dir {
+				t.Fatalf("client: --nats-url %q, --nats-data-dir %q; want %q, %q", nf.URL, nf.Auth.EmbeddedDir, tt.url, tt.dir)
+			}
+			runURL := cfg.NATSURL
+			if runURL == "" {
+				runURL = "nats://127.0.0.1:" + strconv.Itoa(cfg.NATSPort)
+			}
+			if cfg.NATSDataDir != tt.dir || runURL != tt.url {
+				t.Fatalf("worker run: --nats-data-dir %q, server %q; the client's %q, %q", cfg.NATSDataDir, runURL, tt.dir, tt.url)
+			}
+		})
 	}
 }

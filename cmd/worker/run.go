@@ -24,6 +24,7 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
+	"github.com/stretchy-ci/libvirt-worker/pkg/seal"
 )
 
 func newLogger(format, level string) *slog.Logger {
@@ -42,6 +43,15 @@ func runCommand(ctx context.Context, args []string) error {
 		return err
 	}
 	log := newLogger(cfg.LogFormat, cfg.LogLevel)
+	// The keys first: a key file others could read stops the worker
+	// before it takes any request.
+	keys, err := seal.LoadDir(cfg.KeysDir)
+	if err != nil {
+		return fmt.Errorf("--keys-dir: %w", err)
+	}
+	if cfg.RequireSealed && keys.Len() == 0 {
+		return fmt.Errorf("--require-sealed-secrets: no key in --keys-dir %s to open sealed secrets with (worker keys generate)", cfg.KeysDir)
+	}
 	// Test only (docs/reliability.md): die by SIGKILL at a lifecycle point,
 	// as a crash or power loss would, or with STRETCHY_FAULT_ACTION=stop
 	// freeze by SIGSTOP, as a stalled host would, until SIGCONT;
@@ -64,12 +74,20 @@ func runCommand(ctx context.Context, args []string) error {
 		log.Warn("fault injection armed; this worker will signal itself", "fault", os.Getenv("STRETCHY_FAULT"), "signal", sig.String())
 	}
 
-	natsURL := cfg.NATSURL
+	natsURL, natsAuth := cfg.NATSURL, cfg.NATS
 	if natsURL == "" {
 		if err := os.MkdirAll(cfg.NATSDataDir, 0o700); err != nil {
 			return fmt.Errorf("nats data dir: %w", err)
 		}
-		srv, err := embedded.Start(embedded.Options{StoreDir: cfg.NATSDataDir, Port: cfg.NATSPort})
+		// Anything that can reach the host's loopback can reach the
+		// server, guests with user-mode networking too: it takes only
+		// its own user, whose seed only root and the worker's user may
+		// read (docs/security.md 1.1).
+		creds, err := embedded.EnsureCredentials(cfg.NATSDataDir)
+		if err != nil {
+			return err
+		}
+		srv, err := embedded.Start(embedded.Options{StoreDir: cfg.NATSDataDir, Port: cfg.NATSPort, NKey: creds.PublicKey()})
 		if err != nil {
 			return err
 		}
@@ -78,10 +96,11 @@ func runCommand(ctx context.Context, args []string) error {
 			srv.WaitForShutdown()
 		}()
 		natsURL = srv.ClientURL()
-		log.Info("started embedded nats", "url", natsURL, "data_dir", cfg.NATSDataDir)
+		natsAuth.EmbeddedDir = cfg.NATSDataDir
+		log.Info("started embedded nats", "url", natsURL, "data_dir", cfg.NATSDataDir, "credentials", creds.Path())
 	}
 
-	nc, js, err := connectNATS(natsURL, cfg.NATS, workerClient(cfg.Host, log))
+	nc, js, err := connectNATS(natsURL, natsAuth, workerClient(cfg.Host, cfg.workerInbox(), log))
 	if err != nil {
 		return err
 	}
@@ -146,7 +165,11 @@ func runCommand(ctx context.Context, args []string) error {
 	linkWG.Go(func() { _ = agentEvents.Run(linkCtx) })
 
 	pub := bus.NewPublisher(js)
-	machines := provision.New(lv, provision.Options{DomainType: cfg.DomainType, Link: link})
+	isolation := guestIsolation(cfg, log)
+	machines := provision.New(lv, provision.Options{DomainType: cfg.DomainType, Link: link, Isolation: isolation})
+	if err := startIsolation(ctx, machines, isolation, cfg, natsURL, log); err != nil {
+		return err
+	}
 	// One set of operation slots for the requests the worker pulls and
 	// the teardowns machines begin by themselves.
 	slots := worker.NewSlots(cfg.Parallelism)
@@ -209,12 +232,15 @@ func runCommand(ctx context.Context, args []string) error {
 	w = worker.New(worker.Config{
 		Parallelism: cfg.Parallelism, MaxVMs: cfg.MaxVMs, AckWait: cfg.AckWait,
 		MaxDeliver: cfg.MaxDeliver, ShutdownGrace: cfg.ShutdownGrace, Faults: faults,
-		NATS: nc.Conn, Slots: slots,
+		NATS: nc.Conn, Slots: slots, Keys: keys, RequireSealed: cfg.RequireSealed,
+		// Only operators send control requests (docs/protocol.md 2.9).
+		ReplyPrefixes: []string{cfg.OperatorInboxPrefix + "."},
 		// Often enough to renew every claim within a third of its TTL.
 		WatchInterval: min(2*time.Second, bus.ClaimTTL(cfg.AckWait)/3),
 		Fleet: &worker.FleetConfig{
 			Host: cfg.Host, Version: version(), Inventory: machines, Registry: fleet,
 			Images: cfg.Images, MinFreeSpace: uint64(cfg.MinFreeSpace), OnChange: logChange(log),
+			SealKeys: keys.Published(),
 		},
 		OnControl: func(c messages.Control, err error) {
 			attrs := []any{"op", c.Op, "job_id", c.JobID, "by", c.By}
@@ -249,7 +275,8 @@ func runCommand(ctx context.Context, args []string) error {
 
 	log.Info("worker started", "host", cfg.Host, "version", version(), "libvirt_uri", cfg.LibvirtURI,
 		"parallelism", cfg.Parallelism, "max_vms", cfg.MaxVMs, "nats_url", redactURL(natsURL),
-		"images", cfg.Images.String(), "http_addr", cfg.HTTPAddr, "console_dir", consoleDir, "max_hold", cfg.MaxHold.String())
+		"images", cfg.Images.String(), "http_addr", cfg.HTTPAddr, "console_dir", consoleDir, "max_hold", cfg.MaxHold.String(),
+		"seal_keys", sealKeyIDs(keys), "require_sealed_secrets", cfg.RequireSealed)
 	var side conc.WaitGroup
 	sideCtx, stopSide := context.WithCancel(ctx)
 	if cfg.HTTPAddr != "" {
@@ -281,6 +308,15 @@ func runCommand(ctx context.Context, args []string) error {
 	st := w.Stats()
 	log.Info("worker stopped", "provisions", st.Provisions, "teardowns", st.Teardowns, "running_machines", life.Active())
 	return nil
+}
+
+// sealKeyIDs lists the ids of the sealing keys, for the log: ids only.
+func sealKeyIDs(kr *seal.Keyring) string {
+	var ids []string
+	for _, k := range kr.Keys() {
+		ids = append(ids, k.ID)
+	}
+	return strings.Join(ids, ",")
 }
 
 // redactURL hides credentials in NATS URLs before they are logged.

@@ -10,16 +10,14 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
 var submitUsage = `usage: worker submit provision --job ID --image NAME [--host H | --by-image] [--boot-timeout D] [--max-lifetime D]
                                   [--runner ` + strings.Join(kindNames(), "|") + ` [runner flags] --secret-file F]
-       worker submit teardown  --job ID --host H [--reason TEXT]`
+       worker submit teardown  --job ID [--host H] [--reason TEXT]`
 
 // labels collects a repeated flag.
 type labels []string
@@ -38,9 +36,10 @@ func submitCommand(ctx context.Context, args []string) error {
 	}
 	fs := flag.NewFlagSet("worker submit "+kind, flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprintf(fs.Output(), "%s\n\nflags:\n", submitUsage); fs.PrintDefaults() }
-	natsURL := fs.String("nats-url", envString("STRETCHY_NATS_URL", nats.DefaultURL), "NATS URL (STRETCHY_NATS_URL)")
+	var nf natsFlags
+	nf.register(fs, orchestratorRole)
 	job := fs.String("job", "", "job id")
-	host := fs.String("host", "", "host id: pins a provision to a host; required for a teardown")
+	host := fs.String("host", "", "host id: pins a provision to a host; for a teardown, the job's host (empty: the host its events name)")
 	byImage := fs.Bool("by-image", false, "publish the provision on its image's subject, where only hosts that carry the image take it (docs/protocol.md 2.5)")
 	image := fs.String("image", "", "image: name of the shut-off libvirt domain to clone")
 	var runner runnerFlags
@@ -48,8 +47,7 @@ func submitCommand(ctx context.Context, args []string) error {
 	bootTimeout := fs.Duration("boot-timeout", 0, "boot timeout (0: the worker's default)")
 	maxLifetime := fs.Duration("max-lifetime", 0, "maximum lifetime of the machine (0: the worker's default)")
 	reason := fs.String("reason", "requested from the command line", "teardown reason")
-	var auth NATSAuth
-	auth.register(fs)
+	sealing := fs.String("seal", string(client.SealAuto), "seal the runner secret to a key of the hosts that may serve the request (docs/protocol.md 3.13): auto (when they list a common key), always (or refuse), never")
 	if help {
 		fs.Usage()
 		return flag.ErrHelp
@@ -57,17 +55,22 @@ func submitCommand(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	nc, js, err := connectNATS(*natsURL, auth, natsClient{Name: "stretchy-libvirt-worker client"})
+	mode := client.SealMode(*sealing)
+	if mode != client.SealAuto && mode != client.SealAlways && mode != client.SealNever {
+		return fmt.Errorf("--seal %q: must be auto, always or never", *sealing)
+	}
+	if kind == "provision" && *byImage && *host != "" {
+		return errors.New("--by-image and --host: give one")
+	}
+	c, err := nf.client("stretchy-libvirt-worker client")
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	ctx, stop := nc.failFast(ctx)
-	defer stop()
+	defer c.Close()
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 
-	var seq uint64
+	var rc client.Receipt
 	switch kind {
 	case "provision":
 		r, rerr := runner.section()
@@ -80,23 +83,38 @@ func submitCommand(ctx context.Context, args []string) error {
 			BootTimeoutS: int64(bootTimeout.Seconds()), MaxLifetimeS: int64(maxLifetime.Seconds()),
 			RequestedAt: time.Now().UTC(),
 		}
+		opts := []client.SubmitOption{client.WithSealing(mode)}
 		switch {
-		case *byImage && *host != "":
-			return errors.New("--by-image and --host: give one")
 		case *byImage:
-			seq, err = bus.SubmitImageProvision(ctx, js, req)
-		default:
-			seq, err = bus.SubmitProvision(ctx, js, req, *host)
+			opts = append(opts, client.OnImage())
+		case *host != "":
+			opts = append(opts, client.OnHost(*host))
 		}
+		j, err := c.Submit(ctx, req, opts...)
+		if errors.Is(err, client.ErrNoSealKey) {
+			return fmt.Errorf("--seal always: %w", err)
+		}
+		if err != nil {
+			return err
+		}
+		if mode == client.SealAuto && j.SealKey == "" && len(runners.Secrets(req.Runner)) > 0 {
+			fmt.Fprintln(os.Stderr, "worker submit: no sealing key is known for the hosts that may serve this request; the runner secret travels in the clear")
+		}
+		rc = j.Receipt
 	case "teardown":
-		seq, err = bus.SubmitTeardown(ctx, js, messages.Teardown{
-			V: messages.SchemaVersion, JobID: *job, Reason: *reason, RequestedAt: time.Now().UTC(),
-		}, *host)
+		var opts []client.JobOption
+		if *host != "" {
+			opts = append(opts, client.AtHost(*host))
+		}
+		rc, err = c.Job(*job, opts...).Teardown(ctx, *reason)
+		if errors.Is(err, client.ErrNoHost) {
+			return fmt.Errorf("job %s has no events: no host serves it yet (--host names one)", *job)
+		}
+		if err != nil {
+			return err
+		}
 	}
-	if err != nil {
-		return nc.explain(err)
-	}
-	fmt.Printf("submitted %s for job %s (request stream sequence %d)\n", kind, *job, seq)
+	fmt.Printf("submitted %s for job %s (request stream sequence %d)\n", kind, *job, rc.Sequence)
 	return nil
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"testing"
 	"time"
 
@@ -12,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -40,154 +40,18 @@ func startJetStream(tb testing.TB) jetstream.JetStream {
 	return js
 }
 
-var hosts = []string{"h0", "h1", "h2", "h3"}
-
-// publishEvents stores n events over n/10 jobs on four hosts, each job
-// passing the states of a successful life in order. It publishes in
-// batches of publishBatch and waits for each batch's acks before the next,
-// so the client never has more than that outstanding, however slow a
-// loaded machine makes the server; an event whose ack failed or did not
-// come is published again with the same Nats-Msg-Id, which stores it once.
-func publishEvents(tb testing.TB, js jetstream.JetStream, prefix string, n int) {
-	tb.Helper()
-	const publishBatch = 256
-	states := messages.States[:10]
-	type pending struct {
-		subject, msgID string
-		data           []byte
-		ack            jetstream.PubAckFuture
-	}
-	for start := 0; start < n; start += publishBatch {
-		var batch []pending
-		for i := start; i < min(start+publishBatch, n); i++ {
-			job := fmt.Sprintf("%s-%d", prefix, i/10)
-			ev := messages.Event{
-				V: 1, JobID: job, Host: hosts[(i/10)%len(hosts)], Image: "img", State: states[i%10],
-				Time: time.Now().UTC(), Seq: uint64(i%10 + 1), Attempt: 1,
-			}
-			data, err := messages.Marshal(&ev)
-			if err != nil {
-				tb.Fatal(err)
-			}
-			p := pending{subject: messages.EventSubject(ev.Host, ev.JobID, ev.State), msgID: fmt.Sprintf("%s:%d", prefix, i), data: data}
-			if p.ack, err = js.PublishAsync(p.subject, data, jetstream.WithMsgID(p.msgID)); err != nil {
-				tb.Fatal(err)
-			}
-			batch = append(batch, p)
-		}
-		for _, p := range batch {
-			t := time.NewTimer(2 * time.Minute)
-			select {
-			case <-p.ack.Ok():
-				t.Stop()
-				continue
-			case <-p.ack.Err():
-			case <-t.C:
-			}
-			t.Stop()
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			_, err := js.Publish(ctx, p.subject, p.data, jetstream.WithMsgID(p.msgID))
-			cancel()
-			if err != nil {
-				tb.Fatalf("publish %s: %v", p.msgID, err)
-			}
-		}
-	}
-}
-
-func count(tb testing.TB, js jetstream.JetStream, o ReadOptions) (int, []messages.Event) {
+// jobEvents replays the stored events of job, as an orchestrator reads
+// them.
+func jobEvents(tb testing.TB, js jetstream.JetStream, job string) []messages.Event {
 	tb.Helper()
 	var evs []messages.Event
-	err := ReadEvents(context.Background(), js, o, func(_ uint64, ev messages.Event, err error) error {
+	for ev, err := range client.New(js).Events(context.Background(), client.Query{Job: job}) {
 		if err != nil {
 			tb.Fatal(err)
 		}
 		evs = append(evs, ev)
-		return nil
-	})
-	if err != nil {
-		tb.Fatal(err)
 	}
-	return len(evs), evs
-}
-
-func TestReplayFilters(t *testing.T) {
-	js := startJetStream(t)
-	publishEvents(t, js, "old", 10000)
-	time.Sleep(1100 * time.Millisecond)
-	since := time.Now()
-	publishEvents(t, js, "new", 500)
-
-	tests := []struct {
-		name  string
-		opts  ReadOptions
-		want  int
-		check func(messages.Event) bool
-	}{
-		{"all", ReadOptions{Filter: messages.EventFilter("", "", "")}, 10500, nil},
-		{"one job", ReadOptions{Filter: messages.EventFilter("", "old-42", "")}, 10,
-			func(e messages.Event) bool { return e.JobID == "old-42" }},
-		{"one host", ReadOptions{Filter: messages.EventFilter("h1", "", "")}, 2500 + 130,
-			func(e messages.Event) bool { return e.Host == "h1" }},
-		{"one state", ReadOptions{Filter: messages.EventFilter("", "", messages.StateTornDown)}, 1050,
-			func(e messages.Event) bool { return e.State == messages.StateTornDown }},
-		{"host and state", ReadOptions{Filter: messages.EventFilter("h2", "", messages.StateAccepted)}, 250 + 12,
-			func(e messages.Event) bool { return e.Host == "h2" && e.State == messages.StateAccepted }},
-		{"since", ReadOptions{Filter: messages.EventFilter("", "", ""), Since: since}, 500,
-			func(e messages.Event) bool { return e.JobID[:4] == "new-" }},
-		{"since and job", ReadOptions{Filter: messages.EventFilter("", "new-3", ""), Since: since}, 10, nil},
-		{"nothing", ReadOptions{Filter: messages.EventFilter("", "absent", "")}, 0, nil},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			n, evs := count(t, js, tt.opts)
-			if n != tt.want {
-				t.Fatalf("got %d events, want %d", n, tt.want)
-			}
-			for _, ev := range evs {
-				if tt.check != nil && !tt.check(ev) {
-					t.Fatalf("unexpected event %+v", ev)
-				}
-			}
-		})
-	}
-}
-
-// TestFollowSeesNewEvents: a reader that follows only new events gets an
-// event published after it started and none of the stored ones. The
-// reader's start is not observable from outside, so late events are
-// published until one arrives; how fast that is, is BenchmarkReplay's
-// and the integration tests' business, not a timed assertion here.
-func TestFollowSeesNewEvents(t *testing.T) {
-	js := startJetStream(t)
-	publishEvents(t, js, "old", 100)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	got := make(chan messages.Event, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- ReadEvents(ctx, js, ReadOptions{Filter: messages.EventFilter("", "", ""), New: true, Follow: true},
-			func(_ uint64, ev messages.Event, err error) error {
-				got <- ev
-				return context.Canceled
-			})
-	}()
-	tick := time.NewTicker(200 * time.Millisecond)
-	defer tick.Stop()
-	for i := 0; ; i++ {
-		publishEvents(t, js, fmt.Sprintf("late%d", i), 1)
-		select {
-		case ev := <-got:
-			if !strings.HasPrefix(ev.JobID, "late") {
-				t.Fatalf("the reader of new events got %s, a stored event", ev.JobID)
-			}
-			<-done
-			return
-		case <-ctx.Done():
-			t.Fatal("no new event arrived")
-		case <-tick.C:
-		}
-	}
+	return evs
 }
 
 // TestEnsureLeavesUnchangedStreamsAlone: a worker start updates a stream
@@ -268,7 +132,7 @@ func TestAppendNumbersAcrossHosts(t *testing.T) {
 	if seq2, pos2, err := b.Append(ctx, ev("b", messages.StateBooting, 6), "job-1:booting:2", 0); err != nil || seq2 != 6 || pos2 != posB {
 		t.Fatalf("retried booting: seq %d at %d, %v; want 6 at %d", seq2, pos2, err, posB)
 	}
-	_, events := count(t, js, ReadOptions{Filter: messages.EventFilter("", "job-1", "")})
+	events := jobEvents(t, js, "job-1")
 	if len(events) != 6 {
 		t.Fatalf("%d events stored, want 6", len(events))
 	}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -223,18 +224,19 @@ func (p *Publisher) LastEvent(ctx context.Context, jobID, host string) (messages
 
 // Recent returns the events host published since the given time, in
 // stream order, skipping undecodable ones. A restarted worker reads its
-// host's recent history with it (lifecycle.Journal).
+// host's recent history with it (lifecycle.Journal), through the replay
+// of pkg/client.
 func (p *Publisher) Recent(ctx context.Context, host string, since time.Time) ([]messages.Event, error) {
 	var out []messages.Event
-	err := ReadEvents(ctx, p.js, ReadOptions{Filter: messages.EventFilter(host, "", ""), Since: since},
-		func(_ uint64, ev messages.Event, err error) error {
-			if err == nil {
-				out = append(out, ev)
-			}
-			return nil
-		})
-	if err != nil {
-		return nil, fmt.Errorf("recent events of host %s: %w", host, err)
+	var derr *client.DecodeError
+	for ev, err := range client.New(p.js).Events(ctx, client.Query{Host: host, Since: since}) {
+		switch {
+		case errors.As(err, &derr):
+		case err != nil:
+			return nil, fmt.Errorf("recent events of host %s: %w", host, err)
+		default:
+			out = append(out, ev)
+		}
 	}
 	return out, nil
 }

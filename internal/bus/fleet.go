@@ -6,13 +6,12 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
-	"github.com/stretchy-ci/libvirt-worker/pkg/runners"
 )
 
 // HostTTL is how long a host record lives without being refreshed; a
@@ -72,6 +71,9 @@ type Fleet struct {
 	hosts, drains, tried jetstream.KeyValue
 	host                 string
 	t                    Topology
+	// registry reads the host registry and writes drain requests as the
+	// operators' client does, over the same connection.
+	registry *client.Client
 }
 
 func openBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
@@ -108,7 +110,7 @@ func sameBucket(st jetstream.KeyValueStatus, cfg jetstream.KeyValueConfig) bool 
 // seen by host t.Host (empty for an operator's command). It is safe to run
 // from several workers at once.
 func OpenFleet(ctx context.Context, js jetstream.JetStream, t Topology) (*Fleet, error) {
-	f := &Fleet{js: js, host: t.Host, t: t}
+	f := &Fleet{js: js, host: t.Host, t: t, registry: client.New(js)}
 	var err error
 	if f.hosts, err = openBucket(ctx, js, HostsBucketConfig(t)); err != nil {
 		return nil, err
@@ -118,23 +120,6 @@ func OpenFleet(ctx context.Context, js jetstream.JetStream, t Topology) (*Fleet,
 	}
 	if f.tried, err = openBucket(ctx, js, TriedBucketConfig(t)); err != nil {
 		return nil, err
-	}
-	return f, nil
-}
-
-// BindFleet returns the fleet's buckets without creating or changing them,
-// for operators' commands.
-func BindFleet(ctx context.Context, js jetstream.JetStream) (*Fleet, error) {
-	f := &Fleet{js: js}
-	for _, b := range []struct {
-		dst  *jetstream.KeyValue
-		name string
-	}{{&f.hosts, messages.HostsBucket}, {&f.drains, messages.DrainsBucket}} {
-		kv, err := js.KeyValue(ctx, b.name)
-		if err != nil {
-			return nil, fmt.Errorf("key-value bucket %s (is a worker running?): %w", b.name, err)
-		}
-		*b.dst = kv
 	}
 	return f, nil
 }
@@ -160,51 +145,11 @@ func (f *Fleet) DeleteHost(ctx context.Context) error {
 	return nil
 }
 
-// Hosts returns the records of the hosts alive now, sorted by host id.
-// Unreadable records are skipped.
+// Hosts returns the records of the hosts alive now, sorted by host id,
+// as an operator's client.Hosts reads them. Unreadable records are
+// skipped.
 func (f *Fleet) Hosts(ctx context.Context) ([]messages.Host, error) {
-	keys, err := bucketKeys(ctx, f.js, messages.HostsBucket)
-	if err != nil {
-		return nil, err
-	}
-	var out []messages.Host
-	for _, k := range keys {
-		e, err := f.hosts.Get(ctx, k)
-		if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("read the record of host %s: %w", k, err)
-		}
-		h, err := messages.DecodeHost(e.Value())
-		if err != nil {
-			continue
-		}
-		out = append(out, h)
-	}
-	slices.SortFunc(out, func(a, b messages.Host) int { return strings.Compare(a.Host, b.Host) })
-	return out, nil
-}
-
-// bucketKeys lists the keys of a bucket that hold a value or a delete
-// marker, from the stream's per-subject state: one request, and no
-// consumer, which a NATS user with least permissions could not create.
-func bucketKeys(ctx context.Context, js jetstream.JetStream, bucket string) ([]string, error) {
-	s, err := js.Stream(ctx, "KV_"+bucket)
-	if err != nil {
-		return nil, fmt.Errorf("key-value bucket %s: %w", bucket, err)
-	}
-	prefix := "$KV." + bucket + "."
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(prefix+">"))
-	if err != nil {
-		return nil, fmt.Errorf("keys of bucket %s: %w", bucket, err)
-	}
-	keys := make([]string, 0, len(info.State.Subjects))
-	for subj := range info.State.Subjects {
-		keys = append(keys, strings.TrimPrefix(subj, prefix))
-	}
-	slices.Sort(keys)
-	return keys, nil
+	return f.registry.Hosts(ctx)
 }
 
 // Carriers returns the hosts other than this one whose record says they are
@@ -226,31 +171,15 @@ func (f *Fleet) Carriers(ctx context.Context, image string) ([]string, error) {
 	return out, nil
 }
 
-// Drain asks host to take no more provisions, until Undrain. by says who
-// asked, for people.
+// Drain asks host to take no more provisions, until Undrain, as an
+// operator's client.Drain does. by says who asked, for people.
 func (f *Fleet) Drain(ctx context.Context, host, by string) error {
-	if !messages.ValidHost(host) {
-		return fmt.Errorf("host id %q: must be 1-64 characters of A-Z a-z 0-9 _ -", host)
-	}
-	b, err := messages.Marshal(&messages.Drain{V: messages.SchemaVersion, Host: host, By: by, At: time.Now().UTC()})
-	if err != nil {
-		return err
-	}
-	if _, err := f.drains.Put(ctx, host, b); err != nil {
-		return fmt.Errorf("drain host %s: %w", host, err)
-	}
-	return nil
+	return f.registry.Drain(ctx, host, by)
 }
 
 // Undrain lets host take provisions again.
 func (f *Fleet) Undrain(ctx context.Context, host string) error {
-	if !messages.ValidHost(host) {
-		return fmt.Errorf("host id %q: must be 1-64 characters of A-Z a-z 0-9 _ -", host)
-	}
-	if err := f.drains.Delete(ctx, host); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
-		return fmt.Errorf("undrain host %s: %w", host, err)
-	}
-	return nil
+	return f.registry.Undrain(ctx, host)
 }
 
 // Drained reports whether an operator asked host to drain.
@@ -363,38 +292,4 @@ func (f *Fleet) ImageConsumer(ctx context.Context, image string) (jetstream.Cons
 // (the function Forward).
 func (f *Fleet) Forward(ctx context.Context, data []byte, image, jobID string) error {
 	return Forward(ctx, f.js, data, image, jobID)
-}
-
-// SubmitImageProvision publishes a provision request on its image's
-// subject, where only hosts that carry the image take it.
-func SubmitImageProvision(ctx context.Context, js jetstream.JetStream, req messages.Provision) (uint64, error) {
-	if err := runners.Validate(&req); err != nil {
-		return 0, err
-	}
-	return publishRequest(ctx, js, messages.ImageProvisionSubject(req.Image), &req, "provision:"+req.JobID)
-}
-
-// Drains returns the drain requests of all hosts, running or not, sorted by
-// host id.
-func (f *Fleet) Drains(ctx context.Context) ([]messages.Drain, error) {
-	keys, err := bucketKeys(ctx, f.js, messages.DrainsBucket)
-	if err != nil {
-		return nil, err
-	}
-	var out []messages.Drain
-	for _, k := range keys {
-		e, err := f.drains.Get(ctx, k)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("read the drain request of host %s: %w", k, err)
-		}
-		d, err := messages.DecodeDrain(e.Value())
-		if err != nil {
-			d = messages.Drain{Host: k}
-		}
-		out = append(out, d)
-	}
-	return out, nil
 }

@@ -11,10 +11,23 @@ import "github.com/stretchy-ci/libvirt-worker/pkg/messages"
 const (
 	jsAPI = "$JS.API."
 	jsAck = "$JS.ACK."
-	// inbox is where replies to requests (JetStream API calls,
-	// acknowledged publishes, pulls) arrive; nats.go's default prefix.
-	inbox = "_INBOX.>"
 )
+
+// Each role has an inbox prefix of its own (docs/security.md 2.0): the
+// worker's is WorkerInbox; the orchestrator's and the operator's, with
+// their permissions, are pkg/client's (client.OrchestratorInbox,
+// client.OperatorPermissions, ...), as the calls they cover are.
+
+// WorkerInbox returns the inbox prefix of the worker of host (and of
+// worker doctor checking that host). Host ids name this provisioner's
+// hosts only, so the provisioner's id is part of it.
+func WorkerInbox(host string) string {
+	return "_INBOX.stretchy." + messages.ProvisionerID + ".worker." + host
+}
+
+// under is the subscribe permission of an inbox prefix: every inbox
+// under it.
+func under(prefix string) string { return prefix + ".>" }
 
 // maxDeliveries is where the server announces that a consumer of the
 // request stream gave up on a message; the worker takes these advisories
@@ -22,7 +35,8 @@ const (
 const maxDeliveries = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + messages.RequestsStream + ".>"
 
 // WorkerPermissions returns the subjects the worker of host must be allowed
-// to publish to and to subscribe to, and no more. They cover bus.Ensure
+// to publish to and to subscribe to, and no more, connected with the inbox
+// prefix WorkerInbox(host). They cover bus.Ensure
 // (both streams, the host's consumers), the image consumers, pulls from
 // those consumers, every kind of acknowledgement, forwarding shared
 // requests to image subjects, publishing the host's events,
@@ -107,52 +121,14 @@ func WorkerPermissions(host string) (pub, sub []string) {
 	// it answers under the server's allow_responses (docs/security.md).
 	// Arrivals (arrivals.go): publishes of provisions, which wake the
 	// pull loop.
-	sub = append([]string{inbox, maxDeliveries, messages.ControlSubject(host)}, ArrivalSubjects(host)...)
+	sub = append([]string{under(WorkerInbox(host)), maxDeliveries, messages.ControlSubject(host)}, ArrivalSubjects(host)...)
 	return pub, sub
-}
-
-// OperatorPermissions returns the subjects an operator's commands need:
-// worker hosts (the host registry), worker drain and undrain (drain
-// requests of any host), and worker hold, release and console (a job's
-// newest event, a control request to its host). They read and write
-// nothing else.
-func OperatorPermissions() (pub, sub []string) {
-	hosts, drains, evt := messages.HostsBucket, messages.DrainsBucket, messages.EventsStream
-	return []string{
-		jsAPI + "STREAM.INFO." + evt,
-		jsAPI + "STREAM.MSG.GET." + evt,
-		messages.ControlSubjects,
-		jsAPI + "STREAM.INFO.KV_" + hosts,
-		jsAPI + "DIRECT.GET.KV_" + hosts + ".$KV." + hosts + ".>",
-		jsAPI + "STREAM.INFO.KV_" + drains,
-		jsAPI + "DIRECT.GET.KV_" + drains + ".$KV." + drains + ".>",
-		"$KV." + drains + ".>",
-	}, []string{inbox}
-}
-
-// OrchestratorPermissions returns the subjects an orchestrator must be
-// allowed to publish to and to subscribe to for SubmitProvision (shared or
-// pinned to any host), SubmitTeardown and ReadEvents. It cannot create the
-// streams; add StreamPermissions for that.
-func OrchestratorPermissions() (pub, sub []string) {
-	evt := messages.EventsStream
-	pub = []string{
-		messages.RequestSubjects, // SubmitProvision, SubmitTeardown
-		// ReadEvents: an ordered consumer with a generated name and one
-		// filter under the event subjects.
-		jsAPI + "CONSUMER.CREATE." + evt + ".*." + messages.EventSubjects,
-		jsAPI + "CONSUMER.INFO." + evt + ".*",
-		jsAPI + "CONSUMER.MSG.NEXT." + evt + ".*",
-		// An ordered consumer that resets (after a reconnect or a missed
-		// heartbeat) deletes its previous consumer.
-		jsAPI + "CONSUMER.DELETE." + evt + ".*",
-	}
-	return pub, []string{inbox}
 }
 
 // StreamPermissions returns the subjects needed to create or update both
 // streams with CreateOrUpdateStream, for an orchestrator that creates them
-// before any worker runs (workers hold these already).
+// before any worker runs (workers hold these already), beside
+// client.OrchestratorPermissions.
 func StreamPermissions() (pub []string) {
 	for _, s := range []string{messages.RequestsStream, messages.EventsStream} {
 		pub = append(pub, jsAPI+"STREAM.UPDATE."+s, jsAPI+"STREAM.CREATE."+s)

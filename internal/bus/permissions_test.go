@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -17,24 +18,36 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
+	"github.com/stretchy-ci/libvirt-worker/pkg/seal"
 )
 
 // startPermServer starts a JetStream server with the unrestricted user
 // "admin" and the user "user" holding exactly pub and sub.
 func startPermServer(t *testing.T, pub, sub []string) *server.Server {
 	t.Helper()
+	return startUsersServer(t, map[string][2][]string{"user": {pub, sub}})
+}
+
+// startUsersServer starts a JetStream server with the unrestricted user
+// "admin" and one user per entry of users, named by its key, holding
+// exactly the publish and subscribe lists of its value. Each user's
+// password is its name.
+func startUsersServer(t *testing.T, users map[string][2][]string) *server.Server {
+	t.Helper()
+	list := []*server.User{{Username: "admin", Password: "admin"}}
+	for name, perms := range users {
+		list = append(list, &server.User{Username: name, Password: name, Permissions: &server.Permissions{
+			Publish:   &server.SubjectPermission{Allow: perms[0]},
+			Subscribe: &server.SubjectPermission{Allow: perms[1]},
+			// A worker answers control requests (docs/security.md).
+			Response: &server.ResponsePermission{MaxMsgs: 1, Expires: 3 * time.Minute},
+		}})
+	}
 	srv, err := server.NewServer(&server.Options{
 		Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true,
-		Users: []*server.User{
-			{Username: "admin", Password: "admin"},
-			{Username: "user", Password: "user", Permissions: &server.Permissions{
-				Publish:   &server.SubjectPermission{Allow: pub},
-				Subscribe: &server.SubjectPermission{Allow: sub},
-				// A worker answers control requests (docs/security.md).
-				Response: &server.ResponsePermission{MaxMsgs: 1, Expires: 3 * time.Minute},
-			}},
-		},
+		Users: list,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -61,12 +74,14 @@ type session struct {
 	violations []error
 }
 
-func connectAs(t *testing.T, srv *server.Server, user string) *session {
+// connectAs connects as user, with the inbox prefix of its role; admin
+// keeps nats.go's default, "_INBOX".
+func connectAs(t *testing.T, srv *server.Server, user, inboxPrefix string) *session {
 	t.Helper()
 	ctx, cancel := context.WithCancelCause(context.Background())
 	t.Cleanup(func() { cancel(nil) })
 	s := &session{}
-	nc, err := nats.Connect(srv.ClientURL(), nats.UserInfo(user, user),
+	opts := []nats.Option{nats.UserInfo(user, user),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			if errors.Is(err, nats.ErrPermissionViolation) {
 				s.mu.Lock()
@@ -74,7 +89,11 @@ func connectAs(t *testing.T, srv *server.Server, user string) *session {
 				s.mu.Unlock()
 				cancel(err)
 			}
-		}))
+		})}
+	if inboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(inboxPrefix))
+	}
+	nc, err := nats.Connect(srv.ClientURL(), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,10 +146,6 @@ func mustMarshal(v any) []byte {
 func provision(job string) messages.Provision {
 	return messages.Provision{V: messages.SchemaVersion, JobID: job, Image: "img",
 		Runner: messages.Runner{Kind: messages.RunnerNone}, RequestedAt: time.Now().UTC()}
-}
-
-func teardown(job string) messages.Teardown {
-	return messages.Teardown{V: messages.SchemaVersion, JobID: job, Reason: "test", RequestedAt: time.Now().UTC()}
 }
 
 func event(host, job string, state messages.State, seq uint64) messages.Event {
@@ -191,13 +206,13 @@ func runWorker(s, admin *session, host string) error {
 	if _, err := Ensure(ctx, js, Topology{Host: host}); err != nil {
 		return fmt.Errorf("second ensure: %w", err)
 	}
-	if _, err := SubmitProvision(ctx, admin.js, provision("shared-1"), ""); err != nil {
+	if _, err := submit(ctx, admin.js, provision("shared-1"), ""); err != nil {
 		return err
 	}
-	if _, err := SubmitProvision(ctx, admin.js, provision("pinned-1"), host); err != nil {
+	if _, err := submit(ctx, admin.js, provision("pinned-1"), host); err != nil {
 		return err
 	}
-	if _, err := SubmitTeardown(ctx, admin.js, teardown("pinned-1"), host); err != nil {
+	if err := submitTeardown(ctx, admin.js, "pinned-1", host); err != nil {
 		return err
 	}
 	for _, c := range []struct {
@@ -216,7 +231,7 @@ func runWorker(s, admin *session, host string) error {
 		}
 	}
 	// Nak and term, as for a transient and a permanent failure.
-	if _, err := SubmitProvision(ctx, admin.js, provision("shared-2"), ""); err != nil {
+	if _, err := submit(ctx, admin.js, provision("shared-2"), ""); err != nil {
 		return err
 	}
 	msg, err := fetchOne(ctx, cons.Provision)
@@ -339,7 +354,7 @@ func runWorker(s, admin *session, host string) error {
 	}
 
 	// What an advisory about a request leads to: read it, then delete it.
-	seq, err := SubmitProvision(ctx, admin.js, provision("shared-3"), "")
+	seq, err := submit(ctx, admin.js, provision("shared-3"), "")
 	if err != nil {
 		return err
 	}
@@ -356,9 +371,39 @@ func runWorker(s, admin *session, host string) error {
 	return nil
 }
 
-// runOrchestrator submits requests and reads events as an orchestrator,
-// with admin in the worker's place. With createStreams it creates the
-// streams first.
+// submit publishes req as an orchestrator does, through pkg/client,
+// pinned to host unless it is empty, the secret in the clear.
+func submit(ctx context.Context, js jetstream.JetStream, req messages.Provision, host string) (uint64, error) {
+	opts := []client.SubmitOption{client.WithSealing(client.SealNever)}
+	if host != "" {
+		opts = append(opts, client.OnHost(host))
+	}
+	job, err := client.New(js).Submit(ctx, req, opts...)
+	if err != nil {
+		return 0, err
+	}
+	return job.Receipt.Sequence, nil
+}
+
+// submitTeardown publishes a teardown of job to host, as an orchestrator
+// does through pkg/client.
+func submitTeardown(ctx context.Context, js jetstream.JetStream, job, host string) error {
+	_, err := client.New(js).Job(job, client.AtHost(host)).Teardown(ctx, "test")
+	return err
+}
+
+// controlReply answers a control request as a worker does.
+func controlReply(m *nats.Msg, host string) {
+	_ = m.Respond(mustMarshal(messages.ControlReply{V: messages.SchemaVersion, OK: true, Host: host, Phase: "held"}))
+}
+
+// runOrchestrator makes every call of a pkg/client orchestrator, with
+// admin in the worker's place: it reads the host registry, submits shared,
+// by-image (checking the registry first), pinned and sealed provisions,
+// tears jobs down (one at the host its events name), replays events,
+// reads a job's status, follows events across a forced reset of its
+// ordered consumer and waits for a job's outcome. With createStreams it
+// creates the streams first.
 func runOrchestrator(ctx context.Context, js, admin jetstream.JetStream, host string, createStreams bool) error {
 	if createStreams {
 		for _, cfg := range []jetstream.StreamConfig{RequestStreamConfig(Topology{}), EventStreamConfig(Topology{})} {
@@ -370,13 +415,39 @@ func runOrchestrator(ctx context.Context, js, admin jetstream.JetStream, host st
 	if _, err := Ensure(ctx, admin, Topology{Host: host}); err != nil {
 		return fmt.Errorf("worker's ensure: %w", err)
 	}
-	if _, err := SubmitProvision(ctx, js, provision("o-1"), ""); err != nil {
+	// The hosts' records, for their images and sealing keys.
+	wf, err := OpenFleet(ctx, admin, Topology{Host: host})
+	if err != nil {
 		return err
 	}
-	if _, err := SubmitProvision(ctx, js, provision("o-2"), host); err != nil {
+	key, err := seal.Generate(rand.Reader)
+	if err != nil {
 		return err
 	}
-	if _, err := SubmitTeardown(ctx, js, teardown("o-2"), host); err != nil {
+	if err := wf.PutHost(ctx, messages.Host{State: messages.HostActive, Images: []messages.HostImage{{Name: "img", Admitted: true}},
+		SealKeys: []messages.SealKey{key.Published()}}); err != nil {
+		return err
+	}
+	c := client.New(js)
+	if recs, err := c.Hosts(ctx); err != nil || len(recs) != 1 || recs[0].Host != host {
+		return fmt.Errorf("hosts: %+v, %v", recs, err)
+	}
+	if _, err := c.Submit(ctx, provision("o-1")); err != nil {
+		return err
+	}
+	pinned, err := c.Submit(ctx, provision("o-2"), client.OnHost(host))
+	if err != nil {
+		return err
+	}
+	if _, err := c.Submit(ctx, provision("o-3"), client.OnImage(), client.CheckCarriers()); err != nil {
+		return err
+	}
+	sealed := provision("o-4")
+	sealed.Runner = messages.Runner{Kind: messages.RunnerGitHub, GitHub: &messages.GitHubRunner{JITConfig: "jit"}}
+	if job, err := c.Submit(ctx, sealed, client.WithSealing(client.SealAlways)); err != nil || job.SealKey != key.ID {
+		return fmt.Errorf("sealed submit: %+v, %v", job, err)
+	}
+	if _, err := pinned.Teardown(ctx, "test"); err != nil {
 		return err
 	}
 	workerPub := NewPublisher(admin)
@@ -385,60 +456,76 @@ func runOrchestrator(ctx context.Context, js, admin jetstream.JetStream, host st
 			return err
 		}
 	}
+	// The shared job's teardown, to the host its events name.
+	if rc, err := c.Job("o-1").Teardown(ctx, "test"); err != nil || rc.Subject != messages.TeardownSubject(host) {
+		return fmt.Errorf("teardown of o-1: %+v, %v", rc, err)
+	}
 	var n int
-	err := ReadEvents(ctx, js, ReadOptions{Filter: messages.EventFilter("", "o-1", "")},
-		func(uint64, messages.Event, error) error { n++; return nil })
-	if err != nil {
-		return fmt.Errorf("replay: %w", err)
+	for _, err := range c.Events(ctx, client.Query{Job: "o-1"}) {
+		if err != nil {
+			return fmt.Errorf("replay: %w", err)
+		}
+		n++
 	}
 	if n != 2 {
 		return fmt.Errorf("replay read %d events, want 2", n)
 	}
+	if st, err := c.Job("o-1").Status(ctx); err != nil || st.State != messages.StateCloning {
+		return fmt.Errorf("status: %+v, %v", st, err)
+	}
 
 	// Follow, and make the ordered consumer reset by deleting it under
 	// the reader, as a server restart would.
-	errStop := errors.New("stop")
-	err = ReadEvents(ctx, js, ReadOptions{Filter: messages.EventFilter(host, "", ""), Follow: true},
-		func(_ uint64, ev messages.Event, _ error) error {
-			if ev.State == messages.StateBooting {
-				return errStop
-			}
-			if ev.State != messages.StateCloning {
-				return nil
-			}
-			s, err := admin.Stream(ctx, messages.EventsStream)
-			if err != nil {
+	var followed bool
+	for ev, err := range c.Events(ctx, client.Query{Host: host, Follow: true}) {
+		if err != nil {
+			return fmt.Errorf("follow: %w", err)
+		}
+		if ev.State == messages.StateBooting {
+			followed = true
+			break
+		}
+		if ev.State != messages.StateCloning {
+			continue
+		}
+		s, err := admin.Stream(ctx, messages.EventsStream)
+		if err != nil {
+			return err
+		}
+		for name := range s.ConsumerNames(ctx).Name() {
+			if err := s.DeleteConsumer(ctx, name); err != nil {
 				return err
 			}
-			for name := range s.ConsumerNames(ctx).Name() {
-				if err := s.DeleteConsumer(ctx, name); err != nil {
-					return err
-				}
-			}
-			return workerPub.Publish(ctx, event(host, "o-1", messages.StateBooting, 3), "o-1:3")
-		})
-	if !errors.Is(err, errStop) {
-		return fmt.Errorf("follow: %v", err)
+		}
+		if err := workerPub.Publish(ctx, event(host, "o-1", messages.StateBooting, 3), "o-1:3"); err != nil {
+			return err
+		}
+	}
+	if !followed {
+		return errors.New("follow ended before the booting event")
+	}
+	if err := workerPub.Publish(ctx, event(host, "o-1", messages.StateTornDown, 4), "o-1:4"); err != nil {
+		return err
+	}
+	if out, err := c.Job("o-1").Wait(ctx); err != nil || out.State != messages.StateTornDown {
+		return fmt.Errorf("wait: %+v, %v", out, err)
 	}
 	return nil
 }
 
-// runOperator lists the hosts and drains and undrains one, as worker
-// hosts, drain and undrain do, with admin in the worker's place.
+// runOperator makes every call of a pkg/client operator, with admin in
+// the worker's place: hold and console (the job's host from its events,
+// then a control request to that host's worker), the host registry, and
+// a drain request written, listed and deleted.
 func runOperator(s, adminS *session, host string) error {
 	ctx, js, admin := s.ctx, s.js, adminS.js
-	// worker hold, release and console: the job's host from its newest
-	// event, then a request to that host's worker.
 	if _, err := Ensure(ctx, admin, Topology{Host: host}); err != nil {
 		return err
 	}
 	if err := NewPublisher(admin).Publish(ctx, event(host, "held-1", messages.StateFailed, 1), "held-1:1"); err != nil {
 		return err
 	}
-	if ev, found, err := NewPublisher(js).LastEvent(ctx, "held-1", ""); err != nil || !found || ev.Host != host {
-		return fmt.Errorf("last event: %+v, %v, %v", ev, found, err)
-	}
-	sub, err := adminS.nc.Subscribe(messages.ControlSubject(host), func(m *nats.Msg) { _ = m.Respond([]byte("ok")) })
+	sub, err := adminS.nc.Subscribe(messages.ControlSubject(host), func(m *nats.Msg) { controlReply(m, host) })
 	if err != nil {
 		return err
 	}
@@ -446,8 +533,12 @@ func runOperator(s, adminS *session, host string) error {
 	if err := adminS.nc.Flush(); err != nil {
 		return err
 	}
-	if reply, err := s.nc.RequestWithContext(ctx, messages.ControlSubject(host), []byte("hold")); err != nil || string(reply.Data) != "ok" {
-		return fmt.Errorf("control request: %v", err)
+	c := client.New(js)
+	if reply, err := c.Job("held-1").Hold(ctx, time.Minute); err != nil || reply.Host != host {
+		return fmt.Errorf("hold: %+v, %v", reply, err)
+	}
+	if _, err := c.Job("held-1").Console(ctx, 0); err != nil {
+		return fmt.Errorf("console: %v", err)
 	}
 	wf, err := OpenFleet(ctx, admin, Topology{Host: host})
 	if err != nil {
@@ -456,26 +547,22 @@ func runOperator(s, adminS *session, host string) error {
 	if err := wf.PutHost(ctx, messages.Host{State: messages.HostActive}); err != nil {
 		return err
 	}
-	f, err := BindFleet(ctx, js)
-	if err != nil {
-		return err
-	}
-	if recs, err := f.Hosts(ctx); err != nil || len(recs) != 1 || recs[0].Host != host {
+	if recs, err := c.Hosts(ctx); err != nil || len(recs) != 1 || recs[0].Host != host {
 		return fmt.Errorf("hosts: %+v, %v", recs, err)
 	}
-	if err := f.Drain(ctx, "elsewhere", "ops"); err != nil {
+	if err := c.Drain(ctx, "elsewhere", "ops"); err != nil {
 		return err
 	}
-	if d, err := f.Drains(ctx); err != nil || len(d) != 1 || d[0].Host != "elsewhere" {
+	if d, err := c.Drains(ctx); err != nil || len(d) != 1 || d[0].Host != "elsewhere" {
 		return fmt.Errorf("drains: %+v, %v", d, err)
 	}
-	return f.Undrain(ctx, "elsewhere")
+	return c.Undrain(ctx, "elsewhere")
 }
 
 func TestOperatorPermissionsSuffice(t *testing.T) {
-	pub, sub := OperatorPermissions()
+	pub, sub := client.OperatorPermissions()
 	srv := startPermServer(t, pub, sub)
-	o, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+	o, admin := connectAs(t, srv, "user", client.OperatorInbox), connectAs(t, srv, "admin", "")
 	if err := runOperator(o, admin, "h1"); err != nil {
 		t.Fatalf("operator with its permissions: %v (refused: %q)", err, o.refused(t))
 	}
@@ -497,7 +584,7 @@ func without(list []string, i int) []string {
 func TestWorkerPermissionsSuffice(t *testing.T) {
 	pub, sub := WorkerPermissions("h1")
 	srv := startPermServer(t, pub, sub)
-	w, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+	w, admin := connectAs(t, srv, "user", WorkerInbox("h1")), connectAs(t, srv, "admin", "")
 	if err := runWorker(w, admin, "h1"); err != nil {
 		t.Fatalf("worker with its permissions: %v (refused: %q)", err, w.refused(t))
 	}
@@ -517,12 +604,12 @@ func TestWorkerPermissionsSuffice(t *testing.T) {
 func TestOrchestratorPermissionsSuffice(t *testing.T) {
 	for _, create := range []bool{false, true} {
 		t.Run(fmt.Sprintf("create streams %v", create), func(t *testing.T) {
-			pub, sub := OrchestratorPermissions()
+			pub, sub := client.OrchestratorPermissions()
 			if create {
 				pub = append(pub, StreamPermissions()...)
 			}
 			srv := startPermServer(t, pub, sub)
-			o, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+			o, admin := connectAs(t, srv, "user", client.OrchestratorInbox), connectAs(t, srv, "admin", "")
 			if err := runOrchestrator(o.ctx, o.js, admin.js, "h1", create); err != nil {
 				t.Fatalf("orchestrator with its permissions: %v (refused: %q)", err, o.refused(t))
 			}
@@ -549,38 +636,40 @@ func TestEveryPermissionIsNeeded(t *testing.T) {
 		name     string
 		pub, sub []string
 		removed  string
+		inbox    string
 		run      run
 	}
 	var cases []tc
 	for _, role := range []struct {
 		name     string
 		pub, sub []string
+		inbox    string
 		run      run
 	}{
-		{"worker", nil, nil, worker},
-		{"orchestrator", nil, nil, orchestrator},
-		{"operator", nil, nil, operator},
+		{"worker", nil, nil, WorkerInbox("h1"), worker},
+		{"orchestrator", nil, nil, client.OrchestratorInbox, orchestrator},
+		{"operator", nil, nil, client.OperatorInbox, operator},
 	} {
 		switch role.name {
 		case "worker":
 			role.pub, role.sub = WorkerPermissions("h1")
 		case "orchestrator":
-			role.pub, role.sub = OrchestratorPermissions()
+			role.pub, role.sub = client.OrchestratorPermissions()
 		default:
-			role.pub, role.sub = OperatorPermissions()
+			role.pub, role.sub = client.OperatorPermissions()
 		}
 		for i, p := range role.pub {
-			cases = append(cases, tc{role.name + " pub " + p, without(role.pub, i), role.sub, p, role.run})
+			cases = append(cases, tc{role.name + " pub " + p, without(role.pub, i), role.sub, p, role.inbox, role.run})
 		}
 		for i, s := range role.sub {
-			cases = append(cases, tc{role.name + " sub " + s, role.pub, without(role.sub, i), s, role.run})
+			cases = append(cases, tc{role.name + " sub " + s, role.pub, without(role.sub, i), s, role.inbox, role.run})
 		}
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
 			srv := startPermServer(t, c.pub, c.sub)
-			s, admin := connectAs(t, srv, "user"), connectAs(t, srv, "admin")
+			s, admin := connectAs(t, srv, "user", c.inbox), connectAs(t, srv, "admin", "")
 			err := c.run(s, admin)
 			refused := s.refused(t)
 			if err == nil && !bestEffort[c.removed] {
@@ -620,8 +709,8 @@ func TestSecurityDocMatches(t *testing.T) {
 		t.Fatalf("the documented configuration: %v", err)
 	}
 	wpub, wsub := WorkerPermissions("host-a")
-	opub, osub := OrchestratorPermissions()
-	ppub, psub := OperatorPermissions()
+	opub, osub := client.OrchestratorPermissions()
+	ppub, psub := client.OperatorPermissions()
 	want := map[string][2][]string{"worker-host-a": {wpub, wsub}, "orchestrator": {opub, osub}, "operator": {ppub, psub}}
 	if len(opts.Users) != len(want) {
 		t.Fatalf("%d users documented, want %d", len(opts.Users), len(want))
@@ -637,5 +726,140 @@ func TestSecurityDocMatches(t *testing.T) {
 		if got := u.Permissions.Subscribe.Allow; !slices.Equal(got, w[1]) {
 			t.Errorf("%s may subscribe to %q, want %q", u.Username, got, w[1])
 		}
+	}
+}
+
+// TestOperatorCannotReceiveWorkerPullReplies: an operator's connection
+// cannot receive a worker's pull replies, which are whole requests,
+// runner secrets included. The server refuses the operator's
+// subscriptions to the worker's inboxes and to every inbox. A user who
+// may subscribe to "_INBOX.>", as operators could before inboxes were per
+// role, receives the request, secret and all, on the same server: that
+// is what this test would see of the operator if it could.
+func TestOperatorCannotReceiveWorkerPullReplies(t *testing.T) {
+	wpub, wsub := WorkerPermissions("h1")
+	opub, osub := client.OperatorPermissions()
+	srv := startUsersServer(t, map[string][2][]string{
+		"worker":      {wpub, wsub},
+		"operator":    {opub, osub},
+		"every-inbox": {opub, []string{"_INBOX.>"}},
+	})
+	admin := connectAs(t, srv, "admin", "")
+	w := connectAs(t, srv, "worker", WorkerInbox("h1"))
+	cons, err := Ensure(w.ctx, w.js, Topology{Host: "h1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	targets := []string{"_INBOX.>", WorkerInbox("h1") + ".>"}
+	listen := func(s *session) []*nats.Subscription {
+		var subs []*nats.Subscription
+		for _, subject := range targets {
+			sub, err := s.nc.SubscribeSync(subject)
+			if err != nil {
+				t.Fatal(err)
+			}
+			subs = append(subs, sub)
+		}
+		return subs
+	}
+	op := connectAs(t, srv, "operator", client.OperatorInbox)
+	opSubs := listen(op)
+	before := connectAs(t, srv, "every-inbox", client.OperatorInbox)
+	beforeSubs := listen(before)
+	if r := before.refused(t); len(r) > 0 {
+		t.Fatalf("the server refused %q to a user allowed every inbox", r)
+	}
+	refused := op.refused(t)
+	slices.Sort(targets)
+	if !slices.Equal(refused, targets) {
+		t.Fatalf("the server refused the operator %q, want %q", refused, targets)
+	}
+
+	const secret = "jit-config-Secret-of-job-eavesdrop-1"
+	req := provision("eavesdrop-1")
+	req.Runner = messages.Runner{Kind: messages.RunnerGitHub, GitHub: &messages.GitHubRunner{JITConfig: secret}}
+	if _, err := submit(w.ctx, admin.js, req, ""); err != nil {
+		t.Fatal(err)
+	}
+	msg, err := fetchOne(w.ctx, cons.Provision)
+	if err != nil {
+		t.Fatalf("the worker's pull: %v", err)
+	}
+	if err := msg.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	// The pull reply went to an inbox of the worker's: the user allowed
+	// every inbox got it on each of its subscriptions.
+	// (On "_INBOX.>" it also sees the admin's replies.)
+	for i, sub := range beforeSubs {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			m, err := sub.NextMsg(time.Until(deadline))
+			if err != nil {
+				t.Fatalf("a user allowed every inbox, subscribed to %s: %v; the test cannot see an eavesdropper", targets[i], err)
+			}
+			// A pulled message keeps its subject and carries the reply
+			// subject of its acknowledgement.
+			if strings.HasPrefix(m.Reply, "$JS.ACK."+messages.RequestsStream+".") && strings.Contains(string(m.Data), secret) {
+				break
+			}
+		}
+	}
+	// The server delivered it to every subscriber at once; the operator's
+	// subscriptions have nothing.
+	for i, sub := range opSubs {
+		if m, err := sub.NextMsg(200 * time.Millisecond); !errors.Is(err, nats.ErrTimeout) {
+			t.Fatalf("the operator, subscribed to %s, got %v (%v)", targets[i], m, err)
+		}
+	}
+}
+
+// TestInboxesPerRole: each role may subscribe to its own inboxes and no
+// other role's, nor to every inbox.
+func TestInboxesPerRole(t *testing.T) {
+	wpub, wsub := WorkerPermissions("h1")
+	w2pub, w2sub := WorkerPermissions("h2")
+	opub, osub := client.OrchestratorPermissions()
+	ppub, psub := client.OperatorPermissions()
+	roles := []struct {
+		user, inbox string
+		perms       [2][]string
+	}{
+		{"worker-h1", WorkerInbox("h1"), [2][]string{wpub, wsub}},
+		{"worker-h2", WorkerInbox("h2"), [2][]string{w2pub, w2sub}},
+		{"orchestrator", client.OrchestratorInbox, [2][]string{opub, osub}},
+		{"operator", client.OperatorInbox, [2][]string{ppub, psub}},
+	}
+	users := map[string][2][]string{}
+	for _, r := range roles {
+		users[r.user] = r.perms
+	}
+	srv := startUsersServer(t, users)
+	for _, r := range roles {
+		for _, other := range roles {
+			name := r.user + " subscribes to the inboxes of " + other.user
+			t.Run(name, func(t *testing.T) {
+				s := connectAs(t, srv, r.user, r.inbox)
+				if _, err := s.nc.SubscribeSync(other.inbox + ".>"); err != nil {
+					t.Fatal(err)
+				}
+				refused := s.refused(t)
+				if r.user == other.user && len(refused) > 0 {
+					t.Fatalf("refused its own inboxes: %q", refused)
+				}
+				if r.user != other.user && !slices.Equal(refused, []string{other.inbox + ".>"}) {
+					t.Fatalf("refused %q, want %s", refused, other.inbox+".>")
+				}
+			})
+		}
+		t.Run(r.user+" subscribes to every inbox", func(t *testing.T) {
+			s := connectAs(t, srv, r.user, r.inbox)
+			if _, err := s.nc.SubscribeSync("_INBOX.>"); err != nil {
+				t.Fatal(err)
+			}
+			if refused := s.refused(t); !slices.Equal(refused, []string{"_INBOX.>"}) {
+				t.Fatalf("refused %q, want _INBOX.>", refused)
+			}
+		})
 	}
 }

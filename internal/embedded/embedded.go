@@ -1,6 +1,7 @@
 // Package embedded runs a NATS server with JetStream inside the worker's
-// process, for a zero-setup single host and for tests. Production fleets
-// point every worker at a shared NATS cluster instead.
+// process, for a zero-setup single host and for tests, and keeps the
+// credentials of its one user (credentials.go). Production fleets point
+// every worker at a shared NATS cluster instead.
 package embedded
 
 import (
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nkeys"
 )
 
 // Options configure the embedded server.
@@ -22,6 +24,14 @@ type Options struct {
 	Host string
 	// Port is the client port; 0 means 4222, -1 a random free port.
 	Port int
+	// NKey is the public key of the server's only user
+	// (Credentials.PublicKey): every client must sign the server's nonce
+	// with its seed, and one that cannot is refused; there is no user
+	// without credentials. worker run always sets it, as anything that
+	// can open a TCP connection to the host's loopback can reach the
+	// server, its guests through user-mode networking included. Empty
+	// starts a server without authentication, for tests.
+	NKey string
 	// Cluster, when set, makes the server a node of a JetStream cluster,
 	// for tests of a fleet on one machine.
 	Cluster *Cluster
@@ -52,6 +62,9 @@ func Start(opts Options) (*server.Server, error) {
 	if opts.Port == 0 {
 		opts.Port = 4222
 	}
+	if opts.NKey != "" && !nkeys.IsValidPublicUserKey(opts.NKey) {
+		return nil, errors.New("start embedded nats: the user's key is not a public user nkey (U...)")
+	}
 	so := &server.Options{
 		ServerName: "stretchy-embedded",
 		Host:       opts.Host,
@@ -60,6 +73,10 @@ func Start(opts Options) (*server.Server, error) {
 		StoreDir:   opts.StoreDir,
 		NoSigs:     true,
 		MaxPayload: 1 << 20,
+	}
+	if opts.NKey != "" {
+		// No NoAuthUser: a client without credentials is refused.
+		so.Nkeys = []*server.NkeyUser{{Nkey: opts.NKey}}
 	}
 	if c := opts.Cluster; c != nil {
 		so.ServerName = c.Node

@@ -251,6 +251,9 @@ type record struct {
 	// request's hold_on_failure_s, capped by Config.MaxHold); holdFor an
 	// operator's hold, kept whenever the job ends.
 	holdOnFailure, holdFor time.Duration
+	// removeFailures counts the failed attempts to remove a machine a
+	// rollback could not remove (PhaseRemoving), to report every sixth.
+	removeFailures int
 	// heldUntil is when a held machine's hold ends; holdRecorded: the
 	// hold is in its metadata and it is shut off.
 	heldUntil    time.Time
@@ -588,7 +591,12 @@ func (a *actor) onProvision(root context.Context, c *provisionCmd) {
 	case PhaseBuilding, PhaseRollingBack, PhaseSettling:
 		a.waiting = append(a.waiting, c.reply)
 	case PhaseRemoving:
-		c.reply <- answer{err: fmt.Errorf("the machine an earlier delivery of job %s built is not removed yet", a.jobID)}
+		// The machine an earlier delivery built goes first, in this
+		// delivery's slot; once it is gone the delivery builds anew.
+		a.waiting = append(a.waiting, c.reply)
+		if a.act == nil {
+			a.removeLeftover(root)
+		}
 	default:
 		c.reply <- answer{}
 	}

@@ -23,6 +23,9 @@ type fakeMachines struct {
 	machines map[string]*provision.Machine
 	cloneErr error
 	startErr error
+	// afterList, when set, runs after List has read the machines, as
+	// another worker of the same libvirtd would act meanwhile.
+	afterList func()
 	// holdErr, when set, fails SetHold; bindErr Bind; removeErr Remove.
 	holdErr, bindErr, removeErr error
 	// cloneGate, when set, blocks Clone until closed or ctx ends.
@@ -160,10 +163,14 @@ func keyed(m provision.Machine) provision.Machine {
 
 func (f *fakeMachines) List(context.Context) ([]provision.Machine, error) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	var out []provision.Machine
 	for _, m := range f.machines {
 		out = append(out, keyed(*m))
+	}
+	after := f.afterList
+	f.mu.Unlock()
+	if after != nil {
+		after()
 	}
 	return out, nil
 }

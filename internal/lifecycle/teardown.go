@@ -362,7 +362,10 @@ func (a *actor) adopt(mach provision.Machine) func(context.Context) func() {
 		}
 		acked := last.Host == a.m.cfg.Host && a.m.acknowledged(last.State, mach.RunnerKind)
 		if !acked {
-			if _, err := a.m.cfg.Machines.Remove(ctx, mach.Key); err != nil {
+			// Looked up again, not removed by name alone: with two workers
+			// on one libvirtd, the machine listed may have been replaced
+			// since by another host's build of the job, of the same name.
+			if err := a.m.removeOwn(ctx, mach.Key, false); err != nil {
 				err = fmt.Errorf("remove half-built machine %s: %w", mach.Name, err)
 				return func() { a.settled(false, err) }
 			}
@@ -655,6 +658,10 @@ func (m *Manager) finishTeardown(ctx context.Context, em *emitter, c *finishCmd)
 	return true, nil
 }
 
+// removingRetry spaces out the attempts to remove a machine a rollback
+// could not remove, between the deliveries of its job that try at once.
+const removingRetry = 5 * time.Second
+
 // tickRemoving tries again to remove the machine a build's rollback could
 // not remove, keeping the job's claim meanwhile; once it is gone the job's
 // next delivery builds anew, here or elsewhere.
@@ -665,19 +672,28 @@ func (a *actor) tickRemoving(root context.Context) {
 	if a.rec.claim.rev != 0 {
 		_ = a.keepClaim(root) // lost or not, the machine goes
 	}
+	a.removeLeftover(root)
+}
+
+// removeLeftover removes the machine of a PhaseRemoving actor. Once it is
+// gone the actor stops, and the deliveries that waited for it are asked
+// again, which builds the job anew; while it is not, they are handed back.
+func (a *actor) removeLeftover(root context.Context) {
 	key := a.key
 	a.launch(root, "remove", func(ctx context.Context) func() {
 		err := a.m.removeOwn(ctx, key, true)
 		return func() {
-			if err != nil {
-				a.rec.retryAt = a.m.cfg.Now().Add(deadlineRetry)
-				if a.m.cfg.Report != nil {
-					a.m.cfg.Report("remove a rolled back machine", a.jobID, err)
-				}
+			if err == nil {
+				a.releaseClaim()
+				a.to(PhaseGone) // the waiting deliveries are answered retry
 				return
 			}
-			a.releaseClaim()
-			a.to(PhaseGone)
+			err = fmt.Errorf("remove the machine an earlier delivery of job %s built: %w", a.jobID, err)
+			a.answerWaiting(answer{err: err})
+			a.rec.retryAt = a.m.cfg.Now().Add(removingRetry)
+			if a.rec.removeFailures++; a.rec.removeFailures%6 == 1 && a.m.cfg.Report != nil {
+				a.m.cfg.Report("remove a rolled back machine", a.jobID, err)
+			}
 		}
 	})
 }

@@ -49,6 +49,7 @@ func TestUnremovedWarmBindStaysTracked(t *testing.T) {
 	}
 
 	fx.fm.failRemoves(nil)
+	fx.clk.Advance(removingRetry)
 	tickAll(t, fx.m)
 	waitFor(t, func() bool { return fx.fm.count() == 0 && fx.m.Active() == 0 })
 	if err := fx.m.Provision(ctx, req, Delivery{Attempt: 3}); err != nil {
@@ -195,5 +196,56 @@ func TestTeardownFindsUntrackedWarmMachine(t *testing.T) {
 	}
 	if _, ok := fx.fm.machine(key); ok {
 		t.Fatal("the machine is still there")
+	}
+}
+
+// TestRedeliveryRemovesLeftoverFirst: a delivery of a job whose earlier
+// delivery's machine could not be removed removes it itself, in its own
+// slot, and then builds the job anew, without waiting for a tick.
+func TestRedeliveryRemovesLeftoverFirst(t *testing.T) {
+	fx, _ := newAgentFixture()
+	fx.rec.failOn(messages.StateRunnerStarted, errors.New("nats: timeout"))
+	fx.fm.failRemoves(errors.New("libvirt: connection reset"))
+	ctx := context.Background()
+	req := forgejoRequest(fx, "j1")
+	if err := fx.m.Provision(ctx, req, first); err == nil {
+		t.Fatal("Provision = nil, want a transient error")
+	}
+	if fx.fm.count() != 1 || fx.m.Active() != 1 {
+		t.Fatalf("%d machines, %d counted after the failed rollback, want 1 and 1", fx.fm.count(), fx.m.Active())
+	}
+	fx.rec.failOn("", nil)
+	fx.fm.failRemoves(nil)
+	if err := fx.m.Provision(ctx, req, Delivery{Attempt: 2}); err != nil {
+		t.Fatalf("delivery 2: %v", err)
+	}
+	if last := fx.rec.last("j1"); last.State != messages.StateRunnerStarted || last.Attempt != 2 {
+		t.Fatalf("the job's last event %+v, want runner_started of delivery 2", last)
+	}
+	if fx.fm.clones != 2 || fx.fm.count() != 1 || fx.m.Active() != 1 {
+		t.Fatalf("clones %d, machines %d, counted %d; want 2, 1, 1", fx.fm.clones, fx.fm.count(), fx.m.Active())
+	}
+}
+
+// TestReconcileLeavesAReplacedMachine: reconciliation finds a half-built
+// machine of this host, and before it removes it another host that took
+// the job (two workers on one libvirtd) has replaced it by its own of the
+// same name: that one is left alone.
+func TestReconcileLeavesAReplacedMachine(t *testing.T) {
+	fx := newFixture()
+	fx.fm.mu.Lock()
+	fx.fm.machines["j1"] = &provision.Machine{Name: "stretchy-j1", Key: "j1", JobID: "j1", Image: "debian", Host: "h1", Running: true}
+	fx.fm.afterList = func() {
+		fx.fm.mu.Lock()
+		defer fx.fm.mu.Unlock()
+		fx.fm.machines["j1"] = &provision.Machine{Name: "stretchy-j1", Key: "j1", JobID: "j1", Image: "debian", Host: "h2", Running: true}
+		fx.fm.afterList = nil
+	}
+	fx.fm.mu.Unlock()
+	if err := fx.m.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if m, ok := fx.fm.machine("j1"); !ok || m.Host != "h2" {
+		t.Fatalf("the other host's machine of j1: present %v, %+v", ok, m)
 	}
 }

@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -18,10 +18,7 @@ func TestRequestsArePulledOnArrival(t *testing.T) {
 	env := startServer(t)
 	log := watchEvents(t, env.url)
 	startFleetHostPulling(t, env, "a", 0, 10*time.Minute, "img")
-	op, err := bus.BindFleet(context.Background(), env.js)
-	if err != nil {
-		t.Fatal(err)
-	}
+	op := client.New(env.js)
 	waitRegistered(t, op, map[string]int{"a": 1})
 	ctx := context.Background()
 	for i, to := range []string{"pinned", "image", "shared", "pinned", "image"} {
@@ -30,9 +27,9 @@ func TestRequestsArePulledOnArrival(t *testing.T) {
 		var err error
 		switch to {
 		case "pinned":
-			_, err = bus.SubmitProvision(ctx, env.js, req, "a")
+			_, err = submitProvision(ctx, env.js, req, "a")
 		case "shared":
-			_, err = bus.SubmitProvision(ctx, env.js, req, "")
+			_, err = submitProvision(ctx, env.js, req, "")
 		case "image":
 			var data []byte
 			if data, err = messages.Marshal(&req); err == nil {

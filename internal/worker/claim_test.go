@@ -47,7 +47,7 @@ func TestClaimedRequestIsLeftOrAcked(t *testing.T) {
 
 	// The holder serves request "same"; "repeat" is a second request for
 	// the job it serves under another message.
-	sameSeq, err := bus.SubmitProvision(ctx, env.js, provisionRequest("same"), "")
+	sameSeq, err := submitProvision(ctx, env.js, provisionRequest("same"), "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,7 +57,7 @@ func TestClaimedRequestIsLeftOrAcked(t *testing.T) {
 	if rev, _, err := holder.Take(ctx, "repeat", 1); err != nil || rev == 0 {
 		t.Fatalf("holder's take: %d, %v", rev, err)
 	}
-	if _, err := bus.SubmitProvision(ctx, env.js, provisionRequest("repeat"), ""); err != nil {
+	if _, err := submitProvision(ctx, env.js, provisionRequest("repeat"), ""); err != nil {
 		t.Fatal(err)
 	}
 

@@ -3,9 +3,8 @@ package worker
 import (
 	"context"
 	"testing"
-	"time"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -18,10 +17,7 @@ func TestDrain(t *testing.T) {
 	log := watchEvents(t, env.url)
 	ctx := context.Background()
 	a := startFleetHost(t, env, "a", 0, "img")
-	op, err := bus.BindFleet(ctx, env.js)
-	if err != nil {
-		t.Fatal(err)
-	}
+	op := client.New(env.js)
 	state := func() messages.HostState {
 		recs, err := op.Hosts(ctx)
 		if err != nil || len(recs) != 1 {
@@ -30,7 +26,7 @@ func TestDrain(t *testing.T) {
 		return recs[0].State
 	}
 	waitRegistered(t, op, map[string]int{"a": 1})
-	if _, err := bus.SubmitImageProvision(ctx, env.js, provisionFor("running", "img")); err != nil {
+	if err := submitImageProvision(ctx, env.js, provisionFor("running", "img")); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "running ready", func() bool { return log.has("running", messages.StateAgentReady) })
@@ -39,13 +35,13 @@ func TestDrain(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "draining", func() bool { return state() == messages.HostDraining })
-	if _, err := bus.SubmitImageProvision(ctx, env.js, provisionFor("by-image", "img")); err != nil {
+	if err := submitImageProvision(ctx, env.js, provisionFor("by-image", "img")); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bus.SubmitProvision(ctx, env.js, provisionFor("pinned", "img"), "a"); err != nil {
+	if _, err := submitProvision(ctx, env.js, provisionFor("pinned", "img"), "a"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bus.SubmitTeardown(ctx, env.js, messages.Teardown{V: 1, JobID: "running", RequestedAt: time.Now().UTC()}, "a"); err != nil {
+	if err := submitTeardown(ctx, env.js, "running", "a"); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "running torn down", func() bool { return log.has("running", messages.StateTornDown) })

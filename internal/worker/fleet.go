@@ -54,6 +54,10 @@ type FleetConfig struct {
 	// Images are shell patterns (path.Match) that limit the images the
 	// host carries; none means every image found.
 	Images []string
+	// SealKeys are the public halves of the keys the worker opens sealed
+	// runner secrets with (Config.Keys), which the host's record lists for
+	// orchestrators to seal to, the one to prefer first.
+	SealKeys []messages.SealKey
 	// MinFreeSpace is the free space, in bytes, every pool of an image
 	// needs for the host to take the image's requests.
 	MinFreeSpace uint64
@@ -348,6 +352,7 @@ func (w *Worker) record() messages.Host {
 	rec.VCPUsTotal, rec.VCPUsUsed, rec.MemoryTotalMiB, rec.MemoryUsedMiB = bounds.HostVCPUs, used.VCPUs, bounds.HostMemoryMiB, used.MemoryMiB
 	rec.MaxVCPUsPerMachine, rec.MaxMemoryPerMachineMiB = bounds.MaxVCPUs, bounds.MaxMemoryMiB
 	rec.MaxScratchGiB = bounds.MaxScratchGiB
+	rec.SealKeys = slices.Clone(f.cfg.SealKeys)
 	for _, h := range w.life.Held() {
 		rec.Held = append(rec.Held, messages.HostHeld{JobID: h.JobID, Until: h.Until.UTC()})
 	}

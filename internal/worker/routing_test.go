@@ -11,6 +11,7 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
@@ -90,6 +91,13 @@ func startFleetHostPulling(t *testing.T, env advisoryEnv, id string, minFree uin
 // patterns.
 func startFleetHostServing(t *testing.T, env advisoryEnv, id string, minFree uint64, pullWait time.Duration, patterns []string, images ...string) *fleetHost {
 	t.Helper()
+	return startFleetHostWith(t, env, id, minFree, pullWait, patterns, nil, images...)
+}
+
+// startFleetHostWith is startFleetHostServing with changes to the worker's
+// configuration.
+func startFleetHostWith(t *testing.T, env advisoryEnv, id string, minFree uint64, pullWait time.Duration, patterns []string, change func(*Config), images ...string) *fleetHost {
+	t.Helper()
 	js := connect(t, env.url)
 	topo := bus.Topology{Host: id, AckWait: 3 * time.Second, MaxDeliver: 3}
 	cons, err := bus.Ensure(context.Background(), js, topo)
@@ -103,7 +111,7 @@ func startFleetHostServing(t *testing.T, env advisoryEnv, id string, minFree uin
 	fh := &fleetHost{host: newFakeHost(), inv: &fakeInventory{images: images, free: 100 << 30}}
 	pub := bus.NewPublisher(js)
 	life := lifecycle.New(lifecycle.Config{Host: id, Machines: fh.host, Agent: agent{fh.host}, Events: pub, History: pub})
-	fh.w = New(Config{Parallelism: 2, MaxVMs: 20, AckWait: 3 * time.Second, MaxDeliver: 3, PullWait: pullWait,
+	cfg := Config{Parallelism: 2, MaxVMs: 20, AckWait: 3 * time.Second, MaxDeliver: 3, PullWait: pullWait,
 		WatchInterval: 100 * time.Millisecond, NATS: js.Conn(),
 		OnSettle: func(s Settlement) {
 			fh.mu.Lock()
@@ -122,7 +130,11 @@ func startFleetHostServing(t *testing.T, env advisoryEnv, id string, minFree uin
 				fh.seen = append(fh.seen, c)
 				fh.mu.Unlock()
 			}},
-	}, cons, life)
+	}
+	if change != nil {
+		change(&cfg)
+	}
+	fh.w = New(cfg, cons, life)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- fh.w.Run(ctx) }()
@@ -176,21 +188,18 @@ func TestSharedRequestsGoToTheImage(t *testing.T) {
 	log := watchEvents(t, env.url)
 	a := startFleetHost(t, env, "a", 0, "img")
 	b := startFleetHost(t, env, "b", 0, "other")
-	op, err := bus.BindFleet(context.Background(), env.js)
-	if err != nil {
-		t.Fatal(err)
-	}
+	op := client.New(env.js)
 	waitRegistered(t, op, map[string]int{"a": 1, "b": 1})
 
 	var jobs []string
 	for i := range 10 {
 		job := "share-" + string(rune('a'+i))
 		jobs = append(jobs, job)
-		if _, err := bus.SubmitProvision(context.Background(), env.js, provisionFor(job, "img"), ""); err != nil {
+		if _, err := submitProvision(context.Background(), env.js, provisionFor(job, "img"), ""); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := bus.SubmitProvision(context.Background(), env.js, provisionFor("lost", "nowhere"), ""); err != nil {
+	if _, err := submitProvision(context.Background(), env.js, provisionFor("lost", "nowhere"), ""); err != nil {
 		t.Fatal(err)
 	}
 	for _, job := range jobs {
@@ -240,7 +249,7 @@ func TestImagesComeAndGo(t *testing.T) {
 	a := startFleetHost(t, env, "a", 10<<30)
 	submit := func(job, image string) {
 		t.Helper()
-		if _, err := bus.SubmitImageProvision(context.Background(), env.js, provisionFor(job, image)); err != nil {
+		if err := submitImageProvision(context.Background(), env.js, provisionFor(job, image)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -324,15 +333,12 @@ func TestPinnedRequestForImageNotServed(t *testing.T) {
 	env := startServer(t)
 	log := watchEvents(t, env.url)
 	a := startFleetHostServing(t, env, "a", 0, 200*time.Millisecond, []string{"ci-*"}, "ci-debian", "accounting-vm")
-	op, err := bus.BindFleet(context.Background(), env.js)
-	if err != nil {
-		t.Fatal(err)
-	}
+	op := client.New(env.js)
 	waitRegistered(t, op, map[string]int{"a": 1})
-	if _, err := bus.SubmitProvision(context.Background(), env.js, provisionFor("pinned-other", "accounting-vm"), "a"); err != nil {
+	if _, err := submitProvision(context.Background(), env.js, provisionFor("pinned-other", "accounting-vm"), "a"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bus.SubmitProvision(context.Background(), env.js, provisionFor("pinned-ci", "ci-debian"), "a"); err != nil {
+	if _, err := submitProvision(context.Background(), env.js, provisionFor("pinned-ci", "ci-debian"), "a"); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "failed of pinned-other", func() bool { return log.has("pinned-other", messages.StateFailed) })

@@ -26,6 +26,8 @@ type fakeHost struct {
 	// gates hold WaitReady of a job's machine until closed.
 	gates   map[string]chan struct{}
 	nextPID int
+	// stdin is what the commands run in each job's guest read, in order.
+	stdin map[string][]string
 }
 
 type fakeMachine struct {
@@ -142,8 +144,21 @@ func (h *fakeHost) OSInfo(context.Context, string) (qga.OSInfo, error) {
 	return qga.OSInfo{ID: "debian"}, nil
 }
 
-func (h *fakeHost) Run(context.Context, string, qga.ExecRequest) (qga.Status, error) {
+func (h *fakeHost) Run(_ context.Context, domain string, req qga.ExecRequest) (qga.Status, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.stdin == nil {
+		h.stdin = map[string][]string{}
+	}
+	h.stdin[h.jobOf(domain)] = append(h.stdin[h.jobOf(domain)], string(req.Stdin))
 	return qga.Status{Exited: true}, nil
+}
+
+// stdinOf returns what the commands run in jobID's guest read.
+func (h *fakeHost) stdinOf(jobID string) []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.stdin[jobID]...)
 }
 
 func (h *fakeHost) Status(_ context.Context, domain string, _ int) (qga.Status, error) {
@@ -281,15 +296,14 @@ func (se *scheduleEnv) submit(t *testing.T, jobID string, lifetime time.Duration
 		Runner: messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
 			URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: "token-" + jobID, Labels: []string{"debian"},
 		}}}
-	if _, err := bus.SubmitProvision(context.Background(), se.env.js, req, ""); err != nil {
+	if _, err := submitProvision(context.Background(), se.env.js, req, ""); err != nil {
 		t.Fatal(err)
 	}
 }
 
 func (se *scheduleEnv) teardown(t *testing.T, jobID string) {
 	t.Helper()
-	req := messages.Teardown{V: 1, JobID: jobID, RequestedAt: time.Now().UTC()}
-	if _, err := bus.SubmitTeardown(context.Background(), se.env.js, req, "sched"); err != nil {
+	if err := submitTeardown(context.Background(), se.env.js, jobID, "sched"); err != nil {
 		t.Fatal(err)
 	}
 }

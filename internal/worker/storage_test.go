@@ -8,6 +8,7 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
@@ -24,10 +25,7 @@ func TestScratchDisksCountAgainstPoolSpace(t *testing.T) {
 	h.inv.mu.Lock()
 	h.inv.free = 20 << 30
 	h.inv.mu.Unlock()
-	op, err := bus.BindFleet(context.Background(), env.js)
-	if err != nil {
-		t.Fatal(err)
-	}
+	op := client.New(env.js)
 	waitFor(t, "the record showing 20 GiB free", func() bool {
 		hosts, err := op.Hosts(context.Background())
 		return err == nil && len(hosts) == 1 && len(hosts[0].Pools) == 1 && hosts[0].Pools[0].FreeBytes == 20<<30
@@ -36,7 +34,7 @@ func TestScratchDisksCountAgainstPoolSpace(t *testing.T) {
 		t.Helper()
 		req := provisionFor(job, "img")
 		req.ScratchDiskGiB = scratchGiB
-		if _, err := bus.SubmitProvision(context.Background(), env.js, req, "h"); err != nil {
+		if _, err := submitProvision(context.Background(), env.js, req, "h"); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -54,8 +52,7 @@ func TestScratchDisksCountAgainstPoolSpace(t *testing.T) {
 		info, err := h.w.cons.Pinned.Info(context.Background())
 		return err == nil && info.NumPending == 0 && (info.NumAckPending == 1 || log.has("s2", messages.StateAccepted))
 	})
-	req := messages.Teardown{V: 1, JobID: "s1", RequestedAt: time.Now().UTC()}
-	if _, err := bus.SubmitTeardown(context.Background(), env.js, req, "h"); err != nil {
+	if err := submitTeardown(context.Background(), env.js, "s1", "h"); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "agent_ready of s2", func() bool { return log.has("s2", messages.StateAgentReady) })

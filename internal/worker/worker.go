@@ -66,6 +66,12 @@ type Config struct {
 	// ReplyPrefixes are the inbox prefixes a control request's reply
 	// subject must begin with to be served; default DefaultReplyPrefixes.
 	ReplyPrefixes []string
+	// Keys open sealed runner secrets (sealed.go); nil holds none, so
+	// every sealed secret is refused (unknown_seal_key).
+	Keys Unsealer
+	// RequireSealed refuses provisions whose runner secret is in the
+	// clear (secret_not_sealed), building nothing.
+	RequireSealed bool
 }
 
 // Settlement says how one request message was settled.
@@ -429,6 +435,9 @@ func (w *Worker) provision(ctx context.Context, data []byte, d lifecycle.Deliver
 			id = req.JobID
 		}
 		return id, w.life.Reject(ctx, id, "", rejectCode(err), err, d)
+	}
+	if code, err := w.unseal(&req); err != nil {
+		return req.JobID, w.life.Reject(ctx, req.JobID, req.Image, code, err, d)
 	}
 	return req.JobID, w.life.Provision(ctx, req, d)
 }

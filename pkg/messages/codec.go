@@ -80,6 +80,13 @@ func DecodeClaim(data []byte) (Claim, error) {
 	return c, err
 }
 
+// DecodeSealedPayload decodes what a SealedSecret's box holds.
+func DecodeSealedPayload(data []byte) (SealedPayload, error) {
+	var p SealedPayload
+	err := unmarshal(data, &p)
+	return p, err
+}
+
 // PeekJobID returns the job id of a payload that may not decode as a whole,
 // so that a failure can still be reported for the right job. It returns ""
 // when no valid job id can be read.

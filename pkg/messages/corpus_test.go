@@ -175,6 +175,11 @@ func withForgejo(key string, v any) om {
 	return om{"kind", "forgejo", "forgejo", forgejoSection().with(key, v)}
 }
 
+// sealedEnvelope is a runner.sealed section with a box of n zero bytes.
+func sealedEnvelope(keyID string, n int) om {
+	return om{"key_id", keyID, "box", make([]byte, n)}
+}
+
 func withJenkins(key string, v any) om {
 	return om{"kind", "jenkins", "jenkins", jenkinsSection().with(key, v)}
 }
@@ -585,6 +590,17 @@ func badCases() []badCase {
 		r("uuid-without-hyphens", "forgejo.uuid as 32 hexadecimal digits without hyphens", provRunner(withForgejo("uuid", "0e6f5f3c3b7a4c2e9d7a1c2b3a4d5e6f"))),
 		r("url-query", "forgejo.url with a query", provRunner(withForgejo("url", "https://code.example.org/?lang=en"))),
 		r("url-fragment", "forgejo.url with a fragment", provRunner(withForgejo("url", "https://code.example.org/#top"))),
+
+		// Sealed secrets (docs/protocol.md 3.13): the envelope is
+		// checked before any key is looked for.
+		r("sealed-and-plain", "runner.sealed with the secret in runner.forgejo.token as well",
+			provRunner(withForgejo("token", corpusSecret).with("sealed", sealedEnvelope("7c70d623df12581c", 80)))),
+		r("sealed-bad-key-id", "runner.sealed.key_id that is not 16 hex digits",
+			provRunner(withForgejo("token", "").with("sealed", sealedEnvelope("KEY-1", 80)))),
+		r("sealed-short-box", "runner.sealed.box shorter than a sealed box can be",
+			provRunner(withForgejo("token", "").with("sealed", sealedEnvelope("7c70d623df12581c", 20)))),
+		r("sealed-kind-none", "runner.sealed for kind none, which has no secret",
+			provRunner(om{"kind", "none", "sealed", sealedEnvelope("7c70d623df12581c", 80)})),
 	}
 	return cases
 }

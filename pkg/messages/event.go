@@ -166,6 +166,18 @@ const (
 	// machine, or beyond everything the host may ever run at once;
 	// nothing was built.
 	CodeResourcesExceeded ErrorCode = "resources_exceeded"
+	// CodeSecretNotSealed means the request carried its runner secret in
+	// the clear to a worker started with --require-sealed-secrets;
+	// nothing was built.
+	CodeSecretNotSealed ErrorCode = "secret_not_sealed"
+	// CodeUnknownSealKey means the runner secret was sealed to a key this
+	// worker does not hold (runner.sealed.key_id); nothing was built.
+	CodeUnknownSealKey ErrorCode = "unknown_seal_key"
+	// CodeSealedSecretInvalid means the sealed runner secret could not be
+	// opened with the key it names (a corrupt or forged box, or one
+	// sealed to another key of that id), or what it holds is not a
+	// payload for this job; nothing was built.
+	CodeSealedSecretInvalid ErrorCode = "sealed_secret_invalid"
 )
 
 // Reasons carried in events: why a teardown began, or what the worker

@@ -157,6 +157,9 @@ type Host struct {
 	MaxScratchGiB int `msgpack:"max_scratch_gib,omitempty" json:"max_scratch_gib,omitempty"`
 	// Held are the machines the host keeps after their jobs ended.
 	Held []HostHeld `msgpack:"held,omitempty" json:"held,omitempty"`
+	// SealKeys are the keys runner secrets may be sealed to for this host
+	// (3.13), the one to prefer first.
+	SealKeys []SealKey `msgpack:"seal_keys,omitempty" json:"seal_keys,omitempty"`
 	// Started is when the worker process started; Heartbeat when the
 	// record was written.
 	Started   time.Time `msgpack:"started" json:"started"`

@@ -1,6 +1,8 @@
 package messages
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"time"
 )
 
@@ -88,6 +90,55 @@ type Runner struct {
 	Forgejo *ForgejoRunner `msgpack:"forgejo,omitempty"`
 	GitHub  *GitHubRunner  `msgpack:"github,omitempty"`
 	Jenkins *JenkinsAgent  `msgpack:"jenkins,omitempty"`
+	// Sealed, when set, holds the kind's secret sealed to a key of the
+	// worker's (docs/protocol.md 3.13); the secret field of the kind's
+	// section is then empty. Only a worker holding the key's private half
+	// can read it.
+	Sealed *SealedSecret `msgpack:"sealed,omitempty"`
+}
+
+// SealedSecret is a runner secret sealed to a worker key: an X25519 sealed
+// box as libsodium's crypto_box_seal makes it, of a msgpack-encoded
+// SealedPayload, to the public key whose id is KeyID.
+type SealedSecret struct {
+	// KeyID names the key: the lowercase hex of the first 8 bytes of the
+	// SHA-256 of its 32-byte public key (SealKeyID).
+	KeyID string `msgpack:"key_id"`
+	// Box is crypto_box_seal(msgpack(SealedPayload), public key): 32
+	// bytes of ephemeral public key, then the ciphertext with its
+	// 16-byte tag.
+	Box []byte `msgpack:"box"`
+}
+
+// SealedPayload is what a SealedSecret's box holds. JobID binds it to the
+// request it was sealed for: a box copied into another job's request is
+// refused.
+type SealedPayload struct {
+	V      int    `msgpack:"v"`
+	JobID  string `msgpack:"job_id"`
+	Secret string `msgpack:"secret"`
+}
+
+// SealOverhead is what crypto_box_seal adds to its message: an ephemeral
+// public key and the Poly1305 tag.
+const SealOverhead = 32 + 16
+
+// MaxSealedBox bounds a SealedSecret's box: a payload with the longest
+// secret, its job id and msgpack framing, sealed.
+const MaxSealedBox = maxSecretLen + 256 + SealOverhead
+
+// SealKeyID returns the id of the sealing key with the given 32-byte
+// public key.
+func SealKeyID(public []byte) string {
+	sum := sha256.Sum256(public)
+	return hex.EncodeToString(sum[:8])
+}
+
+// SealKey is a worker's sealing key as its host record publishes it: its
+// id and 32-byte X25519 public key. Orchestrators seal to it.
+type SealKey struct {
+	ID     string `msgpack:"id" json:"id"`
+	Public []byte `msgpack:"public" json:"public"`
 }
 
 // ForgejoRunner holds what `forgejo-runner one-job` needs for an ephemeral

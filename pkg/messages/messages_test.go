@@ -2,6 +2,7 @@ package messages
 
 import (
 	"bytes"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"os"
@@ -133,12 +134,38 @@ func goldenCases() map[string]any {
 			Pools:   []HostPool{{Name: "ci-images", FreeBytes: 53687091200}, {Name: "win", FreeBytes: 1073741824, Low: true}},
 			Started: requestedAt.Add(-time.Hour), Heartbeat: requestedAt,
 		},
+		// The box is the one libsodium made for
+		// provision_sealed_python_v1 (docs/protocol.md 3.13), to the test
+		// key of pkg/seal.
+		"provision_sealed_v1": &Provision{
+			V: 1, JobID: "fj-2", Image: "debian-12",
+			Runner: Runner{Kind: RunnerForgejo, Forgejo: &ForgejoRunner{
+				URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Labels: []string{"debian-12"},
+			}, Sealed: &SealedSecret{KeyID: "7c70d623df12581c", Box: mustHex(
+				"8520365cb921ed1b9a4e6fa614f0ba1659cc57f8a4d7441e1bba44e06825f8751ab6204439934db0d0b497815d531274e97fed55c89e1ace6ab80d91483aee450e98b633087fa003b9ce3c744f467f1233079b63")}},
+			RequestedAt: requestedAt,
+		},
+		"host_seal_keys_v1": &Host{
+			V: 1, Host: "host-a", Version: "v1.5.0", State: HostActive,
+			Images:     []HostImage{{Name: "debian-12", OS: "linux", Firmware: "bios", CloneMode: "linked", Generation: "5f0c2a9e41d7b3c8", Admitted: true}},
+			SlotsTotal: 3, MachinesMax: 8, Pools: []HostPool{{Name: "ci-images", FreeBytes: 53687091200}},
+			SealKeys: []SealKey{{ID: "7c70d623df12581c", Public: mustHex("666f96c4fd28f564cad97ff560bc4233b21153a9f7932cd8ac10d2b9669cf108")}},
+			Started:  requestedAt.Add(-time.Hour), Heartbeat: requestedAt,
+		},
 		"drain_v1": &Drain{V: 1, Host: "host-a", By: "ops@bastion", At: requestedAt},
 		"tried_v1": &Tried{V: 1, JobID: "job-45", Image: "macos:14", Hosts: []string{"host-a", "host-b"}},
 	}
 }
 
 func ptr[T any](v T) *T { return &v }
+
+func mustHex(s string) []byte {
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
 
 // TestGolden pins the encoding of every message kind. Run with -update after
 // a deliberate change of the contract, and update docs/protocol.md with it.

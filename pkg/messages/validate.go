@@ -160,6 +160,20 @@ func CheckText(field, v string) string { return checkText(field, v, maxFieldLen)
 // CheckSecret checks a secret: at most 16384 bytes, no control characters.
 func CheckSecret(field, v string) string { return checkText(field, v, maxSecretLen) }
 
+// CheckSealed checks a sealed secret's envelope (its box is opened by the
+// worker that holds the key): a key id of 16 lowercase hex digits, and a
+// box at least SealOverhead and at most MaxSealedBox bytes long.
+func CheckSealed(field string, s SealedSecret) []string {
+	var ps []string
+	if len(s.KeyID) != 16 || strings.Trim(s.KeyID, "0123456789abcdef") != "" {
+		ps = append(ps, fmt.Sprintf("%s.key_id: must be 16 lowercase hex digits (got %s)", field, Describe(s.KeyID)))
+	}
+	if len(s.Box) <= SealOverhead || len(s.Box) > MaxSealedBox {
+		ps = append(ps, fmt.Sprintf("%s.box: must be more than %d and at most %d bytes (got %d)", field, SealOverhead, MaxSealedBox, len(s.Box)))
+	}
+	return ps
+}
+
 // CheckURL checks a URL: an absolute http or https URL with a host and
 // without credentials, of at most 2048 bytes without spaces or control
 // characters.

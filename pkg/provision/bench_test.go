@@ -100,7 +100,7 @@ func virshDefinition(b *testing.B, p *Provisioner, img testImageDef, job, path s
 	if err != nil {
 		b.Fatal(err)
 	}
-	def, err := cloneXML(img.Def, clonePlan{
+	def, _, err := cloneXML(img.Def, clonePlan{
 		Image: img.Name, Name: DomainName(job), UUID: uuid, Type: "qemu", Linked: true,
 		Disks: map[string]diskOut{"vda": {Path: path, Format: "qcow2"}}, Metadata: meta, Rand: p.rand,
 	})

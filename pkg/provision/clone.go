@@ -256,9 +256,18 @@ func (p *Provisioner) clone(ctx context.Context, s Spec) (_ Machine, err error) 
 			return Machine{}, err
 		}
 	}
-	cloneDef, release, err := p.reserveMACs(&def, plan)
+	if iso := p.opts.Isolation; iso != nil {
+		plan.Isolation = &isolationPlan{Filter: iso.filter(), Policy: iso.policy()}
+		if err := p.ensureCompositeFilters(ctx, &def, plan.Isolation.Filter); err != nil {
+			return Machine{}, err
+		}
+	}
+	cloneDef, unfiltered, release, err := p.reserveMACs(&def, plan)
 	if err != nil {
 		return Machine{}, err
+	}
+	if iso := p.opts.Isolation; iso != nil && len(unfiltered) > 0 && iso.policy() == UnfilteredWarn && iso.Warn != nil {
+		iso.Warn(s.Image, unfiltered)
 	}
 	// Once defined, the domain's own XML holds the addresses.
 	defer release()
@@ -285,8 +294,9 @@ func (s Spec) checkSize() error {
 }
 
 // reserveMACs builds the clone's definition with MAC addresses that no
-// other Clone in flight has chosen, and reserves them until release.
-func (p *Provisioner) reserveMACs(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, func(), error) {
+// other Clone in flight has chosen, and reserves them until release. It
+// also returns the interfaces left unfiltered by the plan's isolation.
+func (p *Provisioner) reserveMACs(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, []string, func(), error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	taken := make(map[string]bool, len(plan.TakenMACs)+len(p.pendingMACs))
@@ -297,15 +307,15 @@ func (p *Provisioner) reserveMACs(image *libvirtxml.Domain, plan clonePlan) (*li
 		taken[mac] = true
 	}
 	plan.TakenMACs = taken
-	def, err := cloneXML(image, plan)
+	def, unfiltered, err := cloneXML(image, plan)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	macs := domainMACs(def)
 	for _, mac := range macs {
 		p.pendingMACs[mac] = true
 	}
-	return def, func() {
+	return def, unfiltered, func() {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		for _, mac := range macs {

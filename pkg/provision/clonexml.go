@@ -102,6 +102,10 @@ type clonePlan struct {
 	// ConsoleLog, when set, is the file the main console logs to; the
 	// other serial ports and consoles log next to it (consoleLogs).
 	ConsoleLog string
+	// Isolation, when set, attaches the guest filter to the clone's
+	// bridge-based interfaces, which get managed MAC addresses
+	// (isolation.go).
+	Isolation *isolationPlan
 }
 
 // scratchSerial is the disk serial of a machine's scratch disk, by which a
@@ -313,24 +317,25 @@ func imageNVRAM(image *libvirtxml.Domain) string {
 	return ""
 }
 
-// cloneXML returns the definition of a clone of image as described by plan.
+// cloneXML returns the definition of a clone of image as described by plan,
+// and the image's interfaces that the plan's isolation leaves unfiltered.
 // image is not modified.
-func cloneXML(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, error) {
+func cloneXML(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, []string, error) {
 	if plan.Name == "" || plan.UUID == "" {
-		return nil, errors.New("clone plan needs a name and a uuid")
+		return nil, nil, errors.New("clone plan needs a name and a uuid")
 	}
 	toCopy, err := writableDisks(image)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	// Deep copy: libvirtxml structs are full of pointers and slices.
 	doc, err := image.Marshal()
 	if err != nil {
-		return nil, fmt.Errorf("encode image XML: %w", err)
+		return nil, nil, fmt.Errorf("encode image XML: %w", err)
 	}
 	var d libvirtxml.Domain
 	if err := d.Unmarshal(doc); err != nil {
-		return nil, fmt.Errorf("decode image XML: %w", err)
+		return nil, nil, fmt.Errorf("decode image XML: %w", err)
 	}
 
 	d.Name = plan.Name
@@ -351,21 +356,21 @@ func cloneXML(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, err
 		disk := &d.Devices.Disks[c.Index]
 		out, ok := plan.Disks[c.Target]
 		if !ok {
-			return nil, fmt.Errorf("disk %s: no volume planned", c.Target)
+			return nil, nil, fmt.Errorf("disk %s: no volume planned", c.Target)
 		}
 		replaceDiskSource(disk, out, plan.Linked)
 	}
 	if len(plan.Disks) != len(toCopy) {
-		return nil, fmt.Errorf("clone plan has %d volumes for %d writable disks", len(plan.Disks), len(toCopy))
+		return nil, nil, fmt.Errorf("clone plan has %d volumes for %d writable disks", len(plan.Disks), len(toCopy))
 	}
 
 	if err := resize(&d, plan.VCPUs, plan.MemoryMiB); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if plan.Scratch != "" {
 		bus, dev, err := scratchTarget(&d)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		d.Devices.Disks = append(d.Devices.Disks, libvirtxml.DomainDisk{
 			Device: "disk",
@@ -376,8 +381,12 @@ func cloneXML(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, err
 		})
 	}
 
-	if err := newMACs(d.Devices.Interfaces, plan.TakenMACs, plan.Rand); err != nil {
-		return nil, err
+	isolated, unfiltered, err := isolateInterfaces(d.Devices.Interfaces, plan.Isolation)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := newMACs(d.Devices.Interfaces, isolated, plan.TakenMACs, plan.Rand); err != nil {
+		return nil, nil, err
 	}
 	resetGraphics(d.Devices.Graphics)
 	rename := func(path string) string { return clonePath(plan.Image, plan.Name, path) }
@@ -405,7 +414,7 @@ func cloneXML(image *libvirtxml.Domain, plan clonePlan) (*libvirtxml.Domain, err
 	}
 	// After the renaming, so that these logs replace the image's.
 	consoleLogs(&d, plan.ConsoleLog, true)
-	return &d, nil
+	return &d, unfiltered, nil
 }
 
 // replaceDiskSource points disk at its new volume, as type='file':
@@ -579,10 +588,11 @@ func clonePath(image, name, path string) string {
 }
 
 // newMACs gives every interface a fresh random MAC address that keeps the
-// vendor prefix (OUI) of the one it replaces and differs from the taken
-// ones, from all addresses seen in the image and from each other, and
-// drops the host-side device name.
-func newMACs(ifaces []libvirtxml.DomainInterface, taken map[string]bool, r io.Reader) error {
+// vendor prefix (OUI) of the one it replaces, or has the managed prefix
+// (ManagedMACPrefix) where isolated[i], and differs from the taken ones,
+// from all addresses seen in the image and from each other, and drops the
+// host-side device name.
+func newMACs(ifaces []libvirtxml.DomainInterface, isolated []bool, taken map[string]bool, r io.Reader) error {
 	if len(ifaces) == 0 {
 		return nil
 	}
@@ -601,7 +611,10 @@ func newMACs(ifaces []libvirtxml.DomainInterface, taken map[string]bool, r io.Re
 	for i := range ifaces {
 		iface := &ifaces[i]
 		oui := fallbackOUI
-		if iface.MAC != nil {
+		switch {
+		case i < len(isolated) && isolated[i]:
+			oui = managedOUI
+		case iface.MAC != nil:
 			if hw, err := net.ParseMAC(iface.MAC.Address); err == nil && len(hw) == 6 && hw[0]&0x01 == 0 {
 				copy(oui[:], hw[:3])
 			}

@@ -136,7 +136,8 @@ func transform(img *libvirtxml.Domain, mode CloneMode, taken map[string]bool, r 
 	for _, f := range more {
 		f(&plan)
 	}
-	return cloneXML(img, plan)
+	d, _, err := cloneXML(img, plan)
+	return d, err
 }
 
 func uefi(img *libvirtxml.Domain, nvram string) *libvirtxml.Domain {
@@ -509,7 +510,7 @@ func TestCloneXMLChecksPlan(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			plan := clonePlan{Name: "stretchy-j", UUID: testUUID, Disks: tt.disks, Rand: rand.Reader}
-			if _, err := cloneXML(tt.image, plan); err == nil {
+			if _, _, err := cloneXML(tt.image, plan); err == nil {
 				t.Fatal("cloneXML succeeded")
 			}
 		})

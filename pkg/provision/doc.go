@@ -47,6 +47,18 @@
 // the machine. docs/protocol.md 7.6 and 7.7 say what changes and how
 // virtlogd bounds the logs.
 //
+// # Guest isolation
+//
+// With Options.Isolation, Clone attaches the guest filter (an nwfilter
+// that DefineGuestFilter defines from a list of Deny destinations, the
+// control plane) to every bridge and network interface of the clone,
+// isolates its bridge port and gives it a MAC address under
+// ManagedMACPrefix, so that managed guests reach neither the control
+// plane nor each other. Other interfaces (user-mode slirp, macvtap, ...)
+// cannot be filtered; Isolation.Unfiltered says whether Clone warns,
+// refuses or allows them. isolation.go lists the rules; docs/security.md
+// section 4 what they mean for operators.
+//
 // # Connections
 //
 // go-libvirt calls take no context; every call made here is bounded by a

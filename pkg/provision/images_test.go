@@ -65,6 +65,8 @@ type imageShape struct {
 	metadata string
 	// cmdline, if set, replaces the kernel command line.
 	cmdline string
+	// interfaces, if set, replace the tiny guest's user-mode NIC.
+	interfaces []libvirtxml.DomainInterface
 }
 
 // testImageDef is a test image on qemu:///system.
@@ -140,6 +142,9 @@ func defineTestImage(t testing.TB, l *libvirt.Libvirt, shape imageShape) testIma
 	}
 	if shape.cmdline != "" {
 		def.OS.Cmdline = shape.cmdline
+	}
+	if shape.interfaces != nil {
+		def.Devices.Interfaces = shape.interfaces
 	}
 	for i := range def.Devices.Interfaces {
 		def.Devices.Interfaces[i].MAC = nil // libvirt picks one

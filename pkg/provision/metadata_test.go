@@ -38,7 +38,7 @@ func TestMetadataRoundTrip(t *testing.T) {
 				t.Fatal(err)
 			}
 			// Through a whole domain document, as libvirt stores it.
-			def, err := cloneXML(image(nil), clonePlan{Name: "stretchy-j", UUID: "u", Metadata: inner})
+			def, _, err := cloneXML(image(nil), clonePlan{Name: "stretchy-j", UUID: "u", Metadata: inner})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -46,6 +46,9 @@ type Conn interface {
 	StorageVolCreateXMLFrom(pool libvirt.StoragePool, xml string, clonevol libvirt.StorageVol, flags libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error)
 	StorageVolUpload(vol libvirt.StorageVol, outStream io.Reader, offset uint64, length uint64, flags libvirt.StorageVolUploadFlags) error
 	StorageVolDelete(vol libvirt.StorageVol, flags libvirt.StorageVolDeleteFlags) error
+	NwfilterLookupByName(name string) (libvirt.Nwfilter, error)
+	NwfilterGetXMLDesc(filter libvirt.Nwfilter, flags uint32) (string, error)
+	NwfilterDefineXML(xml string) (libvirt.Nwfilter, error)
 }
 
 // Dial connects to libvirtd through uri's transport and opens its driver;
@@ -107,6 +110,9 @@ type Options struct {
 	// the connection, since a libvirtd that does not answer one call
 	// usually answers none.
 	Link *Link
+	// Isolation, when set, keeps clones' guests away from the control
+	// plane and from each other (isolation.go, docs/security.md 4).
+	Isolation *Isolation
 }
 
 // Provisioner clones images into managed domains and removes them.

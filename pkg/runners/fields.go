@@ -112,6 +112,13 @@ func (f Field) problems(r messages.Runner) []string {
 		return messages.CheckLabels(f.Wire, v, f.each)
 	}
 	v := f.Value(r)
+	if f.Secret && r.Sealed != nil {
+		// The secret travels in runner.sealed, opened by the worker.
+		if v != "" {
+			return []string{f.Wire + ": must be empty when the secret is sealed (runner.sealed)"}
+		}
+		return nil
+	}
 	if v == "" && !f.Required {
 		return nil
 	}

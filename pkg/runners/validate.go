@@ -68,7 +68,45 @@ func runnerProblems(r messages.Runner) []string {
 	if sections > 1 {
 		ps = append(ps, fmt.Sprintf("runner: only the section of kind %q may be set", r.Kind))
 	}
+	if r.Sealed != nil {
+		switch {
+		case !known:
+		case secretField(k) == nil:
+			ps = append(ps, fmt.Sprintf("runner.sealed: kind %q has no secret to seal", r.Kind))
+		default:
+			ps = append(ps, messages.CheckSealed("runner.sealed", *r.Sealed)...)
+		}
+	}
 	return ps
+}
+
+// secretField returns the secret field of kind k, nil for a kind without
+// one.
+func secretField(k Kind) *Field {
+	for i := range k.Fields {
+		if k.Fields[i].Secret {
+			return &k.Fields[i]
+		}
+	}
+	return nil
+}
+
+// Unseal puts the secret a worker opened from r.Sealed into the secret
+// field of r's kind and drops r.Sealed, so that the runner is planned,
+// and its output scrubbed, as for a request that carried the secret
+// itself.
+func Unseal(r *messages.Runner, secret string) error {
+	k, ok := lookup(r.Kind)
+	if !ok {
+		return fmt.Errorf("runner kind %q: %w", r.Kind, ErrInvalid)
+	}
+	f := secretField(k)
+	if f == nil {
+		return fmt.Errorf("runner kind %q has no secret: %w", r.Kind, ErrInvalid)
+	}
+	f.Set(r, secret)
+	r.Sealed = nil
+	return nil
 }
 
 // Secrets returns the values of the secret fields of every section set in

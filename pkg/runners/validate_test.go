@@ -211,3 +211,60 @@ func TestValidationNeverEchoesSecrets(t *testing.T) {
 		})
 	}
 }
+
+// TestSealedRunner: a runner whose secret is sealed (runner.sealed) leaves
+// the secret field empty; its envelope is checked, and Unseal puts the
+// opened secret where a plain request carries it.
+func TestSealedRunner(t *testing.T) {
+	box := make([]byte, messages.SealOverhead+40)
+	sealed := &messages.SealedSecret{KeyID: "7c70d623df12581c", Box: box}
+	withSeal := func(r messages.Runner, s *messages.SealedSecret, clear bool) messages.Runner {
+		r.Sealed = s
+		if clear {
+			_ = Unseal(&r, "") // clears the secret field
+			r.Sealed = s
+		}
+		return r
+	}
+	tests := []struct {
+		name   string
+		runner messages.Runner
+		want   []string
+	}{
+		{"forgejo sealed", withSeal(forgejoRunner(), sealed, true), nil},
+		{"github sealed", withSeal(messages.Runner{Kind: messages.RunnerGitHub, GitHub: &messages.GitHubRunner{}}, sealed, false), nil},
+		{"sealed and plain", withSeal(forgejoRunner(), sealed, false),
+			[]string{"runner.forgejo.token: must be empty when the secret is sealed (runner.sealed)"}},
+		{"kind none sealed", messages.Runner{Kind: messages.RunnerNone, Sealed: sealed},
+			[]string{`runner.sealed: kind "none" has no secret to seal`}},
+		{"bad key id", withSeal(forgejoRunner(), &messages.SealedSecret{KeyID: "K1", Box: box}, true),
+			[]string{`runner.sealed.key_id: must be 16 lowercase hex digits (got "K1")`}},
+		{"box too short", withSeal(forgejoRunner(), &messages.SealedSecret{KeyID: sealed.KeyID, Box: box[:48]}, true),
+			[]string{"runner.sealed.box: must be more than 48 and at most 16688 bytes (got 48)"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := provisionOf(tt.runner)
+			err := Validate(&p)
+			var ve *messages.ValidationError
+			switch {
+			case tt.want == nil && err != nil:
+				t.Fatalf("Validate = %v, want valid", err)
+			case tt.want != nil && (!errors.As(err, &ve) || strings.Join(ve.Problems, "\n") != strings.Join(tt.want, "\n")):
+				t.Fatalf("Validate = %v, want %q", err, tt.want)
+			}
+		})
+	}
+	r := withSeal(forgejoRunner(), sealed, true)
+	if err := Unseal(&r, "opened-token"); err != nil {
+		t.Fatal(err)
+	}
+	if r.Sealed != nil || r.Forgejo.Token != "opened-token" || !slicesEqual(Secrets(r), []string{"opened-token"}) {
+		t.Fatalf("after Unseal: %+v", r)
+	}
+	if err := Unseal(&messages.Runner{Kind: messages.RunnerNone}, "x"); err == nil {
+		t.Fatal("Unseal of kind none")
+	}
+}
+
+func slicesEqual(a, b []string) bool { return strings.Join(a, "\x00") == strings.Join(b, "\x00") }

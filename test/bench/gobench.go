@@ -29,30 +29,34 @@ type EventsConfig struct {
 	Log   func(format string, args ...any)
 }
 
-// RunEvents runs internal/bus's BenchmarkReplay cfg.Count times, each
+// RunEvents runs pkg/client's BenchmarkReplay cfg.Count times, each
 // with servers and stored events of its own, so that its readers take
-// turns, and BenchmarkAppend with -count; then, unless cfg.Profiles is
-// empty, once more the replay through ReadEvents alone with its profiles,
-// whose figures are not kept (profiling slows it down).
+// turns, its BenchmarkReplayPaired once (the iterator against the
+// callback loop, pair by pair), and internal/bus's BenchmarkAppend with
+// -count; then, unless
+// cfg.Profiles is empty, once more the replay through ReadEvents alone
+// with its profiles, whose figures are not kept (profiling slows it
+// down).
 func RunEvents(ctx context.Context, cfg EventsConfig) (GoBench, error) {
 	out := GoBench{}
 	type run struct {
-		pattern, benchtime string
-		count              int
-		profile            bool
+		pkg, pattern, benchtime string
+		count                   int
+		profile                 bool
 	}
 	var runs []run
 	for range cfg.Count {
-		runs = append(runs, run{"^BenchmarkReplay$", "2x", 1, false})
+		runs = append(runs, run{"./pkg/client/", "^BenchmarkReplay$", "2x", 1, false})
 	}
-	runs = append(runs, run{"^BenchmarkAppend$", "2000x", cfg.Count, false})
+	runs = append(runs, run{"./pkg/client/", "^BenchmarkReplayPaired$", "10x", 1, false})
+	runs = append(runs, run{"./internal/bus/", "^BenchmarkAppend$", "2000x", cfg.Count, false})
 	if cfg.Profiles != "" {
-		runs = append(runs, run{"^BenchmarkReplay$/^server=process$/^read=ReadEvents$", "2x", 1, true})
+		runs = append(runs, run{"./pkg/client/", "^BenchmarkReplay$/^server=process$/^read=ReadEvents$", "2x", 1, true})
 	}
 	for i, r := range runs {
 		cfg.Log("events %d/%d: %s", i+1, len(runs), r.pattern)
 		args := []string{"test", "-run", "^$", "-bench", r.pattern, "-benchtime", r.benchtime,
-			"-count", strconv.Itoa(r.count), "./internal/bus/"}
+			"-count", strconv.Itoa(r.count), r.pkg}
 		if r.profile {
 			args = append(args, "-args", "-replay-profile", cfg.Profiles)
 		}

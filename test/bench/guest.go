@@ -19,7 +19,7 @@ import (
 
 	"github.com/sourcegraph/conc/pool"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
@@ -232,20 +232,19 @@ func (g *guests) workerJob(ctx context.Context, name string) (job, error) {
 	events := make(chan messages.Event, 32)
 	follow := pool.New().WithErrors().WithContext(ctx)
 	follow.Go(func(ctx context.Context) error {
-		return bus.ReadEvents(ctx, js, bus.ReadOptions{Filter: messages.EventFilter("", id, ""), Follow: true},
-			func(_ uint64, ev messages.Event, err error) error {
-				if err != nil {
-					return err
-				}
-				select {
-				case events <- ev:
-				case <-ctx.Done():
-				}
-				if ev.State == messages.StateTornDown || ev.State == messages.StateFailed {
-					return errFollowed
-				}
-				return nil
-			})
+		for ev, err := range client.New(js).Events(ctx, client.Query{Job: id, Follow: true}) {
+			if err != nil {
+				return err
+			}
+			select {
+			case events <- ev:
+			case <-ctx.Done():
+			}
+			if ev.State == messages.StateTornDown || ev.State == messages.StateFailed {
+				return errFollowed
+			}
+		}
+		return ctx.Err()
 	})
 	defer func() {
 		cancel()
@@ -255,7 +254,7 @@ func (g *guests) workerJob(ctx context.Context, name string) (job, error) {
 	req := stubJob(id, g.cfg.Image, g.cfg.Sleep)
 	submitted := time.Now()
 	req.RequestedAt = submitted.UTC()
-	if _, err := bus.SubmitProvision(ctx, js, req, g.host); err != nil {
+	if _, err := client.New(js).Submit(ctx, req, client.OnHost(g.host), client.WithSealing(client.SealNever)); err != nil {
 		return job{}, err
 	}
 

@@ -72,10 +72,12 @@ func (r *Report) Markdown() string {
 	p("```sh\ngo tool task bench       # everything below, writes this file (needs root, installs libvirt and the test guest like the tests)\n")
 	p("go build -o bin/bench ./test/bench/cmd/bench\n")
 	p("bin/bench -only guests -pairs 6 -triples 3 -out ''   # one part, printed nowhere but the log: guests, sched, memory, events\n")
-	p("go test -run '^$' -bench 'BenchmarkReplay|BenchmarkAppend' -benchtime 2x ./internal/bus/ -args -replay-profile /tmp/prof\n")
+	p("go test -run '^$' -bench BenchmarkReplay -benchtime 2x ./pkg/client/ -args -replay-profile /tmp/prof\n")
+	p("scripts/bench/replay-pairs.sh main 6   # the library's replay against another revision's, in rotating turns\n")
+	p("go test -run '^$' -bench BenchmarkAppend -benchtime 2000x ./internal/bus/\n")
 	p("go test -run '^$' -bench BenchmarkClone -benchtime 5x ./pkg/provision/   # clone+define by image size, worker vs virsh\n```\n\n")
 	p("The harness is `test/bench` (`cmd/bench` runs it), the process-per-step baseline `scripts/bench/virsh-job.sh`, ")
-	p("the event benchmarks `internal/bus/replay_bench_test.go`. Profiles, logs and scratch files stay in `.cache/bench`.\n\n")
+	p("the event benchmarks `pkg/client/replay_bench_test.go` and `internal/bus/append_bench_test.go`. Profiles, logs and scratch files stay in `.cache/bench`.\n\n")
 
 	r.targets(p)
 	r.guests(p)
@@ -381,23 +383,31 @@ func (r *Report) events(p printer) {
 		p("Not measured in this run.\n\n")
 		return
 	}
-	p("`internal/bus`'s benchmarks, %d runs each (the replay's in turn, each with servers and events of its own). **Replay**: 100,000 events of 10,000 jobs, stored as the "+
+	p("`pkg/client`'s replay and `internal/bus`'s publishing benchmarks, %d runs each (the replay's in turn, each with servers and events of its own). **Replay**: 100,000 events of 10,000 jobs, stored as the "+
 		"worker stores them (through conditional publishes with their four headers), read back through the ordered consumer. "+
 		"B/event and allocs/event are the whole process's allocations over the timed replays ÷ events: with the server in a "+
 		"process of its own (`server=process`) that is the reader alone; in-process they include the server's. `read=raw` "+
 		"only receives the messages (the NATS client's share, whatever the reader does), `read=plain` decodes each with "+
 		"`messages.DecodeEvent` and `Msg.Metadata` as `ReadEvents` did before section 7's change, `read=ReadEvents` is the "+
-		"worker's replay.\n\n", r.Config.EventCount)
+		"replay's loop with a callback, as `worker events` and the worker's journal used it before they read through `pkg/client`, "+
+		"`read=Events` the same loop behind `Client.Events`' iterator, what `worker events` and an orchestrator read through now.\n\n", r.Config.EventCount)
 	p("| replay | server | events/s | B/event | allocs/event |\n|---|---|---|---|---|\n")
 	for _, n := range []struct{ name, reader, server string }{
 		{"BenchmarkReplay/server=process/read=raw", "raw (messages only)", "own process"},
 		{"BenchmarkReplay/server=process/read=plain", "plain (DecodeEvent + Metadata)", "own process"},
-		{replayName, "ReadEvents", "own process"},
-		{"BenchmarkReplay/server=in-process/read=ReadEvents", "ReadEvents", "in-process"},
+		{replayName, "ReadEvents (callback)", "own process"},
+		{"BenchmarkReplay/server=process/read=Events", "Client.Events (iterator)", "own process"},
+		{"BenchmarkReplay/server=in-process/read=ReadEvents", "ReadEvents (callback)", "in-process"},
+		{"BenchmarkReplay/server=in-process/read=Events", "Client.Events (iterator)", "in-process"},
 	} {
 		p("| %s | %s | %s | %s | %s |\n", n.reader, n.server, cellK(e.Summary(n.name, "events/s")),
 			e.Summary(n.name, "B/event").Cell(0), e.Summary(n.name, "allocs/event").Cell(1))
 	}
+	paired := e.Summary("BenchmarkReplayPaired", "iterator/callback")
+	p("\nThe library's iterator against the callback loop behind it, in pairs (`BenchmarkReplayPaired`: each of 10 iterations replays "+
+		"the events once through each, which goes first alternating, the server in a process of its own): the iterator's rate is %s× "+
+		"the callback's at the median pair (target: within 10%%, ≥ 0.90; %s against %s events/s over all replays).\n",
+		paired.Cell(2), cellK(e.Summary("BenchmarkReplayPaired", "iterator-events/s")), cellK(e.Summary("BenchmarkReplayPaired", "callback-events/s")))
 	p("\n**Publishing lifecycle events** as the lifecycle does (`Publisher.Append`: each event of a job conditional on the " +
 		"job's previous one and waiting for its ack), with 1, 16 or 64 jobs at once:\n\n")
 	p("| server | 1 job | 16 jobs | 64 jobs |\n|---|---|---|---|\n")
@@ -483,7 +493,7 @@ func (r *Report) profiles(p printer) {
 			format(e.Summary("BenchmarkReplay/server=process/read=plain", "allocs/event").Median, 0),
 			format(e.Summary("BenchmarkReplay/server=process/read=raw", "B/event").Median, 0),
 			format(e.Summary("BenchmarkReplay/server=process/read=raw", "allocs/event").Median, 0))
-		p("What changed (`internal/bus/decode.go`): `ReadEvents` decodes a replay's events with one decoder, which hands every "+
+		p("What changed (`internal/bus/decode.go`, now `pkg/client/decode.go`): `ReadEvents` (now the loop behind `Client.Events`) decodes a replay's events with one decoder, which hands every "+
 			"payload that is not plainly a map within `MaxMessageSize`, or that it refuses, to `messages.DecodeEvent`, so that the "+
 			"wire rules stay in `pkg/messages` (a fuzz test checks that it returns what `DecodeEvent` returns); the stream "+
 			"sequence and pending count come from the ack reply subject without allocating. Its own cost is now the event's "+

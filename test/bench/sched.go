@@ -20,6 +20,7 @@ import (
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/worker"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
@@ -208,7 +209,7 @@ func schedWorker(ctx context.Context, self, dir string, jobs, parallelism int, p
 		return SchedRun{}, err
 	}
 	for i := range jobs {
-		if _, err := bus.SubmitProvision(ctx, n.JS, forgejoRequest(fmt.Sprintf("sched-%d", i), testImage), host); err != nil {
+		if _, err := client.New(n.JS).Submit(ctx, forgejoRequest(fmt.Sprintf("sched-%d", i), testImage), client.OnHost(host), client.WithSealing(client.SealNever)); err != nil {
 			return SchedRun{}, err
 		}
 	}

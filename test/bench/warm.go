@@ -15,7 +15,7 @@ import (
 
 	"github.com/sourcegraph/conc"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
@@ -78,15 +78,17 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 		follow.Go(func() {
 			// From the stream's start, which the workers made: nothing
 			// published before this is missed.
-			err := bus.ReadEvents(fctx, cfg.NATS.JS, bus.ReadOptions{Filter: messages.EventFilter(h, "", ""), Follow: true},
-				func(_ uint64, ev messages.Event, err error) error {
-					if err == nil {
-						book.add(ev)
+			for ev, err := range client.New(cfg.NATS.JS).Events(fctx, client.Query{Host: h, Follow: true}) {
+				var derr *client.DecodeError
+				switch {
+				case errors.As(err, &derr):
+				case err != nil:
+					if fctx.Err() == nil {
+						cfg.Log("following the events of %s: %v", h, err)
 					}
-					return nil
-				})
-			if err != nil && fctx.Err() == nil {
-				cfg.Log("following the events of %s: %v", h, err)
+				default:
+					book.add(ev)
+				}
 			}
 		})
 	}
@@ -131,7 +133,7 @@ func RunWarm(ctx context.Context, cfg WarmConfig) (*WarmResult, error) {
 		req := stubJob(id, cfg.Image, cfg.Sleep)
 		submitted := time.Now()
 		req.RequestedAt = submitted.UTC()
-		if _, err := bus.SubmitProvision(ctx, cfg.NATS.JS, req, host); err != nil {
+		if _, err := client.New(cfg.NATS.JS).Submit(ctx, req, client.OnHost(host), client.WithSealing(client.SealNever)); err != nil {
 			return 0, messages.Event{}, err
 		}
 		started, err := book.wait(ctx, 5*time.Minute, "runner_started of "+id, func(evs []messages.Event) (messages.Event, bool) {

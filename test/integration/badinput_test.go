@@ -17,7 +17,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"libvirt.org/go/libvirtxml"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
@@ -274,11 +273,11 @@ func TestBadInputCorpus(t *testing.T) {
 
 	// The worker still serves.
 	good := isolatedJob(t, "after-bad")
-	if _, err := bus.SubmitProvision(ctx, js, provisionRequest(good), ""); err != nil {
+	if _, err := submitReq(ctx, js, provisionRequest(good), ""); err != nil {
 		t.Fatal(err)
 	}
 	events.waitState(t, good, messages.StateAgentReady, bootWait)
-	if _, err := bus.SubmitTeardown(ctx, js, messages.Teardown{V: 1, JobID: good, RequestedAt: time.Now().UTC()}, badInputHost); err != nil {
+	if err := teardownReq(ctx, js, good, badInputHost); err != nil {
 		t.Fatal(err)
 	}
 	events.waitState(t, good, messages.StateTornDown, bootWait)

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
@@ -122,7 +121,7 @@ func TestOneMachinePerJobAcrossHosts(t *testing.T) {
 			// A goes on serving: a job pinned to it runs and ends.
 			other := uniqueJob(t, "claim-after")
 			req := provisionRequest(other)
-			if _, err := bus.SubmitProvision(context.Background(), js, req, hostA); err != nil {
+			if _, err := submitReq(context.Background(), js, req, hostA); err != nil {
 				t.Fatal(err)
 			}
 			if ev := events.waitState(t, other, messages.StateAgentReady, bootWait); ev.Host != hostA {

@@ -16,7 +16,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"libvirt.org/go/libvirtxml"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
@@ -176,9 +175,9 @@ func TestCluster(t *testing.T) {
 		jobs, image[job] = append(jobs, job), img
 		var err error
 		if shared {
-			_, err = bus.SubmitProvision(context.Background(), js, req, "")
+			_, err = submitReq(context.Background(), js, req, "")
 		} else {
-			_, err = bus.SubmitImageProvision(context.Background(), js, req)
+			err = submitReqByImage(context.Background(), js, req)
 		}
 		if err != nil {
 			t.Fatal(err)

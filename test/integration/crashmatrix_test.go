@@ -13,7 +13,6 @@ import (
 	"github.com/digitalocean/go-libvirt"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
@@ -110,15 +109,14 @@ func stubRunnerRequest(jobID string, sleep int) messages.Provision {
 
 func submitTo(t *testing.T, js jetstream.JetStream, req messages.Provision) {
 	t.Helper()
-	if _, err := bus.SubmitProvision(context.Background(), js, req, ""); err != nil {
+	if _, err := submitReq(context.Background(), js, req, ""); err != nil {
 		t.Fatal(err)
 	}
 }
 
 func teardownOn(t *testing.T, js jetstream.JetStream, host, jobID string) {
 	t.Helper()
-	req := messages.Teardown{V: 1, JobID: jobID, Reason: "test", RequestedAt: time.Now().UTC()}
-	if _, err := bus.SubmitTeardown(context.Background(), js, req, host); err != nil {
+	if err := teardownReq(context.Background(), js, jobID, host); err != nil {
 		t.Fatal(err)
 	}
 }

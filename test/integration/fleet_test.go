@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -13,18 +14,17 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
 // fleetHosts returns the registry as an operator reads it.
 func fleetHosts(t *testing.T, js jetstream.JetStream) map[string]messages.Host {
 	t.Helper()
-	f, err := bus.BindFleet(context.Background(), js)
-	if err != nil {
+	recs, err := client.New(js, client.WithRole(client.Operator)).Hosts(context.Background())
+	if errors.Is(err, client.ErrNotSetUp) {
 		return nil // no worker created the buckets yet
 	}
-	recs, err := f.Hosts(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,7 +160,7 @@ func TestFleetNobodyCarries(t *testing.T) {
 		return hs["none-a"].Host != "" && hs["none-b"].Host != ""
 	})
 	waiting := uniqueJob(t, "by-image")
-	if _, err := bus.SubmitImageProvision(context.Background(), js, provisionRequest(waiting)); err != nil {
+	if err := submitReqByImage(context.Background(), js, provisionRequest(waiting)); err != nil {
 		t.Fatal(err)
 	}
 	lost := uniqueJob(t, "shared")
@@ -208,10 +208,10 @@ func TestFleetDrain(t *testing.T) {
 	waitHosts(t, js, "draining", func(hs map[string]messages.Host) bool { return hs[testHost].State == messages.HostDraining })
 	shared, byImage, pinned := uniqueJob(t, "drain-shared"), uniqueJob(t, "drain-image"), uniqueJob(t, "drain-pinned")
 	submitProvision(t, js, shared)
-	if _, err := bus.SubmitImageProvision(context.Background(), js, provisionRequest(byImage)); err != nil {
+	if err := submitReqByImage(context.Background(), js, provisionRequest(byImage)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bus.SubmitProvision(context.Background(), js, provisionRequest(pinned), testHost); err != nil {
+	if _, err := submitReq(context.Background(), js, provisionRequest(pinned), testHost); err != nil {
 		t.Fatal(err)
 	}
 	submitTeardown(t, js, running)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -21,6 +22,7 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/internal/worker"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
@@ -288,19 +290,21 @@ func followEvents(tb testing.TB, js jetstream.JetStream) *eventLog {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		_ = bus.ReadEvents(ctx, js, bus.ReadOptions{Filter: messages.EventFilter("", "", ""), Follow: true},
-			func(_ uint64, ev messages.Event, err error) error {
-				el.mu.Lock()
-				if err != nil {
-					el.bad++
-				} else {
-					el.events = append(el.events, ev)
-				}
-				close(el.notify)
-				el.notify = make(chan struct{})
-				el.mu.Unlock()
-				return nil
-			})
+		var derr *client.DecodeError
+		for ev, err := range client.New(js).Events(ctx, client.Query{Follow: true}) {
+			if err != nil && !errors.As(err, &derr) {
+				return
+			}
+			el.mu.Lock()
+			if err != nil {
+				el.bad++
+			} else {
+				el.events = append(el.events, ev)
+			}
+			close(el.notify)
+			el.notify = make(chan struct{})
+			el.mu.Unlock()
+		}
 	}()
 	tb.Cleanup(func() {
 		cancel()
@@ -380,6 +384,10 @@ func (el *eventLog) dump() string {
 		if ev.Error != nil {
 			fmt.Fprintf(&b, " error=%s: %s", ev.Error.Code, ev.Error.Message)
 		}
+		if ev.Console != "" {
+			// The end of a failed machine's console says why it died.
+			fmt.Fprintf(&b, "\n    console: %s", strings.ReplaceAll(strings.TrimSpace(ev.Console), "\n", "\n    console: "))
+		}
 		b.WriteByte('\n')
 	}
 	return b.String()
@@ -402,17 +410,44 @@ func publish(tb testing.TB, js jetstream.JetStream, subject string, data []byte)
 	}
 }
 
+// submitReq publishes req as an orchestrator does, through pkg/client:
+// pinned to host unless it is empty, the runner secret as the test wrote
+// it (sealed or in the clear). It returns the request stream sequence.
+func submitReq(ctx context.Context, js jetstream.JetStream, req messages.Provision, host string) (uint64, error) {
+	opts := []client.SubmitOption{client.WithSealing(client.SealNever)}
+	if host != "" {
+		opts = append(opts, client.OnHost(host))
+	}
+	job, err := client.New(js).Submit(ctx, req, opts...)
+	if err != nil {
+		return 0, err
+	}
+	return job.Receipt.Sequence, nil
+}
+
+// submitReqByImage publishes req on its image's subject, as submitReq.
+func submitReqByImage(ctx context.Context, js jetstream.JetStream, req messages.Provision) error {
+	_, err := client.New(js).Submit(ctx, req, client.OnImage(), client.WithSealing(client.SealNever))
+	return err
+}
+
+// teardownReq publishes a teardown of jobID to host, as an orchestrator
+// does through pkg/client.
+func teardownReq(ctx context.Context, js jetstream.JetStream, jobID, host string) error {
+	_, err := client.New(js).Job(jobID, client.AtHost(host)).Teardown(ctx, "test")
+	return err
+}
+
 func submitProvision(tb testing.TB, js jetstream.JetStream, jobID string) {
 	tb.Helper()
-	if _, err := bus.SubmitProvision(context.Background(), js, provisionRequest(jobID), ""); err != nil {
+	if _, err := submitReq(context.Background(), js, provisionRequest(jobID), ""); err != nil {
 		tb.Fatal(err)
 	}
 }
 
 func submitTeardown(tb testing.TB, js jetstream.JetStream, jobID string) {
 	tb.Helper()
-	req := messages.Teardown{V: 1, JobID: jobID, Reason: "test", RequestedAt: time.Now().UTC()}
-	if _, err := bus.SubmitTeardown(context.Background(), js, req, testHost); err != nil {
+	if err := teardownReq(context.Background(), js, jobID, testHost); err != nil {
 		tb.Fatal(err)
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
 )
@@ -42,7 +41,7 @@ func TestGitHubRunnerFilesArePrivate(t *testing.T) {
 	job := uniqueJob(t, "gh-private")
 	req := provisionRequest(job)
 	req.Runner = messages.Runner{Kind: messages.RunnerGitHub, GitHub: &messages.GitHubRunner{JITConfig: "PLANTED-" + job}}
-	if _, err := bus.SubmitProvision(context.Background(), js, req, ""); err != nil {
+	if _, err := submitReq(context.Background(), js, req, ""); err != nil {
 		t.Fatal(err)
 	}
 	events.waitState(t, job, messages.StateRunnerStarted, bootWait)

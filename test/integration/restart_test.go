@@ -23,6 +23,7 @@ import (
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/daemon"
 	"github.com/stretchy-ci/libvirt-worker/internal/embedded"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
@@ -62,14 +63,14 @@ func hostEvents(t *testing.T, js jetstream.JetStream, host string) map[string][]
 	out := map[string][]messages.Event{}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	err := bus.ReadEvents(ctx, js, bus.ReadOptions{Filter: messages.EventFilter(host, "", "")},
-		func(_ uint64, ev messages.Event, err error) error {
-			if err != nil {
-				return err
-			}
-			out[ev.JobID] = append(out[ev.JobID], ev)
-			return nil
-		})
+	var err error
+	for ev, rerr := range client.New(js).Events(ctx, client.Query{Host: host}) {
+		if rerr != nil {
+			err = rerr
+			break
+		}
+		out[ev.JobID] = append(out[ev.JobID], ev)
+	}
 	if err != nil {
 		t.Logf("read events (will retry): %v", err)
 		return nil

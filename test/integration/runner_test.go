@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
 )
@@ -107,7 +106,7 @@ func TestRunnersStartAsStretchyWithSecretsInFiles(t *testing.T) {
 			secret := "PLANTED-" + tt.name + "-" + job
 			req := provisionRequest(job)
 			req.Runner = tt.runner(secret)
-			if _, err := bus.SubmitProvision(context.Background(), js, req, ""); err != nil {
+			if _, err := submitReq(context.Background(), js, req, ""); err != nil {
 				t.Fatal(err)
 			}
 			started := events.waitState(t, job, messages.StateRunnerStarted, bootWait)
@@ -203,7 +202,7 @@ func TestBootTimeoutFailsAndLeavesNothing(t *testing.T) {
 	job := uniqueJob(t, "slowboot")
 	req := provisionRequest(job)
 	req.BootTimeoutS = 1
-	if _, err := bus.SubmitProvision(context.Background(), js, req, ""); err != nil {
+	if _, err := submitReq(context.Background(), js, req, ""); err != nil {
 		t.Fatal(err)
 	}
 	failed := events.waitState(t, job, messages.StateFailed, bootWait)

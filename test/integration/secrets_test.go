@@ -15,7 +15,6 @@ import (
 	"github.com/digitalocean/go-libvirt"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
 )
@@ -142,7 +141,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	for _, r := range runs {
 		req := provisionRequest(r.job)
 		req.Runner = r.runner
-		if _, err := bus.SubmitProvision(ctx, js, req, ""); err != nil {
+		if _, err := submitReq(ctx, js, req, ""); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -160,7 +159,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
 		URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: errSecrets[0], Labels: []string{"x"},
 	}}
-	if _, err := bus.SubmitProvision(ctx, js, req, ""); err != nil {
+	if _, err := submitReq(ctx, js, req, ""); err != nil {
 		t.Fatal(err)
 	}
 	// Credentials in the URL and the secret field: refused, naming no value.
@@ -293,7 +292,7 @@ func TestSecretsScrubbedAcrossRestart(t *testing.T) {
 			URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: secret,
 			Labels: []string{"debian stub-print-secret stub-sleep=" + sleep},
 		}}
-		if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+		if _, err := submitReq(context.Background(), js, req, host); err != nil {
 			t.Fatal(err)
 		}
 	}

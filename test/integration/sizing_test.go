@@ -13,7 +13,6 @@ import (
 	"github.com/digitalocean/go-libvirt"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
@@ -47,7 +46,7 @@ func guestOutput(t *testing.T, l *libvirt.Libvirt, domain, script string) string
 
 func teardownAndWait(t *testing.T, js jetstream.JetStream, events *eventLog, jobID string) {
 	t.Helper()
-	if _, err := bus.SubmitTeardown(context.Background(), js, messages.Teardown{V: 1, JobID: jobID, RequestedAt: time.Now().UTC()}, testHost); err != nil {
+	if err := teardownReq(context.Background(), js, jobID, testHost); err != nil {
 		t.Fatal(err)
 	}
 	events.waitState(t, jobID, messages.StateTornDown, 2*time.Minute)

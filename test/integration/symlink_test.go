@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/internal/lifecycle"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/qga"
@@ -122,7 +121,7 @@ B=/home/stretchy/.stretchy J=/home/stretchy/.stretchy/` + job + ` su -s /bin/sh 
 			req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
 				URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: "PLANTED-" + job, Labels: []string{"debian-12"},
 			}}
-			if _, err := bus.SubmitProvision(context.Background(), js, req, ""); err != nil {
+			if _, err := submitReq(context.Background(), js, req, ""); err != nil {
 				t.Fatal(err)
 			}
 			ev, ok := waitEvent(events, job, bootWait, messages.StateFailed, messages.StateRunnerStarted)

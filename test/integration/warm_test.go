@@ -13,7 +13,6 @@ import (
 	"github.com/digitalocean/go-libvirt"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/pkg/provision"
 )
@@ -97,7 +96,7 @@ func warmHost(name string) string { return name + "-" + strings.TrimPrefix(runID
 
 func submitOn(t *testing.T, js jetstream.JetStream, host string, req messages.Provision) {
 	t.Helper()
-	if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+	if _, err := submitReq(context.Background(), js, req, host); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -122,7 +121,9 @@ func TestWarmPoolServesJobs(t *testing.T) {
 	var jobs []string
 	for i := range 3 {
 		job := uniqueJob(t, fmt.Sprintf("warm-%d", i))
-		req := stubRunnerRequest(job, 25)
+		// The runners outlive the checks below, however long the
+		// refill takes; teardowns end them.
+		req := stubRunnerRequest(job, 600)
 		secrets[job] = plantedSecret("warm")
 		req.Runner.Forgejo.Token = secrets[job]
 		submitted[job] = time.Now()
@@ -153,6 +154,9 @@ func TestWarmPoolServesJobs(t *testing.T) {
 	events.wait(t, 2*bootWait, "the pool refilled to one", func(evs []messages.Event) bool { return len(idleWarm(evs, host)) == 1 })
 	if n := len(warmDomains(t, l, host)); n != 3 {
 		t.Fatalf("%d warm machines on the host (2 bound, 1 idle expected)", n)
+	}
+	for _, job := range jobs {
+		teardownOn(t, js, host, job)
 	}
 	for _, job := range jobs {
 		events.waitState(t, job, messages.StateTornDown, 2*bootWait)

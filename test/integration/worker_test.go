@@ -10,7 +10,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"libvirt.org/go/libvirtxml"
 
-	"github.com/stretchy-ci/libvirt-worker/internal/bus"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 )
 
@@ -142,7 +141,8 @@ func TestParallelismBoundsOperations(t *testing.T) {
 	l := dialLibvirt(t)
 	_, js := startNATS(t)
 	events := followEvents(t, js)
-	rw := startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 20})
+	// Consoles captured: a machine that dies while booting says why.
+	rw := startWorker(t, js, workerOptions{Parallelism: 3, MaxVMs: 20, ConsoleDir: t.TempDir()})
 
 	const n = 20
 	jobs := make([]string, n)
@@ -445,7 +445,7 @@ func TestParallelismOneEndsMachines(t *testing.T) {
 		req.Runner = messages.Runner{Kind: messages.RunnerForgejo, Forgejo: &messages.ForgejoRunner{
 			URL: "https://code.example.org/", UUID: "0e6f5f3c-3b7a-4c2e-9d7a-1c2b3a4d5e6f", Token: plantedSecret("p1"), Labels: []string{"debian stub-sleep=1"},
 		}}
-		if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+		if _, err := submitReq(context.Background(), js, req, host); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -454,7 +454,7 @@ func TestParallelismOneEndsMachines(t *testing.T) {
 	forgejo(second)
 	req := provisionRequest(late)
 	req.MaxLifetimeS = 1
-	if _, err := bus.SubmitProvision(context.Background(), js, req, host); err != nil {
+	if _, err := submitReq(context.Background(), js, req, host); err != nil {
 		t.Fatal(err)
 	}
 

@@ -126,7 +126,9 @@ func TestGoldenRequests(t *testing.T) {
 		}
 		return m
 	}
-	msgID := func(kind, job string) string { return strings.ReplaceAll(doc.msgIDs[kind], "<job_id>", job) }
+	msgID := func(kind, job, host string) string {
+		return strings.NewReplacer("<job_id>", job, "<host>", host).Replace(doc.msgIDs[kind])
+	}
 
 	for _, tt := range []struct {
 		name, fixture string
@@ -152,7 +154,7 @@ func TestGoldenRequests(t *testing.T) {
 			if m.Subject != tt.subject || job.Receipt.Subject != tt.subject {
 				t.Errorf("stored on %s (receipt %s), want %s", m.Subject, job.Receipt.Subject, tt.subject)
 			}
-			if got, want := m.Header.Get(jetstream.MsgIDHeader), msgID("Provision", req.JobID); got != want {
+			if got, want := m.Header.Get(jetstream.MsgIDHeader), msgID("Provision", req.JobID, ""); got != want {
 				t.Errorf("Nats-Msg-Id %q, want %q", got, want)
 			}
 			if got := m.Header.Get(jetstream.ExpectedStreamHeader); got != doc.expectStream {
@@ -192,7 +194,7 @@ func TestGoldenRequests(t *testing.T) {
 		if s := doc.subject(t, "<host>.teardown", "host-a", ""); m.Subject != s {
 			t.Errorf("stored on %s, want %s", m.Subject, s)
 		}
-		if got, want := m.Header.Get(jetstream.MsgIDHeader), msgID("Teardown", want.JobID); got != want {
+		if got, want := m.Header.Get(jetstream.MsgIDHeader), msgID("Teardown", want.JobID, "host-a"); got != want {
 			t.Errorf("Nats-Msg-Id %q, want %q", got, want)
 		}
 		got, err := messages.DecodeTeardown(m.Data)
@@ -201,6 +203,20 @@ func TestGoldenRequests(t *testing.T) {
 		}
 		if again, err := c.Job(want.JobID, client.AtHost("host-a")).Teardown(ctx, want.Reason); err != nil || !again.Duplicate {
 			t.Errorf("a retried teardown: %+v, %v; want a duplicate", again, err)
+		}
+		// The job's events moved to host-b (host-a stalled in the build):
+		// the teardown is sent there too (2.5), within the window, and
+		// must be stored, not taken for a retry of the first.
+		moved, err := c.Job(want.JobID, client.AtHost("host-b")).Teardown(ctx, want.Reason)
+		if err != nil || moved.Duplicate || moved.Sequence == rc.Sequence {
+			t.Fatalf("a teardown sent again to the host the job moved to: %+v, %v; want it stored", moved, err)
+		}
+		m = stored(t, moved.Sequence)
+		if s := doc.subject(t, "<host>.teardown", "host-b", ""); m.Subject != s {
+			t.Errorf("stored on %s, want %s", m.Subject, s)
+		}
+		if got, want := m.Header.Get(jetstream.MsgIDHeader), msgID("Teardown", want.JobID, "host-b"); got != want {
+			t.Errorf("Nats-Msg-Id %q, want %q", got, want)
 		}
 	})
 }

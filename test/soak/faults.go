@@ -10,6 +10,7 @@ import (
 	"github.com/sourcegraph/conc"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/test/soak/check"
 )
 
@@ -28,7 +29,7 @@ type Injector struct {
 	hosts   []*host
 	cluster *Cluster
 	orch    *Orchestrator
-	fleet   *bus.Fleet
+	fleet   *client.Client
 	ackWait time.Duration
 	// Every is the mean time between two faults.
 	Every time.Duration

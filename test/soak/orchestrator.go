@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/sourcegraph/conc"
 
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/test/soak/check"
 )
@@ -95,6 +96,10 @@ type jobState struct {
 // teardown, as an orchestrator of the protocol would.
 type Orchestrator struct {
 	js jetstream.JetStream
+	// c submits the well-formed requests and the teardowns, as an
+	// orchestrator on pkg/client would; js publishes what pkg/client
+	// cannot (the corpus, a request repeated under another Nats-Msg-Id).
+	c *client.Client
 	// rng decides the jobs (Submit's goroutine only); erng the delays of
 	// teardowns (under mu).
 	rng, erng *rand.Rand
@@ -124,7 +129,7 @@ type Orchestrator struct {
 // NewOrchestrator makes an orchestrator for hosts; runID prefixes every
 // job id.
 func NewOrchestrator(js jetstream.JetStream, seed int64, runID string, hosts []check.Host, mix Mix, corpus []corpusEntry, logf func(string, ...any)) *Orchestrator {
-	return &Orchestrator{js: js, rng: rand.New(rand.NewPCG(uint64(seed), 0x5eed)), erng: rand.New(rand.NewPCG(uint64(seed), 0xe7e7)), hosts: hosts, runID: runID,
+	return &Orchestrator{js: js, c: client.New(js, client.WithIdentity("soak")), rng: rand.New(rand.NewPCG(uint64(seed), 0x5eed)), erng: rand.New(rand.NewPCG(uint64(seed), 0xe7e7)), hosts: hosts, runID: runID,
 		mix: mix, corpus: corpus, logf: logf, jobs: map[string]*jobState{}}
 }
 
@@ -309,10 +314,53 @@ func (o *Orchestrator) Submit(ctx context.Context, n int) {
 	o.jobs[id] = st
 	o.order = append(o.order, id)
 	o.mu.Unlock()
-	o.stored(id, o.publish(ctx, id, "provision", subject, data, "provision:"+id))
+	// The soak's workers hold no sealing keys: the secret goes in the
+	// clear, without a registry read per submit.
+	opts := []client.SubmitOption{client.WithSealing(client.SealNever)}
+	switch route {
+	case check.RouteImage:
+		opts = append(opts, client.OnImage())
+	case check.RoutePinned:
+		opts = append(opts, client.OnHost(j.Host))
+	}
+	o.stored(id, o.submit(ctx, p, opts))
 	if o.rng.IntN(20) == 0 {
-		// A retried publish within the duplicate window is stored once (4).
-		o.publish(ctx, id, "provision", subject, data, "provision:"+id)
+		// A retried submit within the duplicate window is stored once (4).
+		o.submit(ctx, p, opts)
+	}
+}
+
+// submit submits p through pkg/client and records the request. While a
+// NATS node is down the stream may have no leader for a moment (no
+// responders): the soak submits again, as an orchestrator would.
+func (o *Orchestrator) submit(ctx context.Context, p messages.Provision, opts []client.SubmitOption) check.Request {
+	r := check.Request{Time: time.Now(), JobID: p.JobID, Op: "provision", MsgID: "provision:" + p.JobID}
+	job, err := retryUnanswered(ctx, func(ctx context.Context) (*client.Job, error) { return o.c.Submit(ctx, p, opts...) })
+	if err != nil {
+		r.Err = err.Error()
+	} else {
+		r.Subject, r.Stream, r.Duplicate = job.Receipt.Subject, job.Receipt.Sequence, job.Receipt.Duplicate
+	}
+	o.mu.Lock()
+	o.requests = append(o.requests, r)
+	o.mu.Unlock()
+	return r
+}
+
+// retryUnanswered calls fn until it succeeds, fails otherwise than for
+// want of an answer, or ctx ends.
+func retryUnanswered[T any](ctx context.Context, fn func(context.Context) (T, error)) (T, error) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		v, err := fn(ctx)
+		if err == nil || ctx.Err() != nil || !errors.Is(err, client.ErrUnreachable) && !errors.Is(err, jetstream.ErrNoStreamResponse) {
+			return v, err
+		}
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
 	}
 }
 
@@ -429,11 +477,19 @@ func (o *Orchestrator) teardownLocked(ctx context.Context, st *jobState, delay t
 }
 
 func (o *Orchestrator) sendTeardown(ctx context.Context, id, host string) {
-	data, err := messages.Marshal(&messages.Teardown{V: messages.SchemaVersion, JobID: id, Reason: "soak", RequestedAt: time.Now().UTC()})
+	r := check.Request{Time: time.Now(), JobID: id, Op: "teardown", Subject: messages.TeardownSubject(host), MsgID: "teardown:" + host + ":" + id}
+	rc, err := retryUnanswered(ctx, func(ctx context.Context) (client.Receipt, error) {
+		return o.c.Job(id, client.AtHost(host)).Teardown(ctx, "soak")
+	})
 	if err != nil {
-		return
+		r.Err = err.Error()
+	} else {
+		r.Stream, r.Duplicate = rc.Sequence, rc.Duplicate
 	}
-	if r := o.publish(ctx, id, "teardown", messages.TeardownSubject(host), data, ""); r.Err != "" {
+	o.mu.Lock()
+	o.requests = append(o.requests, r)
+	o.mu.Unlock()
+	if r.Err != "" {
 		o.mu.Lock()
 		if st, ok := o.jobs[id]; ok {
 			delete(st.sentTo, host) // Finish sends it again

@@ -17,6 +17,7 @@ import (
 	"github.com/sourcegraph/conc"
 
 	"github.com/stretchy-ci/libvirt-worker/internal/bus"
+	"github.com/stretchy-ci/libvirt-worker/pkg/client"
 	"github.com/stretchy-ci/libvirt-worker/pkg/messages"
 	"github.com/stretchy-ci/libvirt-worker/test/soak/check"
 )
@@ -352,16 +353,10 @@ func first(s []string, n int) []string {
 
 // waitFleet waits until the workers made the streams and buckets and
 // every host's record lists its images, so that routing works from the
-// first job, and returns the fleet's buckets.
-func waitFleet(ctx context.Context, js jetstream.JetStream, want []check.Host) (*bus.Fleet, error) {
-	var fleet *bus.Fleet
+// first job, and returns an orchestrator's client of the fleet.
+func waitFleet(ctx context.Context, js jetstream.JetStream, want []check.Host) (*client.Client, error) {
+	fleet := client.New(js, client.WithIdentity("soak"))
 	err := retry(ctx, 3*time.Minute, func(ctx context.Context) error {
-		var err error
-		if fleet == nil {
-			if fleet, err = bus.BindFleet(ctx, js); err != nil {
-				return err
-			}
-		}
 		recs, err := fleet.Hosts(ctx)
 		if err != nil {
 			return err
@@ -387,7 +382,7 @@ func waitFleet(ctx context.Context, js jetstream.JetStream, want []check.Host) (
 
 // heal undoes whatever a fault left: it starts stopped workers and NATS
 // nodes, lets frozen workers go on and undrains every host.
-func heal(ctx context.Context, hosts []*host, cluster *Cluster, fleet *bus.Fleet, logf func(string, ...any)) {
+func heal(ctx context.Context, hosts []*host, cluster *Cluster, fleet *client.Client, logf func(string, ...any)) {
 	for _, n := range cluster.Nodes {
 		if !n.proc.running() {
 			if err := n.proc.start(); err != nil {

@@ -30,7 +30,7 @@ var Invariants = []struct{ Name, Section, Promise string }{
 	{"exit_code", "5.2 A, 7.5", "runner_exited carries the runner's exit code"},
 	{"after_terminal", "5.1, 5.2 notes, 6.1", "no event of a job follows its terminal event (but another host's dropped): no request is served after the job ended"},
 	{"one_host", "2.4", "no two hosts run a job's runner at once: the intervals from a host's runner_started to its end of the machine (torn_down, failed, dropped, or a new accepted) never overlap across hosts"},
-	{"dropped", "5.1, 5.2 Q R", "a dropped event names a holder other than its host, and the job has events of another host that carry it on"},
+	{"dropped", "5.1, 5.2 Q R", "a dropped event names a holder other than its host, and the job has events of another host that carry it on (or, when the holder died before its first event, of a later delivery)"},
 	{"seq", "5.3", "a job's events in stream order have seq 1, 2, 3 ... (strictly increasing, without gaps: the soak's stream has no limits)"},
 	{"transitions", "5.1, 5.2, 5.3", "each host's events of a job follow the state diagram, and a build's steps carry its accepted's attempt"},
 	{"msg_id", "8", "every event's Nats-Msg-Id is <job_id>:<state>:<attempt or origin>[...]"},
@@ -514,15 +514,22 @@ func (c *checker) checkDropped(v *jobView) {
 		if ev.Holder == ev.Host {
 			c.add("dropped", v.id, ev.Host, "dropped (seq %d) names its own host as the holder", ev.Seq)
 		}
+		// The job goes on: another host's events carry it (the holder's,
+		// before or after), or, when the holder died between its claim
+		// and its first event, the redelivery's: any host's, this one's
+		// too, with a higher attempt after the dropped.
 		other := false
 		for _, o := range v.events {
-			if o.Event.Host != ev.Host && o.Event.State != messages.StateDropped {
+			if o.Event.State == messages.StateDropped {
+				continue
+			}
+			if o.Event.Host != ev.Host || o.Stream > e.Stream && o.Event.Attempt > ev.Attempt {
 				other = true
 				break
 			}
 		}
 		if !other {
-			c.add("dropped", v.id, ev.Host, "dropped (seq %d, reason %s, holder %q) but no other host has an event of the job", ev.Seq, ev.Reason, ev.Holder)
+			c.add("dropped", v.id, ev.Host, "dropped (seq %d, reason %s, holder %q) but no host carries the job on: no other host has an event of it, and this one none of a later delivery", ev.Seq, ev.Reason, ev.Holder)
 		}
 	}
 }

@@ -52,7 +52,7 @@ func (b *builder) job(j Job) {
 
 func (b *builder) teardown(job, host string) {
 	b.stream++
-	b.h.Requests = append(b.h.Requests, Request{Time: b.tick(), JobID: job, Op: "teardown", Subject: messages.TeardownSubject(host), MsgID: "teardown:" + job, Stream: b.stream})
+	b.h.Requests = append(b.h.Requests, Request{Time: b.tick(), JobID: job, Op: "teardown", Subject: messages.TeardownSubject(host), MsgID: "teardown:" + host + ":" + job, Stream: b.stream})
 }
 
 // ev appends an event of job from host; origin, when not empty, is the
@@ -133,6 +133,16 @@ func clean() *builder {
 	b.ev("j6", "c", messages.StateTearingDown, 0, "machine_stopped", reason(messages.ReasonStopped))
 	b.ev("j6", "c", messages.StateFailed, 0, "machine_stopped", reason(messages.ReasonStopped), failure(messages.CodeMachineStopped))
 
+	// c claimed j20 while a stalled, and was killed before its first
+	// event: the redelivery came back to a once c's claim lapsed.
+	b.job(Job{ID: "j20", Kind: KindRun, Route: RouteShared, Image: "soak-all", Runner: "forgejo"})
+	kill := Fault{Kind: FaultWorkerKill, Target: "c", Start: b.tick()}
+	b.ev("j20", "a", messages.StateDropped, 1, "", reason(messages.ReasonClaimLost), func(e *messages.Event) { e.Holder = "c" })
+	kill.End = b.tick()
+	b.h.Faults = append(b.h.Faults, kill)
+	b.build("j20", "a", 3, messages.StateRunnerStarted)
+	b.exit("j20", "a", 0)
+
 	b.job(Job{ID: "j12", Kind: KindBad, Route: RouteShared, Bad: &Bad{File: "178-image-not-found.msgpack", Subject: "provision", Code: messages.CodeImageNotFound, FailedEvent: true}})
 	b.ev("j12", "b", messages.StateFailed, 5, "", failure(messages.CodeImageNotFound), func(e *messages.Event) { e.Image = "corpus-no-such-image" })
 
@@ -154,7 +164,7 @@ func TestCleanHistoryPasses(t *testing.T) {
 		r.Print(&out, &b.h)
 		t.Fatalf("a clean history has violations:\n%s", out.String())
 	}
-	if r.Summary.Jobs != 7 || r.Summary.Outcomes["torn_down (runner_exited)"] != 2 {
+	if r.Summary.Jobs != 8 || r.Summary.Outcomes["torn_down (runner_exited)"] != 3 {
 		t.Errorf("summary = %+v", r.Summary)
 	}
 }
@@ -251,6 +261,11 @@ func TestViolations(t *testing.T) {
 			b.job(Job{ID: "j8", Kind: KindRun, Route: RouteShared, Image: "soak-all", Runner: "forgejo"})
 			b.ev("j8", "a", messages.StateDropped, 1, "", reason(messages.ReasonClaimedElsewhere))
 		}, "dropped", "j8"},
+		{"dropped after its own host's events only", func(t *testing.T, b *builder) {
+			b.job(Job{ID: "j21", Kind: KindRun, Route: RouteShared, Image: "soak-all", Runner: "forgejo"})
+			b.build("j21", "a", 1, messages.StateCloning)
+			b.ev("j21", "a", messages.StateDropped, 1, "", reason(messages.ReasonClaimLost), func(e *messages.Event) { e.Holder = "b" })
+		}, "dropped", "j21"},
 		{"dropped naming its own host", func(t *testing.T, b *builder) {
 			b.h.Events[index(t, b, "j5", "a", messages.StateDropped)].Event.Holder = "a"
 		}, "dropped", "j5"},

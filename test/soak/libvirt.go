@@ -113,7 +113,9 @@ log_outputs = "3:file:%s"
 	d.proc = &proc{name: "libvirtd " + host, log: filepath.Join(dir, "libvirtd.log"), command: func() *exec.Cmd {
 		args := []string{libvirtdBin, "--config", conf, "--pid-file", filepath.Join(dir, "run", "libvirtd.pid")}
 		if asOther {
-			args = append([]string{"setpriv", "--reuid=" + strconv.Itoa(uid), "--regid=" + strconv.Itoa(gid), "--clear-groups"}, args...)
+			// A change of user clears the parent-death signal: setpriv
+			// sets it again for libvirtd.
+			args = append([]string{"setpriv", "--reuid=" + strconv.Itoa(uid), "--regid=" + strconv.Itoa(gid), "--clear-groups", "--pdeathsig", "KILL"}, args...)
 		}
 		cmd := exec.Command(args[0], args[1:]...)
 		cmd.Env = env

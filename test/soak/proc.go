@@ -50,8 +50,12 @@ func (p *proc) start() error {
 	cmd := p.command()
 	cmd.Stdout, cmd.Stderr = f, f
 	// Its own process group, so that a terminal's ^C reaches only the
-	// soak, which stops its children itself.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// soak, which stops its children itself; and SIGKILL when the soak
+	// dies without stopping them (kill -9, a CI timeout), so that no
+	// nats-server, libvirtd or worker outlives it. The kernel sends it
+	// when the thread that started the child ends: Go ends threads only
+	// when a goroutine locked to one returns, which the soak does not do.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		f.Close()
 		return fmt.Errorf("start %s: %w", p.name, err)

@@ -113,6 +113,7 @@ func Run(ctx context.Context, cfg Config) (*check.History, error) {
 		return nil, err
 	}
 	// Unix socket paths are short: libvirtd's live under /tmp.
+	removeStaleSockDirs()
 	sockDir, err := os.MkdirTemp("", "stretchy-soak-")
 	if err != nil {
 		return nil, err
@@ -137,10 +138,20 @@ func Run(ctx context.Context, cfg Config) (*check.History, error) {
 		return nil, err
 	}
 
+	if cfg.Real != "" {
+		// Deferred before the workers' stop, so that it runs after it.
+		cleanup, err := markRealRun(ctx, filepath.Dir(cfg.Dir), runID, logf)
+		if err != nil {
+			return nil, err
+		}
+		defer cleanup()
+	}
 	var hosts []*host
 	defer func() {
 		for _, hs := range hosts {
-			if err := hs.worker.Stop(); err != nil {
+			if hs.worker == nil {
+				// Its worker did not start.
+			} else if err := hs.worker.Stop(); err != nil {
 				logf("soak: stop the worker of %s: %v", hs.id, err)
 			}
 			if hs.libvirtd != nil {
@@ -151,11 +162,11 @@ func Run(ctx context.Context, cfg Config) (*check.History, error) {
 	specs := hostImages
 	if cfg.Real != "" {
 		specs = nil
-		for _, s := range []string{"a", "b"} {
+		for _, id := range realHostIDs(runID) {
 			specs = append(specs, struct {
 				id     string
 				images []string
-			}{"r" + runID + "-" + s, []string{cfg.Real}})
+			}{id, []string{cfg.Real}})
 		}
 	}
 	for _, spec := range specs {
@@ -166,17 +177,22 @@ func Run(ctx context.Context, cfg Config) (*check.History, error) {
 			if hs.libvirtd, err = StartLibvirtd(ctx, filepath.Join(sockDir, spec.id), spec.id, spec.images); err != nil {
 				return nil, err
 			}
+			hosts = append(hosts, hs) // stopped on the way out from here on
 			wo.LibvirtURI, wo.Images, wo.Fake = hs.libvirtd.URI(), "soak-*", true
 		} else {
 			wo.LibvirtURI, wo.Images, wo.DomainType = "qemu:///system", cfg.Real, "qemu"
 		}
-		if hs.worker, err = NewWorker(wo); err != nil {
+		w, err := NewWorker(wo)
+		if err != nil {
 			return nil, err
 		}
-		if err := hs.worker.Start(); err != nil {
+		if err := w.Start(); err != nil {
 			return nil, err
 		}
-		hosts = append(hosts, hs)
+		hs.worker = w
+		if hs.libvirtd == nil {
+			hosts = append(hosts, hs)
+		}
 		h.Fleet.Hosts = append(h.Fleet.Hosts, check.Host{ID: spec.id, Images: spec.images, Parallelism: cfg.Parallelism, MaxVMs: cfg.MaxVMs})
 	}
 	var real *realHosts
@@ -463,4 +479,32 @@ func ensureTopology(ctx context.Context, urls string, cfg Config) error {
 		_, err := bus.OpenFleet(ctx, js, t)
 		return err
 	})
+}
+
+// removeStaleSockDirs removes the libvirtd directories under /tmp of
+// earlier soaks that were killed (their libvirtds died with them), and
+// keeps those whose libvirtds run, or that were just made: another
+// soak's.
+func removeStaleSockDirs() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "stretchy-soak-*"))
+	for _, dir := range dirs {
+		if fi, err := os.Stat(dir); err != nil || time.Since(fi.ModTime()) < 2*time.Minute {
+			continue // a soak starting now, whose libvirtds have no pid file yet
+		}
+		pids, _ := filepath.Glob(filepath.Join(dir, "*", "run", "libvirtd.pid"))
+		live := false
+		for _, f := range pids {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				continue
+			}
+			cmdline, err := os.ReadFile(filepath.Join("/proc", strings.TrimSpace(string(b)), "cmdline"))
+			if err == nil && strings.Contains(string(cmdline), dir) {
+				live = true
+			}
+		}
+		if !live {
+			_ = os.RemoveAll(dir)
+		}
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"context"
 	crand "crypto/rand"
 	"encoding/binary"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -118,6 +119,12 @@ func run() error {
 		return err
 	}
 	logf("soak: history in %s (check it again with -check %s)", path, path)
+	if ctx.Err() != nil {
+		// The soak stopped submitting and drained, so that it leaves
+		// nothing behind; a shortened run is no soak of its duration.
+		err := verdict(h, "")
+		return errors.Join(fmt.Errorf("interrupted (seed %d): no figures written", *seed), err)
+	}
 	return verdict(h, *report)
 }
 

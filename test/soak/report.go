@@ -45,12 +45,9 @@ func WriteReport(path string, h *check.History, r check.Report) error {
 func Figures(h *check.History, r check.Report) string {
 	var b strings.Builder
 	s := r.Summary
-	commit := "unknown"
-	if out, err := exec.Command("git", "rev-parse", "--short=12", "HEAD").Output(); err == nil {
-		commit = strings.TrimSpace(string(out))
-	}
-	if out, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(bytes.TrimSpace(out)) > 0 {
-		commit += " (with uncommitted changes)"
+	commit := h.Commit
+	if commit == "" {
+		commit = "unknown"
 	}
 	load := "unknown"
 	if l, err := os.ReadFile("/proc/loadavg"); err == nil {
@@ -148,4 +145,19 @@ func sortedKeys(m map[string]int) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// Revision names the checkout's commit, as the figures quote it: taken
+// at the start of a run, so that a commit made while it runs is not
+// taken for the one that ran.
+func Revision() string {
+	out, err := exec.Command("git", "rev-parse", "--short=12", "HEAD").Output()
+	if err != nil {
+		return ""
+	}
+	commit := strings.TrimSpace(string(out))
+	if out, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(bytes.TrimSpace(out)) > 0 {
+		commit += " (with uncommitted changes)"
+	}
+	return commit
 }

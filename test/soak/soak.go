@@ -107,7 +107,7 @@ func (c *Config) defaults() {
 func Run(ctx context.Context, cfg Config) (*check.History, error) {
 	cfg.defaults()
 	logf := cfg.Logf
-	h := &check.History{Seed: cfg.Seed, Start: time.Now()}
+	h := &check.History{Seed: cfg.Seed, Start: time.Now(), Commit: Revision()}
 	runID := runIDFor(cfg.Seed)
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return nil, err

@@ -18,7 +18,10 @@ type History struct {
 	Seed  int64     `json:"seed"`
 	Start time.Time `json:"start"`
 	End   time.Time `json:"end"`
-	Fleet Fleet     `json:"fleet"`
+	// Commit is the revision the soak ran, as git names it at the start
+	// (with " (with uncommitted changes)" when the tree differed).
+	Commit string `json:"commit,omitempty"`
+	Fleet  Fleet  `json:"fleet"`
 
 	Jobs         []Job         `json:"jobs"`
 	Requests     []Request     `json:"requests"`

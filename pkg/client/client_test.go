@@ -720,3 +720,59 @@ func TestPermissionRefusalFailsFast(t *testing.T) {
 		t.Fatalf("the error handler got %v, want the *PermissionError", err)
 	}
 }
+
+// inProcessJS stores the first publish and answers it as a cluster whose
+// stream leader has not committed it yet answers a retry of it: 409 with
+// error code 10158, "duplicate message id is in process". A real cluster
+// gives it when a publish timed out client-side while its proposal was
+// under way (a NATS node killed, a leader elected), which a test cannot
+// time; the error is the server's own.
+type inProcessJS struct {
+	jetstream.JetStream
+	answered bool
+}
+
+func (j *inProcessJS) Publish(ctx context.Context, subject string, data []byte, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	if j.answered {
+		return j.JetStream.Publish(ctx, subject, data, opts...)
+	}
+	j.answered = true
+	if _, err := j.JetStream.Publish(ctx, subject, data, opts...); err != nil {
+		return nil, err
+	}
+	return nil, &jetstream.APIError{Code: 409, ErrorCode: 10158, Description: "duplicate message id is in process"}
+}
+
+// TestSubmitRetriesPublishInProcess: a submit or teardown whose publish
+// the server answers "duplicate message id is in process" is tried again
+// until the server says what became of the first: stored (here), so the
+// submit returns the job, as a duplicate of that request, rather than an
+// error for a request that runs.
+func TestSubmitRetriesPublishInProcess(t *testing.T) {
+	url := startServer(t)
+	admin := dial(t, url)
+	if _, err := bus.Ensure(context.Background(), admin, bus.Topology{Host: "host-a"}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := timeout(t)
+	c := client.New(&inProcessJS{JetStream: admin})
+	job, err := c.Submit(ctx, provision("inproc-1"))
+	if err != nil {
+		t.Fatalf("submit answered in process: %v; want the job", err)
+	}
+	if !job.Receipt.Duplicate || job.Receipt.Sequence == 0 {
+		t.Errorf("receipt %+v, want the first publish's request, a duplicate", job.Receipt)
+	}
+	c = client.New(&inProcessJS{JetStream: admin})
+	rc, err := c.Job("inproc-1", client.AtHost("host-a")).Teardown(ctx, "test")
+	if err != nil || !rc.Duplicate {
+		t.Fatalf("teardown answered in process: %+v, %v; want the first publish's request", rc, err)
+	}
+	s, err := admin.Stream(ctx, messages.RequestsStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := s.Info(ctx); err != nil || info.State.Msgs != 2 {
+		t.Fatalf("the request stream holds %v requests (%v), want 2", info.State.Msgs, err)
+	}
+}

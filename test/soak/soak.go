@@ -49,7 +49,8 @@ type Config struct {
 	MaxDeliver  int
 	Parallelism int
 	MaxVMs      int
-	// DrainTimeout bounds the wait for the last jobs to end.
+	// DrainTimeout bounds the wait for the last jobs to end while none
+	// ends: a long run's backlog drains for as long as jobs keep ending.
 	DrainTimeout time.Duration
 	// Real runs real guests of the image Real names on the machine's
 	// libvirtd (qemu:///system), with the real guest agent, instead of
@@ -306,7 +307,7 @@ func Run(ctx context.Context, cfg Config) (*check.History, error) {
 		logf("soak: %v", err)
 	}
 	if open := orch.Finish(orchCtx, cfg.DrainTimeout); len(open) > 0 {
-		logf("soak: %d jobs did not end within %s: %s", len(open), cfg.DrainTimeout, strings.Join(first(open, 10), ", "))
+		logf("soak: %d jobs did not end, none for %s: %s", len(open), cfg.DrainTimeout, strings.Join(first(open, 10), ", "))
 	}
 	logf("soak: waiting for the hosts to be clean (reconciliation runs every minute)")
 	h.Final.Leftovers = waitClean(ctx, hosts, real, 3*time.Minute)

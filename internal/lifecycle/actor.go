@@ -675,8 +675,16 @@ func (a *actor) onReject(root context.Context, c *rejectCmd) {
 	a.rec.image = c.image
 	a.rec.em.identify(a.rec)
 	em := a.rec.em
+	jobID := a.jobID
 	a.launch(root, "reject", func(ctx context.Context) func() {
-		err := em.emit(ctx, messages.StateFailed, c.d, 0, "", &messages.Error{Code: c.code, Message: c.cause.Error()})
+		// A copy of the request that another host refused first (a
+		// request delivered twice at once after a NATS node restarted):
+		// the job ended with that host's failed, and a second terminal
+		// event would end it twice (5.1). The refusal stands, silently.
+		ended, err := a.m.ended(ctx, jobID)
+		if err == nil && !ended {
+			err = em.emit(ctx, messages.StateFailed, c.d, 0, "", &messages.Error{Code: c.code, Message: c.cause.Error()})
+		}
 		return func() {
 			a.rec.em = em
 			c.reply <- answer{err: err}

@@ -298,3 +298,20 @@ func isDropped(err error) (*Dropped, bool) {
 	ok := errors.As(err, &d)
 	return d, ok
 }
+
+// ended reports whether the job's newest event (for a dropped, its
+// holder's newest) is terminal: the job ended, on any host. Without a
+// History it is not known to have ended.
+func (m *Manager) ended(ctx context.Context, jobID string) (bool, error) {
+	if m.cfg.History == nil {
+		return false, nil
+	}
+	last, found, err := m.cfg.History.LastEvent(ctx, jobID, "")
+	if err == nil && found && last.State == messages.StateDropped && last.Holder != "" {
+		last, found, err = m.cfg.History.LastEvent(ctx, jobID, last.Holder)
+	}
+	if err != nil {
+		return false, fmt.Errorf("read the newest event of job %s: %w", jobID, err)
+	}
+	return found && last.State.Terminal(), nil
+}

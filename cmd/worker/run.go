@@ -195,6 +195,13 @@ func runCommand(ctx context.Context, args []string) error {
 			return link.Call(ctx, 5*time.Second, func() error { _, err := lv.ConnectGetLibVersion(); return err })
 		},
 	})
+	var guest lifecycle.Agent = agent
+	if fake, err := fakeGuestAgent(lv, link); err != nil {
+		return err
+	} else if fake != nil {
+		guest = fake
+		log.Warn("fake guest agent: this worker runs no runner in any guest (soak build)")
+	}
 	var pool *lifecycle.PoolConfig
 	if len(cfg.Warm) > 0 {
 		pool = &lifecycle.PoolConfig{Machines: machines, Ready: cfg.Warm.ready(), Saved: cfg.Warm.saved(), Clock: agent,
@@ -218,7 +225,7 @@ func runCommand(ctx context.Context, args []string) error {
 		MaxHold:    cfg.MaxHold,
 		Host:       cfg.Host,
 		Machines:   machines,
-		Agent:      agent,
+		Agent:      guest,
 		Events:     mx.Events(pub),
 		History:    pub,
 		Journal:    pub,

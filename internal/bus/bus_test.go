@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -139,5 +140,94 @@ func TestAppendNumbersAcrossHosts(t *testing.T) {
 		if e.Seq != uint64(i+1) {
 			t.Fatalf("event %d in stream order (%s of %s) has seq %d", i+1, e.State, e.Host, e.Seq)
 		}
+	}
+}
+
+// TestAppendRefusesAnotherHostsEvent: an event whose Nats-Msg-Id another
+// host's event holds (two hosts served the same step of a job with the
+// same delivery count, one through a repeated request) is not taken for
+// stored: the server drops it as a duplicate, and Append says so. Before,
+// Append returned the other host's event as this one's, and a host built
+// and ran a job with none of its events stored (soak, seeds 4 and 5).
+func TestAppendRefusesAnotherHostsEvent(t *testing.T) {
+	js := startJetStream(t)
+	ctx := context.Background()
+	a, b := NewPublisher(js), NewPublisher(js)
+	ev := func(host string, st messages.State, seq uint64) messages.Event {
+		return messages.Event{V: 1, JobID: "job-1", Host: host, State: st, Time: time.Now().UTC(), Seq: seq, Attempt: 1}
+	}
+	if _, _, err := a.Append(ctx, ev("a", messages.StateAccepted, 1), "job-1:accepted:1", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.Append(ctx, ev("b", messages.StateAccepted, 1), "job-1:accepted:1", 0); !errors.Is(err, ErrOthersEvent) {
+		t.Fatalf("b's accepted under a's Nats-Msg-Id: %v, want ErrOthersEvent", err)
+	}
+	// The same when a went on: the server finds the duplicate after b
+	// follows a's newest event.
+	if _, _, err := a.Append(ctx, ev("a", messages.StateCloning, 2), "job-1:cloning:1", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.Append(ctx, ev("b", messages.StateAccepted, 1), "job-1:accepted:1", 0); !errors.Is(err, ErrOthersEvent) {
+		t.Fatalf("b's accepted under a's older Nats-Msg-Id: %v, want ErrOthersEvent", err)
+	}
+	// The failed event of a request out of deliveries is the fleet's:
+	// any host finds it stored (6.2).
+	md := func(host string) messages.Event {
+		e := ev(host, messages.StateFailed, 3)
+		e.Error = &messages.Error{Code: messages.CodeMaxDeliveries}
+		return e
+	}
+	if _, _, err := a.Append(ctx, md("a"), "job-1:failed:max_deliveries:9", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.Append(ctx, md("b"), "job-1:failed:max_deliveries:9", 0); err != nil {
+		t.Fatalf("b's max_deliveries after a's: %v, want it stored once", err)
+	}
+	// A's own retry is still stored once and returned as stored.
+	if seq, _, err := a.Append(ctx, ev("a", messages.StateAccepted, 1), "job-1:accepted:1", 0); err != nil || seq != 1 {
+		t.Fatalf("a's retried accepted: seq %d, %v", seq, err)
+	}
+}
+
+// TestAppendStaleBuildStep: a host that stalled in a build, while another
+// host took the job and ran it to its end, publishes its step when it
+// resumes; it must not be stored after the other host's events: the
+// host lost the job (5.2 R). Its dropped still is, and a new attempt's
+// accepted follows another host's unfinished events, as a redelivery
+// does. Before, the stale step was renumbered and stored after the other
+// host's torn_down (soak, seed 8).
+func TestAppendStaleBuildStep(t *testing.T) {
+	js := startJetStream(t)
+	ctx := context.Background()
+	a, b := NewPublisher(js), NewPublisher(js)
+	ev := func(host string, st messages.State, attempt int) messages.Event {
+		return messages.Event{V: 1, JobID: "job-1", Host: host, State: st, Time: time.Now().UTC(), Attempt: attempt}
+	}
+	var posA, posB uint64
+	var err error
+	for _, st := range []messages.State{messages.StateAccepted, messages.StateCloning} {
+		if _, posA, err = a.Append(ctx, ev("a", st, 1), fmt.Sprintf("job-1:%s:1", st), posA); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// a stalls; the redelivery's accepted on b follows a's cloning.
+	for _, st := range []messages.State{messages.StateAccepted, messages.StateCloning, messages.StateRunnerStarted} {
+		if _, posB, err = b.Append(ctx, ev("b", st, 2), fmt.Sprintf("job-1:%s:2", st), posB); err != nil {
+			t.Fatalf("b's %s after a's events: %v", st, err)
+		}
+	}
+	if _, _, err := a.Append(ctx, ev("a", messages.StateCloned, 1), "job-1:cloned:1", posA); !errors.Is(err, ErrJobMovedOn) {
+		t.Fatalf("a's stale cloned after b's runner_started: %v, want ErrJobMovedOn", err)
+	}
+	for _, st := range []messages.State{messages.StateTearingDown, messages.StateTornDown} {
+		if _, posB, err = b.Append(ctx, ev("b", st, 0), fmt.Sprintf("job-1:%s:runner_exited", st), posB); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := a.Append(ctx, ev("a", messages.StateAccepted, 3), "job-1:accepted:3", posA); !errors.Is(err, ErrJobMovedOn) {
+		t.Fatalf("a's accepted after b's torn_down: %v, want ErrJobMovedOn", err)
+	}
+	if _, _, err := a.Append(ctx, ev("a", messages.StateDropped, 1), "job-1:dropped:1:a:7", posA); err != nil {
+		t.Fatalf("a's dropped: %v", err)
 	}
 }

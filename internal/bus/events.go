@@ -84,8 +84,9 @@ func (p *Publisher) Append(ctx context.Context, ev messages.Event, msgID string,
 		case err == nil && !ack.Duplicate:
 			return ev.Seq, ack.Sequence, nil
 		case err == nil:
-			// Stored before by a publish whose ack was lost; it is the
-			// job's newest event, or the condition would have failed.
+			// Stored before by a publish whose ack was lost, or by
+			// another host with the same Nats-Msg-Id: the server looks
+			// for duplicates before it checks the condition.
 			return p.storedSeq(ctx, ev, ack.Sequence)
 		case !wrongLastSequence(err):
 			return 0, 0, err
@@ -95,11 +96,44 @@ func (p *Publisher) Append(ctx context.Context, ev messages.Event, msgID string,
 			return 0, 0, fmt.Errorf("publish event %s: %w", msgID, err)
 		}
 		if found && id == msgID {
+			if newest.Host != ev.Host && !fleetWide(ev) {
+				return 0, 0, fmt.Errorf("%s event of job %s: %w (%s's, stream sequence %d)", ev.State, ev.JobID, ErrOthersEvent, newest.Host, at)
+			}
 			return newest.Seq, at, nil // stored by an earlier attempt
+		}
+		if found && !mayFollow(ev, newest) {
+			return 0, 0, fmt.Errorf("%s event of job %s: %w (%s's %s, stream sequence %d)", ev.State, ev.JobID, ErrJobMovedOn, newest.Host, newest.State, at)
 		}
 		ev.Seq, after = newest.Seq+1, at
 	}
 	return 0, 0, fmt.Errorf("publish event %s: other events of job %s kept coming first", msgID, ev.JobID)
+}
+
+// ErrJobMovedOn means that a step of a build was not published because
+// the job went on on another host since this host's last event: that
+// host's event, not a dropped one, is the job's newest (this host stalled
+// past its claim, 5.2 R), or the job ended (for accepted).
+var ErrJobMovedOn = errors.New("the job went on on another host")
+
+// mayFollow reports whether ev may be numbered after newest, the job's
+// newest event, stored since the event ev's host saw last. Another
+// host's dropped, and anything of ev's own host, may be followed by any
+// event; a build's steps after accepted continue their host's own chain
+// and follow nothing else (a host that lost the job publishes nothing
+// more of it but dropped, 5.2 R); accepted, a new attempt, follows
+// anything but the job's end.
+func mayFollow(ev, newest messages.Event) bool {
+	if newest.Host == ev.Host || newest.State == messages.StateDropped {
+		return true
+	}
+	switch ev.State {
+	case messages.StateAccepted:
+		return !newest.State.Terminal() && newest.State != messages.StateReleased
+	case messages.StateCloning, messages.StateCloned, messages.StateBooting, messages.StateRunning,
+		messages.StateAgentReady, messages.StateRunnerStarted:
+		return false
+	}
+	return true
 }
 
 // wrongLastSequence reports whether err is the server's refusal of a
@@ -111,7 +145,23 @@ func wrongLastSequence(err error) bool {
 			aerr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
-// storedSeq returns the seq of the event stored at stream sequence at.
+// ErrOthersEvent means that the event stream holds another host's event
+// under the Nats-Msg-Id of an event being appended, so it was not
+// stored: two hosts served the same step of a job with the same delivery
+// count (one of them a repeated request).
+var ErrOthersEvent = errors.New("the event stream holds another host's event under this Nats-Msg-Id")
+
+// fleetWide reports whether ev is an event that any host may publish for
+// the fleet under the same Nats-Msg-Id, so that it is stored once: the
+// failed event of a request that ran out of deliveries (6.2), which one
+// host publishes and another may find stored.
+func fleetWide(ev messages.Event) bool {
+	return ev.State == messages.StateFailed && ev.Error != nil && ev.Error.Code == messages.CodeMaxDeliveries
+}
+
+// storedSeq returns the seq of the event stored at stream sequence at,
+// which the server named as ev's duplicate; ErrOthersEvent when another
+// host stored it.
 func (p *Publisher) storedSeq(ctx context.Context, ev messages.Event, at uint64) (uint64, uint64, error) {
 	s, err := p.js.Stream(ctx, messages.EventsStream)
 	if err != nil {
@@ -124,6 +174,9 @@ func (p *Publisher) storedSeq(ctx context.Context, ev messages.Event, at uint64)
 	old, err := messages.DecodeEvent(raw.Data)
 	if err != nil {
 		return 0, 0, fmt.Errorf("event %d of job %s: %w", at, ev.JobID, err)
+	}
+	if old.Host != ev.Host && !fleetWide(ev) {
+		return 0, 0, fmt.Errorf("%s event of job %s: %w (%s's, stream sequence %d)", ev.State, ev.JobID, ErrOthersEvent, old.Host, at)
 	}
 	return old.Seq, at, nil
 }

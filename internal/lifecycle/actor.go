@@ -169,9 +169,14 @@ type rejectCmd struct {
 // it removed the machine (FinishTeardowns).
 type finishCmd struct {
 	replyTo
-	last  messages.Event // the job's tearing_down, as the journal has it
+	last  messages.Event // the job's newest event, as the journal has it
 	state messages.State
 	cause *messages.Error
+	// reason is the teardown's; vanished: last is not a tearing_down but
+	// the job was ready, and its machine went while no worker ran, so
+	// the teardown's tearing_down comes first.
+	reason   string
+	vanished bool
 }
 
 // holdCmd holds the machine (hold.go): when its job ends, or longer when
@@ -673,8 +678,16 @@ func (a *actor) onReject(root context.Context, c *rejectCmd) {
 	a.rec.image = c.image
 	a.rec.em.identify(a.rec)
 	em := a.rec.em
+	jobID := a.jobID
 	a.launch(root, "reject", func(ctx context.Context) func() {
-		err := em.emit(ctx, messages.StateFailed, c.d, 0, "", &messages.Error{Code: c.code, Message: c.cause.Error()})
+		// A copy of the request that another host refused first (a
+		// request delivered twice at once after a NATS node restarted):
+		// the job ended with that host's failed, and a second terminal
+		// event would end it twice (5.1). The refusal stands, silently.
+		ended, err := a.m.ended(ctx, jobID)
+		if err == nil && !ended {
+			err = em.emit(ctx, messages.StateFailed, c.d, 0, "", &messages.Error{Code: c.code, Message: c.cause.Error()})
+		}
 		return func() {
 			a.rec.em = em
 			c.reply <- answer{err: err}
@@ -755,7 +768,10 @@ func (a *actor) overdue() *ending {
 		if reason == "" {
 			reason = messages.ReasonRunnerExited
 		}
-		return &ending{reason: reason, self: true}
+		// An adopted teardown ends as it would have (a stopped machine
+		// fails).
+		_, cause, _ := causeOf(reason, a.rec.domain)
+		return &ending{reason: reason, cause: cause, self: true}
 	}
 	return nil
 }

@@ -730,6 +730,10 @@ func (a *actor) rollback(b *build, err, stopped error) func(context.Context) fun
 			}
 		}
 		switch {
+		case !claimed && errors.Is(err, errJobEnded):
+			// The job ended before this delivery: nothing was built,
+			// nothing is told, the request is acked.
+			result, release, finished = nil, false, !unbound
 		case !claimed && !isDrop:
 			// Nothing was built, nobody was told: the request comes again.
 			result, release = err, false

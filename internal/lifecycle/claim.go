@@ -86,20 +86,75 @@ func (a *actor) serveClaim(req claimRequest) error {
 // returns nil when this host holds the claim (or claims are off) and
 // *Dropped when another host does.
 func (a *actor) takeClaim(ctx context.Context, d Delivery) error {
-	c := a.m.cfg.Claims
-	if c == nil {
-		return nil
+	if c := a.m.cfg.Claims; c != nil {
+		rev, holder, err := c.Take(ctx, a.jobID, d.Request)
+		if err != nil {
+			return err
+		}
+		if rev == 0 {
+			a.rec.claim.lostTo = holder.Host
+			return &Dropped{Holder: holder.Host, Reason: messages.ReasonClaimedElsewhere, Leave: holder.Request == d.Request}
+		}
+		a.rec.claim = claim{rev: rev, request: d.Request, at: a.m.cfg.Now(), taken: true}
 	}
-	rev, holder, err := c.Take(ctx, a.jobID, d.Request)
-	if err != nil {
+	// A claim is taken on a job nobody holds: one that is new, one
+	// whose holder let it go (it ended, or its build failed), or one
+	// whose holder stalled past the TTL. The job's events tell which;
+	// without claims (one host) they still tell a job that ended.
+	kind := ""
+	if a.build != nil {
+		kind = string(a.build.req.Runner.Kind)
+	}
+	other, ended, err := a.m.jobElsewhere(ctx, a.jobID, kind)
+	switch {
+	case err != nil:
+		a.releaseClaim()
 		return err
+	case ended:
+		a.releaseClaim()
+		return errJobEnded
+	case other != "":
+		a.releaseClaim()
+		a.rec.claim.lostTo = other
+		return &Dropped{Holder: other, Reason: messages.ReasonClaimedElsewhere}
 	}
-	if rev == 0 {
-		a.rec.claim.lostTo = holder.Host
-		return &Dropped{Holder: holder.Host, Reason: messages.ReasonClaimedElsewhere, Leave: holder.Request == d.Request}
-	}
-	a.rec.claim = claim{rev: rev, request: d.Request, at: a.m.cfg.Now(), taken: true}
 	return nil
+}
+
+// errJobEnded: a delivery of a provision whose job has ended already, on
+// any host; nothing is built and nothing published, the request is acked
+// (5.2 notes).
+var errJobEnded = errors.New("the job has ended already")
+
+// jobElsewhere tells from a job's events whether it ended (its newest
+// event is terminal, or a hold's release), or another host serves it:
+// its newest event that is not a dropped one is that host's, and the job
+// was ready there (acknowledged, 6.4; kind is the request's runner kind).
+// Such a host may have stalled past its claim's TTL with its machine
+// running its runner: a second machine would run the job twice at once.
+func (m *Manager) jobElsewhere(ctx context.Context, jobID, kind string) (other string, ended bool, err error) {
+	if m.cfg.History == nil {
+		return "", false, nil
+	}
+	last, found, err := m.cfg.History.LastEvent(ctx, jobID, "")
+	if err != nil {
+		return "", false, fmt.Errorf("read the events of job %s: %w", jobID, err)
+	}
+	if found && last.State == messages.StateDropped && last.Holder != "" && last.Holder != m.cfg.Host {
+		// A dropped says nothing of the job; its holder's events do.
+		if last, found, err = m.cfg.History.LastEvent(ctx, jobID, last.Holder); err != nil {
+			return "", false, fmt.Errorf("read the events of job %s: %w", jobID, err)
+		}
+	}
+	switch {
+	case !found:
+		return "", false, nil
+	case last.State.Terminal() || last.State == messages.StateReleased:
+		return "", true, nil
+	case last.Host != m.cfg.Host && m.acknowledged(last.State, kind):
+		return last.Host, false, nil
+	}
+	return "", false, nil
 }
 
 // confirmClaim makes sure the job is still this host's before a step.
@@ -242,4 +297,21 @@ func isDropped(err error) (*Dropped, bool) {
 	var d *Dropped
 	ok := errors.As(err, &d)
 	return d, ok
+}
+
+// ended reports whether the job's newest event (for a dropped, its
+// holder's newest) is terminal: the job ended, on any host. Without a
+// History it is not known to have ended.
+func (m *Manager) ended(ctx context.Context, jobID string) (bool, error) {
+	if m.cfg.History == nil {
+		return false, nil
+	}
+	last, found, err := m.cfg.History.LastEvent(ctx, jobID, "")
+	if err == nil && found && last.State == messages.StateDropped && last.Holder != "" {
+		last, found, err = m.cfg.History.LastEvent(ctx, jobID, last.Holder)
+	}
+	if err != nil {
+		return false, fmt.Errorf("read the newest event of job %s: %w", jobID, err)
+	}
+	return found && last.State.Terminal(), nil
 }

@@ -262,11 +262,25 @@ func TestRunningMachineKeepsItsClaim(t *testing.T) {
 	if h1.m.Active() != 1 || store.holder("j4") != "h1" {
 		t.Fatalf("after a lapse: %d machines, holder %q", h1.m.Active(), store.holder("j4"))
 	}
-	// Lapsed, and a repeated request built it on h2: h1 lets go.
+	// Lapsed, and a repeated request came to h2: h1's events say that
+	// it serves the job, so h2 builds nothing, and h1 takes its claim
+	// back.
 	h1.clk.Advance(2 * testClaimTTL)
-	if err := h2.m.Provision(ctx, h2.request("j4", "debian"), Delivery{Attempt: 1, Request: 12}); err != nil {
-		t.Fatal(err)
+	var dropped *Dropped
+	if err := h2.m.Provision(ctx, h2.request("j4", "debian"), Delivery{Attempt: 1, Request: 12}); !errors.As(err, &dropped) ||
+		dropped.Holder != "h1" || dropped.Reason != messages.ReasonClaimedElsewhere || dropped.Leave {
+		t.Fatalf("repeated request on h2: %v, want dropped for h1, acknowledged", err)
 	}
+	tickAll(t, h1.m)
+	if h1.fm.count() != 1 || h2.fm.count() != 0 || store.holder("j4") != "h1" {
+		t.Fatalf("h1 %d machines, h2 %d, claim %q", h1.fm.count(), h2.fm.count(), store.holder("j4"))
+	}
+	// Lapsed, and another host holds the claim now: h1 lets go.
+	h1.clk.Advance(2 * testClaimTTL)
+	store.mu.Lock()
+	store.put("j4", "h2", 12)
+	store.mu.Unlock()
+	h2.fm.machines["j4"] = &provision.Machine{Name: "stretchy-j4", JobID: "j4", Host: "h2"}
 	tickAll(t, h1.m)
 	if h1.fm.count() != 0 || h2.fm.count() != 1 || store.holder("j4") != "h2" {
 		t.Fatalf("h1 %d machines, h2 %d, claim %q", h1.fm.count(), h2.fm.count(), store.holder("j4"))
@@ -297,5 +311,109 @@ func TestFailedProvisionReleasesClaim(t *testing.T) {
 	}
 	if h := store.holder("j6"); h != "" {
 		t.Fatalf("claim held by %q after a transient failure", h)
+	}
+}
+
+// TestRepeatedRequestWhileHolderStalls: a repeated request for a job whose
+// host stalled past the claim's TTL, its machine ready, builds nothing on
+// another host: the job's events say who serves it. Before, the other host
+// took the lapsed claim and built a second machine, which ran a second
+// runner beside the first, and whose events the event stream dropped as
+// duplicates of the first host's (same Nats-Msg-Ids): found by the soak
+// (seed 5), a job torn down on one host while another ran it unseen.
+func TestRepeatedRequestWhileHolderStalls(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// dropBy, when set, is a third host whose dropped (holder h1) is
+		// the job's newest event.
+		dropBy string
+	}{
+		{name: "its own events newest"},
+		{name: "another host's dropped newest", dropBy: "h3"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h1, h2, store := twoHosts()
+			ctx := context.Background()
+			if err := h1.m.Provision(ctx, h1.request("j1", "debian"), Delivery{Attempt: 1, Request: 7}); err != nil {
+				t.Fatal(err)
+			}
+			if tc.dropBy != "" {
+				last := h1.rec.last("j1")
+				if err := h1.rec.Publish(ctx, messages.Event{V: 1, JobID: "j1", Host: tc.dropBy, State: messages.StateDropped,
+					Seq: last.Seq + 1, Holder: "h1", Reason: messages.ReasonClaimedElsewhere}, "j1:dropped:1:h3:9"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			h1.clk.Advance(2 * testClaimTTL) // h1 stalls; its claim lapses
+			err := h2.m.Provision(ctx, h2.request("j1", "debian"), Delivery{Attempt: 1, Request: 8})
+			var dropped *Dropped
+			if !errors.As(err, &dropped) || dropped.Holder != "h1" || dropped.Reason != messages.ReasonClaimedElsewhere || dropped.Leave {
+				t.Fatalf("repeated request on h2: %v, want dropped for h1, acknowledged", err)
+			}
+			if h2.fm.count() != 0 || store.holder("j1") == "h2" {
+				t.Fatalf("h2 built %d machines, claim %q", h2.fm.count(), store.holder("j1"))
+			}
+			if got := eventsOf(h2.rec, "j1", "h2"); !slices.Equal(got, []messages.State{messages.StateDropped}) {
+				t.Fatalf("h2's events %v, want only dropped", got)
+			}
+			tickAll(t, h1.m)
+			if h1.fm.count() != 1 || store.holder("j1") != "h1" {
+				t.Fatalf("h1 resumed with %d machines, claim %q", h1.fm.count(), store.holder("j1"))
+			}
+		})
+	}
+}
+
+// TestProvisionOfEndedJobBuildsNothing: a provision for a job that has
+// ended (its newest event is terminal, on any host) is acknowledged
+// without building anything or publishing anything, also by a host that
+// never served it and by a restarted one, which has no memory of it.
+// Before, such a host built the job again, and its events, numbered as
+// the first host's (attempt 1), were dropped as duplicates: a machine
+// nobody saw (soak, seed 4).
+func TestProvisionOfEndedJobBuildsNothing(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		end  func(t *testing.T, h1 fixture)
+	}{
+		{"torn down", func(t *testing.T, h1 fixture) {
+			if err := h1.m.Teardown(context.Background(), "j1", messages.ReasonRequested, nil, first); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"failed elsewhere", func(t *testing.T, h1 fixture) {
+			if err := h1.m.Teardown(context.Background(), "j1", messages.ReasonRequested, nil, first); err != nil {
+				t.Fatal(err)
+			}
+			last := h1.rec.last("j1")
+			if err := h1.rec.Publish(context.Background(), messages.Event{V: 1, JobID: "j1", Host: "h3", State: messages.StateFailed,
+				Seq: last.Seq + 1, Error: &messages.Error{Code: messages.CodeMaxDeliveries}}, "j1:failed:max_deliveries:3"); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h1, h2, store := twoHosts()
+			ctx := context.Background()
+			if err := h1.m.Provision(ctx, h1.request("j1", "debian"), Delivery{Attempt: 1, Request: 7}); err != nil {
+				t.Fatal(err)
+			}
+			tc.end(t, h1)
+			before := len(h1.rec.events)
+			restarted := New(Config{Host: "h1", Machines: h1.fm, Events: h1.rec, History: h1.rec, Now: h1.clk.Now,
+				Claims: claimsOf{store, "h1"}, ClaimTTL: testClaimTTL})
+			defer restarted.Close()
+			for _, m := range []*Manager{h2.m, restarted} {
+				if err := m.Provision(ctx, h2.request("j1", "debian"), Delivery{Attempt: 1, Request: 8}); err != nil {
+					t.Fatalf("provision of an ended job: %v, want it acknowledged", err)
+				}
+			}
+			if h1.fm.count() != 0 || h2.fm.count() != 0 || store.holder("j1") != "" {
+				t.Fatalf("machines h1 %d, h2 %d, claim %q", h1.fm.count(), h2.fm.count(), store.holder("j1"))
+			}
+			if n := len(h1.rec.events); n != before {
+				t.Fatalf("%d events published for an ended job: %+v", n-before, h1.rec.events[before:])
+			}
+		})
 	}
 }

@@ -717,6 +717,26 @@ func TestRejectReportsFailedOnce(t *testing.T) {
 	}
 }
 
+// TestRejectAfterAnotherHostsRefusal: a bad request that two hosts got
+// at once (a NATS node's consumer state lost in a restart delivered it
+// twice as attempt 1) is refused by the second without a second terminal
+// event: the job ended with the first host's failed (5.1).
+func TestRejectAfterAnotherHostsRefusal(t *testing.T) {
+	fx := newFixture()
+	if err := fx.rec.Publish(context.Background(), messages.Event{V: 1, JobID: "bad", Host: "h2", State: messages.StateFailed, Seq: 1, Attempt: 1,
+		Time: fx.clk.Now(), Error: &messages.Error{Code: messages.CodeUnsupportedVersion, Message: "v=0"}}, "bad:failed:1"); err != nil {
+		t.Fatal(err)
+	}
+	err := fx.m.Reject(context.Background(), "bad", "", messages.CodeUnsupportedVersion, errors.New("v=0"), Delivery{Attempt: 2})
+	var f *Failure
+	if !errors.As(err, &f) || f.Code != messages.CodeUnsupportedVersion {
+		t.Fatalf("got %v, want the refusal (term) without an event", err)
+	}
+	if got := fx.rec.states("bad"); !slices.Equal(got, []messages.State{messages.StateFailed}) {
+		t.Fatalf("events %v, want h2's failed alone", got)
+	}
+}
+
 // tickAll ticks every machine of m once and waits until each is idle
 // again, with what its tick began (a look at the runner, a teardown) done.
 func tickAll(t *testing.T, m *Manager) {
@@ -769,10 +789,10 @@ func TestTeardownRedeliveredAfterCrash(t *testing.T) {
 			states: []messages.State{messages.StateAgentReady, messages.StateTearingDown},
 			want:   []messages.State{messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown},
 			code:   messages.CodeUnknownJob},
+		// Its end is another host's: no second terminal event here.
 		{name: "another host ended it", host: "h2", reason: messages.ReasonRequested,
 			states: []messages.State{messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown},
-			want:   []messages.State{messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown, messages.StateTornDown},
-			code:   messages.CodeUnknownJob},
+			want:   []messages.State{messages.StateAgentReady, messages.StateTearingDown, messages.StateTornDown}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -202,6 +202,12 @@ type Manager struct {
 	// counted, and warm ones about to be.
 	claimants map[*actor]claimant
 	reserved  int // machines promised to requests not yet read
+	// unadopted counts the machines the last reconciliation found and
+	// could not take over (their job's history could not be read, or
+	// their removal failed); unlisted is set while it could not even
+	// list them. Both count against MaxVMs: the machines are there.
+	unadopted int
+	unlisted  bool
 	// reservedSize is what was promised to requests read but not yet
 	// handled (ReserveSize).
 	reservedSize Size
@@ -267,11 +273,24 @@ func (m *Manager) Close() {
 	m.actors.Wait()
 }
 
-// Active returns the number of machines that exist or are being built.
+// Active returns the number of machines that exist or are being built,
+// with those a reconciliation found and could not take over yet.
 func (m *Manager) Active() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.machines
+	return m.countLocked()
+}
+
+// countLocked is what counts against MaxVMs.
+func (m *Manager) countLocked() int { return m.machines + m.unadopted }
+
+// Unreconciled reports whether the last reconciliation left machines of
+// the host it could not take over, or could not list them: it should be
+// tried again soon, and until then the host's count is not complete.
+func (m *Manager) Unreconciled() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.unadopted > 0 || m.unlisted
 }
 
 // TryReserve reserves room for one more machine under max, counting the
@@ -283,7 +302,7 @@ func (m *Manager) TryReserve(max int) (release func(), ok bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	// Idle warm machines give way to a cold build (Provision).
-	if m.machines-m.pool.idleCount()+m.reserved >= max {
+	if m.unlisted || m.countLocked()-m.pool.idleCount()+m.reserved >= max {
 		return func() {}, false
 	}
 	m.reserved++
@@ -593,7 +612,7 @@ func (m *Manager) lookupProvision(req messages.Provision) (a *actor, warm bool, 
 		return w, true, nil, false, nil
 	}
 	var freed Size
-	for m.machines-len(victims) >= m.maxVMs() || m.overLocked(m.reservedSize.sub(freed)) {
+	for m.countLocked()-len(victims) >= m.maxVMs() || m.overLocked(m.reservedSize.sub(freed)) {
 		v := m.pool.popLocked("", nil)
 		if v == nil {
 			break

@@ -275,7 +275,7 @@ func (m *Manager) wantsWarm(image string, now time.Time) bool {
 	// within the bounds on one machine.
 	sz, known := p.sizes[image]
 	return !m.closed && !p.draining && have < m.cfg.Pool.Ready[image] &&
-		!now.Before(p.retryAt[image]) && m.machines < m.maxVMs() &&
+		!now.Before(p.retryAt[image]) && !m.unlisted && m.countLocked() < m.maxVMs() &&
 		known && m.CheckBounds(sz) == nil && !m.overLocked(m.reservedSize.add(sz)) && m.storageFitsLocked(image, sz, false)
 }
 

@@ -283,11 +283,21 @@ func (a *actor) settled(finished bool, err error) {
 // not) gets no second terminal event, or the end that teardown did not
 // publish; any other gets torn_down with unknown_job, and counts as
 // finished here, so that a provision arriving later builds nothing nobody
-// would tear down.
+// would tear down. A job that went on on another host since (its newest
+// event, or for a dropped its holder's, is that host's) is that host's to
+// answer for: the teardown is acked without an event, as the orchestrator
+// sends it where the job is now (2.5); a torn_down here would be a second
+// end of a job another host serves.
 func (m *Manager) unknownTeardown(ctx context.Context, em *emitter, e ending) (finished bool, err error) {
 	var last messages.Event
 	if m.cfg.History != nil {
 		last, _, _ = m.cfg.History.LastEvent(ctx, em.jobID, "")
+		if last.State == messages.StateDropped && last.Holder != "" && last.Holder != m.cfg.Host {
+			last, _, _ = m.cfg.History.LastEvent(ctx, em.jobID, last.Holder)
+		}
+	}
+	if last.Host != "" && last.Host != m.cfg.Host && last.State != messages.StateDropped {
+		return false, nil
 	}
 	if last.Host == m.cfg.Host {
 		switch {
@@ -364,7 +374,11 @@ func (a *actor) adopt(mach provision.Machine) func(context.Context) func() {
 		return func() {
 			a.adoptRecord(mach)
 			a.rec.em.seq = last.Seq
-			if !mach.Running {
+			// A machine shut off after this host's tearing_down is one
+			// whose removal was cut off half-way (destroyed, not yet
+			// undefined): its teardown is done again with that reason, as
+			// for a running one (5.2 L), not ended as stopped (M).
+			if !mach.Running && last.State != messages.StateTearingDown {
 				_, cause, _ := causeOf(messages.ReasonReconcile, mach.Name)
 				a.startTeardown(a.m.root, &ending{reason: messages.ReasonReconcile, cause: cause,
 					d: Delivery{Origin: messages.ReasonReconcile}}, nil)
@@ -440,9 +454,19 @@ func (m *Manager) lastOwnEvent(ctx context.Context, jobID string) (messages.Even
 func (m *Manager) Reconcile(ctx context.Context) error {
 	machines, err := m.cfg.Machines.List(ctx)
 	if err != nil {
+		m.mu.Lock()
+		m.unlisted = true
+		m.mu.Unlock()
 		return fmt.Errorf("list managed machines: %w", err)
 	}
 	var errs []error
+	left := 0
+	defer func() {
+		m.mu.Lock()
+		m.unlisted, m.unadopted = false, left
+		m.roomedLocked()
+		m.mu.Unlock()
+	}()
 	for _, mach := range machines {
 		if !messages.ValidMachineKey(mach.Key) || mach.Name != messages.DomainName(mach.Key) {
 			continue
@@ -464,6 +488,8 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 			err = ans.err
 		}
 		if err != nil {
+			// Left where it is, untracked: it still counts.
+			left++
 			errs = append(errs, err)
 		}
 	}
@@ -541,6 +567,11 @@ func causeOf(reason, domain string) (state messages.State, cause *messages.Error
 // left to be delivered again, and no domain for reconciliation to find.
 // Such a job's newest event is this host's tearing_down; it gets the
 // terminal event that teardown would have published (same Nats-Msg-Id).
+// So does a ready job whose newest event is this host's runner_started
+// or runner_exited and whose machine is gone: it went while no worker
+// ran (libvirtd or the host restarted), and nothing else would end it.
+// It gets the teardown a reconciliation that found its machine stopped
+// would have begun (5.2 M; after runner_exited, 5.2 L), both events.
 // It reads the host's events of the last Remember (24 h); run it once at
 // start, after the first reconciliation, which adopts the machines whose
 // removal had not happened yet.
@@ -558,17 +589,32 @@ func (m *Manager) FinishTeardowns(ctx context.Context) error {
 	}
 	var errs []error
 	for id, ev := range newest {
-		if ev.State != messages.StateTearingDown || !messages.ValidJobID(id) {
+		if !messages.ValidJobID(id) {
 			continue
 		}
-		state, cause, ok := causeOf(ev.Reason, ev.Domain)
+		reason, vanished := ev.Reason, false
+		switch ev.State {
+		case messages.StateTearingDown:
+		case messages.StateRunnerStarted:
+			// Ready, and its machine is gone (reconciliation adopted those
+			// that exist): libvirtd or the host restarted while no worker
+			// ran. Ended as a stopped machine found at start (5.2 M).
+			reason, vanished = messages.ReasonReconcile, true
+		case messages.StateRunnerExited:
+			// Its runner exited and the machine went before its teardown
+			// began (5.2 L).
+			reason, vanished = messages.ReasonRunnerExited, true
+		default:
+			continue
+		}
+		state, cause, ok := causeOf(reason, ev.Domain)
 		if !ok {
 			continue
 		}
 		if active, finished := m.known(id); active || finished {
 			continue
 		}
-		ans, err := m.call(ctx, id, spawnUnlessFinished, &finishCmd{last: ev, state: state, cause: cause})
+		ans, err := m.call(ctx, id, spawnUnlessFinished, &finishCmd{last: ev, state: state, cause: cause, reason: reason, vanished: vanished})
 		if err == nil {
 			err = ans.err
 		}
@@ -596,11 +642,17 @@ func (m *Manager) finishTeardown(ctx context.Context, em *emitter, c *finishCmd)
 	if err != nil {
 		return false, fmt.Errorf("read the events of job %s: %w", em.jobID, err)
 	}
-	if !found || last.Host != m.cfg.Host || last.State != messages.StateTearingDown || last.Reason != c.last.Reason {
+	if !found || last.Host != m.cfg.Host || last.State != c.last.State || last.Reason != c.last.Reason || last.Seq != c.last.Seq {
 		return false, nil
 	}
 	em.seq = last.Seq
-	if err := em.emit(ctx, c.state, Delivery{Origin: c.last.Reason}, 0, c.last.Reason, c.cause); err != nil {
+	d := Delivery{Origin: c.reason}
+	if c.vanished {
+		if err := em.emit(ctx, messages.StateTearingDown, d, 0, c.reason, nil); err != nil {
+			return false, err
+		}
+	}
+	if err := em.emit(ctx, c.state, d, 0, c.reason, c.cause); err != nil {
 		return false, err
 	}
 	return true, nil

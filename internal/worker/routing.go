@@ -123,13 +123,23 @@ func (w *Worker) routeShared(ctx context.Context, msg jetstream.Msg, req message
 	f := w.fl
 	carriers, err := f.cfg.Registry.Carriers(ctx, req.Image)
 	if err != nil {
-		return fmt.Errorf("find the hosts that carry image %s: %w", req.Image, err)
+		err = fmt.Errorf("find the hosts that carry image %s: %w", req.Image, err)
+		if d.Final {
+			// No delivery is left to try again: handed back, the request
+			// would end only by the server's max_deliveries advisory,
+			// which the outage that keeps the registry from us can lose.
+			return w.life.Reject(ctx, req.JobID, req.Image, messages.CodeInternal, err, d)
+		}
+		return err
 	}
 	if here {
 		carriers = append(carriers, f.cfg.Host)
 	}
 	if len(carriers) > 0 {
 		if err := f.cfg.Registry.Forward(ctx, msg.Data(), req.Image, req.JobID); err != nil {
+			if d.Final {
+				return w.life.Reject(ctx, req.JobID, req.Image, messages.CodeInternal, err, d)
+			}
 			return err
 		}
 		f.tell(Change{Kind: "forwarded", Image: req.Image, JobID: req.JobID, Hosts: carriers})

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"sync"
 	"testing"
@@ -355,5 +356,34 @@ func TestPinnedRequestForImageNotServed(t *testing.T) {
 	a.host.mu.Unlock()
 	if cloned {
 		t.Fatal("the domain accounting-vm was cloned for a job")
+	}
+}
+
+// unreadableRegistry is a registry whose host records cannot be read,
+// as while the NATS nodes that hold them are down.
+type unreadableRegistry struct{ Registry }
+
+func (unreadableRegistry) Carriers(context.Context, string) ([]string, error) {
+	return nil, errors.New("read the host registry: nats unreachable")
+}
+
+// TestSharedRequestFailsOnItsFinalDelivery: a shared request whose final
+// delivery cannot read the host registry fails there (internal), rather
+// than being handed back with no delivery left: the job would then end
+// only by the server's max_deliveries advisory, which an outage of the
+// NATS nodes can lose, and otherwise never.
+func TestSharedRequestFailsOnItsFinalDelivery(t *testing.T) {
+	env := startServer(t)
+	log := watchEvents(t, env.url)
+	startFleetHostWith(t, env, "a", 0, 0, nil, func(c *Config) {
+		c.Fleet.Registry = unreadableRegistry{c.Fleet.Registry}
+	}, "img")
+	if _, err := submitProvision(context.Background(), env.js, provisionFor("unread", "nowhere"), ""); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "failed of unread", func() bool { return log.has("unread", messages.StateFailed) })
+	evs := log.of("unread")
+	if len(evs) != 1 || evs[0].Error == nil || evs[0].Error.Code != messages.CodeInternal || evs[0].Attempt != 3 {
+		t.Fatalf("events of unread: %+v; want one failed, internal, on the final delivery (3)", evs)
 	}
 }

@@ -386,7 +386,10 @@ func (w *Worker) watchLoop(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		if time.Since(lastReconcile) >= w.cfg.ReconcileInterval {
+		// A reconciliation that left machines it could not take over
+		// (they count against --max-vms meanwhile) is tried again at
+		// the next tick.
+		if time.Since(lastReconcile) >= w.cfg.ReconcileInterval || w.life.Unreconciled() {
 			w.reconcile(ctx)
 			lastReconcile = time.Now()
 		}

@@ -126,7 +126,9 @@ func TestGoldenRequests(t *testing.T) {
 		}
 		return m
 	}
-	msgID := func(kind, job string) string { return strings.ReplaceAll(doc.msgIDs[kind], "<job_id>", job) }
+	msgID := func(kind, job, host string) string {
+		return strings.NewReplacer("<job_id>", job, "<host>", host).Replace(doc.msgIDs[kind])
+	}
 
 	for _, tt := range []struct {
 		name, fixture string
@@ -152,7 +154,7 @@ func TestGoldenRequests(t *testing.T) {
 			if m.Subject != tt.subject || job.Receipt.Subject != tt.subject {
 				t.Errorf("stored on %s (receipt %s), want %s", m.Subject, job.Receipt.Subject, tt.subject)
 			}
-			if got, want := m.Header.Get(jetstream.MsgIDHeader), msgID("Provision", req.JobID); got != want {
+			if got, want := m.Header.Get(jetstream.MsgIDHeader), msgID("Provision", req.JobID, ""); got != want {
 				t.Errorf("Nats-Msg-Id %q, want %q", got, want)
 			}
 			if got := m.Header.Get(jetstream.ExpectedStreamHeader); got != doc.expectStream {
@@ -192,7 +194,7 @@ func TestGoldenRequests(t *testing.T) {
 		if s := doc.subject(t, "<host>.teardown", "host-a", ""); m.Subject != s {
 			t.Errorf("stored on %s, want %s", m.Subject, s)
 		}
-		if got, want := m.Header.Get(jetstream.MsgIDHeader), msgID("Teardown", want.JobID); got != want {
+		if got, want := m.Header.Get(jetstream.MsgIDHeader), msgID("Teardown", want.JobID, "host-a"); got != want {
 			t.Errorf("Nats-Msg-Id %q, want %q", got, want)
 		}
 		got, err := messages.DecodeTeardown(m.Data)
@@ -201,6 +203,20 @@ func TestGoldenRequests(t *testing.T) {
 		}
 		if again, err := c.Job(want.JobID, client.AtHost("host-a")).Teardown(ctx, want.Reason); err != nil || !again.Duplicate {
 			t.Errorf("a retried teardown: %+v, %v; want a duplicate", again, err)
+		}
+		// The job's events moved to host-b (host-a stalled in the build):
+		// the teardown is sent there too (2.5), within the window, and
+		// must be stored, not taken for a retry of the first.
+		moved, err := c.Job(want.JobID, client.AtHost("host-b")).Teardown(ctx, want.Reason)
+		if err != nil || moved.Duplicate || moved.Sequence == rc.Sequence {
+			t.Fatalf("a teardown sent again to the host the job moved to: %+v, %v; want it stored", moved, err)
+		}
+		m = stored(t, moved.Sequence)
+		if s := doc.subject(t, "<host>.teardown", "host-b", ""); m.Subject != s {
+			t.Errorf("stored on %s, want %s", m.Subject, s)
+		}
+		if got, want := m.Header.Get(jetstream.MsgIDHeader), msgID("Teardown", want.JobID, "host-b"); got != want {
+			t.Errorf("Nats-Msg-Id %q, want %q", got, want)
 		}
 	})
 }
@@ -702,5 +718,61 @@ func TestPermissionRefusalFailsFast(t *testing.T) {
 	}
 	if err := <-reported; !errors.As(err, &pe) {
 		t.Fatalf("the error handler got %v, want the *PermissionError", err)
+	}
+}
+
+// inProcessJS stores the first publish and answers it as a cluster whose
+// stream leader has not committed it yet answers a retry of it: 409 with
+// error code 10158, "duplicate message id is in process". A real cluster
+// gives it when a publish timed out client-side while its proposal was
+// under way (a NATS node killed, a leader elected), which a test cannot
+// time; the error is the server's own.
+type inProcessJS struct {
+	jetstream.JetStream
+	answered bool
+}
+
+func (j *inProcessJS) Publish(ctx context.Context, subject string, data []byte, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	if j.answered {
+		return j.JetStream.Publish(ctx, subject, data, opts...)
+	}
+	j.answered = true
+	if _, err := j.JetStream.Publish(ctx, subject, data, opts...); err != nil {
+		return nil, err
+	}
+	return nil, &jetstream.APIError{Code: 409, ErrorCode: 10158, Description: "duplicate message id is in process"}
+}
+
+// TestSubmitRetriesPublishInProcess: a submit or teardown whose publish
+// the server answers "duplicate message id is in process" is tried again
+// until the server says what became of the first: stored (here), so the
+// submit returns the job, as a duplicate of that request, rather than an
+// error for a request that runs.
+func TestSubmitRetriesPublishInProcess(t *testing.T) {
+	url := startServer(t)
+	admin := dial(t, url)
+	if _, err := bus.Ensure(context.Background(), admin, bus.Topology{Host: "host-a"}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := timeout(t)
+	c := client.New(&inProcessJS{JetStream: admin})
+	job, err := c.Submit(ctx, provision("inproc-1"))
+	if err != nil {
+		t.Fatalf("submit answered in process: %v; want the job", err)
+	}
+	if !job.Receipt.Duplicate || job.Receipt.Sequence == 0 {
+		t.Errorf("receipt %+v, want the first publish's request, a duplicate", job.Receipt)
+	}
+	c = client.New(&inProcessJS{JetStream: admin})
+	rc, err := c.Job("inproc-1", client.AtHost("host-a")).Teardown(ctx, "test")
+	if err != nil || !rc.Duplicate {
+		t.Fatalf("teardown answered in process: %+v, %v; want the first publish's request", rc, err)
+	}
+	s, err := admin.Stream(ctx, messages.RequestsStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := s.Info(ctx); err != nil || info.State.Msgs != 2 {
+		t.Fatalf("the request stream holds %v requests (%v), want 2", info.State.Msgs, err)
 	}
 }

@@ -36,7 +36,7 @@
 // new connection returns the outcome from the history).
 //
 // Requests: Submit and Teardown publish with the Nats-Msg-Id the protocol
-// requires (provision:<job_id>, teardown:<job_id>), so a retry within the
+// requires (provision:<job_id>, teardown:<host>:<job_id>), so a retry within the
 // streams' two-minute duplicate window is stored once; beyond it the
 // worker is idempotent by job id. A job id is single-use.
 //

@@ -128,6 +128,20 @@ func unanswered(err error) bool {
 		errors.Is(err, jetstream.ErrConnectionClosed) || errors.Is(err, nats.ErrConnectionDraining)
 }
 
+// jsErrCodeDuplicateInProcess is the JetStream error a replicated stream
+// answers a publish with while an earlier publish with the same
+// Nats-Msg-Id is still being stored (JSStreamDuplicateMessageConflict;
+// nats.go names no constant for it).
+const jsErrCodeDuplicateInProcess jetstream.ErrorCode = 10158
+
+// inProcess reports whether err says that an earlier publish of the same
+// Nats-Msg-Id is being stored: it may yet be stored or fail, and a retry
+// finds out which.
+func inProcess(err error) bool {
+	var aerr *jetstream.APIError
+	return errors.As(err, &aerr) && aerr.ErrorCode == jsErrCodeDuplicateInProcess
+}
+
 // notSetUp reports whether err says that a stream or bucket of the
 // provisioner does not exist.
 func notSetUp(err error) bool {

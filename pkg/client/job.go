@@ -40,7 +40,8 @@ type Receipt struct {
 	Sequence uint64
 	// Duplicate is set when the stream had the request already (the same
 	// Nats-Msg-Id within its 2-minute duplicate window: a retried
-	// submit) and stored nothing.
+	// submit, or a teardown sent again to the same host) and stored
+	// nothing.
 	Duplicate bool
 }
 
@@ -168,9 +169,10 @@ func (j *Job) Host(ctx context.Context) (string, error) {
 // Teardown asks the host that serves the job (Job.Host) to remove its
 // machine; reason is recorded with the request. It returns once the
 // request stream stored the request; the job's end comes as its outcome
-// (Wait). It is idempotent: a second teardown within two minutes is the
-// same request (Receipt.Duplicate), and a teardown of a job that ended is
-// acknowledged by its host without an event. A job without events yet
+// (Wait). It is idempotent: a second teardown to the same host within two
+// minutes is the same request (Receipt.Duplicate), while one to the host
+// the job's events moved to since is a request of its own; a teardown of
+// a job that ended is acknowledged by its host without an event. A job without events yet
 // has no host to address: ErrNoHost (a pinned job's host is known: its
 // teardown then ends it before it is built, docs/protocol.md 5.2 H).
 func (j *Job) Teardown(ctx context.Context, reason string) (Receipt, error) {
@@ -185,5 +187,5 @@ func (j *Job) Teardown(ctx context.Context, reason string) (Receipt, error) {
 	if !messages.ValidHost(host) {
 		return Receipt{}, fmt.Errorf("tear down job %s: host id %q: must be 1-64 characters of A-Z a-z 0-9 _ -", j.ID, host)
 	}
-	return j.c.publishRequest(ctx, messages.TeardownSubject(host), &req, "teardown:"+j.ID)
+	return j.c.publishRequest(ctx, messages.TeardownSubject(host), &req, "teardown:"+host+":"+j.ID)
 }

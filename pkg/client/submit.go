@@ -144,8 +144,10 @@ func (c *Client) Submit(ctx context.Context, req messages.Provision, opts ...Sub
 // publishRequest stores a request, retrying while the servers do not
 // answer in time (a cluster electing a leader, a loaded host) until ctx
 // ends: msgID makes a retried publish, whose first attempt may have been
-// stored, count once. Other errors (no such stream, a refused permission)
-// are returned at once.
+// stored, count once. A retry that the stream answers "duplicate message
+// id is in process" (its first attempt is being stored) is retried too,
+// until the stream says what became of the first. Other errors (no such
+// stream, a refused permission) are returned at once.
 func (c *Client) publishRequest(ctx context.Context, subject string, v any, msgID string) (Receipt, error) {
 	data, err := messages.Marshal(v)
 	if err != nil {
@@ -165,7 +167,7 @@ func (c *Client) publishRequest(ctx context.Context, subject string, v any, msgI
 		if ctx.Err() != nil {
 			return Receipt{}, c.fail(what, errors.Join(err, ctx.Err()))
 		}
-		if !unanswered(err) {
+		if !unanswered(err) && !inProcess(err) {
 			return Receipt{}, c.fail(what, err)
 		}
 		t := time.NewTimer(backoff)

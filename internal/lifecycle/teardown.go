@@ -283,8 +283,9 @@ func (a *actor) settled(finished bool, err error) {
 // not) gets no second terminal event, or the end that teardown did not
 // publish; any other gets torn_down with unknown_job, and counts as
 // finished here, so that a provision arriving later builds nothing nobody
-// would tear down. A job that went on on another host since (its newest
-// event, or for a dropped its holder's, is that host's) is that host's to
+// would tear down. A dropped is read as its holder's newest event, also
+// when the holder is this host. A job that went on on another host since
+// (its newest event, or for a dropped its holder's, is that host's) is that host's to
 // answer for: the teardown is acked without an event, as the orchestrator
 // sends it where the job is now (2.5); a torn_down here would be a second
 // end of a job another host serves.
@@ -292,7 +293,9 @@ func (m *Manager) unknownTeardown(ctx context.Context, em *emitter, e ending) (f
 	var last messages.Event
 	if m.cfg.History != nil {
 		last, _, _ = m.cfg.History.LastEvent(ctx, em.jobID, "")
-		if last.State == messages.StateDropped && last.Holder != "" && last.Holder != m.cfg.Host {
+		if last.State == messages.StateDropped && last.Holder != "" {
+			// A dropped tells of its holder, which may be this host:
+			// the holder's newest event says where the job stands.
 			last, _, _ = m.cfg.History.LastEvent(ctx, em.jobID, last.Holder)
 		}
 	}

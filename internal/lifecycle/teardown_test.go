@@ -351,3 +351,40 @@ func TestMachinesNotTakenOverCount(t *testing.T) {
 		t.Fatalf("after a reconciliation that took them over: Active = %d, unreconciled %v", got, m.Unreconciled())
 	}
 }
+
+// TestTeardownAfterOwnEndAndAnotherHostsDrop: this host ended a job
+// (failed, its machine stopped), then another host's late delivery of the
+// request dropped it, naming this host as the holder; a teardown reaches a
+// restarted process of this host, which remembers nothing. The job ended
+// here already: the teardown is acked without a second terminal event.
+// Before, the other host's dropped hid this host's end, and a torn_down
+// with unknown_job followed the failed (soak, seed 231082382223670582).
+func TestTeardownAfterOwnEndAndAnotherHostsDrop(t *testing.T) {
+	fx := newFixture()
+	ctx := context.Background()
+	seq := uint64(0)
+	pub := func(host string, st messages.State, attempt int, mod ...func(*messages.Event)) {
+		seq++
+		ev := messages.Event{V: 1, JobID: "j", Host: host, State: st, Seq: seq, Attempt: attempt, Time: fx.clk.Now()}
+		for _, m := range mod {
+			m(&ev)
+		}
+		if err := fx.rec.Publish(ctx, ev, fmt.Sprintf("j:%s:%d:%s", st, attempt, host)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pub("h1", messages.StateAccepted, 1)
+	pub("h1", messages.StateAgentReady, 1)
+	pub("h1", messages.StateTearingDown, 0, func(e *messages.Event) { e.Reason = messages.ReasonStopped })
+	pub("h1", messages.StateFailed, 0, func(e *messages.Event) {
+		e.Reason, e.Error = messages.ReasonStopped, &messages.Error{Code: messages.CodeMachineStopped, Message: "stopped by itself"}
+	})
+	pub("h2", messages.StateDropped, 2, func(e *messages.Event) { e.Reason, e.Holder = messages.ReasonClaimedElsewhere, "h1" })
+	before := len(fx.rec.events)
+	if err := fx.m.Teardown(ctx, "j", messages.ReasonRequested, nil, first); err != nil {
+		t.Fatalf("teardown: %v, want it acknowledged", err)
+	}
+	if got := fx.rec.events[before:]; len(got) != 0 {
+		t.Fatalf("h1 published %+v after its own failed", got)
+	}
+}

@@ -42,6 +42,22 @@ const originMaxDeliveries = "max_deliveries"
 // advisoryTimeout bounds the handling of one advisory.
 const advisoryTimeout = time.Minute
 
+// An advisory whose handling failed (NATS without a quorum: its stream
+// or the job's events could not be read, the event not published) is
+// handled again every advisoryRetry while no other advisory comes, for up
+// to advisoryRetryFor: the server sends it once, and its request is never
+// delivered again, so nothing else would end the job.
+const (
+	advisoryRetry    = 2 * time.Second
+	advisoryRetryFor = 10 * time.Minute
+)
+
+// failedAdvisory is an advisory to handle again, since its first failure.
+type failedAdvisory struct {
+	a     deliveryAdvisory
+	since time.Time
+}
+
 // deliveryAdvisory is what is read of io.nats.jetstream.advisory.v1.max_deliver.
 type deliveryAdvisory struct {
 	Stream     string `json:"stream"`
@@ -62,6 +78,8 @@ type exhaustion struct {
 	// handled once it is settled.
 	serving map[uint64]bool
 	waiting map[uint64]deliveryAdvisory
+	// failed are the advisories to handle again, by stream sequence.
+	failed map[uint64]failedAdvisory
 }
 
 // serving records that msg is being handled until the returned function is
@@ -131,12 +149,17 @@ func (w *Worker) maxDeliveriesLoop(ctx, opCtx context.Context, sub *nats.Subscri
 	}
 	defer func() { _ = sub.Unsubscribe() }()
 	for {
-		msg, err := sub.NextMsgWithContext(ctx)
+		wctx, cancel := context.WithTimeout(ctx, advisoryRetry)
+		msg, err := sub.NextMsgWithContext(wctx)
+		cancel()
 		switch {
 		case ctx.Err() != nil:
 			return
 		case errors.Is(err, nats.ErrBadSubscription), errors.Is(err, nats.ErrConnectionClosed):
 			return
+		case errors.Is(err, context.DeadlineExceeded):
+			w.retryExhausted(opCtx)
+			continue
 		case err != nil:
 			// nats.ErrSlowConsumer: advisories were dropped, which leaves
 			// their messages as they were without this loop.
@@ -172,6 +195,29 @@ func (ex *exhaustion) stream(ctx context.Context) (jetstream.Stream, error) {
 	return s, nil
 }
 
+// retryExhausted handles again the advisories whose handling failed;
+// one still failing after advisoryRetryFor is given up, which is said.
+func (w *Worker) retryExhausted(ctx context.Context) {
+	w.ex.mu.Lock()
+	failed := w.ex.failed
+	w.ex.failed = nil
+	w.ex.mu.Unlock()
+	for _, f := range failed {
+		w.exhausted(ctx, f.a)
+		if time.Since(f.since) < advisoryRetryFor {
+			continue
+		}
+		w.ex.mu.Lock()
+		_, again := w.ex.failed[f.a.StreamSeq]
+		delete(w.ex.failed, f.a.StreamSeq)
+		w.ex.mu.Unlock()
+		if again && w.cfg.OnSettle != nil {
+			w.cfg.OnSettle(Settlement{Op: "provision", Attempt: f.a.Deliveries, Outcome: "kept",
+				Err: fmt.Errorf("request %d reached max deliveries: its handling failed for %s; given up", f.a.StreamSeq, advisoryRetryFor)})
+		}
+	}
+}
+
 // exhausted ends the request a max-deliveries advisory is about: unless
 // this worker is still handling it (then it waits until that is settled),
 // it publishes a failed event with max_deliveries for the request's job,
@@ -190,7 +236,27 @@ func (w *Worker) exhausted(ctx context.Context, a deliveryAdvisory) {
 	ctx, cancel := context.WithTimeout(ctx, advisoryTimeout)
 	defer cancel()
 	s := Settlement{Op: "provision", Attempt: a.Deliveries, Outcome: "kept"}
+	w.ex.mu.Lock()
+	prior, retried := w.ex.failed[a.StreamSeq]
+	delete(w.ex.failed, a.StreamSeq)
+	w.ex.mu.Unlock()
 	report := func() {
+		if s.Outcome == "kept" {
+			// Handled again later (retryExhausted); said the first time.
+			since := time.Now()
+			if retried {
+				since = prior.since
+			}
+			w.ex.mu.Lock()
+			if w.ex.failed == nil {
+				w.ex.failed = make(map[uint64]failedAdvisory)
+			}
+			w.ex.failed[a.StreamSeq] = failedAdvisory{a: a, since: since}
+			w.ex.mu.Unlock()
+			if retried {
+				return
+			}
+		}
 		if w.cfg.OnSettle != nil {
 			w.cfg.OnSettle(s)
 		}

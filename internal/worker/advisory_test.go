@@ -475,3 +475,45 @@ func TestMaxDeliveriesWaitsForTheServingWorker(t *testing.T) {
 		})
 	}
 }
+
+// TestMaxDeliveriesRetriedAfterAnOutage: the advisory of an exhausted
+// request comes while the job's events cannot be read (here the event
+// stream is gone, as when NATS lost its quorum). The server sends the
+// advisory once, so the worker handles it again until it can: once the
+// stream is back, the job gets its failed event and the request is
+// deleted. Before, the advisory was dropped after one failure and the job
+// never ended (soak, seed 231082382223670582).
+func TestMaxDeliveriesRetriedAfterAnOutage(t *testing.T) {
+	env := startServer(t)
+	advisories := watchAdvisories(t, env)
+	a := newWorker(t, env, "adv-a")
+	a.run(t)
+	ctx := context.Background()
+	if err := env.js.DeleteStream(ctx, messages.EventsStream); err != nil {
+		t.Fatal(err)
+	}
+	seq := poison(t, env, messages.HostProvisionSubject(goneHost), bus.HostProvisionConsumer(goneHost), provisionData(t, "outage-1"))
+	waitFor(t, "the advisory", func() bool { return advisories() >= 1 })
+	waitFor(t, "a failed handling", func() bool {
+		for _, s := range a.settlements() {
+			if s.Outcome == "kept" && s.JobID == "outage-1" {
+				return true
+			}
+		}
+		return false
+	})
+	if requestGone(t, env.js, seq) {
+		t.Fatal("the request was deleted while its job's events could not be read")
+	}
+	if _, err := bus.Ensure(ctx, env.js, bus.Topology{Host: goneHost, AckWait: 3 * time.Second, MaxDeliver: 2}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the request deleted", func() bool { return requestGone(t, env.js, seq) })
+	evs := eventsOf(t, env.js, "outage-1")
+	if len(evs) != 1 {
+		t.Fatalf("%d events of the job, want its failed", len(evs))
+	}
+	if ev, err := messages.DecodeEvent(evs[0].Data); err != nil || ev.State != messages.StateFailed || ev.Error == nil || ev.Error.Code != messages.CodeMaxDeliveries {
+		t.Fatalf("event %+v (%v), want failed max_deliveries", ev, err)
+	}
+}

@@ -37,25 +37,14 @@ func (p *Provisioner) Bind(ctx context.Context, key string, b Binding) (Machine,
 }
 
 func (p *Provisioner) bind(ctx context.Context, key string, b Binding) (Machine, error) {
-	if !messages.ValidWarmKey(key) {
-		return Machine{}, fmt.Errorf("warm machine key %q: %w", key, ErrInvalidJobID)
-	}
 	if !messages.ValidJobID(b.JobID) {
 		return Machine{}, fmt.Errorf("job id %q: %w", b.JobID, ErrInvalidJobID)
 	}
-	name := DomainName(key)
-	dom, err := call(ctx, p, func() (libvirt.Domain, error) { return p.conn.DomainLookupByName(name) })
-	if isNoDomain(err) {
-		return Machine{}, ErrNotFound
-	}
-	if err != nil {
-		return Machine{}, fmt.Errorf("look up: %w", err)
-	}
-	m, err := p.machine(ctx, dom)
+	dom, m, err := p.warmMachine(ctx, key)
 	if err != nil {
 		return Machine{}, err
 	}
-	if !m.Warm || m.JobID != "" {
+	if m.JobID != "" {
 		return Machine{}, fmt.Errorf("not an unbound warm machine (job %q): %w", m.JobID, ErrExists)
 	}
 	m.JobID, m.RunnerKind, m.RequestedAt, m.Deadline = b.JobID, b.RunnerKind, b.RequestedAt, b.Deadline
